@@ -1,0 +1,266 @@
+"""LoRA adapters in memory and on disk, in PEFT's adapter format.
+
+A LoRA expert adds, to each adapted linear layer ``y = W x`` (``W``: out × in), the low-rank
+update ``ΔW = s · B A`` with ``A``: (r × in), ``B``: (out × r) and scaling ``s = alpha / r``.
+On disk an adapter is a PEFT directory: ``adapter_config.json`` + ``adapter_model.safetensors``
+whose keys are ``base_model.model.<module path>.lora_A.weight`` / ``.lora_B.weight``; such a
+directory loads with ``peft.PeftModel.from_pretrained``.
+
+In memory, :class:`LoraAdapter` maps each *module path* of the base causal LM (for example
+``model.layers.0.self_attn.q_proj``) to its ``A`` and ``B`` factors.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from modlora.errors import AdapterError
+from modlora.io import atomic_directory
+
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+PEFT_PREFIX = "base_model.model."
+DEFAULT_TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj")
+MLP_TARGET_MODULES = ("gate_proj", "up_proj", "down_proj")
+MAX_RANK = 4096
+MAX_FEATURES = 1 << 20
+_KEY_RE = re.compile(r"^base_model\.model\.(?P<module>[A-Za-z0-9_.]+)\.lora_(?P<which>[AB])(?:\.[A-Za-z0-9_]+)?\.weight$")
+
+
+@dataclass(frozen=True)
+class LoraSpec:
+    """Hyper-parameters of a LoRA adapter (the paper's defaults: r=4, alpha=16, dropout=0.05)."""
+
+    rank: int = 4
+    alpha: float = 16.0
+    dropout: float = 0.05
+    target_modules: tuple[str, ...] = DEFAULT_TARGET_MODULES
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.rank, int) or isinstance(self.rank, bool) or not 1 <= self.rank <= MAX_RANK:
+            raise AdapterError(f"LoRA field 'r' (rank) must be an integer in [1, {MAX_RANK}], got {self.rank!r}")
+        if not isinstance(self.alpha, (int, float)) or isinstance(self.alpha, bool) or not math.isfinite(self.alpha):
+            raise AdapterError(f"LoRA field 'lora_alpha' must be a finite number, got {self.alpha!r}")
+        if not isinstance(self.dropout, (int, float)) or not 0.0 <= float(self.dropout) < 1.0:
+            raise AdapterError(f"LoRA field 'lora_dropout' must be in [0, 1), got {self.dropout!r}")
+        if not self.target_modules or not all(isinstance(t, str) and t for t in self.target_modules):
+            raise AdapterError(f"LoRA field 'target_modules' must be a non-empty list of names, got {self.target_modules!r}")
+        object.__setattr__(self, "target_modules", tuple(sorted(set(self.target_modules))))  # canonical order
+
+    @property
+    def scaling(self) -> float:
+        """``alpha / r``, the factor applied to ``B A``."""
+        return float(self.alpha) / self.rank
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"r": self.rank, "lora_alpha": self.alpha, "lora_dropout": self.dropout,
+                "target_modules": list(self.target_modules)}
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> LoraSpec:
+        tm = d.get("target_modules", DEFAULT_TARGET_MODULES)
+        if isinstance(tm, str):
+            tm = [tm]
+        if not isinstance(tm, (list, tuple)):
+            raise AdapterError(f"LoRA field 'target_modules' must be a list of names, got {tm!r}")
+        return cls(rank=d.get("r", 4), alpha=d.get("lora_alpha", 16.0),
+                   dropout=d.get("lora_dropout", 0.0), target_modules=tuple(tm))
+
+
+@dataclass
+class LoraAdapter:
+    """The factors of one LoRA expert, keyed by module path in the base model.
+
+    ``A[m]``: (r, in_features), ``B[m]``: (out_features, r); ``ΔW[m] = spec.scaling · B[m] @ A[m]``.
+    """
+
+    spec: LoraSpec
+    A: dict[str, torch.Tensor]
+    B: dict[str, torch.Tensor]
+    base_model_name: str | None = None
+    extra_config: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    @property
+    def modules(self) -> list[str]:
+        """Sorted module paths this adapter modifies."""
+        return sorted(self.A)
+
+    def validate(self, name: str = "adapter") -> None:
+        """Check that factors pair up, have the spec's rank and are finite."""
+        if set(self.A) != set(self.B):
+            missing = sorted(set(self.A) ^ set(self.B))[:3]
+            raise AdapterError(f"{name}: lora_A and lora_B cover different modules (e.g. {missing})")
+        if not self.A:
+            raise AdapterError(f"{name}: adapter has no LoRA weights")
+        for m in self.A:
+            a, b = self.A[m], self.B[m]
+            if a.ndim != 2 or b.ndim != 2:
+                raise AdapterError(f"{name}: module {m}: lora_A/lora_B must be 2-D, got {tuple(a.shape)} and {tuple(b.shape)}")
+            if a.shape[0] != self.spec.rank or b.shape[1] != self.spec.rank:
+                raise AdapterError(
+                    f"{name}: module {m}: rank mismatch, config r={self.spec.rank} but lora_A is "
+                    f"{tuple(a.shape)} and lora_B is {tuple(b.shape)}")
+            if max(a.shape[1], b.shape[0]) > MAX_FEATURES:
+                raise AdapterError(f"{name}: module {m}: absurd feature size {tuple(a.shape)} / {tuple(b.shape)}")
+            if not (torch.isfinite(a).all() and torch.isfinite(b).all()):
+                raise AdapterError(f"{name}: module {m}: weights contain NaN or Inf")
+
+    def delta_weight(self, module: str) -> torch.Tensor:
+        """Dense ``ΔW = s · B A`` (out × in) for one module. For references and merging only."""
+        return self.spec.scaling * (self.B[module].float() @ self.A[module].float())
+
+    def num_parameters(self) -> int:
+        return sum(t.numel() for t in self.A.values()) + sum(t.numel() for t in self.B.values())
+
+    def to(self, dtype: torch.dtype | None = None, device: torch.device | str | None = None) -> LoraAdapter:
+        conv = {k: v.to(device=device, dtype=dtype) for k, v in self.A.items()}
+        convb = {k: v.to(device=device, dtype=dtype) for k, v in self.B.items()}
+        return LoraAdapter(self.spec, conv, convb, self.base_model_name, dict(self.extra_config))
+
+    def peft_state_dict(self) -> dict[str, torch.Tensor]:
+        """Tensors under PEFT's saved key names."""
+        out: dict[str, torch.Tensor] = {}
+        for m in self.modules:
+            out[f"{PEFT_PREFIX}{m}.lora_A.weight"] = self.A[m].detach().float().contiguous().cpu()
+            out[f"{PEFT_PREFIX}{m}.lora_B.weight"] = self.B[m].detach().float().contiguous().cpu()
+        return out
+
+    def peft_config(self) -> dict[str, Any]:
+        """An ``adapter_config.json`` dict that ``peft.LoraConfig`` accepts."""
+        cfg = {
+            "peft_type": "LORA",
+            "task_type": "CAUSAL_LM",
+            "base_model_name_or_path": self.base_model_name,
+            "r": self.spec.rank,
+            "lora_alpha": self.spec.alpha,
+            "lora_dropout": self.spec.dropout,
+            "target_modules": sorted(self.spec.target_modules),
+            "bias": "none",
+            "fan_in_fan_out": False,
+            "inference_mode": True,
+            "init_lora_weights": True,
+            "use_rslora": False,
+            "use_dora": False,
+            "modules_to_save": None,
+            "rank_pattern": {},
+            "alpha_pattern": {},
+        }
+        cfg.update(self.extra_config)
+        return cfg
+
+    def save(self, directory: str | os.PathLike[str], *, overwrite: bool = False) -> Path:
+        """Write a PEFT adapter directory atomically; returns its path."""
+        directory = Path(directory)
+        with atomic_directory(directory, overwrite=overwrite) as tmp:
+            write_adapter_files(self, tmp)
+        return directory
+
+    @classmethod
+    def load(cls, directory: str | os.PathLike[str], *, name: str | None = None) -> LoraAdapter:
+        """Read and validate a PEFT LoRA adapter directory."""
+        return load_adapter(directory, name=name)
+
+
+def write_adapter_files(adapter: LoraAdapter, directory: Path) -> None:
+    """Write ``adapter_config.json`` and ``adapter_model.safetensors`` into an existing directory."""
+    (directory / ADAPTER_CONFIG).write_text(json.dumps(adapter.peft_config(), indent=2, sort_keys=True) + "\n")
+    save_file(adapter.peft_state_dict(), str(directory / ADAPTER_WEIGHTS), metadata={"format": "pt"})
+
+
+def read_adapter_config(directory: Path, name: str) -> tuple[LoraSpec, dict[str, Any]]:
+    """Parse and validate ``adapter_config.json``; returns the spec and the raw dict."""
+    path = directory / ADAPTER_CONFIG
+    try:
+        raw = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise AdapterError(f"{name}: missing {path}") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise AdapterError(f"{name}: {path} is not valid JSON ({exc})") from None
+    if not isinstance(raw, dict):
+        raise AdapterError(f"{name}: {path} must hold a JSON object")
+    peft_type = raw.get("peft_type", "LORA")
+    if peft_type != "LORA":
+        raise AdapterError(f"{name}: {path}: field 'peft_type' is {peft_type!r}; only LORA adapters are supported")
+    for flag in ("use_dora", "fan_in_fan_out"):
+        if raw.get(flag):
+            raise AdapterError(f"{name}: {path}: field {flag!r}=true is not supported")
+    if raw.get("rank_pattern") or raw.get("alpha_pattern"):
+        raise AdapterError(f"{name}: {path}: per-module 'rank_pattern'/'alpha_pattern' are not supported")
+    try:
+        spec = LoraSpec.from_dict(raw)
+    except AdapterError as exc:
+        raise AdapterError(f"{name}: {path}: {exc}") from None
+    except TypeError as exc:
+        raise AdapterError(f"{name}: {path}: bad field type ({exc})") from None
+    return spec, raw
+
+
+def load_adapter(directory: str | os.PathLike[str], *, name: str | None = None) -> LoraAdapter:
+    """Load a PEFT LoRA directory; every problem raises :class:`AdapterError` naming the file."""
+    directory = Path(directory)
+    name = name or directory.name
+    spec, raw = read_adapter_config(directory, name)
+    wpath = directory / ADAPTER_WEIGHTS
+    if not wpath.is_file():
+        raise AdapterError(f"{name}: missing {wpath}")
+    try:
+        tensors = load_file(str(wpath))
+    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+        raise AdapterError(f"{name}: cannot read {wpath}: {exc}") from None
+    A: dict[str, torch.Tensor] = {}
+    B: dict[str, torch.Tensor] = {}
+    for key, t in tensors.items():
+        mt = _KEY_RE.match(key)
+        if mt is None:
+            raise AdapterError(f"{name}: {wpath}: unexpected tensor key {key!r}")
+        (A if mt["which"] == "A" else B)[mt["module"]] = t.float()
+    try:
+        return LoraAdapter(spec, A, B, raw.get("base_model_name_or_path"))
+    except AdapterError as exc:
+        raise AdapterError(f"{name}: {wpath}: {exc}") from None
+
+
+def adapted_modules(model: torch.nn.Module, target_modules: Iterable[str]) -> list[str]:
+    """Module paths of the ``nn.Linear`` layers whose last name component is in ``target_modules``."""
+    targets = set(target_modules)
+    return [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and n.rsplit(".", 1)[-1] in targets]
+
+
+@torch.no_grad()
+def merge_adapter(model: torch.nn.Module, adapter: LoraAdapter, weight: float = 1.0) -> None:
+    """In place: ``W[m] += weight · s · B A`` for every module of the adapter (``weight=-1`` undoes it)."""
+    modules = dict(model.named_modules())
+    for m in adapter.modules:
+        lin = modules.get(m)
+        if not isinstance(lin, torch.nn.Linear):
+            raise AdapterError(f"adapter module {m!r} is not a linear layer of the model")
+        dw = adapter.delta_weight(m)
+        if dw.shape != lin.weight.shape:
+            raise AdapterError(f"adapter module {m!r}: ΔW shape {tuple(dw.shape)} != weight {tuple(lin.weight.shape)}")
+        lin.weight.add_(dw.to(device=lin.weight.device, dtype=lin.weight.dtype), alpha=weight)
+
+
+def random_adapter(model: torch.nn.Module, spec: LoraSpec, *, seed: int = 0, std: float = 0.02,
+                   base_model_name: str | None = None) -> LoraAdapter:
+    """An adapter with Gaussian A and B for every targeted linear layer (tests and benchmarks)."""
+    g = torch.Generator().manual_seed(seed)
+    A, B = {}, {}
+    for name in adapted_modules(model, spec.target_modules):
+        lin = dict(model.named_modules())[name]
+        A[name] = torch.randn(spec.rank, lin.in_features, generator=g) * std
+        B[name] = torch.randn(lin.out_features, spec.rank, generator=g) * std
+    return LoraAdapter(spec, A, B, base_model_name)

