@@ -180,6 +180,83 @@ def cmd_remove(args: argparse.Namespace) -> int:
     return 0
 
 
+def _build_config(args: argparse.Namespace):
+    from modlora.building import BuildConfig
+    return BuildConfig(model=args.model, device=args.device, data_dir=str(args.data) if args.data else None,
+                       flat_file=str(args.flat) if args.flat else None, rank=args.rank, alpha=args.alpha,
+                       dropout=args.dropout, target_modules=tuple(t.strip() for t in args.targets.split(",") if t),
+                       steps_per_task=args.steps, epochs=args.epochs, batch_size=args.batch_size,
+                       grad_accum=args.grad_accum, lr=args.lr, warmup_ratio=args.warmup, seed=args.seed,
+                       max_examples=args.max_examples, max_val=args.max_val, max_prompt_tokens=args.max_prompt_tokens,
+                       max_target_tokens=args.max_target_tokens, balanced=args.balanced)
+
+
+def _task_list(args: argparse.Namespace, config) -> list[str]:
+    from modlora.building import load_tasks
+    from modlora.data import default_sni_dir, sni_task_files
+    if args.tasks:
+        return list(args.tasks)
+    if args.flat:
+        names = sorted(load_tasks(config, None))
+    else:
+        names = sorted(sni_task_files(args.data or default_sni_dir()))
+    return names[: args.num_tasks] if args.num_tasks else names
+
+
+def cmd_build(args: argparse.Namespace) -> int:
+    from modlora import building
+    cfg = _build_config(args)
+    common = {"executor": args.executor, "ray_address": args.ray_address}
+    if args.strategy == "random":
+        if args.mbc_library is None:
+            raise ModloraError("--strategy random needs --mbc-library (an MBC library whose cluster sizes to copy)")
+        lib, clustering = building.build_random_library(args.library, args.mbc_library, cfg, seed=args.seed, **common)
+        console.print(f"random clusters (sizes {clustering.sizes})")
+    else:
+        tasks = _task_list(args, cfg)
+        console.print(f"{args.strategy} library over {len(tasks)} tasks → {args.library}")
+        if args.strategy == "private":
+            lib = building.build_private_library(args.library, tasks, cfg, **common)
+        elif args.strategy == "shared":
+            lib = building.build_shared_library(args.library, tasks, cfg, **common)
+        else:
+            k = args.k if args.k == "auto" else int(args.k)
+            lib, clustering = building.build_mbc_library(
+                args.library, tasks, cfg, k=k, stage1_fraction=args.stage1_fraction,
+                private_library=args.private_library, k_range=(args.k_min, args.k_max) if args.k == "auto" else None,
+                **common)
+            _print_clusters(clustering)
+    show_library(lib.path)
+    return 0
+
+
+def _print_clusters(clustering) -> None:
+    console.print(f"K = {clustering.k} clusters (silhouette {clustering.silhouette})")
+    if clustering.scores_by_k:
+        console.print("silhouette by K: " + ", ".join(f"{k}: {v:.3f}" if v is not None else f"{k}: -"
+                                                      for k, v in clustering.scores_by_k.items()))
+    for i, members in enumerate(clustering.clusters):
+        console.print(f"  cluster{i} ({len(members)}): {', '.join(members)}")
+
+
+def cmd_cluster(args: argparse.Namespace) -> int:
+    from modlora.clustering import model_based_clustering, plot_clustering
+    from modlora.library import ExpertLibrary
+    lib = ExpertLibrary(args.library)
+    k = args.k if args.k == "auto" else int(args.k)
+    result = model_based_clustering(lib, k, sparsity=args.sparsity, n_components=args.n_components,
+                                    k_range=(args.k_min, min(args.k_max, len(lib) - 1)) if k == "auto" else None,
+                                    seed=args.seed)
+    _print_clusters(result)
+    lib.save_meta("clustering", result.to_dict())
+    if args.out:
+        result.to_json(args.out)
+    if args.plot:
+        plot_clustering(result, args.plot)
+        console.print(f"plot: {args.plot}")
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from modlora.demo import run_demo
     return run_demo(out_dir=args.out, model=args.model, data=args.data, tasks=args.tasks, steps=args.steps,
@@ -203,6 +280,52 @@ def build_parser() -> argparse.ArgumentParser:
     _add_data_args(p)
     _add_train_args(p)
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("build", help="build a library: private, shared, mbc or random",
+                       description="Build a library with one strategy. Budgets are per task (--steps per task, or "
+                                   "--epochs): shared gets N budgets, MBC spends --stage1-fraction of each task's "
+                                   "budget on stage-1 private experts and the rest on cluster experts, so every "
+                                   "strategy costs what the private library costs. Finished experts are skipped, "
+                                   "so an interrupted build resumes.")
+    p.add_argument("library", type=Path, help="output library directory")
+    p.add_argument("--strategy", choices=["private", "shared", "mbc", "random"], default="private",
+                   help="private: one expert per task; shared: one on all tasks; mbc: model-based clustering; "
+                        "random: random clusters with the sizes of --mbc-library's clusters")
+    p.add_argument("--tasks", nargs="*", help="task names (default: every task in the data directory)")
+    p.add_argument("--num-tasks", type=int, default=None, help="use the first N tasks (sorted by name)")
+    p.add_argument("--k", default="10", help="MBC clusters: an integer or 'auto' (silhouette; default 10)")
+    p.add_argument("--k-min", type=int, default=2, help="smallest K tried by --k auto (default 2)")
+    p.add_argument("--k-max", type=int, default=16, help="largest K tried by --k auto (default 16)")
+    p.add_argument("--stage1-fraction", type=float, default=0.4,
+                   help="MBC: share of each task's budget spent on stage-1 private experts (default 0.4 = 2 of 5)")
+    p.add_argument("--private-library", type=Path, default=None,
+                   help="MBC: reuse this private library as stage 1 instead of training one")
+    p.add_argument("--mbc-library", type=Path, default=None, help="random: the MBC library whose sizes to copy")
+    p.add_argument("--balanced", action="store_true",
+                   help="multi-task experts use the same number of examples from every task")
+    p.add_argument("--executor", choices=["local", "ray"], default="local",
+                   help="local: sequential in this process; ray: one Ray task per expert (pip install modlora[ray])")
+    p.add_argument("--ray-address", default=None, help="address of an existing Ray cluster (default: start one)")
+    _add_model_args(p)
+    _add_data_args(p)
+    _add_train_args(p)
+    p.set_defaults(func=cmd_build, steps=100)
+
+    p = sub.add_parser("cluster", help="MBC clustering of an existing library",
+                       description="Cluster a library's experts by their LoRA weights (sparsify, truncated SVD, "
+                                   "cosine similarity, k-means on similarity rows) and print the clusters; the "
+                                   "result is stored in the library (meta/clustering.json).")
+    p.add_argument("library", type=Path, help="library directory (usually a private library)")
+    p.add_argument("--k", default="auto", help="number of clusters or 'auto' (silhouette; default auto)")
+    p.add_argument("--k-min", type=int, default=2, help="smallest K tried by --k auto (default 2)")
+    p.add_argument("--k-max", type=int, default=16, help="largest K tried by --k auto (default 16)")
+    p.add_argument("--sparsity", type=float, default=0.5, help="share of smallest-magnitude entries zeroed (0.5)")
+    p.add_argument("--n-components", type=int, default=64, help="truncated-SVD components (default 64)")
+    p.add_argument("--seed", type=int, default=0, help="k-means / SVD seed (default 0)")
+    p.add_argument("--out", type=Path, default=None, help="also write the clustering JSON here")
+    p.add_argument("--plot", type=Path, default=None,
+                   help="write a PNG: similarity heatmap ordered by cluster + cluster sizes")
+    p.set_defaults(func=cmd_cluster)
 
     p = sub.add_parser("show", help="table of a library's experts", description="Show a library's experts: tasks, "
                        "rank, adapted modules, parameter count, size on disk and training metrics.")

@@ -322,6 +322,20 @@ class ExpertLibrary:
             self._drop_artifacts(name)
         self._cache.pop(name, None)
 
+    def clean_incomplete(self) -> list[str]:
+        """Remove what interrupted writes left (temporary directories, expert directories without a manifest
+        entry). Runs under the writers' lock, so it never touches a write in progress. Returns what was removed."""
+        removed: list[str] = []
+        edir = self.path / EXPERTS_DIR
+        with file_lock(self.path / LOCK):
+            self.reload()
+            if edir.is_dir():
+                for d in sorted(edir.iterdir()):
+                    if d.name.startswith(".") or d.name not in self._manifest["entries"]:
+                        shutil.rmtree(d, ignore_errors=True) if d.is_dir() else d.unlink(missing_ok=True)
+                        removed.append(d.name)
+        return removed
+
     def _write_entries(self, entries: dict[str, ExpertEntry]) -> None:
         raw = dict(self._manifest["raw"])
         raw["experts"] = {k: entries[k].to_dict() for k in sorted(entries)}
