@@ -1,0 +1,63 @@
+"""Child process for the crash tests: builds a private library and SIGKILLs itself at a chosen point.
+
+usage: python crash_child.py MODEL_DIR FLAT_FILE LIB_DIR MODE N
+MODE: none | before_rename (after the expert files are written, before the directory rename) |
+      after_rename (expert directory in place, manifest not yet written) | manifest_tmp (manifest temp file written,
+      not renamed) | train (inside the N-th optimizer step).  N: which occurrence (1-based) triggers the kill.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+
+import modlora.io as mio
+import modlora.library as library
+import modlora.training as training
+from modlora.building import BuildConfig, build_private_library
+
+model_dir, flat, lib_dir, mode, n = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4], int(sys.argv[5])
+count = {"n": 0}
+
+
+def _tick() -> None:
+    count["n"] += 1
+    if count["n"] == n:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+if mode == "before_rename":
+    real_write = library.write_adapter_files
+
+    def write(adapter, directory):
+        real_write(adapter, directory)
+        _tick()
+    library.write_adapter_files = write
+elif mode == "after_rename":
+    real_json = library.atomic_write_json
+
+    def write_json(path, obj):
+        _tick()
+        real_json(path, obj)
+    library.atomic_write_json = write_json
+elif mode == "manifest_tmp":
+    real_replace = os.replace
+
+    def replace(src, dst):
+        if str(dst).endswith("library.json"):
+            _tick()
+        real_replace(src, dst)
+    mio.os.replace = replace
+elif mode == "train":
+    real_step = training.torch.optim.AdamW.step
+
+    def step(self, *a, **k):
+        _tick()
+        return real_step(self, *a, **k)
+    training.torch.optim.AdamW.step = step
+
+tasks = ["upper", "lower", "first", "last"]
+cfg = BuildConfig(model=model_dir, device="cpu", flat_file=flat, steps_per_task=2, batch_size=4, lr=1e-3, max_val=4,
+                  max_prompt_tokens=64, max_target_tokens=8)
+build_private_library(lib_dir, tasks, cfg, progress=False)
