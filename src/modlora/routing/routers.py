@@ -1,0 +1,337 @@
+"""Routers: Arrow, centroid (hidden-state prototypes), uniform (μ) and oracle weights.
+
+A router is any object with ``__call__(x, layer) -> weights`` where ``x`` is the flattened input of one adapted
+linear layer (t, in) and ``layer`` its module path; it returns a (t, E_layer) tensor of mixing weights over that
+layer's experts (in the order of ``RoutedModel.layer_experts[layer]``) or a :class:`TopKRouting`. An optional
+``bind(experts: ExpertSet, layers: dict[str, list[int]], device)`` is called once by :func:`route` before use.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any, Literal
+
+import torch
+
+from modlora.errors import RoutingError
+from modlora.routing.experts import ExpertSet, block_factors, top_right_singular_vector
+from modlora.routing.layer import TopKRouting
+
+Temperature = float | Literal["sqrt_d"]
+QKV = ("q_proj", "k_proj", "v_proj")
+
+
+def _temperature(value: Temperature, dim: int) -> float:
+    if value == "sqrt_d":
+        return math.sqrt(dim)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+        raise RoutingError(f"temperature must be a positive number or 'sqrt_d', got {value!r}")
+    return float(value)
+
+
+def qkv_group(layer: str) -> str | None:
+    """``model.layers.0.self_attn.q_proj`` → ``model.layers.0.self_attn.qkv``; ``None`` for other layers."""
+    parent, _, leaf = layer.rpartition(".")
+    return f"{parent}.qkv" if leaf in QKV else None
+
+
+class _InputCache:
+    """Remembers the result for the last input tensor, so q/k/v layers that share one input and one (tied) router
+    compute it once. Holding a reference keeps the storage alive, so a matching pointer means the same tensor."""
+
+    def __init__(self) -> None:
+        self.key: tuple[Any, ...] | None = None
+        self.tensor: torch.Tensor | None = None
+        self.value: Any = None
+
+    @staticmethod
+    def _key(group: str, x: torch.Tensor) -> tuple[Any, ...]:
+        return group, x.data_ptr(), tuple(x.shape), x.stride(), x._version, x.dtype, x.device
+
+    def get(self, group: str, x: torch.Tensor) -> Any:
+        return self.value if self.tensor is not None and self.key == self._key(group, x) else None
+
+    def put(self, group: str, x: torch.Tensor, value: Any) -> None:
+        self.key, self.tensor, self.value = self._key(group, x), x, value
+
+    def clear(self) -> None:
+        self.key = self.tensor = self.value = None
+
+
+class ArrowRouter:
+    """Arrow (Ostapenko et al. 2024): route each token by its alignment with each expert's top singular direction.
+
+    Prototype of expert e at a layer: ``v_e`` = top right singular vector of ``ΔW_e = s_e B_e A_e`` (exact, see
+    :func:`top_right_singular_vector`), unit norm (or scaled by σ₁ with ``normalize_prototypes=False``). With
+    ``tie_qkv`` the q/k/v layers of one attention block share the top right singular vector of the row-stacked
+    ``[ΔW_q; ΔW_k; ΔW_v]`` (they read the same input). Per token: ``logit_e = |x·v_e| / T`` (x optionally unit
+    normalised), keep the ``top_k`` largest, softmax over them (others get weight 0).
+
+    Prototypes are cached as library artifacts of kind :attr:`artifact_kind` when the experts come from a library.
+    """
+
+    def __init__(self, top_k: int = 4, temperature: Temperature = 1.0, *, normalize_inputs: bool = False,
+                 normalize_prototypes: bool = True, tie_qkv: bool = False, cache: bool = True) -> None:
+        if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
+            raise RoutingError(f"arrow top_k must be a positive integer, got {top_k!r}")
+        if temperature != "sqrt_d":
+            _temperature(temperature, 1)
+        self.top_k = top_k
+        self.temperature = temperature
+        self.normalize_inputs = normalize_inputs
+        self.normalize_prototypes = normalize_prototypes
+        self.tie_qkv = tie_qkv
+        self.cache = cache
+        self.prototypes: dict[str, torch.Tensor] = {}     # layer -> (E_layer, in) float32
+        self.singular_values: dict[str, torch.Tensor] = {}  # layer -> (E_layer,)
+        self._temps: dict[str, float] = {}
+        self._groups: dict[str, str] = {}
+        self._cache = _InputCache()
+
+    @property
+    def artifact_kind(self) -> str:
+        return f"arrow-v1-{'tiedqkv' if self.tie_qkv else 'untied'}"
+
+    def _key(self, layer: str) -> str:
+        return (qkv_group(layer) or layer) if self.tie_qkv else layer
+
+    def expert_prototypes(self, experts: ExpertSet, i: int, layers: Iterable[str]) -> dict[str, torch.Tensor]:
+        """Prototype tensors of expert ``i``: ``{key: v}`` and ``{key + "::sigma": σ₁}`` for every routing key."""
+        adapter = experts.adapters[i]
+        out: dict[str, torch.Tensor] = {}
+        for key in sorted({self._key(lay) for lay in layers if lay in adapter.A}):
+            if self.tie_qkv and key.endswith(".qkv"):
+                parent = key[: -len(".qkv")]
+                members = [f"{parent}.{leaf}" for leaf in QKV if f"{parent}.{leaf}" in adapter.A]
+                A, B = block_factors([(adapter.A[m], adapter.B[m], adapter.spec.scaling) for m in members])
+            else:
+                A, B = adapter.A[key].float(), adapter.spec.scaling * adapter.B[key].float()
+            v, sigma = top_right_singular_vector(A, B)
+            out[key] = v
+            out[key + "::sigma"] = torch.tensor([sigma], dtype=torch.float32)
+        return out
+
+    def bind(self, experts: ExpertSet, layers: Mapping[str, list[int]], device: torch.device | str = "cpu") -> None:
+        """Compute (or load from the library cache) every expert's prototypes for ``layers``."""
+        for layer, ids in layers.items():
+            if self.top_k > len(ids):
+                raise RoutingError(f"arrow top_k={self.top_k} exceeds the {len(ids)} experts adapting layer {layer}")
+        if self.tie_qkv:
+            for layer, ids in layers.items():
+                g = qkv_group(layer)
+                if g is None:
+                    continue
+                for other in layers:
+                    if qkv_group(other) == g and layers[other] != ids:
+                        raise RoutingError(f"tie_qkv: layers {layer} and {other} are adapted by different experts")
+        per_expert: dict[int, dict[str, torch.Tensor]] = {}
+        lib = experts.library if self.cache else None
+        kind = self.artifact_kind + experts.tag
+        for i, name in enumerate(experts.names):
+            needed = {self._key(lay) for lay, ids in layers.items() if i in ids}
+            tensors = None
+            if lib is not None:
+                tensors = lib.load_artifact(name, kind)
+                if tensors is not None and not needed <= set(tensors):
+                    tensors = None
+            if tensors is None:
+                tensors = self.expert_prototypes(experts, i, layers)
+                if lib is not None:
+                    lib.save_artifact(name, kind, tensors)
+            per_expert[i] = tensors
+        for layer, ids in layers.items():
+            key = self._key(layer)
+            missing = [experts.names[i] for i in ids if key not in per_expert[i]]
+            if missing:
+                raise RoutingError(f"arrow: no prototype for layer {layer} of experts {missing}")
+            protos = torch.stack([per_expert[i][key].float().reshape(-1) for i in ids])
+            sigmas = torch.stack([per_expert[i][key + "::sigma"].float().reshape(()) for i in ids])
+            if not self.normalize_prototypes:
+                protos = protos * sigmas.unsqueeze(1)
+            self.prototypes[layer] = protos.to(device)
+            self.singular_values[layer] = sigmas
+            self._temps[layer] = _temperature(self.temperature, protos.shape[1])
+            self._groups[layer] = key
+        self._cache.clear()
+
+    def logits(self, x: torch.Tensor, layer: str) -> torch.Tensor:
+        """``|x·v_e| / T`` for every expert of ``layer``: (t, E_layer), float32."""
+        protos = self.prototypes.get(layer)
+        if protos is None:
+            raise RoutingError(f"arrow router has no prototypes for layer {layer}; was it bound by route()?")
+        xf = x.to(protos.device, torch.float32)
+        if self.normalize_inputs:
+            xf = xf / xf.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+        return (xf @ protos.T).abs_() / self._temps[layer]
+
+    def __call__(self, x: torch.Tensor, layer: str) -> TopKRouting:
+        group = self._groups.get(layer, layer)
+        if self.tie_qkv:
+            hit = self._cache.get(group, x)
+            if hit is not None:
+                return hit
+        vals, idx = torch.topk(self.logits(x, layer), self.top_k, dim=-1)
+        result = TopKRouting(idx.to(x.device), torch.softmax(vals, dim=-1).to(x.device))
+        if self.tie_qkv:
+            self._cache.put(group, x, result)
+        return result
+
+
+class UniformRouter:
+    """μ as a router: every expert weight ``1/E_layer``. With mixing "outputs" this is ΔW averaging, with
+    "parameters" it is parameter averaging."""
+
+    def __init__(self) -> None:
+        self.sizes: dict[str, int] = {}
+
+    def bind(self, experts: ExpertSet, layers: Mapping[str, list[int]], device: torch.device | str = "cpu") -> None:
+        self.sizes = {layer: len(ids) for layer, ids in layers.items()}
+
+    def __call__(self, x: torch.Tensor, layer: str) -> torch.Tensor:
+        e = self.sizes[layer]
+        return x.new_full((x.shape[0], e), 1.0 / e, dtype=torch.float32)
+
+
+class CentroidRouter:
+    """Route by similarity to per-expert mean layer inputs ("hidden-state prototypes").
+
+    ``centroids[expert][layer]``: (in,) mean input of ``layer`` over that expert's training tokens (see
+    :func:`compute_centroids`). Per token: ``logit_e = sim(x, c_e) / T`` with ``sim`` the dot product (default) or
+    cosine, ``T = √in`` by default; weights ``softmax`` over all experts (or over the ``top_k`` largest if given).
+    """
+
+    def __init__(self, centroids: Mapping[str, Mapping[str, torch.Tensor]], *,
+                 similarity: Literal["dot", "cosine"] = "dot", temperature: Temperature = "sqrt_d",
+                 top_k: int | None = None) -> None:
+        if similarity not in ("dot", "cosine"):
+            raise RoutingError(f"centroid similarity must be 'dot' or 'cosine', got {similarity!r}")
+        self.centroids = centroids
+        self.similarity = similarity
+        self.temperature = temperature
+        self.top_k = top_k
+        self.matrices: dict[str, torch.Tensor] = {}
+        self._temps: dict[str, float] = {}
+
+    def bind(self, experts: ExpertSet, layers: Mapping[str, list[int]], device: torch.device | str = "cpu") -> None:
+        for layer, ids in layers.items():
+            rows = []
+            for i in ids:
+                name = experts.names[i]
+                c = self.centroids.get(name, {}).get(layer)
+                if c is None:
+                    raise RoutingError(f"centroid router: no centroid for expert {name!r} at layer {layer}")
+                rows.append(c.float().reshape(-1))
+            mat = torch.stack(rows)
+            if self.similarity == "cosine":
+                mat = mat / mat.norm(dim=1, keepdim=True).clamp_min(1e-12)
+            if self.top_k is not None and self.top_k > len(ids):
+                raise RoutingError(f"centroid top_k={self.top_k} exceeds the {len(ids)} experts of layer {layer}")
+            self.matrices[layer] = mat.to(device)
+            self._temps[layer] = _temperature(self.temperature, mat.shape[1])
+
+    def __call__(self, x: torch.Tensor, layer: str) -> torch.Tensor | TopKRouting:
+        mat = self.matrices[layer]
+        xf = x.to(mat.device, torch.float32)
+        if self.similarity == "cosine":
+            xf = xf / xf.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+        logits = (xf @ mat.T) / self._temps[layer]
+        if self.top_k is None:
+            return torch.softmax(logits, dim=-1)
+        vals, idx = torch.topk(logits, self.top_k, dim=-1)
+        return TopKRouting(idx, torch.softmax(vals, dim=-1))
+
+
+def _data_fingerprint(batches: Sequence[tuple[torch.Tensor, torch.Tensor | None]]) -> str:
+    h = hashlib.sha256()
+    for ids, mask in batches:
+        h.update(ids.detach().to("cpu", torch.int64).numpy().tobytes())
+        h.update(b"|" if mask is None else mask.detach().to("cpu", torch.int64).numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+@torch.no_grad()
+def compute_centroids(model: torch.nn.Module, batches: Mapping[str, Sequence[tuple[torch.Tensor, torch.Tensor | None]]],
+                      layers: Iterable[str], *, library: Any = None) -> dict[str, dict[str, torch.Tensor]]:
+    """Per expert and layer, the mean input of that linear layer over the expert's non-padding tokens.
+
+    ``batches[expert]``: list of ``(input_ids (b, s), attention_mask (b, s) or None)``; the (unrouted) base model runs
+    on them with forward hooks; ``c[expert][layer] = Σ_{mask=1} x_tok / #tokens`` (float32, (in,)). With a
+    ``library`` (``load_artifact``/``save_artifact``), results are cached under kind ``centroid-v1-<data hash>``
+    and only computed for experts without them.
+    """
+    layers = list(layers)
+    modules = dict(model.named_modules())
+    for layer in layers:
+        if not isinstance(modules.get(layer), torch.nn.Linear):
+            raise RoutingError(f"centroids: {layer} is not a linear layer of the model")
+    device = next(model.parameters()).device
+    out: dict[str, dict[str, torch.Tensor]] = {}
+    for expert, expert_batches in batches.items():
+        if not expert_batches:
+            raise RoutingError(f"centroids: expert {expert!r} has no batches")
+        kind = f"centroid-v1-{_data_fingerprint(expert_batches)}"
+        if library is not None:
+            cached = library.load_artifact(expert, kind)
+            if cached is not None and set(layers) <= set(cached):
+                out[expert] = {lay: cached[lay] for lay in layers}
+                continue
+        sums = {lay: torch.zeros(modules[lay].in_features, dtype=torch.float64) for lay in layers}
+        count = 0
+        current: dict[str, torch.Tensor] = {}
+
+        def make_hook(lay: str, sums: dict[str, torch.Tensor] = sums, current: dict[str, torch.Tensor] = current) -> Any:
+            def hook(_mod: torch.nn.Module, args: tuple[torch.Tensor, ...]) -> None:
+                x = args[0].double()
+                m = current["mask"].to(x.device, torch.float64).unsqueeze(-1)
+                sums[lay] += (x * m).sum(dim=(0, 1)).cpu()
+            return hook
+
+        handles = [modules[lay].register_forward_pre_hook(make_hook(lay)) for lay in layers]
+        try:
+            for ids, mask in expert_batches:
+                if ids.ndim != 2:
+                    raise RoutingError(f"centroids: expert {expert!r}: input_ids must be (batch, seq), got "
+                                       f"{tuple(ids.shape)}")
+                mask = torch.ones_like(ids) if mask is None else mask
+                if mask.shape != ids.shape:
+                    raise RoutingError(f"centroids: expert {expert!r}: attention_mask {tuple(mask.shape)} does not "
+                                       f"match input_ids {tuple(ids.shape)}")
+                current["mask"] = mask
+                count += int(mask.sum())
+                model(input_ids=ids.to(device), attention_mask=mask.to(device))
+        finally:
+            for h in handles:
+                h.remove()
+        if count == 0:
+            raise RoutingError(f"centroids: expert {expert!r}: all tokens are padding")
+        out[expert] = {lay: (s / count).float() for lay, s in sums.items()}
+        if library is not None:
+            library.save_artifact(expert, kind, out[expert])
+    return out
+
+
+def oracle_weights(example_tasks: Sequence[str], experts: ExpertSet,
+                   expert_tasks: Mapping[str, Sequence[str]] | None = None) -> torch.Tensor:
+    """Per-example weights (batch, E): each example uses the expert(s) trained on its task, uniformly.
+
+    ``expert_tasks[name]``: tasks of expert ``name`` (default: the library's ``tasks(name)``, else ``[name]``).
+    """
+    tasks_of: dict[str, list[str]] = {}
+    for name in experts.names:
+        if expert_tasks is not None:
+            tasks_of[name] = list(expert_tasks.get(name, []))
+        elif experts.library is not None and hasattr(experts.library, "tasks"):
+            tasks_of[name] = list(experts.library.tasks(name))
+        else:
+            tasks_of[name] = [name]
+    w = torch.zeros(len(example_tasks), len(experts))
+    for b, task in enumerate(example_tasks):
+        for i, name in enumerate(experts.names):
+            if task in tasks_of[name]:
+                w[b, i] = 1.0
+        if w[b].sum() == 0:
+            raise RoutingError(f"oracle: no expert was trained on task {task!r} (example {b})")
+        w[b] /= w[b].sum()
+    return w

@@ -1,0 +1,486 @@
+"""Routing: exact prototypes, routed layer vs brute force, μ, oracle, centroids, GenKnowSub, generate, restore."""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+
+from modlora.adapters import LoraAdapter, LoraSpec, merge_adapter, random_adapter
+from modlora.errors import RoutingError
+from modlora.routing import (
+    ArrowRouter,
+    CentroidRouter,
+    RoutedLoraLinear,
+    RoutingState,
+    TopKRouting,
+    UniformRouter,
+    as_expert_set,
+    compute_centroids,
+    explain,
+    export_prompt_adapter,
+    genknowsub,
+    mu_delta_average,
+    mu_parameter_average,
+    oracle_weights,
+    route,
+    top_right_singular_vector,
+)
+from modlora.routing.experts import block_factors
+
+SPEC = LoraSpec(rank=4, alpha=8.0, dropout=0.0)
+
+
+def experts_for(model: torch.nn.Module, n: int, std: float = 0.2, spec: LoraSpec = SPEC) -> dict[str, LoraAdapter]:
+    return {f"e{i}": random_adapter(model, spec, seed=100 + i, std=std) for i in range(n)}
+
+
+def aligned(u: torch.Tensor, v: torch.Tensor) -> float:
+    return float(abs(u.double() @ v.double()) / (u.double().norm() * v.double().norm()))
+
+
+def factors_with_spectrum(sv: list[float], n_in: int, n_out: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A (r, in), B (out, r) whose product has singular values ``sv``, with non-orthogonal factors."""
+    g = torch.Generator().manual_seed(seed)
+    r = len(sv)
+    u, _ = torch.linalg.qr(torch.randn(n_out, r, generator=g, dtype=torch.float64))
+    v, _ = torch.linalg.qr(torch.randn(n_in, r, generator=g, dtype=torch.float64))
+    mix = torch.randn(r, r, generator=g, dtype=torch.float64) + 3 * torch.eye(r, dtype=torch.float64)
+    B = u @ torch.diag(torch.tensor(sv, dtype=torch.float64)) @ mix
+    A = torch.linalg.solve(mix, v.T)
+    return A, B
+
+
+# ------------------------------------------------------------------------------------------------ prototypes
+@pytest.mark.parametrize("spectrum", ["random", "near_degenerate", "rank_deficient"])
+def test_prototype_equals_svd(spectrum: str) -> None:
+    if spectrum == "random":
+        g = torch.Generator().manual_seed(1)
+        A, B = torch.randn(6, 40, generator=g, dtype=torch.float64), torch.randn(30, 6, generator=g, dtype=torch.float64)
+    elif spectrum == "near_degenerate":
+        A, B = factors_with_spectrum([1.0, 1.0 - 1e-5, 0.3, 0.2], 40, 30, seed=2)
+    else:
+        A, B = factors_with_spectrum([2.0, 1.0, 0.0, 0.0], 40, 30, seed=3)
+    v, sigma = top_right_singular_vector(A, B)
+    _, s, vh = torch.linalg.svd(B @ A)
+    assert v.dtype == torch.float32 and abs(float(v.norm()) - 1) < 1e-6
+    assert aligned(v, vh[0]) > 1 - 1e-6
+    assert sigma == pytest.approx(float(s[0]), rel=1e-9)
+    i = int(v.abs().argmax())
+    assert v[i] > 0  # sign convention
+    v2, _ = top_right_singular_vector(A.clone(), -B)  # -ΔW has the same prototype after sign fixing
+    assert torch.equal(v, v2)
+
+
+def test_tied_qkv_prototype_equals_svd_of_stacked_delta(tiny_llama: torch.nn.Module) -> None:
+    ex = experts_for(tiny_llama, 2)
+    router = ArrowRouter(top_k=1, tie_qkv=True)
+    es = as_expert_set(ex)
+    layers = {m: [0, 1] for m in es.modules()}
+    router.bind(es, layers)
+    att = "model.layers.1.self_attn"
+    for i, adapter in enumerate(es.adapters):
+        stacked = torch.cat([adapter.delta_weight(f"{att}.{p}") for p in ("q_proj", "k_proj", "v_proj")])
+        _, _, vh = torch.linalg.svd(stacked.double())
+        for p in ("q_proj", "k_proj", "v_proj"):
+            assert aligned(router.prototypes[f"{att}.{p}"][i], vh[0]) > 1 - 1e-6
+        _, _, vh_o = torch.linalg.svd(adapter.delta_weight(f"{att}.o_proj").double())
+        assert aligned(router.prototypes[f"{att}.o_proj"][i], vh_o[0]) > 1 - 1e-6
+    A, B = block_factors([(adapter.A[f"{att}.q_proj"], adapter.B[f"{att}.q_proj"], 2.0)])
+    assert torch.allclose(B @ A, adapter.delta_weight(f"{att}.q_proj"), atol=1e-6)
+
+
+# ------------------------------------------------------------------------------------------------ routed layer
+class FixedRouter:
+    def __init__(self, routing: torch.Tensor | TopKRouting) -> None:
+        self.routing = routing
+
+    def __call__(self, x: torch.Tensor, layer: str) -> torch.Tensor | TopKRouting:
+        return self.routing
+
+
+def brute_force(base: torch.nn.Linear, x: torch.Tensor, A: list[torch.Tensor], B: list[torch.Tensor],
+                scalings: list[float], w: torch.Tensor, mixing: str) -> torch.Tensor:
+    """Token-by-token, expert-by-expert reference in float64."""
+    out = []
+    for t in range(x.shape[0]):
+        xt = x[t].double()
+        y = base.weight.double() @ xt + base.bias.double()
+        if mixing == "outputs":
+            for e in range(len(A)):
+                y = y + w[t, e].double() * scalings[e] * (B[e].double() @ (A[e].double() @ xt))
+        else:
+            a_mix = sum(w[t, e].double() * A[e].double() for e in range(len(A)))
+            b_mix = sum(w[t, e].double() * scalings[e] * B[e].double() for e in range(len(A)))
+            y = y + b_mix @ (a_mix @ xt)
+        out.append(y)
+    return torch.stack(out).float()
+
+
+def make_layer(ranks: list[int], mixing: str, routing: torch.Tensor | TopKRouting, path: str, n_in: int = 24,
+               n_out: int = 20) -> tuple[RoutedLoraLinear, list, list, list]:
+    g = torch.Generator().manual_seed(sum(ranks) + len(ranks))
+    base = torch.nn.Linear(n_in, n_out)
+    A = [torch.randn(r, n_in, generator=g) * 0.3 for r in ranks]
+    B = [torch.randn(n_out, r, generator=g) * 0.3 for r in ranks]
+    scal = [0.5 + 0.25 * e for e in range(len(ranks))]
+    layer = RoutedLoraLinear(base, "layer", list(range(len(ranks))), A, B, scal, FixedRouter(routing),
+                             RoutingState(path=path), mixing)
+    return layer, A, B, scal
+
+
+@pytest.mark.parametrize("mixing", ["outputs", "parameters"])
+@pytest.mark.parametrize("path", ["dense", "sparse"])
+@pytest.mark.parametrize(("t", "E", "k"), [(7, 6, 1), (7, 6, 6), (200, 6, 2), (5, 16, 3), (64, 16, 4)])
+def test_routed_layer_matches_brute_force(mixing: str, path: str, t: int, E: int, k: int) -> None:
+    g = torch.Generator().manual_seed(t * 31 + E * 7 + k)
+    x = torch.randn(t, 24, generator=g)
+    idx = torch.randn(t, E, generator=g).topk(k, dim=1).indices
+    vals = torch.softmax(torch.randn(t, k, generator=g), dim=1)
+    routing = TopKRouting(idx, vals)
+    layer, A, B, scal = make_layer([4] * E, mixing, routing, path)
+    ref = brute_force(layer.base, x, A, B, scal, routing.dense(E), mixing)
+    assert layer.choose_path(routing) == path
+    out = layer(x.view(1, t, 24)).view(t, -1)
+    torch.testing.assert_close(out, ref, atol=2e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("path", ["dense", "sparse"])
+def test_mixed_ranks_outputs_mode(path: str) -> None:
+    t, ranks = 30, [2, 4, 8, 1, 4, 3, 6, 2]
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(t, 24, generator=g)
+    routing = TopKRouting(torch.randn(t, 8, generator=g).topk(2, 1).indices, torch.full((t, 2), 0.5))
+    layer, A, B, scal = make_layer(ranks, "outputs", routing, path)
+    torch.testing.assert_close(layer(x), brute_force(layer.base, x, A, B, scal, routing.dense(8), "outputs"),
+                               atol=2e-5, rtol=1e-5)
+    dense_w = torch.softmax(torch.randn(t, 8, generator=g), 1)
+    layer.router = FixedRouter(dense_w)
+    torch.testing.assert_close(layer(x), brute_force(layer.base, x, A, B, scal, dense_w, "outputs"),
+                               atol=2e-5, rtol=1e-5)
+
+
+def test_parameters_mode_with_mixed_ranks_raises() -> None:
+    with pytest.raises(RoutingError, match="equal expert ranks"):
+        make_layer([2, 4], "parameters", torch.ones(1, 2), "dense")
+
+
+def test_k1_equals_best_single_expert(tiny_llama: torch.nn.Module) -> None:
+    ex = experts_for(tiny_llama, 5)
+    ids = torch.randint(3, 100, (2, 9), generator=torch.Generator().manual_seed(0))
+    layer_name = "model.layers.0.self_attn.v_proj"
+    routed = route(tiny_llama, ex, ArrowRouter(top_k=1))
+    captured: dict[str, torch.Tensor] = {}
+    layer = routed.layers[layer_name]
+    h = layer.register_forward_hook(lambda m, a, o: captured.update(x=a[0], y=o))
+    routed(input_ids=ids)
+    h.remove()
+    x = captured["x"].reshape(-1, 32)
+    best = routed.router.logits(x, layer_name).argmax(1)
+    names = routed.expert_names
+    ref = torch.stack([layer.base(x[t]) + ex[names[int(best[t])]].delta_weight(layer_name) @ x[t]
+                       for t in range(x.shape[0])])
+    torch.testing.assert_close(captured["y"].reshape(-1, ref.shape[1]), ref, atol=1e-5, rtol=1e-5)
+    routed.restore()
+
+
+def test_top_k_larger_than_experts_raises(tiny_llama: torch.nn.Module) -> None:
+    with pytest.raises(RoutingError, match="top_k=4 exceeds the 3 experts"):
+        route(tiny_llama, experts_for(tiny_llama, 3), ArrowRouter(top_k=4))
+    assert not any(isinstance(m, RoutedLoraLinear) for m in tiny_llama.modules())
+
+
+def test_arrow_output_matches_manual_softmax(tiny_llama: torch.nn.Module) -> None:
+    ex = experts_for(tiny_llama, 6)
+    router = ArrowRouter(top_k=3, temperature="sqrt_d", normalize_inputs=True)
+    routed = route(tiny_llama, ex, router)
+    x = torch.randn(10, 32)
+    layer = "model.layers.1.self_attn.o_proj"
+    r = router(x, layer)
+    xn = x / x.norm(dim=1, keepdim=True)
+    logits = (xn @ router.prototypes[layer].T).abs() / math.sqrt(32)
+    vals, idx = logits.topk(3, dim=1)
+    assert torch.equal(r.indices, idx)
+    torch.testing.assert_close(r.weights, torch.softmax(vals, 1))
+    routed.restore()
+
+
+# ------------------------------------------------------------------------------------------------ μ
+def test_mu_parameter_average_definition_and_routed_equivalence(tiny_llama: torch.nn.Module) -> None:
+    ex = experts_for(tiny_llama, 3)
+    mu = mu_parameter_average(ex)
+    m = "model.layers.0.self_attn.q_proj"
+    torch.testing.assert_close(mu.A[m], sum(e.A[m] for e in ex.values()) / 3)
+    torch.testing.assert_close(mu.B[m], sum(e.B[m] for e in ex.values()) / 3)
+    assert mu.spec.scaling == SPEC.scaling
+    ids = torch.randint(3, 100, (2, 8), generator=torch.Generator().manual_seed(1))
+    merged = copy.deepcopy(tiny_llama)
+    merge_adapter(merged, mu)
+    with route(tiny_llama, ex, UniformRouter(), mixing="parameters") as routed:
+        torch.testing.assert_close(routed(input_ids=ids).logits, merged(input_ids=ids).logits, atol=1e-5, rtol=1e-5)
+
+
+def test_mu_delta_average_is_mean_of_expert_outputs(tiny_llama: torch.nn.Module) -> None:
+    ex = experts_for(tiny_llama, 4)
+    ex["e3"] = random_adapter(tiny_llama, LoraSpec(rank=2, alpha=6.0, dropout=0.0), seed=9, std=0.2)  # mixed rank
+    mu = mu_delta_average(ex)
+    assert mu.spec.rank == 4 + 4 + 4 + 2 and mu.spec.scaling == 1.0
+    x = torch.randn(5, 32)
+    lin = dict(tiny_llama.named_modules())["model.layers.1.self_attn.k_proj"]
+    name = "model.layers.1.self_attn.k_proj"
+    mean_out = sum(lin(x) + x @ e.delta_weight(name).T for e in ex.values()) / len(ex)
+    torch.testing.assert_close(lin(x) + x @ mu.delta_weight(name).T, mean_out, atol=1e-6, rtol=1e-5)
+    # the routed uniform "outputs" mixture is the same model
+    ids = torch.randint(3, 100, (1, 6), generator=torch.Generator().manual_seed(2))
+    merged = copy.deepcopy(tiny_llama)
+    merge_adapter(merged, mu)
+    with route(tiny_llama, ex, "mu") as routed:
+        torch.testing.assert_close(routed(input_ids=ids).logits, merged(input_ids=ids).logits, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("which", ["delta", "parameters"])
+def test_mu_export_loads_in_peft(tiny_llama: torch.nn.Module, tmp_path, which: str) -> None:
+    from peft import PeftModel
+
+    ex = experts_for(tiny_llama, 3)
+    mu = mu_delta_average(ex) if which == "delta" else mu_parameter_average(ex)
+    mu.save(tmp_path / "mu")
+    ids = torch.randint(3, 100, (2, 7), generator=torch.Generator().manual_seed(3))
+    merged = copy.deepcopy(tiny_llama)
+    merge_adapter(merged, mu)
+    peft_model = PeftModel.from_pretrained(copy.deepcopy(tiny_llama), str(tmp_path / "mu")).eval()
+    torch.testing.assert_close(peft_model(input_ids=ids).logits, merged(input_ids=ids).logits, atol=1e-5, rtol=1e-5)
+
+
+# ------------------------------------------------------------------------------------------------ oracle
+def test_oracle_example_weights_equal_single_expert_models(tiny_llama: torch.nn.Module) -> None:
+    ex = experts_for(tiny_llama, 8)
+    ids = torch.randint(3, 100, (2, 6), generator=torch.Generator().manual_seed(4))
+    refs = []
+    for b, name in enumerate(["e2", "e5"]):
+        single = copy.deepcopy(tiny_llama)
+        merge_adapter(single, ex[name])
+        refs.append(single(input_ids=ids[b: b + 1]).logits)
+    routed = route(tiny_llama, ex, ArrowRouter(top_k=2))
+    w = oracle_weights(["t2", "t5"], routed.experts, {n: [f"t{n[1:]}"] for n in ex})
+    assert w.shape == (2, 8) and w[0, 2] == 1 and w[1, 5] == 1
+    for path in ("dense", "sparse"):
+        routed.set_path(path)
+        with routed.example_weights(w):
+            out = routed(input_ids=ids).logits
+        torch.testing.assert_close(out, torch.cat(refs), atol=1e-5, rtol=1e-5)
+    with pytest.raises(RoutingError, match="no expert was trained on task 'nope'"):
+        oracle_weights(["nope"], routed.experts, {n: [n] for n in ex})
+    with pytest.raises(RoutingError, match=r"example weights must be \(batch, 8\)"), routed.example_weights(torch.ones(2, 3)):
+        pass
+    routed.restore()
+
+
+# ------------------------------------------------------------------------------------------------ generate, padding, restore
+def test_generate_with_cache_equals_without(tiny_llama: torch.nn.Module) -> None:
+    ex = experts_for(tiny_llama, 6, std=0.3)
+    ids = torch.randint(3, 100, (1, 5), generator=torch.Generator().manual_seed(5))
+    with route(tiny_llama, ex, ArrowRouter(top_k=2)) as routed:
+        kw = {"max_new_tokens": 10, "do_sample": False, "pad_token_id": 2, "eos_token_id": None}
+        cached = routed.generate(ids, use_cache=True, **kw)
+        uncached = routed.generate(ids, use_cache=False, **kw)
+        assert torch.equal(cached, uncached)
+        # step-wise full recomputation
+        seq = ids
+        for _ in range(10):
+            nxt = routed(input_ids=seq).logits[:, -1].argmax(-1, keepdim=True)
+            seq = torch.cat([seq, nxt], 1)
+        assert torch.equal(seq, cached)
+
+
+def test_padded_batch_equals_single_examples(tiny_llama: torch.nn.Module) -> None:
+    ex = experts_for(tiny_llama, 6, std=0.3)
+    g = torch.Generator().manual_seed(6)
+    a, b = torch.randint(3, 100, (9,), generator=g), torch.randint(3, 100, (4,), generator=g)
+    ids = torch.full((2, 9), 2)
+    mask = torch.zeros(2, 9, dtype=torch.long)
+    ids[0], mask[0] = a, 1
+    ids[1, :4], mask[1, :4] = b, 1                       # right padding keeps positions
+    with route(tiny_llama, ex, ArrowRouter(top_k=2)) as routed:
+        batch = routed(input_ids=ids, attention_mask=mask).logits
+        single_a = routed(input_ids=a[None]).logits
+        single_b = routed(input_ids=b[None]).logits
+        torch.testing.assert_close(batch[0], single_a[0], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(batch[1, :4], single_b[0], atol=1e-5, rtol=1e-5)
+        # changing the padding tokens changes nothing for real tokens
+        ids2 = ids.clone()
+        ids2[1, 4:] = 50
+        torch.testing.assert_close(routed(input_ids=ids2, attention_mask=mask).logits[1, :4], batch[1, :4])
+        # recorder ignores padding tokens
+        with routed.record() as rec:
+            routed(input_ids=ids, attention_mask=mask)
+        assert set(rec.tokens.values()) == {13}
+
+
+def test_restore_is_exact(tiny_llama: torch.nn.Module) -> None:
+    ids = torch.randint(3, 100, (2, 7), generator=torch.Generator().manual_seed(7))
+    before = tiny_llama(input_ids=ids).logits
+    modules_before = dict(tiny_llama.named_modules())
+    state_before = {k: v.clone() for k, v in tiny_llama.state_dict().items()}
+    routed = route(tiny_llama, experts_for(tiny_llama, 4), ArrowRouter(top_k=2))
+    assert not torch.equal(routed(input_ids=ids).logits, before)
+    model = routed.restore()
+    assert model is tiny_llama
+    assert torch.equal(tiny_llama(input_ids=ids).logits, before)
+    after = dict(tiny_llama.named_modules())
+    assert after.keys() == modules_before.keys() and all(after[k] is modules_before[k] for k in after)
+    assert all(torch.equal(v, state_before[k]) for k, v in tiny_llama.state_dict().items())
+    with pytest.raises(RoutingError, match="restored"):
+        routed(input_ids=ids)
+
+
+# ------------------------------------------------------------------------------------------------ GenKnowSub
+def test_genknowsub_factor_and_delta_space(tiny_llama: torch.nn.Module) -> None:
+    ex = experts_for(tiny_llama, 3)
+    general = {f"g{i}": random_adapter(tiny_llama, SPEC, seed=500 + i, std=0.2) for i in range(2)}
+    snapshot = {n: {m: t.clone() for m, t in a.A.items()} for n, a in ex.items()}
+    m = "model.layers.0.self_attn.o_proj"
+    fac = genknowsub(ex, general, "factors")
+    torch.testing.assert_close(fac["e1"].A[m], ex["e1"].A[m] - (general["g0"].A[m] + general["g1"].A[m]) / 2)
+    torch.testing.assert_close(fac["e1"].B[m], ex["e1"].B[m] - (general["g0"].B[m] + general["g1"].B[m]) / 2)
+    delta = genknowsub(ex, general, "delta")
+    expected = ex["e1"].delta_weight(m) - (general["g0"].delta_weight(m) + general["g1"].delta_weight(m)) / 2
+    torch.testing.assert_close(delta["e1"].delta_weight(m), expected, atol=1e-6, rtol=1e-5)
+    assert all(torch.equal(ex[n].A[k], snapshot[n][k]) for n in ex for k in snapshot[n])  # not mutated
+    routed = route(tiny_llama, ex, ArrowRouter(top_k=1), general_experts=general, gks_space="delta")
+    _, _, vh = torch.linalg.svd(expected.double())
+    assert aligned(routed.router.prototypes[m][1], vh[0]) > 1 - 1e-6
+    routed.restore()
+
+
+# ------------------------------------------------------------------------------------------------ caching
+class FakeLibrary:
+    def __init__(self, experts: dict[str, LoraAdapter]) -> None:
+        self.experts = experts
+        self.artifacts: dict[tuple[str, str], dict[str, torch.Tensor]] = {}
+        self.saves: list[tuple[str, str]] = []
+
+    def expert_names(self) -> list[str]:
+        return list(self.experts)
+
+    def get(self, name: str) -> LoraAdapter:
+        return self.experts[name]
+
+    def tasks(self, name: str) -> list[str]:
+        return [f"task_{name}"]
+
+    def load_artifact(self, expert: str, kind: str) -> dict[str, torch.Tensor] | None:
+        return self.artifacts.get((expert, kind))
+
+    def save_artifact(self, expert: str, kind: str, tensors: dict[str, torch.Tensor]) -> None:
+        self.saves.append((expert, kind))
+        self.artifacts[(expert, kind)] = {k: v.clone() for k, v in tensors.items()}
+
+
+def test_arrow_prototypes_cached_in_library(tiny_llama: torch.nn.Module) -> None:
+    lib = FakeLibrary(experts_for(tiny_llama, 3))
+    r1 = route(tiny_llama, lib, ArrowRouter(top_k=2))
+    protos = {k: v.clone() for k, v in r1.router.prototypes.items()}
+    r1.restore()
+    assert sorted(lib.saves) == [("e0", "arrow-v1-untied"), ("e1", "arrow-v1-untied"), ("e2", "arrow-v1-untied")]
+    lib.experts["e3"] = random_adapter(tiny_llama, SPEC, seed=77, std=0.2)
+    r2 = route(tiny_llama, lib, ArrowRouter(top_k=2))
+    assert lib.saves[3:] == [("e3", "arrow-v1-untied")]          # only the new expert computed
+    assert all(torch.equal(r2.router.prototypes[k][:3], v) for k, v in protos.items())
+    w = oracle_weights(["task_e3"], r2.experts)
+    assert w[0].tolist() == [0, 0, 0, 1]
+    r2.restore()
+    r3 = route(tiny_llama, lib, ArrowRouter(top_k=2), general_experts={"g": lib.experts["e0"]})
+    assert any("gks-factors" in kind for _, kind in lib.saves[4:])
+    r3.restore()
+
+
+# ------------------------------------------------------------------------------------------------ centroids
+def test_centroids_and_centroid_router(tiny_llama: torch.nn.Module) -> None:
+    ex = experts_for(tiny_llama, 2)
+    g = torch.Generator().manual_seed(8)
+    seqs = {"e0": [torch.randint(3, 100, (5,), generator=g), torch.randint(3, 100, (3,), generator=g)],
+            "e1": [torch.randint(3, 100, (4,), generator=g)]}
+    batches = {}
+    for name, ss in seqs.items():
+        ids = torch.full((len(ss), 5), 2)
+        mask = torch.zeros_like(ids)
+        for i, s in enumerate(ss):
+            ids[i, : len(s)], mask[i, : len(s)] = s, 1
+        batches[name] = [(ids, mask)]
+    layer = "model.layers.1.self_attn.q_proj"
+    cents = compute_centroids(tiny_llama, batches, [layer])
+    lin = dict(tiny_llama.named_modules())[layer]
+    for name, ss in seqs.items():
+        inputs: list[torch.Tensor] = []
+        h = lin.register_forward_pre_hook(lambda m, a, inputs=inputs: inputs.append(a[0][0]))
+        for s in ss:
+            tiny_llama(input_ids=s[None])
+        h.remove()
+        torch.testing.assert_close(cents[name][layer], torch.cat(inputs).mean(0), atol=1e-5, rtol=1e-5)
+    all_layers = as_expert_set(ex).modules()
+    full = compute_centroids(tiny_llama, batches, all_layers)
+    router = CentroidRouter(full)
+    with route(tiny_llama, ex, router) as routed:
+        x = torch.randn(4, 32)
+        C = torch.stack([full["e0"][layer], full["e1"][layer]])
+        torch.testing.assert_close(router(x, layer), torch.softmax(x @ C.T / math.sqrt(32), 1))
+        with routed.record() as rec:
+            routed(input_ids=seqs["e0"][0][None])
+        assert rec.tokens[layer] == 5
+    with pytest.raises(RoutingError, match="no centroid for expert 'e1'"):
+        route(tiny_llama, ex, CentroidRouter({"e0": full["e0"]}))
+
+
+# ------------------------------------------------------------------------------------------------ diagnostics, export
+def test_recorder_entropy_and_explain(tiny_llama: torch.nn.Module, char_tokenizer) -> None:
+    ex = experts_for(tiny_llama, 4)
+    with route(tiny_llama, ex, "mu") as routed, routed.record() as rec:
+        routed(input_ids=torch.randint(3, 100, (1, 6)))
+    ent = rec.entropy()
+    assert len(ent) == 8 and all(v == pytest.approx(math.log(4), rel=1e-5) for v in ent.values())
+    assert all(c == 6 for h in rec.histogram().values() for c in h.values())
+    with route(tiny_llama, ex, ArrowRouter(top_k=2)) as routed:
+        with routed.record() as rec:
+            routed(input_ids=torch.randint(3, 100, (1, 6)))
+        assert all(sum(h.values()) == 12 for h in rec.histogram().values())      # 6 tokens × 2 experts
+        text = explain(routed, char_tokenizer, "hello", top=2)
+    assert "per token:" in text and "per layer" in text and "'h'" in text
+    assert any(f"e{i}" in text for i in range(4))
+
+
+def test_export_prompt_adapter_loads_in_peft(tiny_llama: torch.nn.Module, tmp_path) -> None:
+    from peft import PeftModel
+
+    ex = experts_for(tiny_llama, 5)
+    ids = torch.randint(3, 100, (1, 8), generator=torch.Generator().manual_seed(9))
+    with route(tiny_llama, ex, ArrowRouter(top_k=2)) as routed:
+        adapter = export_prompt_adapter(routed, ids, top_experts=2)
+    assert adapter.spec.rank == 8 and adapter.spec.scaling == 1.0
+    adapter.save(tmp_path / "exported")
+    merged = copy.deepcopy(tiny_llama)
+    merge_adapter(merged, adapter)
+    peft_model = PeftModel.from_pretrained(copy.deepcopy(tiny_llama), str(tmp_path / "exported")).eval()
+    torch.testing.assert_close(peft_model(input_ids=ids).logits, merged(input_ids=ids).logits, atol=1e-5, rtol=1e-5)
+    # with uniform routing and all experts kept, the export is μ by ΔW averaging
+    with route(tiny_llama, ex, "mu") as routed:
+        full = export_prompt_adapter(routed, ids, top_experts=5)
+    m = "model.layers.0.self_attn.q_proj"
+    torch.testing.assert_close(full.delta_weight(m), mu_delta_average(ex).delta_weight(m), atol=1e-6, rtol=1e-5)
+
+
+def test_auto_path_rule() -> None:
+    def layer_for(E: int, k: int) -> tuple[RoutedLoraLinear, TopKRouting]:
+        routing = TopKRouting(torch.arange(k).repeat(3, 1), torch.full((3, k), 1.0 / k))
+        layer, *_ = make_layer([4] * E, "outputs", routing, "auto")
+        return layer, routing
+
+    small, r_small = layer_for(16, 4)       # E·r = 64 < 256: one dense GEMM is cheaper
+    big, r_big = layer_for(64, 4)           # E·r = 256 and k·4 <= E: sparse
+    wide, r_wide = layer_for(64, 32)        # k·4 > E: dense
+    assert small.choose_path(r_small) == "dense"
+    assert big.choose_path(r_big) == "sparse"
+    assert wide.choose_path(r_wide) == "dense"
+    assert big.choose_path(torch.full((3, 64), 1 / 64)) == "dense"
