@@ -257,6 +257,151 @@ def cmd_cluster(args: argparse.Namespace) -> int:
     return 0
 
 
+def _router_options(args: argparse.Namespace):
+    from modlora.reuse import RouterOptions
+    temp = args.temperature if args.temperature == "sqrt_d" else float(args.temperature)
+    return RouterOptions(top_k=args.top_k, temperature=temp, tie_qkv=args.tie_qkv,
+                         normalize_inputs=args.normalize_inputs, mixing=args.mixing, path=args.path,
+                         general=tuple(args.general or ()), gks_space=args.gks_space,
+                         experts=tuple(args.experts or ()), data_dir=str(args.data) if args.data else None)
+
+
+def _add_router_args(p: argparse.ArgumentParser, default: str = "arrow") -> None:
+    from modlora.reuse import METHODS
+    g = p.add_argument_group("routing")
+    g.add_argument("--router", choices=METHODS, default=default,
+                   help=f"how to apply the library (default {default}); see `modlora.reuse` for each method")
+    g.add_argument("--top-k", type=int, default=4, help="Arrow: experts per token (default 4)")
+    g.add_argument("--temperature", default="1.0", help="Arrow: logit temperature, a number or 'sqrt_d' (default 1)")
+    g.add_argument("--tie-qkv", action="store_true", help="Arrow: one prototype for q,k,v of a block")
+    g.add_argument("--normalize-inputs", action="store_true", help="Arrow: L2-normalise x before |x·v|")
+    g.add_argument("--mixing", choices=["outputs", "parameters"], default="outputs",
+                   help="mix expert outputs (default) or parameters (the reference code's default)")
+    g.add_argument("--path", choices=["auto", "dense", "sparse"], default="auto",
+                   help="routed-layer kernel: dense fold, sparse top-k or automatic (default)")
+    g.add_argument("--general", nargs="*", help="GenKnowSub: subtract the mean of these experts before routing")
+    g.add_argument("--gks-space", choices=["factors", "delta"], default="factors",
+                   help="GenKnowSub in LoRA-factor space (like PEFT) or exact ΔW space")
+    g.add_argument("--experts", nargs="*", help="use only these experts (default: all)")
+    g.add_argument("--data", type=Path, default=None,
+                   help="SNI task directory for data-dependent routers (centroid, phatgoose, tp)")
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    import torch
+
+    from modlora.data import PromptFormatter
+    from modlora.library import ExpertLibrary
+    from modlora.models import load_base_model
+    from modlora.reuse import prepare_model
+    from modlora.routing import explain
+
+    lm = load_base_model(args.model, device=args.device)
+    lib = ExpertLibrary(args.library)
+    rm = prepare_model(lm, lib, args.router, _router_options(args))
+    fmt = PromptFormatter(lm.tokenizer, max_prompt_tokens=4096)
+    prompt = fmt.prompt_text(args.definition or "", args.prompt) if not args.raw else args.prompt
+    enc = lm.tokenizer(prompt, return_tensors="pt", add_special_tokens=False).to(rm.device)
+    with torch.inference_mode():
+        out = rm.generate(enc.input_ids, enc.attention_mask, max_new_tokens=args.max_new_tokens, do_sample=False,
+                          pad_token_id=lm.tokenizer.pad_token_id)
+    console.print(lm.tokenizer.decode(out[0, enc.input_ids.shape[1]:], skip_special_tokens=True), highlight=False)
+    if getattr(args, "explain", False):
+        if rm.routed is None or args.router in ("tp", "oracle"):
+            raise ModloraError(f"--explain needs a per-token router (arrow, centroid, phatgoose), not {args.router}")
+        console.print(explain(rm.routed, lm.tokenizer, prompt), highlight=False)
+    rm.restore()
+    return 0
+
+
+def cmd_merge(args: argparse.Namespace) -> int:
+    from modlora import merging
+    from modlora.library import ExpertLibrary
+    from modlora.routing import mu_delta_average, mu_parameter_average
+
+    lib = ExpertLibrary(args.library)
+    experts = lib.experts(args.experts or None)
+    weights = [float(w) for w in args.weights.split(",")] if args.weights else None
+    meta: dict = {}
+    if args.method == "mu-params":
+        adapter = mu_parameter_average(experts)
+    elif args.method == "mu-delta":
+        adapter = mu_delta_average(experts)
+    elif args.method == "linear":
+        adapter = merging.weighted_combination(experts, weights)
+    elif args.method == "ties":
+        res = merging.ties_merge(experts, weights, density=args.density, scale=args.scale, rank=args.rank)
+        adapter, meta = res.adapter, res.metadata
+    else:
+        res = merging.dare_merge(experts, weights, drop_rate=args.drop_rate, seed=args.seed, rank=args.rank,
+                                 combine="ties" if args.method == "dare-ties" else "linear")
+        adapter, meta = res.adapter, res.metadata
+    adapter.base_model_name = lib.base_model.name
+    adapter.save(args.out, overwrite=args.overwrite)
+    if meta:
+        (Path(args.out) / "modlora_merge.json").write_text(json.dumps(meta, indent=2) + "\n")
+    console.print(f"{args.method} of {len(experts)} experts → {args.out} (PEFT adapter, rank "
+                  f"{adapter.spec.rank}, {adapter.num_parameters():,} parameters)")
+    return 0
+
+
+def cmd_export_arrow(args: argparse.Namespace) -> int:
+    import torch
+
+    from modlora.data import PromptFormatter
+    from modlora.library import ExpertLibrary
+    from modlora.models import load_base_model
+    from modlora.reuse import prepare_model
+    from modlora.routing import export_prompt_adapter
+
+    lm = load_base_model(args.model, device=args.device)
+    lib = ExpertLibrary(args.library)
+    rm = prepare_model(lm, lib, "arrow", _router_options(args))
+    prompt = PromptFormatter(lm.tokenizer, max_prompt_tokens=4096).prompt_text(args.definition or "", args.prompt)
+    enc = lm.tokenizer(prompt, return_tensors="pt", add_special_tokens=False).to(rm.device)
+    with torch.inference_mode():
+        adapter = export_prompt_adapter(rm.routed, enc.input_ids, enc.attention_mask, top_experts=args.top_experts)
+    rm.restore()
+    adapter.base_model_name = lib.base_model.name
+    adapter.save(args.out, overwrite=args.overwrite)
+    console.print(f"Arrow restricted to the prompt's top {args.top_experts} experts per layer → {args.out}")
+    return 0
+
+
+def cmd_lorahub(args: argparse.Namespace) -> int:
+    import torch
+
+    from modlora.data import PromptFormatter, encode_tasks, load_sni_tasks
+    from modlora.library import ExpertLibrary
+    from modlora.lorahub import lorahub_search
+    from modlora.models import load_base_model
+
+    lm = load_base_model(args.model, device=args.device)
+    lib = ExpertLibrary(args.library)
+    lib.check_base_model(lm.info)
+    from modlora.data import default_sni_dir
+    tasks = load_sni_tasks(args.data or default_sni_dir(), [args.task])
+    fmt = PromptFormatter(lm.tokenizer, max_prompt_tokens=384, max_target_tokens=128)
+    shots = encode_tasks(fmt, tasks, "train", max_per_task=args.shots)
+    examples = []
+    for e in shots:
+        ids = torch.tensor(e.prompt_ids + e.target_ids)
+        labels = torch.full_like(ids, -100)
+        labels[len(e.prompt_ids):] = ids[len(e.prompt_ids):]
+        examples.append((ids, labels))
+    experts = lib.experts(args.experts or None)
+    res = lorahub_search(lm.model, experts, examples, budget=args.budget, l1_alpha=args.l1, seed=args.seed)
+    res.adapter.base_model_name = lib.base_model.name
+    res.adapter.save(args.out, overwrite=args.overwrite)
+    weights = dict(zip(experts, [float(w) for w in res.weights], strict=True))
+    (Path(args.out) / "lorahub_weights.json").write_text(json.dumps(
+        {"task": args.task, "shots": len(examples), "loss": res.loss, "weights": weights}, indent=2) + "\n")
+    console.print(f"LoraHub on {len(examples)} shots of {args.task}: loss {res.loss:.4f} → {args.out}")
+    for name, w in sorted(weights.items(), key=lambda kv: -abs(kv[1]))[:10]:
+        console.print(f"  {name}: {w:+.3f}")
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from modlora.demo import run_demo
     return run_demo(out_dir=args.out, model=args.model, data=args.data, tasks=args.tasks, steps=args.steps,
@@ -326,6 +471,70 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--plot", type=Path, default=None,
                    help="write a PNG: similarity heatmap ordered by cluster + cluster sizes")
     p.set_defaults(func=cmd_cluster)
+
+    for cmd, text in (("generate", "generate text with a library applied (Arrow by default)"),
+                      ("route", "route a prompt through a library; --explain shows which experts each token used")):
+        p = sub.add_parser(cmd, help=text, description=text[0].upper() + text[1:] + ". The prompt is formatted "
+                           "with the training template (chat template, definition + input) unless --raw.")
+        p.add_argument("library", type=Path, help="library directory")
+        p.add_argument("--prompt", required=True, help="the input text")
+        p.add_argument("--definition", default="", help="task instruction placed before the input")
+        p.add_argument("--raw", action="store_true", help="use --prompt verbatim (no template)")
+        p.add_argument("--max-new-tokens", type=int, default=64, help="greedy tokens to generate (default 64)")
+        if cmd == "route":
+            p.add_argument("--explain", action="store_true",
+                           help="print the experts each token used and a per-layer summary (entropy, usage)")
+        _add_model_args(p)
+        _add_router_args(p)
+        p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("merge", help="export a static combination of experts as one PEFT adapter",
+                       description="Combine experts into one PEFT adapter: mu-params (mean A, mean B: the "
+                                   "reference's μ), mu-delta (exact mean of B·A, rank Σr), linear (Σ w_e ΔW_e), ties, "
+                                   "dare-linear, dare-ties (dense ΔW merges factored back by SVD).")
+    p.add_argument("library", type=Path, help="library directory")
+    p.add_argument("--method", required=True, choices=["mu-params", "mu-delta", "linear", "ties", "dare-linear",
+                                                       "dare-ties"], help="combination method")
+    p.add_argument("--out", type=Path, required=True, help="output PEFT adapter directory")
+    p.add_argument("--experts", nargs="*", help="experts to combine (default: all)")
+    p.add_argument("--weights", default=None, help="comma-separated weights for linear/ties/dare (default 1/E each)")
+    p.add_argument("--density", type=float, default=0.2, help="TIES: share of entries kept per expert (0.2)")
+    p.add_argument("--scale", type=float, default=1.0, help="TIES: λ applied to the merged ΔW (1.0)")
+    p.add_argument("--drop-rate", type=float, default=0.5, help="DARE: drop probability p (0.5)")
+    p.add_argument("--rank", type=int, default=None,
+                   help="TIES/DARE: SVD rank of the exported adapter (default: exact, can be large)")
+    p.add_argument("--seed", type=int, default=0, help="DARE: seed of the drop masks")
+    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    p.set_defaults(func=cmd_merge)
+
+    p = sub.add_parser("export-arrow", help="export Arrow restricted to a prompt's top experts as one adapter",
+                       description="Route a prompt with Arrow, keep each layer's top experts by mean routing weight, "
+                                   "and export their weighted ΔW average as one static PEFT adapter (vLLM/PEFT).")
+    p.add_argument("library", type=Path, help="library directory")
+    p.add_argument("--prompt", required=True, help="the prompt that selects the experts")
+    p.add_argument("--definition", default="", help="task instruction placed before the prompt")
+    p.add_argument("--top-experts", type=int, default=2, help="experts kept per layer (default 2)")
+    p.add_argument("--out", type=Path, required=True, help="output PEFT adapter directory")
+    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    _add_model_args(p)
+    _add_router_args(p)
+    p.set_defaults(func=cmd_export_arrow)
+
+    p = sub.add_parser("lorahub", help="few-shot LoraHub weights for a task, exported as one adapter",
+                       description="Gradient-free search (nevergrad NGOpt) of per-expert weights in [-1.5, 1.5] that "
+                                   "minimise few-shot loss + L1 on a task's first N training examples.")
+    p.add_argument("library", type=Path, help="library directory")
+    p.add_argument("--task", required=True, help="SNI task supplying the few-shot examples")
+    p.add_argument("--shots", type=int, default=5, help="labelled examples (default 5)")
+    p.add_argument("--budget", type=int, default=40, help="nevergrad evaluations (default 40)")
+    p.add_argument("--l1", type=float, default=0.05, help="L1 penalty on the weights (default 0.05)")
+    p.add_argument("--seed", type=int, default=0, help="search seed")
+    p.add_argument("--experts", nargs="*", help="experts to combine (default: all)")
+    p.add_argument("--data", type=Path, default=None, help="SNI task directory")
+    p.add_argument("--out", type=Path, required=True, help="output PEFT adapter directory")
+    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    _add_model_args(p)
+    p.set_defaults(func=cmd_lorahub)
 
     p = sub.add_parser("show", help="table of a library's experts", description="Show a library's experts: tasks, "
                        "rank, adapted modules, parameter count, size on disk and training metrics.")

@@ -1,0 +1,100 @@
+"""prepare_model: every reuse method runs on a tiny library; oracle equals the expert merged alone."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from modlora.adapters import LoraSpec, merge_adapter, random_adapter
+from modlora.errors import RoutingError
+from modlora.library import ExpertLibrary
+from modlora.models import LoadedModel, model_identity
+from modlora.reuse import METHODS, RouterOptions, prepare_model
+
+from .conftest import make_char_tokenizer, make_tiny_llama
+
+SPEC = LoraSpec(rank=2, alpha=4, dropout=0.0)
+
+
+@pytest.fixture
+def setup(tmp_path):
+    model = make_tiny_llama(seed=0)
+    tok = make_char_tokenizer()
+    lm = LoadedModel(model, tok, model_identity(model, "tiny"), "memory")
+    data = tmp_path / "sni"
+    data.mkdir()
+    lib = ExpertLibrary.create(tmp_path / "lib", lm.info)
+    for i, task in enumerate(["task1_a", "task2_b", "task3_c"]):
+        inst = [{"id": f"{task}-{j}", "input": f"{task[-1]}{j}", "output": [task[-1] * 2]} for j in range(20)]
+        (data / f"{task}.json").write_text(json.dumps({"Definition": [f"Task {task}"], "Instances": inst}))
+        lib.add(f"e{i}", random_adapter(model, SPEC, seed=i, std=0.2), tasks=[task],
+                training={"max_prompt_tokens": 64, "max_target_tokens": 8})
+    return lm, lib, data
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_every_method_runs_and_restores(setup, method):
+    lm, lib, data = setup
+    ids = torch.randint(3, 90, (2, 10))
+    with torch.no_grad():
+        base = lm.model(ids).logits
+        rm = prepare_model(lm, lib, method, RouterOptions(top_k=2, data_dir=str(data), examples_per_expert=4,
+                                                          phatgoose_steps=2))
+        out = rm(ids, tasks=["task1_a", "task3_c"]).logits
+        assert out.shape == base.shape and torch.isfinite(out).all()
+        if method != "base":
+            assert (out - base).abs().max() > 1e-4
+        rm.restore()
+        torch.testing.assert_close(lm.model(ids).logits, base, rtol=1e-5, atol=1e-5)
+
+
+def test_oracle_equals_single_expert(setup):
+    lm, lib, data = setup
+    ids = torch.randint(3, 90, (2, 10))
+    with torch.no_grad():
+        rm = prepare_model(lm, lib, "oracle")
+        out = rm(ids, tasks=["task2_b", "task2_b"]).logits
+        rm.restore()
+        merge_adapter(lm.model, lib.get("e1"))
+        ref = lm.model(ids).logits
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-5)
+    with pytest.raises(RoutingError, match="needs each example's task"):
+        prepare_model(lm, lib, "oracle")(ids)
+
+
+def test_bad_options(setup):
+    lm, lib, _ = setup
+    with pytest.raises(RoutingError, match="top_k=5 exceeds"):
+        prepare_model(lm, lib, "arrow", RouterOptions(top_k=5))
+    with pytest.raises(RoutingError, match="unknown method"):
+        prepare_model(lm, lib, "magic")
+
+
+def test_cli_route_explain_and_merge(tmp_path, capsys):
+    from peft import PeftModel
+
+    from modlora.cli import main
+    from modlora.models import load_base_model
+
+    model_dir = tmp_path / "tiny"
+    make_tiny_llama(seed=0).save_pretrained(model_dir)
+    make_char_tokenizer().save_pretrained(model_dir)
+    lm = load_base_model(str(model_dir), device="cpu")
+    lib = ExpertLibrary.create(tmp_path / "lib", lm.info)
+    for i in range(3):
+        lib.add(f"e{i}", random_adapter(lm.model, SPEC, seed=i, std=0.2))
+    assert main(["route", str(lib.path), "--prompt", "hello", "--model", str(model_dir), "--top-k", "2",
+                 "--max-new-tokens", "3", "--explain"]) == 0
+    out = capsys.readouterr().out
+    assert "e0" in out and "entropy" in out.lower()
+    assert main(["merge", str(lib.path), "--method", "mu-delta", "--out", str(tmp_path / "mu")]) == 0
+    peft_model = PeftModel.from_pretrained(make_tiny_llama(seed=0), tmp_path / "mu").eval()
+    ids = torch.randint(3, 90, (1, 8))
+    with torch.no_grad():
+        ref = peft_model(ids).logits
+        rm = prepare_model(lm, lib, "mu-delta")
+        torch.testing.assert_close(rm(ids).logits, ref, rtol=1e-4, atol=1e-5)
+    assert main(["route", str(lib.path), "--prompt", "x", "--model", str(model_dir), "--top-k", "9"]) == 2
+    assert "exceeds the number of experts" in capsys.readouterr().err
