@@ -578,13 +578,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_remove)
 
     p = sub.add_parser("demo", help="the main job on the embedded default model and data",
-                       description="Train small private experts for a handful of SNI tasks on the embedded "
-                                   "SmolLM2-135M-Instruct and show the library. Re-running reuses finished experts.")
+                       description="The whole pipeline, small: private library over six SNI tasks on the embedded "
+                                   "SmolLM2-135M-Instruct, MBC clustering and cluster experts, Arrow prototypes, then "
+                                   "base vs μ vs Arrow (and oracle) on held-out and in-distribution examples with "
+                                   "routing accuracy. Re-running reuses what exists.")
     p.add_argument("--out", type=Path, default=Path("runs/demo"), help="output directory (default runs/demo)")
     p.add_argument("--tasks", nargs="*", default=None, help="SNI tasks to use (default: a fixed handful)")
     p.add_argument("--steps", type=int, default=None, help="training steps per expert (default: demo preset)")
     _add_model_args(p)
-    p.add_argument("--data", type=Path, default=None, help="SNI task directory (default ../shared/data/sni/tasks)")
+    p.add_argument("--data", type=Path, default=None,
+                   help="data directory holding sni/tasks and sni/heldout (default $MODLORA_DATA or ../shared/data)")
     p.set_defaults(func=cmd_demo)
     return parser
 

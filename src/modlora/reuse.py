@@ -109,6 +109,16 @@ class ReuseModel:
         with self._per_example(input_ids, attention_mask, tasks):
             return self.model.generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
 
+    def __getattr__(self, name: str) -> Any:
+        # everything else (parameters(), generation_config, eval(), ...) is the underlying HF model's
+        if name in ("model", "__setstate__"):
+            raise AttributeError(name)
+        return getattr(self.model, name)
+
+    def for_task(self, task: str) -> TaskBoundModel:
+        """A view that routes every example as ``task`` (feeds the oracle in batched generation loops)."""
+        return TaskBoundModel(self, task)
+
     def restore(self) -> torch.nn.Module:
         """Undo routing or merging; the base model is bit-identical to before only for routing (merging is
         undone by subtraction, exact up to float rounding)."""
@@ -208,3 +218,19 @@ def prepare_model(lm: LoadedModel, library: ExpertLibrary, method: str, opts: Ro
     # oracle
     expert_of_task = {t: n for n in names for t in library.tasks(n)}
     return ReuseModel(method, model, routed=route(model, experts, "mu", **common), expert_of_task=expert_of_task)
+
+
+@dataclass
+class TaskBoundModel:
+    """``ReuseModel`` with every example's task fixed (for evaluation loops that do not pass ``tasks``)."""
+
+    inner: ReuseModel
+    task: str
+
+    def __call__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs: Any) -> Any:
+        return self.inner(input_ids, attention_mask, tasks=[self.task] * input_ids.shape[0], **kwargs)
+
+    def __getattr__(self, name: str) -> Any:
+        if name in ("inner", "__setstate__"):
+            raise AttributeError(name)
+        return getattr(self.inner.model, name)
