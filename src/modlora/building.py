@@ -92,6 +92,7 @@ class ExpertJob(Job):
     budget_scale: float
     stage: str
     config: BuildConfig
+    show_progress: bool = False
 
 
 @functools.lru_cache(maxsize=1)
@@ -128,7 +129,7 @@ def train_expert_job(job: ExpertJob) -> dict[str, Any]:
     entry = train_task_expert(
         lm, lib, job.name, tasks, spec=cfg.spec, config=cfg.train_config(job.budget_scale), max_examples=cap,
         max_val=cfg.max_val, max_prompt_tokens=cfg.max_prompt_tokens, max_target_tokens=cfg.max_target_tokens,
-        split_seed=cfg.seed, progress=False,
+        split_seed=cfg.seed, progress=job.show_progress,
         extra_training={"stage": job.stage, "budget_scale": job.budget_scale, "balanced": cfg.balanced})
     return {"name": job.name, "status": "trained", "metrics": entry.metrics}
 
@@ -145,6 +146,8 @@ def _open(path: str | Path, config: BuildConfig) -> ExpertLibrary:
 
 def _run(jobs: list[ExpertJob], executor: str, ray_address: str | None, desc: str, progress: bool
          ) -> list[dict[str, Any]]:
+    if executor == "local" and progress:  # per-step bars only in-process (Ray workers' output interleaves)
+        jobs = [dataclasses.replace(j, show_progress=True) for j in jobs]
     return run_jobs(jobs, train_expert_job, executor, ray_address=ray_address, desc=desc,  # type: ignore[arg-type]
                     progress=progress)
 

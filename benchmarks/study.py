@@ -1,0 +1,34 @@
+"""Run the paper's study at a configured scale: ``python benchmarks/study.py benchmarks/configs/cpu-small.json``.
+
+Writes ``runs/<name>/results.json``, ``results.md``, the MBC cluster plot and one JSON per result row; re-running
+resumes (finished experts and rows are reused). ``"train_tasks": "ALL"`` means every task in the SNI directory.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from modlora.data import default_data_dir, sni_task_files
+from modlora.study import StudyConfig, run_study
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("config", type=Path, help="study config JSON (see benchmarks/configs)")
+    ap.add_argument("--out", type=Path, default=None, help="output directory (default runs/<name>)")
+    ap.add_argument("--device", default=None, help="torch device (default: cuda if available)")
+    ap.add_argument("--data", type=Path, default=None, help="data directory with sni/tasks and sni/heldout")
+    args = ap.parse_args()
+    raw = json.loads(args.config.read_text())
+    data = args.data or default_data_dir()
+    if raw.get("train_tasks") == "ALL":
+        raw["train_tasks"] = sorted(sni_task_files(data / "sni" / "tasks"))
+    raw["rows"] = [list(r) for r in raw["rows"]]
+    cfg = StudyConfig(**raw)
+    run_study(cfg, args.out or Path("runs") / cfg.name, device=args.device, data_dir=data)
+
+
+if __name__ == "__main__":
+    main()
