@@ -98,3 +98,36 @@ def test_cli_route_explain_and_merge(tmp_path, capsys):
         torch.testing.assert_close(rm(ids).logits, ref, rtol=1e-4, atol=1e-5)
     assert main(["route", str(lib.path), "--prompt", "x", "--model", str(model_dir), "--top-k", "9"]) == 2
     assert "exceeds the number of experts" in capsys.readouterr().err
+
+
+def test_cli_eval_suites_and_report(tmp_path, capsys):
+    from modlora.cli import main
+    from modlora.models import load_base_model
+
+    model_dir = tmp_path / "tiny"
+    make_tiny_llama(seed=0).save_pretrained(model_dir)
+    make_char_tokenizer().save_pretrained(model_dir)
+    lm = load_base_model(str(model_dir), device="cpu")
+    data = tmp_path / "data"
+    (data / "sni" / "tasks").mkdir(parents=True)
+    (data / "eval").mkdir()
+    lib = ExpertLibrary.create(tmp_path / "lib", lm.info)
+    for i, task in enumerate(["task1_a", "task2_b"]):
+        inst = [{"id": f"{task}-{j}", "input": f"{task[-1]}{j}", "output": [task[-1] * 2]} for j in range(20)]
+        (data / "sni" / "tasks" / f"{task}.json").write_text(json.dumps({"Definition": ["Do."], "Instances": inst}))
+        lib.add(f"e{i}", random_adapter(lm.model, SPEC, seed=i, std=0.2), tasks=[task])
+    rows = [{"query": f"Q{i}:", "choices": [" yes", " no"], "gold": i % 2} for i in range(6)]
+    (data / "eval" / "boolq.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    common = ["--model", str(model_dir), "--library", str(lib.path), "--data-root", str(data), "--top-k", "2"]
+    assert main(["eval", "--suite", "choice", "--tasks", "boolq", "--out", str(tmp_path / "c.json")] + common) == 0
+    assert main(["eval", "--suite", "indist", "--limit", "2", "--max-new-tokens", "3", "--out",
+                 str(tmp_path / "i.json")] + common) == 0
+    res = json.loads((tmp_path / "i.json").read_text())
+    assert set(res["tasks"]) == {"task1_a", "task2_b"} and "loss" in res["tasks"]["task1_a"]["metrics"]
+    assert 0 <= res["routing"]["accuracy"]["accuracy"] <= 1
+    assert main(["eval", "--suite", "indist", "--router", "oracle", "--limit", "2", "--max-new-tokens", "2",
+                 "--out", str(tmp_path / "o.json")] + common) == 0
+    assert main(["report", str(tmp_path / "c.json"), str(tmp_path / "i.json"), "--out", str(tmp_path / "rep")]) == 0
+    assert (tmp_path / "rep" / "report.md").is_file()
+    assert main(["eval", "--suite", "choice", "--router", "oracle"] + common) == 2
+    assert "only applies to the in-distribution suite" in capsys.readouterr().err

@@ -402,6 +402,59 @@ def cmd_lorahub(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_eval(args: argparse.Namespace) -> int:
+    from modlora.evaluation import evaluate_choice_tasks, evaluate_code, evaluate_sni, print_results, save_results
+    from modlora.evaluation.rank_classification import DEFAULT_CHOICE_TASKS
+    from modlora.library import ExpertLibrary
+    from modlora.models import load_base_model
+    from modlora.reuse import ReuseModel, prepare_model
+
+    lm = load_base_model(args.model, device=args.device)
+    lib = ExpertLibrary(args.library) if args.library else None
+    if lib is None and args.router != "base":
+        raise ModloraError(f"--router {args.router} needs --library")
+    if args.router in ("oracle",) and args.suite != "indist":
+        raise ModloraError("the oracle router only applies to the in-distribution suite (--suite indist)")
+    rm = prepare_model(lm, lib, args.router, _router_options(args)) if lib else ReuseModel("base", lm.model)
+    method = args.router if lib else "base"
+    common = {"limit": args.limit, "seed": args.seed, "batch_size": args.batch_size, "method": method,
+              "model_name": lm.info.name}
+    data_root = args.data_root
+    try:
+        if args.suite == "choice":
+            run = evaluate_choice_tasks(rm, lm.tokenizer, args.tasks or DEFAULT_CHOICE_TASKS, data_dir=data_root,
+                                        **common)
+        elif args.suite == "sni":
+            run = evaluate_sni(rm, lm.tokenizer, args.tasks or None, data_dir=data_root, split=args.sni_split,
+                               max_new_tokens=args.max_new_tokens, **common)
+        elif args.suite == "code":
+            run = evaluate_code(rm, lm.tokenizer, args.tasks or ("humaneval", "mbpp"), data_dir=data_root,
+                                max_new_tokens=args.max_new_tokens, **common)
+        else:
+            if lib is None:
+                raise ModloraError("--suite indist needs --library (its tasks' test splits are evaluated)")
+            from modlora.data import default_data_dir
+            from modlora.study import evaluate_indist
+            run = evaluate_indist(rm, lm, lib, data_dir=Path(data_root) if data_root else default_data_dir(),
+                                  limit=args.limit or 10, seed=args.seed, max_new_tokens=args.max_new_tokens,
+                                  batch_size=args.batch_size)
+    finally:
+        rm.restore()
+    run.config.update({"router": args.router, "library": str(args.library) if args.library else None})
+    print_results([run], title=f"{args.suite} — {method}")
+    if args.out:
+        save_results(run, args.out)
+        console.print(f"results: {args.out}")
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from modlora.report import write_report
+    path = write_report(args.results, args.out, similarity_json=args.similarity, metric=args.metric)
+    console.print(f"report: {path}")
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from modlora.demo import run_demo
     return run_demo(out_dir=args.out, model=args.model, data=args.data, tasks=args.tasks, steps=args.steps,
@@ -535,6 +588,37 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     _add_model_args(p)
     p.set_defaults(func=cmd_lorahub)
+
+    p = sub.add_parser("eval", help="evaluate the base model or a library + router on a suite",
+                       description="Zero-shot evaluation. Suites: choice (ARC-e/c, BoolQ, HellaSwag, OBQA, PIQA, "
+                                   "WinoGrande by log-likelihood rank classification: acc and per-character acc_norm), "
+                                   "sni (greedy generation on held-out SNI tasks: Rouge-L, exact match), code "
+                                   "(HumanEval/MBPP pass@1 in a sandbox), indist (the library's own tasks' test "
+                                   "splits: loss, Rouge-L and routing accuracy). Results are written as JSON.")
+    p.add_argument("--suite", choices=["choice", "sni", "code", "indist"], required=True, help="which suite")
+    p.add_argument("--library", type=Path, default=None, help="library to apply (default: the base model alone)")
+    p.add_argument("--tasks", nargs="*", help="tasks of the suite (default: all of them)")
+    p.add_argument("--limit", type=int, default=None, help="examples per task: a fixed seeded subset (default: all)")
+    p.add_argument("--batch-size", type=int, default=8, help="batch size (default 8)")
+    p.add_argument("--max-new-tokens", type=int, default=128, help="generation length for sni/code/indist (128)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the subset (default 0)")
+    p.add_argument("--sni-split", default="heldout", help="SNI directory under <data>/sni for --suite sni")
+    p.add_argument("--data-root", default=None, help="data directory with eval/ and sni/ (default ../shared/data)")
+    p.add_argument("--out", type=Path, default=None, help="write the results JSON here")
+    _add_model_args(p)
+    _add_router_args(p, default="arrow")
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("report", help="Markdown table + plots comparing result files",
+                       description="Compare results JSON files (methods × tasks) in a Markdown table and PNG plots: "
+                                   "per-task bars, routing entropy per layer, expert usage, and the library's "
+                                   "similarity matrix with clusters (--similarity).")
+    p.add_argument("results", nargs="+", type=Path, help="results JSON files from `modlora eval`")
+    p.add_argument("--out", type=Path, required=True, help="output directory")
+    p.add_argument("--similarity", type=Path, default=None,
+                   help="a clustering JSON (library meta/clustering.json) for the similarity plot")
+    p.add_argument("--metric", default=None, help="metric to compare (default: each suite's main metric)")
+    p.set_defaults(func=cmd_report)
 
     p = sub.add_parser("show", help="table of a library's experts", description="Show a library's experts: tasks, "
                        "rank, adapted modules, parameter count, size on disk and training metrics.")

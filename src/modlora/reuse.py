@@ -77,7 +77,7 @@ class ReuseModel:
         return next(self.model.parameters()).device
 
     @contextlib.contextmanager
-    def _per_example(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
+    def per_example_routing(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
                      tasks: Sequence[str] | None) -> Iterator[None]:
         if self.method == "tp":
             with self.routed.disabled():
@@ -101,12 +101,12 @@ class ReuseModel:
 
     def __call__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, *,
                  tasks: Sequence[str] | None = None, **kwargs: Any) -> Any:
-        with self._per_example(input_ids, attention_mask, tasks):
+        with self.per_example_routing(input_ids, attention_mask, tasks):
             return self.model(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
 
     def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, *,
                  tasks: Sequence[str] | None = None, **kwargs: Any) -> torch.Tensor:
-        with self._per_example(input_ids, attention_mask, tasks):
+        with self.per_example_routing(input_ids, attention_mask, tasks):
             return self.model.generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
 
     def __getattr__(self, name: str) -> Any:

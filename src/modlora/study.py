@@ -39,7 +39,7 @@ from modlora.building import (
     build_shared_library,
 )
 from modlora.clustering import model_based_clustering, plot_clustering
-from modlora.data import PromptFormatter, default_data_dir, encode_tasks, load_sni_tasks, split_instances
+from modlora.data import PromptFormatter, collate, default_data_dir, encode_tasks, load_sni_tasks, split_instances
 from modlora.errors import ModloraError
 from modlora.evaluation.generation import greedy_generate, score_generations
 from modlora.evaluation.results import mean_and_stderr
@@ -170,6 +170,43 @@ def routing_accuracy(rm: ReuseModel, lm: LoadedModel, examples: Sequence[Any], e
         n += 1
     return {"accuracy": correct / max(n, 1), "n": n,
             "per_layer": {lay: hits / max(n, 1) for lay, hits in sorted(per_layer_hits.items())}}
+
+
+def evaluate_indist(rm: ReuseModel, lm: LoadedModel, library: ExpertLibrary, *, data_dir: Path,
+                    limit: int = 10, seed: int = 0, max_new_tokens: int = 64, batch_size: int = 8,
+                    max_prompt_tokens: int = 384) -> Any:
+    """In-distribution suite: per library task, target loss and Rouge-L / exact match on the task's *test* split,
+    plus the routing accuracy of per-token routers; returns an :class:`~modlora.evaluation.results.EvalRun`."""
+    from modlora.evaluation.results import EvalRun, TaskScores
+    from modlora.training import target_loss
+
+    tasks = load_sni_tasks(data_dir / "sni" / "tasks", sorted({t for n in library.expert_names()
+                                                               for t in library.tasks(n)}))
+    fmt = PromptFormatter(lm.tokenizer, max_prompt_tokens=max_prompt_tokens)
+    cfg = StudyConfig(max_new_tokens=max_new_tokens, gen_batch_size=batch_size, max_prompt_tokens=max_prompt_tokens)
+    run = EvalRun(method=rm.method, model=lm.info.name, config={"kind": "indist", "limit": limit, "seed": seed,
+                                                                  "library": str(library.path)})
+    t_all = time.perf_counter()
+    for name, task in tasks.items():
+        t0 = time.perf_counter()
+        insts = split_instances(task, seed=seed)["test"][:limit]
+        model = rm.for_task(name) if rm.method == "oracle" else rm
+        scores, _ = _generate_scores(model, lm, fmt, task, insts, cfg)
+        losses = []
+        for inst in insts:
+            ex = fmt.encode(task, inst)
+            batch = collate([ex], lm.tokenizer.pad_token_id).to(rm.device)
+            with torch.inference_mode(), rm.per_example_routing(batch.input_ids, batch.attention_mask, [name]):
+                loss, n = target_loss(rm.model, batch)
+            losses.append(float(loss) / max(n, 1))
+        scores["loss"] = losses
+        run.tasks[name] = TaskScores.from_per_example(scores, wall_s=time.perf_counter() - t0)
+    if rm.method in PER_TOKEN_ROUTERS:
+        exs = encode_tasks(fmt, tasks, "test", max_per_task=limit, seed=seed)
+        run.routing = {"accuracy": routing_accuracy(rm, lm, exs, {t: n for n in library.expert_names()
+                                                                   for t in library.tasks(n)})}
+    run.wall_s = time.perf_counter() - t_all
+    return run
 
 
 def evaluate_row(lm: LoadedModel, lib: ExpertLibrary | None, method: str, cfg: StudyConfig, data_dir: Path,
