@@ -24,7 +24,8 @@ import torch
 
 from modlora.adapters import LoraAdapter, LoraSpec, adapted_modules
 from modlora.routing import ArrowRouter, route
-from tests.conftest import make_tiny_llama
+
+from .conftest import make_tiny_llama
 
 peft = pytest.importorskip("peft")
 from peft import ArrowConfig, create_arrow_model  # noqa: E402

@@ -9,7 +9,6 @@ import warnings
 
 import pytest
 import torch
-from conftest import make_char_tokenizer, make_tiny_llama
 
 from modlora.adapters import LoraAdapter, LoraSpec, random_adapter
 from modlora.errors import AdapterError, DataError, RoutingError
@@ -23,6 +22,8 @@ from modlora.phatgoose import (
     train_phatgoose_gates,
 )
 from modlora.task_predictor import TaskPredictor, mean_pooled_features
+
+from .conftest import make_char_tokenizer, make_tiny_llama
 
 RIGHT = "e1"
 

@@ -7,7 +7,6 @@ import warnings
 
 import pytest
 import torch
-from conftest import make_tiny_llama
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from peft import PeftModel
@@ -26,6 +25,8 @@ from modlora.merging import (
     ties_merge,
     weighted_combination,
 )
+
+from .conftest import make_tiny_llama
 
 
 @pytest.fixture(scope="module")

@@ -28,7 +28,7 @@ from modlora.routing import (
     route,
     top_right_singular_vector,
 )
-from modlora.routing.experts import block_factors
+from modlora.routing.experts import block_factors, top_right_singular_vectors
 
 SPEC = LoraSpec(rank=4, alpha=8.0, dropout=0.0)
 
@@ -120,40 +120,43 @@ def brute_force(base: torch.nn.Linear, x: torch.Tensor, A: list[torch.Tensor], B
 
 
 def make_layer(ranks: list[int], mixing: str, routing: torch.Tensor | TopKRouting, path: str, n_in: int = 24,
-               n_out: int = 20) -> tuple[RoutedLoraLinear, list, list, list]:
+               n_out: int = 20, kernel: str = "auto") -> tuple[RoutedLoraLinear, list, list, list]:
     g = torch.Generator().manual_seed(sum(ranks) + len(ranks))
     base = torch.nn.Linear(n_in, n_out)
     A = [torch.randn(r, n_in, generator=g) * 0.3 for r in ranks]
     B = [torch.randn(n_out, r, generator=g) * 0.3 for r in ranks]
     scal = [0.5 + 0.25 * e for e in range(len(ranks))]
     layer = RoutedLoraLinear(base, "layer", list(range(len(ranks))), A, B, scal, FixedRouter(routing),
-                             RoutingState(path=path), mixing)
+                             RoutingState(path=path, sparse_kernel=kernel), mixing)
     return layer, A, B, scal
 
 
+PATHS = [("dense", "auto"), ("sparse", "sddmm"), ("sparse", "blocks")]
+
+
 @pytest.mark.parametrize("mixing", ["outputs", "parameters"])
-@pytest.mark.parametrize("path", ["dense", "sparse"])
-@pytest.mark.parametrize(("t", "E", "k"), [(7, 6, 1), (7, 6, 6), (200, 6, 2), (5, 16, 3), (64, 16, 4)])
-def test_routed_layer_matches_brute_force(mixing: str, path: str, t: int, E: int, k: int) -> None:
+@pytest.mark.parametrize(("path", "kernel"), PATHS)
+@pytest.mark.parametrize(("t", "E", "k"), [(7, 6, 1), (7, 6, 6), (200, 6, 2), (5, 16, 3), (64, 16, 4), (1, 40, 4)])
+def test_routed_layer_matches_brute_force(mixing: str, path: str, kernel: str, t: int, E: int, k: int) -> None:
     g = torch.Generator().manual_seed(t * 31 + E * 7 + k)
     x = torch.randn(t, 24, generator=g)
     idx = torch.randn(t, E, generator=g).topk(k, dim=1).indices
     vals = torch.softmax(torch.randn(t, k, generator=g), dim=1)
     routing = TopKRouting(idx, vals)
-    layer, A, B, scal = make_layer([4] * E, mixing, routing, path)
+    layer, A, B, scal = make_layer([4] * E, mixing, routing, path, kernel=kernel)
     ref = brute_force(layer.base, x, A, B, scal, routing.dense(E), mixing)
     assert layer.choose_path(routing) == path
     out = layer(x.view(1, t, 24)).view(t, -1)
     torch.testing.assert_close(out, ref, atol=2e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("path", ["dense", "sparse"])
-def test_mixed_ranks_outputs_mode(path: str) -> None:
+@pytest.mark.parametrize(("path", "kernel"), PATHS)
+def test_mixed_ranks_outputs_mode(path: str, kernel: str) -> None:
     t, ranks = 30, [2, 4, 8, 1, 4, 3, 6, 2]
     g = torch.Generator().manual_seed(5)
     x = torch.randn(t, 24, generator=g)
     routing = TopKRouting(torch.randn(t, 8, generator=g).topk(2, 1).indices, torch.full((t, 2), 0.5))
-    layer, A, B, scal = make_layer(ranks, "outputs", routing, path)
+    layer, A, B, scal = make_layer(ranks, "outputs", routing, path, kernel=kernel)
     torch.testing.assert_close(layer(x), brute_force(layer.base, x, A, B, scal, routing.dense(8), "outputs"),
                                atol=2e-5, rtol=1e-5)
     dense_w = torch.softmax(torch.randn(t, 8, generator=g), 1)
@@ -477,10 +480,124 @@ def test_auto_path_rule() -> None:
         layer, *_ = make_layer([4] * E, "outputs", routing, "auto")
         return layer, routing
 
-    small, r_small = layer_for(16, 4)       # E·r = 64 < 256: one dense GEMM is cheaper
-    big, r_big = layer_for(64, 4)           # E·r = 256 and k·4 <= E: sparse
+    small, r_small = layer_for(16, 4)       # E·r = 64 < 128: one dense GEMM is cheaper on CPU
+    big, r_big = layer_for(32, 4)           # E·r = 128 and k·4 <= E: sparse
     wide, r_wide = layer_for(64, 32)        # k·4 > E: dense
     assert small.choose_path(r_small) == "dense"
     assert big.choose_path(r_big) == "sparse"
     assert wide.choose_path(r_wide) == "dense"
     assert big.choose_path(torch.full((3, 64), 1 / 64)) == "dense"
+    x = torch.zeros(3, 24)
+    assert big.sparse_kernel(x) == "sddmm"                       # CPU float32
+    assert big.sparse_kernel(x.double()) == "sddmm"
+    assert big.sparse_kernel(x.bfloat16()) == "blocks"           # sampled_addmm has no CPU bf16 kernel
+    big.state.sparse_kernel = "sddmm"
+    with pytest.raises(RoutingError, match="sddmm kernel needs float32"):
+        big.sparse_kernel(x.half())
+
+
+# ------------------------------------------------------------------------------------------------ fast CPU path
+def test_sddmm_kernel_float64_bfloat16_and_gradients() -> None:
+    """float64 through the sddmm kernel matches brute force to 1e-10; bf16 falls back to the blocks kernel and stays
+    close; gradients w.r.t. the input and the routing weights agree between the two sparse kernels."""
+    t, E, k = 33, 40, 4
+    g = torch.Generator().manual_seed(11)
+    idx = torch.randn(t, E, generator=g).topk(k, 1).indices
+    w = torch.softmax(torch.randn(t, k, generator=g), 1)
+    x = torch.randn(t, 24, generator=g)
+    layer, A, B, scal = make_layer([4] * E, "outputs", TopKRouting(idx, w), "sparse")
+    ref = brute_force(layer.base, x, A, B, scal, TopKRouting(idx, w).dense(E), "outputs")
+    layer64 = copy.deepcopy(layer).double()
+    layer64.router = FixedRouter(TopKRouting(idx, w.double()))
+    assert layer64.sparse_kernel(x.double()) == "sddmm"
+    torch.testing.assert_close(layer64(x.double()).float(), ref, atol=1e-5, rtol=1e-6)
+    layer16 = copy.deepcopy(layer).bfloat16()
+    torch.testing.assert_close(layer16(x.bfloat16()).float(), ref, atol=0.1, rtol=0.05)
+    grads = {}
+    for kernel in ("sddmm", "blocks"):
+        layer.state.sparse_kernel = kernel
+        xg, wg = x.clone().requires_grad_(True), w.clone().requires_grad_(True)
+        layer.router = FixedRouter(TopKRouting(idx, wg))
+        layer(xg).pow(2).sum().backward()
+        grads[kernel] = (xg.grad, wg.grad)
+    for a, b in zip(grads["sddmm"], grads["blocks"], strict=True):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+
+
+def test_batched_prototypes_equal_single() -> None:
+    g = torch.Generator().manual_seed(4)
+    A = torch.randn(6, 3, 40, generator=g)
+    B = torch.randn(6, 30, 3, generator=g)
+    B[2] = -B[2]                                              # sign convention must hold per item
+    v, s = top_right_singular_vectors(A, B)
+    for i in range(6):
+        v1, s1 = top_right_singular_vector(A[i], B[i])
+        torch.testing.assert_close(v[i], v1, atol=1e-6, rtol=0)
+        assert float(s[i]) == pytest.approx(s1, rel=1e-12)
+    with pytest.raises(RoutingError, match="batched factors"):
+        top_right_singular_vectors(A, B.transpose(1, 2))
+
+
+def manual_arrow(router: ArrowRouter, x: torch.Tensor, layer: str) -> tuple[torch.Tensor, torch.Tensor]:
+    vals, idx = router.logits(x, layer).topk(router.top_k, dim=1)
+    return idx, torch.softmax(vals, dim=1)
+
+
+def check_same_routing(got: TopKRouting, want: tuple[torch.Tensor, torch.Tensor], E: int) -> None:
+    torch.testing.assert_close(got.dense(E), TopKRouting(*want).dense(E), atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("tie", [False, True])
+def test_grouped_qkv_routing_equals_per_layer(tiny_llama: torch.nn.Module, tie: bool) -> None:
+    """One matmul against the stacked q/k/v prototypes gives each layer exactly its own top-k softmax routing;
+    a sibling is served from the group cache only for the very same, unmodified input, and only once."""
+    ex = experts_for(tiny_llama, 6, spec=LoraSpec(rank=4, alpha=8.0, dropout=0.0,
+                                                  target_modules=("q_proj", "k_proj", "v_proj", "o_proj",
+                                                                  "gate_proj", "up_proj")))
+    es = as_expert_set(ex)
+    router = ArrowRouter(top_k=2, tie_qkv=tie)
+    router.bind(es, {m: list(range(6)) for m in es.modules()})
+    att, mlp = "model.layers.1.self_attn", "model.layers.1.mlp"
+    g = torch.Generator().manual_seed(3)
+    for mode in (torch.no_grad, torch.inference_mode):
+        with mode():
+            x = torch.randn(9, 32, generator=g)
+            for leaf in ("q_proj", "k_proj", "v_proj"):
+                check_same_routing(router(x, f"{att}.{leaf}"), manual_arrow(router, x, f"{att}.{leaf}"), 6)
+            for leaf in ("gate_proj", "up_proj", "o_proj"):
+                check_same_routing(router(x, f"{mlp}.{leaf}" if leaf != "o_proj" else f"{att}.o_proj"),
+                                   manual_arrow(router, x, f"{mlp}.{leaf}" if leaf != "o_proj" else f"{att}.o_proj"),
+                                   6)
+    x = torch.randn(9, 32, generator=g)
+    first = router(x, f"{att}.q_proj")
+    x.mul_(-3).add_(1)                                       # in place: the version counter changes
+    check_same_routing(router(x, f"{att}.k_proj"), manual_arrow(router, x, f"{att}.k_proj"), 6)
+    again = router(x, f"{att}.q_proj")                       # q served once already: recomputed, not reused
+    check_same_routing(again, manual_arrow(router, x, f"{att}.q_proj"), 6)
+    assert first is not again
+    y = torch.randn(9, 32, generator=g)
+    check_same_routing(router(y, f"{att}.v_proj"), manual_arrow(router, y, f"{att}.v_proj"), 6)
+
+
+def test_fast_path_model_equivalence_and_no_warnings(tiny_llama: torch.nn.Module) -> None:
+    """Whole model: sddmm vs blocks vs dense-fold agree; inference_mode == no_grad; forward emits no warnings."""
+    import warnings
+
+    ex = experts_for(tiny_llama, 40)
+    ids = torch.randint(0, 100, (2, 11), generator=torch.Generator().manual_seed(0))
+    with route(tiny_llama, ex, ArrowRouter(top_k=3)) as routed:
+        layer = next(iter(routed.layers.values()))
+        assert layer.choose_path(TopKRouting(torch.zeros(1, 3, dtype=torch.long), torch.ones(1, 3))) == "sparse"
+        outs = {}
+        for path, kernel in PATHS:
+            routed.set_path(path)
+            routed.state.sparse_kernel = kernel
+            with torch.no_grad(), warnings.catch_warnings():
+                warnings.simplefilter("error")
+                outs[kernel if path == "sparse" else "dense"] = routed(input_ids=ids).logits
+        routed.set_path("auto")
+        routed.state.sparse_kernel = "auto"
+        with torch.inference_mode():
+            outs["inference_mode"] = routed(input_ids=ids).logits.clone()
+        for name, out in outs.items():
+            torch.testing.assert_close(out, outs["dense"], atol=1e-5, rtol=1e-5, msg=name)

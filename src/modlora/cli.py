@@ -422,8 +422,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
     data_root = args.data_root
     try:
         if args.suite == "choice":
+            # a task predictor pools over the whole input, so the context must not be scored separately
             run = evaluate_choice_tasks(rm, lm.tokenizer, args.tasks or DEFAULT_CHOICE_TASKS, data_dir=data_root,
-                                        **common)
+                                        prefix_reuse=args.router != "tp", **common)
         elif args.suite == "sni":
             run = evaluate_sni(rm, lm.tokenizer, args.tasks or None, data_dir=data_root, split=args.sni_split,
                                max_new_tokens=args.max_new_tokens, **common)

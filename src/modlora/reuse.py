@@ -67,6 +67,7 @@ class ReuseModel:
     merged: Any = None
     predictor: Any = None
     expert_of_task: dict[str, str] = field(default_factory=dict)
+    _sticky: torch.Tensor | None = field(default=None, repr=False)
 
     @property
     def config(self) -> Any:
@@ -78,12 +79,19 @@ class ReuseModel:
 
     @contextlib.contextmanager
     def per_example_routing(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
-                     tasks: Sequence[str] | None) -> Iterator[None]:
+                            tasks: Sequence[str] | None, continuing: bool = False) -> Iterator[None]:
+        """Per-example weights for ``tp`` / ``oracle`` during one call. ``continuing``: the call extends a KV cache
+        (decoding or scoring a continuation), so the task predictor keeps the prediction it made on the prompt."""
         if self.method == "tp":
-            with self.routed.disabled():
-                w = self.predictor.predict_weights(self.model, input_ids, attention_mask, top_k=1)
-            order = [self.predictor.expert_names.index(n) for n in self.routed.expert_names]
-            with self.routed.example_weights(w[:, order]):
+            if continuing and self._sticky is not None and self._sticky.shape[0] == input_ids.shape[0]:
+                w = self._sticky  # decoding with a KV cache: keep the prediction made on the whole prompt
+            else:
+                with self.routed.disabled():
+                    w = self.predictor.predict_weights(self.model, input_ids, attention_mask, top_k=1)
+                order = [self.predictor.expert_names.index(n) for n in self.routed.expert_names]
+                w = w[:, order]
+                self._sticky = w
+            with self.routed.example_weights(w):
                 yield
         elif self.method == "oracle":
             if tasks is None:
@@ -101,7 +109,8 @@ class ReuseModel:
 
     def __call__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, *,
                  tasks: Sequence[str] | None = None, **kwargs: Any) -> Any:
-        with self.per_example_routing(input_ids, attention_mask, tasks):
+        continuing = kwargs.get("past_key_values") is not None
+        with self.per_example_routing(input_ids, attention_mask, tasks, continuing):
             return self.model(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
 
     def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, *,
