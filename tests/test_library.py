@@ -168,6 +168,17 @@ def test_base_model_mismatch(tmp_path, tiny_llama):
     lib.check_base_model(same_weights)
 
 
+def test_tokenizer_mismatch(tmp_path, tiny_llama):
+    ident = model_identity(tiny_llama, "tiny")
+    with_tok = BaseModelInfo(ident.name, ident.shapes_hash, ident.weights_checksum, "tokA")
+    lib = ExpertLibrary.create(tmp_path / "lib", with_tok)
+    lib.check_base_model(with_tok)
+    lib.check_base_model(ident)  # a caller that did not fingerprint its tokenizer is not refused
+    other = BaseModelInfo(ident.name, ident.shapes_hash, ident.weights_checksum, "tokB")
+    with pytest.raises(BaseModelMismatchError, match="tokenizer"):
+        lib.add("e", random_adapter(tiny_llama, SPEC), base_model=other)
+
+
 def test_artifacts_incremental_and_invalidated(tmp_path, tiny_llama):
     lib = _lib(tmp_path, tiny_llama)
     for i in range(3):

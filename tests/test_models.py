@@ -18,7 +18,8 @@ def test_local_hf_directory(tmp_path):
     model.save_pretrained(tmp_path / "m")
     make_char_tokenizer().save_pretrained(tmp_path / "m")
     lm = load_base_model(str(tmp_path / "m"), device="cpu")
-    assert lm.info == model_identity(model, "m")
+    assert lm.info.same_weights(model_identity(model, "m")) and lm.info.name == "m"
+    assert len(lm.info.tokenizer) == 16  # the tokenizer fingerprint is recorded too
     assert lm.info.same_weights(model_identity(lm.model, "other-name"))
     assert not lm.info.same_weights(model_identity(make_tiny_llama(seed=2), "m"))
     assert next(lm.model.parameters()).dtype == torch.float32 and not lm.model.training

@@ -149,12 +149,26 @@ def test_symlinked_expert_directory_refused(template, tmp_path):
         ExpertLibrary(lib_dir).get("e1")
 
 
-def test_unknown_manifest_fields_are_tolerated_but_wrong_types_are_not(template, tmp_path):
+def test_unexpected_fields_and_wrong_types(template, tmp_path):
     lib_dir = _copy(template, tmp_path)
-    manifest = json.loads((lib_dir / "library.json").read_text())
+    good = json.loads((lib_dir / "library.json").read_text())
+    manifest = json.loads(json.dumps(good))
     manifest["future_field"] = {"x": 1}
     (lib_dir / "library.json").write_text(json.dumps(manifest))
-    _open_all(lib_dir)
+    with pytest.raises(LibraryError, match=r"unexpected manifest field\(s\) \['future_field'\]"):
+        ExpertLibrary(lib_dir)
+    manifest = json.loads(json.dumps(good))
+    manifest["experts"]["e1"]["payload"] = "x"
+    (lib_dir / "library.json").write_text(json.dumps(manifest))
+    with pytest.raises(LibraryError, match=r"expert 'e1': unexpected field"):
+        ExpertLibrary(lib_dir)
+    cfg = json.loads((lib_dir / "experts" / "e1" / "adapter_config.json").read_text())
+    cfg["exec_hook"] = "os.system"
+    (lib_dir / "library.json").write_text(json.dumps(good))
+    _rewrite_adapter(lib_dir, "e1", config=cfg)
+    with pytest.raises(LibraryError, match=r"expert 'e1'.*unexpected field\(s\) \['exec_hook'\]"):
+        ExpertLibrary(lib_dir).get("e1")
+    manifest = json.loads((lib_dir / "library.json").read_text())
     manifest["experts"]["e1"]["num_parameters"] = "many"
     (lib_dir / "library.json").write_text(json.dumps(manifest))
     with pytest.raises(LibraryError, match="expert 'e1': field 'num_parameters'"):

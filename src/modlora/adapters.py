@@ -181,6 +181,14 @@ def write_adapter_files(adapter: LoraAdapter, directory: Path) -> None:
     save_file(adapter.peft_state_dict(), str(directory / ADAPTER_WEIGHTS), metadata={"format": "pt"})
 
 
+def _peft_lora_fields() -> set[str]:
+    """The fields ``peft.LoraConfig`` defines (an adapter_config.json may hold only these)."""
+    import dataclasses
+
+    from peft import LoraConfig
+    return {f.name for f in dataclasses.fields(LoraConfig)}
+
+
 def read_adapter_config(directory: Path, name: str) -> tuple[LoraSpec, dict[str, Any]]:
     """Parse and validate ``adapter_config.json``; returns the spec and the raw dict."""
     path = directory / ADAPTER_CONFIG
@@ -192,6 +200,9 @@ def read_adapter_config(directory: Path, name: str) -> tuple[LoraSpec, dict[str,
         raise AdapterError(f"{name}: {path} is not valid JSON ({exc})") from None
     if not isinstance(raw, dict):
         raise AdapterError(f"{name}: {path} must hold a JSON object")
+    unexpected = sorted(set(raw) - _peft_lora_fields())
+    if unexpected:
+        raise AdapterError(f"{name}: {path}: unexpected field(s) {unexpected[:5]} (not LoraConfig fields)")
     peft_type = raw.get("peft_type", "LORA")
     if peft_type != "LORA":
         raise AdapterError(f"{name}: {path}: field 'peft_type' is {peft_type!r}; only LORA adapters are supported")

@@ -49,6 +49,7 @@ ARTIFACTS_DIR = "artifacts"
 META_DIR = "meta"
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]{0,127}$")
 KIND_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+=-]{0,127}$")
+_MANIFEST_FIELDS = {"format", "version", "modlora_version", "base_model", "description", "created", "experts"}
 _EXPERT_FIELDS = {"name": str, "tasks": list, "lora": dict, "training": dict, "metrics": dict,
                   "created": (int, float), "files": dict, "num_parameters": int, "modules": int}
 
@@ -83,6 +84,9 @@ class ExpertEntry:
     def from_dict(cls, key: str, d: Any, where: str) -> ExpertEntry:
         if not isinstance(d, dict):
             raise LibraryError(f"{where}: experts[{key!r}] must be an object")
+        unexpected = sorted(set(d) - set(_EXPERT_FIELDS))
+        if unexpected:
+            raise LibraryError(f"{where}: expert {key!r}: unexpected field(s) {unexpected}")
         for fname, ftype in _EXPERT_FIELDS.items():
             if fname not in d:
                 raise LibraryError(f"{where}: expert {key!r}: missing field {fname!r}")
@@ -161,6 +165,9 @@ class ExpertLibrary:
             raise LibraryError(f"{mpath}: manifest is not valid JSON ({exc})") from None
         if not isinstance(raw, dict):
             raise LibraryError(f"{mpath}: manifest must be a JSON object")
+        unexpected = sorted(set(raw) - _MANIFEST_FIELDS)
+        if unexpected:
+            raise LibraryError(f"{mpath}: unexpected manifest field(s) {unexpected}")
         if raw.get("format") != FORMAT:
             raise LibraryError(f"{mpath}: field 'format' is {raw.get('format')!r}, expected {FORMAT!r}")
         if raw.get("version") != FORMAT_VERSION:
@@ -257,7 +264,12 @@ class ExpertLibrary:
         return {n: self.get(n) for n in (self.expert_names() if names is None else names)}
 
     def check_base_model(self, info: BaseModelInfo) -> None:
-        """Raise :class:`BaseModelMismatchError` when ``info`` is not this library's base model."""
+        """Raise :class:`BaseModelMismatchError` when ``info`` is not this library's base model (weights or
+        tokenizer)."""
+        if not self.base_model.same_tokenizer(info):
+            raise BaseModelMismatchError(
+                f"{self.path}: library was built with tokenizer {self.base_model.tokenizer} but the model given has "
+                f"tokenizer {info.tokenizer}: prompts would be tokenised differently from training")
         if not self.base_model.same_weights(info):
             raise BaseModelMismatchError(
                 f"{self.path}: library was built for base model {self.base_model.name!r} "

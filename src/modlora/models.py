@@ -52,6 +52,7 @@ class BaseModelInfo:
     name: str
     shapes_hash: str
     weights_checksum: str
+    tokenizer: str = ""
 
     def to_dict(self) -> dict[str, str]:
         return asdict(self)
@@ -60,11 +61,17 @@ class BaseModelInfo:
     def from_dict(cls, d: Any) -> BaseModelInfo:
         if not isinstance(d, dict) or not all(isinstance(d.get(k), str) for k in ("name", "shapes_hash", "weights_checksum")):
             raise ValueError("base model identity needs string fields 'name', 'shapes_hash', 'weights_checksum'")
-        return cls(d["name"], d["shapes_hash"], d["weights_checksum"])
+        if not isinstance(d.get("tokenizer", ""), str):
+            raise ValueError("base model field 'tokenizer' must be a string")
+        return cls(d["name"], d["shapes_hash"], d["weights_checksum"], d.get("tokenizer", ""))
 
     def same_weights(self, other: BaseModelInfo) -> bool:
         """True when shapes and sampled weights agree (names may differ: a cached copy is the same model)."""
         return self.shapes_hash == other.shapes_hash and self.weights_checksum == other.weights_checksum
+
+    def same_tokenizer(self, other: BaseModelInfo) -> bool:
+        """True when the tokenizers agree, or when either side did not record one."""
+        return not self.tokenizer or not other.tokenizer or self.tokenizer == other.tokenizer
 
 
 @dataclass
@@ -93,6 +100,16 @@ def model_identity(model: torch.nn.Module, name: str) -> BaseModelInfo:
         values.update(pname.encode())
         values.update(sample.numpy().tobytes())
     return BaseModelInfo(name=name, shapes_hash=shapes.hexdigest()[:16], weights_checksum=values.hexdigest()[:16])
+
+
+def tokenizer_fingerprint(tokenizer: Any) -> str:
+    """Hash of the vocabulary (token → id), the special tokens and the chat template."""
+    h = hashlib.sha256()
+    for tok, idx in sorted(tokenizer.get_vocab().items(), key=lambda kv: kv[1]):
+        h.update(f"{idx}:{tok}\n".encode())
+    h.update(json.dumps(sorted(map(str, tokenizer.all_special_tokens))).encode())
+    h.update((getattr(tokenizer, "chat_template", None) or "").encode())
+    return h.hexdigest()[:16]
 
 
 def embedded_gguf_path() -> Path:
@@ -189,4 +206,5 @@ def load_base_model(spec: str = DEFAULT_MODEL, *, device: str | torch.device | N
         info = BaseModelInfo.from_dict({k: v for k, v in json.loads(info_file.read_text()).items() if k != "source"})
     else:
         info = model_identity(model, name)
+    info = BaseModelInfo(info.name, info.shapes_hash, info.weights_checksum, tokenizer_fingerprint(tokenizer))
     return LoadedModel(model=model, tokenizer=tokenizer, info=info, source=source)

@@ -40,6 +40,7 @@ from modlora.routing.experts import (
     mu_delta_average,
     mu_parameter_average,
     top_right_singular_vector,
+    top_right_singular_vectors,
 )
 from modlora.routing.layer import LayerRouter, RoutedLoraLinear, RoutingState, TopKRouting
 from modlora.routing.model import (
@@ -62,5 +63,5 @@ __all__ = [
     "ArrowRouter", "CentroidRouter", "ExpertSet", "LayerRouter", "RoutedLoraLinear", "RoutedModel",
     "RoutingRecorder", "RoutingState", "TopKRouting", "UniformRouter", "as_expert_set", "compute_centroids",
     "explain", "explain_routing", "export_prompt_adapter", "genknowsub", "mu_delta_average", "mu_parameter_average",
-    "oracle_weights", "route", "top_right_singular_vector",
+    "oracle_weights", "route", "top_right_singular_vector", "top_right_singular_vectors",
 ]

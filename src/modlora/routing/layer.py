@@ -12,22 +12,30 @@ Expert weights are stacked once at construction: ``A_pad`` (E, r, in) and ``Bt_p
 
 * **dense-fold** (any weights): ``h = x A_catᵀ`` (t, E·r), ``h ← h ⊙ w`` (weights repeated over each expert's rank
   rows), ``y = h Bt_cat`` — one matmul against the concatenated (E·r, out) B. Cost ∝ t·E·r·(in+out).
-* **sparse top-k** (each token uses k experts): the t·k (token, expert) assignments are sorted by expert and cut
-  into blocks of ``bs`` rows that each belong to one expert (each expert's run padded to a multiple of ``bs``);
-  per block the expert's ``A`` and ``B`` are gathered and two ``bmm`` compute the rank-r projections, which are
-  scattered back with ``index_add_``. Cost ∝ t·k·r·(in+out) + (#blocks)·r·(in+out): O(k), not O(E).
-  ``bs`` grows with the mean number of assignments per expert (``bs = 1`` is "gather A rows then bmm").
+* **sparse top-k** (each token uses k experts), cost O(t·k·r·(in+out)), never O(E):
+  - ``"sddmm"`` kernel (CPU, float32/float64; the default there): the k·r columns token ``i`` needs,
+    ``c = e·r + j`` for its experts ``e`` and rank rows ``j``, form a CSR pattern (t, E·r) with k·r entries per
+    row; ``z = x A_catᵀ`` is evaluated only at those entries (``torch.sparse.sampled_addmm``, t·k·r dot products
+    of length ``in``) and ``y = Σ_c (w·z)_c Bt_cat[c]`` is one ``embedding_bag(mode="sum", per_sample_weights)``
+    over the rows of ``Bt_cat`` (E·r, out). Nothing of size (t, k, r, in), (t, E·r) or (t, E) is formed, no sort,
+    no gather copies of expert weights; 2 kernels + ~6 tiny index ops per layer.
+  - ``"blocks"`` kernel (other devices / dtypes): the t·k (token, expert) assignments are sorted by expert and cut
+    into blocks of ``bs`` rows that each belong to one expert (each expert's run padded to a multiple of ``bs``);
+    per block the expert's ``A`` and ``B`` are gathered and two ``bmm`` compute the rank-r projections, which are
+    scattered back with ``index_add_``. Cost ∝ t·k·r·(in+out) + (#blocks)·r·(in+out).
 
 ``path="auto"`` takes the sparse path when the routing is top-k with ``k · SPARSE_RATIO <= E`` **and** the stacked
-rank ``E · r`` is at least ``SPARSE_MIN_STACKED_RANK`` (256 on CPU: below that one dense GEMM is cheaper than the
-sort/gather/scatter; 4096 on CUDA, where dense-fold is a couple of well-shaped GEMMs and the sparse path costs
-host syncs and many small kernels — measured: at E=256, r=4, 2048 tokens on an H100, dense-fold 87 ms vs sparse
-207 ms per SmolLM2-sized forward). Dense weights (centroid or μ routing) always use dense-fold.
+rank ``E · r`` is at least ``SPARSE_MIN_STACKED_RANK`` (128 on CPU, where the sddmm kernel breaks even with one
+dense GEMM at E·r ≈ 64–128 for 16–1024 tokens; 4096 on CUDA, where dense-fold is a couple of well-shaped GEMMs and
+the sparse path costs host syncs and many small kernels — measured: at E=256, r=4, 2048 tokens on an H100,
+dense-fold 87 ms vs sparse (blocks) 207 ms per SmolLM2-sized forward). Dense weights (centroid or μ routing)
+always use dense-fold.
 """
 
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
 
@@ -38,8 +46,10 @@ from modlora.errors import RoutingError
 
 Mixing = Literal["outputs", "parameters"]
 Path = Literal["auto", "dense", "sparse"]
+SparseKernel = Literal["auto", "sddmm", "blocks"]
 SPARSE_RATIO = 4
-SPARSE_MIN_STACKED_RANK = {"cpu": 256, "cuda": 4096}
+SPARSE_MIN_STACKED_RANK = {"cpu": 128, "cuda": 4096}
+SDDMM_DTYPES = (torch.float32, torch.float64)
 MAX_BLOCK = 32
 
 
@@ -71,6 +81,7 @@ class RoutingState:
     token_mask: torch.Tensor | None = None           # (batch, seq) attention mask of the current call
     recorder: Any = None                              # RoutingRecorder or None
     path: Path = "auto"
+    sparse_kernel: SparseKernel = "auto"             # "auto": sddmm on CPU for float32/64, else blocks
     enabled: bool = True
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -122,6 +133,10 @@ class RoutedLoraLinear(nn.Module):
         self.register_buffer("Bt_pad", bt_pad.to(device=device, dtype=dtype), persistent=False)
         self.register_buffer("expert_ids", torch.tensor(expert_ids, dtype=torch.long, device=device),
                              persistent=False)
+        self.register_buffer("rank_offsets", torch.arange(self.rank, device=device), persistent=False)
+        self._scaffold_key: tuple[Any, ...] | None = None
+        self._scaffold: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._csr_warning_pending = True
 
     def extra_repr(self) -> str:
         return f"{self.name}: experts={self.num_experts}, rank={self.rank}, mixing={self.mixing}"
@@ -177,7 +192,58 @@ class RoutedLoraLinear(nn.Module):
             h = w.unsqueeze(-1) * merged.unsqueeze(1)                       # w_e (Σ w A) x
         return h.reshape(t, E * r) @ self.Bt_pad.view(E * r, -1)           # (t, out)
 
+    def sparse_kernel(self, x: torch.Tensor) -> str:
+        """Which sparse kernel runs for input ``x``: ``"sddmm"`` or ``"blocks"`` (see module docstring)."""
+        kernel = self.state.sparse_kernel
+        if kernel == "auto":
+            return "sddmm" if x.device.type == "cpu" and x.dtype in SDDMM_DTYPES else "blocks"
+        if kernel == "sddmm" and x.dtype not in SDDMM_DTYPES:
+            raise RoutingError(f"layer {self.name}: the sddmm kernel needs float32/float64 inputs, got {x.dtype}")
+        return kernel
+
     def _sparse(self, x: torch.Tensor, idx: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        if self.sparse_kernel(x) == "sddmm":
+            return self._sparse_sddmm(x, idx, w)
+        return self._sparse_blocks(x, idx, w)
+
+    def _sparse_sddmm(self, x: torch.Tensor, idx: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        """``y_i = Σ_j w_ij Σ_c z_ijc Bt[e_ij, c]`` with ``z_ijc = A[e_ij, c]·x_i``: sampled dense-dense matmul for
+        ``z`` (t·k·r entries of ``x A_catᵀ``), then one embedding-bag sum over ``Bt_cat`` rows. (t, out)."""
+        t, k = idx.shape
+        r = self.rank
+        cols = torch.add(self.rank_offsets, idx.unsqueeze(-1), alpha=r).view(t, k * r)    # e·r + j: (t, k·r)
+        crow, zeros = self._csr_scaffold(t, k * r, x)
+        if self._csr_warning_pending:   # torch warns once per process that CSR tensors are "beta"
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", UserWarning)
+                pattern = torch.sparse_csr_tensor(crow, cols.view(-1), zeros, (t, self.num_experts * r),
+                                                  check_invariants=False)
+            self._csr_warning_pending = False
+        else:
+            pattern = torch.sparse_csr_tensor(crow, cols.view(-1), zeros, (t, self.num_experts * r),
+                                              check_invariants=False)
+        z = torch.sparse.sampled_addmm(pattern, x.contiguous(), self.A_pad.view(-1, self.in_features).T,
+                                       beta=0.0).values().view(t, k, r)              # z_ijc: (t, k, r)
+        if self.mixing == "outputs":
+            coef = z * w.unsqueeze(-1)                                          # w_ij (A_e x)_c
+        else:
+            merged = torch.einsum("tkr,tk->tr", z, w)                           # (Σ_j w_ij A_e) x : (t, r)
+            coef = w.unsqueeze(-1) * merged.unsqueeze(1)                        # w_ij ((Σ w A) x)_c
+        return nn.functional.embedding_bag(cols.view(-1), self.Bt_pad.view(-1, self.out_features), crow[:-1],
+                                           mode="sum", per_sample_weights=coef.view(-1))
+
+    def _csr_scaffold(self, t: int, per_row: int, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Row pointers ``[0, per_row, 2·per_row, …]`` (t+1,) and zero values (t·per_row,) of the sampling pattern
+        (``crow[:-1]`` doubles as the embedding-bag offsets), reused while the shape, dtype, device and
+        inference-mode flag stay the same (they are never written)."""
+        key = (t, per_row, x.dtype, x.device, torch.is_inference_mode_enabled())
+        if self._scaffold_key != key:
+            self._scaffold = (torch.arange(0, t * per_row + 1, per_row, device=x.device),
+                              x.new_zeros(t * per_row))
+            self._scaffold_key = key
+        return self._scaffold
+
+    def _sparse_blocks(self, x: torch.Tensor, idx: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         t, k = idx.shape
         E, r = self.num_experts, self.rank
         n = t * k

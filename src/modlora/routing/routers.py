@@ -16,7 +16,7 @@ from typing import Any, Literal
 import torch
 
 from modlora.errors import RoutingError
-from modlora.routing.experts import ExpertSet, block_factors, top_right_singular_vector
+from modlora.routing.experts import ExpertSet, block_factors, top_right_singular_vectors
 from modlora.routing.layer import TopKRouting
 
 Temperature = float | Literal["sqrt_d"]
@@ -37,27 +37,60 @@ def qkv_group(layer: str) -> str | None:
     return f"{parent}.qkv" if leaf in QKV else None
 
 
-class _InputCache:
-    """Remembers the result for the last input tensor, so q/k/v layers that share one input and one (tied) router
-    compute it once. Holding a reference keeps the storage alive, so a matching pointer means the same tensor."""
+SIBLINGS = {leaf: "qkv" for leaf in QKV} | {"gate_proj": "gate_up", "up_proj": "gate_up"}
+
+
+def input_group(layer: str) -> str:
+    """Layers that read the same input tensor in a decoder block: q/k/v (→ ``….qkv``) and gate/up (→ ``….gate_up``);
+    any other layer is its own group."""
+    parent, _, leaf = layer.rpartition(".")
+    sib = SIBLINGS.get(leaf)
+    return f"{parent}.{sib}" if sib else layer
+
+
+def _tensor_key(x: torch.Tensor) -> tuple[Any, ...]:
+    """Identity of a tensor's current contents: storage pointer, geometry and (outside inference mode, where
+    tensors have one) the version counter, which in-place writes bump."""
+    version = None if x.is_inference() else x._version
+    return x.data_ptr(), tuple(x.shape), x.stride(), version, x.dtype, x.device
+
+
+class _GroupCache:
+    """Routing of the last input of each sibling group (q/k/v, gate/up): the first member to see an input computes
+    the routing of every member in one matmul; each other member is served once if it sees the same tensor
+    (same storage, geometry and version — holding a reference keeps the storage from being reused). A member that
+    comes back, or a different input, recomputes. The entry is dropped once every member has been served."""
 
     def __init__(self) -> None:
-        self.key: tuple[Any, ...] | None = None
-        self.tensor: torch.Tensor | None = None
-        self.value: Any = None
+        self.entries: dict[str, tuple[tuple[Any, ...], torch.Tensor, dict[str, Any], set[str]]] = {}
 
-    @staticmethod
-    def _key(group: str, x: torch.Tensor) -> tuple[Any, ...]:
-        return group, x.data_ptr(), tuple(x.shape), x.stride(), x._version, x.dtype, x.device
+    def get(self, group: str, layer: str, x: torch.Tensor) -> Any:
+        entry = self.entries.get(group)
+        if entry is None or layer in entry[3] or entry[0] != _tensor_key(x):
+            return None
+        entry[3].add(layer)
+        if entry[3].issuperset(entry[2]):
+            del self.entries[group]
+        return entry[2][layer]
 
-    def get(self, group: str, x: torch.Tensor) -> Any:
-        return self.value if self.tensor is not None and self.key == self._key(group, x) else None
-
-    def put(self, group: str, x: torch.Tensor, value: Any) -> None:
-        self.key, self.tensor, self.value = self._key(group, x), x, value
+    def put(self, group: str, layer: str, x: torch.Tensor, values: dict[str, Any]) -> None:
+        self.entries[group] = (_tensor_key(x), x, values, {layer})
 
     def clear(self) -> None:
-        self.key = self.tensor = self.value = None
+        self.entries.clear()
+
+
+class _RoutingGroup:
+    """Layers of one input group and their stacked, temperature-scaled prototypes ``[P_1/T_1; P_2/T_2; …]``
+    (Σ E_b, in). ``blocks``: distinct prototype keys (tied q/k/v share one); ``member_block[layer]``: its block."""
+
+    def __init__(self, members: list[str], member_block: dict[str, int], matrix: torch.Tensor,
+                 sizes: list[int]) -> None:
+        self.members = members
+        self.member_block = member_block
+        self.matrix = matrix
+        self.sizes = sizes
+        self.uniform = len(set(sizes)) == 1
 
 
 class ArrowRouter:
@@ -69,7 +102,10 @@ class ArrowRouter:
     ``[ΔW_q; ΔW_k; ΔW_v]`` (they read the same input). Per token: ``logit_e = |x·v_e| / T`` (x optionally unit
     normalised), keep the ``top_k`` largest, softmax over them (others get weight 0).
 
-    Prototypes are cached as library artifacts of kind :attr:`artifact_kind` when the experts come from a library.
+    Speed: layers that read the same input (q/k/v, gate/up) get their logits from ONE matmul of ``x`` (t, in)
+    against their stacked prototypes (Σ E, in) and one ``topk`` over the (t, layers, E) view; the softmax only runs
+    over the k kept logits. Prototypes are cached as library artifacts of kind :attr:`artifact_kind` when the
+    experts come from a library.
     """
 
     def __init__(self, top_k: int = 4, temperature: Temperature = 1.0, *, normalize_inputs: bool = False,
@@ -87,8 +123,8 @@ class ArrowRouter:
         self.prototypes: dict[str, torch.Tensor] = {}     # layer -> (E_layer, in) float32
         self.singular_values: dict[str, torch.Tensor] = {}  # layer -> (E_layer,)
         self._temps: dict[str, float] = {}
-        self._groups: dict[str, str] = {}
-        self._cache = _InputCache()
+        self._groups: dict[str, _RoutingGroup] = {}       # layer -> its input group
+        self._cache = _GroupCache()
 
     @property
     def artifact_kind(self) -> str:
@@ -98,20 +134,32 @@ class ArrowRouter:
         return (qkv_group(layer) or layer) if self.tie_qkv else layer
 
     def expert_prototypes(self, experts: ExpertSet, i: int, layers: Iterable[str]) -> dict[str, torch.Tensor]:
-        """Prototype tensors of expert ``i``: ``{key: v}`` and ``{key + "::sigma": σ₁}`` for every routing key."""
+        """Prototype tensors of expert ``i``: ``{key: v}`` and ``{key + "::sigma": σ₁}`` for every routing key.
+
+        The factor pairs of all keys are grouped by shape and solved with one batched QR/SVD per shape."""
         adapter = experts.adapters[i]
-        out: dict[str, torch.Tensor] = {}
+        factors: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         for key in sorted({self._key(lay) for lay in layers if lay in adapter.A}):
             if self.tie_qkv and key.endswith(".qkv"):
                 parent = key[: -len(".qkv")]
                 members = [f"{parent}.{leaf}" for leaf in QKV if f"{parent}.{leaf}" in adapter.A]
-                A, B = block_factors([(adapter.A[m], adapter.B[m], adapter.spec.scaling) for m in members])
+                factors[key] = block_factors([(adapter.A[m], adapter.B[m], adapter.spec.scaling) for m in members])
             else:
-                A, B = adapter.A[key].float(), adapter.spec.scaling * adapter.B[key].float()
-            v, sigma = top_right_singular_vector(A, B)
-            out[key] = v
-            out[key + "::sigma"] = torch.tensor([sigma], dtype=torch.float32)
-        return out
+                factors[key] = adapter.A[key].float(), adapter.spec.scaling * adapter.B[key].float()
+        by_shape: dict[tuple[Any, ...], list[str]] = {}
+        for key, (a, b) in factors.items():
+            if a.ndim != 2 or b.ndim != 2 or a.shape[0] != b.shape[1]:
+                raise RoutingError(f"expert {experts.names[i]!r}, module {key}: factors must be A (r, in) and "
+                                   f"B (out, r); got {tuple(a.shape)} and {tuple(b.shape)}")
+            by_shape.setdefault((tuple(a.shape), tuple(b.shape)), []).append(key)
+        out: dict[str, torch.Tensor] = {}
+        for keys in by_shape.values():
+            v, sigma = top_right_singular_vectors(torch.stack([factors[k][0] for k in keys]),
+                                                  torch.stack([factors[k][1] for k in keys]))
+            for j, key in enumerate(keys):
+                out[key] = v[j].clone()
+                out[key + "::sigma"] = sigma[j : j + 1].to(torch.float32)
+        return dict(sorted(out.items()))
 
     def bind(self, experts: ExpertSet, layers: Mapping[str, list[int]], device: torch.device | str = "cpu") -> None:
         """Compute (or load from the library cache) every expert's prototypes for ``layers``."""
@@ -153,8 +201,33 @@ class ArrowRouter:
             self.prototypes[layer] = protos.to(device)
             self.singular_values[layer] = sigmas
             self._temps[layer] = _temperature(self.temperature, protos.shape[1])
-            self._groups[layer] = key
+        self._build_groups(list(layers))
         self._cache.clear()
+
+    def _build_groups(self, layers: list[str]) -> None:
+        by_group: dict[str, list[str]] = {}
+        for layer in layers:
+            by_group.setdefault(input_group(layer), []).append(layer)
+        self._groups = {}
+        for members in by_group.values():
+            if len({self.prototypes[m].shape[1] for m in members}) > 1:   # not one input after all
+                for m in members:
+                    self._build_group([m])
+            else:
+                self._build_group(members)
+
+    def _build_group(self, members: list[str]) -> None:
+        blocks: dict[str, int] = {}
+        parts: list[torch.Tensor] = []
+        for m in members:
+            key = self._key(m)
+            if key not in blocks:
+                blocks[key] = len(parts)
+                parts.append(self.prototypes[m] / self._temps[m])
+        group = _RoutingGroup(members, {m: blocks[self._key(m)] for m in members}, torch.cat(parts).contiguous(),
+                              [p.shape[0] for p in parts])
+        for m in members:
+            self._groups[m] = group
 
     def logits(self, x: torch.Tensor, layer: str) -> torch.Tensor:
         """``|x·v_e| / T`` for every expert of ``layer``: (t, E_layer), float32."""
@@ -166,17 +239,42 @@ class ArrowRouter:
             xf = xf / xf.norm(dim=-1, keepdim=True).clamp_min(1e-12)
         return (xf @ protos.T).abs_() / self._temps[layer]
 
+    def _route_group(self, x: torch.Tensor, group: _RoutingGroup) -> list[TopKRouting]:
+        """Top-k routing of every block of ``group``: logits ``|x·[P/T]ᵀ|`` (t, Σ E) from one matmul, top-k, and a
+        softmax over the k kept logits only."""
+        xf = x.to(group.matrix.device, torch.float32)
+        if self.normalize_inputs:
+            xf = xf / xf.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+        logits = (xf @ group.matrix.T).abs_()                                   # (t, Σ E)
+        t, nb = logits.shape[0], len(group.sizes)
+        if nb == 1:
+            vals, idx = torch.topk(logits, self.top_k, dim=-1)
+            return [TopKRouting(idx.to(x.device), torch.softmax(vals, dim=-1).to(x.device))]
+        if group.uniform:
+            vals, idx = torch.topk(logits.view(t, nb, group.sizes[0]), self.top_k, dim=-1)   # (t, nb, k)
+            w = torch.softmax(vals, dim=-1).transpose(0, 1).contiguous().to(x.device)        # (nb, t, k)
+            idx = idx.transpose(0, 1).contiguous().to(x.device)
+            return [TopKRouting(idx[b], w[b]) for b in range(nb)]
+        out = []
+        for part in logits.split(group.sizes, dim=1):
+            vals, idx = torch.topk(part, self.top_k, dim=-1)
+            out.append(TopKRouting(idx.to(x.device), torch.softmax(vals, dim=-1).to(x.device)))
+        return out
+
     def __call__(self, x: torch.Tensor, layer: str) -> TopKRouting:
-        group = self._groups.get(layer, layer)
-        if self.tie_qkv:
-            hit = self._cache.get(group, x)
-            if hit is not None:
-                return hit
-        vals, idx = torch.topk(self.logits(x, layer), self.top_k, dim=-1)
-        result = TopKRouting(idx.to(x.device), torch.softmax(vals, dim=-1).to(x.device))
-        if self.tie_qkv:
-            self._cache.put(group, x, result)
-        return result
+        group = self._groups.get(layer)
+        if group is None:
+            raise RoutingError(f"arrow router has no prototypes for layer {layer}; was it bound by route()?")
+        if len(group.members) == 1:
+            return self._route_group(x, group)[0]
+        gname = group.members[0]
+        hit = self._cache.get(gname, layer, x)
+        if hit is not None:
+            return hit
+        per_block = self._route_group(x, group)
+        values = {m: per_block[b] for m, b in group.member_block.items()}
+        self._cache.put(gname, layer, x, values)
+        return values[layer]
 
 
 class UniformRouter:
