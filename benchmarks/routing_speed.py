@@ -2,23 +2,43 @@
 
 Default model: a randomly initialised Llama with SmolLM2-135M's shapes (hidden 576, 30 layers, 9 heads, 3 KV heads,
 intermediate 1536, vocab 49152), so nothing is downloaded; ``--model PATH`` loads a local HF directory instead.
-Experts: E synthetic rank-r LoRAs on q,k,v,o. For each E the script times ``forward`` on a (batch, seq) random batch
-for: the base model with one LoRA merged into its weights (the cost floor), modlora's routed model
-(``ArrowRouter(top_k)``, automatic path, and the dense-fold path forced), and PEFT's ``create_arrow_model`` (for
-``--peft-experts``). Peak memory is the peak process RSS above the pre-call RSS during the timed calls (CPU, sampled
-every 2 ms) or ``torch.cuda.max_memory_allocated`` above the pre-call allocation (CUDA).
+Experts: E synthetic rank-r LoRAs on q,k,v,o. For each E the script times ``forward`` (under
+``torch.inference_mode``) on a (batch, seq) random batch for:
 
-    python benchmarks/routing_speed.py                       # CPU defaults, ~10 minutes on 2 cores
-    python benchmarks/routing_speed.py --device cuda --batch 8 --seq 256
+* ``merged single LoRA`` — the base model with one LoRA merged into its weights (the cost floor);
+* ``modlora arrow (auto)`` — ``route(model, experts, ArrowRouter(top_k))`` with the automatic compute path;
+* ``modlora arrow (dense)`` — the same routed model forced onto the dense-fold path (``--no-dense`` skips it);
+* ``peft arrow`` — PEFT's ``create_arrow_model`` (for E in ``--peft-experts``, ``--peft-repeats`` calls).
+
+PEFT loads adapters one at a time and each load walks every module, so building its Arrow model costs ~E²·layers
+(measured on 2 cores: 6 s at E=8, 22 s at E=32, 75 s at E=64 for 30 layers; E=256 would take ~20 minutes). So the
+full-depth run compares with PEFT at small E, and a second, **shallow** run (``--shallow-experts`` on the first
+``--shallow-layers`` decoder layers of the same model, lm_head included) times merged / modlora / PEFT side by side
+at E=32, 128, 256 on the decoder stack only (no lm_head, which would otherwise dominate a 2-layer model). The
+summary also gives a full-depth estimate, ``T_full ≈ T_full(merged) + (30/2)·(T_shallow − T_shallow(merged))`` per
+method; E=32 is measured at both depths to check that estimate.
+
+Measurement discipline (the machine may be shared): the methods are interleaved call by call (A/B/C/A/B/C…) so
+that contention hits them alike; each call is timed on its own; the table gives the median and the minimum; the
+ratios are taken from the medians and from the minima; ``os.getloadavg()`` is recorded before and after each E.
+Peak memory is the peak process RSS above the pre-call RSS during one extra call per method (sampled every 1 ms,
+after ``malloc_trim`` so that memory kept by the allocator from earlier calls does not hide it).
+
+    python benchmarks/routing_speed.py                       # CPU defaults (2 threads), writes *_cpu.{json,md}
+    python benchmarks/routing_speed.py --threads 1 --out benchmarks/results/routing_speed_cpu_1thread
+    python benchmarks/routing_speed.py --device cuda --batch 8 --seq 256 --threads 0 --shallow-experts ""
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import ctypes
 import gc
 import json
+import os
 import platform
+import statistics
 import tempfile
 import threading
 import time
@@ -32,6 +52,8 @@ from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
 from modlora.adapters import LoraAdapter, LoraSpec, adapted_modules
 from modlora.routing import ArrowRouter, route
+
+MERGED, AUTO, DENSE, PEFT = "merged single LoRA", "modlora arrow (auto)", "modlora arrow (dense)", "peft arrow"
 
 
 def smollm2_shaped(seed: int = 0) -> LlamaForCausalLM:
@@ -78,7 +100,7 @@ class PeakMemory:
     def _sample(self) -> None:
         while not self.stop.is_set():
             self.max_rss = max(self.max_rss, self.proc.memory_info().rss)
-            time.sleep(0.002)
+            time.sleep(0.001)
 
     def __exit__(self, *exc: object) -> None:
         if self.device.type == "cuda":
@@ -87,6 +109,7 @@ class PeakMemory:
         else:
             self.stop.set()
             self.thread.join()
+            self.max_rss = max(self.max_rss, self.proc.memory_info().rss)
             self.peak = self.max_rss - self.start
 
 
@@ -95,37 +118,187 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-@torch.no_grad()
-def time_forward(fn: Callable[[], Any], device: torch.device, repeats: int) -> dict[str, float]:
-    fn()  # warm-up
+def timed_call(fn: Callable[[], Any], device: torch.device) -> float:
     sync(device)
+    t0 = time.perf_counter()
+    with torch.inference_mode():
+        fn()
+    sync(device)
+    return time.perf_counter() - t0
+
+
+def release_free_memory() -> None:
+    """Give freed heap pages back to the OS (glibc ``malloc_trim``) so that RSS growth during a call reflects what
+    that call allocates rather than being hidden by memory freed earlier and kept by the allocator."""
     gc.collect()
-    times = []
-    with PeakMemory(device) as mem:
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            fn()
-            sync(device)
-            times.append(time.perf_counter() - t0)
-    best = min(times)
-    return {"seconds": best, "median_seconds": sorted(times)[len(times) // 2], "peak_mib": mem.peak / 2**20}
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+def peak_of(fn: Callable[[], Any], device: torch.device) -> float:
+    release_free_memory()
+    with PeakMemory(device) as mem, torch.inference_mode():
+        fn()
+    return mem.peak / 2**20
+
+
+def interleaved(fns: dict[str, Callable[[], Any]], repeats: dict[str, int], device: torch.device
+                ) -> dict[str, list[float]]:
+    """One warm-up call each, then rounds of one call per method (a method drops out after its ``repeats``)."""
+    for fn in fns.values():
+        timed_call(fn, device)
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for i in range(max(repeats.values())):
+        for name, fn in fns.items():
+            if i < repeats[name]:
+                times[name].append(timed_call(fn, device))
+    return times
+
+
+def merged_copy(model: torch.nn.Module, adapter: LoraAdapter) -> torch.nn.Module:
+    """A copy of ``model`` with ``adapter``'s ΔW added to its weights (the cost floor: no adapter at run time)."""
+    merged = copy.deepcopy(model)
+    weight = next(merged.parameters())
+    with torch.no_grad():
+        mods = dict(merged.named_modules())
+        for m in adapter.modules:
+            if m in mods:
+                mods[m].weight += adapter.delta_weight(m).to(device=weight.device, dtype=weight.dtype)
+    return merged
+
+
+def build_peft_arrow(base: torch.nn.Module, experts: dict[str, LoraAdapter], top_k: int) -> tuple[Any, float]:
+    """PEFT's ``create_arrow_model`` over ``experts`` (saved to a temporary directory first); returns the model and
+    the seconds ``create_arrow_model`` took (PEFT loads adapters one by one; its cost grows ~E²·layers)."""
+    from peft import ArrowConfig, create_arrow_model
+
+    weight = next(base.parameters())
+    with tempfile.TemporaryDirectory() as tmp:
+        paths = []
+        for name, ad in experts.items():
+            ad.save(Path(tmp) / name)
+            paths.append(str(Path(tmp) / name))
+        t0 = time.perf_counter()
+        model = create_arrow_model(copy.deepcopy(base), paths,
+                                   ArrowConfig(top_k=top_k, router_temperature=1.0, rng_seed=0)).eval()
+        model.to(device=weight.device, dtype=weight.dtype)
+        return model, time.perf_counter() - t0
+
+
+def run_depth(base: torch.nn.Module, all_experts: dict[str, LoraAdapter], e_values: list[int], peft_values: set[int],
+              args: argparse.Namespace, ids: torch.Tensor, label: str) -> list[dict[str, Any]]:
+    """Interleaved timings of merged / modlora auto / (modlora dense) / (PEFT) on ``base`` for every E. The full
+    run times the whole causal LM; the shallow run times the decoder stack only (``lm.model``, no lm_head)."""
+    device = ids.device
+
+    def decoder(lm: torch.nn.Module) -> torch.nn.Module:
+        return lm if label == "full" else lm.model
+    layers = base.config.num_hidden_layers
+    tokens = ids.numel()
+    present = set(dict(base.named_modules()))          # a shallow model keeps only its layers' modules
+    experts_here = {n: LoraAdapter(a.spec, {m: t for m, t in a.A.items() if m in present},
+                                   {m: t for m, t in a.B.items() if m in present})
+                    for n, a in all_experts.items()}
+    merged = merged_copy(base, next(iter(experts_here.values())))
+    rows = []
+    for e in e_values:
+        experts = {k: experts_here[k] for k in list(experts_here)[:e]}
+        load_before = os.getloadavg()
+        setup: dict[str, float] = {}
+        peft_model = None   # built before route(), which swaps the base model's linears
+        if e in peft_values:
+            peft_model, setup[PEFT] = build_peft_arrow(base, experts, min(args.top_k, e))
+        t0 = time.perf_counter()
+        routed = route(base, experts, ArrowRouter(top_k=min(args.top_k, e), tie_qkv=args.tie_qkv))
+        setup[AUTO] = setup[DENSE] = time.perf_counter() - t0
+
+        def run_routed(path: str, routed: Any = routed) -> Any:
+            routed.set_path(path)
+            return decoder(routed.model)(input_ids=ids)
+
+        fns: dict[str, Callable[[], Any]] = {MERGED: lambda: decoder(merged)(input_ids=ids),
+                                             AUTO: lambda: run_routed("auto")}
+        if not args.no_dense and label == "full":
+            fns[DENSE] = lambda: run_routed("dense")
+        if peft_model is not None:
+            fns[PEFT] = lambda lm=peft_model.base_model.model: decoder(lm)(input_ids=ids)
+        ours_repeats = args.repeats if label == "full" else args.shallow_repeats
+        repeats = {name: (args.peft_repeats if name == PEFT else ours_repeats) for name in fns}
+        times = interleaved(fns, repeats, device)
+        peaks = {name: peak_of(fn, device) for name, fn in fns.items()}
+        routed.restore()
+        del routed, peft_model, fns
+        gc.collect()
+        load_after = os.getloadavg()
+        for name, ts in times.items():
+            med, best = statistics.median(ts), min(ts)
+            row = {"method": name, "experts": e, "layers": layers, "depth": label, "tokens": tokens,
+                   "calls": len(ts), "median_ms": med * 1e3, "min_ms": best * 1e3,
+                   "tokens_per_s_median": tokens / med, "tokens_per_s_best": tokens / best,
+                   "peak_extra_mib": peaks[name], "setup_s": setup.get(name), "loadavg_before": load_before[0],
+                   "loadavg_after": load_after[0], "times_ms": [t * 1e3 for t in ts]}
+            rows.append(row)
+            print(f"[{layers} layers] {name:>22} E={e:<4} {row['tokens_per_s_median']:9.1f} tok/s (median; best "
+                  f"{row['tokens_per_s_best']:.1f})  {row['median_ms']:8.1f} ms  min {row['min_ms']:8.1f} ms  "
+                  f"peak {peaks[name]:7.1f} MiB  load {load_before[0]:.1f}->{load_after[0]:.1f}", flush=True)
+    return rows
+
+
+def summarise(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per (depth, E): modlora/merged time ratio and modlora/PEFT throughput ratio (median; min). For shallow rows
+    also a full-depth estimate: ``T_full(method) ≈ T_full(merged) + (L_full / L_shallow)·(T_sh(method) −
+    T_sh(merged))`` (the decoder layers are identical, so a method's extra cost scales with depth)."""
+    by = {(r["depth"], r["method"], r["experts"]): r for r in rows}
+    full_merged = [r for r in rows if r["depth"] == "full" and r["method"] == MERGED]
+    summary = []
+    for depth, method, e in by:
+        if method != AUTO:
+            continue
+        ours, floor = by[(depth, AUTO, e)], by[(depth, MERGED, e)]
+        entry: dict[str, Any] = {"depth": depth, "layers": ours["layers"], "experts": e,
+                                 "vs_merged_time_ratio_median": ours["median_ms"] / floor["median_ms"],
+                                 "vs_merged_time_ratio_min": ours["min_ms"] / floor["min_ms"]}
+        if (depth, PEFT, e) in by:
+            peft_row = by[(depth, PEFT, e)]
+            entry["speedup_vs_peft_median"] = ours["tokens_per_s_median"] / peft_row["tokens_per_s_median"]
+            entry["speedup_vs_peft_min"] = ours["tokens_per_s_best"] / peft_row["tokens_per_s_best"]
+            if depth == "shallow" and full_merged:
+                m_full = statistics.median(r["median_ms"] for r in full_merged)
+                scale = full_merged[0]["layers"] / ours["layers"]
+                est_ours = m_full + scale * (ours["median_ms"] - floor["median_ms"])
+                est_peft = m_full + scale * (peft_row["median_ms"] - floor["median_ms"])
+                entry["full_depth_estimate"] = {"merged_ms": m_full, "modlora_ms": est_ours, "peft_ms": est_peft,
+                                                "vs_merged_time_ratio": est_ours / m_full,
+                                                "speedup_vs_peft": est_peft / est_ours}
+        summary.append(entry)
+    return summary
 
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default=None, help="local HF model directory (default: random SmolLM2-135M shapes)")
     ap.add_argument("--experts", default="8,32,128,256", help="comma-separated E values")
-    ap.add_argument("--peft-experts", default="8,32,128,256", help="E values also run through PEFT Arrow")
+    ap.add_argument("--peft-experts", default="8,32", help="E values also run through PEFT Arrow at full depth")
+    ap.add_argument("--shallow-experts", default="32,128,256",
+                    help="E values for the shallow comparison (merged, modlora, PEFT on the first --shallow-layers "
+                         "layers; '' to skip)")
+    ap.add_argument("--shallow-layers", type=int, default=2)
     ap.add_argument("--top-k", type=int, default=4)
     ap.add_argument("--rank", type=int, default=4)
     ap.add_argument("--batch", type=int, default=2)
     ap.add_argument("--seq", type=int, default=64)
-    ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--tie-qkv", action="store_true", help="also time Arrow with q/k/v-tied prototypes")
+    ap.add_argument("--repeats", type=int, default=7, help="timed calls per modlora/merged method and E")
+    ap.add_argument("--peft-repeats", type=int, default=5, help="timed calls of PEFT per E")
+    ap.add_argument("--shallow-repeats", type=int, default=15, help="timed calls per method in the shallow run")
+    ap.add_argument("--no-dense", action="store_true", help="skip the forced dense-fold variant")
+    ap.add_argument("--tie-qkv", action="store_true", help="route with q/k/v-tied Arrow prototypes")
     ap.add_argument("--device", default="cpu", help="cpu or cuda")
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
-    ap.add_argument("--out", default="benchmarks/results/routing_speed", help="output path without extension")
+    ap.add_argument("--threads", type=int, default=2, help="torch CPU threads (0: torch's choice)")
+    ap.add_argument("--out", default=None,
+                    help="output path without extension (default: benchmarks/results/routing_speed_<device>)")
     args = ap.parse_args(argv)
 
     if args.threads:
@@ -135,91 +308,53 @@ def main(argv: list[str] | None = None) -> None:
     base = (AutoModelForCausalLM.from_pretrained(args.model).eval() if args.model else smollm2_shaped())
     base = base.to(device=device, dtype=dtype)
     spec = LoraSpec(rank=args.rank, alpha=2.0 * args.rank, dropout=0.0)
-    vocab = base.config.vocab_size
-    ids = torch.randint(0, vocab, (args.batch, args.seq), generator=torch.Generator().manual_seed(0)).to(device)
-    tokens = args.batch * args.seq
+    ids = torch.randint(0, base.config.vocab_size, (args.batch, args.seq),
+                        generator=torch.Generator().manual_seed(0)).to(device)
     e_values = [int(v) for v in args.experts.split(",") if v]
-    peft_values = {int(v) for v in args.peft_experts.split(",") if v}
-    rows: list[dict[str, Any]] = []
-
-    def record(method: str, e: int, res: dict[str, float], extra: dict[str, Any] | None = None) -> None:
-        row = {"method": method, "experts": e, "tokens": tokens, "tokens_per_s": tokens / res["seconds"], **res,
-               **(extra or {})}
-        rows.append(row)
-        print(f"{method:>22} E={e:<4} {row['tokens_per_s']:9.1f} tok/s  {res['seconds'] * 1e3:8.1f} ms  "
-              f"peak {res['peak_mib']:8.1f} MiB", flush=True)
-
-    all_experts = synthetic_experts(base, max(e_values), spec)
-    # floor: the base model with one LoRA merged into its weights
-    merged = copy.deepcopy(base)
-    one = next(iter(all_experts.values()))
-    with torch.no_grad():
-        mods = dict(merged.named_modules())
-        for m in one.modules:
-            mods[m].weight += one.delta_weight(m).to(device=device, dtype=dtype)
-    floor = time_forward(lambda merged=merged: merged(input_ids=ids), device, args.repeats)
-    del merged
-    for e in e_values:
-        record("merged single LoRA", e, floor)
-
-    for e in e_values:
-        experts = {k: all_experts[k] for k in list(all_experts)[:e]}
-        variants = [("modlora arrow (auto)", "auto", False), ("modlora arrow (dense)", "dense", False)]
-        if args.tie_qkv:
-            variants.append(("modlora arrow tied qkv", "auto", True))
-        for label, path, tie in variants:
-            t0 = time.perf_counter()
-            routed = route(base, experts, ArrowRouter(top_k=min(args.top_k, e), tie_qkv=tie), path=path)
-            setup = time.perf_counter() - t0
-            res = time_forward(lambda routed=routed: routed(input_ids=ids), device, args.repeats)
-            routed.restore()
-            del routed
-            record(label, e, res, {"setup_seconds": setup})
-        if e in peft_values:
-            from peft import ArrowConfig, create_arrow_model
-
-            with tempfile.TemporaryDirectory() as tmp:
-                paths = []
-                for name, ad in experts.items():
-                    ad.save(Path(tmp) / name)
-                    paths.append(str(Path(tmp) / name))
-                t0 = time.perf_counter()
-                peft_model = create_arrow_model(copy.deepcopy(base), paths,
-                                                ArrowConfig(top_k=min(args.top_k, e), router_temperature=1.0,
-                                                            rng_seed=0)).eval()
-                peft_model.to(device=device, dtype=dtype)
-                setup = time.perf_counter() - t0
-            res = time_forward(lambda peft_model=peft_model: peft_model(input_ids=ids), device, args.repeats)
-            record("peft arrow", e, res, {"setup_seconds": setup})
-            del peft_model
-            gc.collect()
-
-    by = {(r["method"], r["experts"]): r for r in rows}
-    summary = []
-    for e in e_values:
-        ours = by[("modlora arrow (auto)", e)]
-        entry = {"experts": e, "vs_merged_time_ratio": ours["seconds"] / floor["seconds"]}
-        if ("peft arrow", e) in by:
-            entry["speedup_vs_peft"] = by[("peft arrow", e)]["seconds"] / ours["seconds"]
-        summary.append(entry)
+    shallow_values = [int(v) for v in args.shallow_experts.split(",") if v]
+    all_experts = synthetic_experts(base, max(e_values + shallow_values), spec)
+    rows = run_depth(base, all_experts, e_values, {int(v) for v in args.peft_experts.split(",") if v}, args, ids,
+                     "full")
+    if shallow_values:
+        shallow = copy.deepcopy(base)
+        shallow.model.layers = shallow.model.layers[: args.shallow_layers]
+        shallow.config.num_hidden_layers = args.shallow_layers
+        rows += run_depth(shallow, all_experts, shallow_values, set(shallow_values), args, ids, "shallow")
+        del shallow
+    summary = summarise(rows)
     meta = {"model": args.model or "random SmolLM2-135M-shaped Llama", "device": str(device), "dtype": args.dtype,
             "batch": args.batch, "seq": args.seq, "top_k": args.top_k, "rank": args.rank, "repeats": args.repeats,
-            "threads": torch.get_num_threads(), "torch": torch.__version__, "platform": platform.platform(),
-            "cpu": platform.processor() or platform.machine()}
-    out = Path(args.out)
+            "peft_repeats": args.peft_repeats,
+            "shallow_repeats": args.shallow_repeats, "tie_qkv": args.tie_qkv, "threads": torch.get_num_threads(),
+            "layers": base.config.num_hidden_layers, "shallow_layers": args.shallow_layers,
+            "torch": torch.__version__, "platform": platform.platform(),
+            "cpu": platform.processor() or platform.machine(), "cpu_count": os.cpu_count()}
+    out = Path(args.out or f"benchmarks/results/routing_speed_{device.type}")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": rows, "summary": summary}, indent=2) + "\n")
     lines = [f"# Routing speed ({meta['model']}, {meta['device']}, {args.dtype}, batch {args.batch} × seq {args.seq},"
              f" top-k {args.top_k}, rank {args.rank}, {meta['threads']} threads)", "",
-             "| method | E | tokens/s | ms / forward | peak extra MiB | setup s |", "|---|---:|---:|---:|---:|---:|"]
+             "Methods interleaved call by call; median and min over the timed calls; load = 1-min load average "
+             "before → after each E. `layers` < full depth: the first layers of the same model, timing the decoder "
+             "stack only (no lm_head), because PEFT's `create_arrow_model` loads adapters one by one at a cost "
+             "~E²·layers, so E ≥ 128 is only practical shallow; the full-depth estimate scales each method's extra "
+             "time over merged by the depth ratio.", "",
+             "| layers | method | E | tokens/s (median) | ms / forward (median) | ms (min) | calls | "
+             "peak extra RSS MiB | setup s | load |", "|---:|---|---:|---:|---:|---:|---:|---:|---:|---|"]
     for r in rows:
-        setup = f"{r['setup_seconds']:.1f}" if "setup_seconds" in r else ""
-        lines.append(f"| {r['method']} | {r['experts']} | {r['tokens_per_s']:.1f} | {r['seconds'] * 1e3:.1f} | "
-                     f"{r['peak_mib']:.1f} | {setup} |")
-    lines += ["", "| E | modlora time / merged time | speed-up vs PEFT Arrow |", "|---:|---:|---:|"]
+        setup_s = f"{r['setup_s']:.1f}" if r["setup_s"] is not None else ""
+        lines.append(f"| {r['layers']} | {r['method']} | {r['experts']} | {r['tokens_per_s_median']:.1f} | "
+                     f"{r['median_ms']:.1f} | {r['min_ms']:.1f} | {r['calls']} | {r['peak_extra_mib']:.1f} | "
+                     f"{setup_s} | {r['loadavg_before']:.1f}→{r['loadavg_after']:.1f} |")
+    lines += ["", "| layers | E | modlora time / merged time (median; min) | modlora throughput / PEFT throughput "
+              "(median; min) | full-depth estimate: modlora / merged, speed-up vs PEFT |", "|---:|---:|---:|---:|---|"]
     for s in summary:
-        sp = f"{s['speedup_vs_peft']:.2f}×" if "speedup_vs_peft" in s else "n/a"
-        lines.append(f"| {s['experts']} | {s['vs_merged_time_ratio']:.2f} | {sp} |")
+        sp = (f"{s['speedup_vs_peft_median']:.2f}× ; {s['speedup_vs_peft_min']:.2f}×"
+              if "speedup_vs_peft_median" in s else "n/a")
+        est = s.get("full_depth_estimate")
+        est_s = f"{est['vs_merged_time_ratio']:.2f} , {est['speedup_vs_peft']:.2f}×" if est else ""
+        lines.append(f"| {s['layers']}{' (decoder only)' if s['depth'] == 'shallow' else ''} | {s['experts']} | "
+                     f"{s['vs_merged_time_ratio_median']:.2f} ; {s['vs_merged_time_ratio_min']:.2f} | {sp} | {est_s} |")
     out.with_suffix(".md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
