@@ -3,8 +3,10 @@
 Steps, all resumable (finished experts and finished result rows are reused):
 
 1. build the libraries named in the config over the training tasks (:mod:`modlora.building`): ``private``,
-   ``mbc`` (stage 1 = the private library's experts when ``mbc_reuses_private``, as the paper's MBC reuses
-   briefly-trained private experts; otherwise trained separately), ``shared``, ``random``;
+   ``mbc``, ``shared``, ``random``. MBC's stage 1 is a separate private library trained with ``stage1_fraction``
+   of the budget (the paper's protocol), or — with ``mbc_reuses_private``, to save time in small runs — the private
+   library itself: the clustering then sees fully trained private experts while MBC is charged only
+   ``stage1_fraction`` of their cost, which slightly favours MBC (the tables say which was used);
 2. cluster plot of the private library (similarity ordered by cluster);
 3. for every row ``(library, method)``: held-out SNI Rouge-L / exact match (greedy), in-distribution Rouge-L on the
    training tasks' *test* split, routing accuracy of per-token routers on in-distribution prompts (the share of
@@ -265,7 +267,8 @@ def run_study(cfg: StudyConfig, out: Path, *, device: str | None = None, data_di
     heldout = _heldout(cfg, data_dir)
     train_tasks = load_sni_tasks(data_dir / "sni" / "tasks", cfg.train_tasks)
     rows_dir = out / "rows"
-    results: dict[str, Any] = {"config": asdict(cfg), "rows": {}, "libraries": {}}
+    results: dict[str, Any] = {"config": asdict(cfg), "rows": {}, "libraries": {},
+                               "mbc_stage1": "private library reused" if cfg.mbc_reuses_private else "separate"}
     for name, lib in libs.items():
         results["libraries"][name] = {"path": str(lib.path), "experts": {n: lib.tasks(n) for n in lib.expert_names()},
                                       **training_compute(lib)}
