@@ -131,3 +131,20 @@ def test_cli_eval_suites_and_report(tmp_path, capsys):
     assert (tmp_path / "rep" / "report.md").is_file()
     assert main(["eval", "--suite", "choice", "--router", "oracle"] + common) == 2
     assert "only applies to the in-distribution suite" in capsys.readouterr().err
+
+
+def test_cli_train_from_flat_file(tmp_path):
+    from modlora.cli import main
+
+    model_dir = tmp_path / "tiny"
+    make_tiny_llama(seed=0).save_pretrained(model_dir)
+    make_char_tokenizer().save_pretrained(model_dir)
+    flat = tmp_path / "flat.jsonl"
+    flat.write_text("\n".join(json.dumps({"task_name": "echo", "source": f"w{i}", "target": f"w{i}"})
+                              for i in range(30)) + "\n")
+    args = ["train", str(tmp_path / "lib"), "echo", "--flat", str(flat), "--model", str(model_dir), "--steps", "2",
+            "--batch-size", "4", "--max-val", "2", "--max-prompt-tokens", "32", "--max-target-tokens", "4"]
+    assert main(args) == 0
+    assert ExpertLibrary(tmp_path / "lib").tasks("echo") == ["echo"]
+    assert main(args) == 2  # exists already, without --overwrite
+    assert main(args[:2] + ["missing"] + args[3:]) == 2  # unknown task: clear error, exit 2

@@ -65,16 +65,9 @@ def _specs(args: argparse.Namespace):
 
 
 def _load_tasks(args: argparse.Namespace, names: Sequence[str] | None):
-    from modlora.data import default_sni_dir, load_flat_jsonl, load_sni_tasks
-    if args.flat is not None:
-        tasks = load_flat_jsonl(args.flat)
-        if names:
-            missing = [n for n in names if n not in tasks]
-            if missing:
-                raise ModloraError(f"task(s) not in {args.flat}: {', '.join(missing)}")
-            tasks = {n: tasks[n] for n in names}
-        return tasks
-    return load_sni_tasks(args.data or default_sni_dir(), names)
+    from modlora.building import BuildConfig, load_tasks
+    return load_tasks(BuildConfig(data_dir=str(args.data) if args.data else None,
+                                  flat_file=str(args.flat) if args.flat else None), names)
 
 
 def cmd_train(args: argparse.Namespace) -> int:
