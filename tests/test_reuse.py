@@ -148,3 +148,33 @@ def test_cli_train_from_flat_file(tmp_path):
     assert ExpertLibrary(tmp_path / "lib").tasks("echo") == ["echo"]
     assert main(args) == 2  # exists already, without --overwrite
     assert main(args[:2] + ["missing"] + args[3:]) == 2  # unknown task: clear error, exit 2
+
+
+def test_experts_with_different_targets_and_ranks_in_one_routed_model():
+    """Each layer routes among the experts that adapt it: uniform mixing of outputs equals merging each expert's
+    ΔW with weight 1/(number of experts adapting that layer)."""
+    from modlora.adapters import LoraAdapter
+    from modlora.routing import ArrowRouter, route
+
+    model = make_tiny_llama(seed=0)
+    a = random_adapter(model, LoraSpec(rank=2, alpha=4, target_modules=("q_proj", "v_proj")), seed=1, std=0.2)
+    b = random_adapter(model, LoraSpec(rank=4, alpha=8, target_modules=("q_proj", "k_proj", "o_proj")), seed=2,
+                       std=0.2)
+    ids = torch.randint(3, 90, (2, 9))
+    with torch.no_grad():
+        routed = route(model, {"a": a, "b": b}, "mu")
+        out = routed(input_ids=ids).logits
+        routed.restore()
+        for ad in (a, b):
+            for m in ad.modules:
+                share = 0.5 if m.endswith("q_proj") else 1.0
+                merge_adapter(model, LoraAdapter(ad.spec, {m: ad.A[m]}, {m: ad.B[m]}), weight=share)
+        ref = model(ids).logits
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-5)
+    with torch.no_grad():  # top_k = 2 is capped to 1 on layers adapted by a single expert
+        fresh = make_tiny_llama(seed=0)
+        r2 = route(fresh, {"a": a, "b": b}, ArrowRouter(top_k=2))
+        assert torch.isfinite(r2(input_ids=ids).logits).all()
+        r2.restore()
+        with pytest.raises(RoutingError, match="exceeds the number of experts"):
+            route(fresh, {"a": a, "b": b}, ArrowRouter(top_k=3))

@@ -163,9 +163,10 @@ class ArrowRouter:
 
     def bind(self, experts: ExpertSet, layers: Mapping[str, list[int]], device: torch.device | str = "cpu") -> None:
         """Compute (or load from the library cache) every expert's prototypes for ``layers``."""
-        for layer, ids in layers.items():
-            if self.top_k > len(ids):
-                raise RoutingError(f"arrow top_k={self.top_k} exceeds the {len(ids)} experts adapting layer {layer}")
+        # top_k is checked against the library; a layer adapted by fewer experts (experts with different target
+        # modules) routes among all of its own experts (k capped per layer).
+        if self.top_k > len(experts.names):
+            raise RoutingError(f"arrow top_k={self.top_k} exceeds the number of experts ({len(experts.names)})")
         if self.tie_qkv:
             for layer, ids in layers.items():
                 g = qkv_group(layer)
@@ -248,16 +249,17 @@ class ArrowRouter:
         logits = (xf @ group.matrix.T).abs_()                                   # (t, Σ E)
         t, nb = logits.shape[0], len(group.sizes)
         if nb == 1:
-            vals, idx = torch.topk(logits, self.top_k, dim=-1)
+            vals, idx = torch.topk(logits, min(self.top_k, logits.shape[1]), dim=-1)
             return [TopKRouting(idx.to(x.device), torch.softmax(vals, dim=-1).to(x.device))]
         if group.uniform:
-            vals, idx = torch.topk(logits.view(t, nb, group.sizes[0]), self.top_k, dim=-1)   # (t, nb, k)
+            k = min(self.top_k, group.sizes[0])
+            vals, idx = torch.topk(logits.view(t, nb, group.sizes[0]), k, dim=-1)             # (t, nb, k)
             w = torch.softmax(vals, dim=-1).transpose(0, 1).contiguous().to(x.device)        # (nb, t, k)
             idx = idx.transpose(0, 1).contiguous().to(x.device)
             return [TopKRouting(idx[b], w[b]) for b in range(nb)]
         out = []
         for part in logits.split(group.sizes, dim=1):
-            vals, idx = torch.topk(part, self.top_k, dim=-1)
+            vals, idx = torch.topk(part, min(self.top_k, part.shape[1]), dim=-1)
             out.append(TopKRouting(idx.to(x.device), torch.softmax(vals, dim=-1).to(x.device)))
         return out
 
