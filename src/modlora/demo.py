@@ -36,7 +36,7 @@ def demo_config(model: str = DEFAULT_MODEL, tasks: Sequence[str] | None = None, 
     """The demo preset: 6 tasks × 8 steps (batch 8), MBC K=3, 4 held-out tasks × 4 examples, 3 test examples per
     training task."""
     return StudyConfig(name="demo", model=model, train_tasks=list(tasks or DEMO_TASKS), steps_per_task=steps or 8,
-                       batch_size=8, lr=1e-3, max_prompt_tokens=256, max_target_tokens=48, libraries=["private", "mbc"],
+                       batch_size=8, lr=1e-3, max_prompt_tokens=256, max_target_tokens=48, max_val=6, libraries=["private", "mbc"],
                        k=3 if len(tasks or DEMO_TASKS) > 3 else 2, heldout_tasks=list(DEMO_HELDOUT), heldout_limit=4,
                        indist_limit=3, max_new_tokens=20, top_k=4)
 

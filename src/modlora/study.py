@@ -66,6 +66,7 @@ class StudyConfig:
     max_examples: int | None = None
     max_prompt_tokens: int = 256
     max_target_tokens: int = 64
+    max_val: int = 16
     libraries: list[str] = field(default_factory=lambda: ["private", "mbc"])
     k: int | str = 3
     stage1_fraction: float = 0.4
@@ -93,7 +94,7 @@ class StudyConfig:
 
     def build_config(self, device: str | None, data_dir: Path) -> BuildConfig:
         return BuildConfig(model=self.model, device=device, data_dir=str(data_dir / "sni" / "tasks"), steps_per_task=self.steps_per_task,
-                           batch_size=self.batch_size, lr=self.lr, max_examples=self.max_examples, max_val=16,
+                           batch_size=self.batch_size, lr=self.lr, max_examples=self.max_examples, max_val=self.max_val,
                            max_prompt_tokens=self.max_prompt_tokens, max_target_tokens=self.max_target_tokens,
                            seed=self.seed)
 
