@@ -538,7 +538,11 @@ def plot_clustering(result: ClusteringResult, path_png: str | os.PathLike[str], 
 
     fig = Figure(figsize=(13, 6), constrained_layout=True)
     ax_heat, ax_bar = fig.subplots(1, 2, gridspec_kw={"width_ratios": [1.2, 1.0]})
-    image = ax_heat.imshow(sim, cmap="viridis", vmin=min(-1e-9, float(sim.min())), vmax=1.0, interpolation="nearest")
+    # colour range from the off-diagonal values: experts sharing a LoRA initialisation can all sit near 1.0, and a
+    # fixed [0, 1] scale would hide the structure the clustering found
+    off = sim[~np.eye(n, dtype=bool)] if n > 1 else sim.reshape(-1)
+    lo, hi = float(off.min()), float(off.max())
+    image = ax_heat.imshow(sim, cmap="viridis", vmin=lo, vmax=hi if hi > lo else lo + 1e-9, interpolation="nearest")
     fig.colorbar(image, ax=ax_heat, fraction=0.046, pad=0.04, label="cosine similarity")
     boundary = -0.5
     for size in result.sizes[:-1]:
