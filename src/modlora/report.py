@@ -18,7 +18,6 @@ the task has (or ``metric`` when given).
 
 from __future__ import annotations
 
-import json
 import os
 import re
 from collections.abc import Mapping, Sequence
@@ -28,7 +27,7 @@ from typing import Any
 import numpy as np
 
 from modlora.errors import DataError
-from modlora.evaluation.results import RESULTS_SCHEMA, EvalRun
+from modlora.evaluation.results import RESULTS_SCHEMA, EvalRun, read_json
 from modlora.io import atomic_write_bytes
 
 METRIC_PREFERENCE = ("acc_norm", "acc", "rougeL", "pass@1", "exact_match")
@@ -53,12 +52,7 @@ def _load_inputs(paths: Sequence[str | os.PathLike[str]]) -> tuple[list[tuple[st
     labels: set[str] = set()
     for p in paths:
         path = Path(p)
-        try:
-            data = json.loads(path.read_text())
-        except FileNotFoundError as exc:
-            raise DataError(f"report input {str(path)!r} not found") from exc
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise DataError(f"report input {str(path)!r} is not valid JSON: {exc}") from exc
+        data = read_json(path, "report input")
         if isinstance(data, dict) and data.get("schema") == RESULTS_SCHEMA:
             run = EvalRun.from_dict(data, source=str(path))
             label = run.method if run.method not in labels else f"{run.method} ({path.stem})"

@@ -31,8 +31,8 @@ from typing import Any
 
 import torch
 
-from modlora.errors import DataError, ModloraError
-from modlora.evaluation.results import EvalRun, TaskScores, resolve_data_dir, seeded_subset
+from modlora.errors import DataError
+from modlora.evaluation.results import EvalRun, TaskScores, model_forward, resolve_data_dir, seeded_subset
 
 FormatPrompt = Callable[[str, str], str]
 
@@ -148,10 +148,7 @@ def _eos_ids(model: torch.nn.Module, tokenizer: Any) -> set[int]:
 
 
 def _call(model: torch.nn.Module, **kwargs: Any) -> Any:
-    try:
-        return model(**kwargs)
-    except (RuntimeError, ValueError, TypeError, IndexError) as exc:
-        raise ModloraError(f"model forward failed during generation: {type(exc).__name__}: {exc}") from exc
+    return model_forward(model, "generation", **kwargs)
 
 
 def _generate_batch(model: torch.nn.Module, tokenizer: Any, prompts: list[list[int]], max_new_tokens: int,

@@ -41,7 +41,7 @@ from typing import Any
 import torch
 
 from modlora.errors import DataError, ModloraError
-from modlora.evaluation.results import EvalRun, TaskScores, resolve_data_dir, seeded_subset
+from modlora.evaluation.results import EvalRun, TaskScores, model_forward, resolve_data_dir, seeded_subset
 
 # task name -> (file under eval/, continuation delimiter). The delimiter is appended to the query (multiple choice)
 # or put before the shared continuation (schema); its trailing whitespace moves into the continuation.
@@ -225,10 +225,7 @@ def _tokenize_options(tokenizer: Any, examples: Sequence[ChoiceExample], add_bos
 
 
 def _forward(model: torch.nn.Module, **kwargs: Any) -> Any:
-    try:
-        return model(**kwargs)
-    except (RuntimeError, ValueError, TypeError, IndexError) as exc:
-        raise ModloraError(f"model forward failed during scoring: {type(exc).__name__}: {exc}") from exc
+    return model_forward(model, "scoring", **kwargs)
 
 
 def _score_full_sequences(model: torch.nn.Module, options: Sequence[_Option], pad_id: int,

@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from modlora.errors import DataError
+from modlora.errors import DataError, ModloraError
 from modlora.io import atomic_write_json
 
 RESULTS_SCHEMA = "modlora-eval-v1"
@@ -156,16 +156,28 @@ def save_results(run: EvalRun, path: str | os.PathLike[str]) -> Path:
     return path
 
 
-def load_results(path: str | os.PathLike[str]) -> EvalRun:
-    """Read a results JSON written by :func:`save_results`."""
+def read_json(path: str | os.PathLike[str], what: str) -> Any:
+    """Parse a JSON file; a missing or malformed file raises :class:`DataError` naming ``what`` and the path."""
     path = Path(path)
     try:
-        data = json.loads(path.read_text())
+        return json.loads(path.read_text())
     except FileNotFoundError as exc:
-        raise DataError(f"results file {str(path)!r} not found") from exc
+        raise DataError(f"{what} {str(path)!r} not found") from exc
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise DataError(f"results file {str(path)!r} is not valid JSON: {exc}") from exc
-    return EvalRun.from_dict(data, source=str(path))
+        raise DataError(f"{what} {str(path)!r} is not valid JSON: {exc}") from exc
+
+
+def model_forward(model: Any, during: str, **kwargs: Any) -> Any:
+    """``model(**kwargs)``; a failure inside the model becomes a :class:`ModloraError` saying what was running."""
+    try:
+        return model(**kwargs)
+    except (RuntimeError, ValueError, TypeError, IndexError) as exc:
+        raise ModloraError(f"model forward failed during {during}: {type(exc).__name__}: {exc}") from exc
+
+
+def load_results(path: str | os.PathLike[str]) -> EvalRun:
+    """Read a results JSON written by :func:`save_results`."""
+    return EvalRun.from_dict(read_json(path, "results file"), source=str(Path(path)))
 
 
 def results_table(runs: Sequence[EvalRun], metric: str | None = None, title: str = "Evaluation"):
