@@ -48,12 +48,14 @@ from typing import Any
 
 import psutil
 import torch
-from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+from transformers import LlamaConfig, LlamaForCausalLM
 
 from modlora.adapters import LoraAdapter, LoraSpec, adapted_modules
+from modlora.models import load_base_model
 from modlora.routing import ArrowRouter, route
 
 MERGED, AUTO, DENSE, PEFT = "merged single LoRA", "modlora arrow (auto)", "modlora arrow (dense)", "peft arrow"
+TIED = "modlora arrow (auto, tied q/k/v)"
 
 
 def smollm2_shaped(seed: int = 0) -> LlamaForCausalLM:
@@ -169,12 +171,24 @@ def merged_copy(model: torch.nn.Module, adapter: LoraAdapter) -> torch.nn.Module
     return merged
 
 
-def build_peft_arrow(base: torch.nn.Module, experts: dict[str, LoraAdapter], top_k: int) -> tuple[Any, float]:
+def build_peft_arrow(base: torch.nn.Module, experts: dict[str, LoraAdapter], top_k: int,
+                     cache: Path | None = None, tag: str = "") -> tuple[Any, float]:
     """PEFT's ``create_arrow_model`` over ``experts`` (saved to a temporary directory first); returns the model and
-    the seconds ``create_arrow_model`` took (PEFT loads adapters one by one; its cost grows ~E²·layers)."""
+    the seconds ``create_arrow_model`` took (PEFT loads adapters one by one; its cost grows ~E²·layers).
+
+    With ``cache`` the built PEFT model is kept there (``torch.save`` of the module, a benchmark-only cache keyed by
+    model, depth, E, rank and top-k) together with its measured build time, so that the ~20-minute E=256 build is
+    paid once; the timed forward is PEFT's own module either way.
+    """
     from peft import ArrowConfig, create_arrow_model
 
     weight = next(base.parameters())
+    first = next(iter(experts.values()))
+    key = (f"peft_arrow_{tag}_L{base.config.num_hidden_layers}_E{len(experts)}_r{first.spec.rank}_k{top_k}_"
+           f"{str(weight.dtype).removeprefix('torch.')}")
+    if cache is not None and (cache / f"{key}.pt").is_file():
+        model = torch.load(cache / f"{key}.pt", weights_only=False, map_location=weight.device)
+        return model.eval(), json.loads((cache / f"{key}.json").read_text())["setup_s"]
     with tempfile.TemporaryDirectory() as tmp:
         paths = []
         for name, ad in experts.items():
@@ -184,7 +198,13 @@ def build_peft_arrow(base: torch.nn.Module, experts: dict[str, LoraAdapter], top
         model = create_arrow_model(copy.deepcopy(base), paths,
                                    ArrowConfig(top_k=top_k, router_temperature=1.0, rng_seed=0)).eval()
         model.to(device=weight.device, dtype=weight.dtype)
-        return model, time.perf_counter() - t0
+        setup = time.perf_counter() - t0
+    if cache is not None:
+        cache.mkdir(parents=True, exist_ok=True)
+        torch.save(model, cache / f"{key}.pt.tmp")
+        os.replace(cache / f"{key}.pt.tmp", cache / f"{key}.pt")
+        (cache / f"{key}.json").write_text(json.dumps({"setup_s": setup}))
+    return model, setup
 
 
 def run_depth(base: torch.nn.Module, all_experts: dict[str, LoraAdapter], e_values: list[int], peft_values: set[int],
@@ -202,6 +222,7 @@ def run_depth(base: torch.nn.Module, all_experts: dict[str, LoraAdapter], e_valu
                                    {m: t for m, t in a.B.items() if m in present})
                     for n, a in all_experts.items()}
     merged = merged_copy(base, next(iter(experts_here.values())))
+    tied_base = copy.deepcopy(base) if args.tied_variant and label == "full" else None
     rows = []
     for e in e_values:
         experts = {k: experts_here[k] for k in list(experts_here)[:e]}
@@ -209,7 +230,8 @@ def run_depth(base: torch.nn.Module, all_experts: dict[str, LoraAdapter], e_valu
         setup: dict[str, float] = {}
         peft_model = None   # built before route(), which swaps the base model's linears
         if e in peft_values:
-            peft_model, setup[PEFT] = build_peft_arrow(base, experts, min(args.top_k, e))
+            peft_model, setup[PEFT] = build_peft_arrow(base, experts, min(args.top_k, e), args.peft_cache,
+                                                       args.model_tag)
         t0 = time.perf_counter()
         routed = route(base, experts, ArrowRouter(top_k=min(args.top_k, e), tie_qkv=args.tie_qkv))
         setup[AUTO] = setup[DENSE] = time.perf_counter() - t0
@@ -220,6 +242,12 @@ def run_depth(base: torch.nn.Module, all_experts: dict[str, LoraAdapter], e_valu
 
         fns: dict[str, Callable[[], Any]] = {MERGED: lambda: decoder(merged)(input_ids=ids),
                                              AUTO: lambda: run_routed("auto")}
+        tied = None
+        if args.tied_variant and label == "full" and not args.tie_qkv:
+            t0 = time.perf_counter()
+            tied = route(tied_base, experts, ArrowRouter(top_k=min(args.top_k, e), tie_qkv=True))
+            setup[TIED] = time.perf_counter() - t0
+            fns[TIED] = lambda tied=tied: decoder(tied.model)(input_ids=ids)
         if not args.no_dense and label == "full":
             fns[DENSE] = lambda: run_routed("dense")
         if peft_model is not None:
@@ -229,7 +257,9 @@ def run_depth(base: torch.nn.Module, all_experts: dict[str, LoraAdapter], e_valu
         times = interleaved(fns, repeats, device)
         peaks = {name: peak_of(fn, device) for name, fn in fns.items()}
         routed.restore()
-        del routed, peft_model, fns
+        if tied is not None:
+            tied.restore()
+        del routed, peft_model, fns, tied
         gc.collect()
         load_after = os.getloadavg()
         for name, ts in times.items():
@@ -260,6 +290,13 @@ def summarise(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         entry: dict[str, Any] = {"depth": depth, "layers": ours["layers"], "experts": e,
                                  "vs_merged_time_ratio_median": ours["median_ms"] / floor["median_ms"],
                                  "vs_merged_time_ratio_min": ours["min_ms"] / floor["min_ms"]}
+        if (depth, TIED, e) in by:
+            tied = by[(depth, TIED, e)]
+            entry["tied_vs_merged_time_ratio_median"] = tied["median_ms"] / floor["median_ms"]
+            entry["tied_vs_merged_time_ratio_min"] = tied["min_ms"] / floor["min_ms"]
+            if (depth, PEFT, e) in by:
+                entry["tied_speedup_vs_peft_median"] = tied["tokens_per_s_median"] / by[(depth, PEFT, e)][
+                    "tokens_per_s_median"]
         if (depth, PEFT, e) in by:
             peft_row = by[(depth, PEFT, e)]
             entry["speedup_vs_peft_median"] = ours["tokens_per_s_median"] / peft_row["tokens_per_s_median"]
@@ -278,7 +315,8 @@ def summarise(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default=None, help="local HF model directory (default: random SmolLM2-135M shapes)")
+    ap.add_argument("--model", default=None, help="'smollm2-135m' (the embedded default), an HF id or a local HF "
+                    "directory (default: a random Llama with SmolLM2-135M's shapes)")
     ap.add_argument("--experts", default="8,32,128,256", help="comma-separated E values")
     ap.add_argument("--peft-experts", default="8,32", help="E values also run through PEFT Arrow at full depth")
     ap.add_argument("--shallow-experts", default="32,128,256",
@@ -294,6 +332,11 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--shallow-repeats", type=int, default=15, help="timed calls per method in the shallow run")
     ap.add_argument("--no-dense", action="store_true", help="skip the forced dense-fold variant")
     ap.add_argument("--tie-qkv", action="store_true", help="route with q/k/v-tied Arrow prototypes")
+    ap.add_argument("--tied-variant", action="store_true",
+                    help="also time Arrow with q/k/v-tied prototypes (the reference's choice for fused QKV) next to "
+                         "the default untied one, on a copy of the model")
+    ap.add_argument("--peft-cache", type=Path, default=None,
+                    help="keep built PEFT Arrow models here and reuse them (E=256 takes ~20 min to build)")
     ap.add_argument("--device", default="cpu", help="cpu or cuda")
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     ap.add_argument("--threads", type=int, default=2, help="torch CPU threads (0: torch's choice)")
@@ -305,8 +348,9 @@ def main(argv: list[str] | None = None) -> None:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     dtype = getattr(torch, args.dtype)
-    base = (AutoModelForCausalLM.from_pretrained(args.model).eval() if args.model else smollm2_shaped())
+    base = load_base_model(args.model, device=device, dtype=dtype).model if args.model else smollm2_shaped()
     base = base.to(device=device, dtype=dtype)
+    args.model_tag = (args.model or "random").replace("/", "_")
     spec = LoraSpec(rank=args.rank, alpha=2.0 * args.rank, dropout=0.0)
     ids = torch.randint(0, base.config.vocab_size, (args.batch, args.seq),
                         generator=torch.Generator().manual_seed(0)).to(device)
@@ -347,14 +391,20 @@ def main(argv: list[str] | None = None) -> None:
                      f"{r['median_ms']:.1f} | {r['min_ms']:.1f} | {r['calls']} | {r['peak_extra_mib']:.1f} | "
                      f"{setup_s} | {r['loadavg_before']:.1f}→{r['loadavg_after']:.1f} |")
     lines += ["", "| layers | E | modlora time / merged time (median; min) | modlora throughput / PEFT throughput "
-              "(median; min) | full-depth estimate: modlora / merged, speed-up vs PEFT |", "|---:|---:|---:|---:|---|"]
+              "(median; min) | full-depth estimate: modlora / merged, speed-up vs PEFT | tied q/k/v: time / merged "
+              "(median; min), speed-up vs PEFT |", "|---:|---:|---:|---:|---|---|"]
     for s in summary:
         sp = (f"{s['speedup_vs_peft_median']:.2f}× ; {s['speedup_vs_peft_min']:.2f}×"
               if "speedup_vs_peft_median" in s else "n/a")
         est = s.get("full_depth_estimate")
         est_s = f"{est['vs_merged_time_ratio']:.2f} , {est['speedup_vs_peft']:.2f}×" if est else ""
+        tied_s = (f"{s['tied_vs_merged_time_ratio_median']:.2f} ; {s['tied_vs_merged_time_ratio_min']:.2f}"
+                  if "tied_vs_merged_time_ratio_median" in s else "")
+        if "tied_speedup_vs_peft_median" in s:
+            tied_s += f" , {s['tied_speedup_vs_peft_median']:.2f}×"
         lines.append(f"| {s['layers']}{' (decoder only)' if s['depth'] == 'shallow' else ''} | {s['experts']} | "
-                     f"{s['vs_merged_time_ratio_median']:.2f} ; {s['vs_merged_time_ratio_min']:.2f} | {sp} | {est_s} |")
+                     f"{s['vs_merged_time_ratio_median']:.2f} ; {s['vs_merged_time_ratio_min']:.2f} | {sp} | {est_s} | "
+                     f"{tied_s} |")
     out.with_suffix(".md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

@@ -10,6 +10,8 @@ import argparse
 import json
 from pathlib import Path
 
+import torch
+
 from modlora.data import default_data_dir, sni_task_files
 from modlora.study import StudyConfig, run_study
 
@@ -20,7 +22,10 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=None, help="output directory (default runs/<name>)")
     ap.add_argument("--device", default=None, help="torch device (default: cuda if available)")
     ap.add_argument("--data", type=Path, default=None, help="data directory with sni/tasks and sni/heldout")
+    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     raw = json.loads(args.config.read_text())
     data = args.data or default_data_dir()
     if raw.get("train_tasks") == "ALL":

@@ -25,6 +25,7 @@ from modlora.evaluation.generation import (
 from modlora.evaluation.rank_classification import (
     ChoiceExample,
     OptionScore,
+    _length_chunks,
     choice_correctness,
     evaluate_choice_tasks,
     load_choice_task,
@@ -153,6 +154,18 @@ def test_batched_scores_match_naive_per_option_forward(tiny_llama, char_tokenize
         assert len(opts) == ex.n_options
         for (ctx, cont), got in zip(ex.options(), opts, strict=True):
             assert got.loglik == pytest.approx(naive_loglik(tiny_llama, char_tokenizer, ctx, cont), abs=1e-4)
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_length_chunks_partition_with_bounded_padding(seed):
+    rng = np.random.default_rng(seed)
+    lengths = [int(v) for v in rng.integers(1, 60, size=int(rng.integers(1, 80)))]
+    chunks = _length_chunks(lengths)
+    assert sorted(i for c in chunks for i in c) == list(range(len(lengths)))
+    for c in chunks:
+        longest, real = max(lengths[i] for i in c), sum(lengths[i] for i in c)
+        assert lengths[c[0]] == longest
+        assert len(c) <= 8 or longest * len(c) <= 1.25 * real
 
 
 def test_prefix_reuse_equals_no_reuse_on_random_examples(char_tokenizer):

@@ -601,3 +601,20 @@ def test_fast_path_model_equivalence_and_no_warnings(tiny_llama: torch.nn.Module
             outs["inference_mode"] = routed(input_ids=ids).logits.clone()
         for name, out in outs.items():
             torch.testing.assert_close(out, outs["dense"], atol=1e-5, rtol=1e-5, msg=name)
+
+
+def test_route_sparse_kernel_option_matches_and_validates(tiny_llama: torch.nn.Module) -> None:
+    """``route(..., sparse_kernel=...)`` / ``set_sparse_kernel`` pick the kernel; both give the same logits."""
+    ex = experts_for(tiny_llama, 16)
+    ids = torch.randint(0, 40, (2, 7))
+    outs = {}
+    for kernel in ("sddmm", "blocks"):
+        with torch.no_grad(), route(tiny_llama, ex, ArrowRouter(top_k=2), path="sparse", sparse_kernel=kernel) as rm:
+            outs[kernel] = rm.model(input_ids=ids).logits
+            rm.set_sparse_kernel("auto")
+            assert rm.state.sparse_kernel == "auto"
+            with pytest.raises(RoutingError, match="sparse_kernel must be"):
+                rm.set_sparse_kernel("fast")
+    torch.testing.assert_close(outs["sddmm"], outs["blocks"], atol=1e-5, rtol=1e-5)
+    with pytest.raises(RoutingError, match="sparse_kernel must be"):
+        route(tiny_llama, ex, "arrow", sparse_kernel="cuda")

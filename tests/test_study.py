@@ -25,20 +25,29 @@ def test_study_end_to_end_and_resume(tmp_path):
     for t in train:
         _sni(data / "sni" / "tasks", t, t[-1])
     _sni(data / "sni" / "heldout", "task9_z", "z")
+    (data / "eval").mkdir()
+    (data / "eval" / "arc_easy.jsonl").write_text("\n".join(json.dumps(
+        {"query": f"Question: a{i}?", "choices": ["aa", "b", "cc"], "gold": i % 3}) for i in range(5)))
+    (data / "eval" / "winogrande.jsonl").write_text("\n".join(json.dumps(
+        {"context_options": ["x a", "x b"], "continuation": "c d", "gold": i % 2}) for i in range(4)))
     cfg = StudyConfig(name="t", model=str(model_dir), train_tasks=train, steps_per_task=2, batch_size=4, lr=1e-3,
                       max_prompt_tokens=48, max_target_tokens=4, k=2, heldout_limit=2, indist_limit=2,
                       max_new_tokens=3, top_k=2, libraries=["private", "mbc", "shared"],
                       rows=[["-", "base"], ["private", "mu"], ["private", "arrow"], ["private", "oracle"],
-                            ["mbc", "arrow"], ["shared", "mu"]])
+                            ["mbc", "arrow"], ["shared", "mu"]], choice_tasks=["arc_easy", "winogrande"], choice_limit=3)
     res = run_study(cfg, tmp_path / "out", device="cpu", data_dir=data)
     assert set(res["rows"]) == {"base", "private/mu", "private/arrow", "private/oracle", "mbc/arrow", "shared/mu"}
     arrow = res["rows"]["private/arrow"]
     assert 0.0 <= arrow["routing_accuracy"]["accuracy"] <= 1.0 and arrow["routing_accuracy"]["n"] == 8
     assert "task9_z" in arrow["heldout"] and set(arrow["indist"]) == set(train)
-    assert res["rows"]["private/oracle"]["heldout"] == {}
+    assert res["rows"]["private/oracle"]["heldout"] == {} and res["rows"]["private/oracle"]["choice"] == {}
+    assert {t: d["n"] for t, d in arrow["choice"].items()} == {"arc_easy": 3, "winogrande": 3}
+    assert 0.0 <= arrow["choice_acc_norm"]["mean"] <= 1.0
     assert res["libraries"]["mbc"]["train_tokens"] > 0
     assert (tmp_path / "out" / "mbc_clusters.png").stat().st_size > 0
-    assert "private/arrow" in results_markdown(res)
+    assert (tmp_path / "out" / "results.png").read_bytes()[:4] == b"\x89PNG"
+    table = results_markdown(res)
+    assert "private/arrow" in table and "| arc_easy | winogrande |" in table and "average" in table
     # resume: every row and expert is reused
     again = run_study(cfg, tmp_path / "out", device="cpu", data_dir=data)
     assert again["rows"]["private/arrow"] == arrow

@@ -30,6 +30,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+import torch
+
 from modlora.adapters import LoraSpec
 from modlora.clustering import ClusteringResult, cluster_tasks, model_based_clustering, random_clustering
 from modlora.data import Task, default_sni_dir, load_flat_jsonl, load_sni_tasks, split_instances
@@ -50,6 +52,7 @@ class BuildConfig:
 
     model: str = "smollm2-135m"
     device: str | None = None
+    dtype: str | None = None
     data_dir: str | None = None
     flat_file: str | None = None
     rank: int = 4
@@ -96,9 +99,15 @@ class ExpertJob(Job):
 
 
 @functools.lru_cache(maxsize=1)
-def _process_model(model: str, device: str | None) -> LoadedModel:
-    """One base model per worker process, reused by every job it runs (never mutated: LoRA layers are unloaded)."""
-    return load_base_model(model, device=device)
+def _process_model(model: str, device: str | None, dtype: str | None = None) -> LoadedModel:
+    """One base model per worker process, reused by every job it runs (never mutated: LoRA layers are unloaded).
+
+    ``dtype`` names the weights dtype (``"bfloat16"``: the frozen base in bf16, the LoRA factors in fp32 as PEFT
+    keeps them); None is the device default.
+    """
+    if dtype is not None and not isinstance(getattr(torch, dtype, None), torch.dtype):
+        raise ModloraError(f"unknown dtype {dtype!r}; use e.g. 'float32' or 'bfloat16'")
+    return load_base_model(model, device=device, dtype=getattr(torch, dtype) if dtype else None)
 
 
 def load_tasks(config: BuildConfig, names: Sequence[str] | None) -> dict[str, Task]:
@@ -120,7 +129,7 @@ def train_expert_job(job: ExpertJob) -> dict[str, Any]:
     if job.name in lib:
         return {"name": job.name, "status": "skipped", "metrics": lib.entry(job.name).metrics}
     cfg = job.config
-    lm = _process_model(cfg.model, cfg.device)
+    lm = _process_model(cfg.model, cfg.device, cfg.dtype)
     tasks = load_tasks(cfg, list(job.tasks))
     cap = cfg.max_examples
     if cfg.balanced and len(tasks) > 1:
@@ -135,7 +144,7 @@ def train_expert_job(job: ExpertJob) -> dict[str, Any]:
 
 
 def _base_info(config: BuildConfig):
-    return _process_model(config.model, config.device).info
+    return _process_model(config.model, config.device, config.dtype).info
 
 
 def _open(path: str | Path, config: BuildConfig) -> ExpertLibrary:

@@ -47,6 +47,7 @@ class RouterOptions:
     normalize_inputs: bool = False
     mixing: str = "outputs"
     path: str = "auto"
+    sparse_kernel: str = "auto"
     general: tuple[str, ...] = ()
     gks_space: str = "factors"
     experts: tuple[str, ...] = ()
@@ -198,7 +199,8 @@ def prepare_model(lm: LoadedModel, library: ExpertLibrary, method: str, opts: Ro
         merged = mu_parameter_average(experts) if method == "mu" else mu_delta_average(experts)
         merge_adapter(model, merged)
         return ReuseModel(method, model, merged=merged)
-    common = {"mixing": opts.mixing, "path": opts.path, "general_experts": general, "gks_space": opts.gks_space}
+    common = {"mixing": opts.mixing, "path": opts.path, "general_experts": general, "gks_space": opts.gks_space,
+              "sparse_kernel": opts.sparse_kernel}
     if method == "arrow":
         if opts.top_k > len(names):
             raise RoutingError(f"top_k={opts.top_k} exceeds the number of experts ({len(names)})")

@@ -44,6 +44,7 @@ from modlora.clustering import model_based_clustering, plot_clustering
 from modlora.data import PromptFormatter, collate, default_data_dir, encode_tasks, load_sni_tasks, split_instances
 from modlora.errors import ModloraError
 from modlora.evaluation.generation import greedy_generate, score_generations
+from modlora.evaluation.rank_classification import evaluate_choice_tasks
 from modlora.evaluation.results import mean_and_stderr
 from modlora.io import atomic_write_bytes, atomic_write_json
 from modlora.library import ExpertLibrary
@@ -59,6 +60,7 @@ class StudyConfig:
 
     name: str = "study"
     model: str = "smollm2-135m"
+    dtype: str | None = None
     train_tasks: list[str] = field(default_factory=list)
     steps_per_task: int = 40
     batch_size: int = 8
@@ -79,6 +81,11 @@ class StudyConfig:
     indist_limit: int = 5
     max_new_tokens: int = 32
     gen_batch_size: int = 8
+    choice_tasks: list[str] = field(default_factory=list)
+    choice_limit: int | None = None
+    choice_batch_size: int = 16
+    examples_per_expert: int = 16
+    phatgoose_steps: int = 100
     seed: int = 0
 
     @classmethod
@@ -93,7 +100,7 @@ class StudyConfig:
         return cls(**raw)
 
     def build_config(self, device: str | None, data_dir: Path) -> BuildConfig:
-        return BuildConfig(model=self.model, device=device, data_dir=str(data_dir / "sni" / "tasks"), steps_per_task=self.steps_per_task,
+        return BuildConfig(model=self.model, device=device, dtype=self.dtype, data_dir=str(data_dir / "sni" / "tasks"), steps_per_task=self.steps_per_task,
                            batch_size=self.batch_size, lr=self.lr, max_examples=self.max_examples, max_val=self.max_val,
                            max_prompt_tokens=self.max_prompt_tokens, max_target_tokens=self.max_target_tokens,
                            seed=self.seed)
@@ -217,11 +224,21 @@ def evaluate_row(lm: LoadedModel, lib: ExpertLibrary | None, method: str, cfg: S
     """Scores of one (library, method) row: held-out SNI, in-distribution, routing accuracy, throughput."""
     fmt = PromptFormatter(lm.tokenizer, max_prompt_tokens=cfg.max_prompt_tokens, max_target_tokens=cfg.max_target_tokens)
     opts = RouterOptions(top_k=min(cfg.top_k, len(lib) if lib is not None else cfg.top_k), data_dir=str(
-        data_dir / "sni" / "tasks"))
+        data_dir / "sni" / "tasks"), examples_per_expert=cfg.examples_per_expert, phatgoose_steps=cfg.phatgoose_steps)
+    t_prep = time.perf_counter()
     rm = prepare_model(lm, lib, method, opts) if lib is not None else ReuseModel("base", lm.model)
-    row: dict[str, Any] = {"method": method, "heldout": {}, "indist": {}}
+    row: dict[str, Any] = {"method": method, "heldout": {}, "indist": {}, "choice": {},
+                           "prepare_seconds": time.perf_counter() - t_prep}
     gen_tokens, gen_seconds = 0, 0.0
     try:
+        if method != "oracle" and cfg.choice_tasks:
+            # a task predictor pools over the whole input, so contexts are not scored separately for it
+            run = evaluate_choice_tasks(rm, lm.tokenizer, cfg.choice_tasks, data_dir=data_dir, limit=cfg.choice_limit,
+                                        seed=cfg.seed, batch_size=cfg.choice_batch_size, prefix_reuse=method != "tp",
+                                        progress=True)
+            for task, sc in run.tasks.items():
+                row["choice"][task] = {"acc_norm": sc.metrics["acc_norm"], "stderr": sc.stderr["acc_norm"],
+                                       "acc": sc.metrics["acc"], "n": sc.n}
         if method != "oracle":
             for name, task in heldout.items():
                 t0 = time.perf_counter()
@@ -246,6 +263,11 @@ def evaluate_row(lm: LoadedModel, lib: ExpertLibrary | None, method: str, cfg: S
     finally:
         rm.restore()
     row["tokens_per_second"] = gen_tokens / max(gen_seconds, 1e-9)
+    if row["choice"]:
+        accs = [d["acc_norm"] for d in row["choice"].values()]
+        ses = [d["stderr"] for d in row["choice"].values()]
+        row["choice_acc_norm"] = {"mean": sum(accs) / len(accs),
+                                  "stderr": math.sqrt(sum(se * se for se in ses)) / len(ses), "n": len(accs)}
     for part in ("heldout", "indist"):
         vals = [r for d in row[part].values() for r in d.pop("_per_example_rougeL")]
         if vals:
@@ -264,7 +286,7 @@ def run_study(cfg: StudyConfig, out: Path, *, device: str | None = None, data_di
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_json(out / "config.json", asdict(cfg))
     libs = build_libraries(cfg, out, device, console, data_dir)
-    lm = load_base_model(cfg.model, device=device)
+    lm = load_base_model(cfg.model, device=device, dtype=getattr(torch, cfg.dtype) if cfg.dtype else None)
     heldout = _heldout(cfg, data_dir)
     train_tasks = load_sni_tasks(data_dir / "sni" / "tasks", cfg.train_tasks)
     rows_dir = out / "rows"
@@ -297,6 +319,7 @@ def run_study(cfg: StudyConfig, out: Path, *, device: str | None = None, data_di
     atomic_write_json(out / "results.json", results)
     table_md = results_markdown(results)
     atomic_write_bytes(out / "results.md", table_md.encode())
+    plot_results(results, out / "results.png")
     print_results(results, console)
     return results
 
@@ -308,29 +331,86 @@ def _fmt(m: Any) -> str:
     return "-"
 
 
-def _row_cells(key: str, row: Mapping[str, Any], libs: Mapping[str, Any]) -> list[str]:
-    lib = libs.get(row.get("library", "-"), {})
+def _average(row: Mapping[str, Any]) -> dict[str, float] | None:
+    """Mean of the held-out columns (each benchmark's acc_norm and the held-out SNI Rouge-L), s.e. propagated."""
+    cells = [(d["acc_norm"], d["stderr"]) for d in row.get("choice", {}).values()]
+    if "heldout_rougeL" in row:
+        cells.append((row["heldout_rougeL"]["mean"], row["heldout_rougeL"]["stderr"]))
+    if not cells:
+        return None
+    return {"mean": sum(m for m, _ in cells) / len(cells),
+            "stderr": math.sqrt(sum(se * se for _, se in cells)) / len(cells)}
+
+
+def _headers(results: Mapping[str, Any]) -> list[str]:
+    choice = list(results["config"].get("choice_tasks") or [])
+    return (["row"] + choice + ["held-out SNI Rouge-L", "average", "in-dist Rouge-L", "routing acc.", "train tokens",
+                                "train s", "infer tok/s"])
+
+
+def _row_cells(key: str, row: Mapping[str, Any], results: Mapping[str, Any]) -> list[str]:
+    lib = results["libraries"].get(row.get("library", "-"), {})
     acc = row.get("routing_accuracy", {}).get("accuracy")
-    return [key, _fmt(row.get("heldout_rougeL")), _fmt(row.get("indist_rougeL")),
-            f"{100 * acc:.0f}%" if acc is not None else "-",
+    choice = [_fmt({"mean": row["choice"][t]["acc_norm"], "stderr": row["choice"][t]["stderr"]})
+              if t in row.get("choice", {}) else "-" for t in results["config"].get("choice_tasks") or []]
+    return [key, *choice, _fmt(row.get("heldout_rougeL")), _fmt(_average(row)) if row.get("choice") else "-",
+            _fmt(row.get("indist_rougeL")), f"{100 * acc:.0f}%" if acc is not None else "-",
             f"{lib.get('train_tokens', 0) / 1000:.0f}k" if lib else "0",
+            f"{lib.get('train_seconds', 0):.0f}" if lib else "0",
             f"{row.get('tokens_per_second', 0):.0f}"]
 
 
-HEADERS = ["row", "held-out SNI Rouge-L", "in-dist Rouge-L", "routing acc.", "train tokens", "infer tok/s"]
-
-
 def results_markdown(results: Mapping[str, Any]) -> str:
-    lines = ["| " + " | ".join(HEADERS) + " |", "|" + "---|" * len(HEADERS)]
+    headers = _headers(results)
+    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
     for key, row in results["rows"].items():
-        lines.append("| " + " | ".join(_row_cells(key, row, results["libraries"])) + " |")
-    return "\n".join(lines) + "\n\nRouge-L in %, mean ± standard error over examples.\n"
+        lines.append("| " + " | ".join(_row_cells(key, row, results)) + " |")
+    return "\n".join(lines) + ("\n\nBenchmarks: rank-classification accuracy with per-character length normalisation "
+                               "(acc_norm), in %; Rouge-L in %; mean ± standard error over examples (the average's "
+                               "s.e. propagated from its columns). Train tokens/s: the library's training compute "
+                               "(MBC includes its stage 1); infer tok/s: generation throughput.\n")
+
+
+def plot_results(results: Mapping[str, Any], path_png: Path) -> Path:
+    """One PNG: per result row, bars for the held-out SNI Rouge-L, the benchmark average (acc_norm) and the
+    in-distribution Rouge-L, with ±1 standard-error whiskers."""
+    import io
+
+    from matplotlib.figure import Figure  # a bare Figure renders with Agg; no pyplot, no global backend change
+
+    series = [("held-out SNI Rouge-L", lambda r: r.get("heldout_rougeL")),
+              ("benchmarks acc_norm (avg)", lambda r: r.get("choice_acc_norm")),
+              ("in-dist Rouge-L", lambda r: r.get("indist_rougeL"))]
+    keys = list(results["rows"])
+    fig = Figure(figsize=(max(6.0, 0.9 * len(keys) + 2), 4.2))
+    ax = fig.add_subplot(1, 1, 1)
+    width = 0.8 / len(series)
+    for j, (label, get) in enumerate(series):
+        xs, ys, es = [], [], []
+        for i, key in enumerate(keys):
+            m = get(results["rows"][key])
+            if m:
+                xs.append(i + (j - (len(series) - 1) / 2) * width)
+                ys.append(100 * m["mean"])
+                es.append(100 * m["stderr"] if not math.isnan(m["stderr"]) else 0.0)
+        if xs:
+            ax.bar(xs, ys, width, yerr=es, capsize=2, label=label)
+    ax.set_xticks(range(len(keys)))
+    ax.set_xticklabels(keys, rotation=40, ha="right", fontsize=8)
+    ax.set_ylabel("%")
+    ax.set_title(f"{results['config'].get('name', 'study')}: mean ± s.e.")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=120)
+    atomic_write_bytes(path_png, buf.getvalue())
+    return path_png
 
 
 def print_results(results: Mapping[str, Any], console: Console) -> None:
-    table = Table(title="results (Rouge-L %, mean ± s.e.)")
-    for h in HEADERS:
+    table = Table(title="results (%, mean ± s.e.)")
+    for h in _headers(results):
         table.add_column(h)
     for key, row in results["rows"].items():
-        table.add_row(*_row_cells(key, row, results["libraries"]))
+        table.add_row(*_row_cells(key, row, results))
     console.print(table)

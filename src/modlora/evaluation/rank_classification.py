@@ -23,12 +23,15 @@ does not start with ``ctx``) the continuation is encoded on its own, ``encode(co
 Prefix reuse: for the multiple-choice format the context is run once per example (a batch of examples, left padded,
 explicit ``position_ids``), its ``past_key_values`` (a ``DynamicCache`` of shape (B, heads, L_ctx, d) per layer) is
 gathered along the batch to one row per option and every option's continuation (right padded) is scored from the
-cached prefix in one batched forward. The log-probability of the first continuation token comes from the context's
-last logits. Schema examples (and ``prefix_reuse=False``) run ``context + continuation`` sequences, right padded.
+cached prefix, in chunks of options of similar continuation length (little padding). The log-probability of the first
+continuation token comes from the context's last logits, so the continuation pass leaves out each continuation's
+last token. Schema examples (and ``prefix_reuse=False``) run ``context + continuation`` sequences, left padded, with
+the LM head applied only to the last ``max_continuation + 1`` columns (``logits_to_keep``).
 """
 
 from __future__ import annotations
 
+import copy
 import inspect
 import json
 import os
@@ -39,6 +42,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from tqdm.auto import tqdm
 
 from modlora.errors import DataError, ModloraError
 from modlora.evaluation.results import EvalRun, TaskScores, model_forward, resolve_data_dir, seeded_subset
@@ -228,79 +232,116 @@ def _forward(model: torch.nn.Module, **kwargs: Any) -> Any:
     return model_forward(model, "scoring", **kwargs)
 
 
-def _score_full_sequences(model: torch.nn.Module, options: Sequence[_Option], pad_id: int,
-                          device: torch.device) -> list[OptionScore]:
-    """Score ``context + continuation`` sequences in one right-padded batch."""
-    seqs = [o.ctx_ids + o.cont_ids for o in options]
+def _left_padded(seqs: Sequence[list[int]], pad_id: int, device: torch.device
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(ids, attention_mask, position_ids)`` of left-padded sequences: the last column is every row's last token."""
     length = max(len(s) for s in seqs)
     ids = torch.full((len(seqs), length), pad_id, dtype=torch.long)
     mask = torch.zeros((len(seqs), length), dtype=torch.long)
     for r, s in enumerate(seqs):
-        ids[r, :len(s)] = torch.tensor(s)
-        mask[r, :len(s)] = 1
+        ids[r, length - len(s):] = torch.tensor(s)
+        mask[r, length - len(s):] = 1
     ids, mask = ids.to(device), mask.to(device)
-    logits = _forward(model, input_ids=ids, attention_mask=mask, use_cache=False).logits
+    return ids, mask, (mask.cumsum(-1) - 1).clamp(min=0)
+
+
+def _score_full_sequences(model: torch.nn.Module, options: Sequence[_Option], pad_id: int,
+                          device: torch.device, keep_last: bool) -> list[OptionScore]:
+    """Score ``context + continuation`` sequences in one left-padded batch.
+
+    With ``keep_last`` (the model accepts ``logits_to_keep``) the LM head runs only on the last ``max_cont + 1``
+    columns, which hold every row's continuation and the token before it.
+    """
+    ids, mask, pos = _left_padded([o.ctx_ids + o.cont_ids for o in options], pad_id, device)
+    length = ids.shape[1]
+    k = max(len(o.cont_ids) for o in options) + 1
+    kwargs: dict[str, Any] = {"logits_to_keep": k} if keep_last else {}
+    logits = _forward(model, input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=False, **kwargs).logits
+    offset = length - logits.shape[1]  # column of logits[:, 0]
     scores = []
     for r, o in enumerate(options):
-        start, n = len(o.ctx_ids), len(o.cont_ids)
-        lp, greedy = _token_logprobs(logits[r, start - 1:start - 1 + n], ids[r, start:start + n])
+        n = len(o.cont_ids)
+        start = length - n  # first continuation column
+        lp, greedy = _token_logprobs(logits[r, start - 1 - offset:length - 1 - offset], ids[r, start:])
         scores.append(OptionScore(float(lp.double().sum()), n, o.n_chars, bool(greedy.all())))
     return scores
 
 
+def _length_chunks(lengths: Sequence[int], max_padding: float = 1.25, min_rows: int = 8) -> list[list[int]]:
+    """Indices grouped longest first into chunks whose padded size (rows x longest) stays within ``max_padding`` x
+    their real size (or that have fewer than ``min_rows`` rows): little padding, few forward calls."""
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    chunks: list[list[int]] = []
+    real = 0
+    for i in order:
+        if chunks and (len(chunks[-1]) < min_rows
+                       or lengths[chunks[-1][0]] * (len(chunks[-1]) + 1) <= max_padding * (real + lengths[i])):
+            chunks[-1].append(i)
+            real += lengths[i]
+        else:
+            chunks.append([i])
+            real = lengths[i]
+    return chunks
+
+
 def _score_with_prefix_cache(model: torch.nn.Module, groups: Sequence[list[_Option]], pad_id: int,
                              device: torch.device, keep_last_only: bool) -> list[list[OptionScore]]:
-    """Score examples that share one context per example: run each context once, reuse its KV cache for all options."""
+    """Score examples that share one context per example: run each context once, reuse its KV cache for all options.
+
+    The options' continuations are scored in chunks of similar length (see :func:`_length_chunks`); each chunk gets
+    a copy of the context cache gathered to one row per option.
+    """
     ctxs = [g[0].ctx_ids for g in groups]
-    c_len = max(len(c) for c in ctxs)
-    b = len(groups)
-    ctx_ids = torch.full((b, c_len), pad_id, dtype=torch.long)
-    ctx_mask = torch.zeros((b, c_len), dtype=torch.long)
-    for r, c in enumerate(ctxs):  # left padding: the last column is every context's last real token
-        ctx_ids[r, c_len - len(c):] = torch.tensor(c)
-        ctx_mask[r, c_len - len(c):] = 1
-    ctx_ids, ctx_mask = ctx_ids.to(device), ctx_mask.to(device)
-    ctx_pos = (ctx_mask.cumsum(-1) - 1).clamp(min=0)
+    ctx_ids, ctx_mask, ctx_pos = _left_padded(ctxs, pad_id, device)
     kwargs: dict[str, Any] = {"logits_to_keep": 1} if keep_last_only else {}
     out = _forward(model, input_ids=ctx_ids, attention_mask=ctx_mask, position_ids=ctx_pos, use_cache=True, **kwargs)
-    cache = out.past_key_values
-    if cache is None or not hasattr(cache, "batch_select_indices"):
+    ctx_cache = out.past_key_values
+    if ctx_cache is None or not hasattr(ctx_cache, "batch_select_indices"):
         raise ModloraError("the model did not return a DynamicCache-like past_key_values; use prefix_reuse=False")
     last_logits = out.logits[:, -1, :]  # (B, V): predicts the first continuation token
+    ctx_lens = torch.tensor([len(c) for c in ctxs], device=device)
 
     flat = [(gi, o) for gi, g in enumerate(groups) for o in g]
-    row_of = torch.tensor([gi for gi, _ in flat], device=device)
-    cache.batch_select_indices(row_of)  # (N_options, heads, L_ctx, d) per layer
-    k_len = max(len(o.cont_ids) for _, o in flat)
-    cont_ids = torch.full((len(flat), k_len), pad_id, dtype=torch.long)
-    cont_mask = torch.zeros((len(flat), k_len), dtype=torch.long)
-    for r, (_, o) in enumerate(flat):
-        cont_ids[r, :len(o.cont_ids)] = torch.tensor(o.cont_ids)
-        cont_mask[r, :len(o.cont_ids)] = 1
-    cont_ids, cont_mask = cont_ids.to(device), cont_mask.to(device)
-    lens = torch.tensor([len(c) for c in ctxs], device=device)[row_of]
-    cont_pos = lens[:, None] + torch.arange(k_len, device=device)[None, :]
-    mask = torch.cat([ctx_mask[row_of], cont_mask], dim=1)
-    logits = _forward(model, input_ids=cont_ids, attention_mask=mask, position_ids=cont_pos, past_key_values=cache,
-                      use_cache=True).logits  # (N_options, K, V)
-    # position t of the continuation is predicted by last_logits (t = 0) or by logits[:, t - 1] (t >= 1)
-    pred = torch.cat([last_logits[row_of].unsqueeze(1), logits[:, :-1]], dim=1)
-    lp, greedy = _token_logprobs(pred, cont_ids)
-    lp = (lp * cont_mask).double().sum(-1)
-    greedy = (greedy | ~cont_mask.bool()).all(-1)
-    scores: list[list[OptionScore]] = [[] for _ in groups]
-    for r, (gi, o) in enumerate(flat):
-        scores[gi].append(OptionScore(float(lp[r]), len(o.cont_ids), o.n_chars, bool(greedy[r])))
-    return scores
+    scores: list[list[OptionScore | None]] = [[None] * len(g) for g in groups]
+    slot = [oi for g in groups for oi in range(len(g))]
+    for chunk in _length_chunks([len(o.cont_ids) for _, o in flat]):
+        row_of = torch.tensor([flat[c][0] for c in chunk], device=device)
+        cache = copy.deepcopy(ctx_cache) if len(chunk) < len(flat) else ctx_cache
+        cache.batch_select_indices(row_of)  # (N_chunk, heads, L_ctx, d) per layer
+        conts = [flat[c][1].cont_ids for c in chunk]
+        k_len = max(len(c) for c in conts)
+        cont_ids = torch.full((len(chunk), k_len), pad_id, dtype=torch.long)
+        cont_mask = torch.zeros((len(chunk), k_len), dtype=torch.long)
+        for r, c in enumerate(conts):
+            cont_ids[r, :len(c)] = torch.tensor(c)
+            cont_mask[r, :len(c)] = 1
+        cont_ids, cont_mask = cont_ids.to(device), cont_mask.to(device)
+        cont_pos = ctx_lens[row_of][:, None] + torch.arange(k_len, device=device)[None, :]
+        mask = torch.cat([ctx_mask[row_of], cont_mask], dim=1)
+        # the last continuation token predicts nothing that is scored: leave it out of the input
+        logits = _forward(model, input_ids=cont_ids[:, :-1], attention_mask=mask[:, :-1], position_ids=cont_pos[:, :-1],
+                          past_key_values=cache, use_cache=True).logits if k_len > 1 else None  # (N_chunk, K-1, V)
+        # position t of the continuation is predicted by last_logits (t = 0) or by logits[:, t - 1] (t >= 1)
+        first = last_logits[row_of].unsqueeze(1)
+        pred = first if logits is None else torch.cat([first, logits], dim=1)
+        lp, greedy = _token_logprobs(pred, cont_ids)
+        lp = (lp * cont_mask).double().sum(-1)
+        greedy = (greedy | ~cont_mask.bool()).all(-1)
+        for r, c in enumerate(chunk):
+            gi, o = flat[c]
+            scores[gi][slot[c]] = OptionScore(float(lp[r]), len(o.cont_ids), o.n_chars, bool(greedy[r]))
+    return [[s for s in g if s is not None] for g in scores]
 
 
 def score_choices(model: torch.nn.Module, tokenizer: Any, examples: Sequence[ChoiceExample], *, batch_size: int = 16,
-                  prefix_reuse: bool = True, add_bos: bool = False) -> list[list[OptionScore]]:
+                  prefix_reuse: bool = True, add_bos: bool = False, progress: str | None = None
+                  ) -> list[list[OptionScore]]:
     """Score every option of every example; returns ``scores[i][k]`` for example ``i``, option ``k``.
 
     ``batch_size`` is the number of examples per forward pass (all their options go in the same batch). Examples
     are processed longest-context first so that each batch has little padding; the result keeps the input order.
-    With ``add_bos`` the tokenizer's BOS token is put before every context.
+    With ``add_bos`` the tokenizer's BOS token is put before every context. With ``progress`` a tqdm bar of that
+    name counts the examples.
     """
     if batch_size < 1:
         raise DataError(f"option 'batch_size' must be >= 1, got {batch_size!r}")
@@ -312,20 +353,23 @@ def score_choices(model: torch.nn.Module, tokenizer: Any, examples: Sequence[Cho
     shared = [i for i, ex in enumerate(examples) if ex.shared_context and ex.n_options > 1 and prefix_reuse]
     shared_set = set(shared)
     rest = [i for i in range(len(examples)) if i not in shared_set]
-    with torch.inference_mode():
+    bar = tqdm(total=len(examples), desc=progress, unit="ex", disable=progress is None, leave=False)
+    with torch.inference_mode(), bar:
         shared.sort(key=lambda i: -len(options[i][0].ctx_ids))
         for start in range(0, len(shared), batch_size):
             idx = shared[start:start + batch_size]
             for i, s in zip(idx, _score_with_prefix_cache(model, [options[i] for i in idx], pad_id, device,
                                                           keep_last_only), strict=True):
                 scores[i] = s
+            bar.update(len(idx))
         rest.sort(key=lambda i: -max(len(o.ctx_ids) + len(o.cont_ids) for o in options[i]))
         for start in range(0, len(rest), batch_size):
             idx = rest[start:start + batch_size]
             flat = [o for i in idx for o in options[i]]
-            flat_scores = iter(_score_full_sequences(model, flat, pad_id, device))
+            flat_scores = iter(_score_full_sequences(model, flat, pad_id, device, keep_last_only))
             for i in idx:
                 scores[i] = [next(flat_scores) for _ in options[i]]
+            bar.update(len(idx))
     return [s for s in scores if s is not None]
 
 
@@ -341,11 +385,12 @@ def choice_correctness(examples: Sequence[ChoiceExample], scores: Sequence[Seque
 
 
 def evaluate_choice_task(model: torch.nn.Module, tokenizer: Any, examples: Sequence[ChoiceExample], *,
-                         batch_size: int = 16, prefix_reuse: bool = True, add_bos: bool = False) -> TaskScores:
+                         batch_size: int = 16, prefix_reuse: bool = True, add_bos: bool = False,
+                         progress: str | None = None) -> TaskScores:
     """Score a list of examples and aggregate ``acc`` / ``acc_norm`` (mean ± stderr)."""
     t0 = time.perf_counter()
     scores = score_choices(model, tokenizer, examples, batch_size=batch_size, prefix_reuse=prefix_reuse,
-                           add_bos=add_bos)
+                           add_bos=add_bos, progress=progress)
     return TaskScores.from_per_example(choice_correctness(examples, scores), wall_s=time.perf_counter() - t0)
 
 
@@ -353,11 +398,13 @@ def evaluate_choice_tasks(model: torch.nn.Module, tokenizer: Any, tasks: Iterabl
                           data_dir: str | os.PathLike[str] | None = None, limit: int | None = None, seed: int = 0,
                           batch_size: int = 16, prefix_reuse: bool = True, add_bos: bool = False,
                           method: str = "base", model_name: str = "?",
-                          on_task_done: Callable[[str, TaskScores], None] | None = None) -> EvalRun:
+                          on_task_done: Callable[[str, TaskScores], None] | None = None,
+                          progress: bool = False) -> EvalRun:
     """Evaluate the named rank-classification tasks (see ``CHOICE_TASKS``) from ``<data_dir>/eval``.
 
     ``limit`` keeps a fixed seeded subset of each task (the same for every method with the same ``seed``).
-    ``on_task_done(task, scores)`` is called after each task (for progress output or incremental saving).
+    ``on_task_done(task, scores)`` is called after each task (for progress output or incremental saving);
+    ``progress`` shows a per-task progress bar.
     """
     root = resolve_data_dir(data_dir) / "eval"
     tasks = list(tasks)
@@ -373,7 +420,8 @@ def evaluate_choice_tasks(model: torch.nn.Module, tokenizer: Any, tasks: Iterabl
         filename, delimiter = CHOICE_TASKS[task]
         examples = load_choice_task(root / filename, delimiter, limit=limit, seed=seed)
         run.tasks[task] = evaluate_choice_task(model, tokenizer, examples, batch_size=batch_size,
-                                               prefix_reuse=prefix_reuse, add_bos=add_bos)
+                                               prefix_reuse=prefix_reuse, add_bos=add_bos,
+                                               progress=task if progress else None)
         run.wall_s = time.perf_counter() - t0
         if on_task_done is not None:
             on_task_done(task, run.tasks[task])

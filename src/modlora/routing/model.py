@@ -20,7 +20,15 @@ from torch import nn
 from modlora.adapters import LoraAdapter, LoraSpec
 from modlora.errors import RoutingError
 from modlora.routing.experts import ExpertSet, as_expert_set, genknowsub
-from modlora.routing.layer import LayerRouter, Mixing, Path, RoutedLoraLinear, RoutingState, TopKRouting
+from modlora.routing.layer import (
+    LayerRouter,
+    Mixing,
+    Path,
+    RoutedLoraLinear,
+    RoutingState,
+    SparseKernel,
+    TopKRouting,
+)
 from modlora.routing.routers import ArrowRouter, UniformRouter
 
 
@@ -139,6 +147,12 @@ class RoutedModel:
             raise RoutingError(f"path must be 'auto', 'dense' or 'sparse', got {path!r}")
         self.state.path = path
 
+    def set_sparse_kernel(self, kernel: SparseKernel) -> None:
+        """Kernel of the sparse path: ``"sddmm"`` (CPU, float32/64), ``"blocks"`` (any device/dtype) or ``"auto"``."""
+        if kernel not in ("auto", "sddmm", "blocks"):
+            raise RoutingError(f"sparse_kernel must be 'auto', 'sddmm' or 'blocks', got {kernel!r}")
+        self.state.sparse_kernel = kernel
+
     @contextlib.contextmanager
     def example_weights(self, weights: torch.Tensor | Mapping[str, float] | Sequence[Mapping[str, float]]
                         ) -> Iterator[None]:
@@ -206,13 +220,14 @@ def _resolve_router(router: Any) -> Any:
 
 def route(model: nn.Module, experts: Any, router: Any = "arrow", *, mixing: Mixing = "outputs",
           path: Path = "auto", general_experts: Any = None,
-          gks_space: Literal["factors", "delta"] = "factors") -> RoutedModel:
+          gks_space: Literal["factors", "delta"] = "factors", sparse_kernel: SparseKernel = "auto") -> RoutedModel:
     """Replace every linear adapted by any expert with a routed LoRA layer; returns the :class:`RoutedModel`.
 
     ``experts``: ``Mapping[str, LoraAdapter]`` or a library (``expert_names()``/``get()``, optional artifacts).
     ``router``: ``"arrow"`` (default :class:`ArrowRouter`), ``"mu"`` (uniform), or any router object.
     ``general_experts``: if given, GenKnowSub subtracts their mean from every expert first (``gks_space``:
-    ``"factors"`` like PEFT, or exact ``"delta"``); the stored experts are not modified.
+    ``"factors"`` like PEFT, or exact ``"delta"``); the stored experts are not modified. ``path`` and
+    ``sparse_kernel`` pick the routed layers' compute path and sparse kernel (see :mod:`modlora.routing.layer`).
     """
     es = as_expert_set(experts)
     if general_experts is not None:
@@ -222,6 +237,8 @@ def route(model: nn.Module, experts: Any, router: Any = "arrow", *, mixing: Mixi
                        f"{es.tag}-gks-{gks_space}-{tag}")
     if path not in ("auto", "dense", "sparse"):
         raise RoutingError(f"path must be 'auto', 'dense' or 'sparse', got {path!r}")
+    if sparse_kernel not in ("auto", "sddmm", "blocks"):
+        raise RoutingError(f"sparse_kernel must be 'auto', 'sddmm' or 'blocks', got {sparse_kernel!r}")
     if any(isinstance(m, RoutedLoraLinear) for m in model.modules()):
         raise RoutingError("model is already routed; restore() it first")
     named = dict(model.named_modules())
@@ -235,7 +252,7 @@ def route(model: nn.Module, experts: Any, router: Any = "arrow", *, mixing: Mixi
     device = next(model.parameters()).device
     if hasattr(router, "bind"):
         router.bind(es, layer_experts, device)
-    state = RoutingState(path=path)
+    state = RoutingState(path=path, sparse_kernel=sparse_kernel)
     layers: dict[str, RoutedLoraLinear] = {}
     originals: dict[str, nn.Module] = {}
     for layer, ids in layer_experts.items():
