@@ -379,10 +379,10 @@ def main(argv: list[str] | None = None) -> None:
     lines = [f"# Routing speed ({meta['model']}, {meta['device']}, {args.dtype}, batch {args.batch} × seq {args.seq},"
              f" top-k {args.top_k}, rank {args.rank}, {meta['threads']} threads)", "",
              "Methods interleaved call by call; median and min over the timed calls; load = 1-min load average "
-             "before → after each E. `layers` < full depth: the first layers of the same model, timing the decoder "
-             "stack only (no lm_head), because PEFT's `create_arrow_model` loads adapters one by one at a cost "
-             "~E²·layers, so E ≥ 128 is only practical shallow; the full-depth estimate scales each method's extra "
-             "time over merged by the depth ratio.", "",
+             "before → after each E. PEFT's `create_arrow_model` loads adapters one by one at a cost ~E²·layers (its "
+             "setup column); `--peft-cache` keeps a built PEFT model so that the E = 256 build is paid once. Rows "
+             "with `layers` < full depth (`--shallow-experts`) time the decoder stack only (no lm_head) of the first "
+             "layers, and the full-depth estimate scales each method's extra time over merged by the depth ratio.", "",
              "| layers | method | E | tokens/s (median) | ms / forward (median) | ms (min) | calls | "
              "peak extra RSS MiB | setup s | load |", "|---:|---|---:|---:|---:|---:|---:|---:|---:|---|"]
     for r in rows:

@@ -45,6 +45,22 @@ def test_round_trip_identical_weights_and_metadata(tmp_path, tiny_llama):
     assert manifest["base_model"]["name"] == "tiny" and manifest["version"] == 1
 
 
+def test_library_files_get_normal_permissions(tmp_path, tiny_llama):
+    """Atomic writes must not leave files 0600 / directories 0700 (mkstemp/mkdtemp defaults): a library is often
+    shared between users or read by workers running as another user."""
+    old = os.umask(0o022)
+    try:
+        lib = _lib(tmp_path, tiny_llama)
+        lib.add("e1", random_adapter(tiny_llama, SPEC, seed=1), tasks=["t1"])
+    finally:
+        os.umask(old)
+    root = tmp_path / "lib"
+    assert (root / "library.json").stat().st_mode & 0o777 == 0o644
+    assert (root / "experts" / "e1").stat().st_mode & 0o777 == 0o755
+    for f in (root / "experts" / "e1").iterdir():
+        assert f.stat().st_mode & 0o777 == 0o644, f
+
+
 def test_peft_loads_expert_with_identical_logits(tmp_path):
     model = make_tiny_llama(seed=3)
     lib = _lib(tmp_path, model)

@@ -23,10 +23,10 @@ from typing import Any
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 
 from modlora.errors import AdapterError
-from modlora.io import atomic_directory
+from modlora.io import atomic_directory, atomic_write_bytes
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -178,7 +178,8 @@ class LoraAdapter:
 def write_adapter_files(adapter: LoraAdapter, directory: Path) -> None:
     """Write ``adapter_config.json`` and ``adapter_model.safetensors`` into an existing directory."""
     (directory / ADAPTER_CONFIG).write_text(json.dumps(adapter.peft_config(), indent=2, sort_keys=True) + "\n")
-    save_file(adapter.peft_state_dict(), str(directory / ADAPTER_WEIGHTS), metadata={"format": "pt"})
+    # serialise in memory and write through atomic_write_bytes: save_file creates the file owner-only (0600)
+    atomic_write_bytes(directory / ADAPTER_WEIGHTS, save(adapter.peft_state_dict(), metadata={"format": "pt"}))
 
 
 def _peft_lora_fields() -> set[str]:

@@ -422,6 +422,8 @@ def _task_done_printer(args: argparse.Namespace):
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
+    import torch
+
     from modlora.evaluation import evaluate_choice_tasks, evaluate_code, evaluate_sni, print_results, save_results
     from modlora.evaluation.rank_classification import DEFAULT_CHOICE_TASKS
     from modlora.library import ExpertLibrary
@@ -460,7 +462,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
                                   batch_size=args.batch_size)
     finally:
         rm.restore()
-    run.config.update({"router": args.router, "library": str(args.library) if args.library else None})
+    run.config.update({"router": args.router, "library": str(args.library) if args.library else None,
+                       "dtype": str(next(lm.model.parameters()).dtype).removeprefix("torch."),
+                       "threads": torch.get_num_threads()})
     print_results([run], title=f"{args.suite} — {method}")
     if args.out:
         save_results(run, args.out)

@@ -28,12 +28,25 @@ def fsync_dir(path: str | os.PathLike[str]) -> None:
         os.close(fd)
 
 
+def process_umask() -> int:
+    """The process umask, read without changing it (``/proc/self/status``; 0o022 where that is unavailable)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    return 0o022
+
+
 def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
-    """Write ``data`` to ``path`` atomically (temp file + fsync + rename)."""
+    """Write ``data`` to ``path`` atomically (temp file + fsync + rename), with the permissions a plain ``open``
+    would give (0o666 minus the umask; ``mkstemp`` alone would leave the file private to its owner)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.fchmod(fd, 0o666 & ~process_umask())
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
             fh.flush()
@@ -68,13 +81,14 @@ def atomic_directory(target: str | os.PathLike[str], *, overwrite: bool = False)
     """Yield a temporary directory that becomes ``target`` on success.
 
     The caller fills the yielded directory. On normal exit its contents are fsync'ed and it is
-    renamed to ``target``; on any exception it is removed and ``target`` is untouched. With
+    renamed to ``target`` (with a normal directory's permissions); on any exception it is removed and ``target`` is untouched. With
     ``overwrite`` an existing ``target`` is replaced (moved aside, then deleted after the rename).
     """
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
     try:
+        os.chmod(tmp, 0o777 & ~process_umask())  # mkdtemp makes it 0o700; the target gets a normal directory's mode
         yield tmp
         fsync_tree(tmp)
         old: Path | None = None

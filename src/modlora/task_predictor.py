@@ -21,10 +21,10 @@ from pathlib import Path
 import numpy as np
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 
 from modlora.errors import DataError, RoutingError
-from modlora.io import atomic_directory
+from modlora.io import atomic_directory, atomic_write_bytes
 
 TP_WEIGHTS = "task_predictor.safetensors"
 TP_CONFIG = "task_predictor.json"
@@ -173,7 +173,8 @@ class TaskPredictor:
         config = {"format": TP_FORMAT, "expert_names": self.expert_names, "hidden_size": self.hidden_size,
                   "features": "mean-pooled last hidden state over attention_mask", "standardised": True}
         with atomic_directory(path, overwrite=overwrite) as tmp:
-            save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp / TP_WEIGHTS), metadata={"format": "pt"})
+            atomic_write_bytes(tmp / TP_WEIGHTS, save({k: v.contiguous() for k, v in tensors.items()},
+                                                      metadata={"format": "pt"}))
             (tmp / TP_CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         return path
 
