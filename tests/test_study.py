@@ -34,9 +34,14 @@ def test_study_end_to_end_and_resume(tmp_path):
                       max_prompt_tokens=48, max_target_tokens=4, k=2, heldout_limit=2, indist_limit=2,
                       max_new_tokens=3, top_k=2, libraries=["private", "mbc", "shared"],
                       rows=[["-", "base"], ["private", "mu"], ["private", "arrow"], ["private", "oracle"],
-                            ["mbc", "arrow"], ["shared", "mu"]], choice_tasks=["arc_easy", "winogrande"], choice_limit=3)
+                            ["mbc", "arrow"], ["shared", "mu"], ["private", "lorahub"]],
+                      choice_tasks=["arc_easy", "winogrande"], choice_limit=3, lorahub_shots=2, lorahub_budget=3)
     res = run_study(cfg, tmp_path / "out", device="cpu", data_dir=data)
-    assert set(res["rows"]) == {"base", "private/mu", "private/arrow", "private/oracle", "mbc/arrow", "shared/mu"}
+    assert set(res["rows"]) == {"base", "private/mu", "private/arrow", "private/oracle", "mbc/arrow", "shared/mu",
+                                "private/lorahub"}
+    hub = res["rows"]["private/lorahub"]
+    assert set(hub["heldout"]) == {"task9_z"} and hub["indist"] == {} and "heldout_rougeL" in hub
+    assert set(hub["lorahub_weights"]["task9_z"]) == {"task1_a", "task2_b", "task3_c", "task4_d"}
     arrow = res["rows"]["private/arrow"]
     assert 0.0 <= arrow["routing_accuracy"]["accuracy"] <= 1.0 and arrow["routing_accuracy"]["n"] == 8
     assert "task9_z" in arrow["heldout"] and set(arrow["indist"]) == set(train)

@@ -86,6 +86,8 @@ class StudyConfig:
     choice_batch_size: int = 16
     examples_per_expert: int = 16
     phatgoose_steps: int = 100
+    lorahub_shots: int = 5
+    lorahub_budget: int = 40
     seed: int = 0
 
     @classmethod
@@ -223,6 +225,10 @@ def evaluate_row(lm: LoadedModel, lib: ExpertLibrary | None, method: str, cfg: S
                  heldout: Mapping[str, Any], train_tasks: Mapping[str, Any]) -> dict[str, Any]:
     """Scores of one (library, method) row: held-out SNI, in-distribution, routing accuracy, throughput."""
     fmt = PromptFormatter(lm.tokenizer, max_prompt_tokens=cfg.max_prompt_tokens, max_target_tokens=cfg.max_target_tokens)
+    if method == "lorahub":
+        if lib is None:
+            raise ModloraError("the lorahub row needs a library")
+        return _lorahub_row(lm, lib, cfg, fmt, heldout)
     opts = RouterOptions(top_k=min(cfg.top_k, len(lib) if lib is not None else cfg.top_k), data_dir=str(
         data_dir / "sni" / "tasks"), examples_per_expert=cfg.examples_per_expert, phatgoose_steps=cfg.phatgoose_steps)
     t_prep = time.perf_counter()
@@ -262,6 +268,52 @@ def evaluate_row(lm: LoadedModel, lib: ExpertLibrary | None, method: str, cfg: S
                                                                      for t in lib.tasks(n)})
     finally:
         rm.restore()
+    return _finish_row(row, gen_tokens, gen_seconds)
+
+
+def _lorahub_row(lm: LoadedModel, lib: ExpertLibrary, cfg: StudyConfig, fmt: PromptFormatter,
+                 heldout: Mapping[str, Any]) -> dict[str, Any]:
+    """LoraHub is few-shot: per held-out task, search expert weights (nevergrad, ``lorahub_budget`` evaluations) on
+    ``lorahub_shots`` labelled instances that follow the evaluated ones, merge the combined adapter, generate, and
+    restore the base weights. Only the held-out SNI column applies (no shots are defined for the benchmarks, and in
+    distribution the oracle is the few-shot ceiling)."""
+    from modlora.adapters import merge_adapter
+    from modlora.lorahub import lorahub_search, restored_weights
+
+    experts = lib.experts(lib.expert_names())
+    device = next(lm.model.parameters()).device
+    row: dict[str, Any] = {"method": "lorahub", "heldout": {}, "indist": {}, "choice": {}, "lorahub_weights": {},
+                           "prepare_seconds": 0.0}
+    gen_tokens, gen_seconds = 0, 0.0
+    for name, task in heldout.items():
+        shots = task.instances[cfg.heldout_limit: cfg.heldout_limit + cfg.lorahub_shots]
+        if not shots:
+            raise ModloraError(f"held-out task {name}: no instances left for LoraHub shots after the first "
+                               f"{cfg.heldout_limit}")
+        examples = []
+        for inst in shots:
+            enc = fmt.encode(task, inst)
+            ids = torch.tensor(enc.prompt_ids + enc.target_ids, device=device)
+            labels = torch.full_like(ids, -100)
+            labels[len(enc.prompt_ids):] = ids[len(enc.prompt_ids):]
+            examples.append((ids, labels))
+        t0 = time.perf_counter()
+        res = lorahub_search(lm.model, experts, examples, budget=cfg.lorahub_budget, seed=cfg.seed)
+        row["prepare_seconds"] += time.perf_counter() - t0
+        row["lorahub_weights"][name] = res.weights
+        with restored_weights(lm.model, res.adapter.modules), torch.no_grad():
+            merge_adapter(lm.model, res.adapter)
+            t0 = time.perf_counter()
+            scores, tokens = _generate_scores(lm.model, lm, fmt, task, task.instances[: cfg.heldout_limit], cfg)
+            gen_seconds += time.perf_counter() - t0
+            gen_tokens += tokens
+        row["heldout"][name] = {k: mean_and_stderr(v)[0] for k, v in scores.items()} | {"n": len(scores["rougeL"])}
+        row["heldout"][name]["_per_example_rougeL"] = scores["rougeL"]
+    return _finish_row(row, gen_tokens, gen_seconds)
+
+
+def _finish_row(row: dict[str, Any], gen_tokens: int, gen_seconds: float) -> dict[str, Any]:
+    """Throughput and the pooled means ± standard errors of a row's per-task scores."""
     row["tokens_per_second"] = gen_tokens / max(gen_seconds, 1e-9)
     if row["choice"]:
         accs = [d["acc_norm"] for d in row["choice"].values()]
@@ -344,8 +396,8 @@ def _average(row: Mapping[str, Any]) -> dict[str, float] | None:
 
 def _headers(results: Mapping[str, Any]) -> list[str]:
     choice = list(results["config"].get("choice_tasks") or [])
-    return (["row"] + choice + ["held-out SNI Rouge-L", "average", "in-dist Rouge-L", "routing acc.", "train tokens",
-                                "train s", "infer tok/s"])
+    return (["row"] + choice + ["held-out SNI Rouge-L"] + (["average"] if choice else [])
+            + ["in-dist Rouge-L", "routing acc.", "train tokens", "train s", "infer tok/s"])
 
 
 def _row_cells(key: str, row: Mapping[str, Any], results: Mapping[str, Any]) -> list[str]:
@@ -353,8 +405,9 @@ def _row_cells(key: str, row: Mapping[str, Any], results: Mapping[str, Any]) -> 
     acc = row.get("routing_accuracy", {}).get("accuracy")
     choice = [_fmt({"mean": row["choice"][t]["acc_norm"], "stderr": row["choice"][t]["stderr"]})
               if t in row.get("choice", {}) else "-" for t in results["config"].get("choice_tasks") or []]
-    return [key, *choice, _fmt(row.get("heldout_rougeL")), _fmt(_average(row)) if row.get("choice") else "-",
-            _fmt(row.get("indist_rougeL")), f"{100 * acc:.0f}%" if acc is not None else "-",
+    average = [(_fmt(_average(row)) if row.get("choice") else "-")] if choice else []
+    return [key, *choice, _fmt(row.get("heldout_rougeL")), *average, _fmt(row.get("indist_rougeL")),
+            f"{100 * acc:.0f}%" if acc is not None else "-",
             f"{lib.get('train_tokens', 0) / 1000:.0f}k" if lib else "0",
             f"{lib.get('train_seconds', 0):.0f}" if lib else "0",
             f"{row.get('tokens_per_second', 0):.0f}"]
