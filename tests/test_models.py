@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from modlora.errors import ModelLoadError
-from modlora.models import embedded_gguf_path, load_base_model, model_identity
+from modlora.models import embedded_gguf_path, load_base_model, model_identity, resolve_dtype
 
 from .conftest import make_char_tokenizer, make_tiny_llama
 
@@ -23,6 +23,17 @@ def test_local_hf_directory(tmp_path):
     assert lm.info.same_weights(model_identity(lm.model, "other-name"))
     assert not lm.info.same_weights(model_identity(make_tiny_llama(seed=2), "m"))
     assert next(lm.model.parameters()).dtype == torch.float32 and not lm.model.training
+    assert next(load_base_model(str(tmp_path / "m"), device="cpu", dtype="bfloat16").model.parameters()).dtype \
+        == torch.bfloat16
+
+
+def test_resolve_dtype():
+    cpu = torch.device("cpu")
+    assert resolve_dtype(None, cpu) == resolve_dtype("auto", cpu) == torch.float32
+    assert resolve_dtype("bfloat16", cpu) == resolve_dtype(torch.bfloat16, cpu) == torch.bfloat16
+    for bad in ("float33", "nn"):
+        with pytest.raises(ModelLoadError, match="unknown dtype"):
+            resolve_dtype(bad, cpu)
 
 
 def test_bad_specs(tmp_path, monkeypatch):

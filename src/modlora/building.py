@@ -30,8 +30,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-import torch
-
 from modlora.adapters import LoraSpec
 from modlora.clustering import ClusteringResult, cluster_tasks, model_based_clustering, random_clustering
 from modlora.data import Task, default_sni_dir, load_flat_jsonl, load_sni_tasks, split_instances
@@ -105,9 +103,7 @@ def _process_model(model: str, device: str | None, dtype: str | None = None) -> 
     ``dtype`` names the weights dtype (``"bfloat16"``: the frozen base in bf16, the LoRA factors in fp32 as PEFT
     keeps them); None is the device default.
     """
-    if dtype is not None and not isinstance(getattr(torch, dtype, None), torch.dtype):
-        raise ModloraError(f"unknown dtype {dtype!r}; use e.g. 'float32' or 'bfloat16'")
-    return load_base_model(model, device=device, dtype=getattr(torch, dtype) if dtype else None)
+    return load_base_model(model, device=device, dtype=dtype)
 
 
 def load_tasks(config: BuildConfig, names: Sequence[str] | None) -> dict[str, Task]:

@@ -36,8 +36,7 @@ def _load_model(args: argparse.Namespace):
         if args.threads < 1:
             raise ModloraError(f"--threads must be >= 1, got {args.threads}")
         torch.set_num_threads(args.threads)
-    dtype = None if getattr(args, "dtype", "auto") == "auto" else getattr(torch, args.dtype)
-    return load_base_model(args.model, device=args.device, dtype=dtype)
+    return load_base_model(args.model, device=args.device, dtype=getattr(args, "dtype", None))
 
 
 def _add_data_args(p: argparse.ArgumentParser) -> None:

@@ -186,12 +186,26 @@ def resolve_model_source(spec: str, cache: Path | None = None) -> tuple[str, str
     return spec, spec
 
 
+def resolve_dtype(dtype: torch.dtype | str | None, device: torch.device) -> torch.dtype:
+    """A torch dtype from a dtype, its name (``"bfloat16"``, ``"float32"``, ``"auto"``) or None (the device default)."""
+    if dtype is None or dtype == "auto":
+        return default_dtype(device)
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    resolved = getattr(torch, str(dtype), None)
+    if not isinstance(resolved, torch.dtype):
+        raise ModelLoadError(f"unknown dtype {dtype!r}; use e.g. 'float32', 'bfloat16' or 'auto'")
+    return resolved
+
+
 def load_base_model(spec: str = DEFAULT_MODEL, *, device: str | torch.device | None = None,
-                    dtype: torch.dtype | None = None, cache: Path | None = None) -> LoadedModel:
-    """Load a causal LM + tokenizer in eval mode (CPU fp32 by default; CUDA + bf16 when available)."""
-    source, name = resolve_model_source(spec, cache)
+                    dtype: torch.dtype | str | None = None, cache: Path | None = None) -> LoadedModel:
+    """Load a causal LM + tokenizer in eval mode (CPU fp32 by default; CUDA + bf16 when available).
+
+    ``dtype``: a torch dtype or its name; None or ``"auto"`` is the device default."""
     dev = torch.device(device) if device is not None else default_device()
-    dt = dtype or default_dtype(dev)
+    dt = resolve_dtype(dtype, dev)
+    source, name = resolve_model_source(spec, cache)
     try:
         tokenizer = AutoTokenizer.from_pretrained(source)
         model = AutoModelForCausalLM.from_pretrained(source, dtype=dt)

@@ -338,7 +338,7 @@ def run_study(cfg: StudyConfig, out: Path, *, device: str | None = None, data_di
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_json(out / "config.json", asdict(cfg))
     libs = build_libraries(cfg, out, device, console, data_dir)
-    lm = load_base_model(cfg.model, device=device, dtype=getattr(torch, cfg.dtype) if cfg.dtype else None)
+    lm = load_base_model(cfg.model, device=device, dtype=cfg.dtype)
     heldout = _heldout(cfg, data_dir)
     train_tasks = load_sni_tasks(data_dir / "sni" / "tasks", cfg.train_tasks)
     rows_dir = out / "rows"
