@@ -251,8 +251,7 @@ def evaluate_row(lm: LoadedModel, lib: ExpertLibrary | None, method: str, cfg: S
                 scores, tokens = _generate_scores(rm, lm, fmt, task, task.instances[: cfg.heldout_limit], cfg)
                 gen_seconds += time.perf_counter() - t0
                 gen_tokens += tokens
-                row["heldout"][name] = {k: mean_and_stderr(v)[0] for k, v in scores.items()} | {"n": len(scores["rougeL"])}
-                row["heldout"][name]["_per_example_rougeL"] = scores["rougeL"]
+                row["heldout"][name] = _task_cell(scores)
         for name, task in train_tasks.items():
             insts = split_instances(task, seed=cfg.seed)["test"][: cfg.indist_limit]
             model = rm.for_task(name) if method == "oracle" else rm
@@ -260,8 +259,7 @@ def evaluate_row(lm: LoadedModel, lib: ExpertLibrary | None, method: str, cfg: S
             scores, tokens = _generate_scores(model, lm, fmt, task, insts, cfg)
             gen_seconds += time.perf_counter() - t0
             gen_tokens += tokens
-            row["indist"][name] = {k: mean_and_stderr(v)[0] for k, v in scores.items()} | {"n": len(insts)}
-            row["indist"][name]["_per_example_rougeL"] = scores["rougeL"]
+            row["indist"][name] = _task_cell(scores)
         if method in PER_TOKEN_ROUTERS and lib is not None:
             exs = encode_tasks(fmt, train_tasks, "test", max_per_task=cfg.indist_limit, seed=cfg.seed)
             row["routing_accuracy"] = routing_accuracy(rm, lm, exs, {t: n for n in lib.expert_names()
@@ -307,19 +305,29 @@ def _lorahub_row(lm: LoadedModel, lib: ExpertLibrary, cfg: StudyConfig, fmt: Pro
             scores, tokens = _generate_scores(lm.model, lm, fmt, task, task.instances[: cfg.heldout_limit], cfg)
             gen_seconds += time.perf_counter() - t0
             gen_tokens += tokens
-        row["heldout"][name] = {k: mean_and_stderr(v)[0] for k, v in scores.items()} | {"n": len(scores["rougeL"])}
-        row["heldout"][name]["_per_example_rougeL"] = scores["rougeL"]
+        row["heldout"][name] = _task_cell(scores)
     return _finish_row(row, gen_tokens, gen_seconds)
+
+
+def _task_cell(scores: Mapping[str, list[float]]) -> dict[str, Any]:
+    """One task's mean of each per-example metric and its count; the per-example Rouge-L rides along (under
+    ``_per_example_rougeL``) until :func:`_finish_row` pools it over the row's tasks."""
+    return ({k: mean_and_stderr(v)[0] for k, v in scores.items()}
+            | {"n": len(scores["rougeL"]), "_per_example_rougeL": scores["rougeL"]})
+
+
+def _mean_of_means(cells: Sequence[tuple[float, float]]) -> dict[str, float]:
+    """Mean of ``(mean, stderr)`` cells with the standard error propagated: ``sqrt(Σ se²) / n``."""
+    return {"mean": sum(m for m, _ in cells) / len(cells),
+            "stderr": math.sqrt(sum(se * se for _, se in cells)) / len(cells)}
 
 
 def _finish_row(row: dict[str, Any], gen_tokens: int, gen_seconds: float) -> dict[str, Any]:
     """Throughput and the pooled means ± standard errors of a row's per-task scores."""
     row["tokens_per_second"] = gen_tokens / max(gen_seconds, 1e-9)
     if row["choice"]:
-        accs = [d["acc_norm"] for d in row["choice"].values()]
-        ses = [d["stderr"] for d in row["choice"].values()]
-        row["choice_acc_norm"] = {"mean": sum(accs) / len(accs),
-                                  "stderr": math.sqrt(sum(se * se for se in ses)) / len(ses), "n": len(accs)}
+        row["choice_acc_norm"] = _mean_of_means([(d["acc_norm"], d["stderr"]) for d in row["choice"].values()]) \
+            | {"n": len(row["choice"])}
     for part in ("heldout", "indist"):
         vals = [r for d in row[part].values() for r in d.pop("_per_example_rougeL")]
         if vals:
@@ -388,10 +396,7 @@ def _average(row: Mapping[str, Any]) -> dict[str, float] | None:
     cells = [(d["acc_norm"], d["stderr"]) for d in row.get("choice", {}).values()]
     if "heldout_rougeL" in row:
         cells.append((row["heldout_rougeL"]["mean"], row["heldout_rougeL"]["stderr"]))
-    if not cells:
-        return None
-    return {"mean": sum(m for m, _ in cells) / len(cells),
-            "stderr": math.sqrt(sum(se * se for _, se in cells)) / len(cells)}
+    return _mean_of_means(cells) if cells else None
 
 
 def _headers(results: Mapping[str, Any]) -> list[str]:
