@@ -165,3 +165,8 @@ def test_real_shared_sni_data(shared_data, char_tokenizer):
     assert len(train) == 10 and all(len(e.prompt_ids) <= 64 for e in train)
     held = load_sni_tasks(shared_data / "sni" / "heldout")
     assert len(held) == 20
+
+
+def test_encoded_example_labelled_masks_the_prompt():
+    ids, labels = EncodedExample("t", [5, 6, 7], [8, 9]).labelled()
+    assert ids.tolist() == [5, 6, 7, 8, 9] and labels.tolist() == [-100, -100, -100, 8, 9]

@@ -379,25 +379,17 @@ def cmd_export_arrow(args: argparse.Namespace) -> int:
 
 
 def cmd_lorahub(args: argparse.Namespace) -> int:
-    import torch
-
-    from modlora.data import PromptFormatter, encode_tasks, load_sni_tasks
+    from modlora.data import PromptFormatter, default_sni_dir, encode_tasks, load_sni_tasks
     from modlora.library import ExpertLibrary
     from modlora.lorahub import lorahub_search
 
     lm = _load_model(args)
     lib = ExpertLibrary(args.library)
     lib.check_base_model(lm.info)
-    from modlora.data import default_sni_dir
     tasks = load_sni_tasks(args.data or default_sni_dir(), [args.task])
     fmt = PromptFormatter(lm.tokenizer, max_prompt_tokens=384, max_target_tokens=128)
     shots = encode_tasks(fmt, tasks, "train", max_per_task=args.shots)
-    examples = []
-    for e in shots:
-        ids = torch.tensor(e.prompt_ids + e.target_ids)
-        labels = torch.full_like(ids, -100)
-        labels[len(e.prompt_ids):] = ids[len(e.prompt_ids):]
-        examples.append((ids, labels))
+    examples = [e.labelled() for e in shots]
     experts = lib.experts(args.experts or None)
     res = lorahub_search(lm.model, experts, examples, budget=args.budget, l1_alpha=args.l1, seed=args.seed)
     res.adapter.base_model_name = lib.base_model.name

@@ -310,6 +310,14 @@ class EncodedExample:
     def length(self) -> int:
         return len(self.prompt_ids) + len(self.target_ids)
 
+    def labelled(self, device: torch.device | str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(input_ids, labels)`` (T,) each, labels ``-100`` on the prompt: the few-shot format of LoraHub and
+        PhatGOOSE."""
+        ids = torch.tensor(self.prompt_ids + self.target_ids, device=device)
+        labels = torch.full_like(ids, -100)
+        labels[len(self.prompt_ids):] = ids[len(self.prompt_ids):]
+        return ids, labels
+
 
 @dataclass
 class PromptFormatter:

@@ -158,13 +158,7 @@ def _expert_batches(lm: LoadedModel, library: ExpertLibrary, names: Sequence[str
                            seed=int(entry.training.get("split_seed", 0)))[: opts.examples_per_expert]
         device = next(lm.model.parameters()).device
         if with_labels:
-            items = []
-            for e in exs:
-                ids = torch.tensor(e.prompt_ids + e.target_ids, device=device)
-                labels = torch.full_like(ids, -100)
-                labels[len(e.prompt_ids):] = ids[len(e.prompt_ids):]
-                items.append((ids, labels))
-            out[name] = items
+            out[name] = [e.labelled(device) for e in exs]
         else:
             out[name] = [(b.input_ids, b.attention_mask) for b in
                          (collate(exs[i:i + 8], lm.tokenizer.pad_token_id).to(device) for i in range(0, len(exs), 8))]

@@ -288,13 +288,7 @@ def _lorahub_row(lm: LoadedModel, lib: ExpertLibrary, cfg: StudyConfig, fmt: Pro
         if not shots:
             raise ModloraError(f"held-out task {name}: no instances left for LoraHub shots after the first "
                                f"{cfg.heldout_limit}")
-        examples = []
-        for inst in shots:
-            enc = fmt.encode(task, inst)
-            ids = torch.tensor(enc.prompt_ids + enc.target_ids, device=device)
-            labels = torch.full_like(ids, -100)
-            labels[len(enc.prompt_ids):] = ids[len(enc.prompt_ids):]
-            examples.append((ids, labels))
+        examples = [fmt.encode(task, inst).labelled(device) for inst in shots]
         t0 = time.perf_counter()
         res = lorahub_search(lm.model, experts, examples, budget=cfg.lorahub_budget, seed=cfg.seed)
         row["prepare_seconds"] += time.perf_counter() - t0
