@@ -403,13 +403,10 @@ def cmd_lorahub(args: argparse.Namespace) -> int:
     return 0
 
 
-def _task_done_printer(args: argparse.Namespace):
+def _print_task_done(task: str, scores) -> None:
     """``on_task_done`` callback: print each task's scores as soon as it is done."""
-    def done(task: str, scores) -> None:
-        cells = "  ".join(f"{m}={100 * v:.2f}±{100 * scores.stderr.get(m, float('nan')):.2f}"
-                          for m, v in scores.metrics.items())
-        console.print(f"{task}: {cells}  (n={scores.n}, {scores.wall_s:.0f} s)")
-    return done
+    from modlora.evaluation.results import format_metrics
+    console.print(f"{task}: {format_metrics(scores)}  (n={scores.n}, {scores.wall_s:.0f} s)")
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
@@ -436,7 +433,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
             # a task predictor pools over the whole input, so the context must not be scored separately
             run = evaluate_choice_tasks(rm, lm.tokenizer, args.tasks or DEFAULT_CHOICE_TASKS, data_dir=data_root,
                                         prefix_reuse=args.router != "tp", progress=True,
-                                        on_task_done=_task_done_printer(args), **common)
+                                        on_task_done=_print_task_done, **common)
         elif args.suite == "sni":
             run = evaluate_sni(rm, lm.tokenizer, args.tasks or None, data_dir=data_root, split=args.sni_split,
                                max_new_tokens=args.max_new_tokens, **common)

@@ -180,6 +180,13 @@ def load_results(path: str | os.PathLike[str]) -> EvalRun:
     return EvalRun.from_dict(read_json(path, "results file"), source=str(Path(path)))
 
 
+def format_metrics(scores: TaskScores, metric: str | None = None) -> str:
+    """``"acc=50.17±1.03  acc_norm=46.51±1.02"``: every metric of ``scores`` (or only ``metric``) in %, ± stderr."""
+    names = [metric] if metric is not None else list(scores.metrics)
+    return "  ".join(f"{m}={100 * scores.metrics[m]:.2f}±{100 * scores.stderr.get(m, float('nan')):.2f}"
+                     for m in names if m in scores.metrics)
+
+
 def results_table(runs: Sequence[EvalRun], metric: str | None = None, title: str = "Evaluation"):
     """A ``rich.table.Table``: one row per (method, task) with metric ± stderr, n and wall time, then the averages.
 
@@ -192,10 +199,7 @@ def results_table(runs: Sequence[EvalRun], metric: str | None = None, title: str
         table.add_column(col, justify="right" if col in ("n", "wall s") else "left")
     for run in runs:
         for task, scores in run.tasks.items():
-            names = [metric] if metric is not None else list(scores.metrics)
-            cells = [f"{m}={100 * scores.metrics[m]:.2f}±{100 * scores.stderr.get(m, float('nan')):.2f}"
-                     for m in names if m in scores.metrics]
-            table.add_row(run.method, task, "  ".join(cells), str(scores.n), f"{scores.wall_s:.1f}")
+            table.add_row(run.method, task, format_metrics(scores, metric), str(scores.n), f"{scores.wall_s:.1f}")
         avg = run.average()
         names = [metric] if metric is not None else list(avg)
         table.add_row(run.method, "[b]average[/b]", "  ".join(f"{m}={100 * avg[m]:.2f}" for m in names if m in avg),
