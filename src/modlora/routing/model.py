@@ -143,15 +143,11 @@ class RoutedModel:
 
     def set_path(self, path: Path) -> None:
         """Force the ``"dense"`` (dense-fold) or ``"sparse"`` (top-k) compute path, or ``"auto"``."""
-        if path not in ("auto", "dense", "sparse"):
-            raise RoutingError(f"path must be 'auto', 'dense' or 'sparse', got {path!r}")
-        self.state.path = path
+        self.state.path = _checked_path(path)
 
     def set_sparse_kernel(self, kernel: SparseKernel) -> None:
         """Kernel of the sparse path: ``"sddmm"`` (CPU, float32/64), ``"blocks"`` (any device/dtype) or ``"auto"``."""
-        if kernel not in ("auto", "sddmm", "blocks"):
-            raise RoutingError(f"sparse_kernel must be 'auto', 'sddmm' or 'blocks', got {kernel!r}")
-        self.state.sparse_kernel = kernel
+        self.state.sparse_kernel = _checked_kernel(kernel)
 
     @contextlib.contextmanager
     def example_weights(self, weights: torch.Tensor | Mapping[str, float] | Sequence[Mapping[str, float]]
@@ -218,6 +214,18 @@ def _resolve_router(router: Any) -> Any:
     return router
 
 
+def _checked_path(path: str) -> Path:
+    if path not in ("auto", "dense", "sparse"):
+        raise RoutingError(f"path must be 'auto', 'dense' or 'sparse', got {path!r}")
+    return path
+
+
+def _checked_kernel(kernel: str) -> SparseKernel:
+    if kernel not in ("auto", "sddmm", "blocks"):
+        raise RoutingError(f"sparse_kernel must be 'auto', 'sddmm' or 'blocks', got {kernel!r}")
+    return kernel
+
+
 def route(model: nn.Module, experts: Any, router: Any = "arrow", *, mixing: Mixing = "outputs",
           path: Path = "auto", general_experts: Any = None,
           gks_space: Literal["factors", "delta"] = "factors", sparse_kernel: SparseKernel = "auto") -> RoutedModel:
@@ -235,10 +243,7 @@ def route(model: nn.Module, experts: Any, router: Any = "arrow", *, mixing: Mixi
         tag = hashlib.sha256("\0".join(gs.names).encode()).hexdigest()[:10]
         es = ExpertSet(es.names, tuple(genknowsub(es, gs, gks_space).values()), es.library,
                        f"{es.tag}-gks-{gks_space}-{tag}")
-    if path not in ("auto", "dense", "sparse"):
-        raise RoutingError(f"path must be 'auto', 'dense' or 'sparse', got {path!r}")
-    if sparse_kernel not in ("auto", "sddmm", "blocks"):
-        raise RoutingError(f"sparse_kernel must be 'auto', 'sddmm' or 'blocks', got {sparse_kernel!r}")
+    path, sparse_kernel = _checked_path(path), _checked_kernel(sparse_kernel)
     if any(isinstance(m, RoutedLoraLinear) for m in model.modules()):
         raise RoutingError("model is already routed; restore() it first")
     named = dict(model.named_modules())
