@@ -47,7 +47,7 @@ def main(argv: list[str] | None = None) -> None:
     examples = load_choice_task(default_data_dir() / "eval" / filename, delimiter, limit=args.limit, seed=0)
     rows = []
     for dt in args.dtypes.split(","):
-        lm = load_base_model(args.model, dtype=getattr(torch, dt))
+        lm = load_base_model(args.model, dtype=dt)
         opts = _tokenize_options(lm.tokenizer, examples, False)
         tokens = sum(len(o[0].ctx_ids) + sum(len(x.cont_ids) for x in o) for o in opts)
         modes = [("prefix reuse", True)] + ([] if args.no_naive else [("full sequences", False)])
