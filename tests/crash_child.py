@@ -3,7 +3,7 @@
 usage: python crash_child.py MODEL_DIR FLAT_FILE LIB_DIR MODE N
 MODE: none | before_rename (after the expert files are written, before the directory rename) |
       after_rename (expert directory in place, manifest not yet written) | manifest_tmp (manifest temp file written,
-      not renamed) | train (inside the N-th optimizer step).  N: which occurrence (1-based) triggers the kill.
+      not renamed) | train (inside the N-th optimizer step of an expert).  N: which occurrence (1-based) triggers the kill.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import sys
 
 import modlora.io as mio
 import modlora.library as library
-import modlora.training as training
+import modlora.multitrain as multitrain
 from modlora.building import BuildConfig, build_private_library
 
 model_dir, flat, lib_dir, mode, n = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4], int(sys.argv[5])
@@ -50,14 +50,15 @@ elif mode == "manifest_tmp":
         real_replace(src, dst)
     mio.os.replace = replace
 elif mode == "train":
-    real_step = training.torch.optim.AdamW.step
+    real_step = multitrain.StackedAdamW.step
 
-    def step(self, *a, **k):
-        _tick()
-        return real_step(self, *a, **k)
-    training.torch.optim.AdamW.step = step
+    def step(self, lr, rows):
+        for _ in rows:  # one tick per expert's optimizer step
+            _tick()
+        return real_step(self, lr, rows)
+    multitrain.StackedAdamW.step = step
 
 tasks = ["upper", "lower", "first", "last"]
 cfg = BuildConfig(model=model_dir, device="cpu", flat_file=flat, steps_per_task=2, batch_size=4, lr=1e-3, max_val=4,
-                  max_prompt_tokens=64, max_target_tokens=8)
+                  max_prompt_tokens=64, max_target_tokens=8, experts_per_job=2)
 build_private_library(lib_dir, tasks, cfg, progress=False)

@@ -92,27 +92,70 @@ def test_all_strategies_end_to_end(tmp_path, setup):
 
 
 def test_resume_after_injected_failure(tmp_path, setup, monkeypatch):
-    cfg = _config(setup)
-    real = building.train_task_expert
+    cfg = _config(setup, experts_per_job=2)  # chunks: (upper, lower), (first, last), (double, reverse)
+    real = building.train_task_experts
     calls = []
 
-    def flaky(lm, lib, name, *args, **kwargs):
-        calls.append(name)
-        if name == "first":
+    def flaky(lm, lib, plans, **kwargs):
+        calls.append(list(plans))
+        if "first" in plans:
             raise RuntimeError("injected failure")
-        return real(lm, lib, name, *args, **kwargs)
+        return real(lm, lib, plans, **kwargs)
 
-    monkeypatch.setattr(building, "train_task_expert", flaky)
+    monkeypatch.setattr(building, "train_task_experts", flaky)
     with pytest.raises(JobError, match="first"):
         build_private_library(tmp_path / "lib", TASKS, cfg, progress=False)
     lib = ExpertLibrary(tmp_path / "lib")
     assert lib.expert_names() == ["lower", "upper"]
     created = {n: lib.entry(n).created for n in lib.expert_names()}
-    monkeypatch.setattr(building, "train_task_expert", real)
+    monkeypatch.setattr(building, "train_task_experts", real)
     lib = build_private_library(tmp_path / "lib", TASKS, cfg, progress=False)
     assert lib.expert_names() == sorted(TASKS)
     assert all(lib.entry(n).created == t for n, t in created.items())  # finished experts were not retrained
     assert lib.verify() == []
+
+
+def test_chunking_does_not_change_experts(tmp_path, setup):
+    """Experts trained in chunks of 1, 3 or all together are the same (only float summation order differs; dropout
+    masks depend on which experts share a batch, so dropout is off)."""
+    libs = [build_private_library(tmp_path / f"lib{n}", TASKS[:4], _config(setup, experts_per_job=n, dropout=0.0,
+                                                                          shared_prefix=n != 1), progress=False)
+            for n in (1, 3, 8)]
+    for name in TASKS[:4]:
+        ref = libs[0].get(name)
+        for lib in libs[1:]:
+            other = lib.get(name)
+            for m in ref.modules:
+                torch.testing.assert_close(other.A[m], ref.A[m], rtol=1e-3, atol=1e-5)
+                torch.testing.assert_close(other.B[m], ref.B[m], rtol=1e-3, atol=1e-5)
+
+
+def test_changed_config_is_refused_or_retrained(tmp_path, setup):
+    cfg = _config(setup)
+    build_private_library(tmp_path / "lib", TASKS[:2], cfg, progress=False)
+    created = {n: ExpertLibrary(tmp_path / "lib").entry(n).created for n in TASKS[:2]}
+    # execution-only settings do not count as a change: a finished library resumes as done
+    same = build_private_library(tmp_path / "lib", TASKS[:2], _config(setup, experts_per_job=1, shared_prefix=False),
+                                 progress=False)
+    assert {n: same.entry(n).created for n in TASKS[:2]} == created
+    changed = _config(setup, steps_per_task=4, rank=2)
+    with pytest.raises(ModloraError, match=r"(?s)upper, lower.*rank: 4 -> 2.*steps_per_task: 3 -> 4.*--retrain-changed"):
+        build_private_library(tmp_path / "lib", TASKS[:2], changed, progress=False)
+    assert {n: ExpertLibrary(tmp_path / "lib").entry(n).created for n in TASKS[:2]} == created  # nothing lost
+    # adding a task with the old settings is fine; retrain-changed retrains exactly the changed experts
+    lib = build_private_library(tmp_path / "lib", TASKS[:3], cfg, progress=False)
+    assert lib.expert_names() == sorted(TASKS[:3])
+    lib = build_private_library(tmp_path / "lib", TASKS[:2], changed, progress=False,
+                                on_config_change="retrain-changed")
+    assert all(lib.entry(n).metrics["steps"] == 4 and lib.get(n).spec.rank == 2 for n in TASKS[:2])
+    assert lib.entry(TASKS[2]).metrics["steps"] == 3  # not part of this build: left alone
+    # new-library moves the old one aside, nothing is deleted
+    lib = build_private_library(tmp_path / "lib", TASKS[:1], cfg, progress=False, on_config_change="new-library")
+    assert lib.expert_names() == [TASKS[0]] and lib.entry(TASKS[0]).metrics["steps"] == 3
+    moved = [p for p in tmp_path.iterdir() if p.name.startswith("lib.replaced-")]
+    assert len(moved) == 1 and ExpertLibrary(moved[0]).expert_names() == sorted(TASKS[:3])
+    with pytest.raises(ModloraError, match="on_config_change"):
+        build_private_library(tmp_path / "lib", TASKS[:1], cfg, progress=False, on_config_change="maybe")
 
 
 def test_bad_build_arguments(tmp_path, setup):

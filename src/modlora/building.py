@@ -14,17 +14,29 @@ Budgets are per task, so the strategies can be compared at equal training comput
 * **random**: clusters of the same sizes as an MBC clustering with random members; each cluster expert gets
   ``B·|cluster|`` steps (the MBC total, stage 1 included, so compute matches private and MBC).
 
-Each expert is one job (:mod:`modlora.executors`): ``local`` runs them in this process, ``ray`` one Ray task per
-expert (one GPU each when the cluster has GPUs). A job whose expert is already in the library is skipped, so an
-interrupted build resumes where it stopped; a crash mid-expert leaves no partial expert (atomic library writes), and
-:meth:`ExpertLibrary.clean_incomplete` removes the leftovers of the interrupted write.
+Experts train together (:func:`modlora.multitrain.train_experts`: one frozen base, mixed batches, per-example
+factors), in *chunks* of ``experts_per_job`` experts; each chunk is one job (:mod:`modlora.executors`): ``local``
+runs them in this process, ``ray`` spreads them over the workers (one GPU each when the cluster has GPUs). An expert
+is written to the library as soon as its budget ends, and a job skips experts already in the library, so an
+interrupted build resumes where it stopped and loses at most the unfinished experts of the running chunk; a crash
+mid-write leaves no partial expert (atomic library writes), and :meth:`ExpertLibrary.clean_incomplete` removes the
+leftovers of the interrupted write.
+
+Each expert records the fingerprint of what determines its training (:func:`expert_fingerprint`: the build config
+less execution-only fields, its tasks and budget), and the library stores the build config (``meta/build_config``).
+Re-running a build with other settings on an existing library is refused with the differences listed, unless
+``on_config_change`` is ``"retrain-changed"`` (experts whose fingerprint differs are retrained) or ``"new-library"``
+(the old library is moved aside to ``<path>.replaced-<time>`` and a fresh one is built).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+import hashlib
+import json
 import math
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,11 +49,17 @@ from modlora.errors import ModloraError
 from modlora.executors import Job, run_jobs
 from modlora.library import ExpertLibrary
 from modlora.models import LoadedModel, load_base_model
-from modlora.pipeline import train_task_expert
+from modlora.multitrain import MultiTrainOptions
+from modlora.pipeline import ExpertPlan, train_task_experts
 from modlora.training import TrainConfig
 
 Strategy = Literal["private", "shared", "mbc", "random"]
+OnConfigChange = Literal["refuse", "retrain-changed", "new-library"]
 CLUSTERING_META = "clustering"
+BUILD_CONFIG_META = "build_config"
+FINGERPRINT_KEY = "build_fingerprint"
+EXECUTION_ONLY = ("device", "experts_per_job", "shared_prefix", "max_tokens_per_forward")
+"""BuildConfig fields that change how fast experts train, not what they become: left out of fingerprints."""
 
 
 @dataclass(frozen=True)
@@ -69,6 +87,23 @@ class BuildConfig:
     max_prompt_tokens: int = 384
     max_target_tokens: int = 128
     balanced: bool = False
+    experts_per_job: int = 8
+    shared_prefix: bool = True
+    max_tokens_per_forward: int | None = 8192
+
+    def __post_init__(self) -> None:
+        if self.experts_per_job < 1:
+            raise ModloraError(f"experts_per_job must be >= 1, got {self.experts_per_job}")
+        MultiTrainOptions(self.shared_prefix, self.max_tokens_per_forward)  # validates
+
+    @property
+    def options(self) -> MultiTrainOptions:
+        return MultiTrainOptions(self.shared_prefix, self.max_tokens_per_forward)
+
+    def training_settings(self) -> dict[str, Any]:
+        """The fields that determine what the experts become (everything but :data:`EXECUTION_ONLY`)."""
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()
+                if k not in EXECUTION_ONLY}
 
     @property
     def spec(self) -> LoraSpec:
@@ -85,15 +120,29 @@ class BuildConfig:
 
 
 @dataclass(frozen=True)
-class ExpertJob(Job):
-    """Train expert ``name`` on ``tasks`` into ``library`` with ``budget_scale`` per-task budgets."""
+class PlannedExpert:
+    """Expert ``name`` on ``tasks`` with ``budget_scale`` per-task budgets."""
 
-    library: str
+    name: str
     tasks: tuple[str, ...]
     budget_scale: float
     stage: str
+
+
+@dataclass(frozen=True)
+class ExpertsJob(Job):
+    """Train a chunk of ``experts`` together into ``library``."""
+
+    library: str
+    experts: tuple[PlannedExpert, ...]
     config: BuildConfig
     show_progress: bool = False
+
+
+def expert_fingerprint(config: BuildConfig, expert: PlannedExpert) -> str:
+    """sha256 of what determines an expert's training: the config's training settings, its tasks and budget."""
+    doc = {**config.training_settings(), "tasks": list(expert.tasks), "budget_scale": expert.budget_scale}
+    return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()[:16]
 
 
 @functools.lru_cache(maxsize=1)
@@ -119,24 +168,35 @@ def load_tasks(config: BuildConfig, names: Sequence[str] | None) -> dict[str, Ta
     return load_sni_tasks(config.data_dir or default_sni_dir(), names)
 
 
-def train_expert_job(job: ExpertJob) -> dict[str, Any]:
-    """Ray/local job body: train one expert unless it is already in the library (resumability)."""
+def train_experts_job(job: ExpertsJob) -> list[dict[str, Any]]:
+    """Ray/local job body: train the chunk's experts together and store those not in the library yet.
+
+    A chunk with every expert stored is skipped (resumability). A partly stored chunk (a crash between two writes,
+    or ``retrain-changed``) is trained whole again, so that every expert sees the same companions, hence the same
+    dropout masks, as in an uninterrupted build; the experts already stored are kept as they are."""
     lib = ExpertLibrary(job.library)
-    if job.name in lib:
-        return {"name": job.name, "status": "skipped", "metrics": lib.entry(job.name).metrics}
     cfg = job.config
+    stored = {e.name for e in job.experts if e.name in lib}
+    if len(stored) == len(job.experts):
+        return [{"name": e.name, "status": "skipped", "metrics": lib.entry(e.name).metrics} for e in job.experts]
     lm = _process_model(cfg.model, cfg.device, cfg.dtype)
-    tasks = load_tasks(cfg, list(job.tasks))
-    cap = cfg.max_examples
-    if cfg.balanced and len(tasks) > 1:
-        smallest = min(len(split_instances(t, seed=cfg.seed)["train"]) for t in tasks.values())
-        cap = min(cap, smallest) if cap is not None else smallest
-    entry = train_task_expert(
-        lm, lib, job.name, tasks, spec=cfg.spec, config=cfg.train_config(job.budget_scale), max_examples=cap,
-        max_val=cfg.max_val, max_prompt_tokens=cfg.max_prompt_tokens, max_target_tokens=cfg.max_target_tokens,
-        split_seed=cfg.seed, progress=job.show_progress,
-        extra_training={"stage": job.stage, "budget_scale": job.budget_scale, "balanced": cfg.balanced})
-    return {"name": job.name, "status": "trained", "metrics": entry.metrics}
+    tasks = load_tasks(cfg, sorted({t for e in job.experts for t in e.tasks}))
+    plans = {}
+    for e in job.experts:
+        mine = {t: tasks[t] for t in e.tasks}
+        cap = cfg.max_examples
+        if cfg.balanced and len(mine) > 1:
+            smallest = min(len(split_instances(t, seed=cfg.seed)["train"]) for t in mine.values())
+            cap = min(cap, smallest) if cap is not None else smallest
+        plans[e.name] = ExpertPlan(mine, cfg.train_config(e.budget_scale), cap, {
+            "stage": e.stage, "budget_scale": e.budget_scale, "balanced": cfg.balanced,
+            FINGERPRINT_KEY: expert_fingerprint(cfg, e)})
+    entries = train_task_experts(lm, lib, plans, spec=cfg.spec, options=cfg.options, max_val=cfg.max_val,
+                                 max_prompt_tokens=cfg.max_prompt_tokens, max_target_tokens=cfg.max_target_tokens,
+                                 split_seed=cfg.seed, progress=job.show_progress, desc=job.name, keep=stored)
+    return [{"name": e.name, "status": "skipped" if e.name in stored else "trained",
+             "metrics": lib.entry(e.name).metrics if e.name in stored else entries[e.name].metrics}
+            for e in job.experts]
 
 
 def _base_info(config: BuildConfig):
@@ -149,58 +209,101 @@ def _open(path: str | Path, config: BuildConfig) -> ExpertLibrary:
     return lib
 
 
-def _run(jobs: list[ExpertJob], executor: str, ray_address: str | None, desc: str, progress: bool
-         ) -> list[dict[str, Any]]:
-    if executor == "local" and progress:  # per-step bars only in-process (Ray workers' output interleaves)
-        jobs = [dataclasses.replace(j, show_progress=True) for j in jobs]
-    return run_jobs(jobs, train_expert_job, executor, ray_address=ray_address, desc=desc,  # type: ignore[arg-type]
-                    progress=progress)
+def _settings_diff(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
+    return [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
+
+
+def _reconcile(path: str | Path, config: BuildConfig, planned: Sequence[PlannedExpert],
+               on_config_change: OnConfigChange) -> ExpertLibrary:
+    """Open (or create) the library and make sure that the experts it holds were trained as ``config`` plans.
+
+    Experts whose recorded fingerprint differs are refused (:class:`ModloraError` listing the differences),
+    retrained (``"retrain-changed"``) or the whole library is moved aside (``"new-library"``)."""
+    if on_config_change not in ("refuse", "retrain-changed", "new-library"):
+        raise ModloraError(f"on_config_change must be 'refuse', 'retrain-changed' or 'new-library', "
+                           f"got {on_config_change!r}")
+    lib = _open(path, config)
+    changed = [e.name for e in planned if e.name in lib
+               and lib.entry(e.name).training.get(FINGERPRINT_KEY) != expert_fingerprint(config, e)]
+    if changed:
+        if on_config_change == "new-library":
+            moved = lib.path.with_name(f"{lib.path.name}.replaced-{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}")
+            lib.path.rename(moved)
+            lib = _open(path, config)
+        elif on_config_change == "retrain-changed":
+            for name in changed:
+                lib.remove(name)
+        else:
+            stored = lib.load_meta(BUILD_CONFIG_META)
+            diff = (_settings_diff(stored, config.training_settings()) if isinstance(stored, dict)
+                    else ["(the library records no build config: it was built before fingerprints were kept)"])
+            tasks_or_budget = "" if diff else " (their tasks or budgets differ)"
+            raise ModloraError(
+                f"{lib.path}: {len(changed)} expert(s) were trained with other settings than this build"
+                f"{tasks_or_budget}: {', '.join(changed[:8])}{' ...' if len(changed) > 8 else ''}\n  "
+                + "\n  ".join(diff) + "\nRe-run with --retrain-changed to retrain them, or --new-library to move "
+                "the library aside and build a new one (or choose another output path).")
+    lib.save_meta(BUILD_CONFIG_META, config.training_settings())
+    return lib
+
+
+def _chunk_name(desc: str, chunk: Sequence[PlannedExpert]) -> str:
+    names = [e.name for e in chunk]
+    shown = ", ".join(names[:3]) + (f" +{len(names) - 3} more" if len(names) > 3 else "")
+    return f"{desc} [{shown}]"
+
+
+def _run(lib: ExpertLibrary, planned: Sequence[PlannedExpert], config: BuildConfig, executor: str,
+         ray_address: str | None, desc: str, progress: bool) -> None:
+    """Train ``planned`` in chunks of ``config.experts_per_job`` (one job each)."""
+    n = config.experts_per_job
+    chunks = [tuple(planned[i:i + n]) for i in range(0, len(planned), n)]
+    jobs = [ExpertsJob(name=_chunk_name(desc, chunk), library=str(lib.path), experts=chunk, config=config,
+                       show_progress=progress and executor == "local")  # per-step bars only in-process
+            for i, chunk in enumerate(chunks)]
+    run_jobs(jobs, train_experts_job, executor, ray_address=ray_address, desc=desc,  # type: ignore[arg-type]
+             progress=progress)
+    lib.reload()
 
 
 def build_private_library(path: str | Path, tasks: Sequence[str], config: BuildConfig, *, budget_scale: float = 1.0,
                           executor: str = "local", ray_address: str | None = None, stage: str = "private",
-                          progress: bool = True) -> ExpertLibrary:
+                          progress: bool = True, on_config_change: OnConfigChange = "refuse") -> ExpertLibrary:
     """One expert per task (name = task name)."""
-    lib = _open(path, config)
-    jobs = [ExpertJob(name=t, library=str(lib.path), tasks=(t,), budget_scale=budget_scale, stage=stage,
-                      config=config) for t in tasks]
-    _run(jobs, executor, ray_address, f"{stage} experts", progress)
-    lib.reload()
+    planned = [PlannedExpert(t, (t,), budget_scale, stage) for t in tasks]
+    lib = _reconcile(path, config, planned, on_config_change)
+    _run(lib, planned, config, executor, ray_address, f"{stage} experts", progress)
     return lib
 
 
 def build_shared_library(path: str | Path, tasks: Sequence[str], config: BuildConfig, *, name: str = "shared",
-                         executor: str = "local", ray_address: str | None = None, progress: bool = True
-                         ) -> ExpertLibrary:
+                         executor: str = "local", ray_address: str | None = None, progress: bool = True,
+                         on_config_change: OnConfigChange = "refuse") -> ExpertLibrary:
     """One expert on the union of all tasks, with N per-task budgets."""
-    lib = _open(path, config)
-    job = ExpertJob(name=name, library=str(lib.path), tasks=tuple(tasks), budget_scale=float(len(tasks)),
-                    stage="shared", config=config)
-    _run([job], executor, ray_address, "shared expert", progress)
-    lib.reload()
+    planned = [PlannedExpert(name, tuple(tasks), float(len(tasks)), "shared")]
+    lib = _reconcile(path, config, planned, on_config_change)
+    _run(lib, planned, config, executor, ray_address, "shared expert", progress)
     return lib
 
 
 def build_cluster_library(path: str | Path, clustering: ClusteringResult, tasks_of: Mapping[str, Sequence[str]],
                           config: BuildConfig, *, budget_per_task: float, stage: str, executor: str = "local",
-                          ray_address: str | None = None, progress: bool = True) -> ExpertLibrary:
+                          ray_address: str | None = None, progress: bool = True,
+                          on_config_change: OnConfigChange = "refuse") -> ExpertLibrary:
     """One expert per cluster (``cluster{i}``) on the union of its tasks, ``budget_per_task·|tasks|`` budgets."""
-    lib = _open(path, config)
+    planned = [PlannedExpert(f"cluster{i}", tuple(cluster), budget_per_task * len(cluster), stage)
+               for i, cluster in enumerate(cluster_tasks(clustering, tasks_of))]
+    lib = _reconcile(path, config, planned, on_config_change)
     lib.save_meta(CLUSTERING_META, clustering.to_dict())
-    jobs = []
-    for i, cluster in enumerate(cluster_tasks(clustering, tasks_of)):
-        jobs.append(ExpertJob(name=f"cluster{i}", library=str(lib.path), tasks=tuple(cluster),
-                              budget_scale=budget_per_task * len(cluster), stage=stage, config=config))
-    _run(jobs, executor, ray_address, f"{stage} experts", progress)
-    lib.reload()
+    _run(lib, planned, config, executor, ray_address, f"{stage} experts", progress)
     return lib
 
 
 def build_mbc_library(path: str | Path, tasks: Sequence[str], config: BuildConfig, *, k: int | str = 10,
                       stage1_fraction: float = 0.4, private_library: str | Path | None = None,
                       k_range: tuple[int, int] | None = None, sparsity: float = 0.5, n_components: int = 64,
-                      executor: str = "local", ray_address: str | None = None, progress: bool = True
-                      ) -> tuple[ExpertLibrary, ClusteringResult]:
+                      executor: str = "local", ray_address: str | None = None, progress: bool = True,
+                      on_config_change: OnConfigChange = "refuse") -> tuple[ExpertLibrary, ClusteringResult]:
     """MBC: stage-1 private experts (or an existing private library), clustering, stage-2 cluster experts."""
     if not 0.0 < stage1_fraction < 1.0:
         raise ModloraError(f"stage1_fraction must be in (0, 1), got {stage1_fraction}")
@@ -209,7 +312,7 @@ def build_mbc_library(path: str | Path, tasks: Sequence[str], config: BuildConfi
         private_library = path.parent / f"{path.name}-stage1"
         stage1 = build_private_library(private_library, tasks, config, budget_scale=stage1_fraction,
                                        executor=executor, ray_address=ray_address, stage="mbc-stage1",
-                                       progress=progress)
+                                       progress=progress, on_config_change=on_config_change)
     else:
         stage1 = ExpertLibrary(private_library)
         stage1.check_base_model(_base_info(config))
@@ -224,13 +327,14 @@ def build_mbc_library(path: str | Path, tasks: Sequence[str], config: BuildConfi
                                         k_range=k_range, seed=config.seed, cache=stage1)
     tasks_of = {n: stage1.tasks(n) for n in names}
     lib = build_cluster_library(path, clustering, tasks_of, config, budget_per_task=1.0 - stage1_fraction,
-                                stage="mbc-stage2", executor=executor, ray_address=ray_address, progress=progress)
+                                stage="mbc-stage2", executor=executor, ray_address=ray_address, progress=progress,
+                                on_config_change=on_config_change)
     return lib, clustering
 
 
 def build_random_library(path: str | Path, mbc_library: str | Path, config: BuildConfig, *, seed: int = 0,
-                         executor: str = "local", ray_address: str | None = None, progress: bool = True
-                         ) -> tuple[ExpertLibrary, ClusteringResult]:
+                         executor: str = "local", ray_address: str | None = None, progress: bool = True,
+                         on_config_change: OnConfigChange = "refuse") -> tuple[ExpertLibrary, ClusteringResult]:
     """Random clusters with the sizes of ``mbc_library``'s clustering; each task keeps its full budget."""
     meta = ExpertLibrary(mbc_library).load_meta(CLUSTERING_META)
     if meta is None:
@@ -243,7 +347,8 @@ def build_random_library(path: str | Path, mbc_library: str | Path, config: Buil
         s1 = ExpertLibrary(stage1)
         tasks_of = {n: s1.tasks(n) for n in s1.expert_names()}
     lib = build_cluster_library(path, rnd, tasks_of, config, budget_per_task=1.0, stage="random",
-                                executor=executor, ray_address=ray_address, progress=progress)
+                                executor=executor, ray_address=ray_address, progress=progress,
+                                on_config_change=on_config_change)
     return lib, rnd
 
 

@@ -1,15 +1,58 @@
-"""Glue between data, training and the library: train one expert for a set of tasks and store it."""
+"""Glue between data, training and the library: train experts for sets of tasks and store each as it finishes."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
 from modlora.adapters import LoraSpec
 from modlora.data import PromptFormatter, Task, encode_tasks
 from modlora.library import ExpertEntry, ExpertLibrary
 from modlora.models import LoadedModel
-from modlora.training import TrainConfig, train_expert
+from modlora.multitrain import ExpertData, MultiTrainOptions, train_experts
+from modlora.training import TrainConfig, TrainResult
+
+
+@dataclass(frozen=True)
+class ExpertPlan:
+    """One expert to train: its tasks, optimisation settings, per-task example cap and extra manifest fields."""
+
+    tasks: Mapping[str, Task]
+    config: TrainConfig = field(default_factory=TrainConfig)
+    max_examples: int | None = None
+    extra_training: Mapping[str, Any] = field(default_factory=dict)
+
+
+def train_task_experts(lm: LoadedModel, library: ExpertLibrary, plans: Mapping[str, ExpertPlan], *,
+                       spec: LoraSpec | None = None, options: MultiTrainOptions | None = None,
+                       max_val: int | None = 32, max_prompt_tokens: int = 384, max_target_tokens: int = 128,
+                       split_seed: int = 0, overwrite: bool = False, progress: bool = True,
+                       desc: str = "train", keep: Collection[str] = ()) -> dict[str, ExpertEntry]:
+    """Train every planned expert together (:func:`modlora.multitrain.train_experts`) on the train split of its
+    tasks, validated on their validation split; each expert is added to ``library`` as soon as its budget ends,
+    except those named in ``keep`` (trained only as companions: already stored)."""
+    spec = spec or LoraSpec()
+    library.check_base_model(lm.info)
+    fmt = PromptFormatter(lm.tokenizer, max_prompt_tokens=max_prompt_tokens, max_target_tokens=max_target_tokens)
+    data = {name: ExpertData(encode_tasks(fmt, p.tasks, "train", max_per_task=p.max_examples, seed=split_seed),
+                             encode_tasks(fmt, p.tasks, "validation", max_per_task=max_val, seed=split_seed),
+                             p.config) for name, p in plans.items()}
+    entries: dict[str, ExpertEntry] = {}
+
+    def store(name: str, result: TrainResult) -> None:
+        if name in keep:
+            return
+        plan = plans[name]
+        training = {**plan.config.to_dict(), "max_examples_per_task": plan.max_examples, "max_val_per_task": max_val,
+                    "max_prompt_tokens": max_prompt_tokens, "max_target_tokens": max_target_tokens,
+                    "split_seed": split_seed, "chat_template": bool(fmt.use_chat_template), **plan.extra_training}
+        entries[name] = library.add(name, result.adapter, tasks=list(plan.tasks), training=training,
+                                    metrics=result.metrics, base_model=lm.info, overwrite=overwrite)
+
+    train_experts(lm.model, data, pad_id=lm.tokenizer.pad_token_id, spec=spec, options=options,
+                  base_model_name=lm.info.name, progress=progress, desc=desc, on_finished=store)
+    return entries
 
 
 def train_task_expert(lm: LoadedModel, library: ExpertLibrary, name: str, tasks: Mapping[str, Task], *,
@@ -18,16 +61,8 @@ def train_task_expert(lm: LoadedModel, library: ExpertLibrary, name: str, tasks:
                       max_target_tokens: int = 128, split_seed: int = 0, overwrite: bool = False,
                       progress: bool = True, extra_training: Mapping[str, Any] | None = None) -> ExpertEntry:
     """Train one expert on the train split of ``tasks`` (validated on their validation split) and add it."""
-    spec = spec or LoraSpec()
-    config = config or TrainConfig()
-    library.check_base_model(lm.info)
-    fmt = PromptFormatter(lm.tokenizer, max_prompt_tokens=max_prompt_tokens, max_target_tokens=max_target_tokens)
-    train = encode_tasks(fmt, tasks, "train", max_per_task=max_examples, seed=split_seed)
-    val = encode_tasks(fmt, tasks, "validation", max_per_task=max_val, seed=split_seed)
-    result = train_expert(lm.model, train, val, pad_id=lm.tokenizer.pad_token_id, spec=spec, config=config,
-                          base_model_name=lm.info.name, progress=progress, desc=f"train {name}")
-    training = {**config.to_dict(), "max_examples_per_task": max_examples, "max_val_per_task": max_val,
-                "max_prompt_tokens": max_prompt_tokens, "max_target_tokens": max_target_tokens,
-                "split_seed": split_seed, "chat_template": bool(fmt.use_chat_template), **(extra_training or {})}
-    return library.add(name, result.adapter, tasks=list(tasks), training=training, metrics=result.metrics,
-                       base_model=lm.info, overwrite=overwrite)
+    plan = ExpertPlan(tasks, config or TrainConfig(), max_examples, dict(extra_training or {}))
+    return train_task_experts(lm, library, {name: plan}, spec=spec, max_val=max_val,
+                              max_prompt_tokens=max_prompt_tokens, max_target_tokens=max_target_tokens,
+                              split_seed=split_seed, overwrite=overwrite, progress=progress,
+                              desc=f"train {name}")[name]

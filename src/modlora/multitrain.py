@@ -1,0 +1,519 @@
+"""Training many LoRA experts at once on one frozen base model (mixed batches, per-example factors).
+
+Every adapted linear layer ``y = W x`` of the base gets the factors of all N experts, stacked::
+
+    A: (N, r, in)   B: (N, out, r)   (fp32, whatever the base dtype)
+    y[b] = W x[b] + s · B[sel(b)] A[sel(b)] x[b]        for each example (row) b of the batch
+
+where ``sel(b)`` picks the factors of row b's expert (:class:`IndexSelector`: a gather ``A[idx]``, then two
+``bmm`` — no per-expert kernel launches). The frozen base runs once per token for all experts together.
+
+Exactness. A training step of the whole set concatenates one micro-batch of each active expert (in length order,
+several forwards when ``max_tokens_per_forward`` caps their size) and back-propagates
+``Σ_e loss_sum_e / n_target_e``. Expert e's factors only touch expert e's rows, so their gradient is exactly what
+expert e alone would get from that micro-batch. :class:`StackedAdamW` then applies, row by row, the update of
+``torch.optim.AdamW`` with the expert's own learning rate (warm-up + linear decay over its own budget), step count
+and gradient-norm clipping. Given the same data order, seed and initial factors, an expert trained with others
+ends with the factors it gets alone (float tolerance; dropout off, since dropout masks are drawn per batch).
+
+Each expert keeps its budget (optimizer steps), validation schedule, best checkpoint and loss/token counts; when
+its budget ends it leaves the batch and ``on_finished`` receives its result at once (the caller stores it).
+
+Shared prefixes (``shared_prefix=True``): all examples of a task start with the same definition. Per expert
+micro-batch the longest common token prefix ``P`` of its prompts (at most the shortest prompt minus one token) is
+run once; its key/value cache is expanded over the micro-batch's rows (an index into the autograd graph, not a
+detached copy, so gradients flow through the prefix) and only the suffixes run per example, at positions
+``P, P+1, ...``. Loss and gradients equal the unshared computation up to float rounding.
+
+Mixtures of experts per example (Poly/MHR: ``A_b = Σ_k w[b,k] A_k``) plug in as another selector: an object with
+``select(stacked) -> per-row factors``, e.g. ``einsum("bk,k...->b...", w, stacked)``.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+import warnings
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import torch
+from tqdm.auto import tqdm
+
+from modlora.adapters import LoraAdapter, LoraSpec, adapted_modules
+from modlora.data import EncodedExample, collate, length_grouped_batches
+from modlora.errors import DataError
+from modlora.training import TrainConfig, TrainResult, seed_everything
+
+
+class FactorSelector(Protocol):
+    """Picks each batch row's factors from the stacked factors of all experts: ``(N, ...) -> (rows, ...)``."""
+
+    def select(self, stacked: torch.Tensor) -> torch.Tensor: ...
+
+
+@dataclass(frozen=True)
+class IndexSelector:
+    """Row b uses expert ``index[b]``'s factors (a gather)."""
+
+    index: torch.Tensor  # (rows,) long
+
+    def select(self, stacked: torch.Tensor) -> torch.Tensor:
+        return stacked.index_select(0, self.index)
+
+
+@dataclass
+class SelectorSlot:
+    """The selector of the forward pass in progress, shared by all :class:`MultiLoraLinear` layers of a model."""
+
+    selector: FactorSelector | None = None
+
+
+class MultiLoraLinear(torch.nn.Module):
+    """``y = W x + s · B[sel] A[sel] dropout(x)`` with per-row factors (x: (rows, T, in) -> (rows, T, out))."""
+
+    def __init__(self, base: torch.nn.Linear, A: torch.nn.Parameter, B: torch.nn.Parameter, scaling: float,
+                 dropout: float, slot: SelectorSlot) -> None:
+        super().__init__()
+        self.base, self.A, self.B = base, A, B
+        self.scaling, self.dropout, self.slot = scaling, dropout, slot
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.base(x)
+        selector = self.slot.selector
+        if selector is None:
+            raise RuntimeError("MultiLoraLinear called without a factor selector")
+        a, b = selector.select(self.A), selector.select(self.B)  # (rows, r, in), (rows, out, r)
+        h = x.reshape(x.shape[0], -1, x.shape[-1]).to(a.dtype)
+        if self.dropout > 0 and self.training:
+            h = torch.nn.functional.dropout(h, self.dropout)
+        h = torch.bmm(torch.bmm(h, a.transpose(1, 2)), b.transpose(1, 2)) * self.scaling
+        return out + h.reshape(out.shape).to(out.dtype)
+
+
+class StackedAdamW:
+    """AdamW on parameters stacked along dim 0, one row per expert: per-row learning rate, step count and
+    gradient-norm clipping; the same arithmetic as one ``torch.optim.AdamW`` + ``clip_grad_norm_`` per expert.
+    Rows not in ``rows`` are left untouched (finished experts)."""
+
+    def __init__(self, params: Sequence[torch.Tensor], *, betas: tuple[float, float] = (0.9, 0.999),
+                 eps: float = 1e-8, weight_decay: float = 0.0) -> None:
+        self.params = list(params)
+        self.betas, self.eps, self.weight_decay = betas, eps, weight_decay
+        self.exp_avg = [torch.zeros_like(p) for p in self.params]
+        self.exp_avg_sq = [torch.zeros_like(p) for p in self.params]
+        self.steps = torch.zeros(self.params[0].shape[0], dtype=torch.float64)
+
+    def zero_grad(self) -> None:
+        for p in self.params:
+            p.grad = None
+
+    @torch.no_grad()
+    def clip_grad_norm_(self, max_norms: Sequence[float]) -> torch.Tensor:
+        """Scale row e's gradient (over all parameters) to norm <= ``max_norms[e]``; returns the norms (N,)."""
+        sq = sum(p.grad.float().pow(2).flatten(1).sum(1) for p in self.params if p.grad is not None)
+        norms = torch.as_tensor(sq).sqrt()
+        coef = (torch.as_tensor(max_norms, dtype=norms.dtype, device=norms.device) / (norms + 1e-6)).clamp(max=1.0)
+        for p in self.params:
+            if p.grad is not None:
+                p.grad.mul_(coef.view(-1, *([1] * (p.dim() - 1))))
+        return norms
+
+    @torch.no_grad()
+    def step(self, lr: Sequence[float], rows: Sequence[int]) -> None:
+        """One AdamW step with learning rate ``lr[e]`` for each row e in ``rows``."""
+        if not rows:
+            return
+        beta1, beta2 = self.betas
+        idx = torch.as_tensor(list(rows), dtype=torch.long)
+        self.steps[idx] += 1
+        step = self.steps[idx]
+        lr_rows = torch.as_tensor([lr[e] for e in rows], dtype=torch.float64)
+        step_size = (lr_rows / (1 - beta1 ** step)).float()
+        bc2_sqrt = (1 - beta2 ** step).sqrt().float()
+        decay = (1 - lr_rows * self.weight_decay).float()
+        for p, m, v in zip(self.params, self.exp_avg, self.exp_avg_sq, strict=True):
+            shape = (-1, *([1] * (p.dim() - 1)))
+            dev_idx = idx.to(p.device)
+            g = p.grad.index_select(0, dev_idx) if p.grad is not None else torch.zeros_like(p[dev_idx])
+            pr, mr, vr = p.index_select(0, dev_idx), m.index_select(0, dev_idx), v.index_select(0, dev_idx)
+            pr.mul_(decay.to(p.device).view(shape))
+            mr.lerp_(g, 1 - beta1)
+            vr.mul_(beta2).addcmul_(g, g, value=1 - beta2)
+            denom = (vr.sqrt() / bc2_sqrt.to(p.device).view(shape)).add_(self.eps)
+            pr.sub_(step_size.to(p.device).view(shape) * mr / denom)
+            p.index_copy_(0, dev_idx, pr)
+            m.index_copy_(0, dev_idx, mr)
+            v.index_copy_(0, dev_idx, vr)
+
+
+@dataclass
+class ExpertData:
+    """One expert's training input: examples, validation examples, budget/optimiser settings, optional init."""
+
+    train: Sequence[EncodedExample]
+    val: Sequence[EncodedExample] = ()
+    config: TrainConfig = field(default_factory=TrainConfig)
+    init: LoraAdapter | None = None
+
+
+@dataclass(frozen=True)
+class MultiTrainOptions:
+    """How the experts share forwards: prefix sharing and the size cap (rows × padded length) of one forward."""
+
+    shared_prefix: bool = False
+    max_tokens_per_forward: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.max_tokens_per_forward is not None and self.max_tokens_per_forward < 1:
+            raise DataError("max_tokens_per_forward must be >= 1")
+
+
+@dataclass
+class _ExpertState:
+    name: str
+    row: int
+    data: ExpertData
+    total_steps: int
+    warmup_steps: int
+    eval_every: int
+    stream: Iterator[list[EncodedExample]]
+    step: int = 0
+    best_val: float = math.inf
+    best_step: int = 0
+    best_adapter: LoraAdapter | None = None
+    history: list[dict[str, float]] = field(default_factory=list)
+    tokens: int = 0
+    target_tokens: int = 0
+    seconds: float = 0.0
+    running: float | None = None
+
+    def lr(self) -> float:
+        """The learning rate of the coming step: ``get_linear_schedule_with_warmup`` at the current step."""
+        cfg, s = self.data.config, self.step
+        if s < self.warmup_steps:
+            return cfg.lr * s / max(1, self.warmup_steps)
+        return cfg.lr * max(0.0, (self.total_steps - s) / max(1, self.total_steps - self.warmup_steps))
+
+
+def _micro_batches(examples: Sequence[EncodedExample], config: TrainConfig) -> Iterator[list[EncodedExample]]:
+    """The same micro-batch stream as :func:`modlora.training.train_expert` (length-grouped, reshuffled per epoch)."""
+    epoch = 0
+    while True:
+        yield from length_grouped_batches(examples, config.batch_size, seed=config.seed + epoch)
+        epoch += 1
+
+
+def default_init(model: torch.nn.Module, modules: Sequence[str], spec: LoraSpec, seed: int) -> LoraAdapter:
+    """PEFT's initialisation, drawn from a generator seeded with ``seed``: ``A ~ U(±1/√in)``
+    (``kaiming_uniform_(a=√5)``), ``B = 0``."""
+    g = torch.Generator().manual_seed(seed)
+    named = dict(model.named_modules())
+    A, B = {}, {}
+    for m in modules:
+        lin = named[m]
+        bound = 1.0 / math.sqrt(lin.in_features)
+        A[m] = (torch.rand(spec.rank, lin.in_features, generator=g) * 2 - 1) * bound
+        B[m] = torch.zeros(lin.out_features, spec.rank)
+    return LoraAdapter(spec, A, B)
+
+
+def _common_prefix(seqs: Sequence[Sequence[int]]) -> int:
+    first = seqs[0]
+    n = min(len(s) for s in seqs)
+    for i in range(n):
+        t = first[i]
+        if any(s[i] != t for s in seqs[1:]):
+            return i
+    return n
+
+
+def shared_prefix_length(examples: Sequence[EncodedExample]) -> int:
+    """Tokens the prompts of ``examples`` share from the start, leaving each at least its last prompt token."""
+    if len(examples) < 2:
+        return 0
+    return max(0, min(_common_prefix([e.prompt_ids for e in examples]),
+                      min(len(e.prompt_ids) for e in examples) - 1))
+
+
+@dataclass
+class MixedLoss:
+    """Per-part (expert micro-batch) summed target cross-entropy (P,), target counts (P,) and real tokens (P,)."""
+
+    loss_sums: torch.Tensor
+    target_counts: list[int]
+    tokens: list[int]
+
+
+def mixed_target_loss(model: torch.nn.Module, slot: SelectorSlot, parts: Sequence[tuple[int, Sequence[EncodedExample]]],
+                      *, pad_id: int, shared_prefix: bool = False) -> MixedLoss:
+    """Summed target cross-entropy of each part ``(expert row, examples)``, all parts in one forward.
+
+    Logits only at target positions (as :func:`modlora.training.target_loss`). With ``shared_prefix`` each part's
+    common prompt prefix runs once and its KV cache is indexed out to the part's rows (gradients flow through it).
+    """
+    device = next(model.parameters()).device
+    examples = [e for _, exs in parts for e in exs]
+    part_of = torch.tensor([p for p, (_, exs) in enumerate(parts) for _ in exs], device=device)
+    rows = torch.tensor([row for row, exs in parts for _ in exs], device=device)
+    prefix = [shared_prefix_length(exs) if shared_prefix else 0 for _, exs in parts]
+    decoder, head = model.get_decoder(), model.get_output_embeddings()
+    batch = collate(examples, pad_id).to(device)
+    if max(prefix) == 0:
+        slot.selector = IndexSelector(rows)
+        hidden = decoder(input_ids=batch.input_ids, attention_mask=batch.attention_mask).last_hidden_state
+        ids, loss_mask = batch.input_ids, batch.loss_mask
+    else:
+        hidden, ids, loss_mask = _prefix_shared_hidden(decoder, slot, parts, prefix, rows, part_of, batch, pad_id)
+    labels = torch.roll(ids, shifts=-1, dims=1)[loss_mask]
+    logits = head(hidden[loss_mask]).float()
+    ce = torch.nn.functional.cross_entropy(logits, labels, reduction="none")
+    token_part = part_of.unsqueeze(1).expand_as(loss_mask)[loss_mask]
+    sums = torch.zeros(len(parts), device=device, dtype=ce.dtype).index_add(0, token_part, ce)
+    counts = torch.bincount(token_part, minlength=len(parts)).tolist()
+    real = batch.attention_mask.sum(1)
+    tokens = torch.zeros(len(parts), dtype=real.dtype, device=device).index_add(0, part_of, real).tolist()
+    return MixedLoss(sums, counts, tokens)
+
+
+def _prefix_shared_hidden(decoder: torch.nn.Module, slot: SelectorSlot,
+                          parts: Sequence[tuple[int, Sequence[EncodedExample]]], prefix: list[int],
+                          rows: torch.Tensor, part_of: torch.Tensor, batch, pad_id: int
+                          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Hidden states of the suffixes (rows, S, d), their ids and loss mask, after a prefix pass per part."""
+    device = rows.device
+    width = max(prefix) if max(prefix) > 0 else 1
+    pre_ids = torch.full((len(parts), width), pad_id, dtype=torch.long, device=device)
+    pre_mask = torch.zeros((len(parts), width), dtype=torch.long, device=device)
+    for p, ((_, exs), n) in enumerate(zip(parts, prefix, strict=True)):
+        if n:
+            pre_ids[p, :n] = torch.tensor(exs[0].prompt_ids[:n], device=device)
+            pre_mask[p, :n] = 1
+    slot.selector = IndexSelector(torch.tensor([row for row, _ in parts], device=device))
+    cache = decoder(input_ids=pre_ids, attention_mask=pre_mask, use_cache=True).past_key_values
+    for layer in cache.layers:  # (parts, H, P, d) -> (rows, H, P, d): still in the autograd graph
+        layer.batch_select_indices(part_of)
+    offsets = torch.tensor(prefix, device=device).index_select(0, part_of)  # (rows,)
+    lengths = batch.attention_mask.sum(1)
+    suffix_width = int((lengths - offsets).max())
+    gather = (offsets.unsqueeze(1) + torch.arange(suffix_width, device=device)).clamp(max=batch.input_ids.shape[1] - 1)
+    suf_ids = batch.input_ids.gather(1, gather)
+    valid = torch.arange(suffix_width, device=device).unsqueeze(0) < (lengths - offsets).unsqueeze(1)
+    suf_ids = torch.where(valid, suf_ids, torch.full_like(suf_ids, pad_id))
+    suf_loss = batch.loss_mask.gather(1, gather) & valid
+    mask = torch.cat([pre_mask.index_select(0, part_of), valid.long()], dim=1)
+    positions = offsets.unsqueeze(1) + torch.arange(suffix_width, device=device)
+    slot.selector = IndexSelector(rows)
+    with warnings.catch_warnings():  # transformers >= 5.2x renames past_key_values to cache; both work here
+        warnings.filterwarnings("ignore", message=".*past_key_values.*", category=FutureWarning)
+        hidden = decoder(input_ids=suf_ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
+                         use_cache=True).last_hidden_state
+    return hidden, suf_ids, suf_loss
+
+
+def _pack(parts: list[tuple[int, list[EncodedExample]]], max_tokens: int | None
+          ) -> list[list[tuple[int, list[EncodedExample]]]]:
+    """Group whole parts into forwards of at most ``max_tokens`` padded tokens, in length order (little padding)."""
+    ordered = sorted(parts, key=lambda p: max(e.length for e in p[1]))
+    if max_tokens is None:
+        return [ordered]
+    groups: list[list[tuple[int, list[EncodedExample]]]] = [[]]
+    n_rows = 0
+    for part in ordered:
+        width = max(e.length for e in part[1])  # the widest so far (sorted)
+        if groups[-1] and (n_rows + len(part[1])) * width > max_tokens:
+            groups.append([])
+            n_rows = 0
+        groups[-1].append(part)
+        n_rows += len(part[1])
+    return groups
+
+
+@torch.no_grad()
+def mean_target_losses(model: torch.nn.Module, slot: SelectorSlot, val: Mapping[int, Sequence[EncodedExample]], *,
+                       pad_id: int, batch_size: int = 16, shared_prefix: bool = False) -> dict[int, float]:
+    """Mean per-token target cross-entropy of each expert row over its examples, in mixed batches."""
+    was_training = model.training
+    model.eval()
+    parts = [(row, group) for row, exs in val.items() for group in length_grouped_batches(exs, batch_size,
+                                                                                             shuffle=False)]
+    total = dict.fromkeys(val, 0.0)
+    count = dict.fromkeys(val, 0)
+    per_forward = max(1, 64 // batch_size)
+    parts.sort(key=lambda p: max(e.length for e in p[1]))
+    for i in range(0, len(parts), per_forward):
+        chunk = parts[i:i + per_forward]
+        res = mixed_target_loss(model, slot, chunk, pad_id=pad_id, shared_prefix=shared_prefix)
+        for (row, _), s, n in zip(chunk, res.loss_sums.tolist(), res.target_counts, strict=True):
+            total[row] += s
+            count[row] += n
+    model.train(was_training)
+    return {row: total[row] / max(count[row], 1) if val[row] else math.nan for row in val}
+
+
+class _Installed:
+    """The stacked factors installed into ``model`` (replacing its target linears); ``remove()`` restores it."""
+
+    def __init__(self, model: torch.nn.Module, modules: Sequence[str], inits: Sequence[LoraAdapter], spec: LoraSpec):
+        self.model, self.modules = model, list(modules)
+        self.slot = SelectorSlot()
+        self.requires_grad = {n: p.requires_grad for n, p in model.named_parameters()}
+        for p in model.parameters():
+            p.requires_grad_(False)
+        device = next(model.parameters()).device
+        named = dict(model.named_modules())
+        self.originals: dict[str, torch.nn.Linear] = {}
+        self.A: dict[str, torch.nn.Parameter] = {}
+        self.B: dict[str, torch.nn.Parameter] = {}
+        for m in self.modules:
+            lin = named[m]
+            for init in inits:
+                if m not in init.A or tuple(init.A[m].shape) != (spec.rank, lin.in_features):
+                    raise DataError(f"initial adapter has no rank-{spec.rank} factors for module {m!r}")
+            self.A[m] = torch.nn.Parameter(torch.stack([i.A[m].float() for i in inits]).to(device))
+            self.B[m] = torch.nn.Parameter(torch.stack([i.B[m].float() for i in inits]).to(device))
+            parent_name, _, child = m.rpartition(".")
+            parent = named[parent_name] if parent_name else model
+            self.originals[m] = lin
+            setattr(parent, child, MultiLoraLinear(lin, self.A[m], self.B[m], spec.scaling, spec.dropout, self.slot))
+
+    def params(self) -> list[torch.nn.Parameter]:
+        return [t for m in self.modules for t in (self.A[m], self.B[m])]
+
+    def adapter(self, row: int, spec: LoraSpec, base_name: str | None) -> LoraAdapter:
+        return LoraAdapter(spec, {m: self.A[m][row].detach().float().cpu().clone() for m in self.modules},
+                           {m: self.B[m][row].detach().float().cpu().clone() for m in self.modules}, base_name)
+
+    def remove(self) -> None:
+        named = dict(self.model.named_modules())
+        for m, lin in self.originals.items():
+            parent_name, _, child = m.rpartition(".")
+            setattr(named[parent_name] if parent_name else self.model, child, lin)
+        for n, p in self.model.named_parameters():
+            p.requires_grad_(self.requires_grad.get(n, p.requires_grad))
+        self.model.eval()
+
+
+FinishedCallback = Callable[[str, TrainResult], None]
+
+
+def train_experts(model: torch.nn.Module, experts: Mapping[str, ExpertData], *, pad_id: int,
+                  spec: LoraSpec | None = None, options: MultiTrainOptions | None = None,
+                  base_model_name: str | None = None, progress: bool = True, desc: str = "train",
+                  on_finished: FinishedCallback | None = None) -> dict[str, TrainResult]:
+    """Train one LoRA expert per entry of ``experts`` together (see the module docstring); returns each expert's
+    best-validation adapter and metrics, in the same form as :func:`modlora.training.train_expert`.
+
+    ``on_finished(name, result)`` is called as soon as an expert's budget ends. The base ``model`` is left as it
+    was (layers restored, ``requires_grad`` flags restored, eval mode).
+    """
+    spec = spec or LoraSpec()
+    options = options or MultiTrainOptions()
+    if not experts:
+        raise DataError(f"{desc}: no experts to train")
+    for name, data in experts.items():
+        if not data.train:
+            raise DataError(f"{desc}: expert {name!r} has no training examples")
+    modules = adapted_modules(model, spec.target_modules)
+    if not modules:
+        raise DataError(f"{desc}: the model has no linear layer named {', '.join(spec.target_modules)}")
+    seeds = {d.config.seed for d in experts.values()}
+    seed_everything(min(seeds))
+    by_seed = {s: default_init(model, modules, spec, s) for s in seeds if any(
+        d.init is None and d.config.seed == s for d in experts.values())}
+    inits = [d.init if d.init is not None else by_seed[d.config.seed] for d in experts.values()]
+    states = []
+    for row, (name, data) in enumerate(experts.items()):
+        total = data.config.total_steps(len(data.train))
+        states.append(_ExpertState(name, row, data, total, int(data.config.warmup_ratio * total),
+                                   data.config.eval_every or max(1, total // 4), _micro_batches(data.train, data.config)))
+    installed = _Installed(model, modules, inits, spec)
+    try:
+        return _loop(model, installed, states, spec, options, pad_id, base_model_name, progress, desc, on_finished)
+    finally:
+        installed.remove()
+
+
+def _loop(model: torch.nn.Module, installed: _Installed, states: list[_ExpertState], spec: LoraSpec,
+          options: MultiTrainOptions, pad_id: int, base_name: str | None, progress: bool, desc: str,
+          on_finished: FinishedCallback | None) -> dict[str, TrainResult]:
+    # one AdamW per distinct weight decay would be needed for mixed settings; all experts of a build share it
+    decays = {s.data.config.weight_decay for s in states}
+    if len(decays) > 1:
+        raise DataError(f"{desc}: experts trained together must share weight_decay (got {sorted(decays)})")
+    optimizer = StackedAdamW(installed.params(), weight_decay=decays.pop())
+    results: dict[str, TrainResult] = {}
+    active = list(states)
+    bar = tqdm(total=sum(s.total_steps for s in states), desc=desc, disable=not progress, leave=False,
+               dynamic_ncols=True)
+    wall_tokens, wall_time = 0, 0.0
+    model.train()
+    while active:
+        t0 = time.perf_counter()
+        optimizer.zero_grad()
+        micro = {s.row: [next(s.stream) for _ in range(s.data.config.grad_accum)] for s in active}
+        denom = {row: sum(len(e.target_ids) for b in mbs for e in b) for row, mbs in micro.items()}
+        step_loss = dict.fromkeys(micro, 0.0)
+        step_tokens = dict.fromkeys(micro, 0)
+        step_targets = dict.fromkeys(micro, 0)
+        for k in range(max(len(m) for m in micro.values())):
+            parts = [(row, mbs[k]) for row, mbs in micro.items() if k < len(mbs)]
+            for group in _pack(parts, options.max_tokens_per_forward):
+                res = mixed_target_loss(model, installed.slot, group, pad_id=pad_id,
+                                        shared_prefix=options.shared_prefix)
+                weights = torch.tensor([1.0 / max(denom[row], 1) for row, _ in group], device=res.loss_sums.device)
+                (res.loss_sums * weights).sum().backward()
+                for (row, _), s, n, t in zip(group, res.loss_sums.tolist(), res.target_counts, res.tokens,
+                                             strict=True):
+                    step_loss[row] += s
+                    step_targets[row] += n
+                    step_tokens[row] += t
+        rows = [s.row for s in active]
+        optimizer.clip_grad_norm_([s.data.config.max_grad_norm for s in states])
+        lrs = {s.row: s.lr() for s in active}
+        optimizer.step([lrs.get(r, 0.0) for r in range(len(states))], rows)
+        elapsed = time.perf_counter() - t0
+        all_tokens = max(sum(step_tokens.values()), 1)
+        wall_tokens += sum(step_tokens.values())
+        wall_time += elapsed
+        for s in active:
+            s.step += 1
+            s.tokens += step_tokens[s.row]
+            s.target_tokens += step_targets[s.row]
+            s.seconds += elapsed * step_tokens[s.row] / all_tokens
+            loss_value = step_loss[s.row] / max(step_targets[s.row], 1)
+            s.running = loss_value if s.running is None else 0.9 * s.running + 0.1 * loss_value
+            s.history.append({"step": s.step, "train_loss": loss_value})
+        due = [s for s in active if s.step % s.eval_every == 0 or s.step == s.total_steps]
+        if due:
+            with_val = {s.row: s.data.val for s in due if s.data.val}
+            vals = mean_target_losses(model, installed.slot, with_val, pad_id=pad_id,
+                                      shared_prefix=options.shared_prefix) if with_val else {}
+            for s in due:
+                val = vals.get(s.row, s.history[-1]["train_loss"])
+                s.history[-1]["val_loss"] = val
+                if val < s.best_val:
+                    s.best_val, s.best_step = val, s.step
+                    s.best_adapter = installed.adapter(s.row, spec, base_name)
+        bar.update(len(active))
+        mean_loss = sum(s.running or 0.0 for s in active) / len(active)
+        bar.set_postfix(experts=len(active), loss=f"{mean_loss:.3f}", tok_s=f"{wall_tokens / max(wall_time, 1e-9):.0f}")
+        for s in [s for s in active if s.step >= s.total_steps]:
+            results[s.name] = _result(s)
+            if on_finished is not None:
+                on_finished(s.name, results[s.name])
+        active = [s for s in active if s.step < s.total_steps]
+    bar.close()
+    return {s.name: results[s.name] for s in states}
+
+
+def _result(s: _ExpertState) -> TrainResult:
+    assert s.best_adapter is not None
+    metrics = {
+        "steps": s.total_steps, "best_step": s.best_step, "best_val_loss": s.best_val,
+        "final_train_loss": s.running if s.running is not None else float("nan"),
+        "train_tokens": s.tokens, "target_tokens": s.target_tokens, "train_seconds": s.seconds,
+        "tokens_per_second": s.tokens / max(s.seconds, 1e-9), "train_examples": len(s.data.train),
+    }
+    return TrainResult(s.best_adapter, metrics, s.history)
