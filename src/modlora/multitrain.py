@@ -398,6 +398,146 @@ class _Installed:
 FinishedCallback = Callable[[str, TrainResult], None]
 
 
+@dataclass(frozen=True)
+class StepStats:
+    """What one step of the whole set did: experts stepped, examples, real tokens, target tokens, seconds, and
+    the mean over the stepped experts of their step's target loss."""
+
+    experts: int
+    examples: int
+    tokens: int
+    target_tokens: int
+    seconds: float
+    mean_loss: float
+
+
+class MultiTrainer:
+    """Trains experts together one step at a time (``with MultiTrainer(...) as t: while t.active: t.step()``).
+
+    Entering installs the stacked factors into ``model``; leaving restores the model as it was. ``results`` holds
+    the finished experts' :class:`TrainResult`; ``on_finished(name, result)`` is called as each one finishes.
+    """
+
+    def __init__(self, model: torch.nn.Module, experts: Mapping[str, ExpertData], *, pad_id: int,
+                 spec: LoraSpec | None = None, options: MultiTrainOptions | None = None,
+                 base_model_name: str | None = None, desc: str = "train",
+                 on_finished: FinishedCallback | None = None) -> None:
+        self.model, self.pad_id, self.desc = model, pad_id, desc
+        self.spec = spec or LoraSpec()
+        self.options = options or MultiTrainOptions()
+        self.base_name, self.on_finished = base_model_name, on_finished
+        if not experts:
+            raise DataError(f"{desc}: no experts to train")
+        for name, data in experts.items():
+            if not data.train:
+                raise DataError(f"{desc}: expert {name!r} has no training examples")
+        decays = {d.config.weight_decay for d in experts.values()}
+        if len(decays) > 1:
+            raise DataError(f"{desc}: experts trained together must share weight_decay (got {sorted(decays)})")
+        self.weight_decay = decays.pop()
+        self.modules = adapted_modules(model, self.spec.target_modules)
+        if not self.modules:
+            raise DataError(f"{desc}: the model has no linear layer named {', '.join(self.spec.target_modules)}")
+        self.experts = experts
+        self.states: list[_ExpertState] = []
+        for row, (name, data) in enumerate(experts.items()):
+            total = data.config.total_steps(len(data.train))
+            self.states.append(_ExpertState(name, row, data, total, int(data.config.warmup_ratio * total),
+                                            data.config.eval_every or max(1, total // 4),
+                                            _micro_batches(data.train, data.config)))
+        self.active = list(self.states)
+        self.results: dict[str, TrainResult] = {}
+        self._installed: _Installed | None = None
+        self._optimizer: StackedAdamW | None = None
+
+    @property
+    def total_steps(self) -> int:
+        """Expert-steps of the whole set (the progress bar's total)."""
+        return sum(s.total_steps for s in self.states)
+
+    def __enter__(self) -> MultiTrainer:
+        seeds = {d.config.seed for d in self.experts.values()}
+        seed_everything(min(seeds))
+        by_seed = {s: default_init(self.model, self.modules, self.spec, s) for s in seeds if any(
+            d.init is None and d.config.seed == s for d in self.experts.values())}
+        inits = [d.init if d.init is not None else by_seed[d.config.seed] for d in self.experts.values()]
+        self._installed = _Installed(self.model, self.modules, inits, self.spec)
+        self._optimizer = StackedAdamW(self._installed.params(), weight_decay=self.weight_decay)
+        self.model.train()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._installed is not None:
+            self._installed.remove()
+            self._installed = None
+
+    def step(self) -> StepStats:
+        """One optimizer step of every active expert; validates, checkpoints and retires experts as due."""
+        installed, optimizer, model = self._installed, self._optimizer, self.model
+        if installed is None or optimizer is None:
+            raise RuntimeError("MultiTrainer.step() outside its 'with' block")
+        active = self.active
+        t0 = time.perf_counter()
+        optimizer.zero_grad()
+        micro = {s.row: [next(s.stream) for _ in range(s.data.config.grad_accum)] for s in active}
+        denom = {row: sum(len(e.target_ids) for b in mbs for e in b) for row, mbs in micro.items()}
+        step_loss = dict.fromkeys(micro, 0.0)
+        step_tokens = dict.fromkeys(micro, 0)
+        step_targets = dict.fromkeys(micro, 0)
+        for k in range(max(len(m) for m in micro.values())):
+            parts = [(row, mbs[k]) for row, mbs in micro.items() if k < len(mbs)]
+            for group in _pack(parts, self.options.max_tokens_per_forward):
+                res = mixed_target_loss(model, installed.slot, group, pad_id=self.pad_id,
+                                        shared_prefix=self.options.shared_prefix)
+                weights = torch.tensor([1.0 / max(denom[row], 1) for row, _ in group], device=res.loss_sums.device)
+                (res.loss_sums * weights).sum().backward()
+                for (row, _), s, n, t in zip(group, res.loss_sums.tolist(), res.target_counts, res.tokens,
+                                             strict=True):
+                    step_loss[row] += s
+                    step_targets[row] += n
+                    step_tokens[row] += t
+        optimizer.clip_grad_norm_([s.data.config.max_grad_norm for s in self.states])
+        lrs = {s.row: s.lr() for s in active}
+        optimizer.step([lrs.get(r, 0.0) for r in range(len(self.states))], [s.row for s in active])
+        elapsed = time.perf_counter() - t0
+        all_tokens = max(sum(step_tokens.values()), 1)
+        for s in active:
+            s.step += 1
+            s.tokens += step_tokens[s.row]
+            s.target_tokens += step_targets[s.row]
+            s.seconds += elapsed * step_tokens[s.row] / all_tokens
+            loss_value = step_loss[s.row] / max(step_targets[s.row], 1)
+            s.running = loss_value if s.running is None else 0.9 * s.running + 0.1 * loss_value
+            s.history.append({"step": s.step, "train_loss": loss_value})
+        self._validate([s for s in active if s.step % s.eval_every == 0 or s.step == s.total_steps])
+        for s in active:
+            if s.step >= s.total_steps:
+                self.results[s.name] = _result(s)
+                if self.on_finished is not None:
+                    self.on_finished(s.name, self.results[s.name])
+        self.active = [s for s in active if s.step < s.total_steps]
+        return StepStats(len(active), sum(len(mbs[k]) for mbs in micro.values() for k in range(len(mbs))),
+                         sum(step_tokens.values()), sum(step_targets.values()), time.perf_counter() - t0,
+                         sum(step_loss[r] / max(step_targets[r], 1) for r in micro) / len(micro))
+
+    def _validate(self, due: list[_ExpertState]) -> None:
+        if not due:
+            return
+        assert self._installed is not None
+        with_val = {s.row: s.data.val for s in due if s.data.val}
+        vals = mean_target_losses(self.model, self._installed.slot, with_val, pad_id=self.pad_id,
+                                  shared_prefix=self.options.shared_prefix) if with_val else {}
+        for s in due:
+            val = vals.get(s.row, s.history[-1]["train_loss"])
+            s.history[-1]["val_loss"] = val
+            if val < s.best_val:
+                s.best_val, s.best_step = val, s.step
+                s.best_adapter = self._installed.adapter(s.row, self.spec, self.base_name)
+
+    def mean_running_loss(self) -> float:
+        return sum(s.running or 0.0 for s in self.active) / max(len(self.active), 1)
+
+
 def train_experts(model: torch.nn.Module, experts: Mapping[str, ExpertData], *, pad_id: int,
                   spec: LoraSpec | None = None, options: MultiTrainOptions | None = None,
                   base_model_name: str | None = None, progress: bool = True, desc: str = "train",
@@ -408,104 +548,19 @@ def train_experts(model: torch.nn.Module, experts: Mapping[str, ExpertData], *, 
     ``on_finished(name, result)`` is called as soon as an expert's budget ends. The base ``model`` is left as it
     was (layers restored, ``requires_grad`` flags restored, eval mode).
     """
-    spec = spec or LoraSpec()
-    options = options or MultiTrainOptions()
-    if not experts:
-        raise DataError(f"{desc}: no experts to train")
-    for name, data in experts.items():
-        if not data.train:
-            raise DataError(f"{desc}: expert {name!r} has no training examples")
-    modules = adapted_modules(model, spec.target_modules)
-    if not modules:
-        raise DataError(f"{desc}: the model has no linear layer named {', '.join(spec.target_modules)}")
-    seeds = {d.config.seed for d in experts.values()}
-    seed_everything(min(seeds))
-    by_seed = {s: default_init(model, modules, spec, s) for s in seeds if any(
-        d.init is None and d.config.seed == s for d in experts.values())}
-    inits = [d.init if d.init is not None else by_seed[d.config.seed] for d in experts.values()]
-    states = []
-    for row, (name, data) in enumerate(experts.items()):
-        total = data.config.total_steps(len(data.train))
-        states.append(_ExpertState(name, row, data, total, int(data.config.warmup_ratio * total),
-                                   data.config.eval_every or max(1, total // 4), _micro_batches(data.train, data.config)))
-    installed = _Installed(model, modules, inits, spec)
-    try:
-        return _loop(model, installed, states, spec, options, pad_id, base_model_name, progress, desc, on_finished)
-    finally:
-        installed.remove()
-
-
-def _loop(model: torch.nn.Module, installed: _Installed, states: list[_ExpertState], spec: LoraSpec,
-          options: MultiTrainOptions, pad_id: int, base_name: str | None, progress: bool, desc: str,
-          on_finished: FinishedCallback | None) -> dict[str, TrainResult]:
-    # one AdamW per distinct weight decay would be needed for mixed settings; all experts of a build share it
-    decays = {s.data.config.weight_decay for s in states}
-    if len(decays) > 1:
-        raise DataError(f"{desc}: experts trained together must share weight_decay (got {sorted(decays)})")
-    optimizer = StackedAdamW(installed.params(), weight_decay=decays.pop())
-    results: dict[str, TrainResult] = {}
-    active = list(states)
-    bar = tqdm(total=sum(s.total_steps for s in states), desc=desc, disable=not progress, leave=False,
-               dynamic_ncols=True)
-    wall_tokens, wall_time = 0, 0.0
-    model.train()
-    while active:
-        t0 = time.perf_counter()
-        optimizer.zero_grad()
-        micro = {s.row: [next(s.stream) for _ in range(s.data.config.grad_accum)] for s in active}
-        denom = {row: sum(len(e.target_ids) for b in mbs for e in b) for row, mbs in micro.items()}
-        step_loss = dict.fromkeys(micro, 0.0)
-        step_tokens = dict.fromkeys(micro, 0)
-        step_targets = dict.fromkeys(micro, 0)
-        for k in range(max(len(m) for m in micro.values())):
-            parts = [(row, mbs[k]) for row, mbs in micro.items() if k < len(mbs)]
-            for group in _pack(parts, options.max_tokens_per_forward):
-                res = mixed_target_loss(model, installed.slot, group, pad_id=pad_id,
-                                        shared_prefix=options.shared_prefix)
-                weights = torch.tensor([1.0 / max(denom[row], 1) for row, _ in group], device=res.loss_sums.device)
-                (res.loss_sums * weights).sum().backward()
-                for (row, _), s, n, t in zip(group, res.loss_sums.tolist(), res.target_counts, res.tokens,
-                                             strict=True):
-                    step_loss[row] += s
-                    step_targets[row] += n
-                    step_tokens[row] += t
-        rows = [s.row for s in active]
-        optimizer.clip_grad_norm_([s.data.config.max_grad_norm for s in states])
-        lrs = {s.row: s.lr() for s in active}
-        optimizer.step([lrs.get(r, 0.0) for r in range(len(states))], rows)
-        elapsed = time.perf_counter() - t0
-        all_tokens = max(sum(step_tokens.values()), 1)
-        wall_tokens += sum(step_tokens.values())
-        wall_time += elapsed
-        for s in active:
-            s.step += 1
-            s.tokens += step_tokens[s.row]
-            s.target_tokens += step_targets[s.row]
-            s.seconds += elapsed * step_tokens[s.row] / all_tokens
-            loss_value = step_loss[s.row] / max(step_targets[s.row], 1)
-            s.running = loss_value if s.running is None else 0.9 * s.running + 0.1 * loss_value
-            s.history.append({"step": s.step, "train_loss": loss_value})
-        due = [s for s in active if s.step % s.eval_every == 0 or s.step == s.total_steps]
-        if due:
-            with_val = {s.row: s.data.val for s in due if s.data.val}
-            vals = mean_target_losses(model, installed.slot, with_val, pad_id=pad_id,
-                                      shared_prefix=options.shared_prefix) if with_val else {}
-            for s in due:
-                val = vals.get(s.row, s.history[-1]["train_loss"])
-                s.history[-1]["val_loss"] = val
-                if val < s.best_val:
-                    s.best_val, s.best_step = val, s.step
-                    s.best_adapter = installed.adapter(s.row, spec, base_name)
-        bar.update(len(active))
-        mean_loss = sum(s.running or 0.0 for s in active) / len(active)
-        bar.set_postfix(experts=len(active), loss=f"{mean_loss:.3f}", tok_s=f"{wall_tokens / max(wall_time, 1e-9):.0f}")
-        for s in [s for s in active if s.step >= s.total_steps]:
-            results[s.name] = _result(s)
-            if on_finished is not None:
-                on_finished(s.name, results[s.name])
-        active = [s for s in active if s.step < s.total_steps]
-    bar.close()
-    return {s.name: results[s.name] for s in states}
+    trainer = MultiTrainer(model, experts, pad_id=pad_id, spec=spec, options=options,
+                           base_model_name=base_model_name, desc=desc, on_finished=on_finished)
+    tokens, seconds = 0, 0.0
+    with trainer, tqdm(total=trainer.total_steps, desc=desc, disable=not progress, leave=False,
+                       dynamic_ncols=True) as bar:
+        while trainer.active:
+            stats = trainer.step()
+            tokens += stats.tokens
+            seconds += stats.seconds
+            bar.update(stats.experts)
+            bar.set_postfix(experts=len(trainer.active), loss=f"{trainer.mean_running_loss():.3f}",
+                            tok_s=f"{tokens / max(seconds, 1e-9):.0f}")
+    return {name: trainer.results[name] for name in experts}
 
 
 def _result(s: _ExpertState) -> TrainResult:
