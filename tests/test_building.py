@@ -171,7 +171,7 @@ def test_bad_build_arguments(tmp_path, setup):
 
 @pytest.mark.skipif(importlib.util.find_spec("ray") is None, reason="ray not installed")
 def test_ray_executor_matches_local(tmp_path, setup):
-    cfg = _config(setup, steps_per_task=2)
+    cfg = _config(setup, steps_per_task=2, experts_per_job=2)  # two chunks, spread over the Ray workers
     tasks = TASKS[:3]
     local = build_private_library(tmp_path / "local", tasks, cfg, progress=False)
     ray_lib = build_private_library(tmp_path / "ray", tasks, cfg, executor="ray", progress=False)

@@ -1,4 +1,8 @@
-"""Training one LoRA expert on one or several tasks.
+"""Training one LoRA expert on one or several tasks, with PEFT layers (the single-expert reference path).
+
+Library builds train many experts together with :mod:`modlora.multitrain`, which reproduces this trainer's
+arithmetic (batches, loss, AdamW, schedule, clipping, best checkpoint) for each expert; this module keeps the
+one-expert PEFT path as the reference it is tested against and as the benchmarks' "one at a time" baseline.
 
 The LoRA layers are injected with PEFT (``get_peft_model``) and removed again afterwards (``unload``), so the base
 model object is shared by all experts a process trains. The loss is the mean cross-entropy over *target tokens only*,
