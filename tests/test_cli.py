@@ -92,6 +92,14 @@ def test_train_build_and_cluster(world, tmp_path, capsys):
     assert main(["build", str(tmp_path / "priv"), "--strategy", "private", "--tasks", *TASKS] + common) == 0
     assert sorted(ExpertLibrary(tmp_path / "priv").expert_names()) == sorted(TASKS)
     capsys.readouterr()
+    # a re-run with other settings is refused, showing the difference; --retrain-changed retrains
+    other = [("2" if a == "1" and i and common[i - 1] == "--steps" else a) for i, a in enumerate(common)]
+    assert main(["build", str(tmp_path / "priv"), "--tasks", *TASKS] + other) != 0
+    err = capsys.readouterr().err
+    assert "steps_per_task: 1 -> 2" in err and "--retrain-changed" in err
+    assert main(["build", str(tmp_path / "priv"), "--tasks", *TASKS, "--retrain-changed"] + other) == 0
+    assert all(e.metrics["steps"] == 2 for e in ExpertLibrary(tmp_path / "priv").entries.values())
+    capsys.readouterr()
     # a misspelt task is refused before anything trains, with the closest names suggested
     assert main(["build", str(tmp_path / "bad"), "--tasks", "task1_alpha", "task2_bet"] + common) == 2
     assert "did you mean task2_beta" in capsys.readouterr().err and not (tmp_path / "bad").exists()

@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import math
 import time
-import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -291,7 +290,7 @@ def _prefix_shared_hidden(decoder: torch.nn.Module, slot: SelectorSlot,
             pre_ids[p, :n] = torch.tensor(exs[0].prompt_ids[:n], device=device)
             pre_mask[p, :n] = 1
     slot.selector = IndexSelector(torch.tensor([row for row, _ in parts], device=device))
-    cache = decoder(input_ids=pre_ids, attention_mask=pre_mask, use_cache=True).past_key_values
+    cache = decoder(input_ids=pre_ids, attention_mask=pre_mask, use_cache=True).cache
     for layer in cache.layers:  # (parts, H, P, d) -> (rows, H, P, d): still in the autograd graph
         layer.batch_select_indices(part_of)
     offsets = torch.tensor(prefix, device=device).index_select(0, part_of)  # (rows,)
@@ -305,10 +304,8 @@ def _prefix_shared_hidden(decoder: torch.nn.Module, slot: SelectorSlot,
     mask = torch.cat([pre_mask.index_select(0, part_of), valid.long()], dim=1)
     positions = offsets.unsqueeze(1) + torch.arange(suffix_width, device=device)
     slot.selector = IndexSelector(rows)
-    with warnings.catch_warnings():  # transformers >= 5.2x renames past_key_values to cache; both work here
-        warnings.filterwarnings("ignore", message=".*past_key_values.*", category=FutureWarning)
-        hidden = decoder(input_ids=suf_ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
-                         use_cache=True).last_hidden_state
+    hidden = decoder(input_ids=suf_ids, attention_mask=mask, position_ids=positions, cache=cache,
+                     use_cache=True).last_hidden_state
     return hidden, suf_ids, suf_loss
 
 

@@ -36,7 +36,10 @@ def _build_config(args: argparse.Namespace) -> Any:
                        steps_per_task=cfg.steps, epochs=cfg.epochs, batch_size=cfg.batch_size,
                        grad_accum=cfg.grad_accum, lr=cfg.lr, warmup_ratio=cfg.warmup_ratio, seed=cfg.seed,
                        max_examples=args.max_examples, max_val=args.max_val, max_prompt_tokens=args.max_prompt_tokens,
-                       max_target_tokens=args.max_target_tokens, balanced=getattr(args, "balanced", False))
+                       max_target_tokens=args.max_target_tokens, balanced=getattr(args, "balanced", False),
+                       **({"experts_per_job": args.experts_per_job, "shared_prefix": not args.no_shared_prefix,
+                           "max_tokens_per_forward": args.max_tokens_per_forward}
+                          if hasattr(args, "experts_per_job") else {}))
 
 
 def _known_tasks(args: argparse.Namespace, config: Any) -> list[str]:
@@ -81,7 +84,8 @@ def _print_clusters(clustering: Any) -> None:
 def cmd_build(args: argparse.Namespace) -> int:
     from modlora import building
     config = _build_config(args)
-    common = {"executor": args.executor, "ray_address": args.ray_address}
+    on_change = "retrain-changed" if args.retrain_changed else "new-library" if args.new_library else "refuse"
+    common = {"executor": args.executor, "ray_address": args.ray_address, "on_config_change": on_change}
     if args.strategy == "random":
         if args.mbc_library is None:
             raise UsageError("--strategy random needs --mbc-library (an MBC library whose cluster sizes to copy)")
@@ -153,7 +157,10 @@ def register(sub: Any, registry: Registry) -> None:
                                    "--epochs): shared gets N budgets, MBC spends --stage1-fraction of each task's "
                                    "budget on stage-1 private experts and the rest on cluster experts, so every "
                                    "strategy costs what the private library costs. Every task name is checked before "
-                                   "training starts. Finished experts are skipped, so an interrupted build resumes.")
+                                   "training starts. Experts train together in chunks and each is stored when its "
+                                   "budget ends; finished experts are skipped, so an interrupted build resumes. A "
+                                   "re-run with other training settings on an existing library is refused "
+                                   "(see --retrain-changed and --new-library).")
     p.add_argument("library", type=Path, help="output library directory")
     p.add_argument("--strategy", choices=["private", "shared", "mbc", "random"], default="private",
                    help="private: one expert per task; shared: one on all tasks; mbc: model-based clustering; "
@@ -169,8 +176,22 @@ def register(sub: Any, registry: Registry) -> None:
     p.add_argument("--balanced", action="store_true",
                    help="multi-task experts use the same number of examples from every task")
     p.add_argument("--executor", choices=["local", "ray"], default="local",
-                   help="local: sequential in this process; ray: one Ray task per expert (pip install modlora[ray])")
+                   help="local: chunks one after the other in this process; ray: one Ray task per chunk of "
+                        "--experts-per-job experts (pip install modlora[ray])")
     p.add_argument("--ray-address", default=None, help="address of an existing Ray cluster (default: start one)")
+    p.add_argument("--experts-per-job", type=positive_int, default=8,
+                   help="experts trained together in one loop over mixed batches (default 8); an interrupted "
+                        "build loses at most the unfinished experts of the running chunk")
+    p.add_argument("--max-tokens-per-forward", type=positive_int, default=4096,
+                   help="cap on batch rows × padded length of one forward (default 4096; raise it on a GPU)")
+    p.add_argument("--no-shared-prefix", action="store_true",
+                   help="run every prompt in full instead of running each micro-batch's common prefix once")
+    change = p.add_mutually_exclusive_group()
+    change.add_argument("--retrain-changed", action="store_true",
+                        help="retrain the experts of an existing library that were trained with other settings")
+    change.add_argument("--new-library", action="store_true",
+                        help="if the existing library was built with other settings, move it aside "
+                             "(<library>.replaced-<time>) and build a new one")
     add_model_args(p)
     add_task_source_args(p)
     add_train_args(p)
