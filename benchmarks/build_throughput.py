@@ -17,8 +17,11 @@ every method alike. Reported per method: examples/s and tokens/s (real, non-padd
 over the whole build, median and min over chunks of the per-chunk examples/s, wall time, the worker's peak RSS
 (``ru_maxrss``) and its RSS after loading the model, and the load average at each chunk.
 
-    OMP_NUM_THREADS=2 PYTHONPATH=src python benchmarks/build_throughput.py --dtype float32 \\
-        --out benchmarks/results/build_throughput_fp32
+    PYTHONPATH=src python benchmarks/build_throughput.py --dtype float32 --threads 1 --steps 2 --batch-size 2 \\
+        --max-prompt-tokens 128 --max-target-tokens 16 --out benchmarks/results/build_throughput_float32
+
+(the size the committed results use: it fits in about ten minutes on a shared 2-core machine). Thread layout:
+``--threads 2 --methods together,together_2x1``.
 
 writes ``<out>.json`` and ``<out>.md``.
 """

@@ -8,8 +8,9 @@ Every adapted linear layer ``y = W x`` of the base gets the factors of all N exp
 where ``sel(b)`` picks the factors of row b's expert (:class:`IndexSelector`: a gather ``A[idx]``, then two
 ``bmm`` — no per-expert kernel launches). The frozen base runs once per token for all experts together.
 
-Exactness. A training step of the whole set concatenates one micro-batch of each active expert (in length order,
-several forwards when ``max_tokens_per_forward`` caps their size) and back-propagates
+Exactness. A training step of the whole set takes one micro-batch of each active expert, regroups all their examples
+by length across experts into forwards (at most ``max_tokens_per_forward`` padded tokens each, widths within 25 %:
+little padding) and back-propagates
 ``Σ_e loss_sum_e / n_target_e``. Expert e's factors only touch expert e's rows, so their gradient is exactly what
 expert e alone would get from that micro-batch. :class:`StackedAdamW` then applies, row by row, the update of
 ``torch.optim.AdamW`` with the expert's own learning rate (warm-up + linear decay over its own budget), step count
@@ -309,22 +310,26 @@ def _prefix_shared_hidden(decoder: torch.nn.Module, slot: SelectorSlot,
     return hidden, suf_ids, suf_loss
 
 
-def _pack(parts: list[tuple[int, list[EncodedExample]]], max_tokens: int | None
+def _pack(parts: list[tuple[int, list[EncodedExample]]], max_tokens: int | None, slack: float = 0.25
           ) -> list[list[tuple[int, list[EncodedExample]]]]:
-    """Group whole parts into forwards of at most ``max_tokens`` padded tokens, in length order (little padding)."""
-    ordered = sorted(parts, key=lambda p: max(e.length for e in p[1]))
-    if max_tokens is None:
-        return [ordered]
-    groups: list[list[tuple[int, list[EncodedExample]]]] = [[]]
-    n_rows = 0
-    for part in ordered:
-        width = max(e.length for e in part[1])  # the widest so far (sorted)
-        if groups[-1] and (n_rows + len(part[1])) * width > max_tokens:
-            groups.append([])
-            n_rows = 0
-        groups[-1].append(part)
-        n_rows += len(part[1])
-    return groups
+    """Lengths grouped across experts: all examples of all parts sorted by length and cut into forwards of at most
+    ``max_tokens`` padded tokens whose widths differ by at most ``slack`` (little padding); within a forward the
+    examples of one expert form one part. Exact: the loss of each expert is summed over the forwards."""
+    items = sorted(((row, e) for row, exs in parts for e in exs), key=lambda item: item[1].length)
+    forwards: list[list[tuple[int, EncodedExample]]] = [[]]
+    for row, e in items:
+        cur = forwards[-1]
+        if cur and ((max_tokens is not None and (len(cur) + 1) * e.length > max_tokens)
+                    or e.length > (1 + slack) * cur[0][1].length):
+            forwards.append(cur := [])
+        cur.append((row, e))
+    out = []
+    for fwd in forwards:
+        by_row: dict[int, list[EncodedExample]] = {}
+        for row, e in fwd:
+            by_row.setdefault(row, []).append(e)
+        out.append(list(by_row.items()))
+    return out
 
 
 @torch.no_grad()
