@@ -206,7 +206,7 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=4)
     ap.add_argument("--max-prompt-tokens", type=int, default=128)
     ap.add_argument("--max-target-tokens", type=int, default=32)
-    ap.add_argument("--max-tokens-per-forward", type=int, default=4096)
+    ap.add_argument("--max-tokens-per-forward", type=int, default=1024)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--methods", default=",".join(METHODS),
                     help=f"comma-separated, from {', '.join(METHODS + OPTIONAL)}")

@@ -33,7 +33,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=100, help="optimizer steps per expert")
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--experts-per-job", type=int, default=256)
-    ap.add_argument("--max-tokens-per-forward", type=int, default=65536)
+    ap.add_argument("--max-tokens-per-forward", type=int, default=16384)
     ap.add_argument("--max-prompt-tokens", type=int, default=384)
     ap.add_argument("--max-target-tokens", type=int, default=128)
     ap.add_argument("--dtype", default="bfloat16")

@@ -89,7 +89,7 @@ class BuildConfig:
     balanced: bool = False
     experts_per_job: int = 8
     shared_prefix: bool = True
-    max_tokens_per_forward: int | None = 4096
+    max_tokens_per_forward: int | None = 1024
 
     def __post_init__(self) -> None:
         if self.experts_per_job < 1:

@@ -182,8 +182,8 @@ def register(sub: Any, registry: Registry) -> None:
     p.add_argument("--experts-per-job", type=positive_int, default=8,
                    help="experts trained together in one loop over mixed batches (default 8); an interrupted "
                         "build loses at most the unfinished experts of the running chunk")
-    p.add_argument("--max-tokens-per-forward", type=positive_int, default=4096,
-                   help="cap on batch rows × padded length of one forward (default 4096; raise it on a GPU)")
+    p.add_argument("--max-tokens-per-forward", type=positive_int, default=1024,
+                   help="cap on batch rows × padded length of one forward (default 1024: about 2-3 GB of activations in fp32 on the 135M model; raise it on a GPU)")
     p.add_argument("--no-shared-prefix", action="store_true",
                    help="run every prompt in full instead of running each micro-batch's common prefix once")
     change = p.add_mutually_exclusive_group()
