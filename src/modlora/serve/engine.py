@@ -177,6 +177,16 @@ class GenerationRequest:
     tokens: torch.Tensor | None = None
 
 
+@dataclass
+class EngineStats:
+    """Counters of the decode loop: batched decoding ``steps``, ``rows`` decoded over them and the largest batch."""
+
+    steps: int = 0
+    rows: int = 0
+    max_batch: int = 0
+    prefills: int = 0
+
+
 @dataclass(frozen=True)
 class EngineOptions:
     """``max_batch`` rows decode together; ``max_queue`` requests may wait (more → 429); the first request after an
@@ -231,6 +241,7 @@ class Engine:
         self._cache: DynamicCache | None = None
         self._mask: torch.Tensor | None = None
         self._stop = threading.Event()
+        self.stats = EngineStats()
         self._thread: threading.Thread | None = None
         self.snapshot = Snapshot(0, ())
         library = ExpertLibrary(self.library_path)
@@ -508,6 +519,7 @@ class Engine:
             req.tokens += tokens
 
     def _prefill(self, req: GenerationRequest) -> None:
+        self.stats.prefills += 1
         ids = torch.tensor([req.prompt_ids], device=self.device)
         mask = torch.ones_like(ids)
         logits, cache = self._forward([req], input_ids=ids, attention_mask=mask, **self._keep_last)
@@ -551,6 +563,9 @@ class Engine:
 
     def _decode(self) -> None:
         rows = self._active
+        self.stats.steps += 1
+        self.stats.rows += len(rows)
+        self.stats.max_batch = max(self.stats.max_batch, len(rows))
         ids = torch.tensor([[r.generated[-1]] for r in rows], device=self.device)
         mask = torch.cat([self._mask, self._mask.new_ones(len(rows), 1)], dim=1)
         positions = (mask.sum(1, keepdim=True) - 1)
@@ -614,7 +629,7 @@ class Engine:
             return RoutingTelemetry(req.router_name, req.snapshot.generation, [], [], 0.0)
         tokens = req.tokens.clamp_min(1)
         per_group = req.mass / tokens.unsqueeze(1)                                   # (groups, E) mean weight
-        overall = req.mass.sum(0) / tokens.sum()
+        overall = req.mass.sum(0) / req.tokens.sum().clamp_min(1)
 
         def ranked(v: torch.Tensor) -> list[tuple[str, float]]:
             vals, idx = torch.topk(v, min(top, len(names)))
@@ -630,7 +645,7 @@ class Engine:
                            "top_experts": [{"expert": n, "mass": round(m, 6)} for n, m in ranked(per_group[g])],
                            "entropy": round(float(req.entropy[g] / tokens[g]), 6)})
         return RoutingTelemetry(req.router_name, req.snapshot.generation, ranked(overall), groups,
-                                float(req.entropy.sum() / tokens.sum()))
+                                float(req.entropy.sum() / req.tokens.sum().clamp_min(1)))
 
 
 def _left_pad(t: torch.Tensor, width: int, dim: int = 2) -> torch.Tensor:
