@@ -7,6 +7,7 @@ import os
 import socket
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -82,9 +83,13 @@ class BackgroundServer:
         self.thread.join(timeout=10)
 
 
-def run_server(config: ServeConfig, host: str = "127.0.0.1", port: int = 8000) -> None:
-    """Serve until interrupted."""
+def run_server(config: ServeConfig, host: str = "127.0.0.1", port: int = 8000,
+               announce: Callable[[str], None] | None = None) -> None:
+    """Serve until interrupted; ``announce`` gets a one-line status once the model is loaded."""
     app = build_app(config)
+    engine = app.state.engine
+    if announce is not None:
+        announce(f"serving {engine.name} ({len(engine.snapshot.experts)} experts) on http://{host}:{port}/v1")
     try:
         uvicorn.run(app, host=host, port=port, log_level="warning", lifespan="off")
     finally:
