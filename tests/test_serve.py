@@ -374,3 +374,38 @@ def test_cli_serve_survives_kill_9(workdir, tmp_path) -> None:
     finally:
         proc.send_signal(signal.SIGKILL)
         proc.wait(timeout=30)
+
+
+@pytest.mark.slow
+def test_ray_serve_replicas(workdir) -> None:
+    """The same app under Ray Serve with 2 replicas on a local Ray instance (skipped where Ray Serve can't start)."""
+    ray = pytest.importorskip("ray")
+    serve = pytest.importorskip("ray.serve")
+    from modlora.serve.server import ServeConfig, ray_deployment
+    port = free_port()
+    try:
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
+                 runtime_env={"env_vars": {"OMP_NUM_THREADS": "1"}})
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
+    except Exception as exc:  # noqa: BLE001 - any failure to start Ray here means: no Ray on this machine
+        ray.shutdown()
+        pytest.skip(f"Ray Serve cannot start here: {exc}")
+    try:
+        config = ServeConfig(str(workdir / "lib"), model=str(workdir / "model"), device="cpu")
+        serve.run(ray_deployment(config, replicas=2), name="modlora", route_prefix="/")
+        c = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="x", max_retries=0, timeout=120)
+        assert "lib:expert:e0" in [m.id for m in c.models.list()]
+        with concurrent.futures.ThreadPoolExecutor(4) as pool:
+            texts = list(pool.map(lambda p: c.completions.create(model="lib", prompt=p, max_tokens=6,
+                                                                 temperature=0).choices[0].text, PROMPTS[:4]))
+        engine = Engine(load_base_model(str(workdir / "model"), device="cpu"), workdir / "lib").start()
+        with BackgroundServer(create_app(engine)) as srv:
+            ref = openai.OpenAI(base_url=srv.url, api_key="x", max_retries=0)
+            assert texts == [ref.completions.create(model="lib", prompt=p, max_tokens=6, temperature=0)
+                             .choices[0].text for p in PROMPTS[:4]]
+        engine.stop()
+        r = httpx.post(f"http://127.0.0.1:{port}/v1/completions", content=b"{bad", timeout=30)
+        assert r.status_code == 400 and "JSON" in r.json()["error"]["message"]
+    finally:
+        serve.shutdown()
+        ray.shutdown()
