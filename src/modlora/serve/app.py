@@ -14,7 +14,7 @@ import json
 import time
 import uuid
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Any, Literal
 
 from fastapi import FastAPI, Request
@@ -173,7 +173,8 @@ def create_app(engine: Engine, options: ServerOptions | None = None) -> FastAPI:
     @app.get("/health")
     async def health() -> dict[str, Any]:
         snap = engine.snapshot
-        return {"status": "ok", "library": engine.name, "generation": snap.generation, "experts": len(snap.experts)}
+        return {"status": "ok", "library": engine.name, "generation": snap.generation, "experts": len(snap.experts),
+                "skipped": list(snap.skipped), "stats": asdict(engine.stats)}
 
     def model_cards() -> list[dict[str, Any]]:
         snap = engine.snapshot
