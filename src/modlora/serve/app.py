@@ -33,6 +33,8 @@ from modlora.serve.engine import (
     asyncio_emitter,
 )
 
+COMPLETION_DEFAULT_MAX_TOKENS = 16      # OpenAI's default for /v1/completions
+
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
@@ -231,7 +233,7 @@ def create_app(engine: Engine, options: ServerOptions | None = None) -> FastAPI:
         r = body.routing
         plan = None if r is None else RoutingRequest(r.router, None, r.top_k, r.temperature,
                                                      tuple(r.experts or ()))
-        default_max = isinstance(body, CompletionRequest) and 16 or engine.options.default_max_tokens
+        default_max = COMPLETION_DEFAULT_MAX_TOKENS if not chat else engine.options.default_max_tokens
         max_tokens = body.max_tokens if body.max_tokens is not None else min(
             default_max, max(1, engine.context_length - len(ids)))
         sampling = SamplingParams(max_tokens, body.temperature, body.top_p, tuple(stop), body.seed)

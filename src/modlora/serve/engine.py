@@ -475,8 +475,17 @@ class Engine:
             if req.cancelled:
                 self._release(req)
                 continue
-            req.routing = self._row_routing(req)
-            self._prefill(req)
+            try:
+                req.routing = self._row_routing(req)
+                self._prefill(req)
+            except Exception as exc:  # noqa: BLE001 - this request fails alone; the batch goes on
+                log.exception("prefill failed")
+                if req not in self._active:
+                    req.emit(Event(error=RequestError(f"internal error while reading the prompt: "
+                                                      f"{type(exc).__name__}", status=500, code="server_error")))
+                    self._release(req)
+                else:
+                    raise
         self._leave()
         if self._active:
             self._decode()
