@@ -309,7 +309,10 @@ class Engine:
                     protos = library.load_artifact(name, rt.ARROW_KIND)
                     if protos is None or not set(adapter.A) <= set(protos):
                         protos = rt.arrow_prototypes(name, adapter)
-                        library.save_artifact(name, rt.ARROW_KIND, protos)   # atomic write of a cache file
+                        try:
+                            library.save_artifact(name, rt.ARROW_KIND, protos)   # atomic write of a cache file
+                        except OSError as exc:                                     # e.g. a read-only library
+                            log.warning("Arrow prototypes of %r not cached: %s", name, exc)
                 except (LibraryError, ModloraError, OSError) as exc:
                     log.warning("expert %r not served: %s", name, exc)
                     skipped.append(f"{name}: {exc}")
