@@ -28,6 +28,7 @@ import concurrent.futures
 import json
 import os
 import platform
+import signal
 import statistics
 import subprocess
 import sys
@@ -190,6 +191,7 @@ def main() -> None:
     ap.add_argument("--data", type=Path, default=ROOT.parent / "shared" / "data" / "sni" / "heldout")
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "serve_load")
     args = ap.parse_args()
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))          # so that the server subprocess is stopped
     args.concurrency = [int(c) for c in args.concurrency.split(",")]
     if args.requests % args.rounds:
         raise SystemExit("--requests must be a multiple of --rounds")
