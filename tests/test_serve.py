@@ -409,3 +409,16 @@ def test_ray_serve_replicas(workdir) -> None:
     finally:
         serve.shutdown()
         ray.shutdown()
+
+
+def test_cli_serve_refuses_bad_options(workdir, capsys) -> None:
+    from modlora.cli import main
+    with pytest.raises(SystemExit):
+        main(["serve", str(workdir / "lib"), "--port", "70000"])
+    assert "--port must be between 1 and 65535" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["serve", str(workdir / "lib"), "--max-batch", "0"])
+    assert main(["serve", str(workdir / "lib"), "--replicas", "2"]) == 2
+    assert "--replicas needs --ray" in capsys.readouterr().err
+    assert main(["serve", str(workdir / "model")]) == 2
+    assert "not a modlora library" in capsys.readouterr().err
