@@ -132,8 +132,12 @@ def test_eval_suites_default_to_base_and_report(world, tmp_path, capsys):
     assert 0 <= indist["routing"]["accuracy"]["overall"] <= 1 and indist["routing"]["accuracy"]["n"] == 6
     out = capsys.readouterr().out
     assert "loss=" in out and "loss=2" not in out.replace("loss=2.", "")  # the loss is not shown ×100
-    assert main(["eval", "--suite", "code", "--tasks", "humaneval", "--max-new-tokens", "4", "--router", "mu",
+    assert main(["eval", "--suite", "code", "--tasks", "humaneval", "--max-new-tokens", "4", "--top-k", "2",
                  "--out", str(tmp_path / "code.json")] + lib + data + _m(world)) == 0
+    assert set(json.loads((tmp_path / "code.json").read_text())["routing"]["expert_usage"]) == {"humaneval"}
+    assert main(["eval", "--suite", "sni", "--limit", "1", "--max-new-tokens", "1", "--router", "mu", "--out",
+                 str(tmp_path / "mu.json")] + lib + data + _m(world)) == 0
+    assert "routing" not in json.loads((tmp_path / "mu.json").read_text())  # a static merge routes nothing
     assert main(["report", str(tmp_path / "base.json"), str(tmp_path / "sni.json"), str(tmp_path / "in.json"),
                  "--out", str(tmp_path / "rep")]) == 0
     assert (tmp_path / "rep" / "routing_entropy.png").is_file()

@@ -47,7 +47,7 @@ import torch
 from modlora.data import default_data_dir
 from modlora.errors import DataError, SandboxUnavailableError
 from modlora.evaluation.generation import greedy_generate
-from modlora.evaluation.results import EvalRun, TaskScores, seeded_subset
+from modlora.evaluation.results import EvalRun, TaskScores, recording_routing, routing_telemetry, seeded_subset
 
 HUMANEVAL_STOPS = ("\ndef ", "\nclass ", "\nif __name__", "\nprint(", "\n#")
 MBPP_STOPS = ("[DONE]",)
@@ -548,6 +548,7 @@ def evaluate_code(model: torch.nn.Module, tokenizer: Any, benchmarks: Iterable[s
                           "timeout_s": timeout_s, "memory_mb": memory_mb, "isolation": sandbox.isolation,
                           "network_isolation": sandbox.network_isolation, "data_dir": str(root.parent)})
     t0 = time.perf_counter()
+    run.routing = routing_telemetry(model)
     for bench in benchmarks:
         t_task = time.perf_counter()
         if bench == "humaneval":
@@ -565,8 +566,9 @@ def evaluate_code(model: torch.nn.Module, tokenizer: Any, benchmarks: Iterable[s
             stops = () if chat else MBPP_STOPS
         else:
             raise DataError(f"unknown code benchmark {bench!r}; known: humaneval, mbpp")
-        gens = greedy_generate(model, tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size,
-                               stop_strings=stops, max_prompt_tokens=None)
+        with recording_routing(model, run.routing, bench):
+            gens = greedy_generate(model, tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size,
+                                   stop_strings=stops, max_prompt_tokens=None)
         if bench == "humaneval":
             sources = [humaneval_program(p, extract_code(g, HUMANEVAL_STOPS, p["entry_point"]) if chat
                                          else truncate_at_stops(g, HUMANEVAL_STOPS), chat, prompt_stripped=True)
