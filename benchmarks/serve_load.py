@@ -44,7 +44,7 @@ from modlora.adapters import LoraSpec, random_adapter
 from modlora.data import PromptFormatter, load_sni_tasks
 from modlora.library import ExpertLibrary
 from modlora.models import load_base_model
-from modlora.reuse import RouterOptions, prepare_model
+from modlora.reuse import prepare_model
 from modlora.serve.server import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -205,7 +205,7 @@ def main() -> None:
         port = free_port()
         proc = start_server(lib_dir, args, port)
         try:
-            reuse = prepare_model(lm, lib, "arrow", RouterOptions(top_k=args.top_k))
+            reuse = prepare_model(lm, lib, "arrow", {"top_k": args.top_k})
             url = f"http://127.0.0.1:{port}/v1/completions"
             serve_round(url, prompts[:2], 2, 4)                                  # warm-up
             arms = [LOOP] + [f"serve c={c}" for c in args.concurrency]

@@ -24,7 +24,7 @@ import torch
 from modlora.adapters import LoraSpec, random_adapter
 from modlora.library import ExpertLibrary
 from modlora.models import load_base_model
-from modlora.reuse import RouterOptions, prepare_model
+from modlora.reuse import prepare_model
 from modlora.serve import BackgroundServer, Engine, EngineOptions, ServerOptions, create_app
 from modlora.serve.server import free_port
 
@@ -71,7 +71,7 @@ def client(server) -> openai.OpenAI:
 def _reference(workdir: Path, method: str, prompt: str, max_tokens: int, **opts) -> str:
     """Greedy text of ``prompt`` with the library applied by ``modlora.reuse.prepare_model`` and HF ``generate``."""
     lm = load_base_model(str(workdir / "model"), device="cpu")
-    reuse = prepare_model(lm, ExpertLibrary(workdir / "lib"), method, RouterOptions(**opts))
+    reuse = prepare_model(lm, ExpertLibrary(workdir / "lib"), method, opts)
     ids = lm.tokenizer(prompt, return_tensors="pt")
     out = reuse.generate(ids["input_ids"], ids["attention_mask"], max_new_tokens=max_tokens, do_sample=False,
                          pad_token_id=2, eos_token_id=2)
@@ -80,7 +80,8 @@ def _reference(workdir: Path, method: str, prompt: str, max_tokens: int, **opts)
 
 def test_models_list(client: openai.OpenAI) -> None:
     ids = [m.id for m in client.models.list()]
-    assert ids == ["lib", "lib:arrow", "lib:mu-delta", "lib:base", "lib:expert:e0", "lib:expert:e1", "lib:expert:e2"]
+    assert ids == ["lib", "lib:base", "lib:arrow", "lib:mu", "lib:mu-delta", "lib:expert:e0", "lib:expert:e1",
+                   "lib:expert:e2"]
     assert client.models.retrieve("lib:expert:e1").id == "lib:expert:e1"
 
 
@@ -89,6 +90,8 @@ def test_models_list(client: openai.OpenAI) -> None:
     ("lib:mu-delta", None, "mu-delta", {}),
     ("lib:expert:e1", None, "mu-delta", {"experts": ("e1",)}),
     ("lib:base", None, "base", {}),
+    ("lib:mu", None, "mu", {}),
+    ("lib", {"router": "mu", "experts": ["e1", "e2"]}, "mu", {"experts": ("e1", "e2")}),
     ("lib", {"router": "arrow", "top_k": 1, "experts": ["e0", "e2"]}, "arrow", {"top_k": 1, "experts": ("e0", "e2")}),
 ])
 def test_completion_matches_prepare_model(client, workdir, model, routing, method, opts) -> None:
@@ -115,6 +118,8 @@ def test_routing_telemetry(client) -> None:
     assert tel["top_experts"] == [{"expert": "e2", "mass": 1.0}] and tel["entropy"] == 0.0
     base = client.completions.create(model="lib:base", prompt="Hello", max_tokens=3, temperature=0)
     assert base.model_extra["routing"]["top_experts"] == []
+    mu = client.completions.create(model="lib:mu", prompt="Hello", max_tokens=3, temperature=0)
+    assert mu.model_extra["routing"]["merged_experts"] == ["e0", "e1", "e2"]
 
 
 def test_chat_uses_the_chat_template(client, server) -> None:
@@ -165,7 +170,7 @@ def test_concurrent_requests_match_sequential(client, server) -> None:
     """Mixed routers, greedy and seeded sampling: batched results equal one-at-a-time results."""
     jobs = []
     for i, prompt in enumerate(PROMPTS):
-        model = ["lib", "lib:mu-delta", "lib:expert:e0", "lib:base"][i % 4]
+        model = ["lib", "lib:mu-delta", "lib:expert:e0", "lib:base", "lib:mu"][i % 5]
         extra = {"routing": {"top_k": 1 + i % 3}} if model == "lib" else None
         sampling = {"temperature": 0} if i % 3 else {"temperature": 1.0, "seed": i}
         jobs.append({"model": model, "prompt": prompt, "max_tokens": 8 + 3 * i, "extra_body": extra, **sampling})
@@ -266,9 +271,11 @@ def _post(url: str, content: bytes, path: str = "/completions", headers: dict | 
     (b'{"model": "nope", "prompt": "x"}', 404, "does not exist"),
     (b'{"model": "lib:expert:zzz", "prompt": "x"}', 404, "unknown expert 'zzz'"),
     (b'{"model": "lib", "prompt": "x", "routing": {"experts": ["e0", "zzz"]}}', 404, "unknown expert 'zzz'"),
-    (b'{"model": "lib", "prompt": "x", "routing": {"top_k": 9}}', 400, "routing.top_k"),
-    (b'{"model": "lib", "prompt": "x", "routing": {"temperature": -1}}', 400, "routing.temperature"),
+    (b'{"model": "lib", "prompt": "x", "routing": {"top_k": 9}}', 400, "top_k=9 exceeds"),
+    (b'{"model": "lib", "prompt": "x", "routing": {"temperature": -1}}', 400, "temperature must be"),
     (b'{"model": "lib", "prompt": "x", "routing": {"router": "magic"}}', 400, "unknown router"),
+    (b'{"model": "lib:ties", "prompt": "x"}', 400, "dense (full-rank) adapter"),
+    (b'{"model": "lib", "prompt": "x", "routing": {"router": "oracle"}}', 400, "training data"),
     (b'{"model": "lib:expert:e0", "prompt": "x", "routing": {"top_k": 1}}', 400, "fixes the expert"),
     (b'{"model": "lib", "prompt": "' + b"a" * 600 + b'"}', 400, "context is 512 tokens"),
     (b'{"model": "lib", "prompt": "x", "max_tokens": 600}', 400, "context is 512 tokens"),
@@ -413,11 +420,9 @@ def test_ray_serve_replicas(workdir) -> None:
 
 def test_cli_serve_refuses_bad_options(workdir, capsys) -> None:
     from modlora.cli import main
-    with pytest.raises(SystemExit):
-        main(["serve", str(workdir / "lib"), "--port", "70000"])
-    assert "--port must be between 1 and 65535" in capsys.readouterr().err
-    with pytest.raises(SystemExit):
-        main(["serve", str(workdir / "lib"), "--max-batch", "0"])
+    assert main(["serve", str(workdir / "lib"), "--port", "70000"]) == 2
+    assert "expected a port number" in capsys.readouterr().err
+    assert main(["serve", str(workdir / "lib"), "--max-batch", "0"]) == 2
     assert main(["serve", str(workdir / "lib"), "--replicas", "2"]) == 2
     assert "--replicas needs --ray" in capsys.readouterr().err
     assert main(["serve", str(workdir / "model")]) == 2

@@ -24,7 +24,6 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from modlora.serve.engine import (
-    ROUTERS,
     Engine,
     Event,
     RequestError,
@@ -181,7 +180,7 @@ def create_app(engine: Engine, options: ServerOptions | None = None) -> FastAPI:
     def model_cards() -> list[dict[str, Any]]:
         snap = engine.snapshot
         created = int(time.time())
-        ids = [engine.name] + [f"{engine.name}:{r}" for r in ROUTERS] + [
+        ids = [engine.name] + [f"{engine.name}:{r}" for r in engine.methods] + [
             f"{engine.name}:expert:{n}" for n in snap.names()]
         return [{"id": i, "object": "model", "created": created, "owned_by": "modlora"} for i in ids]
 

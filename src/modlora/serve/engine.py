@@ -22,9 +22,9 @@ Each example is routed its own way inside the shared forward (see :mod:`modlora.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import inspect
 import logging
-import math
 import os
 import queue
 import threading
@@ -39,12 +39,12 @@ from transformers import DynamicCache
 
 from modlora.errors import LibraryError, ModloraError
 from modlora.library import ExpertLibrary
+from modlora.methods import REGISTRY, Registry
 from modlora.models import LoadedModel
 from modlora.serve import routing as rt
 
 log = logging.getLogger("modlora.serve")
 
-ROUTERS = ("arrow", "mu-delta", "base")
 
 
 class RequestError(ModloraError):
@@ -132,12 +132,15 @@ class RoutingTelemetry:
     top_experts: list[tuple[str, float]]
     groups: list[dict[str, Any]]
     entropy: float
+    merged: list[str] = field(default_factory=list)     # a static method: the experts merged into its adapter
 
     def to_json(self) -> dict[str, Any]:
-        return {"router": self.router, "library_generation": self.generation,
-                "top_experts": [{"expert": n, "mass": round(m, 6)} for n, m in self.top_experts],
-                "entropy": round(self.entropy, 6),
-                "layer_groups": self.groups}
+        out = {"router": self.router, "library_generation": self.generation,
+               "top_experts": [{"expert": n, "mass": round(m, 6)} for n, m in self.top_experts],
+               "entropy": round(self.entropy, 6), "layer_groups": self.groups}
+        if self.merged:
+            out["merged_experts"] = self.merged
+        return out
 
 
 @dataclass
@@ -164,6 +167,7 @@ class GenerationRequest:
     plan: RoutingRequest
     snapshot: Snapshot
     emit: Callable[[Event], None]
+    virtual: str | None = None              # a static method's combined adapter (its key in the pool)
     cancelled: bool = False
     finished: bool = False
     generator: torch.Generator = field(default_factory=torch.Generator)
@@ -208,13 +212,15 @@ class Engine:
     """Owns the model and the library; serves :class:`GenerationRequest` s from one background thread."""
 
     def __init__(self, lm: LoadedModel, library_path: str | os.PathLike[str], options: EngineOptions | None = None,
-                 name: str | None = None) -> None:
+                 name: str | None = None, registry: Registry = REGISTRY) -> None:
         self.lm = lm
         self.model = lm.model
         self.tokenizer = lm.tokenizer
         self.options = options or EngineOptions()
-        if self.options.default_router not in ROUTERS:
-            raise ModloraError(f"router must be one of {', '.join(ROUTERS)}, got {self.options.default_router!r}")
+        self.registry = registry
+        self.methods = rt.served_methods(registry)
+        if self.options.default_router not in self.methods:
+            raise ModloraError(f"router must be one of {', '.join(self.methods)}, got {self.options.default_router!r}")
         self.library_path = Path(library_path)
         self.name = name or self.library_path.resolve().name
         self.device = next(self.model.parameters()).device
@@ -365,7 +371,7 @@ class Engine:
             snap.version(expert)
             plan = RoutingRequest(expert=expert)
             router = "expert"
-        elif model.startswith(prefix) and model[len(prefix):] in ROUTERS:
+        elif model.startswith(prefix) and model[len(prefix):] in self.registry.names():
             router = model[len(prefix):]
             if plan.router is not None and plan.router != router:
                 raise RequestError(f"model {model!r} fixes the router; routing.router={plan.router!r} contradicts it",
@@ -374,8 +380,11 @@ class Engine:
             raise RequestError(f"the model {model!r} does not exist; GET /v1/models lists {self.name!r}, "
                                f"'{prefix}<router>' and '{prefix}expert:<name>'",
                                status=404, code="model_not_found", param="model")
-        if router not in ROUTERS and router != "expert":
-            raise RequestError(f"unknown router {router!r}; use one of {', '.join(ROUTERS)}", param="routing.router")
+        if router not in self.methods and router != "expert":
+            if router in self.registry.names():
+                raise RequestError(rt.refusal(router, self.registry), param="routing.router")
+            raise RequestError(f"unknown router {router!r}; this server runs {', '.join(self.methods)}",
+                               param="routing.router")
         if router == "expert":
             versions = {plan.expert: snap.version(plan.expert)}
         else:
@@ -389,16 +398,14 @@ class Engine:
                 raise RequestError(f"library {self.name!r} has no experts to route over", param="model")
             if top_k is None:
                 top_k = min(self.options.default_top_k, len(versions))
-            if isinstance(top_k, bool) or not 1 <= top_k <= len(versions):
-                raise RequestError(f"routing.top_k must be between 1 and the number of experts ({len(versions)}), "
-                                   f"got {top_k}", param="routing.top_k")
-            if not (math.isfinite(plan.temperature) and plan.temperature > 0):
-                raise RequestError(f"routing.temperature must be a positive number, got {plan.temperature}",
-                                   param="routing.temperature")
+            try:
+                rt.arrow_row(range(len(versions)), top_k, plan.temperature, self.registry)
+            except ModloraError as exc:
+                raise RequestError(f"routing: {exc}", param="routing") from None
         elif plan.top_k is not None:
             raise RequestError(f"routing.top_k applies to the arrow router only, not {router!r}", param="routing.top_k")
-        if router == "mu-delta" and not versions:
-            raise RequestError(f"library {self.name!r} has no experts to average", param="model")
+        if router != "arrow" and router != "base" and not versions:
+            raise RequestError(f"library {self.name!r} has no experts for {router!r}", param="model")
         if router == "base":
             versions = {}
         return router, RoutingRequest(router, plan.expert, top_k, plan.temperature, plan.experts), versions, snap
@@ -422,12 +429,14 @@ class Engine:
                 raise RequestError(f"the server is busy: {self._num_waiting} requests are already waiting (limit "
                                    f"{self.options.max_queue}); retry later", status=429, code="rate_limit_exceeded")
             req = GenerationRequest(list(prompt_ids), sampling, None, router, versions, plan, snap, emit)
+            if router in self.methods and self.methods[router].kind == "static":
+                req.virtual = self._virtual_adapter(router, versions)
             if sampling.seed is not None:
                 req.generator.manual_seed(int(sampling.seed))
             else:
                 req.generator.seed()
-            for v in versions.values():
-                self._pins[v.key] = self._pins.get(v.key, 0) + 1
+            for key in self._keys_of(req):
+                self._pins[key] = self._pins.get(key, 0) + 1
             self._num_waiting += 1
             self._waiting.put(req)
             self._wake.notify_all()
@@ -436,10 +445,28 @@ class Engine:
     def _release(self, req: GenerationRequest) -> None:
         """Unpin the expert versions of a request that left."""
         with self._lock:
-            for v in req.versions.values():
-                self._pins[v.key] -= 1
-                if self._pins[v.key] <= 0:
-                    del self._pins[v.key]
+            for key in self._keys_of(req):
+                self._pins[key] -= 1
+                if self._pins[key] <= 0:
+                    del self._pins[key]
+
+    @staticmethod
+    def _keys_of(req: GenerationRequest) -> list[str]:
+        """The pool keys a request uses: its expert versions and its static method's adapter."""
+        return [v.key for v in req.versions.values()] + ([req.virtual] if req.virtual else [])
+
+    def _virtual_adapter(self, method: str, versions: dict[str, ExpertVersion]) -> str:
+        """Pool key of ``method``'s combined adapter over ``versions`` (combined now unless pooled; caller holds
+        the lock). A :class:`RequestError` when the method refuses these experts."""
+        key = f"{method}[" + hashlib.sha256("\0".join(sorted(v.key for v in versions.values())).encode()
+                                             ).hexdigest()[:16] + "]"
+        if key not in self._adapters:
+            try:
+                self._adapters[key] = rt.static_adapter(method, {n: self._adapters[v.key]
+                                                                 for n, v in versions.items()}, self.registry)
+            except ModloraError as exc:
+                raise RequestError(str(exc), param="model") from None
+        return key
 
     # ----------------------------------------------------------------------------------------- the loop
     def _run(self) -> None:
@@ -497,12 +524,15 @@ class Engine:
     def _row_routing(self, req: GenerationRequest) -> rt.RowRouting:
         idx = [self._key_index[v.key] for v in req.versions.values()]
         plan = req.plan
-        if req.router_name == "arrow":
-            return rt.RowRouting("arrow", tuple(idx), plan.top_k, plan.temperature)
-        if req.router_name == "mu-delta":
+        kind = "expert" if req.router_name == "expert" else self.methods[req.router_name].kind
+        if kind == "arrow":
+            return rt.arrow_row(idx, plan.top_k, plan.temperature, self.registry)
+        if kind == "weights":
             return rt.RowRouting("fixed", fixed={i: 1.0 / len(idx) for i in idx})
-        if req.router_name == "expert":
+        if kind == "expert":
             return rt.RowRouting("fixed", fixed={idx[0]: 1.0})
+        if kind == "static":
+            return rt.RowRouting("fixed", fixed={self._key_index[req.virtual]: 1.0})
         return rt.RowRouting("fixed", fixed={})
 
     def _forward(self, rows: Sequence[GenerationRequest], **kwargs: Any) -> tuple[torch.Tensor, DynamicCache]:
@@ -637,6 +667,8 @@ class Engine:
     def _telemetry(self, req: GenerationRequest) -> RoutingTelemetry:
         names = list(req.versions)
         top = self.options.telemetry_top
+        if req.virtual is not None:
+            return RoutingTelemetry(req.router_name, req.snapshot.generation, [], [], 0.0, merged=names)
         if req.mass is None or not names:
             return RoutingTelemetry(req.router_name, req.snapshot.generation, [], [], 0.0)
         tokens = req.tokens.clamp_min(1)

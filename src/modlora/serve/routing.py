@@ -13,8 +13,18 @@ dense-fold path takes (t, E) weights; an all-Arrow batch returns a :class:`TopKR
 While routing, the router accumulates per example and per group of layers the routing mass ``Σ_tokens w`` (E,),
 the entropy ``Σ_tokens −Σ_e w_e log w_e`` and the token count (for the responses' telemetry).
 
-:func:`attach` / :func:`detach` are the only calls into :mod:`modlora.routing`; when the reuse methods move to a
-registry, this module is the one place to switch.
+Which methods of the registry (:mod:`modlora.methods`) a server offers, and how (:func:`served_methods`):
+
+* ``base`` (uses no experts): fixed weights 0;
+* ``arrow``: the per-row Arrow above, its ``top_k``/``temperature`` validated by the registry's ``ArrowOptions``;
+* ``mu-delta`` (exact ΔW mean): fixed weights ``1/|S|`` — the same function as its merged adapter;
+* ``mu`` (parameter averaging, ``s·(mean B)(mean A)``): its combined adapter (rank r) becomes one extra *virtual*
+  expert of the routed model, and the row puts weight 1 on it.
+
+Other methods are refused per request: TIES/DARE give dense (full-rank) adapters, which would pad every routed
+expert to full rank; centroid, PhatGOOSE, the task predictor and the oracle need training data or task labels.
+
+This module is the server's only link to :mod:`modlora.routing` and :mod:`modlora.methods`.
 """
 
 from __future__ import annotations
@@ -27,10 +37,13 @@ from typing import Any
 import torch
 
 from modlora.adapters import LoraAdapter
-from modlora.errors import RoutingError
-from modlora.routing import ArrowRouter, ExpertSet, RoutedModel, TopKRouting, route
+from modlora.errors import ModloraError, RoutingError
+from modlora.experts import ExpertSet
+from modlora.methods import REGISTRY, Registry
+from modlora.routing import ArrowRouter, RoutedModel, TopKRouting, route
 
 ARROW_KIND = ArrowRouter().artifact_kind
+SERVED_KINDS = {"base": "base", "arrow": "arrow", "mu-delta": "weights", "mu": "static"}
 _LAYER_INDEX = re.compile(r"\.layers\.(\d+)\.")
 
 
@@ -86,8 +99,10 @@ class BatchRouter:
             self.layer_ids[layer] = torch.tensor(ids, dtype=torch.long, device=device)
             self.layer_group[layer] = layer_group_of(layer, self.num_layers, self.groups)
             protos = [self._prototypes.get(self.keys[i], {}).get(layer) for i in ids]
-            if all(p is not None for p in protos):
-                self.matrices[layer] = torch.stack([p.float().reshape(-1) for p in protos]).to(device)
+            if any(p is not None for p in protos):   # virtual experts have none: a zero row, never allowed
+                width = next(p for p in protos if p is not None).numel()
+                self.matrices[layer] = torch.stack([torch.zeros(width) if p is None else p.float().reshape(-1)
+                                                    for p in protos]).to(device)
 
     def set_rows(self, rows: Sequence[RowRouting]) -> None:
         """Routing of each example of the next forward; resets the telemetry accumulators."""
@@ -157,6 +172,57 @@ class BatchRouter:
         ent = -(per_ex.clamp_min(1e-30).log() * per_ex).sum(-1)                         # (B, seq)
         tel.entropy[:, g] += ent.sum(1)
         tel.tokens[:, g] += seq
+
+
+@dataclass(frozen=True)
+class ServedMethod:
+    """A registry method as the server runs it: ``kind`` is ``base``, ``arrow``, ``weights`` or ``static``."""
+
+    name: str
+    kind: str
+    summary: str
+
+
+def served_methods(registry: Registry = REGISTRY) -> dict[str, ServedMethod]:
+    """The registry's methods this server can run per request (see the module docstring), in registry order."""
+    out = {}
+    for method in registry.methods:
+        kind = SERVED_KINDS.get(method.name)
+        if kind is not None:
+            out[method.name] = ServedMethod(method.name, kind, method.summary)
+    return out
+
+
+def refusal(name: str, registry: Registry = REGISTRY) -> str:
+    """Why the method ``name`` is not served (for the 400 message)."""
+    method = registry.get(name)                       # raises RoutingError for an unknown name
+    caps = method.capabilities
+    if caps.needs_data or caps.needs_task_labels:
+        return f"method {name!r} needs the experts' training data or each example's task; it is not served"
+    return f"method {name!r} gives a dense (full-rank) adapter that cannot share a routed batch; it is not served"
+
+
+def arrow_row(allowed: Sequence[int], top_k: int, temperature: float, registry: Registry = REGISTRY) -> RowRouting:
+    """An Arrow row, its options checked by the registry's Arrow options (raises :class:`RoutingError`)."""
+    registry.get("arrow").options_from({"top_k": top_k, "temperature": float(temperature)})
+    if top_k > len(allowed):
+        raise RoutingError(f"top_k={top_k} exceeds the number of experts ({len(allowed)})")
+    return RowRouting("arrow", tuple(allowed), top_k, float(temperature))
+
+
+def static_adapter(name: str, experts: Mapping[str, LoraAdapter], registry: Registry = REGISTRY) -> LoraAdapter:
+    """The adapter of the static method ``name`` over ``experts`` (its registry ``combine``); refused when its rank
+    exceeds the experts' largest rank (it would pad every routed expert to that rank)."""
+    method = registry.get(name)
+    try:
+        adapter = method().combine(ExpertSet.of(dict(experts))).adapter
+    except ModloraError as exc:
+        raise RoutingError(f"{name}: {exc}") from None
+    limit = max(a.spec.rank for a in experts.values())
+    if adapter.spec.rank > limit:
+        raise RoutingError(f"{name} gives a rank-{adapter.spec.rank} adapter (experts have rank <= {limit}); "
+                           "it cannot share a routed batch")
+    return adapter
 
 
 def arrow_prototypes(name: str, adapter: LoraAdapter) -> dict[str, torch.Tensor]:
