@@ -335,6 +335,7 @@ def _tree_digest(root: Path) -> dict[str, str]:
             for p in sorted(root.rglob("*")) if p.is_file() and "artifacts" not in p.parts and p.name != ".lock"}
 
 
+@pytest.mark.slow
 def test_cli_serve_survives_kill_9(workdir, tmp_path) -> None:
     import shutil
     lib_dir = tmp_path / "lib"
