@@ -148,6 +148,13 @@ class ExpertLibrary:
         return cls(path)
 
     @classmethod
+    def open(cls, location: str | os.PathLike[str], *, revision: str | None = None) -> ExpertLibrary:
+        """Open a library at a local path, ``file://`` URL, ``hf://org/repo[@revision]`` or any fsspec URL; remote
+        libraries open read-only and download each expert lazily, checked (see :mod:`modlora.remote`)."""
+        from modlora.remote import open_library
+        return open_library(location, revision=revision)
+
+    @classmethod
     def open_or_create(cls, path: str | os.PathLike[str], base_model: BaseModelInfo) -> ExpertLibrary:
         return cls.create(path, base_model, exist_ok=True)
 
@@ -333,6 +340,23 @@ class ExpertLibrary:
             shutil.rmtree(self.expert_dir(name), ignore_errors=True)
             self._drop_artifacts(name)
         self._cache.pop(name, None)
+
+    def register(self, entries: Iterable[ExpertEntry]) -> None:
+        """Record experts whose files are already in place under ``experts/<name>/`` (e.g. pulled from a shared
+        library): each file is checked against its entry's checksum, then the manifest is written once, under the
+        lock. Entries of the same names are replaced."""
+        entries = list(entries)
+        with file_lock(self.path / LOCK):
+            self.reload()
+            for e in entries:
+                check_name(e.name)
+                for fname, digest in e.files.items():
+                    path = self._safe_file(e.name, fname)
+                    if not path.is_file() or sha256_file(path) != digest:
+                        raise LibraryError(f"expert {e.name!r}: {path} is missing or does not match its checksum")
+            self._write_entries({**self._manifest["entries"], **{e.name: e for e in entries}})
+        for e in entries:
+            self._cache.pop(e.name, None)
 
     def clean_incomplete(self) -> list[str]:
         """Remove what interrupted writes left (temporary directories, expert directories without a manifest
