@@ -188,6 +188,25 @@ class RemoteLocation:
         except Exception as exc:  # noqa: BLE001
             raise self._failure("stat", rel, exc) from None
 
+    def pinned(self) -> RemoteLocation:
+        """On the Hub, this location at the commit its revision points to now, so that every later read sees one
+        snapshot even while a push commits to the branch; elsewhere the location itself."""
+        if self.hub is None:
+            return self
+        from huggingface_hub import HfApi
+        from huggingface_hub.errors import RepositoryNotFoundError, RevisionNotFoundError
+        try:
+            sha = HfApi().repo_info(self.hub.repo_id, repo_type=self.hub.repo_type, revision=self.hub.revision).sha
+        except RevisionNotFoundError:
+            raise LibraryError(f"{self.url}: no revision {self.hub.revision!r} in {self.hub.repo_id}") from None
+        except RepositoryNotFoundError:
+            raise LibraryError(f"{self.url}: no such repository (or no access to it)") from None
+        except Exception as exc:  # noqa: BLE001
+            raise self._failure("resolve", f"revision {self.hub.revision or 'main'}", exc) from None
+        sub = f"/{self.hub.path_in_repo}" if self.hub.path_in_repo else ""
+        return RemoteLocation(self.url, self.fs, f"{_HF_TYPE_PREFIX[self.hub.repo_type]}{self.hub.repo_id}@{sha}{sub}",
+                              self.hub)
+
     def prepare_for_writing(self) -> None:
         """On the Hub, create the repository and the revision's branch when missing; elsewhere nothing to do."""
         if self.hub is None:
@@ -222,9 +241,8 @@ def resolve_location(url: str | os.PathLike[str], revision: str | None = None) -
 
 
 def _hub_location(url: str, revision: str | None) -> RemoteLocation:
-    from huggingface_hub import HfFileSystem
+    from huggingface_hub import HfFileSystem, parse_hf_uri
     from huggingface_hub.errors import HfUriError
-    from huggingface_hub.utils import parse_hf_uri
     try:
         parsed = parse_hf_uri(url)
     except HfUriError as exc:
@@ -327,7 +345,8 @@ class RemoteLibrary(ExpertLibrary):
     """A read-only library at a remote location, mirrored lazily (and checksum-verified) in the modlora cache."""
 
     def __init__(self, location: RemoteLocation, mirror: str | os.PathLike[str] | None = None):
-        self.location = location
+        self.origin = location
+        self.location = location.pinned()
         self.url = location.url
         path = Path(mirror) if mirror is not None else mirror_dir(location)
         self._manifest_bytes, self.index = self._fetch_manifest(path)
@@ -364,6 +383,7 @@ class RemoteLibrary(ExpertLibrary):
 
     def reload(self) -> None:
         """Re-read the remote manifest and index (another push may have changed the library)."""
+        self.location = self.origin.pinned()
         self._manifest_bytes, self.index = self._fetch_manifest(self.path)
         try:
             super().reload()
@@ -575,10 +595,12 @@ def push(library: ExpertLibrary | str | os.PathLike[str], url: str | os.PathLike
     replaced |= {rel for n in replaced_experts for rel in _expert_files(n)}
     current = remote_manifest
     if current is not None and replaced:
-        current = _without_experts(current, replaced_experts)
+        if replaced_experts:
+            current = _without_experts(current, replaced_experts)
         index = {rel: rec for rel, rec in index.items() if rel not in replaced}
         loc.write_bytes(INDEX, _index_bytes(current, index))
-        loc.write_bytes(MANIFEST, current)
+        if replaced_experts:
+            loc.write_bytes(MANIFEST, current)
 
     units = _units(rel for rel, rec in local.items() if index.get(rel) != rec)
     total = sum(len(u) for u in units)
