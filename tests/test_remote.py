@@ -371,3 +371,61 @@ def test_hf_without_network_names_the_url(tmp_path, model, monkeypatch):
     with pytest.raises(LibraryError, match=f"^{url}: cannot create the repository or branch"):
         push(lib, url)
     assert not (tmp_path / "copy").exists()
+
+
+class FakeHubApi:
+    """Stands in for ``huggingface_hub.HfApi``: applies each commit's operations to an fsspec memory filesystem."""
+
+    commits: list[tuple[str, list[str]]] = []
+    root = ""
+
+    def __init__(self, *args, **kwargs):
+        pass
+
+    def create_repo(self, repo_id, repo_type=None, exist_ok=False):
+        pass
+
+    def create_branch(self, repo_id, repo_type=None, branch=None, exist_ok=False):
+        pass
+
+    def create_commit(self, repo_id, operations, commit_message, repo_type=None, revision=None):
+        import fsspec
+        from huggingface_hub import CommitOperationAdd
+        fs = fsspec.filesystem("memory")
+        for op in operations:
+            path = f"{self.root}/{op.path_in_repo}"
+            if isinstance(op, CommitOperationAdd):
+                src = op.path_or_fileobj
+                fs.pipe_file(path, src if isinstance(src, bytes) else Path(src).read_bytes())
+            else:
+                fs.rm_file(path)
+        FakeHubApi.commits.append((commit_message, [op.path_in_repo for op in operations]))
+
+
+def test_a_hub_push_commits_in_batches_with_the_manifest_last(tmp_path, model, monkeypatch):
+    """The Hub transport (HfApi commits) with a fake HfApi over a memory filesystem: one commit per batch of files
+    (with the index), one final commit with the card, the index and the manifest, paths under the repo folder."""
+    import fsspec
+    import huggingface_hub
+    lib = make_library(tmp_path / "lib", model)
+    repo_root = f"/hub/{uuid.uuid4().hex}"
+    monkeypatch.setattr(FakeHubApi, "root", repo_root)
+    monkeypatch.setattr(FakeHubApi, "commits", [])
+    monkeypatch.setattr(huggingface_hub, "HfApi", FakeHubApi)
+    monkeypatch.setattr(remote.RemoteLocation, "pinned", lambda self: self)
+    loc = remote.RemoteLocation("hf://org/repo@dev/libs", fsspec.filesystem("memory"), f"{repo_root}/libs",
+                                remote.HubRepo("org/repo", "model", "dev", "libs"))
+    push(lib, loc)
+    assert [len(files) for _, files in FakeHubApi.commits] == [10 + 1, 3]
+    assert FakeHubApi.commits[1][1] == ["libs/README.md", "libs/files.json", "libs/library.json"]
+    assert_same_experts(RemoteLibrary(loc), lib)
+    lib.remove("e0")
+    lib.add("e1", random_adapter(model, SPEC, seed=8), tasks=["t1"], overwrite=True)
+    FakeHubApi.commits.clear()
+    push(lib, loc)
+    messages = [m for m, _ in FakeHubApi.commits]
+    assert messages[0] == "modlora push: withdraw the experts being replaced" and "delete" in messages[-1]
+    assert FakeHubApi.commits[-1][1] == ["libs/artifacts/proto/e0.safetensors", "libs/artifacts/proto/e1.safetensors",
+                                         "libs/experts/e0/adapter_config.json",
+                                         "libs/experts/e0/adapter_model.safetensors"]
+    assert_same_experts(RemoteLibrary(loc), lib)

@@ -31,9 +31,10 @@ written to the mirror only, so routing a remote library caches its prototypes lo
 
 1. when files the remote manifest or index vouches for are about to be replaced (a changed expert or artifact), an
    interim index without them and then an interim manifest without the changed experts are written first;
-2. new and changed files are uploaded one expert (or artifact) at a time, the index being re-written after each,
-   so that a push killed mid-transfer resumes without re-sending what arrived;
-3. the card, the final index, then the manifest.
+2. new and changed files are uploaded one expert (or artifact) at a time, the index being re-written after each
+   (on the Hub: up to 64 files and the index per commit), so that a push killed mid-transfer resumes without
+   re-sending what arrived;
+3. the card, the final index, then the manifest (on the Hub: one commit).
 
 A reader opening the library at any moment therefore sees a complete library: the old one, the old one less the
 experts being replaced, or the new one, never an expert whose files are half sent. (A reader that opened the old
@@ -80,6 +81,7 @@ CARD = "README.md"
 INDEX_FORMAT = "modlora-remote-index"
 INDEX_VERSION = 1
 MIRRORS_DIR = "libraries"
+HUB_COMMIT_FILES = 64  # files per Hub commit while pushing (each commit also records them in the index)
 _HF_PROTOCOL = "hf://"
 _HF_TYPE_PREFIX = {"model": "", "dataset": "datasets/", "space": "spaces/"}
 _HUB_ID_RE = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
@@ -188,6 +190,57 @@ class RemoteLocation:
         except Exception as exc:  # noqa: BLE001
             raise self._failure("stat", rel, exc) from None
 
+    def send(self, uploads: Iterable[tuple[Path, str]] = (), writes: Iterable[tuple[str, bytes]] = (), *,
+             message: str = "modlora push") -> None:
+        """Upload local files, then write small files, in this order; on the Hub as one commit (atomic, and one
+        commit rather than one per file)."""
+        uploads, writes = list(uploads), list(writes)
+        if self.hub is None:
+            for src, rel in uploads:
+                self.upload(src, rel)
+            for rel, data in writes:
+                self.write_bytes(rel, data)
+            return
+        from huggingface_hub import CommitOperationAdd
+        self._hub_commit([CommitOperationAdd(path_in_repo=self._in_repo(rel), path_or_fileobj=str(src))
+                          for src, rel in uploads]
+                         + [CommitOperationAdd(path_in_repo=self._in_repo(rel), path_or_fileobj=data)
+                            for rel, data in writes], message)
+
+    def delete(self, rels: Iterable[str], *, message: str = "modlora push: delete files") -> None:
+        """Delete files (missing ones are skipped); on the Hub as one commit."""
+        rels = list(rels)
+        if self.hub is None:
+            for rel in rels:
+                self.remove(rel)
+            return
+        if rels:
+            from huggingface_hub import CommitOperationDelete
+            existing = [rel for rel in rels if self.exists(rel)]
+            if existing:
+                self._hub_commit([CommitOperationDelete(path_in_repo=self._in_repo(rel)) for rel in existing],
+                                 message)
+
+    def exists(self, rel: str) -> bool:
+        try:
+            return bool(self.fs.exists(self.path(rel)))
+        except Exception as exc:  # noqa: BLE001
+            raise self._failure("stat", rel, exc) from None
+
+    def _in_repo(self, rel: str) -> str:
+        assert self.hub is not None
+        return f"{self.hub.path_in_repo}/{rel}" if self.hub.path_in_repo else rel
+
+    def _hub_commit(self, operations: list[Any], message: str) -> None:
+        assert self.hub is not None
+        from huggingface_hub import HfApi
+        try:
+            HfApi().create_commit(self.hub.repo_id, operations=operations, commit_message=message,
+                                  repo_type=self.hub.repo_type, revision=self.hub.revision)
+        except Exception as exc:  # noqa: BLE001
+            raise self._failure("commit to", f"{len(operations)} file(s) ({message})", exc) from None
+        self.fs.invalidate_cache()
+
     def pinned(self) -> RemoteLocation:
         """On the Hub, this location at the commit its revision points to now, so that every later read sees one
         snapshot even while a push commits to the branch; elsewhere the location itself."""
@@ -224,8 +277,12 @@ class RemoteLocation:
         self.fs.invalidate_cache()
 
 
-def resolve_location(url: str | os.PathLike[str], revision: str | None = None) -> RemoteLocation:
+def resolve_location(url: str | os.PathLike[str] | RemoteLocation, revision: str | None = None) -> RemoteLocation:
     """Parse a location (see the module docstring) into its fsspec filesystem and root path."""
+    if isinstance(url, RemoteLocation):
+        if revision is not None:
+            raise LibraryError(f"{url.url}: give the revision in the location itself")
+        return url
     url = os.fspath(url)
     if url.startswith(_HF_PROTOCOL):
         return _hub_location(url, revision)
@@ -560,7 +617,17 @@ def _units(rels: Iterable[str]) -> list[list[str]]:
     return list(groups.values())
 
 
-def push(library: ExpertLibrary | str | os.PathLike[str], url: str | os.PathLike[str], *,
+def _batches(units: list[list[str]], max_files: int) -> list[list[str]]:
+    """Consecutive units joined into batches of at least ``max_files`` files (the last may be smaller)."""
+    batches: list[list[str]] = []
+    for unit in units:
+        if not batches or len(batches[-1]) >= max_files:
+            batches.append([])
+        batches[-1].extend(unit)
+    return batches
+
+
+def push(library: ExpertLibrary | str | os.PathLike[str], url: str | os.PathLike[str] | RemoteLocation, *,
          revision: str | None = None, card: bool = True, progress: Progress | None = None) -> TransferReport:
     """Send a local library to ``url`` incrementally (see the module docstring for the order of writes)."""
     lib = library if isinstance(library, ExpertLibrary) else ExpertLibrary(library)
@@ -598,37 +665,37 @@ def push(library: ExpertLibrary | str | os.PathLike[str], url: str | os.PathLike
         if replaced_experts:
             current = _without_experts(current, replaced_experts)
         index = {rel: rec for rel, rec in index.items() if rel not in replaced}
-        loc.write_bytes(INDEX, _index_bytes(current, index))
-        if replaced_experts:
-            loc.write_bytes(MANIFEST, current)
+        loc.send(writes=[(INDEX, _index_bytes(current, index))] + ([(MANIFEST, current)] if replaced_experts else []),
+                 message="modlora push: withdraw the experts being replaced")
 
     units = _units(rel for rel, rec in local.items() if index.get(rel) != rec)
     total = sum(len(u) for u in units)
     report.unchanged = len(local) - total
-    for unit in units:
-        for rel in unit:
-            loc.upload(lib.path / rel, rel)
+    for batch in _batches(units, HUB_COMMIT_FILES if loc.hub else 1):
+        for rel in batch:
             index[rel] = local[rel]
+        loc.send([(lib.path / rel, rel) for rel in batch], [(INDEX, _index_bytes(current, index))],
+                 message=f"modlora push: {len(batch)} file(s)")
+        for rel in batch:
             report.transferred.append(rel)
             report.bytes += local[rel].size
             if progress is not None:
                 progress(len(report.transferred), total, rel)
-        loc.write_bytes(INDEX, _index_bytes(current, index))
 
+    final: list[tuple[str, bytes]] = []
     if card:
         text = library_card(lib, loc).encode()
         if loc.read_bytes(CARD) != text:
-            loc.write_bytes(CARD, text)
+            final.append((CARD, text))
         report.card = True
-    loc.write_bytes(INDEX, _index_bytes(manifest, local))
-    loc.write_bytes(MANIFEST, manifest)
-    for rel in sorted(old_files - set(local)):
-        loc.remove(rel)
-        report.removed.append(rel)
+    loc.send(writes=final + [(INDEX, _index_bytes(manifest, local)), (MANIFEST, manifest)],
+             message=f"modlora push: library of {len(lib)} experts")
+    report.removed = sorted(old_files - set(local))
+    loc.delete(report.removed, message="modlora push: delete the files of experts no longer in the library")
     return report
 
 
-def pull(url: str | os.PathLike[str], library_path: str | os.PathLike[str], *, revision: str | None = None,
+def pull(url: str | os.PathLike[str] | RemoteLocation, library_path: str | os.PathLike[str], *, revision: str | None = None,
          progress: Progress | None = None) -> TransferReport:
     """Copy the library at ``url`` into the local library ``library_path`` (created if absent), resumably."""
     loc = resolve_location(url, revision)
