@@ -60,7 +60,9 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
-from modlora.adapters import ADAPTER_CONFIG, ADAPTER_WEIGHTS
+import torch
+
+from modlora.adapters import ADAPTER_CONFIG, ADAPTER_WEIGHTS, LoraAdapter
 from modlora.errors import LibraryError
 from modlora.io import atomic_directory, atomic_write_bytes, file_lock, sha256_file
 from modlora.library import (
@@ -514,13 +516,13 @@ class RemoteLibrary(ExpertLibrary):
             if not present():
                 self.download_expert(name, target)
 
-    def get(self, name: str):
+    def get(self, name: str) -> LoraAdapter:
         """The expert's adapter, downloaded (and checked) on first use."""
         if name not in self._cache:
             self._fetch_expert(name)
         return super().get(name)
 
-    def load_artifact(self, expert: str, kind: str):
+    def load_artifact(self, expert: str, kind: str) -> dict[str, torch.Tensor] | None:
         """The mirror's artifact when fresh; else the remote's (downloaded and checked) when the index lists it."""
         found = super().load_artifact(expert, kind)
         if found is not None or expert not in self:
