@@ -99,20 +99,23 @@ def test_remote_library_is_read_only_but_caches_derived_data(tmp_path, model):
 
 
 def test_arrow_routes_over_a_remote_library_like_over_the_local_one(tmp_path, model):
-    from modlora.reuse import RouterOptions, prepare_model
+    from modlora.reuse import prepare_model
     tok = make_char_tokenizer()
     lib = make_library(tmp_path / "lib", model)
     url = memory_url()
     push(lib, url)
     ids = torch.randint(3, 90, (2, 8))
+    shared = ExpertLibrary.open(url)
     outs = []
-    for library in (lib, ExpertLibrary.open(url)):
+    for library in (lib, shared):
         lm = LoadedModel(make_tiny_llama(seed=0), tok, lib.base_model, "memory")
         with torch.no_grad():
-            rm = prepare_model(lm, library, "arrow", RouterOptions(top_k=2))
+            rm = prepare_model(lm, library, "arrow", {"top_k": 2})
             outs.append(rm(ids).logits)
             rm.restore()
     torch.testing.assert_close(outs[0], outs[1])
+    kinds = {p.name for p in (shared.path / "artifacts").iterdir()}
+    assert kinds - {"proto"}, "the Arrow prototypes are cached in the local mirror"
 
 
 def test_push_is_incremental_and_mirrors_changes(tmp_path, model):
@@ -429,3 +432,46 @@ def test_a_hub_push_commits_in_batches_with_the_manifest_last(tmp_path, model, m
                                          "libs/experts/e0/adapter_config.json",
                                          "libs/experts/e0/adapter_model.safetensors"]
     assert_same_experts(RemoteLibrary(loc), lib)
+
+
+def test_cli_push_pull_and_every_reading_command_takes_a_url(tmp_path, capsys):
+    from modlora.cli import main
+    from modlora.models import load_base_model
+    model_dir = tmp_path / "tiny"
+    make_tiny_llama(seed=0).save_pretrained(model_dir)
+    make_char_tokenizer().save_pretrained(model_dir)
+    (tmp_path / "data" / "eval").mkdir(parents=True)
+    rows = [{"query": f"Q{i}:", "choices": [" yes", " no"], "gold": i % 2} for i in range(2)]
+    (tmp_path / "data" / "eval" / "boolq.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    lm = load_base_model(str(model_dir), device="cpu")
+    lib = ExpertLibrary.create(tmp_path / "lib", lm.info)
+    for i in range(3):
+        lib.add(f"e{i}", random_adapter(lm.model, SPEC, seed=i, std=0.2), tasks=[f"task{i}"])
+    url = memory_url()
+    m = ["--model", str(model_dir)]
+
+    assert main(["push", str(lib.path), url]) == 0
+    assert "sent 6 file(s)" in capsys.readouterr().out
+    assert main(["push", str(lib.path), url]) == 0
+    assert "sent 0 file(s)" in capsys.readouterr().out
+    assert main(["show", url]) == 0 and "e2" in capsys.readouterr().out
+    assert main(["verify", url]) == 0
+    assert main(["export", url, "e1", str(tmp_path / "e1")]) == 0
+    assert (tmp_path / "e1" / "adapter_model.safetensors").is_file()
+    assert main(["route", url, "--prompt", "a1", "--max-new-tokens", "2", "--top-k", "2", "--explain"] + m) == 0
+    assert main(["merge", url, "--method", "mu", "--out", str(tmp_path / "mu")]) == 0
+    assert main(["cluster", url, "--k", "2", "--out", str(tmp_path / "c.json")]) == 0
+    assert main(["eval", "--suite", "choice", "--tasks", "boolq", "--library", url, "--router", "mu", "--data",
+                 str(tmp_path / "data"), "--out", str(tmp_path / "ev.json")] + m) == 0
+    assert json.loads((tmp_path / "ev.json").read_text())["config"]["library"] == url
+    capsys.readouterr()
+
+    assert main(["pull", url, str(tmp_path / "copy")]) == 0
+    assert "received 6 file(s)" in capsys.readouterr().out
+    assert ExpertLibrary(tmp_path / "copy").verify() == []
+    assert main(["import", url, str(tmp_path / "e1"), "--name", "x"]) == 2
+    assert "read-only" in capsys.readouterr().err
+    assert main(["show", url, "--revision", "dev"]) == 2
+    assert "revision applies to hf://" in capsys.readouterr().err
+    assert main(["pull", url + "-missing", str(tmp_path / "none")]) == 2
+    assert "no modlora library" in capsys.readouterr().err and not (tmp_path / "none").exists()

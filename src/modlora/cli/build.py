@@ -7,7 +7,9 @@ from pathlib import Path
 from typing import Any
 
 from modlora.cli.common import (
+    LOCATION_HELP,
     UsageError,
+    add_library_arg,
     add_model_args,
     add_task_source_args,
     add_train_args,
@@ -112,7 +114,7 @@ def cmd_build(args: argparse.Namespace) -> int:
 
 def cmd_cluster(args: argparse.Namespace) -> int:
     from modlora.clustering import model_based_clustering, plot_clustering
-    lib = open_library(args.library)
+    lib = open_library(args.library, args.revision)
     if args.k != "auto" and args.k > len(lib):
         raise UsageError(f"--k {args.k} exceeds the number of experts ({len(lib)})")
     result = model_based_clustering(lib, args.k, sparsity=args.sparsity, n_components=args.n_components,
@@ -180,7 +182,8 @@ def register(sub: Any, registry: Registry) -> None:
                        description="Cluster a library's experts by their LoRA weights (sparsify, truncated SVD, "
                                    "cosine similarity, k-means on similarity rows) and print the clusters; the "
                                    "result is stored in the library (meta/clustering.json).")
-    p.add_argument("library", type=Path, help="library directory (usually a private library)")
+    add_library_arg(p, help=f"the library to cluster (usually a private library): {LOCATION_HELP}; the clustering "
+                    "is stored in it (for a remote library: in its local mirror)")
     _add_k_args(p, "auto")
     p.add_argument("--sparsity", type=fraction, default=0.5,
                    help="share of smallest-magnitude entries zeroed (0.5)")
