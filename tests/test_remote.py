@@ -137,6 +137,12 @@ def test_push_is_incremental_and_mirrors_changes(tmp_path, model):
     assert shared.load_artifact("e1", "proto") is None and shared.load_artifact("e2", "proto") is not None
     fs_root = resolve_location(url)
     assert fs_root.read_bytes("experts/e0/adapter_config.json") is None
+    other = make_library(tmp_path / "other", make_tiny_llama(seed=1), names=("x",))
+    with pytest.raises(LibraryError, match="for base model"):
+        push(other, url)  # a library for another base model is refused, nothing sent
+    with pytest.raises(LibraryError, match="for base model"):
+        pull(url, other.path)
+    assert ExpertLibrary.open(url).expert_names() == ["e1", "e2", "e3"]
 
 
 def test_pull_copies_and_resumes_and_keeps_local_experts(tmp_path, model):
