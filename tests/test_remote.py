@@ -21,7 +21,7 @@ from modlora.library import ExpertLibrary
 from modlora.models import LoadedModel, model_identity
 from modlora.remote import INDEX, RemoteLibrary, open_library, pull, push, resolve_location
 
-from .conftest import make_char_tokenizer, make_tiny_llama
+from .conftest import make_char_tokenizer, make_tiny_llama, save_tiny_model
 
 SPEC = LoraSpec(rank=2, alpha=4, dropout=0.0)
 CHILD = Path(__file__).with_name("remote_child.py")
@@ -443,9 +443,7 @@ def test_a_hub_push_commits_in_batches_with_the_manifest_last(tmp_path, model, m
 def test_cli_push_pull_and_every_reading_command_takes_a_url(tmp_path, capsys):
     from modlora.cli import main
     from modlora.models import load_base_model
-    model_dir = tmp_path / "tiny"
-    make_tiny_llama(seed=0).save_pretrained(model_dir)
-    make_char_tokenizer().save_pretrained(model_dir)
+    model_dir = save_tiny_model(tmp_path / "tiny")
     (tmp_path / "data" / "eval").mkdir(parents=True)
     rows = [{"query": f"Q{i}:", "choices": [" yes", " no"], "gold": i % 2} for i in range(2)]
     (tmp_path / "data" / "eval" / "boolq.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
