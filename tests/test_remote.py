@@ -21,7 +21,7 @@ from modlora.library import ExpertLibrary
 from modlora.models import LoadedModel, model_identity
 from modlora.remote import INDEX, RemoteLibrary, open_library, pull, push, resolve_location
 
-from .conftest import make_char_tokenizer, make_tiny_llama, save_tiny_model
+from .conftest import make_char_tokenizer, make_tiny_llama, save_tiny_model, write_sni_task
 
 SPEC = LoraSpec(rank=2, alpha=4, dropout=0.0)
 CHILD = Path(__file__).with_name("remote_child.py")
@@ -440,7 +440,7 @@ def test_a_hub_push_commits_in_batches_with_the_manifest_last(tmp_path, model, m
     assert_same_experts(RemoteLibrary(loc), lib)
 
 
-def test_cli_push_pull_and_every_reading_command_takes_a_url(tmp_path, capsys):
+def test_cli_push_pull_and_every_command_reading_a_library_takes_a_url(tmp_path, capsys):
     from modlora.cli import main
     from modlora.models import load_base_model
     model_dir = save_tiny_model(tmp_path / "tiny")
@@ -468,6 +468,14 @@ def test_cli_push_pull_and_every_reading_command_takes_a_url(tmp_path, capsys):
     assert main(["eval", "--suite", "choice", "--tasks", "boolq", "--library", url, "--router", "mu", "--data",
                  str(tmp_path / "data"), "--out", str(tmp_path / "ev.json")] + m) == 0
     assert json.loads((tmp_path / "ev.json").read_text())["config"]["library"] == url
+    (tmp_path / "data" / "sni" / "tasks").mkdir(parents=True)
+    for i in range(3):
+        write_sni_task(tmp_path / "data" / "sni" / "tasks", f"task{i}", "abc"[i])
+    assert main(["build", str(tmp_path / "mbc"), "--strategy", "mbc", "--private-library", url, "--k", "2",
+                 "--tasks", "task0", "task1", "task2", "--data", str(tmp_path / "data"), "--steps", "1",
+                 "--batch-size", "2", "--max-val", "2", "--max-prompt-tokens", "16", "--max-target-tokens", "4"]
+                + m) == 0
+    assert len(ExpertLibrary(tmp_path / "mbc")) == 2
     capsys.readouterr()
 
     assert main(["pull", url, str(tmp_path / "copy")]) == 0

@@ -165,8 +165,9 @@ def register(sub: Any, registry: Registry) -> None:
     _add_k_args(p, "10")
     p.add_argument("--stage1-fraction", type=open_fraction, default=0.4,
                    help="MBC: share of each task's budget spent on stage-1 private experts (default 0.4 = 2 of 5)")
-    p.add_argument("--private-library", type=Path, default=None,
-                   help="MBC: reuse this private library as stage 1 instead of training one")
+    p.add_argument("--private-library", default=None,
+                   help="MBC: reuse this private library as stage 1 instead of training one (a directory or any "
+                        "library location: hf://, s3://, ...)")
     p.add_argument("--mbc-library", type=Path, default=None, help="random: the MBC library whose sizes to copy")
     p.add_argument("--balanced", action="store_true",
                    help="multi-task experts use the same number of examples from every task")
