@@ -93,6 +93,8 @@ def test_remote_library_is_read_only_but_caches_derived_data(tmp_path, model):
         shared.add("new", random_adapter(model, SPEC, seed=9))
     with pytest.raises(LibraryError, match="read-only"):
         shared.remove("e0")
+    with pytest.raises(LibraryError, match=f"^{url}: no expert named 'nope'"):
+        shared.get("nope")
     shared.save_artifact("e0", "local-proto", {"v": torch.ones(2)})  # e.g. Arrow prototypes: mirror only
     assert torch.equal(ExpertLibrary.open(url).load_artifact("e0", "local-proto")["v"], torch.ones(2))
     assert remote.resolve_location(url).read_bytes("artifacts/local-proto/e0.safetensors") is None

@@ -450,6 +450,11 @@ class RemoteLibrary(ExpertLibrary):
             raise LibraryError(f"{self.url}: {exc}") from None
         self._prune_mirror()
 
+    def entry(self, name: str) -> ExpertEntry:
+        if name not in self:
+            raise LibraryError(f"{self.url}: no expert named {name!r}")
+        return super().entry(name)
+
     def _read_only(self, action: str) -> LibraryError:
         return LibraryError(f"{self.url}: a remote library opens read-only, cannot {action}; "
                             f"`modlora pull {self.url} DIR` makes a local copy")
