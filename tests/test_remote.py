@@ -430,6 +430,8 @@ def test_a_hub_push_commits_in_batches_with_the_manifest_last(tmp_path, model, m
     assert [len(files) for _, files in FakeHubApi.commits] == [10 + 1, 3]
     assert FakeHubApi.commits[1][1] == ["libs/README.md", "libs/files.json", "libs/library.json"]
     assert_same_experts(RemoteLibrary(loc), lib)
+    push(lib, loc)
+    assert len(FakeHubApi.commits) == 2  # nothing changed: no (empty) commit
     lib.remove("e0")
     lib.add("e1", random_adapter(model, SPEC, seed=8), tasks=["t1"], overwrite=True)
     FakeHubApi.commits.clear()

@@ -695,8 +695,10 @@ def push(library: ExpertLibrary | str | os.PathLike[str], url: str | os.PathLike
         if loc.read_bytes(CARD) != text:
             final.append((CARD, text))
         report.card = True
-    loc.send(writes=final + [(INDEX, _index_bytes(manifest, local)), (MANIFEST, manifest)],
-             message=f"modlora push: library of {len(lib)} experts")
+    final_index = _index_bytes(manifest, local)
+    if final or current != manifest or loc.read_bytes(INDEX) != final_index:  # else: the remote is this library
+        loc.send(writes=final + [(INDEX, final_index), (MANIFEST, manifest)],
+                 message=f"modlora push: library of {len(lib)} experts")
     report.removed = sorted(old_files - set(local))
     loc.delete(report.removed, message="modlora push: delete the files of experts no longer in the library")
     return report
