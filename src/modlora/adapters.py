@@ -134,11 +134,17 @@ class LoraAdapter:
         return LoraAdapter(self.spec, conv, convb, self.base_model_name, dict(self.extra_config))
 
     def peft_state_dict(self) -> dict[str, torch.Tensor]:
-        """Tensors under PEFT's saved key names."""
+        """Tensors under PEFT's saved key names (each its own storage: safetensors refuses shared memory, e.g. one
+        factor reused by two modules)."""
         out: dict[str, torch.Tensor] = {}
+        seen: set[int] = set()
         for m in self.modules:
-            out[f"{PEFT_PREFIX}{m}.lora_A.weight"] = self.A[m].detach().float().contiguous().cpu()
-            out[f"{PEFT_PREFIX}{m}.lora_B.weight"] = self.B[m].detach().float().contiguous().cpu()
+            for which, factors in (("A", self.A), ("B", self.B)):
+                t = factors[m].detach().float().contiguous().cpu()
+                if t.untyped_storage().data_ptr() in seen:
+                    t = t.clone()
+                seen.add(t.untyped_storage().data_ptr())
+                out[f"{PEFT_PREFIX}{m}.lora_{which}.weight"] = t
         return out
 
     def peft_config(self) -> dict[str, Any]:
