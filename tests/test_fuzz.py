@@ -17,7 +17,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from modlora.adapters import ADAPTER_CONFIG, LoraSpec, load_adapter, random_adapter
-from modlora.data import load_sni_task, load_sni_tasks, read_flat_jsonl
+from modlora.data import Task, load_sni_task, load_sni_tasks, read_flat_jsonl
 from modlora.errors import ModloraError
 from modlora.library import MANIFEST, ExpertLibrary
 from modlora.models import model_identity
@@ -44,6 +44,14 @@ def _only_modlora_errors(*calls: Callable[[], Any]) -> None:
             call()
         except ModloraError:
             pass
+
+
+def _tokenisable(tasks: dict[str, Task]) -> None:
+    """Every text a loader lets through can be encoded as UTF-8 (else the tokenizer raises TypeError later)."""
+    for task in tasks.values():
+        texts = [task.name, task.definition] + [t for inst in task.instances for t in (inst.input, *inst.outputs)]
+        for text in texts:
+            text.encode("utf-8")
 
 
 def _paths(obj: Any, prefix: tuple = ()) -> list[tuple]:
@@ -186,8 +194,8 @@ def test_fuzz_sni_task_file(tmp_path, data):
     else:
         path = tasks / "task001_fuzz.json"
         path.write_bytes(raw)
-    _only_modlora_errors(lambda: load_sni_task(path), lambda: load_sni_task(path, strict=True),
-                         lambda: load_sni_tasks(tasks))
+    _only_modlora_errors(lambda: _tokenisable({"t": load_sni_task(path)}), lambda: load_sni_task(path, strict=True),
+                         lambda: _tokenisable(load_sni_tasks(tasks)))
 
 
 RECORD = {"task_name": "a", "source": "1 + 1", "target": "2"}
@@ -208,6 +216,7 @@ def test_fuzz_flat_jsonl(tmp_path, lines, gz):
 
     def lenient() -> None:
         loaded = read_flat_jsonl(path)
+        _tokenisable(loaded.tasks)
         assert loaded.report.skipped == sum(t.skipped for t in loaded.tasks.values()) / len(loaded.tasks)
         assert all(p.startswith("line ") for p in loaded.report.problems)
         assert sum(len(t) for t in loaded.tasks.values()) + loaded.report.skipped <= len(lines)

@@ -105,6 +105,24 @@ class TaskLoad:
     origin: str
 
 
+def text_problem(text: str) -> str | None:
+    """Why ``text`` cannot be tokenised, or None: a lone surrogate (from a JSON ``"\\ud800"`` escape, or from
+    command-line bytes that are not UTF-8, which Python keeps as surrogates) makes tokenizers raise TypeError."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        return f"not valid Unicode text at character {exc.start} (a lone surrogate or non-UTF-8 bytes)"
+    return None
+
+
+def check_text(text: str, what: str) -> str:
+    """``text`` unchanged when it can be tokenised, else :class:`DataError` naming ``what`` (e.g. ``"--prompt"``)."""
+    problem = text_problem(text)
+    if problem is not None:
+        raise DataError(f"{what}: {problem}")
+    return text
+
+
 def default_data_dir() -> Path:
     """``$MODLORA_DATA`` or ``../shared/data`` (relative to the working directory) when it exists."""
     env = os.environ.get("MODLORA_DATA")
@@ -158,6 +176,7 @@ def load_sni_task(path: str | os.PathLike[str], *, strict: bool = False, max_inp
         definition = " ".join(definition)
     if not isinstance(definition, str) or not definition.strip():
         raise DataError(f"{path}: field 'Definition' is missing or not text")
+    check_text(definition, f"{path}: field 'Definition'")
     instances = raw.get("Instances")
     if not isinstance(instances, list):
         raise DataError(f"{path}: field 'Instances' is missing or not a list")
@@ -192,6 +211,8 @@ def _instance_problem(inst: Any, max_input_chars: int) -> str | None:
         return "field 'id' missing"
     if not isinstance(inst.get("input"), str):
         return "field 'input' missing or not text"
+    if (problem := text_problem(inst["input"])) is not None:
+        return f"field 'input' is {problem}"
     if len(inst["input"]) > max_input_chars:
         return f"field 'input' longer than {max_input_chars} characters"
     outputs = inst.get("output")
@@ -201,6 +222,8 @@ def _instance_problem(inst: Any, max_input_chars: int) -> str | None:
         return "field 'output' is empty"
     if not all(isinstance(o, str) for o in outputs):
         return "field 'output' holds non-text items"
+    if any(text_problem(o) for o in outputs):
+        return "field 'output' holds invalid Unicode text"
     return None
 
 
@@ -245,6 +268,9 @@ def group_flat_records(records: Iterable[tuple[str, Any]], *, origin: str, stric
             for key in ("task_name", "source", "target"):
                 if not isinstance(rec.get(key), str) or (key != "source" and not rec[key].strip()):
                     problem = f"field {key!r} missing or empty"
+                    break
+                if (bad := text_problem(rec[key])) is not None:
+                    problem = f"field {key!r} is {bad}"
                     break
         if problem is not None:
             if strict:

@@ -285,15 +285,17 @@ class ExpertLibrary:
         returned. Without a usable lock file (a read-only library) a mismatch is retried a few times."""
         if name in self._cache:
             return self._cache[name]
-        config, weights = self._read_expert_files(name)
+        adapter = self._parse_expert(name, *self._read_expert_files(name))
+        self._cache[name] = adapter
+        return adapter
+
+    def _parse_expert(self, name: str, config: bytes, weights: bytes) -> LoraAdapter:
         cpath, wpath = self.expert_dir(name) / ADAPTER_CONFIG, self.expert_dir(name) / ADAPTER_WEIGHTS
         try:
             spec, raw = parse_adapter_config(config, cpath, f"expert {name!r}")
-            adapter = adapter_from_weights(spec, raw, weights, wpath, f"expert {name!r}")
+            return adapter_from_weights(spec, raw, weights, wpath, f"expert {name!r}")
         except AdapterError as exc:
             raise LibraryError(str(exc)) from None
-        self._cache[name] = adapter
-        return adapter
 
     def _read_expert_files(self, name: str, attempts: int = 20) -> tuple[bytes, bytes]:
         """The bytes of an expert's config and weights files, matching the manifest's checksums (see :meth:`get`);
@@ -456,8 +458,8 @@ class ExpertLibrary:
         """Copy one expert out as a standalone PEFT adapter directory (atomically; the bytes written are the ones
         checked against the manifest). An existing ``directory`` is refused unless ``overwrite`` (which replaces
         only an empty or adapter directory)."""
-        self.get(name)   # validates the whole adapter
         config, weights = self._read_expert_files(name)
+        self._parse_expert(name, config, weights)   # validates what is written
         directory = Path(directory)
         with output_directory(directory, overwrite=overwrite, error=LibraryError) as tmp:
             (tmp / ADAPTER_CONFIG).write_bytes(config)
@@ -565,12 +567,10 @@ class ExpertLibrary:
         floating point, finite, and pair up (``A`` (r, in), ``B`` (out, r)); the manifest's ``lora`` fields,
         ``num_parameters`` and ``modules`` agree with the files; the config's ``base_model_name_or_path`` names this
         library's base; ``target_modules`` agree with the tensors; every module exists in the base model with
-        matching shapes (:meth:`expert_problems`). Library-wide: leftover temporary or unlisted directories."""
+        matching shapes (:meth:`expert_problems`). Library-wide: leftover temporary or unlisted directories.
+        In a library written before base shapes were recorded (:attr:`linear_shapes` is None) experts are checked
+        against each other's shapes only; callers should say so."""
         problems: list[VerifyProblem] = []
-        if self.linear_shapes is None:
-            problems.append(VerifyProblem("(library)", f"{self.path / MANIFEST}: the base model's layer shapes are "
-                                          "not recorded, so experts are checked only against each other; open the "
-                                          "library once with its model (e.g. `modlora train`) to record them"))
         self._cache.clear()
         for name in self.expert_names():
             try:
