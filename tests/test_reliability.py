@@ -19,7 +19,15 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from modlora.adapters import ADAPTER_CONFIG, ADAPTER_WEIGHTS, LoraAdapter, LoraSpec, load_adapter, random_adapter
+from modlora.adapters import (
+    ADAPTER_CONFIG,
+    ADAPTER_WEIGHTS,
+    LoraAdapter,
+    LoraSpec,
+    load_adapter,
+    merge_adapter,
+    random_adapter,
+)
 from modlora.data import check_text, load_flat_jsonl, load_sni_task, read_flat_jsonl
 from modlora.errors import AdapterError, BaseModelMismatchError, DataError, LibraryError, RoutingError
 from modlora.library import MANIFEST, ExpertLibrary, same_model_name
@@ -331,6 +339,14 @@ def test_overflow_in_model_dtype_is_refused_at_route(tiny_llama):
     with pytest.raises(RoutingError, match=r"expert 'e1' has weights that are not finite in torch.float16"):
         route(tiny_llama.to(torch.float16), ex, ArrowRouter(top_k=2))
     tiny_llama.float()
+
+
+def test_merge_refuses_overflowing_adapter_and_leaves_model_untouched(tiny_llama):
+    before = {k: v.clone() for k, v in tiny_llama.state_dict().items()}
+    huge = _experts(tiny_llama, 2, scale=1e30)["e1"]
+    with pytest.raises(AdapterError, match=r"expert 'e1': module 'model\.layers\.0\.self_attn\.k_proj'.*not finite"):
+        merge_adapter(tiny_llama, huge, name="expert 'e1'")
+    assert all(torch.equal(v, before[k]) for k, v in tiny_llama.state_dict().items())
 
 
 class _NanRouter:

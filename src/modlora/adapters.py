@@ -347,17 +347,27 @@ def adapted_modules(model: torch.nn.Module, target_modules: Iterable[str]) -> li
 
 
 @torch.no_grad()
-def merge_adapter(model: torch.nn.Module, adapter: LoraAdapter, weight: float = 1.0) -> None:
-    """In place: ``W[m] += weight · s · B A`` for every module of the adapter (``weight=-1`` undoes it)."""
+def merge_adapter(model: torch.nn.Module, adapter: LoraAdapter, weight: float = 1.0, *, name: str = "adapter") -> None:
+    """In place: ``W[m] += weight · s · B A`` for every module of the adapter (``weight=-1`` undoes it).
+
+    Every ``ΔW`` is checked (shape, and finite in the weights' dtype) before any weight changes, so a refused
+    adapter (:class:`AdapterError` naming ``name`` and the module) leaves the model untouched."""
     modules = dict(model.named_modules())
-    for m in adapter.modules:
-        lin = modules.get(m)
-        if not isinstance(lin, torch.nn.Linear):
-            raise AdapterError(f"adapter module {m!r} is not a linear layer of the model")
-        dw = adapter.delta_weight(m)
-        if dw.shape != lin.weight.shape:
-            raise AdapterError(f"adapter module {m!r}: ΔW shape {tuple(dw.shape)} != weight {tuple(lin.weight.shape)}")
-        lin.weight.add_(dw.to(device=lin.weight.device, dtype=lin.weight.dtype), alpha=weight)
+    for apply in (False, True):     # check every module first (ΔW recomputed, not kept: it can be large), then apply
+        for m in adapter.modules:
+            lin = modules.get(m)
+            if not isinstance(lin, torch.nn.Linear):
+                raise AdapterError(f"{name}: module {m!r} is not a linear layer of the model")
+            dw = adapter.delta_weight(m)
+            if dw.shape != lin.weight.shape:
+                raise AdapterError(f"{name}: module {m!r}: ΔW shape {tuple(dw.shape)} != weight "
+                                   f"{tuple(lin.weight.shape)}")
+            dw = dw.to(device=lin.weight.device, dtype=lin.weight.dtype)
+            if apply:
+                lin.weight.add_(dw, alpha=weight)
+            elif not torch.isfinite(dw * weight).all():
+                raise AdapterError(f"{name}: module {m!r}: ΔW = s·B·A is not finite in {lin.weight.dtype} (weights "
+                                   "too large)")
 
 
 def random_adapter(model: torch.nn.Module, spec: LoraSpec, *, seed: int = 0, std: float = 0.02,
