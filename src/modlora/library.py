@@ -14,6 +14,10 @@ Every write is atomic: an expert directory is written to a temporary sibling, fs
 only then is the manifest replaced (temp file + fsync + rename) under the lock. A crash at any point leaves a
 library that opens and holds every expert whose manifest entry was written; an expert directory without a manifest
 entry (a crash between the two renames) is ignored and overwritten by the next write of that name.
+Readers load an expert under a shared ``flock`` of the same lock file, so a reader racing a writer that overwrites
+an expert sees either the old or the new version, never a mix or a missing file (see :meth:`ExpertLibrary.get`).
+The manifest's ``base_model`` also records the base model's linear-layer shapes, so that imports and ``verify``
+check every expert's tensors against the base without loading it.
 No pickle anywhere: tensors are safetensors, metadata is JSON.
 """
 
