@@ -59,13 +59,13 @@ class BigramLM(torch.nn.Module):
         self.table = torch.nn.Parameter(table, requires_grad=False)
         self.generation_config = SimpleNamespace(eos_token_id=eos_token_id)
 
-    def forward(self, input_ids, attention_mask=None, position_ids=None, past_key_values=None, use_cache=False,
+    def forward(self, input_ids, attention_mask=None, position_ids=None, cache=None, use_cache=False,
                 logits_to_keep=0):
         logits = self.table[input_ids]
         if logits_to_keep:
             logits = logits[:, -logits_to_keep:]
-        cache = (past_key_values if past_key_values is not None else DynamicCache()) if use_cache else None
-        return SimpleNamespace(logits=logits, past_key_values=cache)
+        cache = (cache if cache is not None else DynamicCache()) if use_cache else None
+        return SimpleNamespace(logits=logits, cache=cache)
 
 
 def bigram_loglik(table: torch.Tensor, ctx: list[int], cont: list[int]) -> float:
@@ -400,17 +400,17 @@ def test_load_results_errors(tmp_path):
 
 
 def test_routing_accuracy():
-    w = np.array([[0.9, 0.1], [0.2, 0.8], [0.6, 0.4]])
-    out = routing_accuracy(w, np.array([0, 1, 1]))
-    assert out == {"overall": pytest.approx(2 / 3), "per_layer": {}, "n": 3}
     per_layer = torch.tensor([[[1.0, 0.0], [0.0, 1.0]], [[0.0, 1.0], [0.0, 1.0]]])  # (L=2, n=2, E=2)
-    out = routing_accuracy(per_layer, torch.tensor([0, 1]))
-    assert out["per_layer"] == {"0": 1.0, "1": 0.5} and out["overall"] == 0.75
     out = routing_accuracy({"layers.0.q": per_layer[0], "layers.1.q": per_layer[1]}, [0, 1])
-    assert out["per_layer"] == {"layers.0.q": 1.0, "layers.1.q": 0.5}
+    assert out.per_layer == {"layers.0.q": 1.0, "layers.1.q": 0.5} and out.n == 2
+    assert out.overall == 1.0  # example 0: mean mass (0.5, 0.5) -> argmax 0 (ties: first) is right; example 1 right
+    w = np.array([[0.9, 0.1], [0.2, 0.8], [0.6, 0.4]])
+    assert routing_accuracy({"all": w}, np.array([0, 1, 1])).overall == pytest.approx(2 / 3)
     with pytest.raises(RoutingError, match="labels"):
-        routing_accuracy(w, np.array([0, 1]))
+        routing_accuracy({"all": w}, np.array([0, 1]))
     with pytest.raises(RoutingError, match=r"\[0, 2\)"):
-        routing_accuracy(w, np.array([0, 1, 2]))
+        routing_accuracy({"all": w}, np.array([0, 1, 2]))
     with pytest.raises(RoutingError, match="integer"):
-        routing_accuracy(w, np.array([0.0, 1.0, 1.0]))
+        routing_accuracy({"all": w}, np.array([0.0, 1.0, 1.0]))
+    with pytest.raises(RoutingError, match="no routing weights"):
+        routing_accuracy({}, np.array([0]))
