@@ -320,7 +320,7 @@ def _experts(model, n: int, scale: float | None = None, scaled: tuple[str, ...] 
     return ex
 
 
-@pytest.mark.parametrize("router", ["arrow", "mu"])
+@pytest.mark.parametrize("router", ["arrow", "uniform"])
 @pytest.mark.parametrize("path", ["dense", "sparse"])
 def test_huge_weights_raise_naming_expert_and_layer(tiny_llama, router, path):
     ex = _experts(tiny_llama, 4, scale=1e30, scaled=("e1", "e2", "e3"))   # finite weights, overflowing outputs
