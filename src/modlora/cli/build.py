@@ -42,9 +42,14 @@ def _build_config(args: argparse.Namespace) -> Any:
 
 
 def _known_tasks(args: argparse.Namespace, config: Any) -> list[str]:
-    from modlora.building import load_tasks
-    from modlora.data import sni_task_files
-    return sorted(load_tasks(config, None)) if args.flat else sorted(sni_task_files(config.data_dir))
+    """Every task name of the source; for ``--flat`` the skipped malformed lines are reported (count and lines)."""
+    from modlora.data import read_flat_jsonl, sni_task_files
+    if not args.flat:
+        return sorted(sni_task_files(config.data_dir))
+    load = read_flat_jsonl(args.flat)
+    if load.report.skipped:
+        console.print(f"[yellow]{args.flat}[/]: {load.report.summary()}", highlight=False)
+    return sorted(load.tasks)
 
 
 def cmd_train(args: argparse.Namespace) -> int:

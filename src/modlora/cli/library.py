@@ -63,7 +63,10 @@ def cmd_verify(args: argparse.Namespace) -> int:
     lib = open_library(args.library, args.revision)
     problems = lib.verify()
     if not problems:
-        console.print(f"[green]OK[/]: {len(lib)} experts, every file matches its checksum")
+        against = ("the base model's layer shapes" if lib.linear_shapes is not None
+                   else "each other (this library records no base-model shapes)")
+        console.print(f"[green]OK[/]: {len(lib)} experts: every file matches its checksum, tensors load and are "
+                      f"finite floating point, manifest fields agree, shapes checked against {against}")
         return 0
     for p in problems:
         console.print(f"[red]{p.expert}[/]: {p.problem}", highlight=False)
@@ -72,7 +75,8 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 def cmd_import(args: argparse.Namespace) -> int:
     lib = open_library(args.library, writes=True)
-    entry = lib.import_adapter(args.adapter, args.name, tasks=args.tasks or [], overwrite=args.overwrite)
+    entry = lib.import_adapter(args.adapter, args.name, tasks=args.tasks or [], overwrite=args.overwrite,
+                               force_base=args.force_base)
     console.print(f"imported {args.adapter} as expert {entry.name}")
     return 0
 
@@ -118,6 +122,8 @@ def register(sub: Any, registry: Registry) -> None:
     p.add_argument("--name", required=True, help="expert name in the library")
     p.add_argument("--tasks", nargs="*", help="tasks this expert covers")
     p.add_argument("--overwrite", action="store_true", help="replace an existing expert of that name")
+    p.add_argument("--force-base", action="store_true",
+                   help="import an adapter whose config names another base model (its shapes must still fit)")
     p.set_defaults(func=cmd_import)
 
     p = sub.add_parser("export", help="export one expert as a PEFT adapter directory",

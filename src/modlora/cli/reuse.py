@@ -25,13 +25,11 @@ from modlora.methods import Registry
 
 
 def prompt_text(args: argparse.Namespace) -> str:
-    """``--prompt`` checked: non-empty and valid UTF-8 (an argv with undecodable bytes arrives as surrogates)."""
-    try:
-        args.prompt.encode("utf-8")
-        args.definition.encode("utf-8")
-    except UnicodeEncodeError:
-        raise UsageError("--prompt / --definition is not valid UTF-8 text") from None
-    if not args.prompt.strip():
+    """``--prompt`` checked: non-empty text that can be tokenised (an argv with undecodable bytes arrives as
+    surrogates)."""
+    from modlora.data import check_text
+    check_text(args.definition, "--definition")
+    if not check_text(args.prompt, "--prompt").strip():
         raise UsageError("--prompt is empty")
     return args.prompt
 
