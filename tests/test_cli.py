@@ -82,6 +82,11 @@ def test_train_build_and_cluster(world, tmp_path, capsys):
     common = _m(world) + ["--data", str(world["data"]), "--steps", "1", "--batch-size", "2", "--max-val", "2",
                           "--max-prompt-tokens", "32", "--max-target-tokens", "4"]
     assert main(["train", str(tmp_path / "one"), "task1_alpha"] + common) == 0
+    flat = tmp_path / "flat.jsonl"
+    flat.write_text("\n".join([json.dumps({"task_name": "echo", "source": f"w{i}", "target": f"w{i}"})
+                               for i in range(12)] + ["{broken", "[1]"]) + "\n")
+    assert main(["train", str(tmp_path / "flat"), "echo", "--flat", str(flat)] + common) == 0
+    assert "skipped 2 malformed record(s): line 13" in capsys.readouterr().out
     assert ExpertLibrary(tmp_path / "one").expert_names() == ["task1_alpha"]
     assert main(["build", str(tmp_path / "priv"), "--strategy", "private", "--tasks", *TASKS] + common) == 0
     assert sorted(ExpertLibrary(tmp_path / "priv").expert_names()) == sorted(TASKS)
@@ -155,7 +160,7 @@ def test_eval_suites_default_to_base_and_report(world, tmp_path, capsys):
     (["route", "LIB", "--prompt", "x", "--max-new-tokens", "0"], "--max-new-tokens"),
     (["route", "LIB", "--prompt", "", "--raw"], "--prompt is empty"),
     (["route", "LIB", "--prompt", "x", "--router", "mu", "--explain"], "--explain needs a per-token router"),
-    (["route", "LIB", "--prompt", "bad \udcff bytes"], "not valid UTF-8"),
+    (["route", "LIB", "--prompt", "bad \udcff bytes"], "--prompt: not valid Unicode"),
     (["merge", "LIB", "--method", "linear", "--weights", "a,b", "--out", "X"], "--weights"),
     (["merge", "LIB", "--method", "ties", "--density", "0", "--out", "X"], "density"),
     (["build", "OUT", "--k", "0"], "--k"),

@@ -7,7 +7,9 @@ from pathlib import Path
 from typing import Any
 
 from modlora.cli.common import (
+    LOCATION_HELP,
     UsageError,
+    add_library_arg,
     add_model_args,
     add_task_source_args,
     add_train_args,
@@ -40,9 +42,14 @@ def _build_config(args: argparse.Namespace) -> Any:
 
 
 def _known_tasks(args: argparse.Namespace, config: Any) -> list[str]:
-    from modlora.building import load_tasks
-    from modlora.data import sni_task_files
-    return sorted(load_tasks(config, None)) if args.flat else sorted(sni_task_files(config.data_dir))
+    """Every task name of the source; for ``--flat`` the skipped malformed lines are reported (count and lines)."""
+    from modlora.data import read_flat_jsonl, sni_task_files
+    if not args.flat:
+        return sorted(sni_task_files(config.data_dir))
+    load = read_flat_jsonl(args.flat)
+    if load.report.skipped:
+        console.print(f"[yellow]{args.flat}[/]: {load.report.summary()}", highlight=False)
+    return sorted(load.tasks)
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -112,7 +119,7 @@ def cmd_build(args: argparse.Namespace) -> int:
 
 def cmd_cluster(args: argparse.Namespace) -> int:
     from modlora.clustering import model_based_clustering, plot_clustering
-    lib = open_library(args.library)
+    lib = open_library(args.library, args.revision)
     if args.k != "auto" and args.k > len(lib):
         raise UsageError(f"--k {args.k} exceeds the number of experts ({len(lib)})")
     result = model_based_clustering(lib, args.k, sparsity=args.sparsity, n_components=args.n_components,
@@ -163,8 +170,9 @@ def register(sub: Any, registry: Registry) -> None:
     _add_k_args(p, "10")
     p.add_argument("--stage1-fraction", type=open_fraction, default=0.4,
                    help="MBC: share of each task's budget spent on stage-1 private experts (default 0.4 = 2 of 5)")
-    p.add_argument("--private-library", type=Path, default=None,
-                   help="MBC: reuse this private library as stage 1 instead of training one")
+    p.add_argument("--private-library", default=None,
+                   help="MBC: reuse this private library as stage 1 instead of training one (a directory or any "
+                        "library location: hf://, s3://, ...)")
     p.add_argument("--mbc-library", type=Path, default=None, help="random: the MBC library whose sizes to copy")
     p.add_argument("--balanced", action="store_true",
                    help="multi-task experts use the same number of examples from every task")
@@ -180,7 +188,8 @@ def register(sub: Any, registry: Registry) -> None:
                        description="Cluster a library's experts by their LoRA weights (sparsify, truncated SVD, "
                                    "cosine similarity, k-means on similarity rows) and print the clusters; the "
                                    "result is stored in the library (meta/clustering.json).")
-    p.add_argument("library", type=Path, help="library directory (usually a private library)")
+    add_library_arg(p, help=f"the library to cluster (usually a private library): {LOCATION_HELP}; the clustering "
+                    "is stored in it (for a remote library: in its local mirror)")
     _add_k_args(p, "auto")
     p.add_argument("--sparsity", type=fraction, default=0.5,
                    help="share of smallest-magnitude entries zeroed (0.5)")
