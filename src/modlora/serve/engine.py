@@ -309,9 +309,10 @@ class Engine:
         versions, skipped = [], []
         for name, entry in sorted(library.entries.items()):
             version = ExpertVersion(name, entry.files["adapter_model.safetensors"])
-            if version.key not in self._adapters:
+            if version.key not in self._adapters:   # (get() may re-read a newer manifest: take its version)
                 try:
                     adapter = library.get(name)       # checks both files against the manifest's SHA-256
+                    version = ExpertVersion(name, library.entry(name).files["adapter_model.safetensors"])
                     protos = library.load_artifact(name, rt.ARROW_KIND)
                     if protos is None or not set(adapter.A) <= set(protos):
                         protos = rt.arrow_prototypes(name, adapter)
