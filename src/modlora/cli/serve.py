@@ -71,7 +71,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
                             default_router=args.router, default_top_k=args.top_k)
     dtype = None if args.dtype in (None, "auto") else args.dtype
     config = ServeConfig(str(args.library.resolve()), model=args.model, device=args.device, dtype=dtype,
-                         name=args.name, engine=options, api_key=resolve_api_key(args.api_key))
+                         name=args.name, engine=options, api_key=resolve_api_key(args.api_key),
+                         registry=args.registry)
     if args.ray:
         print(f"modlora serve: starting {args.replicas or 1} Ray Serve replica(s) on http://{args.host}:{args.port}/v1",
               flush=True)

@@ -14,6 +14,7 @@ from typing import Any
 import uvicorn
 
 from modlora.errors import ModloraError
+from modlora.methods import REGISTRY, Registry
 from modlora.models import load_base_model
 from modlora.serve.app import ServerOptions, create_app
 from modlora.serve.engine import Engine, EngineOptions
@@ -32,12 +33,13 @@ class ServeConfig:
     name: str | None = None
     engine: EngineOptions = EngineOptions()
     api_key: str | None = None
+    registry: Registry = REGISTRY
 
 
 def build_app(config: ServeConfig) -> Any:
     """Load the base model, open the library, start the engine and return the FastAPI app."""
     lm = load_base_model(config.model, device=config.device, dtype=config.dtype)
-    engine = Engine(lm, config.library, config.engine, name=config.name).start()
+    engine = Engine(lm, config.library, config.engine, name=config.name, registry=config.registry).start()
     app = create_app(engine, ServerOptions(api_key=config.api_key))
     app.state.engine = engine
     return app
