@@ -11,7 +11,7 @@ matching first-order step ``−B_iᵀ G_i`` scaled to ``max 0.001``. ``--per-exp
 ``A0`` for every expert instead (issue 15 item 7). A ``null`` row (K = 1: every expert its own family) measures how
 often a criterion invents structure. Family sizes are random (each ≥ 2).
 
-For each library the script clusters with ``features`` ∈ {params, delta} (semantic needs task texts and a
+For each library the script clusters with ``features`` ∈ {params, delta centred, delta uncentred} (semantic needs task texts and a
 model: not applicable to synthetic libraries) and reports, over the draws: the ARI of k-means at the planted K,
 and for each auto-K criterion the fraction of draws whose chosen K equals the planted K (``no_structure`` counts
 as K = 1), the median chosen K and the median ARI of the automatic clustering.
@@ -89,7 +89,8 @@ def synthetic_library(n: int, k: int, noise: float, seed: int, *, dim: int = 64,
 
 
 def similarities(experts: dict[str, LoraAdapter]) -> dict[str, SimilarityResult]:
-    return {"params": expert_similarity(experts), "delta": delta_similarity(experts, centre=True)}
+    return {"params": expert_similarity(experts), "delta": delta_similarity(experts, centre=True),
+            "delta (uncentred)": delta_similarity(experts, centre=False)}
 
 
 def ari(result, truth: dict[str, int | str]) -> float:
@@ -153,13 +154,16 @@ def run_real(library: str, families_file: str, model: str | None, data: str | No
     from modlora.library import ExpertLibrary
 
     families = json.loads(Path(families_file).read_text())
-    lib = ExpertLibrary(library)
-    names = [n for n in lib.expert_names() if n in families]
-    experts = {n: lib.get(n) for n in names}
+    sims: dict[str, SimilarityResult] = {}
+    if library == "-":  # no trained experts: semantic features of the tasks themselves
+        names = sorted(families)
+    else:
+        lib = ExpertLibrary(library)
+        names = [n for n in lib.expert_names() if n in families]
+        experts = {n: lib.get(n) for n in names}
+        sims = {"params": expert_similarity(experts), "delta": delta_similarity(experts, centre=True),
+                "delta (uncentred)": delta_similarity(experts, centre=False)}
     k = len(set(families[n] for n in names))
-    sims: dict[str, SimilarityResult] = {"params": expert_similarity(experts),
-                                         "delta": delta_similarity(experts, centre=True),
-                                         "delta (uncentred)": delta_similarity(experts, centre=False)}
     if model:
         from modlora.models import load_base_model
 
