@@ -400,17 +400,17 @@ def test_load_results_errors(tmp_path):
 
 
 def test_routing_accuracy():
-    w = np.array([[0.9, 0.1], [0.2, 0.8], [0.6, 0.4]])
-    out = routing_accuracy(w, np.array([0, 1, 1]))
-    assert out == {"overall": pytest.approx(2 / 3), "per_layer": {}, "n": 3}
     per_layer = torch.tensor([[[1.0, 0.0], [0.0, 1.0]], [[0.0, 1.0], [0.0, 1.0]]])  # (L=2, n=2, E=2)
-    out = routing_accuracy(per_layer, torch.tensor([0, 1]))
-    assert out["per_layer"] == {"0": 1.0, "1": 0.5} and out["overall"] == 0.75
     out = routing_accuracy({"layers.0.q": per_layer[0], "layers.1.q": per_layer[1]}, [0, 1])
-    assert out["per_layer"] == {"layers.0.q": 1.0, "layers.1.q": 0.5}
+    assert out.per_layer == {"layers.0.q": 1.0, "layers.1.q": 0.5} and out.n == 2
+    assert out.overall == 1.0  # example 0: mean mass (0.5, 0.5) -> argmax 0 (ties: first) is right; example 1 right
+    w = np.array([[0.9, 0.1], [0.2, 0.8], [0.6, 0.4]])
+    assert routing_accuracy({"all": w}, np.array([0, 1, 1])).overall == pytest.approx(2 / 3)
     with pytest.raises(RoutingError, match="labels"):
-        routing_accuracy(w, np.array([0, 1]))
+        routing_accuracy({"all": w}, np.array([0, 1]))
     with pytest.raises(RoutingError, match=r"\[0, 2\)"):
-        routing_accuracy(w, np.array([0, 1, 2]))
+        routing_accuracy({"all": w}, np.array([0, 1, 2]))
     with pytest.raises(RoutingError, match="integer"):
-        routing_accuracy(w, np.array([0.0, 1.0, 1.0]))
+        routing_accuracy({"all": w}, np.array([0.0, 1.0, 1.0]))
+    with pytest.raises(RoutingError, match="no routing weights"):
+        routing_accuracy({}, np.array([0]))

@@ -14,13 +14,13 @@ from peft.utils import merge_utils
 
 from modlora.adapters import LoraAdapter, LoraSpec, random_adapter
 from modlora.errors import AdapterError
+from modlora.experts import ExpertSet
+from modlora.lowrank import genknowsub, module_shapes
 from modlora.merging import (
     dare_delta,
     dare_merge,
     dense_deltas,
     dense_to_adapter,
-    module_shapes,
-    subtract_general,
     ties_delta,
     ties_merge,
     weighted_combination,
@@ -208,9 +208,9 @@ def test_dare_merge_seeded_and_statistics(experts):
         dare_merge(experts, combine="magic")
 
 
-def test_subtract_general_exact_and_pure(experts):
+def test_genknowsub_delta_exact_and_pure(experts):
     before = copy.deepcopy(experts)
-    out = subtract_general(experts, ["b", "c"])
+    out = genknowsub({"a": experts["a"]}, {n: experts[n] for n in ("b", "c")}, space="delta")
     assert set(out) == {"a"}
     ad = out["a"]
     assert ad.spec.rank == 4 + 2 + 4
@@ -222,9 +222,9 @@ def test_subtract_general_exact_and_pure(experts):
         for m in experts[n].modules:
             assert torch.equal(experts[n].A[m], before[n].A[m]) and torch.equal(experts[n].B[m], before[n].B[m])
     with pytest.raises(AdapterError, match="'zz'"):
-        subtract_general(experts, ["zz"])
-    with pytest.raises(AdapterError, match="every expert"):
-        subtract_general(experts, ["a", "b", "c"])
+        genknowsub(experts, ExpertSet.of(experts, ["zz"]), space="delta")
+    with pytest.raises(AdapterError, match="space"):
+        genknowsub(experts, experts, space="magic")
 
 
 

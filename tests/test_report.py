@@ -7,21 +7,23 @@ import json
 import pytest
 
 from modlora.errors import DataError
-from modlora.evaluation.results import EvalRun, TaskScores, save_results
+from modlora.evaluation.results import EvalRun, RoutingAccuracy, RoutingTelemetry, TaskScores, save_results
 from modlora.report import write_report
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
-def _run(method: str, acc: float, routing: dict | None = None) -> EvalRun:
+def _run(method: str, acc: float, routing: RoutingTelemetry | None = None) -> EvalRun:
     tasks = {"arc_easy": TaskScores({"acc": acc, "acc_norm": acc + 0.05}, {"acc": 0.01, "acc_norm": 0.02}, 100, 3.0),
              "task020_sni": TaskScores({"rougeL": 0.4, "exact_match": 0.1}, {"rougeL": 0.03, "exact_match": 0.02}, 50)}
     return EvalRun(method=method, model="tiny", tasks=tasks, wall_s=5.0, routing=routing)
 
 
 def test_report_tables_and_plots(tmp_path):
-    routing = {"entropy_per_layer": {"layers.0": 1.2, "layers.1": 0.7},
-               "expert_usage": {"arc_easy": {"e1": 0.7, "e2": 0.3}, "task020_sni": {"e2": 1.0}}}
+    routing = RoutingTelemetry(entropy_per_layer={"layers.0": 1.2, "layers.1": 0.7},
+                               tokens_per_layer={"layers.0": 10, "layers.1": 10},
+                               expert_usage={"arc_easy": {"e1": 0.7, "e2": 0.3}, "task020_sni": {"e2": 1.0}},
+                               accuracy=RoutingAccuracy(0.5, {"layers.0": 0.5}, 4))
     a = save_results(_run("base", 0.50), tmp_path / "a.json")
     b = save_results(_run("arrow", 0.60, routing), tmp_path / "b.json")
     c = save_results(_run("arrow", 0.55), tmp_path / "c.json")  # same method name: disambiguated by file stem

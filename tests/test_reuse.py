@@ -10,8 +10,9 @@ import torch
 from modlora.adapters import LoraSpec, merge_adapter, random_adapter
 from modlora.errors import RoutingError
 from modlora.library import ExpertLibrary
+from modlora.methods import REGISTRY
 from modlora.models import LoadedModel, model_identity
-from modlora.reuse import METHODS, RouterOptions, prepare_model
+from modlora.reuse import prepare_model
 
 from .conftest import make_char_tokenizer, make_tiny_llama
 
@@ -34,14 +35,20 @@ def setup(tmp_path):
     return lm, lib, data
 
 
-@pytest.mark.parametrize("method", METHODS)
+def _options(method: str, data) -> dict:
+    """Small, valid options for every method of the registry (top-k 2 where there is one)."""
+    names = set(REGISTRY.get(method).option_defaults())
+    wanted = {"top_k": 2, "task_dir": str(data), "examples_per_expert": 4, "steps": 2}
+    return {k: v for k, v in wanted.items() if k in names}
+
+
+@pytest.mark.parametrize("method", REGISTRY.names())
 def test_every_method_runs_and_restores(setup, method):
     lm, lib, data = setup
     ids = torch.randint(3, 90, (2, 10))
     with torch.no_grad():
         base = lm.model(ids).logits
-        rm = prepare_model(lm, lib, method, RouterOptions(top_k=2, data_dir=str(data), examples_per_expert=4,
-                                                          phatgoose_steps=2))
+        rm = prepare_model(lm, lib, method, _options(method, data))
         out = rm(ids, tasks=["task1_a", "task3_c"]).logits
         assert out.shape == base.shape and torch.isfinite(out).all()
         if method != "base":
@@ -67,7 +74,14 @@ def test_oracle_equals_single_expert(setup):
 def test_bad_options(setup):
     lm, lib, _ = setup
     with pytest.raises(RoutingError, match="top_k=5 exceeds"):
-        prepare_model(lm, lib, "arrow", RouterOptions(top_k=5))
+        prepare_model(lm, lib, "arrow", {"top_k": 5})
+    for method in ("phatgoose", "tp"):
+        with pytest.raises(RoutingError, match="top_k=4 exceeds"):
+            prepare_model(lm, lib, method, {"top_k": 4})
+    with pytest.raises(RoutingError, match="no option"):
+        prepare_model(lm, lib, "mu", {"top_k": 2})
+    with pytest.raises(RoutingError, match="temperature"):
+        prepare_model(lm, lib, "arrow", {"temperature": 1e-300})
     with pytest.raises(RoutingError, match="unknown method"):
         prepare_model(lm, lib, "magic")
 
@@ -118,19 +132,20 @@ def test_cli_eval_suites_and_report(tmp_path, capsys):
         lib.add(f"e{i}", random_adapter(lm.model, SPEC, seed=i, std=0.2), tasks=[task])
     rows = [{"query": f"Q{i}:", "choices": [" yes", " no"], "gold": i % 2} for i in range(6)]
     (data / "eval" / "boolq.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
-    common = ["--model", str(model_dir), "--library", str(lib.path), "--data-root", str(data), "--top-k", "2"]
-    assert main(["eval", "--suite", "choice", "--tasks", "boolq", "--out", str(tmp_path / "c.json")] + common) == 0
-    assert main(["eval", "--suite", "indist", "--limit", "2", "--max-new-tokens", "3", "--out",
+    common = ["--model", str(model_dir), "--library", str(lib.path), "--data", str(data)]
+    assert main(["eval", "--suite", "choice", "--tasks", "boolq", "--top-k", "2", "--out", str(tmp_path / "c.json")]
+                + common) == 0
+    assert main(["eval", "--suite", "indist", "--limit", "2", "--max-new-tokens", "3", "--top-k", "2", "--out",
                  str(tmp_path / "i.json")] + common) == 0
     res = json.loads((tmp_path / "i.json").read_text())
     assert set(res["tasks"]) == {"task1_a", "task2_b"} and "loss" in res["tasks"]["task1_a"]["metrics"]
-    assert 0 <= res["routing"]["accuracy"]["accuracy"] <= 1
+    assert 0 <= res["routing"]["accuracy"]["overall"] <= 1
     assert main(["eval", "--suite", "indist", "--router", "oracle", "--limit", "2", "--max-new-tokens", "2",
                  "--out", str(tmp_path / "o.json")] + common) == 0
     assert main(["report", str(tmp_path / "c.json"), str(tmp_path / "i.json"), "--out", str(tmp_path / "rep")]) == 0
     assert (tmp_path / "rep" / "report.md").is_file()
     assert main(["eval", "--suite", "choice", "--router", "oracle"] + common) == 2
-    assert "only applies to the in-distribution suite" in capsys.readouterr().err
+    assert "only applies to --suite indist" in capsys.readouterr().err
 
 
 def test_cli_train_from_flat_file(tmp_path):
@@ -162,7 +177,7 @@ def test_experts_with_different_targets_and_ranks_in_one_routed_model():
                        std=0.2)
     ids = torch.randint(3, 90, (2, 9))
     with torch.no_grad():
-        routed = route(model, {"a": a, "b": b}, "mu")
+        routed = route(model, {"a": a, "b": b}, "uniform")
         out = routed(input_ids=ids).logits
         routed.restore()
         for ad in (a, b):

@@ -9,7 +9,16 @@ import pytest
 import torch
 
 from modlora.adapters import LoraAdapter, LoraSpec, merge_adapter, random_adapter
-from modlora.errors import RoutingError
+from modlora.errors import AdapterError, RoutingError
+from modlora.experts import ExpertSet
+from modlora.lowrank import (
+    block_factors,
+    genknowsub,
+    parameter_average,
+    top_right_singular_vector,
+    top_right_singular_vectors,
+    weighted_delta_sum,
+)
 from modlora.routing import (
     ArrowRouter,
     CentroidRouter,
@@ -17,18 +26,12 @@ from modlora.routing import (
     RoutingState,
     TopKRouting,
     UniformRouter,
-    as_expert_set,
     compute_centroids,
     explain,
     export_prompt_adapter,
-    genknowsub,
-    mu_delta_average,
-    mu_parameter_average,
     oracle_weights,
     route,
-    top_right_singular_vector,
 )
-from modlora.routing.experts import block_factors, top_right_singular_vectors
 
 SPEC = LoraSpec(rank=4, alpha=8.0, dropout=0.0)
 
@@ -77,7 +80,7 @@ def test_prototype_equals_svd(spectrum: str) -> None:
 def test_tied_qkv_prototype_equals_svd_of_stacked_delta(tiny_llama: torch.nn.Module) -> None:
     ex = experts_for(tiny_llama, 2)
     router = ArrowRouter(top_k=1, tie_qkv=True)
-    es = as_expert_set(ex)
+    es = ExpertSet.of(ex)
     layers = {m: [0, 1] for m in es.modules()}
     router.bind(es, layers)
     att = "model.layers.1.self_attn"
@@ -213,7 +216,7 @@ def test_arrow_output_matches_manual_softmax(tiny_llama: torch.nn.Module) -> Non
 # ------------------------------------------------------------------------------------------------ μ
 def test_mu_parameter_average_definition_and_routed_equivalence(tiny_llama: torch.nn.Module) -> None:
     ex = experts_for(tiny_llama, 3)
-    mu = mu_parameter_average(ex)
+    mu = parameter_average(ex)
     m = "model.layers.0.self_attn.q_proj"
     torch.testing.assert_close(mu.A[m], sum(e.A[m] for e in ex.values()) / 3)
     torch.testing.assert_close(mu.B[m], sum(e.B[m] for e in ex.values()) / 3)
@@ -228,7 +231,7 @@ def test_mu_parameter_average_definition_and_routed_equivalence(tiny_llama: torc
 def test_mu_delta_average_is_mean_of_expert_outputs(tiny_llama: torch.nn.Module) -> None:
     ex = experts_for(tiny_llama, 4)
     ex["e3"] = random_adapter(tiny_llama, LoraSpec(rank=2, alpha=6.0, dropout=0.0), seed=9, std=0.2)  # mixed rank
-    mu = mu_delta_average(ex)
+    mu = weighted_delta_sum(ex)
     assert mu.spec.rank == 4 + 4 + 4 + 2 and mu.spec.scaling == 1.0
     x = torch.randn(5, 32)
     lin = dict(tiny_llama.named_modules())["model.layers.1.self_attn.k_proj"]
@@ -239,7 +242,7 @@ def test_mu_delta_average_is_mean_of_expert_outputs(tiny_llama: torch.nn.Module)
     ids = torch.randint(3, 100, (1, 6), generator=torch.Generator().manual_seed(2))
     merged = copy.deepcopy(tiny_llama)
     merge_adapter(merged, mu)
-    with route(tiny_llama, ex, "mu") as routed:
+    with route(tiny_llama, ex, "uniform") as routed:
         torch.testing.assert_close(routed(input_ids=ids).logits, merged(input_ids=ids).logits, atol=1e-5, rtol=1e-5)
 
 
@@ -248,7 +251,7 @@ def test_mu_export_loads_in_peft(tiny_llama: torch.nn.Module, tmp_path, which: s
     from peft import PeftModel
 
     ex = experts_for(tiny_llama, 3)
-    mu = mu_delta_average(ex) if which == "delta" else mu_parameter_average(ex)
+    mu = weighted_delta_sum(ex) if which == "delta" else parameter_average(ex)
     mu.save(tmp_path / "mu")
     ids = torch.randint(3, 100, (2, 7), generator=torch.Generator().manual_seed(3))
     merged = copy.deepcopy(tiny_llama)
@@ -423,7 +426,7 @@ def test_centroids_and_centroid_router(tiny_llama: torch.nn.Module) -> None:
             tiny_llama(input_ids=s[None])
         h.remove()
         torch.testing.assert_close(cents[name][layer], torch.cat(inputs).mean(0), atol=1e-5, rtol=1e-5)
-    all_layers = as_expert_set(ex).modules()
+    all_layers = ExpertSet.of(ex).modules()
     full = compute_centroids(tiny_llama, batches, all_layers)
     router = CentroidRouter(full)
     with route(tiny_llama, ex, router) as routed:
@@ -440,7 +443,7 @@ def test_centroids_and_centroid_router(tiny_llama: torch.nn.Module) -> None:
 # ------------------------------------------------------------------------------------------------ diagnostics, export
 def test_recorder_entropy_and_explain(tiny_llama: torch.nn.Module, char_tokenizer) -> None:
     ex = experts_for(tiny_llama, 4)
-    with route(tiny_llama, ex, "mu") as routed, routed.record() as rec:
+    with route(tiny_llama, ex, "uniform") as routed, routed.record() as rec:
         routed(input_ids=torch.randint(3, 100, (1, 6)))
     ent = rec.entropy()
     assert len(ent) == 8 and all(v == pytest.approx(math.log(4), rel=1e-5) for v in ent.values())
@@ -468,10 +471,10 @@ def test_export_prompt_adapter_loads_in_peft(tiny_llama: torch.nn.Module, tmp_pa
     peft_model = PeftModel.from_pretrained(copy.deepcopy(tiny_llama), str(tmp_path / "exported")).eval()
     torch.testing.assert_close(peft_model(input_ids=ids).logits, merged(input_ids=ids).logits, atol=1e-5, rtol=1e-5)
     # with uniform routing and all experts kept, the export is μ by ΔW averaging
-    with route(tiny_llama, ex, "mu") as routed:
+    with route(tiny_llama, ex, "uniform") as routed:
         full = export_prompt_adapter(routed, ids, top_experts=5)
     m = "model.layers.0.self_attn.q_proj"
-    torch.testing.assert_close(full.delta_weight(m), mu_delta_average(ex).delta_weight(m), atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(full.delta_weight(m), weighted_delta_sum(ex).delta_weight(m), atol=1e-6, rtol=1e-5)
 
 
 def test_auto_path_rule() -> None:
@@ -534,7 +537,7 @@ def test_batched_prototypes_equal_single() -> None:
         v1, s1 = top_right_singular_vector(A[i], B[i])
         torch.testing.assert_close(v[i], v1, atol=1e-6, rtol=0)
         assert float(s[i]) == pytest.approx(s1, rel=1e-12)
-    with pytest.raises(RoutingError, match="batched factors"):
+    with pytest.raises(AdapterError, match="batched factors"):
         top_right_singular_vectors(A, B.transpose(1, 2))
 
 
@@ -554,7 +557,7 @@ def test_grouped_qkv_routing_equals_per_layer(tiny_llama: torch.nn.Module, tie: 
     ex = experts_for(tiny_llama, 6, spec=LoraSpec(rank=4, alpha=8.0, dropout=0.0,
                                                   target_modules=("q_proj", "k_proj", "v_proj", "o_proj",
                                                                   "gate_proj", "up_proj")))
-    es = as_expert_set(ex)
+    es = ExpertSet.of(ex)
     router = ArrowRouter(top_k=2, tie_qkv=tie)
     router.bind(es, {m: list(range(6)) for m in es.modules()})
     att, mlp = "model.layers.1.self_attn", "model.layers.1.mlp"

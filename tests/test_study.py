@@ -32,18 +32,19 @@ def test_study_end_to_end_and_resume(tmp_path):
         {"context_options": ["x a", "x b"], "continuation": "c d", "gold": i % 2}) for i in range(4)))
     cfg = StudyConfig(name="t", model=str(model_dir), train_tasks=train, steps_per_task=2, batch_size=4, lr=1e-3,
                       max_prompt_tokens=48, max_target_tokens=4, k=2, heldout_limit=2, indist_limit=2,
-                      max_new_tokens=3, top_k=2, libraries=["private", "mbc", "shared"],
+                      max_new_tokens=3, method_options={"arrow": {"top_k": 2}}, libraries=["private", "mbc", "shared"],
                       rows=[["-", "base"], ["private", "mu"], ["private", "arrow"], ["private", "oracle"],
-                            ["mbc", "arrow"], ["shared", "mu"], ["private", "lorahub"]],
+                            ["mbc", "arrow"], ["shared", "mu"], ["private", "lorahub"],
+                            ["private", "arrow", {"top_k": 1}]],
                       choice_tasks=["arc_easy", "winogrande"], choice_limit=3, lorahub_shots=2, lorahub_budget=3)
     res = run_study(cfg, tmp_path / "out", device="cpu", data_dir=data)
     assert set(res["rows"]) == {"base", "private/mu", "private/arrow", "private/oracle", "mbc/arrow", "shared/mu",
-                                "private/lorahub"}
+                                "private/lorahub", "private/arrow[top_k=1]"}
     hub = res["rows"]["private/lorahub"]
     assert set(hub["heldout"]) == {"task9_z"} and hub["indist"] == {} and "heldout_rougeL" in hub
     assert set(hub["lorahub_weights"]["task9_z"]) == {"task1_a", "task2_b", "task3_c", "task4_d"}
     arrow = res["rows"]["private/arrow"]
-    assert 0.0 <= arrow["routing_accuracy"]["accuracy"] <= 1.0 and arrow["routing_accuracy"]["n"] == 8
+    assert 0.0 <= arrow["routing_accuracy"]["overall"] <= 1.0 and arrow["routing_accuracy"]["n"] == 8
     assert "task9_z" in arrow["heldout"] and set(arrow["indist"]) == set(train)
     assert res["rows"]["private/oracle"]["heldout"] == {} and res["rows"]["private/oracle"]["choice"] == {}
     assert {t: d["n"] for t, d in arrow["choice"].items()} == {"arc_easy": 3, "winogrande": 3}
@@ -56,3 +57,16 @@ def test_study_end_to_end_and_resume(tmp_path):
     # resume: every row and expert is reused
     again = run_study(cfg, tmp_path / "out", device="cpu", data_dir=data)
     assert again["rows"]["private/arrow"] == arrow
+
+
+def test_study_config_rows_are_checked_before_anything_runs(tmp_path):
+    import pytest
+
+    from modlora.errors import ModloraError
+
+    bad_rows = ([["private", "magic"]], [["private", "arrow", {"top_k": 0}]], [["private", "mu", {"top_k": 2}]])
+    for rows in bad_rows:
+        path = tmp_path / "cfg.json"
+        path.write_text(json.dumps({"rows": rows}))
+        with pytest.raises(ModloraError, match="row"):
+            StudyConfig.from_json(path)

@@ -79,19 +79,23 @@ class LoadReport:
             self.first_problem = problem
 
 
-def default_data_dir() -> Path:
-    """``$MODLORA_DATA`` or ``../shared/data`` (relative to the working directory) when it exists."""
-    env = os.environ.get("MODLORA_DATA")
-    if env:
-        return Path(env)
-    for cand in (Path("../shared/data"), Path("shared/data")):
-        if cand.is_dir():
-            return cand.resolve()
-    return Path("../shared/data")
+def default_data_dir(path: str | os.PathLike[str] | None = None) -> Path:
+    """The data root holding ``sni/`` and ``eval/``: ``path`` if given, else ``$MODLORA_DATA``, else ``../shared/data``
+    (or ``shared/data``) relative to the working directory. Raises :class:`DataError` when it does not exist."""
+    if path is not None:
+        root = Path(path)
+    elif os.environ.get("MODLORA_DATA"):
+        root = Path(os.environ["MODLORA_DATA"])
+    else:
+        root = next((c for c in (Path("../shared/data"), Path("shared/data")) if c.is_dir()), Path("../shared/data"))
+    if not root.is_dir():
+        raise DataError(f"data directory {str(root)!r} does not exist (pass --data / data_dir or set MODLORA_DATA)")
+    return root.resolve()
 
 
-def default_sni_dir() -> Path:
-    return default_data_dir() / "sni" / "tasks"
+def default_sni_dir(path: str | os.PathLike[str] | None = None) -> Path:
+    """``<data root>/sni/tasks``: the SNI training tasks."""
+    return default_data_dir(path) / "sni" / "tasks"
 
 
 def _read_json_file(path: Path) -> Any:

@@ -34,11 +34,16 @@ DEMO_HELDOUT = (
 def demo_config(model: str = DEFAULT_MODEL, tasks: Sequence[str] | None = None, steps: int | None = None
                 ) -> StudyConfig:
     """The demo preset: 6 tasks × 8 steps (batch 8), MBC K=3, 4 held-out tasks × 4 examples, 3 test examples per
-    training task."""
-    return StudyConfig(name="demo", model=model, train_tasks=list(tasks or DEMO_TASKS), steps_per_task=steps or 8,
-                       batch_size=8, lr=1e-3, max_prompt_tokens=256, max_target_tokens=48, max_val=6, libraries=["private", "mbc"],
-                       k=3 if len(tasks or DEMO_TASKS) > 3 else 2, heldout_tasks=list(DEMO_HELDOUT), heldout_limit=4,
-                       indist_limit=3, max_new_tokens=20, top_k=4)
+    training task. Arrow routes top-4 over the private experts and top-K over the K cluster experts (K < 4)."""
+    train = list(tasks or DEMO_TASKS)
+    k = 3 if len(train) > 3 else 2
+    top_k = min(4, len(train))
+    rows = [["-", "base"], ["private", "mu"], ["private", "arrow", {"top_k": top_k}], ["private", "oracle"],
+            ["mbc", "mu"], ["mbc", "arrow", {"top_k": min(top_k, k)}]]
+    return StudyConfig(name="demo", model=model, train_tasks=train, steps_per_task=steps or 8, batch_size=8, lr=1e-3,
+                       max_prompt_tokens=256, max_target_tokens=48, max_val=6, libraries=["private", "mbc"], k=k,
+                       rows=rows, heldout_tasks=list(DEMO_HELDOUT), heldout_limit=4, indist_limit=3,
+                       max_new_tokens=20)
 
 
 def run_demo(out_dir: Path = Path("runs/demo"), *, model: str = DEFAULT_MODEL, data: Path | None = None,

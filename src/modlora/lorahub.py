@@ -22,7 +22,7 @@ from __future__ import annotations
 import contextlib
 import math
 import warnings
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -31,14 +31,9 @@ import torch.nn.functional as F
 
 from modlora.adapters import LoraAdapter, LoraSpec
 from modlora.errors import AdapterError, DataError
-from modlora.merging import (
-    WeightsLike,
-    check_experts,
-    common_base_model,
-    module_shapes,
-    resolve_weights,
-    union_target_modules,
-)
+from modlora.experts import Experts, ExpertSet
+from modlora.lowrank import common_base_model, module_shapes, union_target_modules
+from modlora.merging import WeightsLike, resolve_weights
 
 IGNORE_INDEX = -100
 Example = tuple[torch.Tensor, ...]
@@ -124,21 +119,21 @@ def few_shot_loss(model: torch.nn.Module, examples: Sequence[Example] | list[Lab
     return total / max(count, 1)
 
 
-def _folded_factors(experts: Mapping[str, LoraAdapter]) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor]], LoraSpec]:
+def _folded_factors(experts: ExpertSet) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor]], LoraSpec]:
     """Per module stacked ``(A (E, r, in), B (E, out, r))`` with the scaling folded in, and the output spec."""
     ranks = {n: ad.spec.rank for n, ad in experts.items()}
     if len(set(ranks.values())) != 1:
         raise AdapterError(f"LoraHub's parameter-space combination needs experts of one rank, got {ranks}")
     r = next(iter(ranks.values()))
-    scalings = [ad.spec.scaling for ad in experts.values()]
+    scalings = [ad.spec.scaling for ad in experts.adapters]
     same_scaling = all(s == scalings[0] for s in scalings)
-    first = next(iter(experts.values())).spec
+    first = experts.adapters[0].spec
     shapes = module_shapes(experts)
     stacked: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
     for m, (out_f, in_f) in shapes.items():
         a = torch.zeros(len(experts), r, in_f)
         b = torch.zeros(len(experts), out_f, r)
-        for i, ad in enumerate(experts.values()):
+        for i, ad in enumerate(experts.adapters):
             if m in ad.A:
                 root = 1.0 if same_scaling else math.sqrt(abs(ad.spec.scaling))
                 sign = 1.0 if same_scaling or ad.spec.scaling >= 0 else -1.0
@@ -146,12 +141,13 @@ def _folded_factors(experts: Mapping[str, LoraAdapter]) -> tuple[dict[str, tuple
                 b[i] = ad.B[m].float() * root
         stacked[m] = (a, b)
     alpha = first.alpha if same_scaling else float(r)
-    spec = LoraSpec(rank=r, alpha=alpha, dropout=first.dropout, target_modules=union_target_modules(experts.values()))
+    spec = LoraSpec(rank=r, alpha=alpha, dropout=first.dropout, target_modules=union_target_modules(experts.adapters))
     return stacked, spec
 
 
-def lorahub_combine(experts: Mapping[str, LoraAdapter], weights: WeightsLike) -> LoraAdapter:
+def lorahub_combine(experts: Experts, weights: WeightsLike) -> LoraAdapter:
     """LoraHub's parameter-space combination ``A = Σ w_e A_e``, ``B = Σ w_e B_e`` as one adapter (see module doc)."""
+    experts = ExpertSet.of(experts)
     w = torch.tensor(resolve_weights(experts, weights), dtype=torch.float32)
     stacked, spec = _folded_factors(experts)
     A = {m: torch.einsum("e,eri->ri", w, a) for m, (a, _) in stacked.items()}
@@ -196,7 +192,7 @@ def l1_penalty(weights: Sequence[float], alpha: float = 0.05) -> float:
     return alpha * sum(abs(x) for x in weights) / len(weights)
 
 
-def lorahub_search(model: torch.nn.Module, experts: Mapping[str, LoraAdapter], examples: Sequence[Example] | Example, *,
+def lorahub_search(model: torch.nn.Module, experts: Experts, examples: Sequence[Example] | Example, *,
                    budget: int = 40, l1_alpha: float = 0.05, bound: float = 1.5, seed: int = 0,
                    init: WeightsLike = None, on_eval: Callable[[list[float], float], None] | None = None) -> LoraHubResult:
     """Search LoraHub weights with nevergrad ``NGOpt`` (``budget`` evaluations, box ``[−bound, bound]^E``).
@@ -207,7 +203,8 @@ def lorahub_search(model: torch.nn.Module, experts: Mapping[str, LoraAdapter], e
     """
     import nevergrad as ng
 
-    names = check_experts(experts)
+    experts = ExpertSet.of(experts)
+    names = list(experts.names)
     if isinstance(budget, bool) or not isinstance(budget, int) or budget < 1:
         raise AdapterError(f"LoraHub budget must be a positive integer, got {budget!r}")
     if not (math.isfinite(bound) and bound > 0):

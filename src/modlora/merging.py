@@ -3,13 +3,13 @@
 Every expert ``e`` contributes, per adapted module, the dense update ``ΔW_e = s_e · B_e A_e`` (out × in).
 The functions here combine those updates and return a single adapter:
 
-* :func:`weighted_combination` — ``Σ_e w_e ΔW_e`` *exactly*, as a rank-``Σ r_e`` adapter (PEFT's ``"cat"``:
-  ``A = [w_1 s_1 A_1; …; w_E s_E A_E]`` (Σr × in), ``B = [B_1 … B_E]`` (out × Σr), ``alpha = r`` so ``s = 1``).
+* :func:`weighted_combination` — task arithmetic ``Σ_e w_e ΔW_e``, exact (rank ``Σ r_e``, no dense ``ΔW``).
 * :func:`ties_merge` — TIES (Yadav et al. 2023): trim each ``ΔW_e`` to its top-``density`` magnitudes, elect the
   sign of every entry by the sum of the trimmed values, average the agreeing entries (disjoint mean), times ``λ``.
 * :func:`dare_merge` — DARE (Yu et al. 2024): drop each entry with probability ``p``, rescale by ``1/(1-p)``, then
   combine by task arithmetic (``"linear"``) or TIES sign election + disjoint mean (``"ties"``).
-* :func:`subtract_general` — GenKnowSub: ``ΔW_e − mean_g ΔW_g`` exactly, as rank-``(r_e + Σ_g r_g)`` adapters.
+
+The exact combinations (μ, ``Σ_e w_e ΔW_e``, GenKnowSub) never form a dense ``ΔW``: they are in :mod:`modlora.lowrank`.
 
 The dense merges (TIES, DARE) follow ``peft.utils.merge_utils`` (``ties``, ``dare_linear``, ``dare_ties``) applied to
 the dense ``ΔW`` as in PEFT's ``add_weighted_adapter(combination_type="ties_svd" | "dare_*_svd")``: signs are elected
@@ -23,7 +23,7 @@ Dense merges hold ``E`` full ``out × in`` matrices of one module at a time (flo
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -31,6 +31,8 @@ import torch
 
 from modlora.adapters import LoraAdapter, LoraSpec
 from modlora.errors import AdapterError
+from modlora.experts import Experts, ExpertSet
+from modlora.lowrank import common_base_model, module_shapes, union_target_modules, weighted_delta_sum
 
 WeightsLike = Mapping[str, float] | Sequence[float] | None
 SignMethod = Literal["total", "frequency"]
@@ -54,27 +56,22 @@ class MergeResult:
     def max_relative_error(self) -> float:
         return max(self.relative_errors.values(), default=0.0)
 
+    @classmethod
+    def exact(cls, adapter: LoraAdapter, metadata: dict[str, Any]) -> MergeResult:
+        """An exact combination (no SVD truncation): every relative error is 0."""
+        return cls(adapter, dict.fromkeys(adapter.modules, 0.0), 0.0, {**metadata, "rank": adapter.spec.rank})
+
 
 # ----------------------------------------------------------------------------------------------- helpers
 
 
-def check_experts(experts: Mapping[str, LoraAdapter]) -> list[str]:
-    """Expert names in mapping order; raises when empty or when a value is not a :class:`LoraAdapter`."""
-    if not isinstance(experts, Mapping) or not experts:
-        raise AdapterError("no experts to combine: pass a non-empty mapping name -> LoraAdapter")
-    for name, ad in experts.items():
-        if not isinstance(ad, LoraAdapter):
-            raise AdapterError(f"expert {name!r}: expected a LoraAdapter, got {type(ad).__name__}")
-    return list(experts)
-
-
-def resolve_weights(experts: Mapping[str, LoraAdapter], weights: WeightsLike, default: float | None = None) -> list[float]:
+def resolve_weights(experts: Experts, weights: WeightsLike, default: float | None = None) -> list[float]:
     """Per-expert weights aligned with ``experts``' order.
 
     ``weights`` is a mapping name -> weight (missing names get 0), a sequence of ``E`` numbers, or ``None``
     (every expert gets ``default``; ``default=None`` means ``1/E``).
     """
-    names = check_experts(experts)
+    names = list(ExpertSet.of(experts).names)
     if weights is None:
         w = 1.0 / len(names) if default is None else float(default)
         return [w] * len(names)
@@ -95,144 +92,48 @@ def resolve_weights(experts: Mapping[str, LoraAdapter], weights: WeightsLike, de
     return result
 
 
-def select_experts(experts: Mapping[str, LoraAdapter], weights: WeightsLike,
-                   default: float | None = None) -> tuple[dict[str, LoraAdapter], list[float]]:
+def select_experts(experts: Experts, weights: WeightsLike, default: float | None = None
+                   ) -> tuple[ExpertSet, list[float]]:
     """The experts taking part and their weights: a mapping of weights selects exactly the experts it names."""
-    check_experts(experts)
+    es = ExpertSet.of(experts)
     if isinstance(weights, Mapping):
-        unknown = sorted(set(weights) - set(experts))
+        unknown = sorted(set(weights) - set(es.names))
         if unknown:
-            raise AdapterError(f"weights given for unknown expert(s) {unknown[:5]}; experts are {list(experts)[:10]}")
-        chosen = {n: ad for n, ad in experts.items() if n in weights}
+            raise AdapterError(f"weights given for unknown expert(s) {unknown[:5]}; experts are {list(es.names)[:10]}")
+        chosen = es.subset([n for n in es.names if n in weights])
         return chosen, resolve_weights(chosen, weights, default)
-    return dict(experts), resolve_weights(experts, weights, default)
+    return es, resolve_weights(es, weights, default)
 
 
-def module_shapes(experts: Mapping[str, LoraAdapter]) -> dict[str, tuple[int, int]]:
-    """Union of modules -> (out, in); raises when two experts disagree on a module's shape."""
-    shapes: dict[str, tuple[int, int]] = {}
-    owner: dict[str, str] = {}
-    for name, ad in experts.items():
-        for m in ad.modules:
-            shape = (ad.B[m].shape[0], ad.A[m].shape[1])
-            if m in shapes and shapes[m] != shape:
-                raise AdapterError(f"module {m!r}: expert {name!r} has ΔW shape {shape} but expert "
-                                   f"{owner[m]!r} has {shapes[m]}")
-            shapes.setdefault(m, shape)
-            owner.setdefault(m, name)
-    return dict(sorted(shapes.items()))
+def check_fraction(value: float, name: str, *, low_open: bool, high_open: bool) -> float:
+    """``value`` as a float in (0, 1] / [0, 1) / … as the flags say; :class:`AdapterError` naming ``name`` else."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(float(value)):
+        raise AdapterError(f"{name} must be a number, got {value!r}")
+    v = float(value)
+    ok_low = v > 0 if low_open else v >= 0
+    ok_high = v < 1 if high_open else v <= 1
+    if not (ok_low and ok_high):
+        raise AdapterError(f"{name} must be in {'(' if low_open else '['}0, 1{')' if high_open else ']'}, got {value!r}")
+    return v
 
 
-def common_base_model(experts: Mapping[str, LoraAdapter]) -> str | None:
-    names = {ad.base_model_name for ad in experts.values() if ad.base_model_name}
-    if len(names) > 1:
-        raise AdapterError(f"experts were trained on different base models: {sorted(names)}")
-    return next(iter(names), None)
+# ------------------------------------------------------------------------------------- exact combination
 
 
-def union_target_modules(experts: Iterable[LoraAdapter]) -> tuple[str, ...]:
-    return tuple(sorted({t for ad in experts for t in ad.spec.target_modules}))
-
-
-def _first_dropout(experts: Mapping[str, LoraAdapter]) -> float:
-    return float(next(iter(experts.values())).spec.dropout)
-
-
-def _cat_adapter(parts: dict[str, list[tuple[torch.Tensor, torch.Tensor]]], shapes: dict[str, tuple[int, int]],
-                 experts: Mapping[str, LoraAdapter]) -> LoraAdapter:
-    """Concatenate per-module factor lists ``[(A_i (r_i, in), B_i (out, r_i))]`` into one scaling-1 adapter.
-
-    All modules get the same rank ``R = max_m Σ_i r_i``; shorter modules are padded with zero rows/columns.
-    """
-    rank = max(sum(a.shape[0] for a, _ in pl) for pl in parts.values())
-    A: dict[str, torch.Tensor] = {}
-    B: dict[str, torch.Tensor] = {}
-    for m, pl in parts.items():
-        out_f, in_f = shapes[m]
-        a = torch.zeros(rank, in_f)
-        b = torch.zeros(out_f, rank)
-        row = 0
-        for ai, bi in pl:
-            r = ai.shape[0]
-            a[row:row + r] = ai
-            b[:, row:row + r] = bi
-            row += r
-        A[m], B[m] = a, b
-    spec = LoraSpec(rank=rank, alpha=float(rank), dropout=_first_dropout(experts), target_modules=union_target_modules(experts.values()))
-    return LoraAdapter(spec, A, B, common_base_model(experts))
-
-
-# ------------------------------------------------------------------------------------- exact combinations
-
-
-def weighted_combination(experts: Mapping[str, LoraAdapter], weights: WeightsLike = None) -> LoraAdapter:
-    """Exactly ``ΔW_m = Σ_e w_e ΔW_{e,m}`` for every module, as one rank-``Σ_e r_e`` adapter (``alpha = r``, ``s = 1``).
-
-    Factors (PEFT ``combination_type="cat"``): ``A_m = [w_1 s_1 A_1; …]`` (Σr × in), ``B_m = [B_1 … B_E]`` (out × Σr).
-    Experts lacking a module contribute zero there. ``weights=None`` averages (``w_e = 1/E``); a mapping of weights
-    selects the experts it names (in all merges here), a sequence gives one weight per expert.
-    """
-    experts, w = select_experts(experts, weights)
-    names = list(experts)
-    shapes = module_shapes(experts)
-    parts: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {m: [] for m in shapes}
-    for name, we in zip(names, w, strict=True):
-        ad = experts[name]
-        for m in ad.modules:
-            parts[m].append((ad.A[m].float() * (we * ad.spec.scaling), ad.B[m].float()))
-    return _cat_adapter(parts, shapes, experts)
-
-
-def subtract_general(experts: Mapping[str, LoraAdapter], general_names: Sequence[str]) -> dict[str, LoraAdapter]:
-    """GenKnowSub in ΔW space: for each non-general expert ``e``, ``ΔW'_e = ΔW_e − (1/G) Σ_g ΔW_g`` exactly.
-
-    Returned adapters have rank ``r_e + Σ_g r_g`` (``alpha = rank``, ``s = 1``) with
-    ``A' = [s_e A_e; −(s_g/G) A_g …]`` and ``B' = [B_e, B_g …]``. Inputs are not modified. Returns a new dict
-    name -> adapter over the experts not listed in ``general_names`` (in mapping order).
-    """
-    check_experts(experts)
-    general = list(dict.fromkeys(general_names))
-    if not general:
-        raise AdapterError("subtract_general needs at least one general expert name")
-    missing = [g for g in general if g not in experts]
-    if missing:
-        raise AdapterError(f"general expert(s) {missing} not among the experts {list(experts)[:10]}")
-    targets = [n for n in experts if n not in set(general)]
-    if not targets:
-        raise AdapterError("every expert is listed as general; nothing to subtract from")
-    shapes = module_shapes(experts)
-    g_count = len(general)
-    out: dict[str, LoraAdapter] = {}
-    for name in targets:
-        ad = experts[name]
-        sub = {name: ad, **{g: experts[g] for g in general}}
-        mods = {m: shapes[m] for m in sorted(set(ad.modules).union(*(experts[g].modules for g in general)))}
-        parts: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {m: [] for m in mods}
-        for m in mods:
-            out_f, in_f = mods[m]
-            # keep the block layout fixed (expert first, then each general) so the rank is r_e + Σ r_g everywhere
-            if m in ad.A:
-                parts[m].append((ad.A[m].float() * ad.spec.scaling, ad.B[m].float()))
-            else:
-                parts[m].append((torch.zeros(ad.spec.rank, in_f), torch.zeros(out_f, ad.spec.rank)))
-            for g in general:
-                ga = experts[g]
-                if m in ga.A:
-                    parts[m].append((ga.A[m].float() * (-ga.spec.scaling / g_count), ga.B[m].float()))
-                else:
-                    parts[m].append((torch.zeros(ga.spec.rank, in_f), torch.zeros(out_f, ga.spec.rank)))
-        merged = _cat_adapter(parts, mods, sub)
-        out[name] = LoraAdapter(merged.spec, merged.A, merged.B, ad.base_model_name or merged.base_model_name,
-                                dict(ad.extra_config))
-    return out
+def weighted_combination(experts: Experts, weights: WeightsLike = None) -> LoraAdapter:
+    """Task arithmetic ``ΔW_m = Σ_e w_e ΔW_{e,m}``, exact, as one rank-``Σ r_e`` adapter
+    (:func:`modlora.lowrank.weighted_delta_sum`). ``weights=None`` averages; a mapping of weights selects the
+    experts it names (in all merges here), a sequence gives one weight per expert."""
+    chosen, w = select_experts(experts, weights)
+    return weighted_delta_sum(chosen, w)
 
 
 # ------------------------------------------------------------------------------------------ dense merges
 
 
-def dense_deltas(experts: Mapping[str, LoraAdapter], module: str, shape: tuple[int, int]) -> list[torch.Tensor]:
+def dense_deltas(experts: Experts, module: str, shape: tuple[int, int]) -> list[torch.Tensor]:
     """``[ΔW_{e,module}]`` (each out × in, float32) in ``experts``' order; zeros for experts lacking the module."""
-    return [ad.delta_weight(module) if module in ad.A else torch.zeros(shape) for ad in experts.values()]
+    return [ad.delta_weight(module) if module in ad.A else torch.zeros(shape) for ad in ExpertSet.of(experts).adapters]
 
 
 def magnitude_trim(delta: torch.Tensor, density: float) -> torch.Tensor:
@@ -346,28 +247,18 @@ def dense_to_adapter(deltas: Mapping[str, torch.Tensor], rank: int | None = None
     return MergeResult(LoraAdapter(spec, A, B, base_model_name), errors, total)
 
 
-def _check_fraction(name: str, value: float, *, low_open: bool, high_open: bool) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(float(value)):
-        raise AdapterError(f"{name} must be a number, got {value!r}")
-    v = float(value)
-    ok_low = v > 0 if low_open else v >= 0
-    ok_high = v < 1 if high_open else v <= 1
-    if not (ok_low and ok_high):
-        raise AdapterError(f"{name} must be in {'(' if low_open else '['}0, 1{')' if high_open else ']'}, got {value!r}")
-    return v
-
-
-def _dense_merge(experts: Mapping[str, LoraAdapter], combine_module, rank: int | None, metadata: dict[str, Any]) -> MergeResult:
+def _dense_merge(experts: ExpertSet, combine_module: Callable[[list[torch.Tensor]], torch.Tensor], rank: int | None,
+                 metadata: dict[str, Any]) -> MergeResult:
     shapes = module_shapes(experts)
     merged = {m: combine_module(dense_deltas(experts, m, shape)) for m, shape in shapes.items()}
-    res = dense_to_adapter(merged, rank, dropout=_first_dropout(experts), target_modules=union_target_modules(experts.values()),
+    res = dense_to_adapter(merged, rank, target_modules=union_target_modules(experts.adapters),
                            base_model_name=common_base_model(experts))
     res.metadata = {**metadata, "rank": res.adapter.spec.rank, "total_relative_error": res.total_relative_error,
                     "max_relative_error": res.max_relative_error}
     return res
 
 
-def ties_merge(experts: Mapping[str, LoraAdapter], weights: WeightsLike = None, *, density: float = 0.2,
+def ties_merge(experts: Experts, weights: WeightsLike = None, *, density: float = 0.2,
                scale: float = 1.0, majority_sign_method: SignMethod = "total", rank: int | None = None) -> MergeResult:
     """TIES-merge the experts' dense ``ΔW`` per module, times ``λ = scale``, factored back to a LoRA.
 
@@ -375,8 +266,8 @@ def ties_merge(experts: Mapping[str, LoraAdapter], weights: WeightsLike = None, 
     magnitudes, elect sign on the unweighted trimmed values, weighted disjoint mean). ``weights=None`` → all 1.
     """
     experts, w = select_experts(experts, weights, default=1.0)
-    names = list(experts)
-    density = _check_fraction("TIES density", density, low_open=True, high_open=False)
+    names = list(experts.names)
+    density = check_fraction(density, "TIES density", low_open=True, high_open=False)
     if not math.isfinite(float(scale)):
         raise AdapterError(f"TIES scale λ must be finite, got {scale!r}")
     meta = {"method": "ties", "experts": names, "weights": w, "density": density, "scale": float(scale),
@@ -384,7 +275,7 @@ def ties_merge(experts: Mapping[str, LoraAdapter], weights: WeightsLike = None, 
     return _dense_merge(experts, lambda ds: float(scale) * ties_delta(ds, w, density, majority_sign_method), rank, meta)
 
 
-def dare_merge(experts: Mapping[str, LoraAdapter], weights: WeightsLike = None, *, drop_rate: float = 0.5,
+def dare_merge(experts: Experts, weights: WeightsLike = None, *, drop_rate: float = 0.5,
                combine: Literal["linear", "ties"] = "linear", seed: int = 0,
                majority_sign_method: SignMethod = "total", rank: int | None = None) -> MergeResult:
     """DARE-merge: per module (sorted order) and expert (mapping order), drop with prob ``p``, rescale ``1/(1-p)``.
@@ -392,12 +283,11 @@ def dare_merge(experts: Mapping[str, LoraAdapter], weights: WeightsLike = None, 
     ``combine="linear"``: ``Σ_e w_e τ̂_e`` (``weights=None`` → ``1/E``, a mean); ``"ties"``: sign election + weighted
     disjoint mean (``weights=None`` → all 1). One ``torch.Generator`` seeded with ``seed`` draws all masks.
     """
-    check_experts(experts)
     if combine not in ("linear", "ties"):
         raise AdapterError(f"DARE combine must be 'linear' or 'ties', got {combine!r}")
     experts, w = select_experts(experts, weights, default=None if combine == "linear" else 1.0)
-    names = list(experts)
-    drop_rate = _check_fraction("DARE drop rate p", drop_rate, low_open=False, high_open=True)
+    names = list(experts.names)
+    drop_rate = check_fraction(drop_rate, "DARE drop rate p", low_open=False, high_open=True)
     gen = torch.Generator().manual_seed(int(seed))
     meta = {"method": f"dare_{combine}", "experts": names, "weights": w, "drop_rate": drop_rate, "seed": int(seed),
             "majority_sign_method": majority_sign_method}

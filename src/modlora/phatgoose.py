@@ -133,6 +133,17 @@ def phatgoose_weights(x: torch.Tensor, gates: torch.Tensor, top_k: int = 2,
     return torch.zeros_like(scores).scatter(-1, idx, torch.softmax(top, dim=-1))
 
 
+class PhatgooseRouter:
+    """A per-layer router over stacked gates ``{module: (E, in)}``: :func:`phatgoose_weights` with ``top_k``."""
+
+    def __init__(self, gates: Mapping[str, torch.Tensor], top_k: int = 2) -> None:
+        self.gates = dict(gates)
+        self.top_k = top_k
+
+    def __call__(self, x: torch.Tensor, layer: str) -> torch.Tensor:
+        return phatgoose_weights(x, self.gates[layer].to(x.device), top_k=self.top_k)
+
+
 def stack_gates(gates_by_expert: Mapping[str, Mapping[str, torch.Tensor]],
                 expert_names: Sequence[str] | None = None) -> dict[str, torch.Tensor]:
     """``{expert: {module: (in,)}}`` → ``{module: (E, in)}`` with rows in ``expert_names`` order.

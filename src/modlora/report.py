@@ -7,9 +7,9 @@ optionally, a library-similarity JSON ``{"similarity": n×n, "names": [n], "assi
 * ``report.md`` — one table (methods × tasks, the main metric in percent ± standard error, and the average over
   tasks), a table of example counts and wall times, and links to the plots;
 * ``per_task.png`` — grouped bars of the main metric per task, one bar per method, with stderr error bars;
-* ``routing_entropy.png`` — routing entropy per layer, one line per method that records
-  ``"routing": {"entropy_per_layer": {layer: float}}``;
-* ``expert_usage_<method>.png`` — heatmap tasks × experts of ``"routing": {"expert_usage": {task: {expert: frac}}}``;
+* ``routing_entropy.png`` — routing entropy per layer, one line per run of a per-token router (its
+  :class:`~modlora.evaluation.results.RoutingTelemetry`);
+* ``expert_usage_<method>.png`` — heatmap tasks × experts of the telemetry's share of routing mass;
 * ``similarity.png`` — the library similarity matrix, rows / columns ordered by cluster, cluster blocks outlined.
 
 The main metric of a task is the first of ``acc_norm, acc, rougeL, pass@1, exact_match`` that every run reporting
@@ -102,14 +102,17 @@ def _markdown(runs: Sequence[tuple[str, EvalRun]], main: Mapping[str, str], plot
     for label, run in runs:
         cells = [f"{run.tasks[t].n} / {run.tasks[t].wall_s:.0f}s" if t in run.tasks else "–" for t in tasks]
         lines.append(f"| {label} | {run.model} | " + " | ".join(cells) + f" | {run.wall_s:.0f} |")
-    routed = [(label, run) for label, run in runs if run.routing]
+    routed = [(label, run) for label, run in runs if run.routing is not None]
     if routed:
         lines += ["", "## Routing", ""]
         for label, run in routed:
-            ent = run.routing.get("entropy_per_layer") or {}
+            ent = run.routing.entropy_per_layer
             if ent:
                 lines.append(f"- {label}: mean routing entropy {float(np.mean(list(ent.values()))):.3f} nats "
                              f"over {len(ent)} layers")
+            acc = run.routing.accuracy
+            if acc is not None:
+                lines.append(f"- {label}: routing accuracy {100 * acc.overall:.1f}% over {acc.n} prompts")
     if plots:
         lines += ["", "## Plots", ""] + [f"![{Path(p).stem}]({p})" for p in plots]
     return "\n".join(lines) + "\n"
@@ -144,8 +147,8 @@ def plot_per_task(runs: Sequence[tuple[str, EvalRun]], main: Mapping[str, str], 
 
 def plot_routing_entropy(runs: Sequence[tuple[str, EvalRun]], path: Path) -> bool:
     """Routing entropy per layer, one line per run that has it; returns False when no run has it."""
-    series = [(label, run.routing["entropy_per_layer"]) for label, run in runs
-              if run.routing and run.routing.get("entropy_per_layer")]
+    series = [(label, run.routing.entropy_per_layer) for label, run in runs
+              if run.routing is not None and run.routing.entropy_per_layer]
     if not series:
         return False
     plt = _pyplot()
@@ -227,7 +230,7 @@ def write_report(result_json_paths: Sequence[str | os.PathLike[str]], out_dir: s
     if plot_routing_entropy(runs, out / "routing_entropy.png"):
         plots.append("routing_entropy.png")
     for label, run in runs:
-        usage = (run.routing or {}).get("expert_usage")
+        usage = run.routing.expert_usage if run.routing is not None else None
         if usage:
             name = f"expert_usage_{_safe_name(label)}.png"
             plot_expert_usage(usage, f"Expert usage: {label}", out / name)

@@ -1,74 +1,49 @@
-"""Reusing a library: turn a router name and its options into a model ready for zero-shot inference.
+"""Reusing a library: ``prepare_model(lm, library, "arrow", options)`` → a :class:`ReuseModel`.
 
-``prepare_model(lm, library, "arrow", RouterOptions(...))`` returns a :class:`ReuseModel`: a callable that behaves
-like the HF model (``forward`` and ``generate``) with the library applied, plus ``restore()``. Methods:
-
-==============  ==================================================================================================
-``base``        the base model alone
-``arrow``       per-token Arrow routing (prototypes cached in the library)
-``mu``          μ, parameter averaging (mean A, mean B: the reference's μ), merged into the weights
-``mu-delta``    μ, exact ΔW averaging (mean of B·A) merged into the weights
-``centroid``    hidden-state prototypes: mean layer input over a few training examples of each expert
-``phatgoose``   per-expert sigmoid gates trained on the expert's own data, top-2 routing
-``tp``          task predictor on mean-pooled hidden states, per-example routing to the predicted expert
-``oracle``      per-example routing to the expert of the example's known task (in-distribution only)
-==============  ==================================================================================================
-
-Data-dependent methods (centroid, phatgoose, tp) read each expert's training tasks from the SNI directory and use
-their *train* split only, with the same prompt template as training.
+A :class:`ReuseModel` behaves like the HF model (``forward`` and ``generate``) with the library applied, plus
+``restore()``. The methods themselves (Arrow, μ, TIES, centroid, PhatGOOSE, task predictor, oracle, …) are classes
+in :mod:`modlora.methods`, listed in one registry; ``modlora.methods.REGISTRY.describe()`` lists them with their
+options, and ``prepare_model`` is the one call that looks a name up, validates its options and applies it.
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import torch
 
-from modlora.adapters import merge_adapter
-from modlora.data import PromptFormatter, collate, default_sni_dir, encode_tasks, load_sni_tasks
+from modlora.adapters import LoraAdapter, merge_adapter
 from modlora.errors import RoutingError
-from modlora.library import ExpertLibrary
+from modlora.experts import Experts, ExpertSet
 from modlora.models import LoadedModel
 
-METHODS = ("base", "arrow", "mu", "mu-delta", "centroid", "phatgoose", "tp", "oracle")
+if TYPE_CHECKING:
+    from modlora.methods import Registry
+    from modlora.methods.core import MethodOptions
+    from modlora.routing import RoutedModel
 
-
-@dataclass
-class RouterOptions:
-    """Options of the reuse methods (defaults: the paper's Arrow, top-4, temperature 1)."""
-
-    top_k: int = 4
-    temperature: float | str = 1.0
-    tie_qkv: bool = False
-    normalize_inputs: bool = False
-    mixing: str = "outputs"
-    path: str = "auto"
-    sparse_kernel: str = "auto"
-    general: tuple[str, ...] = ()
-    gks_space: str = "factors"
-    experts: tuple[str, ...] = ()
-    data_dir: str | None = None
-    examples_per_expert: int = 16
-    phatgoose_steps: int = 100
-    tp_top_k: int = 1
-    extra: dict[str, Any] = field(default_factory=dict)
+# (input_ids (b, s), attention_mask (b, s) | None, each example's task | None, continuing a KV cache) → (b, E)
+ExampleRouter = Callable[[torch.Tensor, torch.Tensor | None, Sequence[str] | None, bool], torch.Tensor]
 
 
 @dataclass
 class ReuseModel:
-    """A base model with a library applied. Call it like the HF model; ``tasks=`` feeds the oracle."""
+    """A base model with a library applied. Call it like the HF model; ``tasks=`` feeds per-example routers.
+
+    ``routed``: the :class:`~modlora.routing.RoutedModel` of routing methods; ``merged``: the adapter merged into the
+    weights by static methods; ``example_router``: per-example weights over ``routed.expert_names`` that replace
+    the per-token router during a call (task predictor, oracle); ``per_token``: the method routes each token by
+    content (its routing is worth recording)."""
 
     method: str
     model: torch.nn.Module
-    routed: Any = None
-    merged: Any = None
-    predictor: Any = None
-    expert_of_task: dict[str, str] = field(default_factory=dict)
-    _sticky: torch.Tensor | None = field(default=None, repr=False)
+    routed: RoutedModel | None = None
+    merged: LoraAdapter | None = None
+    example_router: ExampleRouter | None = None
+    per_token: bool = False
 
     @property
     def config(self) -> Any:
@@ -81,31 +56,14 @@ class ReuseModel:
     @contextlib.contextmanager
     def per_example_routing(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
                             tasks: Sequence[str] | None, continuing: bool = False) -> Iterator[None]:
-        """Per-example weights for ``tp`` / ``oracle`` during one call. ``continuing``: the call extends a KV cache
-        (decoding or scoring a continuation), so the task predictor keeps the prediction it made on the prompt."""
-        if self.method == "tp":
-            if continuing and self._sticky is not None and self._sticky.shape[0] == input_ids.shape[0]:
-                w = self._sticky  # decoding with a KV cache: keep the prediction made on the whole prompt
-            else:
-                with self.routed.disabled():
-                    w = self.predictor.predict_weights(self.model, input_ids, attention_mask, top_k=1)
-                order = [self.predictor.expert_names.index(n) for n in self.routed.expert_names]
-                w = w[:, order]
-                self._sticky = w
-            with self.routed.example_weights(w):
-                yield
-        elif self.method == "oracle":
-            if tasks is None:
-                raise RoutingError("the oracle router needs each example's task (in-distribution evaluation only)")
-            missing = sorted({t for t in tasks if t not in self.expert_of_task})
-            if missing:
-                raise RoutingError(f"oracle: no expert in the library for task(s) {missing[:3]}")
-            w = torch.zeros(len(tasks), len(self.routed.expert_names))
-            for i, t in enumerate(tasks):
-                w[i, self.routed.expert_names.index(self.expert_of_task[t])] = 1.0
-            with self.routed.example_weights(w):
-                yield
-        else:
+        """Route this call's examples with ``example_router`` (if any), which runs with routing disabled (it sees
+        the base model). ``continuing``: the call extends a KV cache (decoding or scoring a continuation)."""
+        if self.example_router is None or self.routed is None:
+            yield
+            return
+        with self.routed.disabled():
+            weights = self.example_router(input_ids, attention_mask, tasks, continuing)
+        with self.routed.example_weights(weights):
             yield
 
     def __call__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, *,
@@ -140,91 +98,6 @@ class ReuseModel:
         return self.model
 
 
-def _expert_batches(lm: LoadedModel, library: ExpertLibrary, names: Sequence[str], opts: RouterOptions,
-                    with_labels: bool) -> dict[str, list[Any]]:
-    """A few training examples per expert (its tasks' train split), as (input_ids, attention_mask) batches or
-    (input_ids, labels) examples."""
-    data_dir = Path(opts.data_dir) if opts.data_dir else default_sni_dir()
-    out: dict[str, list[Any]] = {}
-    for name in names:
-        entry = library.entry(name)
-        if not entry.tasks:
-            raise RoutingError(f"expert {name!r} records no training tasks; this router needs them")
-        tasks = load_sni_tasks(data_dir, entry.tasks)
-        fmt = PromptFormatter(lm.tokenizer, max_prompt_tokens=int(entry.training.get("max_prompt_tokens", 384)),
-                              max_target_tokens=int(entry.training.get("max_target_tokens", 128)))
-        per_task = max(1, opts.examples_per_expert // len(tasks))
-        exs = encode_tasks(fmt, tasks, "train", max_per_task=per_task,
-                           seed=int(entry.training.get("split_seed", 0)))[: opts.examples_per_expert]
-        device = next(lm.model.parameters()).device
-        if with_labels:
-            out[name] = [e.labelled(device) for e in exs]
-        else:
-            out[name] = [(b.input_ids, b.attention_mask) for b in
-                         (collate(exs[i:i + 8], lm.tokenizer.pad_token_id).to(device) for i in range(0, len(exs), 8))]
-    return out
-
-
-def prepare_model(lm: LoadedModel, library: ExpertLibrary, method: str, opts: RouterOptions | None = None
-                  ) -> ReuseModel:
-    """Apply ``library`` to ``lm.model`` with ``method`` (see the module docstring)."""
-    from modlora.routing import (
-        ArrowRouter,
-        CentroidRouter,
-        compute_centroids,
-        mu_delta_average,
-        mu_parameter_average,
-        route,
-    )
-
-    opts = opts or RouterOptions()
-    if method not in METHODS:
-        raise RoutingError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
-    library.check_base_model(lm.info)
-    model = lm.model
-    if method == "base":
-        return ReuseModel(method, model)
-    names = list(opts.experts) or library.expert_names()
-    if not names:
-        raise RoutingError(f"{library.path}: the library has no experts")
-    experts = library.experts(names)
-    general = library.experts(opts.general) if opts.general else None
-    if method in ("mu", "mu-delta"):
-        merged = mu_parameter_average(experts) if method == "mu" else mu_delta_average(experts)
-        merge_adapter(model, merged)
-        return ReuseModel(method, model, merged=merged)
-    common = {"mixing": opts.mixing, "path": opts.path, "general_experts": general, "gks_space": opts.gks_space,
-              "sparse_kernel": opts.sparse_kernel}
-    if method == "arrow":
-        if opts.top_k > len(names):
-            raise RoutingError(f"top_k={opts.top_k} exceeds the number of experts ({len(names)})")
-        router = ArrowRouter(top_k=opts.top_k, temperature=opts.temperature, normalize_inputs=opts.normalize_inputs,
-                             tie_qkv=opts.tie_qkv)
-        return ReuseModel(method, model, routed=route(model, library if not opts.experts else experts, router,
-                                                      **common))
-    if method == "centroid":
-        batches = _expert_batches(lm, library, names, opts, with_labels=False)
-        layers = sorted({m for a in experts.values() for m in a.modules})
-        cents = compute_centroids(model, batches, layers, library=library)
-        return ReuseModel(method, model, routed=route(model, experts, CentroidRouter(cents), **common))
-    if method == "phatgoose":
-        from modlora.phatgoose import phatgoose_gates_for_experts, phatgoose_weights, stack_gates
-        examples = _expert_batches(lm, library, names, opts, with_labels=True)
-        with torch.enable_grad():  # gate training needs autograd even when called under no_grad/inference
-            gates = stack_gates(phatgoose_gates_for_experts(model, experts, examples, steps=opts.phatgoose_steps,
-                                                            cache=library), names)
-        routed = route(model, experts, lambda x, layer: phatgoose_weights(x, gates[layer].to(x.device), top_k=2),
-                       **common)
-        return ReuseModel(method, model, routed=routed)
-    if method == "tp":
-        from modlora.task_predictor import TaskPredictor
-        predictor = TaskPredictor.fit(model, _expert_batches(lm, library, names, opts, with_labels=False))
-        return ReuseModel(method, model, routed=route(model, experts, "mu", **common), predictor=predictor)
-    # oracle
-    expert_of_task = {t: n for n in names for t in library.tasks(n)}
-    return ReuseModel(method, model, routed=route(model, experts, "mu", **common), expert_of_task=expert_of_task)
-
-
 @dataclass
 class TaskBoundModel:
     """``ReuseModel`` with every example's task fixed (for evaluation loops that do not pass ``tasks``)."""
@@ -239,3 +112,24 @@ class TaskBoundModel:
         if name in ("inner", "__setstate__"):
             raise AttributeError(name)
         return getattr(self.inner.model, name)
+
+
+def prepare_model(lm: LoadedModel, library: Experts | None, method: str,
+                  options: MethodOptions | Mapping[str, Any] | None = None, *,
+                  registry: Registry | None = None) -> ReuseModel:
+    """Apply ``library`` to ``lm.model`` with the registered ``method``.
+
+    ``options``: the method's ``Options`` dataclass, or a mapping of option names to values (validated), or
+    ``None`` for the defaults. The library is checked against ``lm``'s base model first; ``base`` needs none."""
+    from modlora.methods import REGISTRY
+
+    cls = (registry or REGISTRY).get(method)
+    opts = cls.options_from(options or {}) if isinstance(options, Mapping) or options is None else options
+    instance = cls(opts)
+    if not cls.capabilities.uses_experts:
+        return instance.prepare(lm, None)
+    if library is None:
+        raise RoutingError(f"method {method!r} needs a library")
+    if hasattr(library, "check_base_model"):
+        library.check_base_model(lm.info)
+    return instance.prepare(lm, ExpertSet.of(library, list(opts.experts) or None))

@@ -8,10 +8,11 @@ Steps, all resumable (finished experts and finished result rows are reused):
    library itself: the clustering then sees fully trained private experts while MBC is charged only
    ``stage1_fraction`` of their cost, which slightly favours MBC (the tables say which was used);
 2. cluster plot of the private library (similarity ordered by cluster);
-3. for every row ``(library, method)``: held-out SNI Rouge-L / exact match (greedy), in-distribution Rouge-L on the
-   training tasks' *test* split, routing accuracy of per-token routers on in-distribution prompts (the share of
-   examples whose routing mass, summed over tokens, is largest on their own task's expert — overall and per layer),
-   inference throughput (generated + prompt tokens per second), and training compute of the library;
+3. for every row ``[library, method]`` or ``[library, method, {options}]`` (a method of the registry,
+   :mod:`modlora.methods`, with its options; or ``lorahub``, the few-shot row): held-out SNI Rouge-L / exact match
+   (greedy), in-distribution Rouge-L on the training tasks' *test* split, routing accuracy of per-token routers on
+   in-distribution prompts (:func:`modlora.evaluation.prompt_routing_accuracy`), inference throughput (generated +
+   prompt tokens per second), and training compute of the library;
 4. a JSON with everything, a Markdown table and plots.
 
 Compute matching: every library gets ``steps_per_task`` optimizer steps per training task in total (see
@@ -31,27 +32,30 @@ from typing import Any
 
 import torch
 from rich.console import Console
-from rich.table import Table
 
 from modlora.building import (
     BuildConfig,
-    build_cluster_library,
+    build_mbc_library,
     build_private_library,
     build_random_library,
     build_shared_library,
 )
-from modlora.clustering import model_based_clustering, plot_clustering
-from modlora.data import PromptFormatter, collate, default_data_dir, encode_tasks, load_sni_tasks, split_instances
+from modlora.clustering import plot_clustering
+from modlora.data import PromptFormatter, default_data_dir, encode_tasks, load_sni_tasks, split_instances
 from modlora.errors import ModloraError
-from modlora.evaluation.generation import greedy_generate, score_generations
+from modlora.evaluation.generation import generate_and_score
+from modlora.evaluation.indist import prompt_routing_accuracy
 from modlora.evaluation.rank_classification import evaluate_choice_tasks
 from modlora.evaluation.results import mean_and_stderr
 from modlora.io import atomic_write_bytes, atomic_write_json
 from modlora.library import ExpertLibrary
+from modlora.methods import REGISTRY
+from modlora.methods.core import MethodOptions, TrainingDataOptions
 from modlora.models import LoadedModel, load_base_model
-from modlora.reuse import ReuseModel, RouterOptions, prepare_model
+from modlora.reuse import prepare_model
+from modlora.tables import folding_table
 
-PER_TOKEN_ROUTERS = ("arrow", "centroid", "phatgoose")
+LORAHUB_ROW = "lorahub"  # the few-shot row: not a zero-shot reuse method, so not in the registry
 
 
 @dataclass
@@ -73,9 +77,9 @@ class StudyConfig:
     k: int | str = 3
     stage1_fraction: float = 0.4
     mbc_reuses_private: bool = True
-    rows: list[list[str]] = field(default_factory=lambda: [["-", "base"], ["private", "mu"], ["private", "arrow"],
+    rows: list[list[Any]] = field(default_factory=lambda: [["-", "base"], ["private", "mu"], ["private", "arrow"],
                                                            ["private", "oracle"], ["mbc", "mu"], ["mbc", "arrow"]])
-    top_k: int = 4
+    method_options: dict[str, dict[str, Any]] = field(default_factory=lambda: {"arrow": {"top_k": 4}})
     heldout_tasks: list[str] | None = None
     heldout_limit: int = 5
     indist_limit: int = 5
@@ -85,7 +89,6 @@ class StudyConfig:
     choice_limit: int | None = None
     choice_batch_size: int = 16
     examples_per_expert: int = 16
-    phatgoose_steps: int = 100
     lorahub_shots: int = 5
     lorahub_budget: int = 40
     seed: int = 0
@@ -99,13 +102,40 @@ class StudyConfig:
         unknown = sorted(set(raw) - set(cls.__dataclass_fields__))
         if unknown:
             raise ModloraError(f"{path}: unknown study setting(s): {', '.join(unknown)}")
-        return cls(**raw)
+        cfg = cls(**raw)
+        for row in cfg.rows:
+            try:
+                cfg.row_options(row, Path("."))
+            except ModloraError as exc:
+                raise ModloraError(f"{path}: row {row}: {exc}") from None
+        return cfg
+
+    def row_options(self, row: Sequence[Any], data_dir: Path) -> MethodOptions | None:
+        """The validated options of a ``[library, method(, {options})]`` row: the method's defaults, then
+        ``method_options[method]``, then the row's own; data-reading methods get the training-task directory and
+        ``examples_per_expert``. ``None`` for the LoraHub row."""
+        if not 2 <= len(row) <= 3 or (len(row) == 3 and not isinstance(row[2], Mapping)):
+            raise ModloraError("a row is [library, method] or [library, method, {option: value}]")
+        if row[1] == LORAHUB_ROW:
+            return None
+        method = REGISTRY.get(row[1])
+        values: dict[str, Any] = {}
+        if issubclass(method.Options, TrainingDataOptions):
+            values = {"task_dir": str(data_dir / "sni" / "tasks"), "examples_per_expert": self.examples_per_expert}
+        values |= dict(self.method_options.get(method.name, {})) | (dict(row[2]) if len(row) == 3 else {})
+        return method.options_from(values)
 
     def build_config(self, device: str | None, data_dir: Path) -> BuildConfig:
         return BuildConfig(model=self.model, device=device, dtype=self.dtype, data_dir=str(data_dir / "sni" / "tasks"), steps_per_task=self.steps_per_task,
                            batch_size=self.batch_size, lr=self.lr, max_examples=self.max_examples, max_val=self.max_val,
                            max_prompt_tokens=self.max_prompt_tokens, max_target_tokens=self.max_target_tokens,
                            seed=self.seed)
+
+
+def row_key(row: Sequence[Any]) -> str:
+    """``library/method`` (``method`` alone without a library), plus ``[opt=value,…]`` for a row's own options."""
+    key = f"{row[0]}/{row[1]}" if row[0] != "-" else str(row[1])
+    return key + ("[" + ",".join(f"{k}={v}" for k, v in sorted(row[2].items())) + "]" if len(row) == 3 else "")
 
 
 def build_libraries(cfg: StudyConfig, out: Path, device: str | None, console: Console, data_dir: Path
@@ -118,16 +148,12 @@ def build_libraries(cfg: StudyConfig, out: Path, device: str | None, console: Co
         console.print(f"[bold]private library[/]: {len(cfg.train_tasks)} experts × {cfg.steps_per_task} steps")
         libs["private"] = build_private_library(out / "private", cfg.train_tasks, bcfg)
     if "mbc" in cfg.libraries:
-        stage1 = libs["private"] if cfg.mbc_reuses_private else build_private_library(
-            out / "mbc-stage1", cfg.train_tasks, bcfg, budget_scale=cfg.stage1_fraction, stage="mbc-stage1")
-        names = [stage1.task_to_expert()[t] for t in cfg.train_tasks]
-        k = cfg.k if cfg.k == "auto" else int(cfg.k)
-        clustering = model_based_clustering(stage1.experts(names), k, seed=cfg.seed, cache=stage1)
+        libs["mbc"], clustering = build_mbc_library(
+            out / "mbc", cfg.train_tasks, bcfg, k=cfg.k, stage1_fraction=cfg.stage1_fraction,
+            private_library=out / "private" if cfg.mbc_reuses_private else None)
         console.print(f"[bold]MBC[/]: K={clustering.k} clusters {clustering.clusters}")
         plot_clustering(clustering, out / "mbc_clusters.png", title=f"{cfg.name}: MBC similarity")
         atomic_write_bytes(out / "mbc_clusters.json", clustering.to_json().encode())
-        libs["mbc"] = build_cluster_library(out / "mbc", clustering, {n: stage1.tasks(n) for n in names}, bcfg,
-                                            budget_per_task=1.0 - cfg.stage1_fraction, stage="mbc-stage2")
     if "shared" in cfg.libraries:
         console.print("[bold]shared library[/]")
         libs["shared"] = build_shared_library(out / "shared", cfg.train_tasks, bcfg)
@@ -150,123 +176,55 @@ def _heldout(cfg: StudyConfig, data_dir: Path) -> dict[str, Any]:
     return load_sni_tasks(directory, names)
 
 
-def _generate_scores(model: Any, lm: LoadedModel, fmt: PromptFormatter, task: Any, instances: Sequence[Any],
-                     cfg: StudyConfig) -> tuple[dict[str, list[float]], int]:
-    prompts = [fmt.prompt_text(task.definition, inst.input) for inst in instances]
-    preds = greedy_generate(model, lm.tokenizer, prompts, max_new_tokens=cfg.max_new_tokens,
-                            batch_size=cfg.gen_batch_size, max_prompt_tokens=cfg.max_prompt_tokens)
-    tokens = sum(len(lm.tokenizer(p, add_special_tokens=False)["input_ids"]) for p in prompts)
-    tokens += sum(len(lm.tokenizer(p, add_special_tokens=False)["input_ids"]) for p in preds)
-    return score_generations(preds, [inst.outputs for inst in instances]), tokens
-
-
-def routing_accuracy(rm: ReuseModel, lm: LoadedModel, examples: Sequence[Any], expert_of_task: Mapping[str, str]
-                     ) -> dict[str, Any]:
-    """Share of examples whose routing mass (summed over the prompt's tokens) is largest on their task's expert,
-    overall (mass averaged over layers) and per layer."""
-    names = rm.routed.expert_names
-    correct, per_layer_hits, n = 0, {}, 0
-    for ex in examples:
-        own = expert_of_task.get(ex.task)
-        if own is None:
-            continue
-        ids = torch.tensor([ex.prompt_ids], device=rm.device)
-        with torch.inference_mode(), rm.routed.record() as rec:
-            rm.model(input_ids=ids)
-        masses = {lay: rec.mass[lay] / max(rec.tokens[lay], 1) for lay in rec.mass}
-        full = torch.zeros(len(names))
-        for lay, m in masses.items():
-            full += m
-            per_layer_hits[lay] = per_layer_hits.get(lay, 0) + int(names[int(m.argmax())] == own)
-        correct += int(names[int(full.argmax())] == own)
-        n += 1
-    return {"accuracy": correct / max(n, 1), "n": n,
-            "per_layer": {lay: hits / max(n, 1) for lay, hits in sorted(per_layer_hits.items())}}
-
-
-def evaluate_indist(rm: ReuseModel, lm: LoadedModel, library: ExpertLibrary, *, data_dir: Path,
-                    limit: int = 10, seed: int = 0, max_new_tokens: int = 64, batch_size: int = 8,
-                    max_prompt_tokens: int = 384) -> Any:
-    """In-distribution suite: per library task, target loss and Rouge-L / exact match on the task's *test* split,
-    plus the routing accuracy of per-token routers; returns an :class:`~modlora.evaluation.results.EvalRun`."""
-    from modlora.evaluation.results import EvalRun, TaskScores
-    from modlora.training import target_loss
-
-    tasks = load_sni_tasks(data_dir / "sni" / "tasks", sorted({t for n in library.expert_names()
-                                                               for t in library.tasks(n)}))
-    fmt = PromptFormatter(lm.tokenizer, max_prompt_tokens=max_prompt_tokens)
-    cfg = StudyConfig(max_new_tokens=max_new_tokens, gen_batch_size=batch_size, max_prompt_tokens=max_prompt_tokens)
-    run = EvalRun(method=rm.method, model=lm.info.name, config={"kind": "indist", "limit": limit, "seed": seed,
-                                                                  "library": str(library.path)})
-    t_all = time.perf_counter()
-    for name, task in tasks.items():
-        t0 = time.perf_counter()
-        insts = split_instances(task, seed=seed)["test"][:limit]
-        model = rm.for_task(name) if rm.method == "oracle" else rm
-        scores, _ = _generate_scores(model, lm, fmt, task, insts, cfg)
-        losses = []
-        for inst in insts:
-            ex = fmt.encode(task, inst)
-            batch = collate([ex], lm.tokenizer.pad_token_id).to(rm.device)
-            with torch.inference_mode(), rm.per_example_routing(batch.input_ids, batch.attention_mask, [name]):
-                loss, n = target_loss(rm.model, batch)
-            losses.append(float(loss) / max(n, 1))
-        scores["loss"] = losses
-        run.tasks[name] = TaskScores.from_per_example(scores, wall_s=time.perf_counter() - t0)
-    if rm.method in PER_TOKEN_ROUTERS:
-        exs = encode_tasks(fmt, tasks, "test", max_per_task=limit, seed=seed)
-        run.routing = {"accuracy": routing_accuracy(rm, lm, exs, {t: n for n in library.expert_names()
-                                                                   for t in library.tasks(n)})}
-    run.wall_s = time.perf_counter() - t_all
-    return run
-
-
-def evaluate_row(lm: LoadedModel, lib: ExpertLibrary | None, method: str, cfg: StudyConfig, data_dir: Path,
+def evaluate_row(lm: LoadedModel, lib: ExpertLibrary | None, row: Sequence[Any], cfg: StudyConfig, data_dir: Path,
                  heldout: Mapping[str, Any], train_tasks: Mapping[str, Any]) -> dict[str, Any]:
-    """Scores of one (library, method) row: held-out SNI, in-distribution, routing accuracy, throughput."""
+    """Scores of one ``[library, method(, options)]`` row: held-out SNI, in-distribution, routing accuracy,
+    throughput. What applies follows the method's capabilities: a method that needs task labels (the oracle) is
+    scored in distribution only; one that routes per example from the whole prompt (the task predictor) scores a
+    benchmark's options with their context, not from a shared prefix; per-token routers get the routing accuracy."""
+    method = row[1]
     fmt = PromptFormatter(lm.tokenizer, max_prompt_tokens=cfg.max_prompt_tokens, max_target_tokens=cfg.max_target_tokens)
-    if method == "lorahub":
+    if method == LORAHUB_ROW:
         if lib is None:
             raise ModloraError("the lorahub row needs a library")
         return _lorahub_row(lm, lib, cfg, fmt, heldout)
-    opts = RouterOptions(top_k=min(cfg.top_k, len(lib) if lib is not None else cfg.top_k), data_dir=str(
-        data_dir / "sni" / "tasks"), examples_per_expert=cfg.examples_per_expert, phatgoose_steps=cfg.phatgoose_steps)
+    caps = REGISTRY.get(method).capabilities
     t_prep = time.perf_counter()
-    rm = prepare_model(lm, lib, method, opts) if lib is not None else ReuseModel("base", lm.model)
-    row: dict[str, Any] = {"method": method, "heldout": {}, "indist": {}, "choice": {},
+    rm = prepare_model(lm, lib, method, cfg.row_options(row, data_dir))
+    out: dict[str, Any] = {"method": method, "heldout": {}, "indist": {}, "choice": {},
                            "prepare_seconds": time.perf_counter() - t_prep}
     gen_tokens, gen_seconds = 0, 0.0
+
+    def generate(model: Any, task: Any, instances: Sequence[Any]) -> dict[str, Any]:
+        nonlocal gen_tokens, gen_seconds
+        t0 = time.perf_counter()
+        scores, tokens = generate_and_score(model, lm.tokenizer, fmt, task, instances,
+                                           max_new_tokens=cfg.max_new_tokens, batch_size=cfg.gen_batch_size)
+        gen_seconds += time.perf_counter() - t0
+        gen_tokens += tokens
+        return _task_cell(scores)
+
     try:
-        if method != "oracle" and cfg.choice_tasks:
-            # a task predictor pools over the whole input, so contexts are not scored separately for it
+        if not caps.needs_task_labels and cfg.choice_tasks:
             run = evaluate_choice_tasks(rm, lm.tokenizer, cfg.choice_tasks, data_dir=data_dir, limit=cfg.choice_limit,
-                                        seed=cfg.seed, batch_size=cfg.choice_batch_size, prefix_reuse=method != "tp",
-                                        progress=True)
+                                        seed=cfg.seed, batch_size=cfg.choice_batch_size,
+                                        prefix_reuse=not caps.per_example, progress=True)
             for task, sc in run.tasks.items():
-                row["choice"][task] = {"acc_norm": sc.metrics["acc_norm"], "stderr": sc.stderr["acc_norm"],
+                out["choice"][task] = {"acc_norm": sc.metrics["acc_norm"], "stderr": sc.stderr["acc_norm"],
                                        "acc": sc.metrics["acc"], "n": sc.n}
-        if method != "oracle":
+        if not caps.needs_task_labels:
             for name, task in heldout.items():
-                t0 = time.perf_counter()
-                scores, tokens = _generate_scores(rm, lm, fmt, task, task.instances[: cfg.heldout_limit], cfg)
-                gen_seconds += time.perf_counter() - t0
-                gen_tokens += tokens
-                row["heldout"][name] = _task_cell(scores)
+                out["heldout"][name] = generate(rm, task, task.instances[: cfg.heldout_limit])
         for name, task in train_tasks.items():
             insts = split_instances(task, seed=cfg.seed)["test"][: cfg.indist_limit]
-            model = rm.for_task(name) if method == "oracle" else rm
-            t0 = time.perf_counter()
-            scores, tokens = _generate_scores(model, lm, fmt, task, insts, cfg)
-            gen_seconds += time.perf_counter() - t0
-            gen_tokens += tokens
-            row["indist"][name] = _task_cell(scores)
-        if method in PER_TOKEN_ROUTERS and lib is not None:
+            out["indist"][name] = generate(rm.for_task(name) if caps.needs_task_labels else rm, task, insts)
+        if caps.per_token and lib is not None:
             exs = encode_tasks(fmt, train_tasks, "test", max_per_task=cfg.indist_limit, seed=cfg.seed)
-            row["routing_accuracy"] = routing_accuracy(rm, lm, exs, {t: n for n in lib.expert_names()
-                                                                     for t in lib.tasks(n)})
+            out["routing_accuracy"] = prompt_routing_accuracy(rm, exs, {t: n for n in lib.expert_names()
+                                                                        for t in lib.tasks(n)}).to_dict()
     finally:
         rm.restore()
-    return _finish_row(row, gen_tokens, gen_seconds)
+    return _finish_row(out, gen_tokens, gen_seconds)
 
 
 def _lorahub_row(lm: LoadedModel, lib: ExpertLibrary, cfg: StudyConfig, fmt: PromptFormatter,
@@ -296,7 +254,8 @@ def _lorahub_row(lm: LoadedModel, lib: ExpertLibrary, cfg: StudyConfig, fmt: Pro
         with restored_weights(lm.model, res.adapter.modules), torch.no_grad():
             merge_adapter(lm.model, res.adapter)
             t0 = time.perf_counter()
-            scores, tokens = _generate_scores(lm.model, lm, fmt, task, task.instances[: cfg.heldout_limit], cfg)
+            scores, tokens = generate_and_score(lm.model, lm.tokenizer, fmt, task, task.instances[: cfg.heldout_limit],
+                                                max_new_tokens=cfg.max_new_tokens, batch_size=cfg.gen_batch_size)
             gen_seconds += time.perf_counter() - t0
             gen_tokens += tokens
         row["heldout"][name] = _task_cell(scores)
@@ -353,8 +312,8 @@ def run_study(cfg: StudyConfig, out: Path, *, device: str | None = None, data_di
         p = results["libraries"]["private"]
         results["libraries"]["mbc"]["train_tokens"] += cfg.stage1_fraction * p["train_tokens"]
         results["libraries"]["mbc"]["train_seconds"] += cfg.stage1_fraction * p["train_seconds"]
-    for lib_name, method in cfg.rows:
-        key = f"{lib_name}/{method}" if lib_name != "-" else method
+    for row in cfg.rows:
+        lib_name, key = row[0], row_key(row)
         path = rows_dir / (key.replace("/", "__") + ".json")
         if path.is_file():
             results["rows"][key] = json.loads(path.read_text())
@@ -364,17 +323,17 @@ def run_study(cfg: StudyConfig, out: Path, *, device: str | None = None, data_di
             raise ModloraError(f"row {key}: library {lib_name!r} is not built in this study")
         console.print(f"evaluating [bold]{key}[/] …")
         t0 = time.perf_counter()
-        row = evaluate_row(lm, libs.get(lib_name), method, cfg, data_dir, heldout, train_tasks)
-        row["eval_seconds"] = time.perf_counter() - t0
-        row["library"] = lib_name
-        atomic_write_json(path, row)
-        results["rows"][key] = row
+        scores = evaluate_row(lm, libs.get(lib_name), row, cfg, data_dir, heldout, train_tasks)
+        scores["eval_seconds"] = time.perf_counter() - t0
+        scores["library"] = lib_name
+        atomic_write_json(path, scores)
+        results["rows"][key] = scores
     results["wall_seconds"] = time.perf_counter() - start
     atomic_write_json(out / "results.json", results)
     table_md = results_markdown(results)
     atomic_write_bytes(out / "results.md", table_md.encode())
     plot_results(results, out / "results.png")
-    print_results(results, console)
+    print_study_results(results, console)
     return results
 
 
@@ -401,7 +360,7 @@ def _headers(results: Mapping[str, Any]) -> list[str]:
 
 def _row_cells(key: str, row: Mapping[str, Any], results: Mapping[str, Any]) -> list[str]:
     lib = results["libraries"].get(row.get("library", "-"), {})
-    acc = row.get("routing_accuracy", {}).get("accuracy")
+    acc = row.get("routing_accuracy", {}).get("overall")
     choice = [_fmt({"mean": row["choice"][t]["acc_norm"], "stderr": row["choice"][t]["stderr"]})
               if t in row.get("choice", {}) else "-" for t in results["config"].get("choice_tasks") or []]
     average = [(_fmt(_average(row)) if row.get("choice") else "-")] if choice else []
@@ -459,10 +418,9 @@ def plot_results(results: Mapping[str, Any], path_png: Path) -> Path:
     return path_png
 
 
-def print_results(results: Mapping[str, Any], console: Console) -> None:
-    table = Table(title="results (%, mean ± s.e.)")
-    for h in _headers(results):
-        table.add_column(h)
+def print_study_results(results: Mapping[str, Any], console: Console) -> None:
+    """The study's table (rows × columns of :func:`results_markdown`), names folded to fit the terminal."""
+    table = folding_table("results (%, mean ± s.e.)", _headers(results))
     for key, row in results["rows"].items():
         table.add_row(*_row_cells(key, row, results))
     console.print(table)

@@ -4,11 +4,20 @@
   with the shared context scored once and its KV cache reused for every option;
 * :mod:`.generation` — greedy batched generation, SNI Rouge-L and exact match;
 * :mod:`.code` — HumanEval / MBPP pass@1 with a subprocess sandbox;
-* :mod:`.results` — results JSON (``modlora-eval-v1``), rich table, seeded subsets, routing accuracy.
+* :mod:`.indist` — a library's own tasks on their test split: Rouge-L, exact match, target loss, routing accuracy;
+* :mod:`.results` — results JSON (``modlora-eval-v1``), typed routing telemetry, the table, seeded subsets.
 """
 
 from modlora.evaluation.code import Sandbox, SandboxResult, evaluate_code, extract_code, run_program
-from modlora.evaluation.generation import evaluate_sni, exact_match, greedy_generate, normalize_answer, rouge_l
+from modlora.evaluation.generation import (
+    evaluate_sni,
+    exact_match,
+    generate_and_score,
+    greedy_generate,
+    normalize_answer,
+    rouge_l,
+)
+from modlora.evaluation.indist import evaluate_indist, prompt_routing_accuracy
 from modlora.evaluation.rank_classification import (
     CHOICE_TASKS,
     DEFAULT_CHOICE_TASKS,
@@ -19,18 +28,20 @@ from modlora.evaluation.rank_classification import (
 )
 from modlora.evaluation.results import (
     EvalRun,
+    RoutingAccuracy,
+    RoutingTelemetry,
     TaskScores,
     load_results,
-    print_results,
-    resolve_data_dir,
+    results_table,
     routing_accuracy,
     save_results,
     seeded_subset,
 )
 
 __all__ = [
-    "CHOICE_TASKS", "DEFAULT_CHOICE_TASKS", "ChoiceExample", "EvalRun", "OptionScore", "Sandbox", "SandboxResult",
-    "TaskScores", "evaluate_choice_tasks", "evaluate_code", "evaluate_sni", "exact_match", "extract_code",
-    "greedy_generate", "load_results", "normalize_answer", "print_results", "resolve_data_dir", "rouge_l",
-    "routing_accuracy", "run_program", "save_results", "score_choices", "seeded_subset",
+    "CHOICE_TASKS", "DEFAULT_CHOICE_TASKS", "ChoiceExample", "EvalRun", "OptionScore", "RoutingAccuracy",
+    "RoutingTelemetry", "Sandbox", "SandboxResult", "TaskScores", "evaluate_choice_tasks", "evaluate_code",
+    "evaluate_indist", "evaluate_sni", "exact_match", "extract_code", "generate_and_score", "greedy_generate",
+    "load_results", "normalize_answer", "prompt_routing_accuracy", "results_table", "rouge_l", "routing_accuracy",
+    "run_program", "save_results", "score_choices", "seeded_subset",
 ]

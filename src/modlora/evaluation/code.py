@@ -39,9 +39,10 @@ from typing import Any
 
 import torch
 
+from modlora.data import default_data_dir
 from modlora.errors import DataError
 from modlora.evaluation.generation import greedy_generate
-from modlora.evaluation.results import EvalRun, TaskScores, resolve_data_dir, seeded_subset
+from modlora.evaluation.results import EvalRun, TaskScores, seeded_subset
 
 HUMANEVAL_STOPS = ("\ndef ", "\nclass ", "\nif __name__", "\nprint(", "\n#")
 MBPP_STOPS = ("[DONE]",)
@@ -341,7 +342,7 @@ def evaluate_code(model: torch.nn.Module, tokenizer: Any, benchmarks: Iterable[s
     Per benchmark: ``pass@1`` (mean ± stderr), ``extra["status_counts"]`` (passed / failed / timeout / memory) and
     ``extra["samples"]``: the first 3 problems' raw generation, status and stderr tail.
     """
-    root = resolve_data_dir(data_dir) / "eval"
+    root = default_data_dir(data_dir) / "eval"
     if mbpp_shots not in (0, 3):
         raise DataError(f"option 'mbpp_shots' must be 0 or 3, got {mbpp_shots!r}")
     sandbox = Sandbox(timeout_s=timeout_s, memory_mb=memory_mb)

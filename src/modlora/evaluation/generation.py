@@ -31,8 +31,16 @@ from typing import Any
 
 import torch
 
+from modlora.data import default_data_dir
 from modlora.errors import DataError
-from modlora.evaluation.results import EvalRun, TaskScores, model_forward, resolve_data_dir, seeded_subset
+from modlora.evaluation.results import (
+    EvalRun,
+    TaskScores,
+    model_forward,
+    recording_routing,
+    routing_telemetry,
+    seeded_subset,
+)
 
 FormatPrompt = Callable[[str, str], str]
 
@@ -241,6 +249,18 @@ def score_generations(predictions: Sequence[str], references: Sequence[Sequence[
             "exact_match": [exact_match(p, r, remove_articles) for p, r in zip(preds, references, strict=True)]}
 
 
+def generate_and_score(model: Any, tokenizer: Any, formatter: Any, task: Any, instances: Sequence[Any], *,
+                       max_new_tokens: int, batch_size: int = 8) -> tuple[dict[str, list[float]], int]:
+    """Greedy-generate ``task``'s ``instances`` (prompts made by ``formatter``, a
+    :class:`~modlora.data.PromptFormatter`) and score them; returns the per-example scores and the prompt +
+    generated token count (for throughput)."""
+    prompts = [formatter.prompt_text(task.definition, inst.input) for inst in instances]
+    preds = greedy_generate(model, tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size,
+                            max_prompt_tokens=formatter.max_prompt_tokens)
+    tokens = sum(len(tokenizer(p, add_special_tokens=False)["input_ids"]) for p in [*prompts, *preds])
+    return score_generations(preds, [inst.outputs for inst in instances]), tokens
+
+
 def list_sni_tasks(directory: str | os.PathLike[str]) -> list[Path]:
     """The SNI task files (``*.json`` / ``*.json.gz``) in ``directory``, sorted by name."""
     directory = Path(directory)
@@ -261,7 +281,7 @@ def evaluate_sni(model: torch.nn.Module, tokenizer: Any, tasks: Iterable[str] | 
     Per task: ``rougeL`` and ``exact_match`` (mean ± stderr over instances); ``extra["predictions"]`` keeps the first
     5 (id, prediction) pairs for inspection.
     """
-    root = resolve_data_dir(data_dir) / "sni" / split
+    root = default_data_dir(data_dir) / "sni" / split
     files = {p.name.removesuffix(".gz").removesuffix(".json"): p for p in list_sni_tasks(root)}
     names = sorted(files) if tasks is None else list(tasks)
     for name in names:
@@ -273,12 +293,14 @@ def evaluate_sni(model: torch.nn.Module, tokenizer: Any, tasks: Iterable[str] | 
                           "max_new_tokens": max_new_tokens, "max_prompt_tokens": max_prompt_tokens,
                           "data_dir": str(root.parent.parent)})
     t0 = time.perf_counter()
+    run.routing = routing_telemetry(model)
     for name in names:
         t_task = time.perf_counter()
         task = load_sni_task(files[name], limit=limit, seed=seed)
         prompts = [fmt(task.definition, inst.input) for inst in task.instances]
-        preds = greedy_generate(model, tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size,
-                                max_prompt_tokens=max_prompt_tokens, use_cache=use_cache)
+        with recording_routing(model, run.routing, name):
+            preds = greedy_generate(model, tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size,
+                                    max_prompt_tokens=max_prompt_tokens, use_cache=use_cache)
         per_instance = score_generations(preds, [inst.outputs for inst in task.instances])
         sample = [[inst.id, p] for inst, p in zip(task.instances[:5], preds[:5], strict=False)]
         run.tasks[name] = TaskScores.from_per_example(per_instance, wall_s=time.perf_counter() - t_task,

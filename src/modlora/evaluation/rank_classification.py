@@ -44,8 +44,16 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from modlora.data import default_data_dir
 from modlora.errors import DataError, ModloraError
-from modlora.evaluation.results import EvalRun, TaskScores, model_forward, resolve_data_dir, seeded_subset
+from modlora.evaluation.results import (
+    EvalRun,
+    TaskScores,
+    model_forward,
+    recording_routing,
+    routing_telemetry,
+    seeded_subset,
+)
 
 # task name -> (file under eval/, continuation delimiter). The delimiter is appended to the query (multiple choice)
 # or put before the shared continuation (schema); its trailing whitespace moves into the continuation.
@@ -406,7 +414,7 @@ def evaluate_choice_tasks(model: torch.nn.Module, tokenizer: Any, tasks: Iterabl
     ``on_task_done(task, scores)`` is called after each task (for progress output or incremental saving);
     ``progress`` shows a per-task progress bar.
     """
-    root = resolve_data_dir(data_dir) / "eval"
+    root = default_data_dir(data_dir) / "eval"
     tasks = list(tasks)
     for task in tasks:
         if task not in CHOICE_TASKS:
@@ -416,12 +424,14 @@ def evaluate_choice_tasks(model: torch.nn.Module, tokenizer: Any, tasks: Iterabl
                           "prefix_reuse": prefix_reuse, "add_bos": add_bos, "data_dir": str(root.parent),
                           "delimiters": {t: CHOICE_TASKS[t][1] for t in tasks}})
     t0 = time.perf_counter()
+    run.routing = routing_telemetry(model)
     for task in tasks:
         filename, delimiter = CHOICE_TASKS[task]
         examples = load_choice_task(root / filename, delimiter, limit=limit, seed=seed)
-        run.tasks[task] = evaluate_choice_task(model, tokenizer, examples, batch_size=batch_size,
-                                               prefix_reuse=prefix_reuse, add_bos=add_bos,
-                                               progress=task if progress else None)
+        with recording_routing(model, run.routing, task):
+            run.tasks[task] = evaluate_choice_task(model, tokenizer, examples, batch_size=batch_size,
+                                                   prefix_reuse=prefix_reuse, add_bos=add_bos,
+                                                   progress=task if progress else None)
         run.wall_s = time.perf_counter() - t0
         if on_task_done is not None:
             on_task_done(task, run.tasks[task])

@@ -6,19 +6,23 @@ A results file (``modlora-eval-v1``) is one JSON object::
      "tasks": {task: {"metrics": {name: float}, "stderr": {name: float}, "n": int, "wall_s": float, "extra": {...}}},
      "average": {metric: float},          # unweighted mean over the tasks that report the metric
      "wall_s": float, "created": ISO-8601 str,
-     "routing": {"entropy_per_layer": {layer: float}, "expert_usage": {task: {expert: frac}}}   # optional}
+     "routing": {"entropy_per_layer": {layer: float}, "tokens_per_layer": {layer: int},     # per-token routers
+                 "expert_usage": {task: {expert: frac}},
+                 "accuracy": {"overall": float, "per_layer": {layer: float}, "n": int} | null}}
 
 Metrics are fractions in [0, 1] (accuracy, exact match, Rouge-L F, pass@1); ``stderr`` is the standard error of the
-mean over examples, ``sqrt(var_{ddof=1} / n)``. This module also holds the helpers shared by the evaluators: data
-directory resolution and the seeded fixed subset used by ``limit``.
+mean over examples, ``sqrt(var_{ddof=1} / n)``. Per-token routers also record :class:`RoutingTelemetry` (what ``modlora
+report`` plots). This module also holds the helpers shared by the evaluators: the seeded fixed subset used by
+``limit``, JSON reading and the guarded model call.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -30,19 +34,6 @@ from modlora.errors import DataError, ModloraError
 from modlora.io import atomic_write_json
 
 RESULTS_SCHEMA = "modlora-eval-v1"
-
-
-def resolve_data_dir(data_dir: str | os.PathLike[str] | None = None) -> Path:
-    """The data directory: ``data_dir`` if given, else ``$MODLORA_DATA``, else ``../shared/data`` relative to the CWD."""
-    if data_dir is not None:
-        path = Path(data_dir)
-    elif os.environ.get("MODLORA_DATA"):
-        path = Path(os.environ["MODLORA_DATA"])
-    else:
-        path = Path.cwd().parent / "shared" / "data"
-    if not path.is_dir():
-        raise DataError(f"data directory {str(path)!r} does not exist (pass data_dir or set MODLORA_DATA)")
-    return path
 
 
 def seeded_subset(n: int, limit: int | None, seed: int = 0) -> list[int]:
@@ -112,7 +103,7 @@ class EvalRun:
     config: dict[str, Any] = field(default_factory=dict)
     tasks: dict[str, TaskScores] = field(default_factory=dict)
     wall_s: float = 0.0
-    routing: dict[str, Any] | None = None
+    routing: RoutingTelemetry | None = None
     created: str = field(default_factory=lambda: datetime.now(UTC).isoformat(timespec="seconds"))
 
     def average(self) -> dict[str, float]:
@@ -134,7 +125,7 @@ class EvalRun:
                                "config": self.config, "tasks": {t: s.to_dict() for t, s in self.tasks.items()},
                                "average": self.average(), "wall_s": self.wall_s, "created": self.created}
         if self.routing is not None:
-            out["routing"] = self.routing
+            out["routing"] = self.routing.to_dict()
         return out
 
     @classmethod
@@ -146,7 +137,8 @@ class EvalRun:
             raise DataError(f"{source}: field 'tasks' missing or not an object")
         return cls(method=str(d.get("method", "?")), model=str(d.get("model", "?")), config=dict(d.get("config") or {}),
                    tasks={t: TaskScores.from_dict(s, t) for t, s in tasks.items()}, wall_s=float(d.get("wall_s", 0.0)),
-                   routing=d.get("routing"), created=str(d.get("created", "")))
+                   routing=RoutingTelemetry.from_dict(d["routing"], source) if d.get("routing") else None,
+                   created=str(d.get("created", "")))
 
 
 def save_results(run: EvalRun, path: str | os.PathLike[str]) -> Path:
@@ -180,78 +172,144 @@ def load_results(path: str | os.PathLike[str]) -> EvalRun:
     return EvalRun.from_dict(read_json(path, "results file"), source=str(Path(path)))
 
 
+NOT_PERCENT = ("loss",)  # metrics that are not fractions in [0, 1] (printed as they are)
+
+
+def format_value(metric: str, value: float) -> str:
+    """A metric value for people: fractions in % (``50.17``), others (``loss``) as they are (``2.057``)."""
+    return f"{value:.3f}" if metric in NOT_PERCENT else f"{100 * value:.2f}"
+
+
 def format_metrics(scores: TaskScores, metric: str | None = None) -> str:
-    """``"acc=50.17±1.03  acc_norm=46.51±1.02"``: every metric of ``scores`` (or only ``metric``) in %, ± stderr."""
+    """``"acc=50.17±1.03  acc_norm=46.51±1.02"``: every metric of ``scores`` (or only ``metric``) ± stderr; fractions
+    in %, the loss as it is."""
     names = [metric] if metric is not None else list(scores.metrics)
-    return "  ".join(f"{m}={100 * scores.metrics[m]:.2f}±{100 * scores.stderr.get(m, float('nan')):.2f}"
+    return "  ".join(f"{m}={format_value(m, scores.metrics[m])}±{format_value(m, scores.stderr.get(m, math.nan))}"
                      for m in names if m in scores.metrics)
 
 
-def results_table(runs: Sequence[EvalRun], metric: str | None = None, title: str = "Evaluation"):
-    """A ``rich.table.Table``: one row per (method, task) with metric ± stderr, n and wall time, then the averages.
+def results_table(runs: Sequence[EvalRun], metric: str | None = None, title: str = "Evaluation") -> Any:
+    """A rich table: one row per (method, task) with metric ± stderr, n and wall time, then the averages.
 
-    With ``metric`` only that metric is shown; otherwise every metric a task reports.
-    """
-    from rich.table import Table
+    With ``metric`` only that metric is shown; otherwise every metric a task reports. Names fold, never cut."""
+    from modlora.tables import folding_table
 
-    table = Table(title=title)
-    for col in ("method", "task", "metrics", "n", "wall s"):
-        table.add_column(col, justify="right" if col in ("n", "wall s") else "left")
+    table = folding_table(title, ("method", "task", "metrics", "n", "wall s"), right=("n", "wall s"))
     for run in runs:
         for task, scores in run.tasks.items():
             table.add_row(run.method, task, format_metrics(scores, metric), str(scores.n), f"{scores.wall_s:.1f}")
         avg = run.average()
         names = [metric] if metric is not None else list(avg)
-        table.add_row(run.method, "[b]average[/b]", "  ".join(f"{m}={100 * avg[m]:.2f}" for m in names if m in avg),
-                      "", f"{run.wall_s:.1f}")
+        table.add_row(run.method, "[b]average[/b]", "  ".join(f"{m}={format_value(m, avg[m])}" for m in names
+                                                               if m in avg), "", f"{run.wall_s:.1f}")
     return table
 
 
-def print_results(runs: Sequence[EvalRun], metric: str | None = None, title: str = "Evaluation") -> None:
-    """Print :func:`results_table` with rich (scores in percent)."""
-    from rich.console import Console
+@dataclass
+class RoutingAccuracy:
+    """How often an example's routing mass is largest on its own task's expert: ``overall`` on the mass averaged
+    over layers, ``per_layer`` on each layer's mass alone; ``n`` examples."""
 
-    Console().print(results_table(runs, metric=metric, title=title))
+    overall: float
+    per_layer: dict[str, float]
+    n: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"overall": self.overall, "per_layer": self.per_layer, "n": self.n}
 
 
-def routing_accuracy(weights: Any, true_expert: Any) -> dict[str, Any]:
-    """In-distribution routing accuracy: how often the top-weighted expert is the example's own expert.
-
-    ``weights`` is an array (n, E) of per-example routing weights, an array (L, n, E) of per-layer weights, or a
-    mapping ``{layer name: (n, E)}``; ``true_expert`` is (n,) expert indices. Returns ``{"overall": float,
-    "per_layer": {layer: float}, "n": n}`` where per-layer accuracy is ``mean_i [argmax_e w[l, i, e] == t_i]``
-    and ``overall`` is the mean over layers (for (n, E) input: the single accuracy, ``per_layer`` empty).
+def routing_accuracy(masses: Mapping[str, Any], true_expert: Any) -> RoutingAccuracy:
+    """Routing accuracy from per-layer routing masses ``{layer: (n, E)}`` (tensors or arrays; a row is one
+    example's routing weights summed or averaged over its tokens) and ``true_expert`` (n,) expert indices:
+    ``per_layer[l] = mean_i [argmax_e m_l[i, e] = t_i]`` and ``overall = mean_i [argmax_e mean_l m_l[i, e] = t_i]``.
     """
     from modlora.errors import RoutingError
-
-    def as_array(x: Any, what: str) -> np.ndarray:
-        if hasattr(x, "detach"):
-            x = x.detach().float().cpu().numpy()
-        arr = np.asarray(x, dtype=np.float64)
-        if arr.ndim != 2:
-            raise RoutingError(f"routing weights for {what} must have shape (n, E), got {arr.shape}")
-        return arr
 
     truth = np.asarray(true_expert.detach().cpu().numpy() if hasattr(true_expert, "detach") else true_expert)
     if truth.ndim != 1 or not np.issubdtype(truth.dtype, np.integer):
         raise RoutingError(f"true_expert must be a 1-d integer array, got shape {truth.shape} dtype {truth.dtype}")
-    if isinstance(weights, Mapping):
-        layers = {str(k): as_array(v, f"layer {k!r}") for k, v in weights.items()}
-        flat = False
-    else:
-        raw = weights.detach().float().cpu().numpy() if hasattr(weights, "detach") else np.asarray(weights, dtype=float)
-        if raw.ndim == 3:
-            layers, flat = {str(i): raw[i] for i in range(raw.shape[0])}, False
-        else:
-            layers, flat = {"all": as_array(raw, "all layers")}, True
-    if not layers:
+    if not masses:
         raise RoutingError("no routing weights given")
-    per_layer = {}
-    for name, arr in layers.items():
+    layers: dict[str, np.ndarray] = {}
+    for name, m in masses.items():
+        arr = np.asarray(m.detach().float().cpu().numpy() if hasattr(m, "detach") else m, dtype=np.float64)
+        if arr.ndim != 2:
+            raise RoutingError(f"routing weights of layer {name!r} must have shape (n, E), got {arr.shape}")
         if arr.shape[0] != truth.shape[0]:
             raise RoutingError(f"layer {name!r}: {arr.shape[0]} examples of routing weights but {truth.shape[0]} labels")
         if truth.size and (truth.min() < 0 or truth.max() >= arr.shape[1]):
             raise RoutingError(f"true_expert indices must lie in [0, {arr.shape[1]}) for layer {name!r}")
-        per_layer[name] = float((arr.argmax(axis=1) == truth).mean()) if truth.size else float("nan")
-    overall = float(np.mean(list(per_layer.values())))
-    return {"overall": overall, "per_layer": {} if flat else per_layer, "n": int(truth.shape[0])}
+        layers[str(name)] = arr
+    if len({a.shape for a in layers.values()}) > 1:
+        raise RoutingError("routing weights of all layers must have the same shape (n, E)")
+
+    def accuracy(arr: np.ndarray) -> float:
+        return float((arr.argmax(axis=1) == truth).mean()) if truth.size else float("nan")
+
+    return RoutingAccuracy(accuracy(np.mean(list(layers.values()), axis=0)),
+                           {name: accuracy(arr) for name, arr in layers.items()}, int(truth.shape[0]))
+
+
+@dataclass
+class RoutingTelemetry:
+    """What per-token routers did during an evaluation run.
+
+    ``entropy_per_layer``: mean per-token routing entropy ``−Σ_e w_e log w_e`` (nats) over every scored or generated
+    token; ``tokens_per_layer``: how many tokens that mean is over; ``expert_usage[task][expert]``: the expert's
+    share of the routing mass on that task (tokens and layers pooled); ``accuracy``: in-distribution routing
+    accuracy, when the tasks' own experts are known."""
+
+    entropy_per_layer: dict[str, float] = field(default_factory=dict)
+    tokens_per_layer: dict[str, int] = field(default_factory=dict)
+    expert_usage: dict[str, dict[str, float]] = field(default_factory=dict)
+    accuracy: RoutingAccuracy | None = None
+
+    def add_task(self, task: str, recorder: Any) -> None:
+        """Fold one task's :class:`~modlora.routing.RoutingRecorder` into the run's telemetry."""
+        if not recorder.tokens:
+            return
+        for layer, mean_entropy in recorder.entropy().items():
+            old_n, new_n = self.tokens_per_layer.get(layer, 0), recorder.tokens[layer]
+            old = self.entropy_per_layer.get(layer, 0.0)
+            self.entropy_per_layer[layer] = (old * old_n + mean_entropy * new_n) / max(old_n + new_n, 1)
+            self.tokens_per_layer[layer] = old_n + new_n
+        total = sum(m for m in recorder.mass.values())
+        share = total / max(float(total.sum()), 1e-30)
+        self.expert_usage[task] = {n: float(v) for n, v in zip(recorder.expert_names, share.tolist(), strict=True)}
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"entropy_per_layer": self.entropy_per_layer, "tokens_per_layer": self.tokens_per_layer,
+                "expert_usage": self.expert_usage,
+                "accuracy": self.accuracy.to_dict() if self.accuracy is not None else None}
+
+    @classmethod
+    def from_dict(cls, d: Any, source: str = "results") -> RoutingTelemetry:
+        if not isinstance(d, Mapping):
+            raise DataError(f"{source}: field 'routing' must be an object")
+        try:
+            acc = d.get("accuracy")
+            return cls({str(k): float(v) for k, v in (d.get("entropy_per_layer") or {}).items()},
+                       {str(k): int(v) for k, v in (d.get("tokens_per_layer") or {}).items()},
+                       {str(t): {str(e): float(v) for e, v in row.items()}
+                        for t, row in (d.get("expert_usage") or {}).items()},
+                       RoutingAccuracy(float(acc["overall"]), {str(k): float(v) for k, v in acc["per_layer"].items()},
+                                       int(acc["n"])) if acc else None)
+        except (AttributeError, KeyError, TypeError, ValueError) as exc:
+            raise DataError(f"{source}: malformed field 'routing' ({type(exc).__name__}: {exc})") from None
+
+
+@contextlib.contextmanager
+def recording_routing(model: Any, telemetry: RoutingTelemetry | None, task: str) -> Iterator[None]:
+    """Record the routing of a per-token router (``model.per_token``) while one task runs, into ``telemetry``."""
+    routed = getattr(model, "routed", None)
+    if telemetry is None or routed is None or not getattr(model, "per_token", False):
+        yield
+        return
+    with routed.record() as rec:
+        yield
+    telemetry.add_task(task, rec)
+
+
+def routing_telemetry(model: Any) -> RoutingTelemetry | None:
+    """An empty :class:`RoutingTelemetry` when ``model`` routes per token (something to record), else ``None``."""
+    return RoutingTelemetry() if getattr(model, "per_token", False) and getattr(model, "routed", None) else None

@@ -1,12 +1,15 @@
-"""Routing over a library of LoRA experts: Arrow, μ, oracle, centroid routing, GenKnowSub, diagnostics, export.
+"""Routing over a library of LoRA experts: Arrow, centroid, uniform and per-example routing, diagnostics, export.
 
 Quick use::
 
-    routed = route(model, experts, ArrowRouter(top_k=4))      # experts: Mapping[str, LoraAdapter] or a library
+    routed = route(model, experts, ArrowRouter(top_k=4))      # experts: a library, a mapping or an ExpertSet
     out = routed(input_ids=ids, attention_mask=mask)           # or routed.generate(...)
     with routed.example_weights(oracle_weights(tasks, routed.experts)):   # oracle / task-predictor hook
         routed(input_ids=ids)
     routed.restore()                                           # the original modules, bit-identical
+
+The reuse *methods* built on this (Arrow, centroid, PhatGOOSE, task predictor, oracle) are in :mod:`modlora.methods`;
+the exact factor algebra (prototypes, μ, GenKnowSub) is in :mod:`modlora.lowrank`.
 
 Router interface
 ----------------
@@ -28,20 +31,8 @@ Per-example weights (oracle, task predictors): ``with routed.example_weights(w):
 
 Mixing modes: ``"outputs"`` (default) ``Σ_e w_e s_e B_e A_e x``; ``"parameters"``
 ``(Σ_e w_e s_e B_e)(Σ_e w_e A_e) x`` (the reference code's default; equal ranks only).
-
-μ: :func:`mu_parameter_average` (mean A, mean B: the reference's μ) and :func:`mu_delta_average` (exact mean ΔW,
-rank Σr); as routers, :class:`UniformRouter` with mixing "parameters" / "outputs".
 """
 
-from modlora.routing.experts import (
-    ExpertSet,
-    as_expert_set,
-    genknowsub,
-    mu_delta_average,
-    mu_parameter_average,
-    top_right_singular_vector,
-    top_right_singular_vectors,
-)
 from modlora.routing.layer import LayerRouter, RoutedLoraLinear, RoutingState, TopKRouting
 from modlora.routing.model import (
     RoutedModel,
@@ -60,8 +51,7 @@ from modlora.routing.routers import (
 )
 
 __all__ = [
-    "ArrowRouter", "CentroidRouter", "ExpertSet", "LayerRouter", "RoutedLoraLinear", "RoutedModel",
-    "RoutingRecorder", "RoutingState", "TopKRouting", "UniformRouter", "as_expert_set", "compute_centroids",
-    "explain", "explain_routing", "export_prompt_adapter", "genknowsub", "mu_delta_average", "mu_parameter_average",
-    "oracle_weights", "route", "top_right_singular_vector", "top_right_singular_vectors",
+    "ArrowRouter", "CentroidRouter", "LayerRouter", "RoutedLoraLinear", "RoutedModel", "RoutingRecorder",
+    "RoutingState", "TopKRouting", "UniformRouter", "compute_centroids", "explain", "explain_routing",
+    "export_prompt_adapter", "oracle_weights", "route",
 ]

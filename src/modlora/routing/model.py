@@ -17,9 +17,10 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from modlora.adapters import LoraAdapter, LoraSpec
+from modlora.adapters import LoraAdapter
 from modlora.errors import RoutingError
-from modlora.routing.experts import ExpertSet, as_expert_set, genknowsub
+from modlora.experts import Experts, ExpertSet
+from modlora.lowrank import genknowsub, stack_factors
 from modlora.routing.layer import (
     LayerRouter,
     Mixing,
@@ -205,10 +206,10 @@ class RoutedModel:
 def _resolve_router(router: Any) -> Any:
     if router is None or router == "arrow":
         return ArrowRouter()
-    if router in ("mu", "uniform"):
+    if router == "uniform":
         return UniformRouter()
     if isinstance(router, str):
-        raise RoutingError(f"unknown router {router!r}; use 'arrow', 'mu' or a router object")
+        raise RoutingError(f"unknown router {router!r}; use 'arrow', 'uniform' or a router object")
     if not callable(router):
         raise RoutingError(f"router must be callable (x, layer) -> weights, got {type(router).__name__}")
     return router
@@ -226,22 +227,23 @@ def _checked_kernel(kernel: str) -> SparseKernel:
     return kernel
 
 
-def route(model: nn.Module, experts: Any, router: Any = "arrow", *, mixing: Mixing = "outputs",
-          path: Path = "auto", general_experts: Any = None,
+def route(model: nn.Module, experts: Experts, router: Any = "arrow", *, mixing: Mixing = "outputs",
+          path: Path = "auto", general_experts: Experts | None = None,
           gks_space: Literal["factors", "delta"] = "factors", sparse_kernel: SparseKernel = "auto") -> RoutedModel:
     """Replace every linear adapted by any expert with a routed LoRA layer; returns the :class:`RoutedModel`.
 
-    ``experts``: ``Mapping[str, LoraAdapter]`` or a library (``expert_names()``/``get()``, optional artifacts).
-    ``router``: ``"arrow"`` (default :class:`ArrowRouter`), ``"mu"`` (uniform), or any router object.
+    ``experts``: a library, a ``Mapping[str, LoraAdapter]`` or an :class:`~modlora.experts.ExpertSet` (derived
+    tensors are cached in the source's artifacts). ``router``: ``"arrow"`` (default :class:`ArrowRouter`),
+    ``"uniform"`` (every expert ``1/E``), or any router object.
     ``general_experts``: if given, GenKnowSub subtracts their mean from every expert first (``gks_space``:
     ``"factors"`` like PEFT, or exact ``"delta"``); the stored experts are not modified. ``path`` and
     ``sparse_kernel`` pick the routed layers' compute path and sparse kernel (see :mod:`modlora.routing.layer`).
     """
-    es = as_expert_set(experts)
+    es = ExpertSet.of(experts)
     if general_experts is not None:
-        gs = as_expert_set(general_experts)
+        gs = ExpertSet.of(general_experts)
         tag = hashlib.sha256("\0".join(gs.names).encode()).hexdigest()[:10]
-        es = ExpertSet(es.names, tuple(genknowsub(es, gs, gks_space).values()), es.library,
+        es = ExpertSet(es.names, tuple(genknowsub(es, gs, gks_space).values()), es.source,
                        f"{es.tag}-gks-{gks_space}-{tag}")
     path, sparse_kernel = _checked_path(path), _checked_kernel(sparse_kernel)
     if any(isinstance(m, RoutedLoraLinear) for m in model.modules()):
@@ -343,26 +345,15 @@ def export_prompt_adapter(routed: RoutedModel, input_ids: torch.Tensor, attentio
     if top_experts < 1:
         raise RoutingError(f"top_experts must be >= 1, got {top_experts}")
     rec = _record_prompt(routed, input_ids, attention_mask)
-    A: dict[str, torch.Tensor] = {}
-    B: dict[str, torch.Tensor] = {}
+    parts: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {}
     for lay, ws in rec.weights.items():
         mean_w = torch.cat(ws).mean(0)                      # (E,) over all experts
         k = min(top_experts, len(routed.layer_experts[lay]))
         vals, idx = torch.topk(mean_w, k)
         keep = [(int(i), float(v)) for v, i in zip(vals.tolist(), idx.tolist(), strict=True) if v > 0]
         total = sum(v for _, v in keep)
-        a_parts, b_parts = [], []
-        for i, v in keep:
-            ad = routed.experts.adapters[i]
-            a_parts.append(ad.A[lay].float())
-            b_parts.append((v / total) * ad.spec.scaling * ad.B[lay].float())
-        A[lay], B[lay] = torch.cat(a_parts), torch.cat(b_parts, 1)
-    rank = max(a.shape[0] for a in A.values())
-    for lay in A:
-        pad = rank - A[lay].shape[0]
-        if pad:
-            A[lay] = torch.cat([A[lay], A[lay].new_zeros(pad, A[lay].shape[1])])
-            B[lay] = torch.cat([B[lay], B[lay].new_zeros(B[lay].shape[0], pad)], 1)
-    targets = tuple(sorted({lay.rsplit(".", 1)[-1] for lay in A}))
-    spec = LoraSpec(rank=rank, alpha=float(rank), dropout=0.0, target_modules=targets)
-    return LoraAdapter(spec, A, B, routed.experts.adapters[0].base_model_name)
+        parts[lay] = [(routed.experts.adapters[i].A[lay],
+                       (v / total) * routed.experts.adapters[i].spec.scaling * routed.experts.adapters[i].B[lay].float())
+                      for i, v in keep]
+    return stack_factors(parts, target_modules=tuple(sorted({lay.rsplit(".", 1)[-1] for lay in parts})),
+                         base_model_name=routed.experts.adapters[0].base_model_name)

@@ -1,4 +1,4 @@
-"""Routers: Arrow, centroid (hidden-state prototypes), uniform (μ) and oracle weights.
+"""Routers: Arrow, centroid (hidden-state prototypes), uniform and oracle weights.
 
 A router is any object with ``__call__(x, layer) -> weights`` where ``x`` is the flattened input of one adapted
 linear layer (t, in) and ``layer`` its module path; it returns a (t, E_layer) tensor of mixing weights over that
@@ -16,7 +16,8 @@ from typing import Any, Literal
 import torch
 
 from modlora.errors import RoutingError
-from modlora.routing.experts import ExpertSet, block_factors, top_right_singular_vectors
+from modlora.experts import ExpertSet
+from modlora.lowrank import block_factors, top_right_singular_vectors
 from modlora.routing.layer import TopKRouting
 
 Temperature = float | Literal["sqrt_d"]
@@ -97,7 +98,7 @@ class ArrowRouter:
     """Arrow (Ostapenko et al. 2024): route each token by its alignment with each expert's top singular direction.
 
     Prototype of expert e at a layer: ``v_e`` = top right singular vector of ``ΔW_e = s_e B_e A_e`` (exact, see
-    :func:`top_right_singular_vector`), unit norm (or scaled by σ₁ with ``normalize_prototypes=False``). With
+    :func:`~modlora.lowrank.top_right_singular_vectors`), unit norm (or scaled by σ₁ with ``normalize_prototypes=False``). With
     ``tie_qkv`` the q/k/v layers of one attention block share the top right singular vector of the row-stacked
     ``[ΔW_q; ΔW_k; ΔW_v]`` (they read the same input). Per token: ``logit_e = |x·v_e| / T`` (x optionally unit
     normalised), keep the ``top_k`` largest, softmax over them (others get weight 0).
@@ -176,7 +177,7 @@ class ArrowRouter:
                     if qkv_group(other) == g and layers[other] != ids:
                         raise RoutingError(f"tie_qkv: layers {layer} and {other} are adapted by different experts")
         per_expert: dict[int, dict[str, torch.Tensor]] = {}
-        lib = experts.library if self.cache else None
+        lib = experts.artifacts if self.cache else None
         kind = self.artifact_kind + experts.tag
         for i, name in enumerate(experts.names):
             needed = {self._key(lay) for lay, ids in layers.items() if i in ids}
@@ -280,8 +281,8 @@ class ArrowRouter:
 
 
 class UniformRouter:
-    """μ as a router: every expert weight ``1/E_layer``. With mixing "outputs" this is ΔW averaging, with
-    "parameters" it is parameter averaging."""
+    """Every expert weight ``1/E_layer`` (route(..., "uniform")). With mixing "outputs" this equals μ by ΔW averaging,
+    with "parameters" μ by parameter averaging; per-example routers (oracle, task predictor) start from it."""
 
     def __init__(self) -> None:
         self.sizes: dict[str, int] = {}
@@ -416,16 +417,14 @@ def oracle_weights(example_tasks: Sequence[str], experts: ExpertSet,
                    expert_tasks: Mapping[str, Sequence[str]] | None = None) -> torch.Tensor:
     """Per-example weights (batch, E): each example uses the expert(s) trained on its task, uniformly.
 
-    ``expert_tasks[name]``: tasks of expert ``name`` (default: the library's ``tasks(name)``, else ``[name]``).
+    ``expert_tasks[name]``: tasks of expert ``name`` (default: the source's ``tasks(name)``, else ``[name]``).
     """
     tasks_of: dict[str, list[str]] = {}
     for name in experts.names:
         if expert_tasks is not None:
             tasks_of[name] = list(expert_tasks.get(name, []))
-        elif experts.library is not None and hasattr(experts.library, "tasks"):
-            tasks_of[name] = list(experts.library.tasks(name))
         else:
-            tasks_of[name] = [name]
+            tasks_of[name] = experts.tasks_of(name) if experts.source is not None else [name]
     w = torch.zeros(len(example_tasks), len(experts))
     for b, task in enumerate(example_tasks):
         for i, name in enumerate(experts.names):

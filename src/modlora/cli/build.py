@@ -1,0 +1,192 @@
+"""Building commands: ``train`` (one expert), ``build`` (a whole library), ``cluster`` (MBC clustering)."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+from modlora.cli.common import (
+    UsageError,
+    add_model_args,
+    add_task_source_args,
+    add_train_args,
+    check_task_names,
+    console,
+    fraction,
+    k_or_auto,
+    load_model,
+    lora_spec,
+    open_fraction,
+    open_library,
+    positive_int,
+    task_dir,
+    train_config,
+)
+from modlora.cli.library import show_library
+from modlora.methods import Registry
+
+
+def _build_config(args: argparse.Namespace) -> Any:
+    from modlora.building import BuildConfig
+    spec, cfg = lora_spec(args), train_config(args)
+    return BuildConfig(model=args.model, device=args.device, dtype=None if args.dtype == "auto" else args.dtype,
+                       data_dir=task_dir(args), flat_file=str(args.flat) if args.flat else None, rank=spec.rank,
+                       alpha=spec.alpha, dropout=spec.dropout, target_modules=spec.target_modules,
+                       steps_per_task=cfg.steps, epochs=cfg.epochs, batch_size=cfg.batch_size,
+                       grad_accum=cfg.grad_accum, lr=cfg.lr, warmup_ratio=cfg.warmup_ratio, seed=cfg.seed,
+                       max_examples=args.max_examples, max_val=args.max_val, max_prompt_tokens=args.max_prompt_tokens,
+                       max_target_tokens=args.max_target_tokens, balanced=getattr(args, "balanced", False))
+
+
+def _known_tasks(args: argparse.Namespace, config: Any) -> list[str]:
+    from modlora.building import load_tasks
+    from modlora.data import sni_task_files
+    return sorted(load_tasks(config, None)) if args.flat else sorted(sni_task_files(config.data_dir))
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from modlora.building import load_tasks
+    from modlora.library import ExpertLibrary
+    from modlora.pipeline import train_task_expert
+
+    config = _build_config(args)
+    check_task_names(args.tasks, _known_tasks(args, config), str(args.flat or config.data_dir))
+    if args.library.exists() and not args.library.is_dir():
+        raise UsageError(f"library path {args.library} is a file, not a directory")
+    tasks = load_tasks(config, args.tasks)
+    lm = load_model(args)
+    lib = ExpertLibrary.open_or_create(args.library, lm.info)
+    name = args.name or (args.tasks[0] if len(args.tasks) == 1 else "+".join(t.split("_")[0] for t in args.tasks))
+    if name in lib and not args.overwrite:
+        raise UsageError(f"expert {name!r} already exists in {args.library} (use --overwrite)")
+    entry = train_task_expert(lm, lib, name, tasks, spec=lora_spec(args), config=train_config(args),
+                              max_examples=args.max_examples, max_val=args.max_val,
+                              max_prompt_tokens=args.max_prompt_tokens, max_target_tokens=args.max_target_tokens,
+                              overwrite=args.overwrite)
+    console.print(f"[green]trained expert[/] {entry.name}: val loss {entry.metrics['best_val_loss']:.4f}, "
+                  f"{entry.metrics['tokens_per_second']:.0f} tokens/s → {lib.expert_dir(entry.name)}")
+    return 0
+
+
+def _print_clusters(clustering: Any) -> None:
+    console.print(f"K = {clustering.k} clusters (silhouette {clustering.silhouette})")
+    if clustering.scores_by_k:
+        console.print("silhouette by K: " + ", ".join(f"{k}: {v:.3f}" if v is not None else f"{k}: -"
+                                                      for k, v in clustering.scores_by_k.items()))
+    for i, members in enumerate(clustering.clusters):
+        console.print(f"  cluster{i} ({len(members)}): {', '.join(members)}")
+
+
+def cmd_build(args: argparse.Namespace) -> int:
+    from modlora import building
+    config = _build_config(args)
+    common = {"executor": args.executor, "ray_address": args.ray_address}
+    if args.strategy == "random":
+        if args.mbc_library is None:
+            raise UsageError("--strategy random needs --mbc-library (an MBC library whose cluster sizes to copy)")
+        lib, clustering = building.build_random_library(args.library, args.mbc_library, config, seed=args.seed,
+                                                        **common)
+        console.print(f"random clusters (sizes {clustering.sizes})")
+    else:
+        known = _known_tasks(args, config)
+        if args.tasks:
+            check_task_names(args.tasks, known, str(args.flat or config.data_dir))
+        tasks = list(args.tasks) if args.tasks else known[: args.num_tasks] if args.num_tasks else known
+        console.print(f"{args.strategy} library over {len(tasks)} tasks → {args.library}")
+        if args.strategy == "private":
+            lib = building.build_private_library(args.library, tasks, config, **common)
+        elif args.strategy == "shared":
+            lib = building.build_shared_library(args.library, tasks, config, **common)
+        else:
+            if args.k != "auto" and args.k > len(tasks):
+                raise UsageError(f"--k {args.k} exceeds the number of tasks ({len(tasks)})")
+            lib, clustering = building.build_mbc_library(
+                args.library, tasks, config, k=args.k, stage1_fraction=args.stage1_fraction,
+                private_library=args.private_library, k_range=(args.k_min, args.k_max) if args.k == "auto" else None,
+                **common)
+            _print_clusters(clustering)
+    show_library(lib)
+    return 0
+
+
+def cmd_cluster(args: argparse.Namespace) -> int:
+    from modlora.clustering import model_based_clustering, plot_clustering
+    lib = open_library(args.library)
+    if args.k != "auto" and args.k > len(lib):
+        raise UsageError(f"--k {args.k} exceeds the number of experts ({len(lib)})")
+    result = model_based_clustering(lib, args.k, sparsity=args.sparsity, n_components=args.n_components,
+                                    k_range=(args.k_min, min(args.k_max, len(lib) - 1)) if args.k == "auto" else None,
+                                    seed=args.seed)
+    _print_clusters(result)
+    lib.save_meta("clustering", result.to_dict())
+    if args.out:
+        result.to_json(args.out)
+    if args.plot:
+        plot_clustering(result, args.plot)
+        console.print(f"plot: {args.plot}")
+    return 0
+
+
+def _add_k_args(p: argparse.ArgumentParser, default: str) -> None:
+    p.add_argument("--k", type=k_or_auto, default=k_or_auto(default),
+                   help=f"number of clusters or 'auto' (silhouette; default {default})")
+    p.add_argument("--k-min", type=positive_int, default=2, help="smallest K tried by --k auto (default 2)")
+    p.add_argument("--k-max", type=positive_int, default=16, help="largest K tried by --k auto (default 16)")
+
+
+def register(sub: Any, registry: Registry) -> None:
+    p = sub.add_parser("train", help="train one LoRA expert on named tasks into a library",
+                       description="Train one LoRA expert on one or several tasks and add it to a library "
+                                   "(created if missing).")
+    p.add_argument("library", type=Path, help="library directory (created if missing)")
+    p.add_argument("tasks", nargs="+", help="task names (SNI file names without .json[.gz], or flat task_name)")
+    p.add_argument("--name", help="expert name (default: the task name, or joined task ids)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing expert of that name")
+    add_model_args(p)
+    add_task_source_args(p)
+    add_train_args(p)
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("build", help="build a library: private, shared, mbc or random",
+                       description="Build a library with one strategy. Budgets are per task (--steps per task, or "
+                                   "--epochs): shared gets N budgets, MBC spends --stage1-fraction of each task's "
+                                   "budget on stage-1 private experts and the rest on cluster experts, so every "
+                                   "strategy costs what the private library costs. Every task name is checked before "
+                                   "training starts. Finished experts are skipped, so an interrupted build resumes.")
+    p.add_argument("library", type=Path, help="output library directory")
+    p.add_argument("--strategy", choices=["private", "shared", "mbc", "random"], default="private",
+                   help="private: one expert per task; shared: one on all tasks; mbc: model-based clustering; "
+                        "random: random clusters with the sizes of --mbc-library's clusters")
+    p.add_argument("--tasks", nargs="*", help="task names (default: every task in the data directory)")
+    p.add_argument("--num-tasks", type=positive_int, default=None, help="use the first N tasks (sorted by name)")
+    _add_k_args(p, "10")
+    p.add_argument("--stage1-fraction", type=open_fraction, default=0.4,
+                   help="MBC: share of each task's budget spent on stage-1 private experts (default 0.4 = 2 of 5)")
+    p.add_argument("--private-library", type=Path, default=None,
+                   help="MBC: reuse this private library as stage 1 instead of training one")
+    p.add_argument("--mbc-library", type=Path, default=None, help="random: the MBC library whose sizes to copy")
+    p.add_argument("--balanced", action="store_true",
+                   help="multi-task experts use the same number of examples from every task")
+    p.add_argument("--executor", choices=["local", "ray"], default="local",
+                   help="local: sequential in this process; ray: one Ray task per expert (pip install modlora[ray])")
+    p.add_argument("--ray-address", default=None, help="address of an existing Ray cluster (default: start one)")
+    add_model_args(p)
+    add_task_source_args(p)
+    add_train_args(p)
+    p.set_defaults(func=cmd_build, steps=100)
+
+    p = sub.add_parser("cluster", help="MBC clustering of an existing library",
+                       description="Cluster a library's experts by their LoRA weights (sparsify, truncated SVD, "
+                                   "cosine similarity, k-means on similarity rows) and print the clusters; the "
+                                   "result is stored in the library (meta/clustering.json).")
+    p.add_argument("library", type=Path, help="library directory (usually a private library)")
+    _add_k_args(p, "auto")
+    p.add_argument("--sparsity", type=fraction, default=0.5,
+                   help="share of smallest-magnitude entries zeroed (0.5)")
+    p.add_argument("--n-components", type=positive_int, default=64, help="truncated-SVD components (default 64)")
+    p.add_argument("--seed", type=int, default=0, help="k-means / SVD seed (default 0)")
+    p.add_argument("--out", type=Path, default=None, help="also write the clustering JSON here")
+    p.add_argument("--plot", type=Path, default=None,
+                   help="write a PNG: similarity heatmap ordered by cluster + cluster sizes")
+    p.set_defaults(func=cmd_cluster)

@@ -1,0 +1,256 @@
+"""What every command shares: the console, argparse types that refuse bad values at parse time, the model, data
+and training argument groups, and the method flags generated from the registry's ``Options`` dataclasses."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import difflib
+import os
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+
+from modlora.errors import ModloraError
+from modlora.methods import Registry
+from modlora.methods.core import MethodOptions, ReuseMethod, TrainingDataOptions
+from modlora.models import DEFAULT_MODEL
+
+console = Console(soft_wrap=True)
+
+
+class UsageError(ModloraError):
+    """A command-line option that does not fit the command (reported like an argparse error, exit status 2)."""
+
+
+# ------------------------------------------------------------------------------------------- parse-time types
+def _number(kind: Callable[[str], Any], text: str, ok: Callable[[Any], bool], what: str) -> Any:
+    try:
+        value = kind(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
+    if not ok(value):
+        raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}")
+    return value
+
+
+def positive_int(text: str) -> int:
+    return _number(int, text, lambda v: v >= 1, "a positive integer")
+
+
+def nonnegative_int(text: str) -> int:
+    return _number(int, text, lambda v: v >= 0, "an integer >= 0")
+
+
+def positive_float(text: str) -> float:
+    return _number(float, text, lambda v: 0 < v < float("inf"), "a positive number")
+
+
+def fraction(text: str) -> float:
+    return _number(float, text, lambda v: 0.0 <= v < 1.0, "a number in [0, 1)")
+
+
+def open_fraction(text: str) -> float:
+    return _number(float, text, lambda v: 0.0 < v < 1.0, "a number in (0, 1)")
+
+
+def k_or_auto(text: str) -> int | str:
+    """``--k``: 'auto' or an integer >= 1."""
+    return text if text == "auto" else _number(int, text, lambda v: v >= 1, "an integer >= 1 or 'auto'")
+
+
+def name_list(text: str) -> tuple[str, ...]:
+    """A comma-separated list of non-empty names (``--targets q_proj,v_proj``)."""
+    names = tuple(t.strip() for t in text.split(","))
+    if not names or not all(names):
+        raise argparse.ArgumentTypeError(f"expected comma-separated names, got {text!r}")
+    return names
+
+
+def _wrap(fn: Callable[[str], Any]) -> Callable[[str], Any]:
+    """An Options field's parser as an argparse type (its ValueError becomes a usage error)."""
+    def parse(text: str) -> Any:
+        try:
+            return fn(text)
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+    parse.__name__ = getattr(fn, "__name__", "value")
+    return parse
+
+
+# ------------------------------------------------------------------------------------------------- model args
+def add_model_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("base model")
+    g.add_argument("--model", default=DEFAULT_MODEL,
+                   help=f"base model: {DEFAULT_MODEL!r} (embedded default), an HF id, a local HF directory or a "
+                        ".gguf file")
+    g.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    g.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto",
+                   help="weights dtype (default auto: float32 on CPU, bfloat16 on CUDA); bfloat16 is about 2x "
+                        "faster on CPUs with AVX512-BF16/AMX")
+    g.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads (default: torch's choice)")
+
+
+def load_model(args: argparse.Namespace) -> Any:
+    """The base model of ``--model/--device/--dtype``, after applying ``--threads``."""
+    import torch
+
+    from modlora.models import load_base_model
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    return load_base_model(args.model, device=args.device, dtype=args.dtype)
+
+
+# -------------------------------------------------------------------------------------------------- data args
+def add_data_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--data", type=Path, default=None,
+                   help="data root holding sni/tasks, sni/heldout and eval/ (default $MODLORA_DATA or "
+                        "../shared/data)")
+
+
+def data_root(args: argparse.Namespace) -> Path:
+    """``--data`` (or the default data root); a directory of task files instead of a root gets a clear error."""
+    from modlora.data import default_data_dir
+    root = default_data_dir(args.data)
+    if args.data is not None and not (root / "sni").is_dir() and not (root / "eval").is_dir():
+        hint = " (it holds task files: pass the folder above sni/tasks)" if any(root.glob("*.json*")) else ""
+        raise UsageError(f"--data {args.data}: not a data root with sni/ or eval/{hint}")
+    return root
+
+
+def add_task_source_args(p: argparse.ArgumentParser) -> None:
+    add_data_arg(p)
+    p.add_argument("--flat", type=Path, default=None,
+                   help="read tasks from a flat JSONL file {task_name, source, target} instead of SNI files")
+
+
+def add_train_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("LoRA and optimisation (paper defaults)")
+    g.add_argument("--rank", type=positive_int, default=4, help="LoRA rank r (default 4)")
+    g.add_argument("--alpha", type=positive_float, default=16.0, help="LoRA alpha; scaling = alpha/r (default 16)")
+    g.add_argument("--dropout", type=fraction, default=0.05, help="LoRA dropout (default 0.05)")
+    g.add_argument("--targets", type=name_list, default=("q_proj", "k_proj", "v_proj", "o_proj"),
+                   help="comma-separated linear-layer names to adapt (default attention q,k,v,o; add "
+                        "gate_proj,up_proj,down_proj for the MLP)")
+    g.add_argument("--lr", type=positive_float, default=1e-4, help="AdamW learning rate (default 1e-4)")
+    g.add_argument("--steps", type=positive_int, default=None, help="optimizer steps (overrides --epochs)")
+    g.add_argument("--epochs", type=positive_float, default=1.0, help="epochs over the training split (default 1)")
+    g.add_argument("--batch-size", type=positive_int, default=8, help="examples per micro-batch (default 8)")
+    g.add_argument("--grad-accum", type=positive_int, default=1, help="micro-batches per optimizer step (default 1)")
+    g.add_argument("--warmup", type=fraction, default=0.06, help="linear warm-up fraction of steps (default 0.06)")
+    g.add_argument("--eval-every", type=positive_int, default=None,
+                   help="validate every N steps (default: 4 times per run)")
+    g.add_argument("--max-examples", type=positive_int, default=None, help="cap on training examples per task")
+    g.add_argument("--max-val", type=positive_int, default=32, help="validation examples per task (default 32)")
+    g.add_argument("--max-prompt-tokens", type=positive_int, default=384,
+                   help="prompts longer than this are truncated from the left (default 384)")
+    g.add_argument("--max-target-tokens", type=positive_int, default=128,
+                   help="targets are cut to this length (default 128)")
+    g.add_argument("--seed", type=nonnegative_int, default=0,
+                   help="seed for the split, sampling and initialisation (default 0)")
+
+
+def lora_spec(args: argparse.Namespace) -> Any:
+    from modlora.adapters import LoraSpec
+    return LoraSpec(rank=args.rank, alpha=args.alpha, dropout=args.dropout, target_modules=tuple(args.targets))
+
+
+def train_config(args: argparse.Namespace) -> Any:
+    from modlora.training import TrainConfig
+    return TrainConfig(steps=args.steps, epochs=args.epochs, batch_size=args.batch_size, grad_accum=args.grad_accum,
+                       lr=args.lr, warmup_ratio=args.warmup, eval_every=args.eval_every, seed=args.seed)
+
+
+def task_dir(args: argparse.Namespace) -> str | None:
+    """The SNI training-task directory of ``--data`` (``None`` with ``--flat``)."""
+    return None if getattr(args, "flat", None) else str(data_root(args) / "sni" / "tasks")
+
+
+def check_task_names(names: Sequence[str], known: Sequence[str], where: str) -> None:
+    """Refuse unknown task names up front, suggesting the closest known ones."""
+    missing = [n for n in names if n not in set(known)]
+    if missing:
+        hints = []
+        for n in missing[:5]:
+            close = difflib.get_close_matches(n, known, n=2, cutoff=0.6)
+            hints.append(f"{n}" + (f" (did you mean {' or '.join(close)}?)" if close else ""))
+        raise UsageError(f"unknown task(s) in {where}: {', '.join(hints)}")
+
+
+def open_library(path: str | os.PathLike[str]) -> Any:
+    """The library a command reads."""
+    from modlora.library import ExpertLibrary
+    return ExpertLibrary(path)
+
+
+# ----------------------------------------------------------------------------- method flags from the registry
+def _option_fields(methods: Sequence[type[ReuseMethod]]) -> dict[str, list[tuple[type[ReuseMethod], Any]]]:
+    out: dict[str, list[tuple[type[ReuseMethod], Any]]] = {}
+    for m in methods:
+        for f in dataclasses.fields(m.Options):
+            if f.metadata.get("cli", {}).get("flag", True):
+                out.setdefault(f.name, []).append((m, f))
+    return out
+
+
+def _describe_default(value: Any) -> str:
+    if value is None or value == ():
+        return "-"
+    if isinstance(value, tuple):
+        return ",".join(map(str, value))
+    return str(value)
+
+
+def add_method_args(p: argparse.ArgumentParser, registry: Registry, methods: Sequence[str], *, flag: str,
+                    default: str | None, help: str) -> None:
+    """``--router``/``--method`` over ``methods`` and one flag per option field of their ``Options`` (a field
+    shared by several methods is one flag; its help lists the methods and their defaults)."""
+    classes = [registry.get(n) for n in methods]
+    g = p.add_argument_group("method (see `modlora.methods`)")
+    g.add_argument(f"--{flag}", choices=list(methods), default=default, required=default is None and flag == "method",
+                   help=help, metavar="|".join(methods))
+    for name, owners in sorted(_option_fields(classes).items()):
+        f0 = owners[0][1]
+        cli = dict(f0.metadata.get("cli", {}))
+        defaults = {m.name: _describe_default(f.default) for m, f in owners}
+        where = ", ".join(defaults) if len(owners) < len(classes) else "all methods"
+        if len(set(defaults.values())) == 1:
+            shown = f"default {next(iter(defaults.values()))}"
+        else:
+            shown = "default " + "; ".join(f"{m} {d}" for m, d in defaults.items())
+        kwargs: dict[str, Any] = {"default": argparse.SUPPRESS,
+                                  "help": f"{f0.metadata.get('help', '')} [{where}; {shown}]"}
+        if isinstance(f0.default, bool):
+            kwargs["action"] = "store_true"
+        else:
+            if "type" in cli:
+                kwargs["type"] = _wrap(cli["type"])
+            for key in ("choices", "nargs", "metavar"):
+                if key in cli:
+                    kwargs[key] = cli[key]
+        g.add_argument(f"--{name.replace('_', '-')}", dest=name, **kwargs)
+
+
+def method_options(args: argparse.Namespace, registry: Registry, name: str, given_from: Sequence[str]
+                   ) -> MethodOptions:
+    """The chosen method's validated options from the flags given on the command line.
+
+    ``given_from``: every method the command offers (their flags are all defined); a flag of another method that
+    does not apply to ``name`` is refused rather than ignored."""
+    method = registry.get(name)
+    own = {f.name for f in dataclasses.fields(method.Options)}
+    values: dict[str, Any] = {}
+    for field_name, owners in _option_fields([registry.get(n) for n in given_from]).items():
+        if not hasattr(args, field_name):
+            continue
+        if field_name not in own:
+            users = ", ".join(m.name for m, _ in owners)
+            raise UsageError(f"--{field_name.replace('_', '-')} does not apply to {name!r} (it is an option of: "
+                             f"{users})")
+        value = getattr(args, field_name)
+        values[field_name] = tuple(value) if isinstance(value, list) else value
+    if issubclass(method.Options, TrainingDataOptions):
+        values["task_dir"] = str(data_root(args) / "sni" / "tasks")
+    return method.options_from(values)

@@ -1,0 +1,97 @@
+"""In-distribution suite: a library's own tasks, on their *test* split (never seen in training).
+
+Per task: greedy Rouge-L and exact match, and the target loss (mean negative log-likelihood per target token) of
+each instance. Per-token routers also get their routing telemetry and the routing accuracy: the share of examples
+whose routing mass, summed over the prompt's tokens, is largest on the expert trained on their task — overall (mass
+averaged over layers) and per layer (:func:`~modlora.evaluation.results.routing_accuracy`).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+
+from modlora.data import EncodedExample, PromptFormatter, collate, default_sni_dir, load_sni_tasks, split_instances
+from modlora.errors import DataError
+from modlora.evaluation.generation import generate_and_score
+from modlora.evaluation.results import (
+    EvalRun,
+    RoutingAccuracy,
+    TaskScores,
+    recording_routing,
+    routing_accuracy,
+    routing_telemetry,
+)
+from modlora.experts import ExpertSource
+from modlora.models import LoadedModel
+from modlora.reuse import ReuseModel
+from modlora.training import target_loss
+
+
+def prompt_routing_accuracy(rm: ReuseModel, examples: Sequence[EncodedExample],
+                            expert_of_task: Mapping[str, str]) -> RoutingAccuracy:
+    """Routing accuracy of ``rm``'s per-token router on the prompts of ``examples`` (each example's own expert is
+    ``expert_of_task[example.task]``; examples of other tasks are skipped)."""
+    if rm.routed is None:
+        raise DataError(f"routing accuracy needs a routing method, not {rm.method!r}")
+    names = rm.routed.expert_names
+    masses: dict[str, list[torch.Tensor]] = {}
+    truth: list[int] = []
+    for ex in examples:
+        own = expert_of_task.get(ex.task)
+        if own is None:
+            continue
+        with torch.inference_mode(), rm.routed.record() as rec:
+            rm.model(input_ids=torch.tensor([ex.prompt_ids], device=rm.device))
+        for layer, mass in rec.mass.items():
+            masses.setdefault(layer, []).append(mass / max(rec.tokens[layer], 1))
+        truth.append(names.index(own))
+    if not truth:
+        raise DataError("routing accuracy: no example belongs to a task of the library")
+    return routing_accuracy({layer: torch.stack(rows) for layer, rows in sorted(masses.items())}, truth)
+
+
+def evaluate_indist(rm: ReuseModel, lm: LoadedModel, library: ExpertSource, *, task_dir: str | None = None,
+                    limit: int = 10, seed: int = 0, max_new_tokens: int = 64, batch_size: int = 8,
+                    max_prompt_tokens: int = 384, routing_examples: int | None = None) -> EvalRun:
+    """Evaluate ``rm`` on the test split of every task of ``library`` (``limit`` instances each, split with
+    ``seed``); ``task_dir`` holds the SNI task files (default ``<data>/sni/tasks``). ``routing_examples``: prompts
+    per task for the routing accuracy (default ``limit``)."""
+    if limit < 1:
+        raise DataError(f"limit must be a positive integer, got {limit}")
+    expert_of_task = {t: n for n in library.expert_names() for t in library.tasks(n)}
+    if not expert_of_task:
+        raise DataError("the library's experts record no training tasks: nothing to evaluate in distribution")
+    tasks = load_sni_tasks(task_dir or default_sni_dir(), sorted(expert_of_task))
+    fmt = PromptFormatter(lm.tokenizer, max_prompt_tokens=max_prompt_tokens)
+    run = EvalRun(method=rm.method, model=lm.info.name,
+                  config={"kind": "indist", "limit": limit, "seed": seed, "max_new_tokens": max_new_tokens,
+                          "library": str(getattr(library, "path", "?"))})
+    run.routing = routing_telemetry(rm)
+    t_all = time.perf_counter()
+    routing_prompts: list[EncodedExample] = []
+    for name, task in tasks.items():
+        t0 = time.perf_counter()
+        insts = split_instances(task, seed=seed)["test"][:limit]
+        model: Any = rm.for_task(name) if rm.example_router is not None else rm
+        with recording_routing(rm, run.routing, name):
+            scores, _ = generate_and_score(model, lm.tokenizer, fmt, task, insts, max_new_tokens=max_new_tokens,
+                                           batch_size=batch_size)
+        losses = []
+        for inst in insts:
+            ex = fmt.encode(task, inst)
+            batch = collate([ex], lm.tokenizer.pad_token_id).to(rm.device)
+            with torch.inference_mode(), rm.per_example_routing(batch.input_ids, batch.attention_mask, [name]):
+                loss, n = target_loss(rm.model, batch)
+            losses.append(float(loss) / max(n, 1))
+        scores["loss"] = losses
+        run.tasks[name] = TaskScores.from_per_example(scores, wall_s=time.perf_counter() - t0)
+        routing_prompts += [fmt.encode(task, inst) for inst in insts[: routing_examples or limit]]
+    if run.routing is not None:
+        run.routing.accuracy = prompt_routing_accuracy(rm, routing_prompts, expert_of_task)
+    run.wall_s = time.perf_counter() - t_all
+    return run
+

@@ -1,0 +1,48 @@
+"""``arrow``: per-token routing by each expert's top right singular vector (Ostapenko et al. 2024).
+
+Per expert e and adapted layer, ``v_e`` = top right singular vector of ``ΔW_e = s_e B_e A_e`` (exact, from the
+factors; cached in the library). Per token input x: ``logit_e = |x·v_e| / T``, keep the top-k, softmax over them,
+output ``W x + Σ_e w_e s_e B_e A_e x``. See :class:`modlora.routing.ArrowRouter`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from modlora.experts import ExpertSet
+from modlora.methods.core import (
+    Capabilities,
+    RoutedLayerOptions,
+    RoutedMethod,
+    check_positive_int,
+    check_temperature,
+    option,
+    parse_temperature,
+)
+from modlora.models import LoadedModel
+from modlora.routing import ArrowRouter
+
+
+@dataclass(frozen=True)
+class ArrowOptions(RoutedLayerOptions):
+    top_k: int = option(4, "experts per token (exact; must not exceed the number of experts)", type=int)
+    temperature: float | str = option(1.0, "logit temperature T: a number or 'sqrt_d'", type=parse_temperature)
+    tie_qkv: bool = option(False, "one prototype for q,k,v of a block (they read the same input)")
+    normalize_inputs: bool = option(False, "L2-normalise x before |x·v|")
+
+    def __post_init__(self) -> None:
+        check_positive_int(self.top_k, "top_k")
+        check_temperature(self.temperature)
+
+
+class Arrow(RoutedMethod):
+    name = "arrow"
+    summary = "per-token routing by the experts' top singular directions (zero-shot, no data)"
+    Options = ArrowOptions
+    capabilities = Capabilities(per_token=True)
+
+    def router(self, lm: LoadedModel, experts: ExpertSet) -> ArrowRouter:
+        o = self.options
+        assert isinstance(o, ArrowOptions)
+        return ArrowRouter(top_k=o.top_k, temperature=o.temperature, normalize_inputs=o.normalize_inputs,
+                           tie_qkv=o.tie_qkv)

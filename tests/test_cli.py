@@ -1,0 +1,232 @@
+"""Every CLI command end to end on a tiny model, bad options refused before any model loads, tables that fold
+instead of cutting names, and a toy method added through the registry alone."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+
+from modlora.adapters import LoraSpec, random_adapter
+from modlora.cli import main
+from modlora.experts import ExpertSet
+from modlora.library import ExpertLibrary
+from modlora.merging import MergeResult
+from modlora.methods import REGISTRY, MethodOptions, StaticMethod, option
+from modlora.models import load_base_model
+from modlora.reuse import prepare_model
+
+from .conftest import make_char_tokenizer, make_tiny_llama
+
+SPEC = LoraSpec(rank=2, alpha=4, dropout=0.0)
+TASKS = ("task1_alpha", "task2_beta", "task3_gamma")
+LONG = "cluster_with_a_rather_long_expert_name_number"
+
+
+def _sni(directory: Path, name: str, letter: str, n: int = 24) -> None:
+    inst = [{"id": f"{name}-{j}", "input": f"{letter}{j}", "output": [letter * 2]} for j in range(n)]
+    (directory / f"{name}.json").write_text(json.dumps({"Definition": [f"Repeat {letter}."], "Instances": inst}))
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory) -> dict[str, Path]:
+    """A tiny HF model directory, a data root (sni/tasks, sni/heldout, eval/) and a 3-expert library."""
+    root = tmp_path_factory.mktemp("cli")
+    model_dir = root / "tiny"
+    make_tiny_llama(seed=0).save_pretrained(model_dir)
+    make_char_tokenizer().save_pretrained(model_dir)
+    data = root / "data"
+    for sub in ("sni/tasks", "sni/heldout", "eval"):
+        (data / sub).mkdir(parents=True)
+    for t in TASKS:
+        _sni(data / "sni" / "tasks", t, t[-1])
+    _sni(data / "sni" / "heldout", "task9_zeta", "z")
+    rows = [{"query": f"Q{i}:", "choices": [" yes", " no"], "gold": i % 2} for i in range(4)]
+    (data / "eval" / "boolq.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    he = {"task_id": "HumanEval/0", "prompt": "def f(x):\n", "entry_point": "f", "canonical_solution": "    return x\n",
+          "test": "def check(candidate):\n    assert candidate(1) == 1\n"}
+    (data / "eval" / "humaneval.jsonl").write_text(json.dumps(he) + "\n")
+    lm = load_base_model(str(model_dir), device="cpu")
+    lib = ExpertLibrary.create(root / "lib", lm.info)
+    for i, t in enumerate(TASKS):
+        name = LONG if i == 2 else f"e{i}"
+        lib.add(name, random_adapter(lm.model, SPEC, seed=i, std=0.2), tasks=[t],
+                training={"max_prompt_tokens": 48, "max_target_tokens": 4})
+    return {"root": root, "model": model_dir, "data": data, "lib": lib.path}
+
+
+def _m(world: dict[str, Path]) -> list[str]:
+    return ["--model", str(world["model"])]
+
+
+def test_library_commands(world, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "80")
+    lib = str(world["lib"])
+    assert main(["tasks", "--data", str(world["data"])]) == 0
+    assert "task2_beta" in capsys.readouterr().out
+    assert main(["show", lib]) == 0
+    out = capsys.readouterr().out
+    assert "…" not in out and max(len(line) for line in out.splitlines()) <= 80
+    assert LONG in "".join(line.split("│")[1].strip() for line in out.splitlines() if line.count("│") > 2)
+    assert main(["show", lib, "--json"]) == 0
+    assert set(json.loads(capsys.readouterr().out)) == {"e0", "e1", LONG}
+    assert main(["verify", lib]) == 0
+    assert main(["export", lib, "e0", str(tmp_path / "e0")]) == 0
+    assert main(["export", lib, "e0", str(tmp_path / "e0")]) == 2  # exists, no --overwrite
+    copy = tmp_path / "copy"
+    ExpertLibrary.create(copy, ExpertLibrary(lib).base_model)
+    assert main(["import", str(copy), str(tmp_path / "e0"), "--name", "again", "--tasks", "task1_alpha"]) == 0
+    assert ExpertLibrary(copy).tasks("again") == ["task1_alpha"]
+    assert main(["remove", str(copy), "again"]) == 0
+    assert ExpertLibrary(copy).expert_names() == []
+
+
+def test_train_build_and_cluster(world, tmp_path, capsys):
+    common = _m(world) + ["--data", str(world["data"]), "--steps", "1", "--batch-size", "2", "--max-val", "2",
+                          "--max-prompt-tokens", "32", "--max-target-tokens", "4"]
+    assert main(["train", str(tmp_path / "one"), "task1_alpha"] + common) == 0
+    assert ExpertLibrary(tmp_path / "one").expert_names() == ["task1_alpha"]
+    assert main(["build", str(tmp_path / "priv"), "--strategy", "private", "--tasks", *TASKS] + common) == 0
+    assert sorted(ExpertLibrary(tmp_path / "priv").expert_names()) == sorted(TASKS)
+    capsys.readouterr()
+    # a misspelt task is refused before anything trains, with the closest names suggested
+    assert main(["build", str(tmp_path / "bad"), "--tasks", "task1_alpha", "task2_bet"] + common) == 2
+    assert "did you mean task2_beta" in capsys.readouterr().err and not (tmp_path / "bad").exists()
+    assert main(["cluster", str(tmp_path / "priv"), "--k", "2", "--plot", str(tmp_path / "c.png"),
+                 "--out", str(tmp_path / "c.json")]) == 0
+    assert json.loads((tmp_path / "c.json").read_text())["k"] == 2
+
+
+def test_reuse_commands(world, tmp_path, capsys):
+    lib = str(world["lib"])
+    assert main(["generate", lib, "--prompt", "a1", "--max-new-tokens", "2", "--top-k", "2"] + _m(world)) == 0
+    assert main(["route", lib, "--prompt", "a1", "--max-new-tokens", "2", "--router", "centroid", "--top-k", "2",
+                 "--data", str(world["data"]), "--examples-per-expert", "2", "--explain"] + _m(world)) == 0
+    assert "per layer" in capsys.readouterr().out
+    for method in REGISTRY.names(static=True):
+        extra = ["--weights", "1,0.5,0.25"] if method != "mu" and method != "mu-delta" else []
+        assert main(["merge", lib, "--method", method, "--out", str(tmp_path / method)] + extra) == 0, method
+        assert (tmp_path / method / "adapter_model.safetensors").is_file()
+        assert json.loads((tmp_path / method / "modlora_merge.json").read_text())["rank"] >= 1
+    assert main(["export-arrow", lib, "--prompt", "a1", "--top-k", "2", "--out", str(tmp_path / "ea")]
+                + _m(world)) == 0
+    assert main(["lorahub", lib, "--task", "task1_alpha", "--shots", "2", "--budget", "3", "--data",
+                 str(world["data"]), "--out", str(tmp_path / "hub")] + _m(world)) == 0
+    saved = json.loads((tmp_path / "hub" / "lorahub_weights.json").read_text())
+    assert set(saved["weights"]) == {"e0", "e1", LONG}
+    assert "LoraHub on 2 shots" in capsys.readouterr().out
+
+
+def test_eval_suites_default_to_base_and_report(world, tmp_path, capsys):
+    data = ["--data", str(world["data"])]
+    # no --library: the base model alone (the documented default)
+    assert main(["eval", "--suite", "choice", "--tasks", "boolq", "--out", str(tmp_path / "base.json")]
+                + data + _m(world)) == 0
+    assert json.loads((tmp_path / "base.json").read_text())["method"] == "base"
+    lib = ["--library", str(world["lib"])]
+    assert main(["eval", "--suite", "sni", "--limit", "2", "--max-new-tokens", "2", "--top-k", "2", "--out",
+                 str(tmp_path / "sni.json")] + lib + data + _m(world)) == 0
+    routing = json.loads((tmp_path / "sni.json").read_text())["routing"]
+    assert set(routing["expert_usage"]) == {"task9_zeta"} and routing["entropy_per_layer"]
+    assert sum(routing["expert_usage"]["task9_zeta"].values()) == pytest.approx(1.0)
+    assert main(["eval", "--suite", "indist", "--limit", "2", "--max-new-tokens", "2", "--top-k", "2", "--out",
+                 str(tmp_path / "in.json")] + lib + data + _m(world)) == 0
+    indist = json.loads((tmp_path / "in.json").read_text())
+    assert 0 <= indist["routing"]["accuracy"]["overall"] <= 1 and indist["routing"]["accuracy"]["n"] == 6
+    out = capsys.readouterr().out
+    assert "loss=" in out and "loss=2" not in out.replace("loss=2.", "")  # the loss is not shown ×100
+    assert main(["eval", "--suite", "code", "--tasks", "humaneval", "--max-new-tokens", "4", "--router", "mu",
+                 "--out", str(tmp_path / "code.json")] + lib + data + _m(world)) == 0
+    assert main(["report", str(tmp_path / "base.json"), str(tmp_path / "sni.json"), str(tmp_path / "in.json"),
+                 "--out", str(tmp_path / "rep")]) == 0
+    assert (tmp_path / "rep" / "routing_entropy.png").is_file()
+    assert (tmp_path / "rep" / "expert_usage_arrow.png").is_file() or any((tmp_path / "rep").glob("expert_usage*"))
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["eval", "--suite", "sni", "--router", "arrow"], "needs --library"),
+    (["eval", "--suite", "sni", "--limit", "0"], "positive integer"),
+    (["eval", "--suite", "sni", "--library", "LIB", "--router", "mu", "--top-k", "2"], "does not apply"),
+    (["eval", "--suite", "sni", "--library", "LIB", "--temperature", "1e-300"], "temperature"),
+    (["eval", "--suite", "sni", "--library", "LIB", "--temperature", "abc"], "--temperature"),
+    (["cluster", "LIB", "--k", "abc"], "--k"),
+    (["cluster", "LIB", "--k", "9"], "exceeds the number of experts"),
+    (["route", "LIB", "--prompt", "x", "--max-new-tokens", "0"], "--max-new-tokens"),
+    (["route", "LIB", "--prompt", "", "--raw"], "--prompt is empty"),
+    (["route", "LIB", "--prompt", "x", "--router", "mu", "--explain"], "--explain needs a per-token router"),
+    (["route", "LIB", "--prompt", "bad \udcff bytes"], "not valid UTF-8"),
+    (["merge", "LIB", "--method", "linear", "--weights", "a,b", "--out", "X"], "--weights"),
+    (["merge", "LIB", "--method", "ties", "--density", "0", "--out", "X"], "density"),
+    (["build", "OUT", "--k", "0"], "--k"),
+])
+def test_bad_options_refused_before_loading(world, tmp_path, capsys, monkeypatch, argv, message):
+    def no_model(*_a, **_k):
+        raise AssertionError("the model must not load for a bad option")
+
+    monkeypatch.setattr("modlora.models.load_base_model", no_model)
+    argv = [str(world["lib"]) if a == "LIB" else str(tmp_path / a) if a in ("X", "OUT") else a for a in argv]
+    assert main(argv + ["--data", str(world["data"])] * (argv[0] in ("eval", "route"))) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+
+
+def test_long_prompt_refused(world, capsys):
+    assert main(["route", str(world["lib"]), "--prompt", "x" * 600, "--raw", "--max-new-tokens", "2"]
+                + _m(world)) == 2
+    assert "exceeds the model's context of 512 tokens" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------- a new method: one class, one line
+@dataclass(frozen=True)
+class HalfOptions(MethodOptions):
+    scale: float = option(0.5, "factor on the first expert's ΔW", type=float)
+
+
+class HalfOfFirst(StaticMethod):
+    """A toy static method: ``scale · ΔW`` of the first expert."""
+
+    name = "half-first"
+    summary = "a scaled copy of the first expert (test)"
+    Options = HalfOptions
+
+    def combine(self, experts: ExpertSet) -> MergeResult:
+        from modlora.merging import weighted_combination
+        o = self.options
+        assert isinstance(o, HalfOptions)
+        weights = [o.scale] + [0.0] * (len(experts) - 1)
+        return MergeResult.exact(weighted_combination(experts, weights), {"method": self.name})
+
+
+def test_a_new_method_is_one_class_and_one_registry_line(world, tmp_path):
+    registry = REGISTRY.with_method(HalfOfFirst)
+    assert "half-first" in registry.names(static=True) and "half-first" not in REGISTRY.names()
+    lm = load_base_model(str(world["model"]), device="cpu")
+    lib = ExpertLibrary(world["lib"])
+    ids = torch.randint(3, 90, (1, 6))
+    with torch.no_grad():
+        rm = prepare_model(lm, lib, "half-first", {"scale": 0.5}, registry=registry)
+        out = rm(ids).logits
+        rm.restore()
+        ref = prepare_model(lm, lib, "linear", {"weights": (0.5, 0.0, 0.0)})
+        torch.testing.assert_close(out, ref(ids).logits)
+        ref.restore()
+    # the CLI offers it, with its option as a flag, on every command that takes a method
+    assert main(["merge", str(world["lib"]), "--method", "half-first", "--scale", "0.25", "--out",
+                 str(tmp_path / "half")], registry=registry) == 0
+    assert main(["eval", "--suite", "sni", "--library", str(world["lib"]), "--router", "half-first", "--limit", "1",
+                 "--max-new-tokens", "1", "--data", str(world["data"])] + _m(world), registry=registry) == 0
+
+
+def test_demo_end_to_end_on_a_tiny_model(world, tmp_path, shared_data, capsys):
+    """``modlora demo`` with its data flags on the real task files (the embedded model runs in ``make demo``)."""
+    from modlora.demo import DEMO_TASKS
+
+    argv = ["demo", "--out", str(tmp_path / "demo"), "--data", str(shared_data), "--steps", "1", "--tasks",
+            *DEMO_TASKS[:4]] + _m(world)
+    assert main(argv) == 0
+    results = json.loads((tmp_path / "demo" / "results.json").read_text())
+    assert {"base", "private/mu", "private/arrow[top_k=4]", "mbc/arrow[top_k=3]"} <= set(results["rows"])
+    assert "results (%, mean ± s.e.)" in capsys.readouterr().out
