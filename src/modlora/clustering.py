@@ -813,12 +813,15 @@ def cluster_experts(sim: SimilarityResult, k: int | Literal["auto"] = "auto",
         lo, hi = k_range if k_range is not None else (2, min(n - 1, 16))
         if isinstance(lo, bool) or isinstance(hi, bool) or not isinstance(lo, int) or not isinstance(hi, int):
             raise ModloraError(f"k_range must be two integers, got {k_range!r}")
-        lo, hi = max(lo, 2), min(hi, n - 1, _distinct_rows(similarity))
+        lo, hi = max(lo, 2), min(hi, n - 1)
+        if lo > hi and k_range is not None and n >= 3:
+            raise ModloraError(f"k_range={k_range!r} holds no K in [2, {n - 1}] for {n} experts")
+        distinct = _distinct_rows(similarity)
+        hi = min(hi, distinct)
         if lo > hi:
-            if k_range is not None and n >= 3:
-                raise ModloraError(f"k_range={k_range!r} holds no K in [2, {n - 1}] for {n} experts")
-            chosen = 1
-            message = f"no cluster structure can be found among {n} expert(s): need at least 3 distinct ones"
+            message = (f"no cluster structure can be found among {n} expert(s): need at least 3 distinct ones"
+                       if n < 3 else f"no cluster structure: only {distinct} of the {n} experts have distinct "
+                       "similarity rows, too few for any K tried")
             labels = np.zeros(n, dtype=int)
         else:
             chosen, scores_by_k, labels_by_k, message = _choose_k(similarity, auto_k, lo, hi, seed)
