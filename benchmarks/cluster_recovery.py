@@ -57,9 +57,10 @@ def family_sizes(n: int, k: int, rng: np.random.Generator) -> list[int]:
     return [2 + int(x) for x in rng.multinomial(n - 2 * k, rng.dirichlet(np.ones(k)))]
 
 
-def synthetic_library(n: int, k: int, noise: float, seed: int, *, dim: int = 64, per_expert_seeds: bool = False
-                      ) -> tuple[dict[str, LoraAdapter], dict[str, int]]:
-    """n experts in k planted families of accumulated gradients (see the module docstring)."""
+def synthetic_library(n: int, k: int, noise: float, seed: int, *, dim: int = 64, per_expert_seeds: bool = False,
+                      common: float = 0.0) -> tuple[dict[str, LoraAdapter], dict[str, int]]:
+    """n experts in k planted families of accumulated gradients (see the module docstring); ``common`` adds a
+    component shared by every task, ``common · ‖T_f‖ · T_0 / ‖T_0‖`` (what all tasks learn alike)."""
     rng = np.random.default_rng(seed)
     sizes = family_sizes(n, k, rng)
     family = np.repeat(np.arange(len(sizes)), sizes)
@@ -67,6 +68,7 @@ def synthetic_library(n: int, k: int, noise: float, seed: int, *, dim: int = 64,
     bound = 1.0 / np.sqrt(dim)
     shared_a = {m: rng.uniform(-bound, bound, size=(SPEC.rank, dim)) for m in MODULES}
     targets = {m: rng.normal(size=(len(sizes), dim, dim)) for m in MODULES}
+    shared_target = {m: rng.normal(size=(dim, dim)) if common else np.zeros((dim, dim)) for m in MODULES}
     experts: dict[str, LoraAdapter] = {}
     truth: dict[str, int] = {}
     for i in range(n):
@@ -76,7 +78,9 @@ def synthetic_library(n: int, k: int, noise: float, seed: int, *, dim: int = 64,
         for m in MODULES:
             a0 = rng.uniform(-bound, bound, size=(SPEC.rank, dim)) if per_expert_seeds else shared_a[m]
             own = rng.normal(size=(dim, dim))
-            grad = targets[m][f] + noise * np.linalg.norm(targets[m][f]) * own / np.linalg.norm(own)
+            scale = np.linalg.norm(targets[m][f])
+            grad = (targets[m][f] + noise * scale * own / np.linalg.norm(own)
+                    + (common * scale * shared_target[m] / np.linalg.norm(shared_target[m]) if common else 0.0))
             b = -grad @ a0.T
             b *= 0.005 / np.abs(b).max()
             drift = -b.T @ grad
@@ -113,7 +117,7 @@ class Row:
 
 
 def run_synthetic(draws: int, per_expert_seeds: bool, grid: list[tuple[int, int]], noises: list[float],
-                  criteria: list[str], stability_max_experts: int) -> list[Row]:
+                  criteria: list[str], stability_max_experts: int, common: float = 0.0) -> list[Row]:
     rows: list[Row] = []
     for n, k in grid:
         for noise in noises if k > 1 else [0.0]:
@@ -121,7 +125,7 @@ def run_synthetic(draws: int, per_expert_seeds: bool, grid: list[tuple[int, int]
             started = time.perf_counter()
             for draw in range(draws):
                 experts, truth = synthetic_library(n, k, noise, seed=1000 * draw + 7 * n + k,
-                                                   per_expert_seeds=per_expert_seeds)
+                                                   per_expert_seeds=per_expert_seeds, common=common)
                 for features, sim in similarities(experts).items():
                     acc = per_feature.setdefault(features, {"ari": []})
                     if k > 1:
@@ -190,7 +194,10 @@ def run_real(library: str, families_file: str, model: str | None, data: str | No
 
 
 def markdown(rows: list[Row], real: list[dict], command: str, meta: dict, criteria: list[str]) -> str:
-    lines = [f"# Cluster recovery ({'per-expert seeds' if meta['per_expert_seeds'] else 'one shared A init'})", "",
+    setting = "per-expert seeds" if meta["per_expert_seeds"] else "one shared A init"
+    if meta.get("common"):
+        setting += f", a component common to all tasks of weight {meta['common']:g}"
+    lines = [f"# Cluster recovery ({setting})", "",
              f"Command: `{command}`", "",
              f"Machine: {meta['machine']}, load before/after {meta['load_before']} / {meta['load_after']}, "
              f"{meta['seconds']:.0f} s.", ""]
@@ -229,6 +236,8 @@ def main() -> None:
     parser.add_argument("--draws", type=int, default=10)
     parser.add_argument("--per-expert-seeds", action="store_true")
     parser.add_argument("--noise", type=float, nargs="+", default=NOISE)
+    parser.add_argument("--common", type=float, default=0.0,
+                        help="weight of a gradient component shared by all tasks (relative to a family's)")
     parser.add_argument("--grid", default=None, help="E:K pairs, e.g. 16:2,64:8 (default: the built-in grid)")
     parser.add_argument("--criteria", nargs="+", default=list(AUTO_K_CRITERIA), choices=AUTO_K_CRITERIA)
     parser.add_argument("--stability-max-experts", type=int, default=64,
@@ -245,12 +254,12 @@ def main() -> None:
     load_before = [round(x, 2) for x in os.getloadavg()]
     started = time.perf_counter()
     rows = [] if args.no_synthetic else run_synthetic(args.draws, args.per_expert_seeds, grid, args.noise,
-                                                      args.criteria, args.stability_max_experts)
+                                                      args.criteria, args.stability_max_experts, args.common)
     real = [r for lib, fam in args.real for r in run_real(lib, fam, args.model, args.data, args.criteria)]
     meta = {"machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch threads "
                        f"{args.threads}", "load_before": load_before,
             "load_after": [round(x, 2) for x in os.getloadavg()], "seconds": time.perf_counter() - started,
-            "draws": args.draws, "per_expert_seeds": args.per_expert_seeds}
+            "draws": args.draws, "per_expert_seeds": args.per_expert_seeds, "common": args.common}
     command = "PYTHONPATH=src python " + " ".join(["benchmarks/cluster_recovery.py", *sys.argv[1:]])
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
