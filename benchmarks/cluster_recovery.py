@@ -11,7 +11,7 @@ matching first-order step ``−B_iᵀ G_i`` scaled to ``max 0.001``. ``--per-exp
 ``A0`` for every expert instead (issue 15 item 7). A ``null`` row (K = 1: every expert its own family) measures how
 often a criterion invents structure. Family sizes are random (each ≥ 2).
 
-For each library the script clusters with ``features`` ∈ {params, delta centred, delta uncentred} (semantic needs task texts and a
+For each library the script clusters with ``features`` ∈ {params, delta, delta centred} (semantic needs task texts and a
 model: not applicable to synthetic libraries) and reports, over the draws: the ARI of k-means at the planted K,
 and for each auto-K criterion the fraction of draws whose chosen K equals the planted K (``no_structure`` counts
 as K = 1), the median chosen K and the median ARI of the automatic clustering.
@@ -34,8 +34,10 @@ import os
 import platform
 import sys
 import time
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -93,11 +95,11 @@ def synthetic_library(n: int, k: int, noise: float, seed: int, *, dim: int = 64,
 
 
 def similarities(experts: dict[str, LoraAdapter]) -> dict[str, SimilarityResult]:
-    return {"params": expert_similarity(experts), "delta": delta_similarity(experts, centre=True),
-            "delta (uncentred)": delta_similarity(experts, centre=False)}
+    return {"params": expert_similarity(experts), "delta": delta_similarity(experts, centre=False),
+            "delta (centred)": delta_similarity(experts, centre=True)}
 
 
-def ari(result, truth: dict[str, int | str]) -> float:
+def ari(result: Any, truth: Mapping[str, Any]) -> float:
     names = [n for n in result.names if n in truth]
     return float(adjusted_rand_score([truth[n] for n in names], [result.assignment[n] for n in names]))
 
@@ -165,8 +167,8 @@ def run_real(library: str, families_file: str, model: str | None, data: str | No
         lib = ExpertLibrary(library)
         names = [n for n in lib.expert_names() if n in families]
         experts = {n: lib.get(n) for n in names}
-        sims = {"params": expert_similarity(experts), "delta": delta_similarity(experts, centre=True),
-                "delta (uncentred)": delta_similarity(experts, centre=False)}
+        sims = {"params": expert_similarity(experts), "delta": delta_similarity(experts, centre=False),
+                "delta (centred)": delta_similarity(experts, centre=True)}
     k = len(set(families[n] for n in names))
     if model:
         from modlora.models import load_base_model

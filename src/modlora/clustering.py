@@ -50,9 +50,11 @@ CLUSTERING_JSON_VERSION = 2
 FEATURES = ("params", "delta", "semantic")
 AUTO_K_CRITERIA = ("eigengap", "silhouette", "stability")
 DEFAULT_FEATURES = "delta"
-DEFAULT_AUTO_K = "eigengap"
+DEFAULT_AUTO_K = "silhouette"
 # below this best silhouette the partition is no better than noise (Kaufman & Rousseeuw's "no substantial structure")
 SILHOUETTE_NO_STRUCTURE = 0.25
+# eigengap: the best K > 1 must beat this many structure-free permutations of the similarities at the 95 % level
+EIGENGAP_PERMUTATIONS = 20
 # below this mean ARI between a resampled clustering and the full one, no K is stable
 STABILITY_NO_STRUCTURE = 0.8
 _MIN_NORM = 1e-12
@@ -396,11 +398,13 @@ def _save_cached_rows(cache: Any, names: list[str], kind: str, key: str, fingerp
                                          "fingerprint": fp_tensor.clone()})
 
 
-def delta_similarity(adapters: Mapping[str, LoraAdapter] | Any, *, centre: bool = True,
+def delta_similarity(adapters: Mapping[str, LoraAdapter] | Any, *, centre: bool = False,
                      cache: ArtifactStore | None = None) -> SimilarityResult:
     """Cosine similarity of the experts' updates ΔW summed over modules (see :func:`delta_gram`).
 
-    ``centre=True`` compares ``ΔW_i − mean_j ΔW_j`` (:func:`centre_gram`), removing what every expert learned.
+    ``centre=True`` compares ``ΔW_i − mean_j ΔW_j`` (:func:`centre_gram`), removing what every expert learned
+    alike; off by default: with unbalanced families the mean is pulled towards the largest one, whose members then
+    look like noise (measured in ``benchmarks/cluster_recovery.py``).
     ``cache`` stores each expert's row of the raw Gram matrix with a fingerprint of every expert's factors and
     reuses them only when the fingerprint matches. Experts are ordered by name.
     """
@@ -710,10 +714,28 @@ def eigengap_scores(similarity: np.ndarray, k_max: int) -> dict[int, float]:
     """``score(K) = λ_{K+1} − λ_K`` for K = 1…k_max (eigenvalues of :func:`laplacian_spectrum`, 1-indexed).
 
     K well-separated groups give K eigenvalues near 0 and a large gap after the K-th; K = 1 wins when the
-    experts form one connected mass (no structure)."""
+    experts form one connected mass."""
     spectrum = laplacian_spectrum(similarity)
     top = min(k_max, len(spectrum) - 1)
     return {k: float(spectrum[k] - spectrum[k - 1]) for k in range(1, top + 1)}
+
+
+def eigengap_null_quantile(similarity: np.ndarray, lo: int, hi: int, seed: int, *, n_permutations: int = EIGENGAP_PERMUTATIONS,
+                           quantile: float = 0.95) -> float:
+    """The ``quantile`` of ``max_{lo ≤ K ≤ hi} score(K)`` over similarity matrices whose off-diagonal entries are a
+    random symmetric permutation of the observed ones: the same values, no structure."""
+    n = len(similarity)
+    upper = np.triu_indices(n, 1)
+    values = np.asarray(similarity, dtype=np.float64)[upper]
+    rng = np.random.default_rng(seed)
+    maxima = []
+    for _ in range(n_permutations):
+        shuffled = np.zeros((n, n))
+        shuffled[upper] = rng.permutation(values)
+        shuffled = shuffled + shuffled.T + np.eye(n)
+        scores = eigengap_scores(shuffled, hi)
+        maxima.append(max(v for k, v in scores.items() if k >= lo))
+    return float(np.quantile(maxima, quantile))
 
 
 def stability_scores(features: np.ndarray, ks: Sequence[int], seed: int, *, n_resamples: int = 10,
@@ -754,6 +776,11 @@ def _choose_k(similarity: np.ndarray, criterion: str, lo: int, hi: int, seed: in
             return 1, scores, labels_by_k, (f"no cluster structure: the largest eigengap of the similarity graph's "
                                             f"Laplacian is after the first eigenvalue ({scores[1]:.3f}), i.e. the "
                                             "experts form one connected group")
+        null = eigengap_null_quantile(similarity, lo, hi, seed)
+        if scores[best] <= null:
+            return 1, scores, labels_by_k, (f"no cluster structure: the best eigengap (K={best}: {scores[best]:.3f}) "
+                                            f"is no larger than in randomly permuted similarities (95th percentile "
+                                            f"{null:.3f})")
         return best, scores, labels_by_k, ""
     if criterion == "silhouette":
         scores = {}
@@ -790,8 +817,9 @@ def cluster_experts(sim: SimilarityResult, k: int | Literal["auto"] = "auto",
     is never lowered. ``k="auto"`` scores every ``K`` in ``k_range`` (inclusive; default ``(2, min(n - 1, 16))``)
     with ``auto_k`` (:data:`AUTO_K_CRITERIA`: ``eigengap`` of the normalised Laplacian, the ``silhouette`` of
     k-means on the rows, or ``stability`` under resampling) and keeps the best. When none separates the experts
-    — the criterion prefers K = 1 or its best score is below its threshold, or the chosen partition's silhouette
-    is below :data:`SILHOUETTE_NO_STRUCTURE` — and with fewer than 3 experts, the result has ``k == 1`` and
+    — eigengap: the gap after K = 1 is the largest, or the best gap is within the 95th percentile of gaps of
+    randomly permuted similarities; silhouette: best below :data:`SILHOUETTE_NO_STRUCTURE`; stability: best below
+    :data:`STABILITY_NO_STRUCTURE` — and with fewer than 3 experts, the result has ``k == 1`` and
     ``no_structure=True`` with a message.
     """
     similarity = np.asarray(sim.similarity, dtype=np.float64)
@@ -827,12 +855,6 @@ def cluster_experts(sim: SimilarityResult, k: int | Literal["auto"] = "auto",
             chosen, scores_by_k, labels_by_k, message = _choose_k(similarity, auto_k, lo, hi, seed)
             labels = (labels_by_k[chosen] if chosen in labels_by_k else
                       _kmeans_labels(similarity, chosen, seed) if chosen > 1 else np.zeros(n, dtype=int))
-            separation = _silhouette(similarity, labels)
-            if chosen > 1 and (separation is None or separation < SILHOUETTE_NO_STRUCTURE):
-                message = (f"no cluster structure: {auto_k} chose K={chosen}, but that partition's silhouette "
-                           f"({'undefined' if separation is None else f'{separation:.3f}'}) is below "
-                           f"{SILHOUETTE_NO_STRUCTURE}, i.e. no better separated than noise")
-                labels = np.zeros(n, dtype=int)
     else:
         if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or not 1 <= k <= n:
             raise ModloraError(f"k must be 'auto' or an integer in [1, {n}] for {n} experts, got {k!r}")
@@ -844,21 +866,22 @@ def cluster_experts(sim: SimilarityResult, k: int | Literal["auto"] = "auto",
 
 
 def similarity_of(experts: Mapping[str, LoraAdapter] | Any, features: Features = DEFAULT_FEATURES, *,
-                  sparsity: float = 0.5, n_components: int = 64, centre: bool = True, seed: int = 0,
+                  sparsity: float = 0.5, n_components: int = 64, centre: bool | None = None, seed: int = 0,
                   cache: ArtifactStore | None = None, lm: LoadedModel | None = None,
                   tasks: Mapping[str, Task] | None = None,
                   tasks_of: Mapping[str, Sequence[str]] | Callable[[str], Sequence[str]] | None = None,
                   n_inputs: int = 4) -> SimilarityResult:
     """The experts' similarity under ``features`` (``params``, ``delta`` or ``semantic``; see the module doc).
 
-    ``params`` uses ``sparsity``, ``n_components`` and ``seed``; ``delta`` and ``semantic`` use ``centre``.
+    ``params`` uses ``sparsity``, ``n_components`` and ``seed``; ``delta`` and ``semantic`` use ``centre``
+    (None: off for delta, on for semantic, whose mean-pooled hidden states all share one dominant direction).
     ``semantic`` needs the base model ``lm``, the task data ``tasks`` and ``tasks_of`` (expert → its tasks; by
     default ``experts.tasks`` when ``experts`` is a library, else the expert's own name).
     """
     if features == "params":
         return expert_similarity(experts, sparsity=sparsity, n_components=n_components, seed=seed, cache=cache)
     if features == "delta":
-        return delta_similarity(experts, centre=centre, cache=cache)
+        return delta_similarity(experts, centre=bool(centre), cache=cache)
     if features == "semantic":
         if lm is None or tasks is None:
             raise ModloraError("semantic features need the base model and the tasks' data (definitions and inputs)")
@@ -867,13 +890,14 @@ def similarity_of(experts: Mapping[str, LoraAdapter] | Any, features: Features =
         if isinstance(lookup, Mapping):
             lookup = lookup.get
         expert_tasks = {name: list((lookup(name) if lookup is not None else None) or [name]) for name in names}
-        return expert_semantic_similarity(lm, expert_tasks, tasks, n_inputs=n_inputs, centre=centre, cache=cache)
+        return expert_semantic_similarity(lm, expert_tasks, tasks, n_inputs=n_inputs,
+                                          centre=True if centre is None else centre, cache=cache)
     raise ModloraError(f"features must be one of {', '.join(FEATURES)}, got {features!r}")
 
 
 def model_based_clustering(experts: Mapping[str, LoraAdapter] | Any, k: int | Literal["auto"] = "auto", *,
                            features: Features = DEFAULT_FEATURES, sparsity: float = 0.5, n_components: int = 64,
-                           centre: bool = True, k_range: tuple[int, int] | None = None, seed: int = 0,
+                           centre: bool | None = None, k_range: tuple[int, int] | None = None, seed: int = 0,
                            auto_k: AutoK = DEFAULT_AUTO_K, cache: ArtifactStore | None = None,
                            lm: LoadedModel | None = None, tasks: Mapping[str, Task] | None = None,
                            tasks_of: Mapping[str, Sequence[str]] | Callable[[str], Sequence[str]] | None = None
