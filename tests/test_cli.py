@@ -117,8 +117,8 @@ def test_cluster_features_auto_k_and_labels(world, tmp_path, capsys, monkeypatch
         assert saved["features"] == features and saved["criterion"] == "silhouette"
         # three random experts: either K = 2 or a plain "no cluster structure" verdict, never a silent K
         assert saved["k"] == 2 or (saved["no_structure"] and "no cluster structure" in out)
-    assert main(["cluster", lib, "--k", "2", "--labels", str(labels)]) == 0
-    assert "K = 2" in capsys.readouterr().out
+    assert main(["cluster", lib, "--k", "2", "--labels", str(labels), "--centre"]) == 0
+    assert "K = 2 (delta features" in capsys.readouterr().out
 
 
 def test_reuse_commands(world, tmp_path, capsys):

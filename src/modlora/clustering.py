@@ -1102,7 +1102,7 @@ def plot_clustering(result: ClusteringResult, path_png: str | os.PathLike[str], 
     ax_bar.set_ylabel("experts")
     ax_bar.set_xticks(range(result.k))
     sil = "n/a" if result.silhouette is None else f"{result.silhouette:.3f}"
-    ax_bar.set_title(f"cluster sizes ({result.method}, K={result.k}, silhouette={sil})")
+    ax_bar.set_title(f"cluster sizes ({result.method}, {result.features} features, K={result.k}, silhouette={sil})")
     if title:
         fig.suptitle(title)
     buffer = io.BytesIO()

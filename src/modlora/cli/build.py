@@ -156,7 +156,7 @@ def cmd_cluster(args: argparse.Namespace) -> int:
         lm = load_model(args)
     k_range = (args.k_min, min(args.k_max, max(2, len(lib) - 1))) if args.k == "auto" else None
     result = model_based_clustering(lib, args.k, features=args.features, sparsity=args.sparsity,
-                                    n_components=args.n_components, centre=not args.no_centre, k_range=k_range,
+                                    n_components=args.n_components, centre=args.centre, k_range=k_range,
                                     seed=args.seed, auto_k=args.auto_k, lm=lm, tasks=tasks)
     _print_clusters(result, cluster_quality(result, labels) if labels else None)
     lib.save_meta("clustering", result.to_dict())
@@ -229,8 +229,7 @@ def register(sub: Any, registry: Registry) -> None:
                        description="Cluster a library's experts (k-means on the rows of a similarity matrix) and "
                                    "print the clusters, every candidate K's score with --k auto (or that the experts "
                                    "have no cluster structure), and ARI/purity against --labels. Features: delta = "
-                                   "exact cosine of the experts' updates ΔW = B·A, centred over experts, from the "
-                                   "LoRA factors; params = the paper's flattened, sparsified, SVD-reduced parameters; "
+                                   "exact cosine of the experts' updates ΔW = B·A, from the LoRA factors; params = the paper's flattened, sparsified, SVD-reduced parameters; "
                                    "semantic = the base model's mean-pooled embedding of each task's definition and "
                                    "inputs (the only one that loads the model). The result is stored in the library "
                                    "(meta/clustering.json).")
@@ -246,8 +245,9 @@ def register(sub: Any, registry: Registry) -> None:
     p.add_argument("--labels", type=_labels_source, default=None,
                    help="reference labelling for ARI and purity: 'sni-categories' (the data's sni/index.json) or a "
                         "JSON {name: label} / CSV name,label file keyed by expert or task name")
-    p.add_argument("--no-centre", action="store_true",
-                   help="delta/semantic: compare the raw vectors, not their differences from the mean over experts")
+    p.add_argument("--centre", action=argparse.BooleanOptionalAction, default=None,
+                   help="delta/semantic: compare the differences from the mean over experts (default: off for delta, "
+                        "on for semantic)")
     p.add_argument("--sparsity", type=fraction, default=0.5,
                    help="params: share of smallest-magnitude entries zeroed (0.5)")
     p.add_argument("--n-components", type=positive_int, default=64,
