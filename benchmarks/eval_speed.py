@@ -28,12 +28,12 @@ from modlora.evaluation.rank_classification import (
     score_choices,
 )
 from modlora.evaluation.results import mean_and_stderr
-from modlora.models import load_base_model
+from modlora.models import DEFAULT_MODEL, load_base_model
 
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--model", default=DEFAULT_MODEL)
     ap.add_argument("--task", default="hellaswag", choices=sorted(CHOICE_TASKS))
     ap.add_argument("--limit", type=int, default=64, help="examples (a fixed seeded subset)")
     ap.add_argument("--batch-size", type=int, default=16)

@@ -59,13 +59,13 @@ class BigramLM(torch.nn.Module):
         self.table = torch.nn.Parameter(table, requires_grad=False)
         self.generation_config = SimpleNamespace(eos_token_id=eos_token_id)
 
-    def forward(self, input_ids, attention_mask=None, position_ids=None, past_key_values=None, use_cache=False,
+    def forward(self, input_ids, attention_mask=None, position_ids=None, cache=None, use_cache=False,
                 logits_to_keep=0):
         logits = self.table[input_ids]
         if logits_to_keep:
             logits = logits[:, -logits_to_keep:]
-        cache = (past_key_values if past_key_values is not None else DynamicCache()) if use_cache else None
-        return SimpleNamespace(logits=logits, past_key_values=cache)
+        cache = (cache if cache is not None else DynamicCache()) if use_cache else None
+        return SimpleNamespace(logits=logits, cache=cache)
 
 
 def bigram_loglik(table: torch.Tensor, ctx: list[int], cont: list[int]) -> float:

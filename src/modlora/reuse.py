@@ -68,7 +68,7 @@ class ReuseModel:
 
     def __call__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, *,
                  tasks: Sequence[str] | None = None, **kwargs: Any) -> Any:
-        continuing = kwargs.get("past_key_values") is not None
+        continuing = kwargs.get("cache") is not None
         with self.per_example_routing(input_ids, attention_mask, tasks, continuing):
             return self.model(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
 

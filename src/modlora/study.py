@@ -51,7 +51,7 @@ from modlora.io import atomic_write_bytes, atomic_write_json
 from modlora.library import ExpertLibrary
 from modlora.methods import REGISTRY
 from modlora.methods.core import MethodOptions, TrainingDataOptions
-from modlora.models import LoadedModel, load_base_model
+from modlora.models import DEFAULT_MODEL, LoadedModel, load_base_model
 from modlora.reuse import prepare_model
 from modlora.tables import folding_table
 
@@ -63,7 +63,7 @@ class StudyConfig:
     """Everything a study run needs; ``from_json`` reads the shipped configs in ``benchmarks/configs``."""
 
     name: str = "study"
-    model: str = "smollm2-135m"
+    model: str = DEFAULT_MODEL
     dtype: str | None = None
     train_tasks: list[str] = field(default_factory=list)
     steps_per_task: int = 40

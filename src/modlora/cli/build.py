@@ -7,8 +7,10 @@ from pathlib import Path
 from typing import Any
 
 from modlora.cli.common import (
+    LOCATION_HELP,
     UsageError,
     add_data_arg,
+    add_library_arg,
     add_model_args,
     add_task_source_args,
     add_train_args,
@@ -43,9 +45,14 @@ def _build_config(args: argparse.Namespace) -> Any:
 
 
 def _known_tasks(args: argparse.Namespace, config: Any) -> list[str]:
-    from modlora.building import load_tasks
-    from modlora.data import sni_task_files
-    return sorted(load_tasks(config, None)) if args.flat else sorted(sni_task_files(config.data_dir))
+    """Every task name of the source; for ``--flat`` the skipped malformed lines are reported (count and lines)."""
+    from modlora.data import read_flat_jsonl, sni_task_files
+    if not args.flat:
+        return sorted(sni_task_files(config.data_dir))
+    load = read_flat_jsonl(args.flat)
+    if load.report.skipped:
+        console.print(f"[yellow]{args.flat}[/]: {load.report.summary()}", highlight=False)
+    return sorted(load.tasks)
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -139,7 +146,7 @@ def cmd_cluster(args: argparse.Namespace) -> int:
     from modlora.clustering import cluster_quality, model_based_clustering, plot_clustering, reference_labels
     if args.k == "auto" and args.k_min > args.k_max:
         raise UsageError(f"--k-min {args.k_min} is larger than --k-max {args.k_max}")
-    lib = open_library(args.library)
+    lib = open_library(args.library, args.revision)
     if args.k != "auto" and args.k > len(lib):
         raise UsageError(f"--k {args.k} exceeds the number of experts ({len(lib)})")
     names = lib.expert_names()
@@ -211,8 +218,9 @@ def register(sub: Any, registry: Registry) -> None:
     _add_k_args(p, "10")
     p.add_argument("--stage1-fraction", type=open_fraction, default=0.4,
                    help="MBC: share of each task's budget spent on stage-1 private experts (default 0.4 = 2 of 5)")
-    p.add_argument("--private-library", type=Path, default=None,
-                   help="MBC: reuse this private library as stage 1 instead of training one")
+    p.add_argument("--private-library", default=None,
+                   help="MBC: reuse this private library as stage 1 instead of training one (a directory or any "
+                        "library location: hf://, s3://, ...)")
     p.add_argument("--mbc-library", type=Path, default=None, help="random: the MBC library whose sizes to copy")
     p.add_argument("--balanced", action="store_true",
                    help="multi-task experts use the same number of examples from every task")
@@ -229,11 +237,13 @@ def register(sub: Any, registry: Registry) -> None:
                        description="Cluster a library's experts (k-means on the rows of a similarity matrix) and "
                                    "print the clusters, every candidate K's score with --k auto (or that the experts "
                                    "have no cluster structure), and ARI/purity against --labels. Features: delta = "
-                                   "exact cosine of the experts' updates ΔW = B·A, from the LoRA factors; params = the paper's flattened, sparsified, SVD-reduced parameters; "
+                                   "exact cosine of the experts' updates ΔW = B·A, from the LoRA factors; params = "
+                                   "the paper's flattened, sparsified, SVD-reduced parameters; "
                                    "semantic = the base model's mean-pooled embedding of each task's definition and "
                                    "inputs (the only one that loads the model). The result is stored in the library "
                                    "(meta/clustering.json).")
-    p.add_argument("library", type=Path, help="library directory (usually a private library)")
+    add_library_arg(p, help=f"the library to cluster (usually a private library): {LOCATION_HELP}; the clustering "
+                    "is stored in it (for a remote library: in its local mirror)")
     p.add_argument("--features", choices=FEATURES, default=DEFAULT_FEATURES,
                    help=f"similarity features (default {DEFAULT_FEATURES}; README: MBC says why)")
     p.add_argument("--k", type=clusters_or_auto, default="auto",

@@ -171,7 +171,7 @@ def _generate_batch(model: torch.nn.Module, tokenizer: Any, prompts: list[list[i
     ids, mask = ids.to(device), mask.to(device)
     pos = (mask.cumsum(-1) - 1).clamp(min=0)
     out = _call(model, input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=use_cache)
-    cache = out.past_key_values if use_cache else None
+    cache = out.cache if use_cache else None
     generated: list[list[int]] = [[] for _ in range(b)]
     finished = torch.zeros(b, dtype=torch.bool, device=device)
     eos_t = torch.tensor(sorted(eos), dtype=torch.long, device=device)
@@ -191,9 +191,9 @@ def _generate_batch(model: torch.nn.Module, tokenizer: Any, prompts: list[list[i
         mask = torch.cat([mask, torch.ones((b, 1), dtype=mask.dtype, device=device)], dim=1)
         if use_cache:
             pos = pos[:, -1:] + 1
-            out = _call(model, input_ids=nxt[:, None], attention_mask=mask, position_ids=pos, past_key_values=cache,
+            out = _call(model, input_ids=nxt[:, None], attention_mask=mask, position_ids=pos, cache=cache,
                         use_cache=True)
-            cache = out.past_key_values
+            cache = out.cache
         else:
             ids = torch.cat([ids, nxt[:, None]], dim=1)
             pos = (mask.cumsum(-1) - 1).clamp(min=0)

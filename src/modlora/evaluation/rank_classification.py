@@ -21,7 +21,7 @@ does not start with ``ctx``) the continuation is encoded on its own, ``encode(co
 ``ctx``, so that the context tokens are always exactly ``encode(context)``.
 
 Prefix reuse: for the multiple-choice format the context is run once per example (a batch of examples, left padded,
-explicit ``position_ids``), its ``past_key_values`` (a ``DynamicCache`` of shape (B, heads, L_ctx, d) per layer) is
+explicit ``position_ids``), its ``cache`` (a ``DynamicCache`` of shape (B, heads, L_ctx, d) per layer) is
 gathered along the batch to one row per option and every option's continuation (right padded) is scored from the
 cached prefix, in chunks of options of similar continuation length (little padding). The log-probability of the first
 continuation token comes from the context's last logits, so the continuation pass leaves out each continuation's
@@ -303,9 +303,9 @@ def _score_with_prefix_cache(model: torch.nn.Module, groups: Sequence[list[_Opti
     ctx_ids, ctx_mask, ctx_pos = _left_padded(ctxs, pad_id, device)
     kwargs: dict[str, Any] = {"logits_to_keep": 1} if keep_last_only else {}
     out = _forward(model, input_ids=ctx_ids, attention_mask=ctx_mask, position_ids=ctx_pos, use_cache=True, **kwargs)
-    ctx_cache = out.past_key_values
+    ctx_cache = out.cache
     if ctx_cache is None or not hasattr(ctx_cache, "batch_select_indices"):
-        raise ModloraError("the model did not return a DynamicCache-like past_key_values; use prefix_reuse=False")
+        raise ModloraError("the model did not return a DynamicCache-like cache; use prefix_reuse=False")
     last_logits = out.logits[:, -1, :]  # (B, V): predicts the first continuation token
     ctx_lens = torch.tensor([len(c) for c in ctxs], device=device)
 
@@ -328,7 +328,7 @@ def _score_with_prefix_cache(model: torch.nn.Module, groups: Sequence[list[_Opti
         mask = torch.cat([ctx_mask[row_of], cont_mask], dim=1)
         # the last continuation token predicts nothing that is scored: leave it out of the input
         logits = _forward(model, input_ids=cont_ids[:, :-1], attention_mask=mask[:, :-1], position_ids=cont_pos[:, :-1],
-                          past_key_values=cache, use_cache=True).logits if k_len > 1 else None  # (N_chunk, K-1, V)
+                          cache=cache, use_cache=True).logits if k_len > 1 else None  # (N_chunk, K-1, V)
         # position t of the continuation is predicted by last_logits (t = 0) or by logits[:, t - 1] (t >= 1)
         first = last_logits[row_of].unsqueeze(1)
         pred = first if logits is None else torch.cat([first, logits], dim=1)
