@@ -96,7 +96,28 @@ def test_train_build_and_cluster(world, tmp_path, capsys):
     assert "did you mean task2_beta" in capsys.readouterr().err and not (tmp_path / "bad").exists()
     assert main(["cluster", str(tmp_path / "priv"), "--k", "2", "--plot", str(tmp_path / "c.png"),
                  "--out", str(tmp_path / "c.json")]) == 0
-    assert json.loads((tmp_path / "c.json").read_text())["k"] == 2
+    saved = json.loads((tmp_path / "c.json").read_text())
+    assert saved["k"] == 2 and saved["features"] == "delta"
+
+
+def test_cluster_features_auto_k_and_labels(world, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "80")
+    lib = str(world["lib"])
+    labels = tmp_path / "families.csv"
+    labels.write_text("task,family\ntask1_alpha,a\ntask2_beta,a\ntask3_gamma,b\n")  # keyed by task name
+    for features in ("params", "delta", "semantic"):
+        capsys.readouterr()
+        assert main(["cluster", lib, "--features", features, "--k", "auto", "--auto-k", "silhouette", "--labels",
+                     str(labels), "--data", str(world["data"])] + _m(world)) == 0
+        out = capsys.readouterr().out
+        assert f"({features} features" in out and "ARI" in out and "purity" in out
+        assert max(len(line) for line in out.splitlines()) <= 80 and "…" not in out
+        saved = ExpertLibrary(lib).load_meta("clustering")
+        assert saved["features"] == features and saved["criterion"] == "silhouette"
+        # three random experts: either K = 2 or a plain "no cluster structure" verdict, never a silent K
+        assert saved["k"] == 2 or (saved["no_structure"] and "no cluster structure" in out)
+    assert main(["cluster", lib, "--k", "2", "--labels", str(labels), "--centre"]) == 0
+    assert "K = 2 (delta features" in capsys.readouterr().out
 
 
 def test_reuse_commands(world, tmp_path, capsys):
@@ -156,7 +177,12 @@ def test_eval_suites_default_to_base_and_report(world, tmp_path, capsys):
     (["eval", "--suite", "sni", "--library", "LIB", "--temperature", "1e-300"], "temperature"),
     (["eval", "--suite", "sni", "--library", "LIB", "--temperature", "abc"], "--temperature"),
     (["cluster", "LIB", "--k", "abc"], "--k"),
+    (["cluster", "LIB", "--k", "1"], "an integer >= 2 or 'auto'"),
     (["cluster", "LIB", "--k", "9"], "exceeds the number of experts"),
+    (["cluster", "LIB", "--features", "weights"], "--features"),
+    (["cluster", "LIB", "--auto-k", "gap"], "--auto-k"),
+    (["cluster", "LIB", "--labels", "missing.csv"], "--labels"),
+    (["cluster", "LIB", "--k-min", "5", "--k-max", "3"], "--k-min 5 is larger than --k-max 3"),
     (["route", "LIB", "--prompt", "x", "--max-new-tokens", "0"], "--max-new-tokens"),
     (["route", "LIB", "--prompt", "", "--raw"], "--prompt is empty"),
     (["route", "LIB", "--prompt", "x", "--router", "mu", "--explain"], "--explain needs a per-token router"),

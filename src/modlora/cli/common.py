@@ -61,6 +61,11 @@ def k_or_auto(text: str) -> int | str:
     return text if text == "auto" else _number(int, text, lambda v: v >= 1, "an integer >= 1 or 'auto'")
 
 
+def clusters_or_auto(text: str) -> int | str:
+    """``cluster --k``: 'auto' or a number of clusters >= 2."""
+    return text if text == "auto" else _number(int, text, lambda v: v >= 2, "an integer >= 2 or 'auto'")
+
+
 def name_list(text: str) -> tuple[str, ...]:
     """A comma-separated list of non-empty names (``--targets q_proj,v_proj``)."""
     names = tuple(t.strip() for t in text.split(","))
