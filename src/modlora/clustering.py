@@ -28,16 +28,17 @@ import hashlib
 import json
 import os
 import warnings
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import torch
 
 from modlora.adapters import LoraAdapter
 from modlora.errors import DataError, LibraryError, ModloraError
+from modlora.experts import ArtifactStore, Experts, ExpertSet
 
 if TYPE_CHECKING:
     from modlora.data import Task
@@ -60,43 +61,6 @@ STABILITY_NO_STRUCTURE = 0.8
 _MIN_NORM = 1e-12
 Features = Literal["params", "delta", "semantic"]
 AutoK = Literal["eigengap", "silhouette", "stability"]
-
-
-@runtime_checkable
-class ArtifactStore(Protocol):
-    """What an expert library offers for caching per-expert tensors (duck-typed)."""
-
-    def load_artifact(self, expert: str, kind: str) -> dict[str, torch.Tensor] | None: ...
-
-    def save_artifact(self, expert: str, kind: str, tensors: dict[str, torch.Tensor]) -> None: ...
-
-
-class _LibraryAdapters(Mapping[str, LoraAdapter]):
-    """Read-only ``Mapping`` view of an object with ``expert_names()`` and ``get(name)``."""
-
-    def __init__(self, library: Any) -> None:
-        self._library = library
-        self._names = list(library.expert_names())
-
-    def __getitem__(self, name: str) -> LoraAdapter:
-        if name not in self._names:
-            raise KeyError(name)
-        return self._library.get(name)
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self._names)
-
-    def __len__(self) -> int:
-        return len(self._names)
-
-
-def as_adapter_mapping(experts: Mapping[str, LoraAdapter] | Any) -> Mapping[str, LoraAdapter]:
-    """Accept a ``Mapping[name, LoraAdapter]`` or a library with ``expert_names()`` / ``get(name)``."""
-    if isinstance(experts, Mapping):
-        return experts
-    if hasattr(experts, "expert_names") and hasattr(experts, "get"):
-        return _LibraryAdapters(experts)
-    raise ModloraError(f"expected a mapping of expert name -> LoraAdapter or an expert library, got {type(experts).__name__}")
 
 
 # --------------------------------------------------------------------------- flattening
@@ -267,7 +231,7 @@ def _svd_embeddings(stacked: np.ndarray, n_components: int, seed: int) -> np.nda
         return svd.fit_transform(factor).astype(np.float64)
 
 
-def expert_similarity(adapters: Mapping[str, LoraAdapter] | Any, sparsity: float = 0.5, n_components: int = 64,
+def expert_similarity(adapters: Experts, sparsity: float = 0.5, n_components: int = 64,
                       seed: int = 0, *, cache: ArtifactStore | None = None) -> SimilarityResult:
     """MBC similarity of experts: sparsify (per-expert magnitude quantile), truncated SVD, row-normalise, cosine.
 
@@ -278,7 +242,7 @@ def expert_similarity(adapters: Mapping[str, LoraAdapter] | Any, sparsity: float
     ``load_artifact`` / ``save_artifact``) stores each expert's embedding together with a
     fingerprint of the whole expert set and config, and is reused only when that fingerprint matches.
     """
-    adapters = as_adapter_mapping(adapters)
+    adapters = ExpertSet.of(adapters).as_dict()
     sparsity = _check_fraction(sparsity, "sparsity")
     if isinstance(n_components, bool) or not isinstance(n_components, int) or n_components < 1:
         raise ModloraError(f"n_components must be a positive integer, got {n_components!r}")
@@ -308,7 +272,7 @@ def expert_similarity(adapters: Mapping[str, LoraAdapter] | Any, sparsity: float
 # --------------------------------------------------------------------------- delta (ΔW) similarity
 
 
-def delta_gram(adapters: Mapping[str, LoraAdapter] | Any, names: Sequence[str] | None = None, *,
+def delta_gram(adapters: Experts, names: Sequence[str] | None = None, *,
                block: int = 64) -> np.ndarray:
     """Exact Gram matrix of the experts' updates, ``G_ij = Σ_m ⟨ΔW_i[m], ΔW_j[m]⟩_F`` (n × n, float64).
 
@@ -317,7 +281,7 @@ def delta_gram(adapters: Mapping[str, LoraAdapter] | Any, names: Sequence[str] |
     block of experts the two (b·r × n·r) products are multiplied elementwise and summed over each r × r block:
     O(n²r²(in + out)) per module, never forming a ΔW (out × in). ``names`` defaults to the sorted names.
     """
-    adapters = as_adapter_mapping(adapters)
+    adapters = ExpertSet.of(adapters).as_dict()
     names = sorted(adapters) if names is None else list(names)
     if not names:
         raise LibraryError("cannot compare an empty set of experts")
@@ -398,7 +362,7 @@ def _save_cached_rows(cache: Any, names: list[str], kind: str, key: str, fingerp
                                          "fingerprint": fp_tensor.clone()})
 
 
-def delta_similarity(adapters: Mapping[str, LoraAdapter] | Any, *, centre: bool = False,
+def delta_similarity(adapters: Experts, *, centre: bool = False,
                      cache: ArtifactStore | None = None) -> SimilarityResult:
     """Cosine similarity of the experts' updates ΔW summed over modules (see :func:`delta_gram`).
 
@@ -408,7 +372,7 @@ def delta_similarity(adapters: Mapping[str, LoraAdapter] | Any, *, centre: bool 
     ``cache`` stores each expert's row of the raw Gram matrix with a fingerprint of every expert's factors and
     reuses them only when the fingerprint matches. Experts are ordered by name.
     """
-    adapters = as_adapter_mapping(adapters)
+    adapters = ExpertSet.of(adapters).as_dict()
     names = sorted(adapters)
     if len(names) < 2:
         raise LibraryError(f"MBC needs at least 2 experts to compare, got {len(names)} ({names})")
@@ -865,7 +829,7 @@ def cluster_experts(sim: SimilarityResult, k: int | Literal["auto"] = "auto",
                                  criterion=criterion, no_structure=bool(message), message=message)
 
 
-def similarity_of(experts: Mapping[str, LoraAdapter] | Any, features: Features = DEFAULT_FEATURES, *,
+def similarity_of(experts: Experts, features: Features = DEFAULT_FEATURES, *,
                   sparsity: float = 0.5, n_components: int = 64, centre: bool | None = None, seed: int = 0,
                   cache: ArtifactStore | None = None, lm: LoadedModel | None = None,
                   tasks: Mapping[str, Task] | None = None,
@@ -885,17 +849,17 @@ def similarity_of(experts: Mapping[str, LoraAdapter] | Any, features: Features =
     if features == "semantic":
         if lm is None or tasks is None:
             raise ModloraError("semantic features need the base model and the tasks' data (definitions and inputs)")
-        names = sorted(as_adapter_mapping(experts)) if not isinstance(experts, Mapping) else sorted(experts)
-        lookup = tasks_of if tasks_of is not None else getattr(experts, "tasks", None)
+        es = ExpertSet.of(experts)
+        lookup = tasks_of if tasks_of is not None else es.tasks_of
         if isinstance(lookup, Mapping):
             lookup = lookup.get
-        expert_tasks = {name: list((lookup(name) if lookup is not None else None) or [name]) for name in names}
+        expert_tasks = {name: list(lookup(name) or [name]) for name in sorted(es.names)}
         return expert_semantic_similarity(lm, expert_tasks, tasks, n_inputs=n_inputs,
                                           centre=True if centre is None else centre, cache=cache)
     raise ModloraError(f"features must be one of {', '.join(FEATURES)}, got {features!r}")
 
 
-def model_based_clustering(experts: Mapping[str, LoraAdapter] | Any, k: int | Literal["auto"] = "auto", *,
+def model_based_clustering(experts: Experts, k: int | Literal["auto"] = "auto", *,
                            features: Features = DEFAULT_FEATURES, sparsity: float = 0.5, n_components: int = 64,
                            centre: bool | None = None, k_range: tuple[int, int] | None = None, seed: int = 0,
                            auto_k: AutoK = DEFAULT_AUTO_K, cache: ArtifactStore | None = None,
