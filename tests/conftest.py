@@ -44,6 +44,21 @@ def make_tiny_llama(vocab_size: int = 100, seed: int = 0, hidden: int = 32, laye
     return model
 
 
+def save_tiny_model(directory: Path) -> Path:
+    """A tiny Llama + the character tokenizer saved as a local HF model directory (what ``--model`` takes)."""
+    make_tiny_llama(seed=0).save_pretrained(directory)
+    make_char_tokenizer().save_pretrained(directory)
+    return directory
+
+
+def write_sni_task(directory: Path, name: str, letter: str, n: int = 20) -> None:
+    """An SNI task file ``name.json``: inputs ``{letter}{j}``, output ``{letter}{letter}``."""
+    import json
+
+    inst = [{"id": f"{name}-{j}", "input": f"{letter}{j}", "output": [letter * 2]} for j in range(n)]
+    (directory / f"{name}.json").write_text(json.dumps({"Definition": [f"Do {letter}."], "Instances": inst}))
+
+
 @pytest.fixture
 def char_tokenizer() -> PreTrainedTokenizerFast:
     return make_char_tokenizer()

@@ -19,16 +19,11 @@ from modlora.methods import REGISTRY, MethodOptions, StaticMethod, option
 from modlora.models import load_base_model
 from modlora.reuse import prepare_model
 
-from .conftest import make_char_tokenizer, make_tiny_llama
+from .conftest import save_tiny_model, write_sni_task
 
 SPEC = LoraSpec(rank=2, alpha=4, dropout=0.0)
 TASKS = ("task1_alpha", "task2_beta", "task3_gamma")
 LONG = "cluster_with_a_rather_long_expert_name_number"
-
-
-def _sni(directory: Path, name: str, letter: str, n: int = 24) -> None:
-    inst = [{"id": f"{name}-{j}", "input": f"{letter}{j}", "output": [letter * 2]} for j in range(n)]
-    (directory / f"{name}.json").write_text(json.dumps({"Definition": [f"Repeat {letter}."], "Instances": inst}))
 
 
 @pytest.fixture(scope="module")
@@ -36,14 +31,13 @@ def world(tmp_path_factory) -> dict[str, Path]:
     """A tiny HF model directory, a data root (sni/tasks, sni/heldout, eval/) and a 3-expert library."""
     root = tmp_path_factory.mktemp("cli")
     model_dir = root / "tiny"
-    make_tiny_llama(seed=0).save_pretrained(model_dir)
-    make_char_tokenizer().save_pretrained(model_dir)
+    save_tiny_model(model_dir)
     data = root / "data"
     for sub in ("sni/tasks", "sni/heldout", "eval"):
         (data / sub).mkdir(parents=True)
     for t in TASKS:
-        _sni(data / "sni" / "tasks", t, t[-1])
-    _sni(data / "sni" / "heldout", "task9_zeta", "z")
+        write_sni_task(data / "sni" / "tasks", t, t[-1])
+    write_sni_task(data / "sni" / "heldout", "task9_zeta", "z")
     rows = [{"query": f"Q{i}:", "choices": [" yes", " no"], "gold": i % 2} for i in range(4)]
     (data / "eval" / "boolq.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
     he = {"task_id": "HumanEval/0", "prompt": "def f(x):\n", "entry_point": "f", "canonical_solution": "    return x\n",
@@ -88,6 +82,11 @@ def test_train_build_and_cluster(world, tmp_path, capsys):
     common = _m(world) + ["--data", str(world["data"]), "--steps", "1", "--batch-size", "2", "--max-val", "2",
                           "--max-prompt-tokens", "32", "--max-target-tokens", "4"]
     assert main(["train", str(tmp_path / "one"), "task1_alpha"] + common) == 0
+    flat = tmp_path / "flat.jsonl"
+    flat.write_text("\n".join([json.dumps({"task_name": "echo", "source": f"w{i}", "target": f"w{i}"})
+                               for i in range(12)] + ["{broken", "[1]"]) + "\n")
+    assert main(["train", str(tmp_path / "flat"), "echo", "--flat", str(flat)] + common) == 0
+    assert "skipped 2 malformed record(s): line 13" in capsys.readouterr().out
     assert ExpertLibrary(tmp_path / "one").expert_names() == ["task1_alpha"]
     assert main(["build", str(tmp_path / "priv"), "--strategy", "private", "--tasks", *TASKS] + common) == 0
     assert sorted(ExpertLibrary(tmp_path / "priv").expert_names()) == sorted(TASKS)
@@ -105,7 +104,28 @@ def test_train_build_and_cluster(world, tmp_path, capsys):
     assert "did you mean task2_beta" in capsys.readouterr().err and not (tmp_path / "bad").exists()
     assert main(["cluster", str(tmp_path / "priv"), "--k", "2", "--plot", str(tmp_path / "c.png"),
                  "--out", str(tmp_path / "c.json")]) == 0
-    assert json.loads((tmp_path / "c.json").read_text())["k"] == 2
+    saved = json.loads((tmp_path / "c.json").read_text())
+    assert saved["k"] == 2 and saved["features"] == "delta"
+
+
+def test_cluster_features_auto_k_and_labels(world, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "80")
+    lib = str(world["lib"])
+    labels = tmp_path / "families.csv"
+    labels.write_text("task,family\ntask1_alpha,a\ntask2_beta,a\ntask3_gamma,b\n")  # keyed by task name
+    for features in ("params", "delta", "semantic"):
+        capsys.readouterr()
+        assert main(["cluster", lib, "--features", features, "--k", "auto", "--auto-k", "silhouette", "--labels",
+                     str(labels), "--data", str(world["data"])] + _m(world)) == 0
+        out = capsys.readouterr().out
+        assert f"({features} features" in out and "ARI" in out and "purity" in out
+        assert max(len(line) for line in out.splitlines()) <= 80 and "…" not in out
+        saved = ExpertLibrary(lib).load_meta("clustering")
+        assert saved["features"] == features and saved["criterion"] == "silhouette"
+        # three random experts: either K = 2 or a plain "no cluster structure" verdict, never a silent K
+        assert saved["k"] == 2 or (saved["no_structure"] and "no cluster structure" in out)
+    assert main(["cluster", lib, "--k", "2", "--labels", str(labels), "--centre"]) == 0
+    assert "K = 2 (delta features" in capsys.readouterr().out
 
 
 def test_reuse_commands(world, tmp_path, capsys):
@@ -146,8 +166,12 @@ def test_eval_suites_default_to_base_and_report(world, tmp_path, capsys):
     assert 0 <= indist["routing"]["accuracy"]["overall"] <= 1 and indist["routing"]["accuracy"]["n"] == 6
     out = capsys.readouterr().out
     assert "loss=" in out and "loss=2" not in out.replace("loss=2.", "")  # the loss is not shown ×100
-    assert main(["eval", "--suite", "code", "--tasks", "humaneval", "--max-new-tokens", "4", "--router", "mu",
+    assert main(["eval", "--suite", "code", "--tasks", "humaneval", "--max-new-tokens", "4", "--top-k", "2",
                  "--out", str(tmp_path / "code.json")] + lib + data + _m(world)) == 0
+    assert set(json.loads((tmp_path / "code.json").read_text())["routing"]["expert_usage"]) == {"humaneval"}
+    assert main(["eval", "--suite", "sni", "--limit", "1", "--max-new-tokens", "1", "--router", "mu", "--out",
+                 str(tmp_path / "mu.json")] + lib + data + _m(world)) == 0
+    assert "routing" not in json.loads((tmp_path / "mu.json").read_text())  # a static merge routes nothing
     assert main(["report", str(tmp_path / "base.json"), str(tmp_path / "sni.json"), str(tmp_path / "in.json"),
                  "--out", str(tmp_path / "rep")]) == 0
     assert (tmp_path / "rep" / "routing_entropy.png").is_file()
@@ -161,11 +185,16 @@ def test_eval_suites_default_to_base_and_report(world, tmp_path, capsys):
     (["eval", "--suite", "sni", "--library", "LIB", "--temperature", "1e-300"], "temperature"),
     (["eval", "--suite", "sni", "--library", "LIB", "--temperature", "abc"], "--temperature"),
     (["cluster", "LIB", "--k", "abc"], "--k"),
+    (["cluster", "LIB", "--k", "1"], "an integer >= 2 or 'auto'"),
     (["cluster", "LIB", "--k", "9"], "exceeds the number of experts"),
+    (["cluster", "LIB", "--features", "weights"], "--features"),
+    (["cluster", "LIB", "--auto-k", "gap"], "--auto-k"),
+    (["cluster", "LIB", "--labels", "missing.csv"], "--labels"),
+    (["cluster", "LIB", "--k-min", "5", "--k-max", "3"], "--k-min 5 is larger than --k-max 3"),
     (["route", "LIB", "--prompt", "x", "--max-new-tokens", "0"], "--max-new-tokens"),
     (["route", "LIB", "--prompt", "", "--raw"], "--prompt is empty"),
     (["route", "LIB", "--prompt", "x", "--router", "mu", "--explain"], "--explain needs a per-token router"),
-    (["route", "LIB", "--prompt", "bad \udcff bytes"], "not valid UTF-8"),
+    (["route", "LIB", "--prompt", "bad \udcff bytes"], "--prompt: not valid Unicode"),
     (["merge", "LIB", "--method", "linear", "--weights", "a,b", "--out", "X"], "--weights"),
     (["merge", "LIB", "--method", "ties", "--density", "0", "--out", "X"], "density"),
     (["build", "OUT", "--k", "0"], "--k"),

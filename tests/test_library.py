@@ -87,7 +87,7 @@ def test_import_export(tmp_path, tiny_llama):
     back = LoraAdapter.load(out)
     for m in ad.modules:
         assert torch.equal(back.A[m], ad.A[m])
-    with pytest.raises(FileExistsError):
+    with pytest.raises(LibraryError, match="already exists"):
         lib.export("imp", tmp_path / "out")
 
 

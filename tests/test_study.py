@@ -6,25 +6,19 @@ import json
 
 from modlora.study import StudyConfig, results_markdown, run_study
 
-from .conftest import make_char_tokenizer, make_tiny_llama
-
-
-def _sni(directory, name, letter, n=20):
-    inst = [{"id": f"{name}-{j}", "input": f"{letter}{j}", "output": [letter * 2]} for j in range(n)]
-    (directory / f"{name}.json").write_text(json.dumps({"Definition": [f"Do {letter}."], "Instances": inst}))
+from .conftest import save_tiny_model, write_sni_task
 
 
 def test_study_end_to_end_and_resume(tmp_path):
     model_dir = tmp_path / "tiny"
-    make_tiny_llama(seed=0).save_pretrained(model_dir)
-    make_char_tokenizer().save_pretrained(model_dir)
+    save_tiny_model(model_dir)
     data = tmp_path / "data"
     (data / "sni" / "tasks").mkdir(parents=True)
     (data / "sni" / "heldout").mkdir(parents=True)
     train = ["task1_a", "task2_b", "task3_c", "task4_d"]
     for t in train:
-        _sni(data / "sni" / "tasks", t, t[-1])
-    _sni(data / "sni" / "heldout", "task9_z", "z")
+        write_sni_task(data / "sni" / "tasks", t, t[-1])
+    write_sni_task(data / "sni" / "heldout", "task9_z", "z")
     (data / "eval").mkdir()
     (data / "eval" / "arc_easy.jsonl").write_text("\n".join(json.dumps(
         {"query": f"Question: a{i}?", "choices": ["aa", "b", "cc"], "gold": i % 3}) for i in range(5)))

@@ -12,21 +12,23 @@ In memory, :class:`LoraAdapter` maps each *module path* of the base causal LM (f
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save
+from safetensors.torch import load as load_safetensors_bytes
+from safetensors.torch import save
 
-from modlora.errors import AdapterError
-from modlora.io import atomic_directory, atomic_write_bytes
+from modlora.errors import AdapterError, ModloraError
+from modlora.io import atomic_directory, atomic_write_bytes, parse_json
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -35,7 +37,7 @@ DEFAULT_TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj")
 MLP_TARGET_MODULES = ("gate_proj", "up_proj", "down_proj")
 MAX_RANK = 4096
 MAX_FEATURES = 1 << 20
-_KEY_RE = re.compile(r"^base_model\.model\.(?P<module>[A-Za-z0-9_.]+)\.lora_(?P<which>[AB])(?:\.[A-Za-z0-9_]+)?\.weight$")
+PEFT_KEY_RE = re.compile(r"^base_model\.model\.(?P<module>[A-Za-z0-9_.]+)\.lora_(?P<which>[AB])(?:\.[A-Za-z0-9_]+)?\.weight$")
 
 
 @dataclass(frozen=True)
@@ -132,11 +134,17 @@ class LoraAdapter:
         return LoraAdapter(self.spec, conv, convb, self.base_model_name, dict(self.extra_config))
 
     def peft_state_dict(self) -> dict[str, torch.Tensor]:
-        """Tensors under PEFT's saved key names."""
+        """Tensors under PEFT's saved key names (each its own storage: safetensors refuses shared memory, e.g. one
+        factor reused by two modules)."""
         out: dict[str, torch.Tensor] = {}
+        seen: set[int] = set()
         for m in self.modules:
-            out[f"{PEFT_PREFIX}{m}.lora_A.weight"] = self.A[m].detach().float().contiguous().cpu()
-            out[f"{PEFT_PREFIX}{m}.lora_B.weight"] = self.B[m].detach().float().contiguous().cpu()
+            for which, factors in (("A", self.A), ("B", self.B)):
+                t = factors[m].detach().float().contiguous().cpu()
+                if t.untyped_storage().data_ptr() in seen:
+                    t = t.clone()
+                seen.add(t.untyped_storage().data_ptr())
+                out[f"{PEFT_PREFIX}{m}.lora_{which}.weight"] = t
         return out
 
     def peft_config(self) -> dict[str, Any]:
@@ -163,9 +171,10 @@ class LoraAdapter:
         return cfg
 
     def save(self, directory: str | os.PathLike[str], *, overwrite: bool = False) -> Path:
-        """Write a PEFT adapter directory atomically; returns its path."""
+        """Write a PEFT adapter directory atomically; returns its path. An existing ``directory`` is refused unless
+        ``overwrite``, and even then only an empty directory or another adapter directory is replaced."""
         directory = Path(directory)
-        with atomic_directory(directory, overwrite=overwrite) as tmp:
+        with output_directory(directory, overwrite=overwrite, error=AdapterError) as tmp:
             write_adapter_files(self, tmp)
         return directory
 
@@ -173,6 +182,27 @@ class LoraAdapter:
     def load(cls, directory: str | os.PathLike[str], *, name: str | None = None) -> LoraAdapter:
         """Read and validate a PEFT LoRA adapter directory."""
         return load_adapter(directory, name=name)
+
+
+@contextlib.contextmanager
+def output_directory(directory: Path, *, overwrite: bool, error: type[ModloraError]) -> Iterator[Path]:
+    """:func:`~modlora.io.atomic_directory` for an adapter written where the user asked (``--out``): an existing
+    path raises ``error`` unless ``overwrite``, and ``overwrite`` replaces only an empty directory or an adapter
+    directory (one holding ``adapter_config.json``), never a file or another directory's contents."""
+    if directory.exists() or directory.is_symlink():
+        if not overwrite:
+            raise error(f"{directory} already exists (pass overwrite / --overwrite to replace it)")
+        if directory.is_symlink() or not directory.is_dir():
+            raise error(f"{directory} exists and is not a directory; refusing to replace it")
+        if any(directory.iterdir()) and not (directory / ADAPTER_CONFIG).is_file():
+            raise error(f"{directory} is a non-empty directory that does not hold an adapter; refusing to replace it")
+    try:
+        with atomic_directory(directory, overwrite=overwrite) as tmp:
+            yield tmp
+    except FileExistsError:
+        raise error(f"{directory} already exists (created meanwhile; pass overwrite to replace it)") from None
+    except (NotADirectoryError, PermissionError, IsADirectoryError) as exc:
+        raise error(f"cannot write {directory}: {exc.strerror or exc}") from None
 
 
 def write_adapter_files(adapter: LoraAdapter, directory: Path) -> None:
@@ -194,10 +224,20 @@ def read_adapter_config(directory: Path, name: str) -> tuple[LoraSpec, dict[str,
     """Parse and validate ``adapter_config.json``; returns the spec and the raw dict."""
     path = directory / ADAPTER_CONFIG
     try:
-        raw = json.loads(path.read_text())
+        data = path.read_bytes()
     except FileNotFoundError:
         raise AdapterError(f"{name}: missing {path}") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+    except OSError as exc:
+        raise AdapterError(f"{name}: cannot read {path} ({exc.strerror or exc})") from None
+    return parse_adapter_config(data, path, name)
+
+
+def parse_adapter_config(data: bytes, path: Path, name: str) -> tuple[LoraSpec, dict[str, Any]]:
+    """Validate the bytes of ``adapter_config.json`` (read from ``path``): a LoRA ``LoraConfig`` without the
+    unsupported variants. Returns the spec and the raw dict."""
+    try:
+        raw = parse_json(data)
+    except ValueError as exc:
         raise AdapterError(f"{name}: {path} is not valid JSON ({exc})") from None
     if not isinstance(raw, dict):
         raise AdapterError(f"{name}: {path} must hold a JSON object")
@@ -212,11 +252,14 @@ def read_adapter_config(directory: Path, name: str) -> tuple[LoraSpec, dict[str,
             raise AdapterError(f"{name}: {path}: field {flag!r}=true is not supported")
     if raw.get("rank_pattern") or raw.get("alpha_pattern"):
         raise AdapterError(f"{name}: {path}: per-module 'rank_pattern'/'alpha_pattern' are not supported")
+    base = raw.get("base_model_name_or_path")
+    if base is not None and not isinstance(base, str):
+        raise AdapterError(f"{name}: {path}: field 'base_model_name_or_path' must be a string, got {base!r}")
     try:
         spec = LoraSpec.from_dict(raw)
     except AdapterError as exc:
         raise AdapterError(f"{name}: {path}: {exc}") from None
-    except TypeError as exc:
+    except (TypeError, ValueError) as exc:
         raise AdapterError(f"{name}: {path}: bad field type ({exc})") from None
     return spec, raw
 
@@ -230,20 +273,71 @@ def load_adapter(directory: str | os.PathLike[str], *, name: str | None = None) 
     if not wpath.is_file():
         raise AdapterError(f"{name}: missing {wpath}")
     try:
-        tensors = load_file(str(wpath))
-    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+        weights = wpath.read_bytes()
+    except OSError as exc:
+        raise AdapterError(f"{name}: cannot read {wpath} ({exc.strerror or exc})") from None
+    return adapter_from_weights(spec, raw, weights, wpath, name)
+
+
+def adapter_from_weights(spec: LoraSpec, config: Mapping[str, Any], weights: bytes, wpath: Path, name: str
+                         ) -> LoraAdapter:
+    """Build a validated adapter from a parsed config and the bytes of ``adapter_model.safetensors`` (read from
+    ``wpath``). Tensors must be floating point; they are held as float32."""
+    try:
+        tensors = load_safetensors_bytes(weights)
+    except (SafetensorError, OSError, ValueError, RuntimeError, TypeError, OverflowError) as exc:
         raise AdapterError(f"{name}: cannot read {wpath}: {exc}") from None
     A: dict[str, torch.Tensor] = {}
     B: dict[str, torch.Tensor] = {}
     for key, t in tensors.items():
-        mt = _KEY_RE.match(key)
+        mt = PEFT_KEY_RE.match(key)
         if mt is None:
             raise AdapterError(f"{name}: {wpath}: unexpected tensor key {key!r}")
+        if not t.is_floating_point():
+            raise AdapterError(f"{name}: {wpath}: tensor {key!r} has dtype {t.dtype}; LoRA weights must be floating "
+                               "point")
         (A if mt["which"] == "A" else B)[mt["module"]] = t.float()
     try:
-        return LoraAdapter(spec, A, B, raw.get("base_model_name_or_path"))
+        return LoraAdapter(spec, A, B, config.get("base_model_name_or_path"))
     except AdapterError as exc:
         raise AdapterError(f"{name}: {wpath}: {exc}") from None
+
+
+def adapter_problems(adapter: LoraAdapter, base_shapes: Mapping[str, tuple[int, int]] | None) -> list[str]:
+    """What a later command would trip over, one message per problem (empty: consistent).
+
+    * every tensor's module is listed in the config's ``target_modules`` (by its last name component; PEFT ignores
+      tensors of other modules), and every ``target_modules`` name matches some tensor;
+    * with ``base_shapes`` (module path → (out_features, in_features) of the base model's linear layers): every
+      module exists in the base model and has ``A`` (r, in) and ``B`` (out, r) of its shape, and every base linear
+      layer that ``target_modules`` names has its tensors.
+    """
+    problems: list[str] = []
+    targets = set(adapter.spec.target_modules)
+    leaves = {m.rsplit(".", 1)[-1] for m in adapter.modules}
+    stray = sorted(m for m in adapter.modules if m.rsplit(".", 1)[-1] not in targets)
+    if stray:
+        problems.append(f"tensors for module(s) {stray[:3]} whose names are not in the config's target_modules "
+                        f"{sorted(targets)}")
+    unused = sorted(targets - leaves)
+    if unused:
+        problems.append(f"config target_modules {unused} match no tensor")
+    if base_shapes is None:
+        return problems
+    for m in adapter.modules:
+        shape = base_shapes.get(m)
+        if shape is None:
+            problems.append(f"module {m} does not exist in the base model (no linear layer of that name)")
+            continue
+        out_f, in_f = shape
+        a, b = adapter.A[m], adapter.B[m]
+        if a.shape[1] != in_f or b.shape[0] != out_f:
+            problems.append(f"module {m}: lora_A {tuple(a.shape)} / lora_B {tuple(b.shape)} do not fit the base "
+                            f"layer ({out_f} out × {in_f} in: expected A (r, {in_f}) and B ({out_f}, r))")
+    missing = sorted(m for m in base_shapes if m.rsplit(".", 1)[-1] in targets and m not in adapter.A)
+    if missing:
+        problems.append(f"no tensors for {len(missing)} base layer(s) that target_modules names, e.g. {missing[:3]}")
+    return problems
 
 
 def adapted_modules(model: torch.nn.Module, target_modules: Iterable[str]) -> list[str]:
@@ -253,17 +347,27 @@ def adapted_modules(model: torch.nn.Module, target_modules: Iterable[str]) -> li
 
 
 @torch.no_grad()
-def merge_adapter(model: torch.nn.Module, adapter: LoraAdapter, weight: float = 1.0) -> None:
-    """In place: ``W[m] += weight · s · B A`` for every module of the adapter (``weight=-1`` undoes it)."""
+def merge_adapter(model: torch.nn.Module, adapter: LoraAdapter, weight: float = 1.0, *, name: str = "adapter") -> None:
+    """In place: ``W[m] += weight · s · B A`` for every module of the adapter (``weight=-1`` undoes it).
+
+    Every ``ΔW`` is checked (shape, and finite in the weights' dtype) before any weight changes, so a refused
+    adapter (:class:`AdapterError` naming ``name`` and the module) leaves the model untouched."""
     modules = dict(model.named_modules())
-    for m in adapter.modules:
-        lin = modules.get(m)
-        if not isinstance(lin, torch.nn.Linear):
-            raise AdapterError(f"adapter module {m!r} is not a linear layer of the model")
-        dw = adapter.delta_weight(m)
-        if dw.shape != lin.weight.shape:
-            raise AdapterError(f"adapter module {m!r}: ΔW shape {tuple(dw.shape)} != weight {tuple(lin.weight.shape)}")
-        lin.weight.add_(dw.to(device=lin.weight.device, dtype=lin.weight.dtype), alpha=weight)
+    for apply in (False, True):     # check every module first (ΔW recomputed, not kept: it can be large), then apply
+        for m in adapter.modules:
+            lin = modules.get(m)
+            if not isinstance(lin, torch.nn.Linear):
+                raise AdapterError(f"{name}: module {m!r} is not a linear layer of the model")
+            dw = adapter.delta_weight(m)
+            if dw.shape != lin.weight.shape:
+                raise AdapterError(f"{name}: module {m!r}: ΔW shape {tuple(dw.shape)} != weight "
+                                   f"{tuple(lin.weight.shape)}")
+            dw = dw.to(device=lin.weight.device, dtype=lin.weight.dtype)
+            if apply:
+                lin.weight.add_(dw, alpha=weight)
+            elif not torch.isfinite(dw * weight).all():
+                raise AdapterError(f"{name}: module {m!r}: ΔW = s·B·A is not finite in {lin.weight.dtype} (weights "
+                                   "too large)")
 
 
 def random_adapter(model: torch.nn.Module, spec: LoraSpec, *, seed: int = 0, std: float = 0.02,

@@ -314,7 +314,7 @@ def build_mbc_library(path: str | Path, tasks: Sequence[str], config: BuildConfi
                                        executor=executor, ray_address=ray_address, stage="mbc-stage1",
                                        progress=progress, on_config_change=on_config_change)
     else:
-        stage1 = ExpertLibrary(private_library)
+        stage1 = ExpertLibrary.open(private_library)  # a local path or any location (hf://, s3://, ...)
         stage1.check_base_model(_base_info(config))
         missing = [t for t in tasks if t not in stage1.task_to_expert()]
         if missing:

@@ -1,76 +1,66 @@
-"""Model-based clustering (MBC) of LoRA experts (Ostapenko et al., 2024, Sec. 3.2).
+"""Model-based clustering (MBC) of LoRA experts (Ostapenko et al., 2024, Sec. 3.2) on one of three feature sets.
 
-Each private expert is summarised by its parameters: the flattened vector
-``θ_i = concat_m [vec(A_i[m]), vec(B_i[m])]`` over its modules ``m`` in sorted order (length ``D``).
-MBC then
+Similarity features (``features=``):
 
-1. sparsifies every ``θ_i`` by zeroing the entries with ``|θ_ij| < quantile(|θ_i|, sparsity)``
-   (keeping the largest-magnitude ``1 - sparsity`` fraction);
-2. stacks them into ``X`` (n × D) and reduces it with a truncated SVD, ``E = X V_c`` (n × c);
-3. L2-normalises the rows of ``E`` and takes the cosine-similarity matrix ``S = Ê Êᵀ`` (n × n);
-4. runs k-means on the *rows* of ``S`` (each expert is described by its similarities to all
-   experts), picking ``K`` by silhouette score when asked to.
+* ``params`` — the paper's method. Each expert is the flattened vector
+  ``θ_i = concat_m [vec(A_i[m]), vec(B_i[m])]`` over its modules ``m`` in sorted order (length ``D``);
+  every ``θ_i`` is sparsified by zeroing the entries with ``|θ_ij| < quantile(|θ_i|, sparsity)``, the rows are
+  stacked into ``X`` (n × D) and reduced by a truncated SVD, ``E = X V_c`` (n × c, ``c = min(n_components, n, D)``),
+  and ``S = Ê Êᵀ`` is the cosine of the L2-normalised rows.
+* ``delta`` — the exact cosine of the experts' updates ``ΔW_i[m] = s_i B_i[m] A_i[m]`` summed over modules:
+  ``G_ij = Σ_m s_i s_j tr((B_iᵀ B_j)(A_j A_iᵀ))`` (the Frobenius inner product, from the r × r factor products,
+  never forming ΔW), optionally centred over experts (``G_c = G − 1ḡᵀ − ḡ1ᵀ + mean(G)``, the Gram matrix of
+  ``ΔW_i − mean_j ΔW_j``), then ``S_ij = G_ij / sqrt(G_ii G_jj)``. Because B starts at 0, ΔW sees only what was
+  learned, not the initialisation of A that all experts share.
+* ``semantic`` — the cosine of (centred) mean-pooled last hidden states of the base model on each task's definition
+  plus a few of its inputs (:func:`task_embeddings`).
 
+k-means then runs on the *rows* of ``S`` (each expert is described by its similarities to all experts). ``K`` is
+given or chosen automatically (``auto_k=``: eigengap of the normalised Laplacian of ``max(S, 0)``, silhouette or
+stability under resampling); when no K separates the experts the result says so (``no_structure``).
 The resulting task clusters are used to train one expert per cluster (the MBC library).
 """
 
 from __future__ import annotations
 
+import csv
 import hashlib
 import json
 import os
 import warnings
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import torch
 
 from modlora.adapters import LoraAdapter
-from modlora.errors import LibraryError, ModloraError
+from modlora.errors import DataError, LibraryError, ModloraError
+from modlora.experts import ArtifactStore, Experts, ExpertSet
 
-SIMILARITY_ARTIFACT_VERSION = "mbc-svd-v1"
-CLUSTERING_JSON_VERSION = 1
+if TYPE_CHECKING:
+    from modlora.data import Task
+    from modlora.models import LoadedModel
+
+SIMILARITY_ARTIFACT_VERSION = "mbc-svd-v2"  # v2: c = min(n_components, n, D) (v1 kept n - 1 components)
+DELTA_ARTIFACT_VERSION = "mbc-delta-v1"
+SEMANTIC_ARTIFACT_VERSION = "mbc-semantic-v1"
+CLUSTERING_JSON_VERSION = 2
+FEATURES = ("params", "delta", "semantic")
+AUTO_K_CRITERIA = ("eigengap", "silhouette", "stability")
+DEFAULT_FEATURES = "delta"
+DEFAULT_AUTO_K = "silhouette"
+# below this best silhouette the partition is no better than noise (Kaufman & Rousseeuw's "no substantial structure")
+SILHOUETTE_NO_STRUCTURE = 0.25
+# eigengap: the best K > 1 must beat this many structure-free permutations of the similarities at the 95 % level
+EIGENGAP_PERMUTATIONS = 20
+# below this mean ARI between a resampled clustering and the full one, no K is stable
+STABILITY_NO_STRUCTURE = 0.8
 _MIN_NORM = 1e-12
-
-
-@runtime_checkable
-class ArtifactStore(Protocol):
-    """What an expert library offers for caching per-expert tensors (duck-typed)."""
-
-    def load_artifact(self, expert: str, kind: str) -> dict[str, torch.Tensor] | None: ...
-
-    def save_artifact(self, expert: str, kind: str, tensors: dict[str, torch.Tensor]) -> None: ...
-
-
-class _LibraryAdapters(Mapping[str, LoraAdapter]):
-    """Read-only ``Mapping`` view of an object with ``expert_names()`` and ``get(name)``."""
-
-    def __init__(self, library: Any) -> None:
-        self._library = library
-        self._names = list(library.expert_names())
-
-    def __getitem__(self, name: str) -> LoraAdapter:
-        if name not in self._names:
-            raise KeyError(name)
-        return self._library.get(name)
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self._names)
-
-    def __len__(self) -> int:
-        return len(self._names)
-
-
-def as_adapter_mapping(experts: Mapping[str, LoraAdapter] | Any) -> Mapping[str, LoraAdapter]:
-    """Accept a ``Mapping[name, LoraAdapter]`` or a library with ``expert_names()`` / ``get(name)``."""
-    if isinstance(experts, Mapping):
-        return experts
-    if hasattr(experts, "expert_names") and hasattr(experts, "get"):
-        return _LibraryAdapters(experts)
-    raise ModloraError(f"expected a mapping of expert name -> LoraAdapter or an expert library, got {type(experts).__name__}")
+Features = Literal["params", "delta", "semantic"]
+AutoK = Literal["eigengap", "silhouette", "stability"]
 
 
 # --------------------------------------------------------------------------- flattening
@@ -108,10 +98,12 @@ def _zero_small_entries(row: np.ndarray, sparsity: float) -> None:
 
 @dataclass
 class SimilarityResult:
-    """Cosine similarities of the experts' SVD embeddings.
+    """Cosine similarities of the experts under one feature set.
 
-    ``names``: n expert names (sorted); ``embeddings``: (n × c) L2-normalised rows;
-    ``similarity``: (n × n) ``Ê Êᵀ`` with ones on the diagonal (for non-zero experts).
+    ``names``: n expert names (sorted); ``embeddings``: (n × c) L2-normalised rows with ``Ê Êᵀ = S``;
+    ``similarity``: (n × n) ``S`` with ones on the diagonal (for non-zero experts). ``features`` names how
+    ``S`` was computed (``params``, ``delta`` or ``semantic``); ``centred`` whether the mean over experts was
+    removed first; ``sparsity`` / ``n_components`` / ``seed`` are the ``params`` settings.
     """
 
     names: list[str]
@@ -120,6 +112,8 @@ class SimilarityResult:
     sparsity: float = 0.5
     n_components: int = 0
     seed: int = 0
+    features: str = "params"
+    centred: bool = False
 
     def index(self, name: str) -> int:
         try:
@@ -134,23 +128,28 @@ def _check_fraction(value: float, field_name: str) -> float:
     return float(value)
 
 
-def _flatten_all(adapters: Mapping[str, LoraAdapter], names: list[str]) -> np.ndarray:
-    """Stack the flattened experts into (n × D), checking that every expert has the same layout."""
+def _check_layouts(adapters: Mapping[str, LoraAdapter], names: list[str]) -> None:
+    """Every expert is a LoraAdapter with the same modules and factor shapes as ``names[0]``."""
     reference_name = names[0]
-    reference_layout = _layout(adapters[reference_name])
-    rows: list[np.ndarray] = []
+    reference_layout: list[tuple[str, tuple[int, ...], tuple[int, ...]]] | None = None
     for name in names:
         adapter = adapters[name]
         if not isinstance(adapter, LoraAdapter):
             raise LibraryError(f"expert {name!r}: expected a LoraAdapter, got {type(adapter).__name__}")
         layout = _layout(adapter)
-        if layout != reference_layout:
+        if reference_layout is None:
+            reference_layout = layout
+        elif layout != reference_layout:
             diff = _first_layout_difference(reference_layout, layout)
             raise LibraryError(
                 f"expert {name!r} cannot be compared with expert {reference_name!r}: {diff}; MBC needs experts "
                 "with the same modules and ranks")
-        rows.append(flatten_expert(adapter))
-    return np.stack(rows)
+
+
+def _flatten_all(adapters: Mapping[str, LoraAdapter], names: list[str]) -> np.ndarray:
+    """Stack the flattened experts into (n × D), checking that every expert has the same layout."""
+    _check_layouts(adapters, names)
+    return np.stack([flatten_expert(adapters[name]) for name in names])
 
 
 def _first_layout_difference(ref: list[tuple[str, tuple[int, ...], tuple[int, ...]]],
@@ -212,33 +211,38 @@ def _svd_embeddings(stacked: np.ndarray, n_components: int, seed: int) -> np.nda
     ``TruncatedSVD(X).fit_transform(X) = U_c Σ_c`` depends on ``X`` only through ``X Xᵀ = U Σ² Uᵀ``, so it
     is run (ARPACK, ``c < n``) on the n × n factor ``L = V_G Λ_G^{1/2}`` of the Gram matrix ``G = X Xᵀ = L Lᵀ``:
     the same embedding, without a randomized range finder over the D (~10⁵–10⁷) parameter axis.
+    ``c = min(n_components, n, D)``: with ``c = n`` (n ≤ n_components) every component is kept and ``E = L``
+    itself (``E Eᵀ = G``), so the cosine is the exact cosine of the sparsified parameters. (Keeping only
+    ``n − 1`` components there, as v1 did, made two experts' embeddings scalars and their cosine always ±1.)
     """
     from sklearn.decomposition import TruncatedSVD
 
     n, d = stacked.shape
-    c = max(1, min(n_components, n - 1, d))
+    c = max(1, min(n_components, n, d))
     eigenvalues, eigenvectors = np.linalg.eigh(gram_matrix(stacked))
     factor = eigenvectors * np.sqrt(np.clip(eigenvalues, 0.0, None))  # (n × n), factor @ factor.T == G
     if not np.any(factor):
         return np.zeros((n, c))
+    if c >= n:
+        return factor[:, ::-1].astype(np.float64)  # components by decreasing singular value
     svd = TruncatedSVD(n_components=c, algorithm="arpack", random_state=seed)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # explained-variance division by zero for tiny inputs
         return svd.fit_transform(factor).astype(np.float64)
 
 
-def expert_similarity(adapters: Mapping[str, LoraAdapter] | Any, sparsity: float = 0.5, n_components: int = 64,
+def expert_similarity(adapters: Experts, sparsity: float = 0.5, n_components: int = 64,
                       seed: int = 0, *, cache: ArtifactStore | None = None) -> SimilarityResult:
     """MBC similarity of experts: sparsify (per-expert magnitude quantile), truncated SVD, row-normalise, cosine.
 
     ``X[i] = sparsify(θ_i)`` (n × D); ``E = TruncatedSVD(c).fit_transform(X)`` with
-    ``c = min(n_components, n - 1, D)`` (computed exactly via the Gram matrix, see :func:`_svd_embeddings`);
+    ``c = min(n_components, n, D)`` (computed exactly via the Gram matrix, see :func:`_svd_embeddings`);
     ``Ê = E / ‖E‖_row``; ``S = Ê Êᵀ`` (n × n).
     Experts are ordered by name. ``cache`` (for example an expert library with
     ``load_artifact`` / ``save_artifact``) stores each expert's embedding together with a
     fingerprint of the whole expert set and config, and is reused only when that fingerprint matches.
     """
-    adapters = as_adapter_mapping(adapters)
+    adapters = ExpertSet.of(adapters).as_dict()
     sparsity = _check_fraction(sparsity, "sparsity")
     if isinstance(n_components, bool) or not isinstance(n_components, int) or n_components < 1:
         raise ModloraError(f"n_components must be a positive integer, got {n_components!r}")
@@ -262,7 +266,234 @@ def expert_similarity(adapters: Mapping[str, LoraAdapter] | Any, sparsity: float
     normalised = embeddings / np.maximum(norms, _MIN_NORM)
     similarity = np.clip(normalised @ normalised.T, -1.0, 1.0)
     return SimilarityResult(names=names, similarity=similarity, embeddings=normalised, sparsity=sparsity,
-                            n_components=embeddings.shape[1], seed=seed)
+                            n_components=embeddings.shape[1], seed=seed, features="params")
+
+
+# --------------------------------------------------------------------------- delta (ΔW) similarity
+
+
+def delta_gram(adapters: Experts, names: Sequence[str] | None = None, *,
+               block: int = 64) -> np.ndarray:
+    """Exact Gram matrix of the experts' updates, ``G_ij = Σ_m ⟨ΔW_i[m], ΔW_j[m]⟩_F`` (n × n, float64).
+
+    ``⟨s_i B_i A_i, s_j B_j A_j⟩_F = s_i s_j tr((B_iᵀ B_j)(A_j A_iᵀ)) = s_i s_j Σ_ab (B_iᵀB_j)_ab (A_iA_jᵀ)_ab``.
+    Per module the factors are stacked over experts, ``A`` as (n·r × in) and ``Bᵀ`` as (n·r × out), and for a
+    block of experts the two (b·r × n·r) products are multiplied elementwise and summed over each r × r block:
+    O(n²r²(in + out)) per module, never forming a ΔW (out × in). ``names`` defaults to the sorted names.
+    """
+    adapters = ExpertSet.of(adapters).as_dict()
+    names = sorted(adapters) if names is None else list(names)
+    if not names:
+        raise LibraryError("cannot compare an empty set of experts")
+    loaded = {name: adapters[name] for name in names}  # a library loads each expert once
+    _check_layouts(loaded, names)
+    n = len(names)
+    scaling = torch.tensor([loaded[name].spec.scaling for name in names], dtype=torch.float64)
+    gram = torch.zeros(n, n, dtype=torch.float64)
+    for module in loaded[names[0]].modules:
+        a_rows = torch.cat([loaded[name].A[module].detach().cpu().double() for name in names])  # (n·r × in)
+        b_rows = torch.cat([loaded[name].B[module].detach().cpu().double().T for name in names])  # (n·r × out)
+        rank = a_rows.shape[0] // n
+        for start in range(0, n, block):
+            stop = min(n, start + block)
+            rows = slice(start * rank, stop * rank)
+            products = (a_rows[rows] @ a_rows.T) * (b_rows[rows] @ b_rows.T)  # (b·r × n·r)
+            gram[start:stop] += products.reshape(stop - start, rank, n, rank).sum(dim=(1, 3))
+    gram *= scaling[:, None] * scaling[None, :]
+    return gram.numpy()
+
+
+def centre_gram(gram: np.ndarray) -> np.ndarray:
+    """Gram matrix of the centred vectors ``v_i − mean_j v_j``: ``G − 1ḡᵀ − ḡ1ᵀ + mean(G)``, ``ḡ = G.mean(1)``."""
+    gram = np.asarray(gram, dtype=np.float64)
+    row_mean = gram.mean(axis=1)
+    return gram - row_mean[:, None] - row_mean[None, :] + gram.mean()
+
+
+def cosine_from_gram(gram: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``S_ij = G_ij / sqrt(G_ii G_jj)`` (n × n, zero rows for zero vectors, ones on the diagonal of the others)
+    and an (n × n) embedding ``Ê`` with ``Ê Êᵀ = S`` (rows of unit norm, or zero)."""
+    gram = np.asarray(gram, dtype=np.float64)
+    norms = np.sqrt(np.clip(np.diag(gram), 0.0, None))
+    scale = np.where(norms > _MIN_NORM * max(1.0, float(norms.max(initial=0.0))), 1.0 / np.maximum(norms, _MIN_NORM),
+                     0.0)
+    similarity = np.clip(gram * scale[:, None] * scale[None, :], -1.0, 1.0)
+    similarity = (similarity + similarity.T) / 2
+    eigenvalues, eigenvectors = np.linalg.eigh(similarity)
+    embeddings = (eigenvectors * np.sqrt(np.clip(eigenvalues, 0.0, None)))[:, ::-1]
+    row_norms = np.linalg.norm(embeddings, axis=1, keepdims=True)
+    embeddings = np.where(row_norms > _MIN_NORM, embeddings / np.maximum(row_norms, _MIN_NORM), 0.0)
+    return similarity, embeddings
+
+
+def _factors_fingerprint(version: str, adapters: Mapping[str, LoraAdapter], names: list[str]) -> bytes:
+    h = hashlib.sha256()
+    h.update(json.dumps([version, names]).encode())
+    for name in names:
+        adapter = adapters[name]
+        h.update(json.dumps([adapter.spec.scaling, adapter.modules]).encode())
+        for module in adapter.modules:
+            for factor in (adapter.A[module], adapter.B[module]):
+                h.update(factor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return h.digest()
+
+
+def _load_cached_rows(cache: Any, names: list[str], kind: str, key: str, fingerprint: bytes) -> np.ndarray | None:
+    """Rows ``tensors[key]`` cached per expert under ``kind``, or None unless all exist with this fingerprint."""
+    rows: list[np.ndarray] = []
+    expected = torch.tensor(list(fingerprint), dtype=torch.uint8)
+    for name in names:
+        tensors = cache.load_artifact(name, kind)
+        if not tensors or key not in tensors or "fingerprint" not in tensors:
+            return None
+        if not torch.equal(tensors["fingerprint"].to(torch.uint8).reshape(-1), expected):
+            return None
+        rows.append(tensors[key].detach().cpu().double().numpy().reshape(-1))
+    if len({r.shape for r in rows}) != 1:
+        return None
+    return np.stack(rows)
+
+
+def _save_cached_rows(cache: Any, names: list[str], kind: str, key: str, fingerprint: bytes, rows: np.ndarray
+                      ) -> None:
+    fp_tensor = torch.tensor(list(fingerprint), dtype=torch.uint8)
+    for i, name in enumerate(names):
+        cache.save_artifact(name, kind, {key: torch.from_numpy(np.array(rows[i], dtype=np.float64)),
+                                         "fingerprint": fp_tensor.clone()})
+
+
+def delta_similarity(adapters: Experts, *, centre: bool = False,
+                     cache: ArtifactStore | None = None) -> SimilarityResult:
+    """Cosine similarity of the experts' updates ΔW summed over modules (see :func:`delta_gram`).
+
+    ``centre=True`` compares ``ΔW_i − mean_j ΔW_j`` (:func:`centre_gram`), removing what every expert learned
+    alike; off by default: with unbalanced families the mean is pulled towards the largest one, whose members then
+    look like noise (measured in ``benchmarks/cluster_recovery.py``).
+    ``cache`` stores each expert's row of the raw Gram matrix with a fingerprint of every expert's factors and
+    reuses them only when the fingerprint matches. Experts are ordered by name.
+    """
+    adapters = ExpertSet.of(adapters).as_dict()
+    names = sorted(adapters)
+    if len(names) < 2:
+        raise LibraryError(f"MBC needs at least 2 experts to compare, got {len(names)} ({names})")
+    loaded = {name: adapters[name] for name in names}
+    _check_layouts(loaded, names)
+    fingerprint = _factors_fingerprint(DELTA_ARTIFACT_VERSION, loaded, names)
+    gram = (_load_cached_rows(cache, names, DELTA_ARTIFACT_VERSION, "gram_row", fingerprint)
+            if cache is not None else None)
+    if gram is None or gram.shape != (len(names), len(names)):
+        gram = delta_gram(loaded, names)
+        if cache is not None:
+            _save_cached_rows(cache, names, DELTA_ARTIFACT_VERSION, "gram_row", fingerprint, gram)
+    similarity, embeddings = cosine_from_gram(centre_gram(gram) if centre else gram)
+    return SimilarityResult(names=names, similarity=similarity, embeddings=embeddings, n_components=len(names),
+                            features="delta", centred=centre)
+
+
+# --------------------------------------------------------------------------- semantic similarity
+
+
+@dataclass
+class TaskEmbeddings:
+    """Mean-pooled last hidden states of the base model: ``vectors[i]`` (hidden size h) belongs to ``names[i]``."""
+
+    names: list[str]
+    vectors: np.ndarray
+
+
+def task_text(task: Task, n_inputs: int = 4) -> str:
+    """What describes a task: its definition followed by its first ``n_inputs`` instance inputs."""
+    parts = [task.definition.strip()] + [inst.input.strip() for inst in task.instances[:n_inputs]]
+    return "\n\n".join(p for p in parts if p)
+
+
+def _embed_text(lm: LoadedModel, text: str, max_tokens: int) -> np.ndarray:
+    """Mean over tokens of the last hidden state (h,), for the first ``max_tokens`` tokens of ``text``."""
+    ids = lm.tokenizer(text, add_special_tokens=True, truncation=True, max_length=max_tokens,
+                       return_tensors="pt")["input_ids"]
+    device = next(lm.model.parameters()).device
+    with torch.inference_mode():
+        out = lm.model(input_ids=ids.to(device), output_hidden_states=True)
+    return out.hidden_states[-1][0].float().mean(dim=0).cpu().double().numpy()
+
+
+def _embed_groups(lm: LoadedModel, groups: Mapping[str, Sequence[str]], *, max_tokens: int,
+                  cache: ArtifactStore | None, kind: str, progress: bool) -> np.ndarray:
+    """Row per group: the mean of its texts' embeddings; cached per group name with a fingerprint of the
+    base model's identity and the texts."""
+    rows: list[np.ndarray] = []
+    items = list(groups.items())
+    iterator: Any = items
+    if progress:
+        from tqdm.auto import tqdm
+
+        iterator = tqdm(items, desc="embedding tasks", leave=False)
+    for name, texts in iterator:
+        if not texts:
+            raise DataError(f"{name!r}: no task text to embed")
+        h = hashlib.sha256(json.dumps([kind, lm.info.to_dict(),
+                                       list(texts)]).encode())
+        fingerprint = h.digest()
+        cached = _load_cached_rows(cache, [name], kind, "embedding", fingerprint) if cache is not None else None
+        if cached is not None:
+            rows.append(cached[0])
+            continue
+        row = np.mean([_embed_text(lm, text, max_tokens) for text in texts], axis=0)
+        if cache is not None:
+            _save_cached_rows(cache, [name], kind, "embedding", fingerprint, row[None, :])
+        rows.append(row)
+    return np.stack(rows)
+
+
+def task_embeddings(lm: LoadedModel, tasks: Mapping[str, Task] | Sequence[Task], *, n_inputs: int = 4,
+                    max_tokens: int = 256, progress: bool = False) -> TaskEmbeddings:
+    """Embed each task (definition + first ``n_inputs`` inputs, at most ``max_tokens`` tokens) with the base model.
+
+    ``vectors[i] = mean_t h_L(t)`` over the tokens t of :func:`task_text` (n × hidden size, float64); tasks are
+    ordered by name. Nothing is downloaded: the base model itself is the encoder.
+    """
+    by_name = dict(tasks) if isinstance(tasks, Mapping) else {t.name: t for t in tasks}
+    names = sorted(by_name)
+    if not names:
+        raise DataError("no tasks to embed")
+    vectors = _embed_groups(lm, {name: [task_text(by_name[name], n_inputs)] for name in names}, max_tokens=max_tokens,
+                            cache=None, kind=f"{SEMANTIC_ARTIFACT_VERSION}-i{n_inputs}-t{max_tokens}",
+                            progress=progress)
+    return TaskEmbeddings(names=names, vectors=vectors)
+
+
+def semantic_similarity(embeddings: TaskEmbeddings, *, centre: bool = True) -> SimilarityResult:
+    """Cosine of the (centred: minus the mean over tasks, which removes the model's common direction) embeddings."""
+    vectors = np.asarray(embeddings.vectors, dtype=np.float64)
+    if len(embeddings.names) < 2:
+        raise LibraryError(f"clustering needs at least 2 tasks, got {len(embeddings.names)}")
+    gram = vectors @ vectors.T
+    similarity, normalised = cosine_from_gram(centre_gram(gram) if centre else gram)
+    return SimilarityResult(names=list(embeddings.names), similarity=similarity, embeddings=normalised,
+                            n_components=len(embeddings.names), features="semantic", centred=centre)
+
+
+def expert_semantic_similarity(lm: LoadedModel, tasks_of: Mapping[str, Sequence[str]], tasks: Mapping[str, Task], *,
+                               n_inputs: int = 4, max_tokens: int = 256, centre: bool = True,
+                               cache: ArtifactStore | None = None, progress: bool = False) -> SimilarityResult:
+    """Semantic similarity of experts: each expert is the mean embedding of its tasks' texts (:func:`task_text`).
+
+    ``tasks_of`` maps expert name → its task names (all must be in ``tasks``). ``cache`` (an expert library)
+    stores each expert's embedding, keyed by the base model's identity and the texts.
+    """
+    names = sorted(tasks_of)
+    if len(names) < 2:
+        raise LibraryError(f"MBC needs at least 2 experts to compare, got {len(names)} ({names})")
+    groups: dict[str, list[str]] = {}
+    for name in names:
+        missing = [t for t in tasks_of[name] if t not in tasks]
+        if missing or not tasks_of[name]:
+            raise DataError(f"expert {name!r}: no data for its task(s) {missing or ['(none recorded)']}; semantic "
+                            "features need each task's definition and inputs (--data)")
+        groups[name] = [task_text(tasks[t], n_inputs) for t in tasks_of[name]]
+    vectors = _embed_groups(lm, groups, max_tokens=max_tokens, cache=cache,
+                            kind=f"{SEMANTIC_ARTIFACT_VERSION}-i{n_inputs}-t{max_tokens}", progress=progress)
+    return semantic_similarity(TaskEmbeddings(names=names, vectors=vectors), centre=centre)
 
 
 # --------------------------------------------------------------------------- clustering
@@ -274,8 +505,10 @@ class ClusteringResult:
 
     ``clusters[j]`` lists the names in cluster ``j`` (sorted); clusters are ordered by their smallest
     member name and ``assignment[name] == j``. ``similarity`` (n × n, rows/cols in ``names`` order)
-    is what was clustered; ``silhouette`` is the score of this partition (``None`` when undefined,
-    i.e. ``k == 1`` or ``k == n``); ``scores_by_k`` holds every silhouette tried by ``k="auto"``.
+    is what was clustered, computed from ``features``; ``silhouette`` is the score of this partition (``None``
+    when undefined, i.e. ``k == 1`` or ``k == n``). With ``k="auto"``, ``criterion`` names the rule that chose K
+    and ``scores_by_k`` holds its score for every candidate K (higher is better); ``no_structure`` is True when
+    no K > 1 separates the experts (then ``k == 1``) and ``message`` says why.
     """
 
     names: list[str]
@@ -287,6 +520,10 @@ class ClusteringResult:
     similarity: np.ndarray | None = None
     seed: int = 0
     method: str = "mbc"
+    features: str = "params"
+    criterion: str | None = None
+    no_structure: bool = False
+    message: str = ""
 
     @property
     def sizes(self) -> list[int]:
@@ -296,10 +533,14 @@ class ClusteringResult:
         return {
             "version": CLUSTERING_JSON_VERSION,
             "method": self.method,
+            "features": self.features,
             "names": list(self.names),
             "k": self.k,
             "seed": self.seed,
             "silhouette": self.silhouette,
+            "criterion": self.criterion,
+            "no_structure": self.no_structure,
+            "message": self.message,
             "scores_by_k": {str(k): v for k, v in sorted(self.scores_by_k.items())},
             "clusters": [list(c) for c in self.clusters],
             "assignment": dict(sorted(self.assignment.items())),
@@ -326,7 +567,10 @@ class ClusteringResult:
             result = cls(names=names, assignment=assignment, clusters=clusters, k=int(d["k"]),
                          silhouette=None if d.get("silhouette") is None else float(d["silhouette"]),
                          scores_by_k={int(k): float(v) for k, v in d.get("scores_by_k", {}).items()},
-                         similarity=similarity, seed=int(d.get("seed", 0)), method=str(d.get("method", "mbc")))
+                         similarity=similarity, seed=int(d.get("seed", 0)), method=str(d.get("method", "mbc")),
+                         features=str(d.get("features", "params")),
+                         criterion=None if d.get("criterion") is None else str(d["criterion"]),
+                         no_structure=bool(d.get("no_structure", False)), message=str(d.get("message", "")))
         except KeyError as exc:
             raise LibraryError(f"{source}: missing field {exc.args[0]!r}") from None
         except (TypeError, ValueError, AttributeError) as exc:
@@ -383,21 +627,31 @@ def canonical_clusters(labels: Sequence[int], names: Sequence[str]) -> list[list
 
 def _result_from_clusters(clusters: list[list[str]], names: list[str], *, silhouette: float | None,
                           scores_by_k: dict[int, float], similarity: np.ndarray | None, seed: int,
-                          method: str) -> ClusteringResult:
+                          method: str, features: str = "params", criterion: str | None = None,
+                          no_structure: bool = False, message: str = "") -> ClusteringResult:
     assignment = {name: j for j, cluster in enumerate(clusters) for name in cluster}
     return ClusteringResult(names=list(names), assignment=assignment, clusters=clusters, k=len(clusters),
                             silhouette=silhouette, scores_by_k=scores_by_k, similarity=similarity, seed=seed,
-                            method=method)
+                            method=method, features=features, criterion=criterion, no_structure=no_structure,
+                            message=message)
 
 
-def _kmeans_labels(features: np.ndarray, k: int, seed: int) -> np.ndarray:
+def _distinct_rows(features: np.ndarray) -> int:
+    return len(np.unique(np.round(features, 12), axis=0))
+
+
+def _kmeans_labels(features: np.ndarray, k: int, seed: int, n_init: int = 10) -> np.ndarray:
+    """k-means++ labels with exactly ``k`` non-empty clusters, or a ModloraError saying why that is impossible."""
     from sklearn.cluster import KMeans
-    from sklearn.exceptions import ConvergenceWarning
 
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", ConvergenceWarning)  # fewer distinct points than k
-        model = KMeans(n_clusters=k, init="k-means++", n_init=10, random_state=seed)
-        return model.fit_predict(features)
+    distinct = _distinct_rows(features)
+    if distinct < k:
+        raise ModloraError(f"cannot split {len(features)} experts into K={k} clusters: only {distinct} of them have "
+                           "distinct similarity rows; ask for a smaller K")
+    labels = KMeans(n_clusters=k, init="k-means++", n_init=n_init, random_state=seed).fit_predict(features)
+    if len(np.unique(labels)) != k:  # pragma: no cover - sklearn relocates empty clusters when distinct >= k
+        raise ModloraError(f"k-means returned {len(np.unique(labels))} non-empty clusters instead of K={k}")
+    return labels
 
 
 def _silhouette(features: np.ndarray, labels: np.ndarray) -> float | None:
@@ -409,13 +663,128 @@ def _silhouette(features: np.ndarray, labels: np.ndarray) -> float | None:
     return float(silhouette_score(features, labels, metric="euclidean"))
 
 
+def laplacian_spectrum(similarity: np.ndarray) -> np.ndarray:
+    """Ascending eigenvalues of ``L = I − D^{-1/2} W D^{-1/2}`` for the affinity ``W = max(S, 0)`` with a zero
+    diagonal (``D = diag(W 1)``; an expert with no positive similarity is an isolated vertex, degree 1)."""
+    affinity = np.clip(np.asarray(similarity, dtype=np.float64), 0.0, None)
+    np.fill_diagonal(affinity, 0.0)
+    degree = affinity.sum(axis=1)
+    inv_sqrt = 1.0 / np.sqrt(np.where(degree > _MIN_NORM, degree, 1.0))
+    laplacian = np.eye(len(affinity)) - inv_sqrt[:, None] * affinity * inv_sqrt[None, :]
+    return np.linalg.eigvalsh((laplacian + laplacian.T) / 2)
+
+
+def eigengap_scores(similarity: np.ndarray, k_max: int) -> dict[int, float]:
+    """``score(K) = λ_{K+1} − λ_K`` for K = 1…k_max (eigenvalues of :func:`laplacian_spectrum`, 1-indexed).
+
+    K well-separated groups give K eigenvalues near 0 and a large gap after the K-th; K = 1 wins when the
+    experts form one connected mass."""
+    spectrum = laplacian_spectrum(similarity)
+    top = min(k_max, len(spectrum) - 1)
+    return {k: float(spectrum[k] - spectrum[k - 1]) for k in range(1, top + 1)}
+
+
+def eigengap_null_quantile(similarity: np.ndarray, lo: int, hi: int, seed: int, *, n_permutations: int = EIGENGAP_PERMUTATIONS,
+                           quantile: float = 0.95) -> float:
+    """The ``quantile`` of ``max_{lo ≤ K ≤ hi} score(K)`` over similarity matrices whose off-diagonal entries are a
+    random symmetric permutation of the observed ones: the same values, no structure."""
+    n = len(similarity)
+    upper = np.triu_indices(n, 1)
+    values = np.asarray(similarity, dtype=np.float64)[upper]
+    rng = np.random.default_rng(seed)
+    maxima = []
+    for _ in range(n_permutations):
+        shuffled = np.zeros((n, n))
+        shuffled[upper] = rng.permutation(values)
+        shuffled = shuffled + shuffled.T + np.eye(n)
+        scores = eigengap_scores(shuffled, hi)
+        maxima.append(max(v for k, v in scores.items() if k >= lo))
+    return float(np.quantile(maxima, quantile))
+
+
+def stability_scores(features: np.ndarray, ks: Sequence[int], seed: int, *, n_resamples: int = 10,
+                     fraction: float = 0.8) -> dict[int, float]:
+    """Mean adjusted Rand index between k-means on random ``fraction`` subsets of the experts (their rows,
+    restricted to the subset's columns) and k-means on all of them, restricted to the subset (Ben-Hur et al.)."""
+    from sklearn.metrics import adjusted_rand_score
+
+    n = len(features)
+    m = max(2, int(round(fraction * n)))
+    rng = np.random.default_rng(seed)
+    subsets = [np.sort(rng.choice(n, size=m, replace=False)) for _ in range(n_resamples)]
+    scores: dict[int, float] = {}
+    for k in ks:
+        if _distinct_rows(features) < k:
+            continue
+        full = _kmeans_labels(features, k, seed)
+        agreement = []
+        for subset in subsets:
+            sub = features[np.ix_(subset, subset)] if features.shape[0] == features.shape[1] else features[subset]
+            if _distinct_rows(sub) < k:
+                agreement.append(0.0)
+                continue
+            agreement.append(adjusted_rand_score(full[subset], _kmeans_labels(sub, k, seed, n_init=3)))
+        scores[k] = float(np.mean(agreement))
+    return scores
+
+
+def _choose_k(similarity: np.ndarray, criterion: str, lo: int, hi: int, seed: int
+              ) -> tuple[int, dict[int, float], dict[int, np.ndarray], str]:
+    """(K, scores by candidate K, k-means labels by K computed on the way, why-no-structure message or "")."""
+    labels_by_k: dict[int, np.ndarray] = {}
+    if criterion == "eigengap":
+        scores = eigengap_scores(similarity, hi)
+        scores = {k: v for k, v in scores.items() if k == 1 or lo <= k <= hi}
+        best = max(scores, key=lambda k: (scores[k], -k))
+        if best == 1:
+            return 1, scores, labels_by_k, (f"no cluster structure: the largest eigengap of the similarity graph's "
+                                            f"Laplacian is after the first eigenvalue ({scores[1]:.3f}), i.e. the "
+                                            "experts form one connected group")
+        null = eigengap_null_quantile(similarity, lo, hi, seed)
+        if scores[best] <= null:
+            return 1, scores, labels_by_k, (f"no cluster structure: the best eigengap (K={best}: {scores[best]:.3f}) "
+                                            f"is no larger than in randomly permuted similarities (95th percentile "
+                                            f"{null:.3f})")
+        return best, scores, labels_by_k, ""
+    if criterion == "silhouette":
+        scores = {}
+        for k in range(lo, hi + 1):
+            labels_by_k[k] = _kmeans_labels(similarity, k, seed)
+            score = _silhouette(similarity, labels_by_k[k])
+            if score is not None:
+                scores[k] = score
+        if not scores:
+            return 1, scores, labels_by_k, "no cluster structure: no K has a defined silhouette"
+        best = max(scores, key=lambda k: (scores[k], -k))
+        if scores[best] < SILHOUETTE_NO_STRUCTURE:
+            return 1, scores, labels_by_k, (f"no cluster structure: the best silhouette ({scores[best]:.3f} at "
+                                            f"K={best}) is below {SILHOUETTE_NO_STRUCTURE}")
+        return best, scores, labels_by_k, ""
+    if criterion == "stability":
+        scores = stability_scores(similarity, range(lo, hi + 1), seed)
+        if not scores:
+            return 1, scores, labels_by_k, "no cluster structure: no K could be tried"
+        best = max(scores, key=lambda k: (round(scores[k], 6), k))  # ties go to the finer partition
+        if scores[best] < STABILITY_NO_STRUCTURE:
+            return 1, scores, labels_by_k, (f"no cluster structure: no K is stable under resampling (best mean ARI "
+                                            f"{scores[best]:.3f} at K={best}, below {STABILITY_NO_STRUCTURE})")
+        return best, scores, labels_by_k, ""
+    raise ModloraError(f"auto_k must be one of {', '.join(AUTO_K_CRITERIA)}, got {criterion!r}")
+
+
 def cluster_experts(sim: SimilarityResult, k: int | Literal["auto"] = "auto",
-                    k_range: tuple[int, int] | None = None, seed: int = 0) -> ClusteringResult:
+                    k_range: tuple[int, int] | None = None, seed: int = 0, *,
+                    auto_k: AutoK = DEFAULT_AUTO_K) -> ClusteringResult:
     """k-means (k-means++, ``n_init=10``, ``random_state=seed``) on the rows of ``sim.similarity`` (n × n).
 
-    ``k="auto"`` tries every ``K`` in ``k_range`` (inclusive; default ``(2, min(n - 1, 16))``) and keeps
-    the one with the highest silhouette score (euclidean, on the same rows; ties go to the smaller K).
-    With fewer than 3 experts ``"auto"`` has nothing to compare and returns a single cluster.
+    A given ``k`` is honoured or refused (ModloraError when fewer than ``k`` experts are distinguishable); it
+    is never lowered. ``k="auto"`` scores every ``K`` in ``k_range`` (inclusive; default ``(2, min(n - 1, 16))``)
+    with ``auto_k`` (:data:`AUTO_K_CRITERIA`: ``eigengap`` of the normalised Laplacian, the ``silhouette`` of
+    k-means on the rows, or ``stability`` under resampling) and keeps the best. When none separates the experts
+    — eigengap: the gap after K = 1 is the largest, or the best gap is within the 95th percentile of gaps of
+    randomly permuted similarities; silhouette: best below :data:`SILHOUETTE_NO_STRUCTURE`; stability: best below
+    :data:`STABILITY_NO_STRUCTURE` — and with fewer than 3 experts, the result has ``k == 1`` and
+    ``no_structure=True`` with a message.
     """
     similarity = np.asarray(sim.similarity, dtype=np.float64)
     names = list(sim.names)
@@ -427,47 +796,85 @@ def cluster_experts(sim: SimilarityResult, k: int | Literal["auto"] = "auto",
     if not np.isfinite(similarity).all():
         raise ModloraError("similarity matrix contains NaN or Inf")
     scores_by_k: dict[int, float] = {}
+    criterion: str | None = None
+    message = ""
     if k == "auto":
+        if auto_k not in AUTO_K_CRITERIA:
+            raise ModloraError(f"auto_k must be one of {', '.join(AUTO_K_CRITERIA)}, got {auto_k!r}")
+        criterion = auto_k
         lo, hi = k_range if k_range is not None else (2, min(n - 1, 16))
         if isinstance(lo, bool) or isinstance(hi, bool) or not isinstance(lo, int) or not isinstance(hi, int):
             raise ModloraError(f"k_range must be two integers, got {k_range!r}")
         lo, hi = max(lo, 2), min(hi, n - 1)
+        if lo > hi and k_range is not None and n >= 3:
+            raise ModloraError(f"k_range={k_range!r} holds no K in [2, {n - 1}] for {n} experts")
+        distinct = _distinct_rows(similarity)
+        hi = min(hi, distinct)
         if lo > hi:
-            if k_range is not None and n >= 3:
-                raise ModloraError(f"k_range={k_range!r} holds no K in [2, {n - 1}] for {n} experts")
+            message = (f"no cluster structure can be found among {n} expert(s): need at least 3 distinct ones"
+                       if n < 3 else f"no cluster structure: only {distinct} of the {n} experts have distinct "
+                       "similarity rows, too few for any K tried")
             labels = np.zeros(n, dtype=int)
         else:
-            best: tuple[float, int, np.ndarray] | None = None
-            for candidate in range(lo, hi + 1):
-                cand_labels = _kmeans_labels(similarity, candidate, seed)
-                score = _silhouette(similarity, cand_labels)
-                if score is None:
-                    continue
-                scores_by_k[candidate] = score
-                if best is None or score > best[0] + 1e-12:
-                    best = (score, candidate, cand_labels)
-            labels = best[2] if best is not None else np.zeros(n, dtype=int)
+            chosen, scores_by_k, labels_by_k, message = _choose_k(similarity, auto_k, lo, hi, seed)
+            labels = (labels_by_k[chosen] if chosen in labels_by_k else
+                      _kmeans_labels(similarity, chosen, seed) if chosen > 1 else np.zeros(n, dtype=int))
     else:
-        if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= n:
+        if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or not 1 <= k <= n:
             raise ModloraError(f"k must be 'auto' or an integer in [1, {n}] for {n} experts, got {k!r}")
-        labels = _kmeans_labels(similarity, k, seed) if k > 1 else np.zeros(n, dtype=int)
+        labels = _kmeans_labels(similarity, int(k), seed) if k > 1 else np.zeros(n, dtype=int)
     clusters = canonical_clusters(labels, names)
     return _result_from_clusters(clusters, names, silhouette=_silhouette(similarity, labels), scores_by_k=scores_by_k,
-                                 similarity=similarity, seed=seed, method="mbc")
+                                 similarity=similarity, seed=seed, method="mbc", features=sim.features,
+                                 criterion=criterion, no_structure=bool(message), message=message)
 
 
-def model_based_clustering(experts: Mapping[str, LoraAdapter] | Any, k: int | Literal["auto"] = "auto", *,
-                           sparsity: float = 0.5, n_components: int = 64, k_range: tuple[int, int] | None = None,
-                           seed: int = 0, cache: ArtifactStore | None = None) -> ClusteringResult:
-    """:func:`expert_similarity` followed by :func:`cluster_experts` (the whole MBC step).
+def similarity_of(experts: Experts, features: Features = DEFAULT_FEATURES, *,
+                  sparsity: float = 0.5, n_components: int = 64, centre: bool | None = None, seed: int = 0,
+                  cache: ArtifactStore | None = None, lm: LoadedModel | None = None,
+                  tasks: Mapping[str, Task] | None = None,
+                  tasks_of: Mapping[str, Sequence[str]] | Callable[[str], Sequence[str]] | None = None,
+                  n_inputs: int = 4) -> SimilarityResult:
+    """The experts' similarity under ``features`` (``params``, ``delta`` or ``semantic``; see the module doc).
 
-    ``experts`` may be an expert library; it is then also used as the embedding cache unless
-    ``cache`` is given.
+    ``params`` uses ``sparsity``, ``n_components`` and ``seed``; ``delta`` and ``semantic`` use ``centre``
+    (None: off for delta, on for semantic, whose mean-pooled hidden states all share one dominant direction).
+    ``semantic`` needs the base model ``lm``, the task data ``tasks`` and ``tasks_of`` (expert → its tasks; by
+    default ``experts.tasks`` when ``experts`` is a library, else the expert's own name).
+    """
+    if features == "params":
+        return expert_similarity(experts, sparsity=sparsity, n_components=n_components, seed=seed, cache=cache)
+    if features == "delta":
+        return delta_similarity(experts, centre=bool(centre), cache=cache)
+    if features == "semantic":
+        if lm is None or tasks is None:
+            raise ModloraError("semantic features need the base model and the tasks' data (definitions and inputs)")
+        es = ExpertSet.of(experts)
+        lookup = tasks_of if tasks_of is not None else es.tasks_of
+        if isinstance(lookup, Mapping):
+            lookup = lookup.get
+        expert_tasks = {name: list(lookup(name) or [name]) for name in sorted(es.names)}
+        return expert_semantic_similarity(lm, expert_tasks, tasks, n_inputs=n_inputs,
+                                          centre=True if centre is None else centre, cache=cache)
+    raise ModloraError(f"features must be one of {', '.join(FEATURES)}, got {features!r}")
+
+
+def model_based_clustering(experts: Experts, k: int | Literal["auto"] = "auto", *,
+                           features: Features = DEFAULT_FEATURES, sparsity: float = 0.5, n_components: int = 64,
+                           centre: bool | None = None, k_range: tuple[int, int] | None = None, seed: int = 0,
+                           auto_k: AutoK = DEFAULT_AUTO_K, cache: ArtifactStore | None = None,
+                           lm: LoadedModel | None = None, tasks: Mapping[str, Task] | None = None,
+                           tasks_of: Mapping[str, Sequence[str]] | Callable[[str], Sequence[str]] | None = None
+                           ) -> ClusteringResult:
+    """:func:`similarity_of` followed by :func:`cluster_experts` (the whole MBC step).
+
+    ``experts`` may be an expert library; it is then also used as the similarity cache unless ``cache`` is given.
     """
     if cache is None and isinstance(experts, ArtifactStore):
         cache = experts
-    sim = expert_similarity(experts, sparsity=sparsity, n_components=n_components, seed=seed, cache=cache)
-    return cluster_experts(sim, k=k, k_range=k_range, seed=seed)
+    sim = similarity_of(experts, features, sparsity=sparsity, n_components=n_components, centre=centre, seed=seed,
+                        cache=cache, lm=lm, tasks=tasks, tasks_of=tasks_of)
+    return cluster_experts(sim, k=k, k_range=k_range, seed=seed, auto_k=auto_k)
 
 
 def random_clusters(names: Sequence[str], sizes: Sequence[int], seed: int = 0) -> list[list[str]]:
@@ -516,6 +923,104 @@ def cluster_tasks(result: ClusteringResult, tasks_of: Mapping[str, Sequence[str]
     return out
 
 
+# --------------------------------------------------------------------------- quality against a reference
+
+
+SNI_CATEGORIES = "sni-categories"
+
+
+@dataclass
+class ClusterQuality:
+    """Agreement of a clustering with reference labels, over the ``n_labelled`` experts that have one.
+
+    ``ari``: adjusted Rand index (1 = same partition, ~0 = chance); ``purity``: ``Σ_j max_label |C_j ∩ label|
+    / n_labelled``; ``n_labels``: distinct reference labels; ``unlabelled``: experts without a label (left out).
+    """
+
+    ari: float
+    purity: float
+    n_labelled: int
+    n_labels: int
+    unlabelled: list[str] = field(default_factory=list)
+
+
+def cluster_quality(result: ClusteringResult, labels: Mapping[str, str]) -> ClusterQuality:
+    """ARI (``sklearn.metrics.adjusted_rand_score``) and purity of ``result`` against ``labels`` (name → label)."""
+    from sklearn.metrics import adjusted_rand_score
+
+    labelled = [name for name in result.names if name in labels]
+    if not labelled:
+        raise DataError("none of the clustered experts has a reference label")
+    truth = [str(labels[name]) for name in labelled]
+    found = [result.assignment[name] for name in labelled]
+    majority = 0
+    for cluster in set(found):
+        members = [t for t, f in zip(truth, found, strict=True) if f == cluster]
+        majority += max(members.count(label) for label in set(members))
+    return ClusterQuality(ari=float(adjusted_rand_score(truth, found)), purity=majority / len(labelled),
+                          n_labelled=len(labelled), n_labels=len(set(truth)),
+                          unlabelled=[name for name in result.names if name not in labels])
+
+
+def read_label_file(path: str | os.PathLike[str]) -> dict[str, str]:
+    """Reference labels from a JSON object ``{name: label}`` or a two-column CSV ``name,label`` (an optional
+    header row whose first cell is ``name``, ``expert`` or ``task`` is skipped)."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise DataError(f"cannot read label file {path}: {exc}") from None
+    if path.suffix.lower() == ".json":
+        try:
+            raw = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise DataError(f"{path}: not valid JSON ({exc})") from None
+        if not isinstance(raw, dict) or not all(isinstance(v, (str, int)) for v in raw.values()):
+            raise DataError(f"{path}: must hold a JSON object mapping expert/task name to a label")
+        return {str(k): str(v) for k, v in raw.items()}
+    labels: dict[str, str] = {}
+    for line_no, row in enumerate(csv.reader(text.splitlines()), start=1):
+        if not row or not "".join(row).strip():
+            continue
+        if len(row) < 2:
+            raise DataError(f"{path}: line {line_no} has {len(row)} column(s); expected name,label")
+        name, label = row[0].strip(), row[1].strip()
+        if line_no == 1 and name.lower() in {"name", "expert", "task"}:
+            continue
+        labels[name] = label
+    if not labels:
+        raise DataError(f"{path}: no name,label rows")
+    return labels
+
+
+def reference_labels(source: str | os.PathLike[str], names: Sequence[str], *,
+                     tasks_of: Mapping[str, Sequence[str]] | Callable[[str], Sequence[str]] | None = None,
+                     data_dir: str | os.PathLike[str] | None = None) -> dict[str, str]:
+    """Expert name → reference label from ``source``: ``"sni-categories"`` (each expert's SNI category from
+    ``DATA/sni/index.json``, the most common one over its tasks) or a label file (:func:`read_label_file`) keyed
+    by expert or task name. Experts with no label are left out."""
+    lookup = tasks_of.get if isinstance(tasks_of, Mapping) else tasks_of
+    if str(source) == SNI_CATEGORIES:
+        from modlora.data import default_data_dir, read_index
+
+        root = Path(data_dir) if data_dir is not None else default_data_dir()
+        index = read_index(root)
+        if not index:
+            raise DataError(f"no SNI index at {root / 'sni' / 'index.json'}: cannot label experts by SNI category")
+        by_task = {task: str(entry.get("category", "")) for task, entry in index.items() if entry.get("category")}
+    else:
+        by_task = read_label_file(source)
+    out: dict[str, str] = {}
+    for name in names:
+        if name in by_task:
+            out[name] = by_task[name]
+            continue
+        found = [by_task[t] for t in ((lookup(name) if lookup is not None else None) or []) if t in by_task]
+        if found:
+            out[name] = max(sorted(set(found)), key=found.count)
+    return out
+
+
 # --------------------------------------------------------------------------- plotting
 
 
@@ -561,7 +1066,7 @@ def plot_clustering(result: ClusteringResult, path_png: str | os.PathLike[str], 
     ax_bar.set_ylabel("experts")
     ax_bar.set_xticks(range(result.k))
     sil = "n/a" if result.silhouette is None else f"{result.silhouette:.3f}"
-    ax_bar.set_title(f"cluster sizes ({result.method}, K={result.k}, silhouette={sil})")
+    ax_bar.set_title(f"cluster sizes ({result.method}, {result.features} features, K={result.k}, silhouette={sil})")
     if title:
         fig.suptitle(title)
     buffer = io.BytesIO()

@@ -25,9 +25,9 @@ from __future__ import annotations
 
 import gzip
 import hashlib
-import json
 import os
 import random
+import zlib
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,6 +36,7 @@ from typing import Any
 import torch
 
 from modlora.errors import DataError
+from modlora.io import parse_json
 
 SPLITS = ("train", "validation", "test")
 DEFAULT_SPLIT_FRACTIONS = (0.8, 0.1, 0.1)
@@ -66,17 +67,60 @@ class Task:
         return len(self.instances)
 
 
+MAX_REPORTED_PROBLEMS = 5
+
+
 @dataclass
 class LoadReport:
-    """What a lenient loader skipped: how many records and the first offending one."""
+    """What a lenient loader skipped: how many records, and the first few offending ones (each names its line or
+    record, e.g. ``"line 7: invalid JSON"``)."""
 
     skipped: int = 0
-    first_problem: str | None = None
+    problems: list[str] = field(default_factory=list)
+
+    @property
+    def first_problem(self) -> str | None:
+        return self.problems[0] if self.problems else None
 
     def add(self, problem: str) -> None:
         self.skipped += 1
-        if self.first_problem is None:
-            self.first_problem = problem
+        if len(self.problems) < MAX_REPORTED_PROBLEMS:
+            self.problems.append(problem)
+
+    def summary(self) -> str:
+        """``"skipped 2 malformed record(s): line 3: invalid JSON; line 5: not valid UTF-8"`` ("" when none)."""
+        if not self.skipped:
+            return ""
+        more = ", …" if self.skipped > len(self.problems) else ""
+        return f"skipped {self.skipped} malformed record(s): " + "; ".join(self.problems) + more
+
+
+@dataclass
+class TaskLoad:
+    """Tasks read from one source (``origin``: a file or dataset) and the :class:`LoadReport` of what was skipped
+    there; a caller shows ``report.summary()`` to the user."""
+
+    tasks: dict[str, Task]
+    report: LoadReport
+    origin: str
+
+
+def text_problem(text: str) -> str | None:
+    """Why ``text`` cannot be tokenised, or None: a lone surrogate (from a JSON ``"\\ud800"`` escape, or from
+    command-line bytes that are not UTF-8, which Python keeps as surrogates) makes tokenizers raise TypeError."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        return f"not valid Unicode text at character {exc.start} (a lone surrogate or non-UTF-8 bytes)"
+    return None
+
+
+def check_text(text: str, what: str) -> str:
+    """``text`` unchanged when it can be tokenised, else :class:`DataError` naming ``what`` (e.g. ``"--prompt"``)."""
+    problem = text_problem(text)
+    if problem is not None:
+        raise DataError(f"{what}: {problem}")
+    return text
 
 
 def default_data_dir(path: str | os.PathLike[str] | None = None) -> Path:
@@ -100,17 +144,21 @@ def default_sni_dir(path: str | os.PathLike[str] | None = None) -> Path:
 
 def _read_json_file(path: Path) -> Any:
     try:
-        raw = gzip.open(path, "rb").read() if path.suffix == ".gz" else path.read_bytes()
-    except (OSError, EOFError) as exc:
+        if path.suffix == ".gz":
+            with gzip.open(path, "rb") as fh:
+                raw = fh.read()
+        else:
+            raw = path.read_bytes()
+    except (OSError, EOFError, zlib.error) as exc:   # gzip.BadGzipFile is an OSError; a bad deflate stream zlib.error
         raise DataError(f"{path}: cannot read file ({exc})") from None
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise DataError(f"{path}: not valid UTF-8 at byte {exc.start}") from None
     try:
-        return json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise DataError(f"{path}: invalid JSON ({exc})") from None
+        return parse_json(text)
+    except ValueError as exc:
+        raise DataError(f"{path}: {exc}") from None
 
 
 def task_name_from_path(path: Path) -> str:
@@ -132,6 +180,7 @@ def load_sni_task(path: str | os.PathLike[str], *, strict: bool = False, max_inp
         definition = " ".join(definition)
     if not isinstance(definition, str) or not definition.strip():
         raise DataError(f"{path}: field 'Definition' is missing or not text")
+    check_text(definition, f"{path}: field 'Definition'")
     instances = raw.get("Instances")
     if not isinstance(instances, list):
         raise DataError(f"{path}: field 'Instances' is missing or not a list")
@@ -166,6 +215,8 @@ def _instance_problem(inst: Any, max_input_chars: int) -> str | None:
         return "field 'id' missing"
     if not isinstance(inst.get("input"), str):
         return "field 'input' missing or not text"
+    if (problem := text_problem(inst["input"])) is not None:
+        return f"field 'input' is {problem}"
     if len(inst["input"]) > max_input_chars:
         return f"field 'input' longer than {max_input_chars} characters"
     outputs = inst.get("output")
@@ -175,6 +226,8 @@ def _instance_problem(inst: Any, max_input_chars: int) -> str | None:
         return "field 'output' is empty"
     if not all(isinstance(o, str) for o in outputs):
         return "field 'output' holds non-text items"
+    if any(text_problem(o) for o in outputs):
+        return "field 'output' holds invalid Unicode text"
     return None
 
 
@@ -200,10 +253,18 @@ def load_sni_tasks(directory: str | os.PathLike[str], names: Iterable[str] | Non
 
 def load_flat_records(records: Iterable[Mapping[str, Any]], *, origin: str, strict: bool = False,
                       definition: str = "") -> dict[str, Task]:
-    """Group flat records ``{task_name, source, target[, split]}`` into tasks (ids: ``{origin}:{index}``)."""
+    """Group flat records ``{task_name, source, target[, split]}`` into tasks (ids: ``{task_name}-{index}``)."""
+    return group_flat_records(((f"record {i}", rec) for i, rec in enumerate(records)), origin=origin, strict=strict,
+                              definition=definition).tasks
+
+
+def group_flat_records(records: Iterable[tuple[str, Any]], *, origin: str, strict: bool = False,
+                       definition: str = "", report: LoadReport | None = None) -> TaskLoad:
+    """Group ``(where, record)`` pairs into tasks; ``where`` (e.g. ``"line 7"``) names a record in messages and the
+    :class:`LoadReport`, which continues ``report`` when given (problems found while reading the records)."""
     tasks: dict[str, Task] = {}
-    report = LoadReport()
-    for i, rec in enumerate(records):
+    report = report if report is not None else LoadReport()
+    for i, (where, rec) in enumerate(records):
         problem = None
         if not isinstance(rec, Mapping):
             problem = "not an object"
@@ -212,54 +273,67 @@ def load_flat_records(records: Iterable[Mapping[str, Any]], *, origin: str, stri
                 if not isinstance(rec.get(key), str) or (key != "source" and not rec[key].strip()):
                     problem = f"field {key!r} missing or empty"
                     break
+                if (bad := text_problem(rec[key])) is not None:
+                    problem = f"field {key!r} is {bad}"
+                    break
         if problem is not None:
             if strict:
-                raise DataError(f"{origin}: record {i}: {problem}")
-            report.add(f"record {i}: {problem}")
+                raise DataError(f"{origin}: {where}: {problem}")
+            report.add(f"{where}: {problem}")
             continue
         task = tasks.setdefault(rec["task_name"], Task(rec["task_name"], definition, []))
         rid = str(rec.get("id", f"{rec['task_name']}-{i}"))
         task.instances.append(Instance(rid, rec["source"], (rec["target"],)))
     if not tasks:
-        raise DataError(f"{origin}: no usable records ({report.skipped} skipped; first problem: {report.first_problem})")
+        raise DataError(f"{origin}: no usable records ({report.summary() or 'the source is empty'})")
     for t in tasks.values():
         t.skipped = report.skipped
-    return tasks
+    return TaskLoad(tasks, report, origin)
 
 
 def load_flat_jsonl(path: str | os.PathLike[str], *, strict: bool = False) -> dict[str, Task]:
-    """Read flat records from a JSONL file; malformed lines are skipped and counted unless ``strict``."""
+    """The tasks of :func:`read_flat_jsonl` (each task's ``skipped`` is the file's count of skipped lines)."""
+    return read_flat_jsonl(path, strict=strict).tasks
+
+
+def read_flat_jsonl(path: str | os.PathLike[str], *, strict: bool = False) -> TaskLoad:
+    """Read flat records from a JSONL file (``.gz`` too), one JSON object per line.
+
+    A malformed line (invalid JSON or UTF-8, too deeply nested, not an object, missing fields) is skipped and
+    counted in the returned :class:`LoadReport` with its 1-based line number, unless ``strict`` (then it raises
+    :class:`DataError` naming the line). Only that line is lost: a non-UTF-8 line does not reject the file."""
     path = Path(path)
     report = LoadReport()
 
-    def records() -> Iterator[dict[str, Any]]:
+    def records() -> Iterator[tuple[str, Any]]:
         try:
-            fh = gzip.open(path, "rt", encoding="utf-8") if path.suffix == ".gz" else open(path, encoding="utf-8")
+            fh = gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb")
         except OSError as exc:
-            raise DataError(f"{path}: cannot open ({exc})") from None
+            raise DataError(f"{path}: cannot open ({exc.strerror or exc})") from None
         with fh:
             lineno = 0
             while True:
                 try:
                     line = fh.readline()
-                except UnicodeDecodeError:
-                    raise DataError(f"{path}: not valid UTF-8 after line {lineno}") from None
+                except (OSError, EOFError, zlib.error) as exc:
+                    raise DataError(f"{path}: cannot read past line {lineno} ({exc})") from None
                 if not line:
                     break
                 lineno += 1
                 if not line.strip():
                     continue
                 try:
-                    yield json.loads(line)
-                except json.JSONDecodeError as exc:
+                    yield f"line {lineno}", parse_json(line.decode("utf-8"))
+                except UnicodeDecodeError as exc:
                     if strict:
-                        raise DataError(f"{path}: line {lineno}: invalid JSON ({exc.msg})") from None
-                    report.add(f"line {lineno}: invalid JSON")
+                        raise DataError(f"{path}: line {lineno}: not valid UTF-8 at byte {exc.start}") from None
+                    report.add(f"line {lineno}: not valid UTF-8")
+                except ValueError as exc:
+                    if strict:
+                        raise DataError(f"{path}: line {lineno}: {exc}") from None
+                    report.add(f"line {lineno}: {exc}")
 
-    tasks = load_flat_records(records(), origin=str(path), strict=strict)
-    for t in tasks.values():
-        t.skipped += report.skipped
-    return tasks
+    return group_flat_records(records(), origin=str(path), strict=strict, report=report)
 
 
 def load_flat_dataset(dataset: Any, *, split: str | None = None, strict: bool = False, **load_kwargs: Any

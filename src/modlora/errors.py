@@ -34,3 +34,7 @@ class BaseModelMismatchError(LibraryError):
 
 class RoutingError(ModloraError):
     """A router is configured inconsistently with the library or model."""
+
+
+class SandboxUnavailableError(ModloraError):
+    """The requested isolation for generated code (bubblewrap) cannot run on this system."""

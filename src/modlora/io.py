@@ -126,3 +126,36 @@ def file_lock(path: str | os.PathLike[str]) -> Iterator[None]:
             yield
         finally:
             fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
+
+
+@contextlib.contextmanager
+def shared_file_lock(path: str | os.PathLike[str]) -> Iterator[bool]:
+    """Shared advisory lock on ``path`` for readers: any number of them at once, never while a :func:`file_lock`
+    writer holds it. Yields True when locked; False (no lock) when the lock file cannot be opened (a read-only
+    library), where readers fall back to checking what they read. Never take it while holding :func:`file_lock`
+    on the same path in this process (flock would wait for ourselves)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CREAT, 0o666 & ~process_umask())
+    except OSError:
+        yield False
+        return
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH)
+        yield True
+    finally:
+        os.close(fd)   # closing the descriptor releases the lock
+
+
+def parse_json(data: str | bytes) -> Any:
+    """``json.loads`` whose every failure on bad input is a ``ValueError`` with a short reason: invalid JSON or
+    UTF-8, numbers beyond Python's digit limit, and nesting too deep for the parser (``RecursionError``)."""
+    try:
+        return json.loads(data)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"invalid JSON ({exc})") from None
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"not valid UTF-8 at byte {exc.start}") from None
+    except RecursionError:
+        raise ValueError("JSON nested too deeply") from None
+    except ValueError as exc:   # e.g. an integer literal longer than sys.get_int_max_str_digits()
+        raise ValueError(f"invalid JSON ({exc})") from None

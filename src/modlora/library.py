@@ -14,12 +14,16 @@ Every write is atomic: an expert directory is written to a temporary sibling, fs
 only then is the manifest replaced (temp file + fsync + rename) under the lock. A crash at any point leaves a
 library that opens and holds every expert whose manifest entry was written; an expert directory without a manifest
 entry (a crash between the two renames) is ignored and overwritten by the next write of that name.
+Readers load an expert under a shared ``flock`` of the same lock file, so a reader racing a writer that overwrites
+an expert sees either the old or the new version, never a mix or a missing file (see :meth:`ExpertLibrary.get`).
+The manifest's ``base_model`` also records the base model's linear-layer shapes, so that imports and ``verify``
+check every expert's tensors against the base without loading it.
 No pickle anywhere: tensors are safetensors, metadata is JSON.
 """
 
 from __future__ import annotations
 
-import json
+import hashlib
 import math
 import os
 import re
@@ -35,9 +39,29 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from modlora import __version__
-from modlora.adapters import ADAPTER_CONFIG, ADAPTER_WEIGHTS, LoraAdapter, LoraSpec, load_adapter, write_adapter_files
+from modlora.adapters import (
+    ADAPTER_CONFIG,
+    ADAPTER_WEIGHTS,
+    PEFT_KEY_RE,
+    LoraAdapter,
+    LoraSpec,
+    adapter_from_weights,
+    adapter_problems,
+    load_adapter,
+    output_directory,
+    parse_adapter_config,
+    write_adapter_files,
+)
 from modlora.errors import AdapterError, BaseModelMismatchError, LibraryError
-from modlora.io import atomic_directory, atomic_write_bytes, atomic_write_json, file_lock, sha256_file
+from modlora.io import (
+    atomic_directory,
+    atomic_write_bytes,
+    atomic_write_json,
+    file_lock,
+    parse_json,
+    sha256_file,
+    shared_file_lock,
+)
 from modlora.models import BaseModelInfo
 
 MANIFEST = "library.json"
@@ -130,22 +154,35 @@ class ExpertLibrary:
                description: str = "") -> ExpertLibrary:
         """Create an empty library for ``base_model`` (or open an existing one for the same base if ``exist_ok``)."""
         path = Path(path)
+        if path.exists() and not path.is_dir():
+            raise LibraryError(f"{path}: exists and is not a directory, so it cannot hold a library")
         if (path / MANIFEST).exists():
             if not exist_ok:
                 raise LibraryError(f"{path}: a library already exists here")
             lib = cls(path)
             lib.check_base_model(base_model)
+            lib.record_linear_shapes(base_model)
             return lib
         if path.exists() and any(p.name != LOCK for p in path.iterdir()):
             raise LibraryError(f"{path}: directory exists and is not an empty library")
-        path.mkdir(parents=True, exist_ok=True)
-        with file_lock(path / LOCK):
-            if not (path / MANIFEST).exists():
-                atomic_write_json(path / MANIFEST, {
-                    "format": FORMAT, "version": FORMAT_VERSION, "modlora_version": __version__,
-                    "base_model": base_model.to_dict(), "description": description,
-                    "created": time.time(), "experts": {}})
+        try:
+            path.mkdir(parents=True, exist_ok=True)
+            with file_lock(path / LOCK):
+                if not (path / MANIFEST).exists():
+                    atomic_write_json(path / MANIFEST, {
+                        "format": FORMAT, "version": FORMAT_VERSION, "modlora_version": __version__,
+                        "base_model": base_model.to_dict(), "description": description,
+                        "created": time.time(), "experts": {}})
+        except (NotADirectoryError, FileExistsError, PermissionError) as exc:
+            raise LibraryError(f"{path}: cannot create a library here ({exc.strerror or exc})") from None
         return cls(path)
+
+    @classmethod
+    def open(cls, location: str | os.PathLike[str], *, revision: str | None = None) -> ExpertLibrary:
+        """Open a library at a local path, ``file://`` URL, ``hf://org/repo[@revision]`` or any fsspec URL; remote
+        libraries open read-only and download each expert lazily, checked (see :mod:`modlora.remote`)."""
+        from modlora.remote import open_library
+        return open_library(location, revision=revision)
 
     @classmethod
     def open_or_create(cls, path: str | os.PathLike[str], base_model: BaseModelInfo) -> ExpertLibrary:
@@ -153,15 +190,21 @@ class ExpertLibrary:
 
     def _read_manifest(self) -> dict[str, Any]:
         mpath = self.path / MANIFEST
+        if self.path.exists() and not self.path.is_dir():
+            raise LibraryError(f"{self.path}: is a file, not a library directory")
         if not self.path.is_dir():
             raise LibraryError(f"{self.path}: library directory not found")
         if mpath.is_symlink():
             raise LibraryError(f"{mpath}: the manifest must not be a symbolic link")
         try:
-            raw = json.loads(mpath.read_text(encoding="utf-8"))
+            raw = parse_json(mpath.read_bytes())
         except FileNotFoundError:
             raise LibraryError(f"{self.path}: not a modlora library (no {MANIFEST})") from None
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        except IsADirectoryError:
+            raise LibraryError(f"{mpath}: is a directory, not a manifest file") from None
+        except OSError as exc:
+            raise LibraryError(f"{mpath}: cannot read the manifest ({exc.strerror or exc})") from None
+        except ValueError as exc:
             raise LibraryError(f"{mpath}: manifest is not valid JSON ({exc})") from None
         if not isinstance(raw, dict):
             raise LibraryError(f"{mpath}: manifest must be a JSON object")
@@ -182,7 +225,10 @@ class ExpertLibrary:
             raise LibraryError(f"{mpath}: field 'experts' must be an object")
         entries = {}
         for key, val in experts.items():
-            check_name(key)
+            try:
+                check_name(key)
+            except LibraryError as exc:
+                raise LibraryError(f"{mpath}: field 'experts': {exc}") from None
             entries[key] = ExpertEntry.from_dict(key, val, str(mpath))
         return {"raw": raw, "base": base, "entries": entries}
 
@@ -241,23 +287,59 @@ class ExpertLibrary:
         return path
 
     def get(self, name: str) -> LoraAdapter:
-        """Load (lazily, then cached) and validate one expert's adapter; checks the files' checksums."""
+        """Load (lazily, then cached) and validate one expert's adapter; checks the files' checksums.
+
+        Concurrent writers never show a reader a mix of versions: the files are read under the library's shared
+        lock (writers hold it exclusively while they swap an expert's directory and rewrite the manifest), their
+        bytes are checked against the manifest's checksums and parsed from those same bytes. When this object's
+        manifest is older than the files, the manifest is re-read (under the same lock) and the new version is
+        returned. Without a usable lock file (a read-only library) a mismatch is retried a few times."""
         if name in self._cache:
             return self._cache[name]
-        entry = self.entry(name)
-        for fname, digest in entry.files.items():
-            path = self._safe_file(name, fname)
-            if not path.is_file():
-                raise LibraryError(f"expert {name!r}: missing file {path}")
-            if sha256_file(path) != digest:
-                raise LibraryError(f"expert {name!r}: {path} does not match its checksum in the manifest "
-                                   "(modified or truncated); run `modlora verify`")
-        try:
-            adapter = load_adapter(self.expert_dir(name), name=f"expert {name!r}")
-        except AdapterError as exc:
-            raise LibraryError(str(exc)) from None
+        adapter = self._parse_expert(name, *self._read_expert_files(name))
         self._cache[name] = adapter
         return adapter
+
+    def _parse_expert(self, name: str, config: bytes, weights: bytes) -> LoraAdapter:
+        cpath, wpath = self.expert_dir(name) / ADAPTER_CONFIG, self.expert_dir(name) / ADAPTER_WEIGHTS
+        try:
+            spec, raw = parse_adapter_config(config, cpath, f"expert {name!r}")
+            return adapter_from_weights(spec, raw, weights, wpath, f"expert {name!r}")
+        except AdapterError as exc:
+            raise LibraryError(str(exc)) from None
+
+    def _read_expert_files(self, name: str, attempts: int = 20) -> tuple[bytes, bytes]:
+        """The bytes of an expert's config and weights files, matching the manifest's checksums (see :meth:`get`);
+        reloads the manifest when it is older than the files."""
+        problem = ""
+        for attempt in range(attempts):
+            with shared_file_lock(self.path / LOCK) as locked:
+                entry = self.entry(name)
+                data: dict[str, bytes] = {}
+                for fname, digest in entry.files.items():
+                    path = self._safe_file(name, fname)
+                    try:
+                        data[fname] = path.read_bytes()
+                    except FileNotFoundError:
+                        problem = f"missing file {path}"
+                        break
+                    except (IsADirectoryError, PermissionError, OSError) as exc:
+                        raise LibraryError(f"expert {name!r}: cannot read {path} ({exc.strerror or exc})") from None
+                    if hashlib.sha256(data[fname]).hexdigest() != digest:
+                        problem = (f"{path} does not match its checksum in the manifest (modified or truncated); "
+                                   "run `modlora verify`")
+                        break
+                else:
+                    return data[ADAPTER_CONFIG], data[ADAPTER_WEIGHTS]
+                before = entry.files
+                self.reload()      # a newer manifest may describe the files we read
+                if name not in self._manifest["entries"]:
+                    raise LibraryError(f"{self.path}: expert {name!r} was removed meanwhile")
+                if locked and self.entry(name).files == before:
+                    break          # under the lock nothing moved: the files really are damaged
+            if not locked:
+                time.sleep(0.005 * (attempt + 1))
+        raise LibraryError(f"expert {name!r}: {problem}")
 
     def experts(self, names: Iterable[str] | None = None) -> dict[str, LoraAdapter]:
         """``{name: adapter}`` for the given (default: all) experts."""
@@ -276,6 +358,57 @@ class ExpertLibrary:
                 f"(shapes {self.base_model.shapes_hash}, weights {self.base_model.weights_checksum}) but the model "
                 f"given is {info.name!r} (shapes {info.shapes_hash}, weights {info.weights_checksum})")
 
+    @property
+    def linear_shapes(self) -> dict[str, tuple[int, int]] | None:
+        """The base model's linear-layer shapes (module path → (out, in)) recorded in the manifest, or None for a
+        library written before they were recorded (they are added the next time it is opened with its model)."""
+        return dict(self.base_model.linear_shapes) or None
+
+    def record_linear_shapes(self, info: BaseModelInfo) -> None:
+        """Store ``info.linear_shapes`` in a library that lacks them (only for the same base model)."""
+        if self.base_model.linear_shapes or not info.linear_shapes or not self.base_model.same_weights(info):
+            return
+        with file_lock(self.path / LOCK):
+            self.reload()
+            if self.base_model.linear_shapes:
+                return
+            base = self.base_model.with_linear_shapes(info.linear_shapes)
+            raw = {**self._manifest["raw"], "base_model": base.to_dict()}
+            atomic_write_json(self.path / MANIFEST, raw)
+            self._manifest = {**self._manifest, "raw": raw, "base": base}
+
+    def expert_problems(self, name: str, adapter: LoraAdapter) -> list[str]:
+        """What is inconsistent between an adapter and this library: :func:`~modlora.adapters.adapter_problems`
+        against the recorded base shapes or, in a library without them, against the shapes of the other stored
+        experts' modules (read from their safetensors headers)."""
+        shapes = self.linear_shapes
+        if shapes is not None:
+            return adapter_problems(adapter, shapes)
+        stored = self._stored_shapes(exclude=name)
+        known = {m: s for m, s in stored.items() if m in adapter.A}
+        return [p for p in adapter_problems(adapter, known) if "does not exist" not in p and "no tensors" not in p]
+
+    def _stored_shapes(self, exclude: str) -> dict[str, tuple[int, int]]:
+        """(out, in) of every module some stored expert (other than ``exclude``) adapts, from the file headers;
+        unreadable files are skipped (verify reports them)."""
+        from safetensors import safe_open
+        out: dict[str, tuple[int, int]] = {}
+        for other in self.expert_names():
+            if other == exclude:
+                continue
+            try:
+                with safe_open(str(self._safe_file(other, ADAPTER_WEIGHTS)), framework="pt") as fh:
+                    for key in fh.keys():   # noqa: SIM118 - safe_open handles are not iterable
+                        mt = PEFT_KEY_RE.match(key)
+                        shape = fh.get_slice(key).get_shape()
+                        if mt is None or len(shape) != 2:
+                            continue
+                        out_f, in_f = out.get(mt["module"], (0, 0))
+                        out[mt["module"]] = (shape[0], in_f) if mt["which"] == "B" else (out_f, shape[1])
+            except (SafetensorError, OSError, LibraryError):
+                continue
+        return {m: s for m, s in out.items() if 0 not in s}
+
     # -- writes -------------------------------------------------------------------------------------------------
     def add(self, name: str, adapter: LoraAdapter, *, tasks: Iterable[str] = (), training: Mapping[str, Any] | None = None,
             metrics: Mapping[str, Any] | None = None, base_model: BaseModelInfo | None = None,
@@ -284,7 +417,12 @@ class ExpertLibrary:
         check_name(name)
         if base_model is not None:
             self.check_base_model(base_model)
+            self.record_linear_shapes(base_model)
         adapter.validate(f"expert {name!r}")
+        problems = self.expert_problems(name, adapter)
+        if problems:
+            raise LibraryError(f"expert {name!r} does not fit this library's base model {self.base_model.name!r}: "
+                               + "; ".join(problems))
         target = self.expert_dir(name)
         with file_lock(self.path / LOCK):
             self.reload()
@@ -304,21 +442,39 @@ class ExpertLibrary:
         return entry
 
     def import_adapter(self, directory: str | os.PathLike[str], name: str, *, tasks: Iterable[str] = (),
-                       overwrite: bool = False) -> ExpertEntry:
-        """Import an existing PEFT LoRA adapter directory as an expert."""
+                       overwrite: bool = False, force_base: bool = False) -> ExpertEntry:
+        """Import an existing PEFT LoRA adapter directory as an expert.
+
+        Every module's tensors are checked against the base model's linear shapes (see :meth:`add`). An adapter
+        whose ``base_model_name_or_path`` names another model is refused with :class:`BaseModelMismatchError` unless
+        ``force_base`` (names match when equal after dropping the hub organisation / directory part, case and a
+        trailing quantisation tag such as ``-Q4_1``); the stored copy then names this library's base and
+        ``training["imported_base"]`` keeps the declared one."""
         try:
             adapter = load_adapter(directory, name=f"adapter {directory}")
         except AdapterError as exc:
             raise LibraryError(str(exc)) from None
-        return self.add(name, adapter, tasks=tasks, training={"imported_from": str(directory)}, overwrite=overwrite)
+        training: dict[str, Any] = {"imported_from": str(directory)}
+        declared = adapter.base_model_name
+        if declared and not same_model_name(declared, self.base_model.name):
+            if not force_base:
+                raise BaseModelMismatchError(
+                    f"{Path(directory) / ADAPTER_CONFIG}: field 'base_model_name_or_path' is {declared!r} but the "
+                    f"library {self.path} is for {self.base_model.name!r}; pass force_base (--force-base) to import "
+                    "it anyway")
+            training["imported_base"] = declared
+        return self.add(name, adapter, tasks=tasks, training=training, overwrite=overwrite)
 
     def export(self, name: str, directory: str | os.PathLike[str], *, overwrite: bool = False) -> Path:
-        """Copy one expert out as a standalone PEFT adapter directory (atomically)."""
-        self.get(name)  # validates checksums
+        """Copy one expert out as a standalone PEFT adapter directory (atomically; the bytes written are the ones
+        checked against the manifest). An existing ``directory`` is refused unless ``overwrite`` (which replaces
+        only an empty or adapter directory)."""
+        config, weights = self._read_expert_files(name)
+        self._parse_expert(name, config, weights)   # validates what is written
         directory = Path(directory)
-        with atomic_directory(directory, overwrite=overwrite) as tmp:
-            for fname in (ADAPTER_CONFIG, ADAPTER_WEIGHTS):
-                shutil.copyfile(self.expert_dir(name) / fname, tmp / fname)
+        with output_directory(directory, overwrite=overwrite, error=LibraryError) as tmp:
+            (tmp / ADAPTER_CONFIG).write_bytes(config)
+            (tmp / ADAPTER_WEIGHTS).write_bytes(weights)
         return directory
 
     def remove(self, name: str) -> None:
@@ -333,6 +489,23 @@ class ExpertLibrary:
             shutil.rmtree(self.expert_dir(name), ignore_errors=True)
             self._drop_artifacts(name)
         self._cache.pop(name, None)
+
+    def register(self, entries: Iterable[ExpertEntry]) -> None:
+        """Record experts whose files are already in place under ``experts/<name>/`` (e.g. pulled from a shared
+        library): each file is checked against its entry's checksum, then the manifest is written once, under the
+        lock. Entries of the same names are replaced."""
+        entries = list(entries)
+        with file_lock(self.path / LOCK):
+            self.reload()
+            for e in entries:
+                check_name(e.name)
+                for fname, digest in e.files.items():
+                    path = self._safe_file(e.name, fname)
+                    if not path.is_file() or sha256_file(path) != digest:
+                        raise LibraryError(f"expert {e.name!r}: {path} is missing or does not match its checksum")
+            self._write_entries({**self._manifest["entries"], **{e.name: e for e in entries}})
+        for e in entries:
+            self._cache.pop(e.name, None)
 
     def clean_incomplete(self) -> list[str]:
         """Remove what interrupted writes left (temporary directories, expert directories without a manifest
@@ -408,20 +581,32 @@ class ExpertLibrary:
         if not path.is_file():
             return None
         try:
-            return json.loads(path.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            return parse_json(path.read_bytes())
+        except OSError as exc:
+            raise LibraryError(f"{path}: cannot read ({exc.strerror or exc})") from None
+        except ValueError as exc:
             raise LibraryError(f"{path}: not valid JSON ({exc})") from None
 
     # -- verification -------------------------------------------------------------------------------------------
     def verify(self) -> list[VerifyProblem]:
-        """Check every expert's files against the manifest checksums and that they load; returns the problems."""
+        """Check everything later commands rely on; returns the problems (empty: the library is sound).
+
+        Per expert: its files exist and match the manifest's checksums; the config parses; the tensors load, are
+        floating point, finite, and pair up (``A`` (r, in), ``B`` (out, r)); the manifest's ``lora`` fields,
+        ``num_parameters`` and ``modules`` agree with the files; the config's ``base_model_name_or_path`` names this
+        library's base; ``target_modules`` agree with the tensors; every module exists in the base model with
+        matching shapes (:meth:`expert_problems`). Library-wide: leftover temporary or unlisted directories.
+        In a library written before base shapes were recorded (:attr:`linear_shapes` is None) experts are checked
+        against each other's shapes only; callers should say so."""
         problems: list[VerifyProblem] = []
+        self._cache.clear()
         for name in self.expert_names():
-            self._cache.pop(name, None)
             try:
-                self.get(name)
+                adapter = self.get(name)
             except LibraryError as exc:
                 problems.append(VerifyProblem(name, str(exc)))
+                continue
+            problems.extend(VerifyProblem(name, p) for p in self._entry_problems(name, adapter))
         edir = self.path / EXPERTS_DIR
         if edir.is_dir():
             for d in sorted(edir.iterdir()):
@@ -431,8 +616,59 @@ class ExpertLibrary:
                     problems.append(VerifyProblem(d.name, f"directory {d} has no manifest entry (interrupted write)"))
         return problems
 
+    def _entry_problems(self, name: str, adapter: LoraAdapter) -> list[str]:
+        """Disagreements between a loaded expert, its manifest entry and the base model (see :meth:`verify`)."""
+        entry = self.entry(name)
+        mpath = self.path / MANIFEST
+        cpath = self.expert_dir(name) / ADAPTER_CONFIG
+        out: list[str] = []
+        recorded = LoraSpec.from_dict(entry.lora)
+        for field_name, want, have in (("r", recorded.rank, adapter.spec.rank),
+                                       ("lora_alpha", recorded.alpha, adapter.spec.alpha),
+                                       ("lora_dropout", recorded.dropout, adapter.spec.dropout),
+                                       ("target_modules", recorded.target_modules, adapter.spec.target_modules)):
+            if want != have:
+                out.append(f"{mpath}: experts[{name!r}].lora.{field_name} is {want!r} but {cpath} has {have!r}")
+        if entry.num_parameters != adapter.num_parameters():
+            out.append(f"{mpath}: experts[{name!r}].num_parameters is {entry.num_parameters} but the tensors hold "
+                       f"{adapter.num_parameters()}")
+        if entry.modules != len(adapter.modules):
+            out.append(f"{mpath}: experts[{name!r}].modules is {entry.modules} but the tensors cover "
+                       f"{len(adapter.modules)} modules")
+        if adapter.base_model_name and not same_model_name(adapter.base_model_name, self.base_model.name):
+            out.append(f"{cpath}: field 'base_model_name_or_path' is {adapter.base_model_name!r}, not this library's "
+                       f"base {self.base_model.name!r}")
+        wpath = self.expert_dir(name) / ADAPTER_WEIGHTS
+        out.extend(f"{wpath}: {p}" for p in self.expert_problems(name, adapter))
+        return out
+
     def size_bytes(self, name: str) -> int:
-        return sum((self.expert_dir(name) / f).stat().st_size for f in (ADAPTER_CONFIG, ADAPTER_WEIGHTS))
+        """Bytes of an expert's two files on disk."""
+        total = 0
+        for fname in (ADAPTER_CONFIG, ADAPTER_WEIGHTS):
+            path = self.expert_dir(name) / fname
+            try:
+                total += path.stat().st_size
+            except OSError as exc:
+                raise LibraryError(f"expert {name!r}: cannot read {path} ({exc.strerror or exc}); run "
+                                   "`modlora verify`") from None
+        return total
+
+
+_QUANT_TAG = re.compile(r"[-._](?:i?q\d\w*|f16|bf16|fp16|f32|fp32|gguf|awq|gptq|int[48])$", re.IGNORECASE)
+
+
+def same_model_name(a: str, b: str) -> bool:
+    """Whether two base-model names refer to the same model: equal after keeping the last path / hub component,
+    lower-casing and dropping a trailing quantisation tag (``HuggingFaceTB/SmolLM2-135M-Instruct`` and
+    ``SmolLM2-135M-Instruct-Q4_1`` match; ``meta-llama/Llama-2-7b-hf`` and either do not)."""
+    def key(name: str) -> str:
+        base = name.rstrip("/\\").replace("\\", "/").rsplit("/", 1)[-1].lower()
+        base = base.removesuffix(".gguf")
+        while (stripped := _QUANT_TAG.sub("", base)) != base:
+            base = stripped
+        return base
+    return key(a) == key(b)
 
 
 def _jsonable(obj: Any) -> Any:

@@ -22,7 +22,8 @@ import hashlib
 import importlib.util
 import json
 import os
-from dataclasses import asdict, dataclass
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -47,15 +48,24 @@ def cache_root() -> Path:
 
 @dataclass(frozen=True)
 class BaseModelInfo:
-    """Identity of a base model: ``name``, ``shapes_hash`` (names + shapes) and ``weights_checksum`` (sampled values)."""
+    """Identity of a base model: ``name``, ``shapes_hash`` (names + shapes) and ``weights_checksum`` (sampled values).
+
+    ``linear_shapes``: module path → ``(out_features, in_features)`` of every ``nn.Linear``, so that a library can
+    check an expert's tensors against the base model without loading it (empty in libraries written before it was
+    recorded; not part of the identity's equality)."""
 
     name: str
     shapes_hash: str
     weights_checksum: str
     tokenizer: str = ""
+    linear_shapes: Mapping[str, tuple[int, int]] = field(default_factory=dict, compare=False, repr=False)
 
-    def to_dict(self) -> dict[str, str]:
-        return asdict(self)
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["linear_shapes"] = {k: list(v) for k, v in sorted(self.linear_shapes.items())}
+        if not d["linear_shapes"]:
+            del d["linear_shapes"]
+        return d
 
     @classmethod
     def from_dict(cls, d: Any) -> BaseModelInfo:
@@ -63,7 +73,19 @@ class BaseModelInfo:
             raise ValueError("base model identity needs string fields 'name', 'shapes_hash', 'weights_checksum'")
         if not isinstance(d.get("tokenizer", ""), str):
             raise ValueError("base model field 'tokenizer' must be a string")
-        return cls(d["name"], d["shapes_hash"], d["weights_checksum"], d.get("tokenizer", ""))
+        unexpected = sorted(set(d) - {"name", "shapes_hash", "weights_checksum", "tokenizer", "linear_shapes"})
+        if unexpected:
+            raise ValueError(f"unexpected base model field(s) {unexpected}")
+        shapes = d.get("linear_shapes", {})
+        if not isinstance(shapes, dict) or not all(
+                isinstance(v, list) and len(v) == 2 and all(isinstance(n, int) and not isinstance(n, bool) and n > 0
+                                                            for n in v) for v in shapes.values()):
+            raise ValueError("base model field 'linear_shapes' must map module paths to [out_features, in_features]")
+        return cls(d["name"], d["shapes_hash"], d["weights_checksum"], d.get("tokenizer", ""),
+                   {k: (v[0], v[1]) for k, v in shapes.items()})
+
+    def with_linear_shapes(self, shapes: Mapping[str, tuple[int, int]]) -> BaseModelInfo:
+        return BaseModelInfo(self.name, self.shapes_hash, self.weights_checksum, self.tokenizer, dict(shapes))
 
     def same_weights(self, other: BaseModelInfo) -> bool:
         """True when shapes and sampled weights agree (names may differ: a cached copy is the same model)."""
@@ -84,6 +106,11 @@ class LoadedModel:
     source: str
 
 
+def linear_shapes(model: torch.nn.Module) -> dict[str, tuple[int, int]]:
+    """``(out_features, in_features)`` of every ``nn.Linear`` of ``model``, by module path."""
+    return {n: (m.out_features, m.in_features) for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+
+
 def model_identity(model: torch.nn.Module, name: str) -> BaseModelInfo:
     """Hash parameter names/shapes and a strided sample of at most 4096 values per tensor (fp32 bytes).
 
@@ -99,7 +126,8 @@ def model_identity(model: torch.nn.Module, name: str) -> BaseModelInfo:
         sample = flat[::step][:_SAMPLE_PER_TENSOR].to(device="cpu", dtype=torch.float32)
         values.update(pname.encode())
         values.update(sample.numpy().tobytes())
-    return BaseModelInfo(name=name, shapes_hash=shapes.hexdigest()[:16], weights_checksum=values.hexdigest()[:16])
+    return BaseModelInfo(name=name, shapes_hash=shapes.hexdigest()[:16], weights_checksum=values.hexdigest()[:16],
+                         linear_shapes=linear_shapes(model))
 
 
 def tokenizer_fingerprint(tokenizer: Any) -> str:
@@ -220,5 +248,6 @@ def load_base_model(spec: str = DEFAULT_MODEL, *, device: str | torch.device | N
         info = BaseModelInfo.from_dict({k: v for k, v in json.loads(info_file.read_text()).items() if k != "source"})
     else:
         info = model_identity(model, name)
-    info = BaseModelInfo(info.name, info.shapes_hash, info.weights_checksum, tokenizer_fingerprint(tokenizer))
+    info = BaseModelInfo(info.name, info.shapes_hash, info.weights_checksum, tokenizer_fingerprint(tokenizer),
+                         linear_shapes(model))
     return LoadedModel(model=model, tokenizer=tokenizer, info=info, source=source)

@@ -2,9 +2,10 @@
 
 One module per group of commands, each with ``register(subparsers, registry)``: :mod:`.library` (tasks, show,
 verify, import, export, remove), :mod:`.build` (train, build, cluster), :mod:`.reuse` (generate, route, merge,
-export-arrow, lorahub), :mod:`.evaluate` (eval, report), :mod:`.demo`. Shared argument groups, parse-time types and
-the method flags generated from the registry are in :mod:`.common`. Options are checked before any model loads;
-bad input ends with ``modlora: error: …`` and exit status 2.
+export-arrow, lorahub), :mod:`.evaluate` (eval, report), :mod:`.share` (push, pull), :mod:`.serve` (serve),
+:mod:`.demo`. Commands that only read a library accept any location of :mod:`modlora.remote` (``hf://``, fsspec
+URLs) through ``common.open_library``. Shared argument groups, parse-time types and the method flags generated from
+the registry are in :mod:`.common`. Options are checked before any model loads; bad input ends with ``modlora: error: …`` and exit status 2.
 """
 
 from __future__ import annotations
@@ -15,12 +16,12 @@ import sys
 import warnings
 from collections.abc import Sequence
 
-from modlora.cli import build, demo, evaluate, library, reuse
+from modlora.cli import build, demo, evaluate, library, reuse, serve, share
 from modlora.cli.common import console
 from modlora.errors import ModloraError
 from modlora.methods import REGISTRY, Registry
 
-COMMAND_GROUPS = (build, reuse, evaluate, library, demo)
+COMMAND_GROUPS = (build, reuse, evaluate, library, share, serve, demo)
 
 
 def build_parser(registry: Registry = REGISTRY) -> argparse.ArgumentParser:

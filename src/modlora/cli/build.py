@@ -7,12 +7,17 @@ from pathlib import Path
 from typing import Any
 
 from modlora.cli.common import (
+    LOCATION_HELP,
     UsageError,
+    add_data_arg,
+    add_library_arg,
     add_model_args,
     add_task_source_args,
     add_train_args,
     check_task_names,
+    clusters_or_auto,
     console,
+    data_root,
     fraction,
     k_or_auto,
     load_model,
@@ -43,9 +48,14 @@ def _build_config(args: argparse.Namespace) -> Any:
 
 
 def _known_tasks(args: argparse.Namespace, config: Any) -> list[str]:
-    from modlora.building import load_tasks
-    from modlora.data import sni_task_files
-    return sorted(load_tasks(config, None)) if args.flat else sorted(sni_task_files(config.data_dir))
+    """Every task name of the source; for ``--flat`` the skipped malformed lines are reported (count and lines)."""
+    from modlora.data import read_flat_jsonl, sni_task_files
+    if not args.flat:
+        return sorted(sni_task_files(config.data_dir))
+    load = read_flat_jsonl(args.flat)
+    if load.report.skipped:
+        console.print(f"[yellow]{args.flat}[/]: {load.report.summary()}", highlight=False)
+    return sorted(load.tasks)
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -72,13 +82,35 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
-def _print_clusters(clustering: Any) -> None:
-    console.print(f"K = {clustering.k} clusters (silhouette {clustering.silhouette})")
+def _print_clusters(clustering: Any, quality: Any = None) -> None:
+    """K, every candidate K's score (with --k auto), a plain no-structure verdict, the clusters (names folded, never
+    cut) and, given reference labels, ARI and purity."""
+    from rich.table import Table
+
+    silhouette = "n/a" if clustering.silhouette is None else f"{clustering.silhouette:.3f}"
+    console.print(f"[bold]K = {clustering.k}[/] ({clustering.features} features, silhouette {silhouette})",
+                  soft_wrap=False)
     if clustering.scores_by_k:
-        console.print("silhouette by K: " + ", ".join(f"{k}: {v:.3f}" if v is not None else f"{k}: -"
-                                                      for k, v in clustering.scores_by_k.items()))
+        best = max(clustering.scores_by_k, key=lambda k: (clustering.scores_by_k[k], -k))
+        scores = Table(title=f"--k auto: {clustering.criterion} score of every candidate K (higher is better)")
+        scores.add_column("K", justify="right")
+        scores.add_column(str(clustering.criterion), justify="right")
+        for k, value in sorted(clustering.scores_by_k.items()):
+            scores.add_row(str(k), f"{value:.3f}" + (" (best)" if k == best else ""))
+        console.print(scores)
+    if clustering.no_structure:
+        console.print(f"[bold yellow]{clustering.message}[/]", soft_wrap=False)
+    table = Table(title=f"{clustering.k} cluster(s) of {len(clustering.names)} experts")
+    table.add_column("cluster", justify="right", no_wrap=True)
+    table.add_column("size", justify="right", no_wrap=True)
+    table.add_column("experts", overflow="fold")
     for i, members in enumerate(clustering.clusters):
-        console.print(f"  cluster{i} ({len(members)}): {', '.join(members)}")
+        table.add_row(str(i), str(len(members)), ", ".join(members))
+    console.print(table)
+    if quality is not None:
+        left_out = f"; {len(quality.unlabelled)} expert(s) without a label left out" if quality.unlabelled else ""
+        console.print(f"against the reference labels ({quality.n_labelled} experts, {quality.n_labels} labels): "
+                      f"[bold]ARI {quality.ari:.3f}[/], purity {quality.purity:.3f}{left_out}", soft_wrap=False)
 
 
 def cmd_build(args: argparse.Namespace) -> int:
@@ -115,14 +147,29 @@ def cmd_build(args: argparse.Namespace) -> int:
 
 
 def cmd_cluster(args: argparse.Namespace) -> int:
-    from modlora.clustering import model_based_clustering, plot_clustering
-    lib = open_library(args.library)
+    from modlora.clustering import cluster_quality, model_based_clustering, plot_clustering, reference_labels
+    if args.k == "auto" and args.k_min > args.k_max:
+        raise UsageError(f"--k-min {args.k_min} is larger than --k-max {args.k_max}")
+    lib = open_library(args.library, args.revision)
     if args.k != "auto" and args.k > len(lib):
         raise UsageError(f"--k {args.k} exceeds the number of experts ({len(lib)})")
-    result = model_based_clustering(lib, args.k, sparsity=args.sparsity, n_components=args.n_components,
-                                    k_range=(args.k_min, min(args.k_max, len(lib) - 1)) if args.k == "auto" else None,
-                                    seed=args.seed)
-    _print_clusters(result)
+    names = lib.expert_names()
+    labels = None
+    if args.labels is not None:  # read before any model loads: a bad label file fails fast
+        labels = reference_labels(args.labels, names, tasks_of=lib.tasks, data_dir=data_root(args))
+        if not labels:
+            raise UsageError(f"--labels {args.labels}: none of the {len(names)} experts (or their tasks) has a label")
+    lm = tasks = None
+    if args.features == "semantic":
+        from modlora.data import load_sni_tasks
+        wanted = sorted({t for name in names for t in (lib.tasks(name) or [name])})
+        tasks = load_sni_tasks(data_root(args) / "sni" / "tasks", wanted)
+        lm = load_model(args)
+    k_range = (args.k_min, min(args.k_max, max(2, len(lib) - 1))) if args.k == "auto" else None
+    result = model_based_clustering(lib, args.k, features=args.features, sparsity=args.sparsity,
+                                    n_components=args.n_components, centre=args.centre, k_range=k_range,
+                                    seed=args.seed, auto_k=args.auto_k, lm=lm, tasks=tasks)
+    _print_clusters(result, cluster_quality(result, labels) if labels else None)
     lib.save_meta("clustering", result.to_dict())
     if args.out:
         result.to_json(args.out)
@@ -130,6 +177,14 @@ def cmd_cluster(args: argparse.Namespace) -> int:
         plot_clustering(result, args.plot)
         console.print(f"plot: {args.plot}")
     return 0
+
+
+def _labels_source(text: str) -> str:
+    """``--labels``: 'sni-categories' or an existing JSON/CSV file (checked at parse time)."""
+    from modlora.clustering import SNI_CATEGORIES
+    if text != SNI_CATEGORIES and not Path(text).is_file():
+        raise argparse.ArgumentTypeError(f"expected '{SNI_CATEGORIES}' or an existing JSON/CSV file, got {text!r}")
+    return text
 
 
 def _add_k_args(p: argparse.ArgumentParser, default: str) -> None:
@@ -170,8 +225,9 @@ def register(sub: Any, registry: Registry) -> None:
     _add_k_args(p, "10")
     p.add_argument("--stage1-fraction", type=open_fraction, default=0.4,
                    help="MBC: share of each task's budget spent on stage-1 private experts (default 0.4 = 2 of 5)")
-    p.add_argument("--private-library", type=Path, default=None,
-                   help="MBC: reuse this private library as stage 1 instead of training one")
+    p.add_argument("--private-library", default=None,
+                   help="MBC: reuse this private library as stage 1 instead of training one (a directory or any "
+                        "library location: hf://, s3://, ...)")
     p.add_argument("--mbc-library", type=Path, default=None, help="random: the MBC library whose sizes to copy")
     p.add_argument("--balanced", action="store_true",
                    help="multi-task experts use the same number of examples from every task")
@@ -197,17 +253,40 @@ def register(sub: Any, registry: Registry) -> None:
     add_train_args(p)
     p.set_defaults(func=cmd_build, steps=100)
 
+    from modlora.clustering import AUTO_K_CRITERIA, DEFAULT_AUTO_K, DEFAULT_FEATURES, FEATURES
     p = sub.add_parser("cluster", help="MBC clustering of an existing library",
-                       description="Cluster a library's experts by their LoRA weights (sparsify, truncated SVD, "
-                                   "cosine similarity, k-means on similarity rows) and print the clusters; the "
-                                   "result is stored in the library (meta/clustering.json).")
-    p.add_argument("library", type=Path, help="library directory (usually a private library)")
-    _add_k_args(p, "auto")
+                       description="Cluster a library's experts (k-means on the rows of a similarity matrix) and "
+                                   "print the clusters, every candidate K's score with --k auto (or that the experts "
+                                   "have no cluster structure), and ARI/purity against --labels. Features: delta = "
+                                   "exact cosine of the experts' updates ΔW = B·A, from the LoRA factors; params = "
+                                   "the paper's flattened, sparsified, SVD-reduced parameters; "
+                                   "semantic = the base model's mean-pooled embedding of each task's definition and "
+                                   "inputs (the only one that loads the model). The result is stored in the library "
+                                   "(meta/clustering.json).")
+    add_library_arg(p, help=f"the library to cluster (usually a private library): {LOCATION_HELP}; the clustering "
+                    "is stored in it (for a remote library: in its local mirror)")
+    p.add_argument("--features", choices=FEATURES, default=DEFAULT_FEATURES,
+                   help=f"similarity features (default {DEFAULT_FEATURES}; README: MBC says why)")
+    p.add_argument("--k", type=clusters_or_auto, default="auto",
+                   help="number of clusters (>= 2, never changed) or 'auto' (default auto)")
+    p.add_argument("--auto-k", choices=AUTO_K_CRITERIA, default=DEFAULT_AUTO_K,
+                   help=f"how --k auto chooses K (default {DEFAULT_AUTO_K})")
+    p.add_argument("--k-min", type=positive_int, default=2, help="smallest K tried by --k auto (default 2)")
+    p.add_argument("--k-max", type=positive_int, default=16, help="largest K tried by --k auto (default 16)")
+    p.add_argument("--labels", type=_labels_source, default=None,
+                   help="reference labelling for ARI and purity: 'sni-categories' (the data's sni/index.json) or a "
+                        "JSON {name: label} / CSV name,label file keyed by expert or task name")
+    p.add_argument("--centre", action=argparse.BooleanOptionalAction, default=None,
+                   help="delta/semantic: compare the differences from the mean over experts (default: off for delta, "
+                        "on for semantic)")
     p.add_argument("--sparsity", type=fraction, default=0.5,
-                   help="share of smallest-magnitude entries zeroed (0.5)")
-    p.add_argument("--n-components", type=positive_int, default=64, help="truncated-SVD components (default 64)")
+                   help="params: share of smallest-magnitude entries zeroed (0.5)")
+    p.add_argument("--n-components", type=positive_int, default=64,
+                   help="params: truncated-SVD components (default 64)")
     p.add_argument("--seed", type=int, default=0, help="k-means / SVD seed (default 0)")
     p.add_argument("--out", type=Path, default=None, help="also write the clustering JSON here")
     p.add_argument("--plot", type=Path, default=None,
                    help="write a PNG: similarity heatmap ordered by cluster + cluster sizes")
+    add_data_arg(p)
+    add_model_args(p)
     p.set_defaults(func=cmd_cluster)

@@ -61,6 +61,11 @@ def k_or_auto(text: str) -> int | str:
     return text if text == "auto" else _number(int, text, lambda v: v >= 1, "an integer >= 1 or 'auto'")
 
 
+def clusters_or_auto(text: str) -> int | str:
+    """``cluster --k``: 'auto' or a number of clusters >= 2."""
+    return text if text == "auto" else _number(int, text, lambda v: v >= 2, "an integer >= 2 or 'auto'")
+
+
 def name_list(text: str) -> tuple[str, ...]:
     """A comma-separated list of non-empty names (``--targets q_proj,v_proj``)."""
     names = tuple(t.strip() for t in text.split(","))
@@ -179,10 +184,33 @@ def check_task_names(names: Sequence[str], known: Sequence[str], where: str) -> 
         raise UsageError(f"unknown task(s) in {where}: {', '.join(hints)}")
 
 
-def open_library(path: str | os.PathLike[str]) -> Any:
-    """The library a command reads."""
+LOCATION_HELP = ("a library directory, or a location: file://, hf://ORG/REPO[@REVISION], or any fsspec URL "
+                 "(s3://, gs://, memory://, ...); remote libraries are read-only and download experts lazily")
+
+
+def add_library_arg(p: argparse.ArgumentParser, *, option: bool = False, writes: bool = False,
+                    help: str | None = None) -> None:
+    """The library argument (positional ``library``, or ``--library`` with ``option``). A command that only reads it
+    accepts any location of :mod:`modlora.remote` and ``--revision``; one that ``writes`` needs a local directory."""
+    text = help or ("library directory" if writes else LOCATION_HELP)
+    if option:
+        p.add_argument("--library", default=None, help=text)
+    else:
+        p.add_argument("library", help=text)
+    if not writes:
+        p.add_argument("--revision", default=None,
+                       help="revision of an hf:// library: a branch, tag or commit (default: the URL's, else main)")
+
+
+def open_library(location: str | os.PathLike[str], revision: str | None = None, *, writes: bool = False) -> Any:
+    """The library a command works on: ``ExpertLibrary.open(location, revision=...)``. A command that changes the
+    library (``writes``) is refused a remote location up front, with the way to get a local copy."""
     from modlora.library import ExpertLibrary
-    return ExpertLibrary(path)
+    from modlora.remote import is_url
+    if writes and is_url(os.fspath(location)) and not os.fspath(location).startswith("file://"):
+        raise UsageError(f"{location} is a remote library, which is read-only: `modlora pull {location} DIR` makes a "
+                         "local copy to change")
+    return ExpertLibrary.open(location, revision=revision)
 
 
 # ----------------------------------------------------------------------------- method flags from the registry

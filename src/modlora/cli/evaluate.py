@@ -7,8 +7,10 @@ from pathlib import Path
 from typing import Any
 
 from modlora.cli.common import (
+    LOCATION_HELP,
     UsageError,
     add_data_arg,
+    add_library_arg,
     add_method_args,
     add_model_args,
     console,
@@ -53,7 +55,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         raise UsageError(f"the {router} router needs each example's task: it only applies to --suite indist")
     opts = method_options(args, args.registry, router, args.registry.names())
     root = data_root(args)
-    lib = open_library(args.library) if args.library else None
+    lib = open_library(args.library, args.revision) if args.library else None
     lm = load_model(args)
     rm = prepare_model(lm, lib if method.capabilities.uses_experts else None, router, opts, registry=args.registry)
     common = {"limit": args.limit, "seed": args.seed, "batch_size": args.batch_size, "method": router,
@@ -99,7 +101,7 @@ def register(sub: Any, registry: Registry) -> None:
                                    "(HumanEval/MBPP pass@1 in a sandbox), indist (the library's own tasks' test "
                                    "splits: loss, Rouge-L and routing accuracy). Results are written as JSON.")
     p.add_argument("--suite", choices=SUITES, required=True, help="which suite")
-    p.add_argument("--library", type=Path, default=None, help="library to apply (default: the base model alone)")
+    add_library_arg(p, option=True, help=f"library to apply (default: the base model alone): {LOCATION_HELP}")
     p.add_argument("--tasks", nargs="*", help="tasks of the suite (default: all of them)")
     p.add_argument("--limit", type=positive_int, default=None,
                    help="examples per task: a fixed seeded subset (default: all; indist: 10)")

@@ -7,14 +7,14 @@ import json
 from pathlib import Path
 from typing import Any
 
-from modlora.cli.common import UsageError, add_data_arg, console, data_root, open_library
+from modlora.cli.common import UsageError, add_data_arg, add_library_arg, console, data_root, open_library
 from modlora.methods import Registry
 from modlora.tables import folding_table
 
 
 def show_library(lib: Any) -> None:
     """The table of a library's experts (names and tasks fold, never cut)."""
-    table = folding_table(f"{lib.path} — base {lib.base_model.name} ({len(lib)} experts)",
+    table = folding_table(f"{getattr(lib, 'url', lib.path)} — base {lib.base_model.name} ({len(lib)} experts)",
                           ("expert", "tasks", "r", "mods", "params", "size", "val", "steps", "tok/s"),
                           right=("r", "mods", "params", "size", "val", "steps", "tok/s"))
     for name in lib.expert_names():
@@ -30,7 +30,7 @@ def show_library(lib: Any) -> None:
 
 
 def cmd_show(args: argparse.Namespace) -> int:
-    lib = open_library(args.library)
+    lib = open_library(args.library, args.revision)
     if args.json:
         print(json.dumps({n: lib.entry(n).to_dict() for n in lib.expert_names()}, indent=2))
     else:
@@ -60,10 +60,13 @@ def cmd_tasks(args: argparse.Namespace) -> int:
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
-    lib = open_library(args.library)
+    lib = open_library(args.library, args.revision)
     problems = lib.verify()
     if not problems:
-        console.print(f"[green]OK[/]: {len(lib)} experts, every file matches its checksum")
+        against = ("the base model's layer shapes" if lib.linear_shapes is not None
+                   else "each other (this library records no base-model shapes)")
+        console.print(f"[green]OK[/]: {len(lib)} experts: every file matches its checksum, tensors load and are "
+                      f"finite floating point, manifest fields agree, shapes checked against {against}")
         return 0
     for p in problems:
         console.print(f"[red]{p.expert}[/]: {p.problem}", highlight=False)
@@ -71,8 +74,9 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 
 def cmd_import(args: argparse.Namespace) -> int:
-    lib = open_library(args.library)
-    entry = lib.import_adapter(args.adapter, args.name, tasks=args.tasks or [], overwrite=args.overwrite)
+    lib = open_library(args.library, writes=True)
+    entry = lib.import_adapter(args.adapter, args.name, tasks=args.tasks or [], overwrite=args.overwrite,
+                               force_base=args.force_base)
     console.print(f"imported {args.adapter} as expert {entry.name}")
     return 0
 
@@ -80,13 +84,13 @@ def cmd_import(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     if args.out.exists() and not args.overwrite:
         raise UsageError(f"{args.out} exists (use --overwrite to replace it)")
-    out = open_library(args.library).export(args.name, args.out, overwrite=args.overwrite)
+    out = open_library(args.library, args.revision).export(args.name, args.out, overwrite=args.overwrite)
     console.print(f"exported expert {args.name} to {out} (PEFT adapter directory)")
     return 0
 
 
 def cmd_remove(args: argparse.Namespace) -> int:
-    open_library(args.library).remove(args.name)
+    open_library(args.library, writes=True).remove(args.name)
     console.print(f"removed expert {args.name}")
     return 0
 
@@ -100,35 +104,37 @@ def register(sub: Any, registry: Registry) -> None:
 
     p = sub.add_parser("show", help="table of a library's experts", description="Show a library's experts: tasks, "
                        "rank, adapted modules, parameter count, size on disk and training metrics.")
-    p.add_argument("library", type=Path, help="library directory")
+    add_library_arg(p)
     p.add_argument("--json", action="store_true", help="print the manifest entries as JSON")
     p.set_defaults(func=cmd_show)
 
     p = sub.add_parser("verify", help="check every expert file against the manifest",
                        description="Check every expert's files against the manifest checksums and that they load; "
                                    "exit status 1 when anything is wrong.")
-    p.add_argument("library", type=Path, help="library directory")
+    add_library_arg(p)
     p.set_defaults(func=cmd_verify)
 
     p = sub.add_parser("import", help="import a PEFT LoRA adapter directory as an expert",
                        description="Import a PEFT LoRA adapter directory (adapter_config.json + "
                                    "adapter_model.safetensors) into a library.")
-    p.add_argument("library", type=Path, help="library directory")
+    add_library_arg(p, writes=True)
     p.add_argument("adapter", type=Path, help="PEFT adapter directory")
     p.add_argument("--name", required=True, help="expert name in the library")
     p.add_argument("--tasks", nargs="*", help="tasks this expert covers")
     p.add_argument("--overwrite", action="store_true", help="replace an existing expert of that name")
+    p.add_argument("--force-base", action="store_true",
+                   help="import an adapter whose config names another base model (its shapes must still fit)")
     p.set_defaults(func=cmd_import)
 
     p = sub.add_parser("export", help="export one expert as a PEFT adapter directory",
                        description="Copy one expert out of a library as a standalone PEFT adapter directory.")
-    p.add_argument("library", type=Path, help="library directory")
+    add_library_arg(p)
     p.add_argument("name", help="expert name")
     p.add_argument("out", type=Path, help="destination directory")
     p.add_argument("--overwrite", action="store_true", help="replace the destination if it exists")
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("remove", help="remove an expert from a library", description="Remove an expert.")
-    p.add_argument("library", type=Path, help="library directory")
+    add_library_arg(p, writes=True)
     p.add_argument("name", help="expert name")
     p.set_defaults(func=cmd_remove)

@@ -10,6 +10,7 @@ from typing import Any
 from modlora.cli.common import (
     UsageError,
     add_data_arg,
+    add_library_arg,
     add_method_args,
     add_model_args,
     console,
@@ -24,13 +25,11 @@ from modlora.methods import Registry
 
 
 def prompt_text(args: argparse.Namespace) -> str:
-    """``--prompt`` checked: non-empty and valid UTF-8 (an argv with undecodable bytes arrives as surrogates)."""
-    try:
-        args.prompt.encode("utf-8")
-        args.definition.encode("utf-8")
-    except UnicodeEncodeError:
-        raise UsageError("--prompt / --definition is not valid UTF-8 text") from None
-    if not args.prompt.strip():
+    """``--prompt`` checked: non-empty text that can be tokenised (an argv with undecodable bytes arrives as
+    surrogates)."""
+    from modlora.data import check_text
+    check_text(args.definition, "--definition")
+    if not check_text(args.prompt, "--prompt").strip():
         raise UsageError("--prompt is empty")
     return args.prompt
 
@@ -59,7 +58,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         raise UsageError(f"--explain needs a per-token router ({', '.join(args.registry.names(per_token=True))}), "
                          f"not {args.router}")
     opts = method_options(args, args.registry, args.router, args.registry.names())
-    lib = open_library(args.library) if method.capabilities.uses_experts else None
+    lib = open_library(args.library, args.revision) if method.capabilities.uses_experts else None
     lm = load_model(args)
     fmt = PromptFormatter(lm.tokenizer, max_prompt_tokens=lm.model.config.max_position_embeddings)
     prompt = text if args.raw else fmt.prompt_text(args.definition, text)
@@ -84,7 +83,7 @@ def cmd_merge(args: argparse.Namespace) -> int:
     opts = method_options(args, args.registry, args.method, static)
     if args.out.exists() and not args.overwrite:
         raise UsageError(f"--out {args.out} exists (use --overwrite to replace it)")
-    lib = open_library(args.library)
+    lib = open_library(args.library, args.revision)
     experts = ExpertSet.of(lib, list(opts.experts) or None)
     method = args.registry.get(args.method)(opts)
     result = method.combine(experts)
@@ -108,7 +107,7 @@ def cmd_export_arrow(args: argparse.Namespace) -> int:
     opts = method_options(args, args.registry, "arrow", ["arrow"])
     if args.out.exists() and not args.overwrite:
         raise UsageError(f"--out {args.out} exists (use --overwrite to replace it)")
-    lib = open_library(args.library)
+    lib = open_library(args.library, args.revision)
     lm = load_model(args)
     prompt = PromptFormatter(lm.tokenizer, max_prompt_tokens=lm.model.config.max_position_embeddings).prompt_text(
         args.definition, text)
@@ -134,7 +133,7 @@ def cmd_lorahub(args: argparse.Namespace) -> int:
 
     if args.out.exists() and not args.overwrite:
         raise UsageError(f"--out {args.out} exists (use --overwrite to replace it)")
-    lib = open_library(args.library)
+    lib = open_library(args.library, args.revision)
     experts = ExpertSet.of(lib, args.experts or None)
     tasks = load_sni_tasks(data_root(args) / "sni" / "tasks", [args.task])
     lm = load_model(args)
@@ -155,7 +154,7 @@ def cmd_lorahub(args: argparse.Namespace) -> int:
 
 
 def _add_prompt_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("library", type=Path, help="library directory")
+    add_library_arg(p)
     p.add_argument("--prompt", required=True, help="the input text")
     p.add_argument("--definition", default="", help="task instruction placed before the input")
 
@@ -180,7 +179,7 @@ def register(sub: Any, registry: Registry) -> None:
     p = sub.add_parser("merge", help="export a static combination of experts as one PEFT adapter",
                        description="Combine experts into one PEFT adapter with a static method of the registry: "
                                    + "; ".join(f"{n}: {registry.get(n).summary}" for n in static) + ".")
-    p.add_argument("library", type=Path, help="library directory")
+    add_library_arg(p)
     p.add_argument("--out", type=Path, required=True, help="output PEFT adapter directory")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     add_method_args(p, registry, static, flag="method", default=None, help="combination method (required)")
@@ -200,7 +199,7 @@ def register(sub: Any, registry: Registry) -> None:
     p = sub.add_parser("lorahub", help="few-shot LoraHub weights for a task, exported as one adapter",
                        description="Gradient-free search (nevergrad NGOpt) of per-expert weights in [-1.5, 1.5] that "
                                    "minimise few-shot loss + L1 on a task's first N training examples.")
-    p.add_argument("library", type=Path, help="library directory")
+    add_library_arg(p)
     p.add_argument("--task", required=True, help="SNI task supplying the few-shot examples")
     p.add_argument("--shots", type=positive_int, default=5, help="labelled examples (default 5)")
     p.add_argument("--budget", type=positive_int, default=40, help="nevergrad evaluations (default 40)")

@@ -3,7 +3,7 @@
 * :mod:`.rank_classification` — ARC / BoolQ / HellaSwag / OpenBookQA / PIQA / WinoGrande (``acc``, ``acc_norm``)
   with the shared context scored once and its KV cache reused for every option;
 * :mod:`.generation` — greedy batched generation, SNI Rouge-L and exact match;
-* :mod:`.code` — HumanEval / MBPP pass@1 with a subprocess sandbox;
+* :mod:`.code` — HumanEval / MBPP pass@1 with a bubblewrap sandbox (subprocess fallback);
 * :mod:`.indist` — a library's own tasks on their test split: Rouge-L, exact match, target loss, routing accuracy;
 * :mod:`.results` — results JSON (``modlora-eval-v1``), typed routing telemetry, the table, seeded subsets.
 """

@@ -28,8 +28,6 @@ from modlora.merging import MergeResult
 from modlora.models import LoadedModel
 from modlora.reuse import ExampleRouter, ReuseModel
 
-MIN_TEMPERATURE = 1e-6
-
 
 def option(default: Any, help: str, **cli: Any) -> Any:
     """A dataclass field with ``help`` text; ``cli`` holds argparse overrides (``type``, ``choices``, ``metavar``,
@@ -46,13 +44,16 @@ def check_positive_int(value: Any, what: str) -> int:
 
 
 def check_temperature(value: Any, what: str = "temperature") -> float | str:
-    """A temperature is 'sqrt_d' or a finite number ≥ 1e-6 (smaller ones make |x·v|/T overflow to inf)."""
+    """A routing temperature: 'sqrt_d' or a finite number ≥ 1e-6 (see :func:`modlora.routing.routers.resolve_temperature`,
+    the one rule)."""
+    from modlora.routing.routers import resolve_temperature
+
     if value == "sqrt_d":
         return value
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
-            or value < MIN_TEMPERATURE:
-        raise RoutingError(f"{what} must be 'sqrt_d' or a finite number >= {MIN_TEMPERATURE:g}, got {value!r}")
-    return float(value)
+    try:
+        return resolve_temperature(value, 1)
+    except RoutingError as exc:
+        raise RoutingError(f"{what}: {exc}") from None
 
 
 def parse_temperature(text: str) -> float | str:
@@ -62,7 +63,7 @@ def parse_temperature(text: str) -> float | str:
     try:
         return check_temperature(float(text))
     except (ValueError, RoutingError):
-        raise ValueError(f"expected a number >= {MIN_TEMPERATURE:g} or 'sqrt_d', got {text!r}") from None
+        raise ValueError(f"expected a finite number >= 1e-6 or 'sqrt_d', got {text!r}") from None
 
 
 def parse_weights(text: str) -> tuple[float, ...]:

@@ -83,6 +83,8 @@ class RoutingState:
     path: Path = "auto"
     sparse_kernel: SparseKernel = "auto"             # "auto": sddmm on CPU for float32/64, else blocks
     enabled: bool = True
+    check_finite: bool = True                        # raise RoutingError on a non-finite LoRA output (see forward)
+    expert_names: tuple[str, ...] = ()               # names of the routed model's experts, for messages
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -129,14 +131,56 @@ class RoutedLoraLinear(nn.Module):
                                    f" but the layer is {self.out_features}×{self.in_features}")
             a_pad[e, : a.shape[0]] = a.float()
             bt_pad[e, : a.shape[0]] = (s * b.float()).T
-        self.register_buffer("A_pad", a_pad.to(device=device, dtype=dtype), persistent=False)
-        self.register_buffer("Bt_pad", bt_pad.to(device=device, dtype=dtype), persistent=False)
+        a_pad, bt_pad = a_pad.to(dtype=dtype), bt_pad.to(dtype=dtype)
+        for e in range(len(A)):
+            if not (torch.isfinite(a_pad[e]).all() and torch.isfinite(bt_pad[e]).all()):
+                raise RoutingError(f"layer {name}: expert {self._expert_label(expert_ids[e], state)} has weights that "
+                                   f"are not finite in {dtype} (max |A| {float(A[e].abs().max()):.3g}, max |s·B| "
+                                   f"{float((scalings[e] * B[e].float()).abs().max()):.3g})")
+        self.register_buffer("A_pad", a_pad.to(device=device), persistent=False)
+        self.register_buffer("Bt_pad", bt_pad.to(device=device), persistent=False)
         self.register_buffer("expert_ids", torch.tensor(expert_ids, dtype=torch.long, device=device),
                              persistent=False)
         self.register_buffer("rank_offsets", torch.arange(self.rank, device=device), persistent=False)
         self._scaffold_key: tuple[Any, ...] | None = None
         self._scaffold: tuple[torch.Tensor, torch.Tensor] | None = None
         self._csr_warning_pending = True
+
+    @staticmethod
+    def _expert_label(expert_id: int, state: RoutingState) -> str:
+        names = state.expert_names
+        return repr(names[expert_id]) if 0 <= expert_id < len(names) else f"#{expert_id}"
+
+    def experts_label(self, local: list[int]) -> str:
+        """Names of this layer's experts ``local`` (indices into its own expert order) for messages."""
+        ids = self.expert_ids.tolist()
+        return ", ".join(self._expert_label(ids[e], self.state) for e in local)
+
+    def nonfinite_error(self, x2: torch.Tensor, routing: torch.Tensor | TopKRouting) -> RoutingError:
+        """Explain a non-finite LoRA output of this layer (runs only on that failure): a non-finite input, non-finite
+        router weights (naming the experts of the affected tokens), or the experts whose own contribution
+        ``w_e · s_e B_e A_e x`` overflows."""
+        if not torch.isfinite(x2).all():
+            return RoutingError(f"layer {self.name}: its input is already NaN/Inf (the base model or an earlier "
+                                "layer overflowed)")
+        w = (routing.dense(self.num_experts) if isinstance(routing, TopKRouting) else routing).float()
+        bad_rows = ~torch.isfinite(w).all(dim=1)
+        if bad_rows.any():
+            rows = w[bad_rows]
+            involved = ((rows != 0) | ~torch.isfinite(rows)).any(dim=0).nonzero().flatten().tolist()
+            return RoutingError(f"layer {self.name}: the router gave NaN/Inf weights for {int(bad_rows.sum())} "
+                                f"token(s) over expert(s) {self.experts_label(involved)} (check the temperature and "
+                                "these experts' weights)")
+        culprits = []
+        for e in range(self.num_experts):
+            part = (x2 @ self.A_pad[e].T) @ self.Bt_pad[e] * w[:, e : e + 1].to(x2.dtype)
+            if not torch.isfinite(part).all():
+                culprits.append(e)
+        if not culprits:
+            culprits = w.abs().sum(0).topk(min(2, self.num_experts)).indices.tolist()
+        return RoutingError(f"layer {self.name}: the LoRA output of expert(s) {self.experts_label(culprits)} is not "
+                            f"finite in {x2.dtype} (weights too large: max |A| {float(self.A_pad.abs().max()):.3g}, "
+                            f"max |s·B| {float(self.Bt_pad.abs().max()):.3g})")
 
     def extra_repr(self) -> str:
         return f"{self.name}: experts={self.num_experts}, rank={self.rank}, mixing={self.mixing}"
@@ -282,7 +326,11 @@ class RoutedLoraLinear(nn.Module):
             return out
         x2 = x.reshape(-1, self.in_features)
         routing = self.routing_for(x2, x.shape)
+        delta = self.delta(x2, routing)
+        # One check per call (a device sync on GPU; turn it off with state.check_finite): NaN/Inf routing weights
+        # or an overflowing expert always reach the LoRA output, so this catches both; the cause is found after.
+        if self.state.check_finite and not bool(torch.isfinite(delta).all()):
+            raise self.nonfinite_error(x2, routing)
         if self.state.recorder is not None:
             self.state.recorder.add(self.name, self.expert_ids, routing, self.num_experts, x.shape, self.state)
-        delta = self.delta(x2, routing)
         return out + delta.view(*x.shape[:-1], self.out_features).to(out.dtype)

@@ -259,7 +259,7 @@ def route(model: nn.Module, experts: Experts, router: Any = "arrow", *, mixing: 
     device = next(model.parameters()).device
     if hasattr(router, "bind"):
         router.bind(es, layer_experts, device)
-    state = RoutingState(path=path, sparse_kernel=sparse_kernel)
+    state = RoutingState(path=path, sparse_kernel=sparse_kernel, expert_names=tuple(es.names))
     layers: dict[str, RoutedLoraLinear] = {}
     originals: dict[str, nn.Module] = {}
     for layer, ids in layer_experts.items():

@@ -24,11 +24,20 @@ Temperature = float | Literal["sqrt_d"]
 QKV = ("q_proj", "k_proj", "v_proj")
 
 
-def _temperature(value: Temperature, dim: int) -> float:
+MIN_TEMPERATURE = 1e-6
+
+
+def resolve_temperature(value: Temperature, dim: int) -> float:
+    """The routing temperature ``T``: ``√dim`` for ``"sqrt_d"``, else ``value``, which must be a finite number with
+    ``T ≥ MIN_TEMPERATURE`` (1e-6). The bound keeps ``logit / T`` finite in float32: logits of unit prototypes are
+    at most ``‖x‖``, so ``‖x‖ / T`` stays below float32's 3.4e38 for any ``‖x‖ < 3e32``; a smaller ``T`` (e.g.
+    1e-300, whose reciprocal overflows float32) would turn routing weights into NaN."""
     if value == "sqrt_d":
         return math.sqrt(dim)
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
-        raise RoutingError(f"temperature must be a positive number or 'sqrt_d', got {value!r}")
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
+            or not value >= MIN_TEMPERATURE:
+        raise RoutingError(f"temperature must be a finite number >= {MIN_TEMPERATURE:g} or 'sqrt_d', got {value!r} "
+                           "(a smaller one overflows float32 routing logits)")
     return float(value)
 
 
@@ -114,7 +123,7 @@ class ArrowRouter:
         if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
             raise RoutingError(f"arrow top_k must be a positive integer, got {top_k!r}")
         if temperature != "sqrt_d":
-            _temperature(temperature, 1)
+            resolve_temperature(temperature, 1)
         self.top_k = top_k
         self.temperature = temperature
         self.normalize_inputs = normalize_inputs
@@ -200,9 +209,13 @@ class ArrowRouter:
             sigmas = torch.stack([per_expert[i][key + "::sigma"].float().reshape(()) for i in ids])
             if not self.normalize_prototypes:
                 protos = protos * sigmas.unsqueeze(1)
+            bad = (~torch.isfinite(protos).all(dim=1)).nonzero().flatten().tolist()
+            if bad:
+                raise RoutingError(f"arrow: the prototypes of expert(s) {[experts.names[ids[j]] for j in bad]} at layer "
+                                   f"{layer} are not finite (their weights overflow float32)")
             self.prototypes[layer] = protos.to(device)
             self.singular_values[layer] = sigmas
-            self._temps[layer] = _temperature(self.temperature, protos.shape[1])
+            self._temps[layer] = resolve_temperature(self.temperature, protos.shape[1])
         self._build_groups(list(layers))
         self._cache.clear()
 
@@ -330,7 +343,7 @@ class CentroidRouter:
             if self.top_k is not None and self.top_k > len(ids):
                 raise RoutingError(f"centroid top_k={self.top_k} exceeds the {len(ids)} experts of layer {layer}")
             self.matrices[layer] = mat.to(device)
-            self._temps[layer] = _temperature(self.temperature, mat.shape[1])
+            self._temps[layer] = resolve_temperature(self.temperature, mat.shape[1])
 
     def __call__(self, x: torch.Tensor, layer: str) -> torch.Tensor | TopKRouting:
         mat = self.matrices[layer]
