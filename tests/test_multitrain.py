@@ -11,9 +11,9 @@ from modlora.data import Instance, PromptFormatter, Task, encode_tasks
 from modlora.errors import DataError
 from modlora.multitrain import (
     ExpertData,
+    InstalledFactors,
     MultiTrainOptions,
     StackedAdamW,
-    _Installed,
     default_init,
     mixed_target_loss,
     shared_prefix_length,
@@ -129,7 +129,7 @@ def test_shared_prefix_is_exact(tiny_llama, char_tokenizer):
     for seed in (0, 1):  # non-zero B so that the LoRA path matters
         a = default_init(tiny_llama, modules, SPEC, seed)
         inits.append(LoraAdapter(SPEC, a.A, {m: torch.randn_like(b) * 0.1 for m, b in a.B.items()}))
-    installed = _Installed(tiny_llama, modules, inits, SPEC)
+    installed = InstalledFactors(tiny_llama, modules, inits, SPEC)
     try:
         outs = []
         for shared in (False, True):

@@ -42,7 +42,7 @@ def _options(method: str, data) -> dict:
     return {k: v for k, v in wanted.items() if k in names}
 
 
-@pytest.mark.parametrize("method", REGISTRY.names())
+@pytest.mark.parametrize("method", [m for m in REGISTRY.names() if m != "allocation"])  # Poly/MHR: test_poly
 def test_every_method_runs_and_restores(setup, method):
     lm, lib, data = setup
     ids = torch.randint(3, 90, (2, 10))

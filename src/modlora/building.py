@@ -44,7 +44,15 @@ from typing import Any, Literal
 
 from modlora.adapters import LoraSpec
 from modlora.clustering import ClusteringResult, cluster_tasks, model_based_clustering, random_clustering
-from modlora.data import Task, default_sni_dir, load_flat_jsonl, load_sni_tasks, split_instances
+from modlora.data import (
+    PromptFormatter,
+    Task,
+    default_sni_dir,
+    encode_tasks,
+    load_flat_jsonl,
+    load_sni_tasks,
+    split_instances,
+)
 from modlora.errors import ModloraError
 from modlora.executors import Job, run_jobs
 from modlora.library import ExpertLibrary
@@ -53,9 +61,11 @@ from modlora.multitrain import MultiTrainOptions
 from modlora.pipeline import ExpertPlan, train_task_experts
 from modlora.training import TrainConfig
 
-Strategy = Literal["private", "shared", "mbc", "random"]
+Strategy = Literal["private", "shared", "mbc", "random", "semantic", "poly", "mhr"]
 OnConfigChange = Literal["refuse", "retrain-changed", "new-library"]
 CLUSTERING_META = "clustering"
+SHARE_META = "share"
+SHARED_EXPERT = "shared"
 BUILD_CONFIG_META = "build_config"
 FINGERPRINT_KEY = "build_fingerprint"
 EXECUTION_ONLY = ("device", "experts_per_job", "shared_prefix", "max_tokens_per_forward")
@@ -127,6 +137,11 @@ class PlannedExpert:
     tasks: tuple[str, ...]
     budget_scale: float
     stage: str
+    init_from: str | None = None
+    """Warm start: the expert (of the same library) whose factors this one starts from."""
+    extra: tuple[tuple[str, Any], ...] = ()
+    """Further settings that determine the expert (Poly/MHR: skills, heads, allocation lr; the warm start's
+    fingerprint): part of its fingerprint."""
 
 
 @dataclass(frozen=True)
@@ -142,6 +157,10 @@ class ExpertsJob(Job):
 def expert_fingerprint(config: BuildConfig, expert: PlannedExpert) -> str:
     """sha256 of what determines an expert's training: the config's training settings, its tasks and budget."""
     doc = {**config.training_settings(), "tasks": list(expert.tasks), "budget_scale": expert.budget_scale}
+    if expert.init_from is not None:
+        doc["init_from"] = expert.init_from
+    if expert.extra:
+        doc["extra"] = [list(kv) for kv in expert.extra]
     return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -184,19 +203,30 @@ def train_experts_job(job: ExpertsJob) -> list[dict[str, Any]]:
     plans = {}
     for e in job.experts:
         mine = {t: tasks[t] for t in e.tasks}
-        cap = cfg.max_examples
-        if cfg.balanced and len(mine) > 1:
-            smallest = min(len(split_instances(t, seed=cfg.seed)["train"]) for t in mine.values())
-            cap = min(cap, smallest) if cap is not None else smallest
-        plans[e.name] = ExpertPlan(mine, cfg.train_config(e.budget_scale), cap, {
+        init = None
+        if e.init_from is not None:
+            if e.init_from not in lib:
+                raise ModloraError(f"{lib.path}: expert {e.name!r} starts from {e.init_from!r}, which is not stored")
+            init = lib.get(e.init_from)
+        plans[e.name] = ExpertPlan(mine, cfg.train_config(e.budget_scale), _example_cap(cfg, mine), {
             "stage": e.stage, "budget_scale": e.budget_scale, "balanced": cfg.balanced,
-            FINGERPRINT_KEY: expert_fingerprint(cfg, e)})
+            **({"init_from": e.init_from} if e.init_from else {}), FINGERPRINT_KEY: expert_fingerprint(cfg, e)},
+            init=init)
     entries = train_task_experts(lm, lib, plans, spec=cfg.spec, options=cfg.options, max_val=cfg.max_val,
                                  max_prompt_tokens=cfg.max_prompt_tokens, max_target_tokens=cfg.max_target_tokens,
                                  split_seed=cfg.seed, progress=job.show_progress, desc=job.name, keep=stored)
     return [{"name": e.name, "status": "skipped" if e.name in stored else "trained",
              "metrics": lib.entry(e.name).metrics if e.name in stored else entries[e.name].metrics}
             for e in job.experts]
+
+
+def _example_cap(cfg: BuildConfig, tasks: Mapping[str, Task]) -> int | None:
+    """Training examples per task: ``max_examples``; with ``balanced`` also the smallest task's count."""
+    cap = cfg.max_examples
+    if cfg.balanced and len(tasks) > 1:
+        smallest = min(len(split_instances(t, seed=cfg.seed)["train"]) for t in tasks.values())
+        cap = min(cap, smallest) if cap is not None else smallest
+    return cap
 
 
 def _base_info(config: BuildConfig):
@@ -289,12 +319,32 @@ def build_shared_library(path: str | Path, tasks: Sequence[str], config: BuildCo
 def build_cluster_library(path: str | Path, clustering: ClusteringResult, tasks_of: Mapping[str, Sequence[str]],
                           config: BuildConfig, *, budget_per_task: float, stage: str, executor: str = "local",
                           ray_address: str | None = None, progress: bool = True,
-                          on_config_change: OnConfigChange = "refuse") -> ExpertLibrary:
-    """One expert per cluster (``cluster{i}``) on the union of its tasks, ``budget_per_task·|tasks|`` budgets."""
-    planned = [PlannedExpert(f"cluster{i}", tuple(cluster), budget_per_task * len(cluster), stage)
-               for i, cluster in enumerate(cluster_tasks(clustering, tasks_of))]
-    lib = _reconcile(path, config, planned, on_config_change)
+                          on_config_change: OnConfigChange = "refuse",
+                          share_fraction: float | None = None) -> ExpertLibrary:
+    """One expert per cluster (``cluster{i}``) on the union of its tasks, ``budget_per_task·|tasks|`` budgets.
+
+    ``share_fraction`` g (sharing across clusters, warm start): first one expert ``shared`` is trained on all the
+    tasks for ``g·N`` budgets, then every cluster expert starts from its factors and trains for
+    ``(budget_per_task - g)·|tasks|`` budgets (same total). ``meta/share.json`` records it."""
+    clusters = cluster_tasks(clustering, tasks_of)
+    shared: list[PlannedExpert] = []
+    init_from, extra, per_task = None, (), budget_per_task
+    if share_fraction is not None:
+        if not 0.0 < share_fraction < budget_per_task:
+            raise ModloraError(f"share_fraction must be in (0, {budget_per_task:g}) (the cluster experts' share of "
+                               f"each task's budget), got {share_fraction}")
+        all_tasks = tuple(sorted({t for c in clusters for t in c}))
+        shared = [PlannedExpert(SHARED_EXPERT, all_tasks, share_fraction * len(all_tasks), "shared")]
+        init_from, per_task = SHARED_EXPERT, budget_per_task - share_fraction
+        extra = (("init_fingerprint", expert_fingerprint(config, shared[0])),)
+    planned = [PlannedExpert(f"cluster{i}", tuple(cluster), per_task * len(cluster), stage, init_from, extra)
+               for i, cluster in enumerate(clusters)]
+    lib = _reconcile(path, config, shared + planned, on_config_change)
     lib.save_meta(CLUSTERING_META, clustering.to_dict())
+    if shared:
+        lib.save_meta(SHARE_META, {"expert": SHARED_EXPERT, "mode": "warm-start", "fraction": share_fraction,
+                                   "experts": [e.name for e in planned]})
+        _run(lib, shared, config, executor, ray_address, "shared expert", progress)
     _run(lib, planned, config, executor, ray_address, f"{stage} experts", progress)
     return lib
 
@@ -303,8 +353,10 @@ def build_mbc_library(path: str | Path, tasks: Sequence[str], config: BuildConfi
                       stage1_fraction: float = 0.4, private_library: str | Path | None = None,
                       k_range: tuple[int, int] | None = None, sparsity: float = 0.5, n_components: int = 64,
                       executor: str = "local", ray_address: str | None = None, progress: bool = True,
-                      on_config_change: OnConfigChange = "refuse") -> tuple[ExpertLibrary, ClusteringResult]:
-    """MBC: stage-1 private experts (or an existing private library), clustering, stage-2 cluster experts."""
+                      on_config_change: OnConfigChange = "refuse", share_fraction: float | None = None
+                      ) -> tuple[ExpertLibrary, ClusteringResult]:
+    """MBC: stage-1 private experts (or an existing private library), clustering, stage-2 cluster experts
+    (``share_fraction``: warm-started from a shared expert, see :func:`build_cluster_library`)."""
     if not 0.0 < stage1_fraction < 1.0:
         raise ModloraError(f"stage1_fraction must be in (0, 1), got {stage1_fraction}")
     path = Path(path)
@@ -328,7 +380,32 @@ def build_mbc_library(path: str | Path, tasks: Sequence[str], config: BuildConfi
     tasks_of = {n: stage1.tasks(n) for n in names}
     lib = build_cluster_library(path, clustering, tasks_of, config, budget_per_task=1.0 - stage1_fraction,
                                 stage="mbc-stage2", executor=executor, ray_address=ray_address, progress=progress,
-                                on_config_change=on_config_change)
+                                on_config_change=on_config_change, share_fraction=share_fraction)
+    return lib, clustering
+
+
+def build_semantic_library(path: str | Path, tasks: Sequence[str], config: BuildConfig, *, k: int | str = "auto",
+                           k_range: tuple[int, int] | None = None, auto_k: str | None = None, n_inputs: int = 4,
+                           executor: str = "local", ray_address: str | None = None, progress: bool = True,
+                           on_config_change: OnConfigChange = "refuse", share_fraction: float | None = None
+                           ) -> tuple[ExpertLibrary, ClusteringResult]:
+    """Semantic clustering: tasks clustered by the base model's embeddings of their definition + ``n_inputs``
+    inputs (:func:`modlora.clustering.task_embeddings`, centred cosine), then one expert per cluster trained as
+    MBC's stage 2 but with each task's whole budget (no stage 1): ``B·|cluster|`` steps, total ``N·B``."""
+    from modlora.clustering import DEFAULT_AUTO_K, cluster_experts, semantic_similarity, task_embeddings
+    names = sorted(tasks)
+    k_value: int | Literal["auto"] = "auto" if k == "auto" else int(k)
+    if k_value != "auto" and not 1 <= k_value <= len(names):
+        raise ModloraError(f"k={k_value} clusters needs at least that many tasks (have {len(names)})")
+    lm = _process_model(config.model, config.device, config.dtype)
+    embeddings = task_embeddings(lm, load_tasks(config, names), n_inputs=n_inputs,
+                                 max_tokens=config.max_prompt_tokens, progress=progress)
+    clustering = cluster_experts(semantic_similarity(embeddings), k_value, k_range=k_range, seed=config.seed,
+                                 auto_k=auto_k or DEFAULT_AUTO_K)  # type: ignore[arg-type]
+    clustering = dataclasses.replace(clustering, method="semantic")
+    lib = build_cluster_library(path, clustering, {t: [t] for t in names}, config, budget_per_task=1.0,
+                                stage="semantic", executor=executor, ray_address=ray_address, progress=progress,
+                                on_config_change=on_config_change, share_fraction=share_fraction)
     return lib, clustering
 
 
@@ -355,7 +432,7 @@ def build_random_library(path: str | Path, mbc_library: str | Path, config: Buil
 def expected_total_steps(strategy: Strategy, n_tasks: int, steps_per_task: int, cluster_sizes: Sequence[int] = (),
                          stage1_fraction: float = 0.4) -> int:
     """Optimizer steps a build costs (for compute matching and estimates)."""
-    if strategy in ("private", "shared"):
+    if strategy in ("private", "shared", "poly", "mhr"):
         return n_tasks * steps_per_task
     if strategy == "mbc":
         s1 = n_tasks * max(1, round(steps_per_task * stage1_fraction))
@@ -373,3 +450,79 @@ def config_from_dict(d: Mapping[str, Any]) -> BuildConfig:
     if "target_modules" in d:
         d["target_modules"] = tuple(d["target_modules"])
     return BuildConfig(**d)
+
+
+@dataclass(frozen=True)
+class PolyJob(Job):
+    """Train the skills and allocation of a Poly/MHR library (one joint job) into ``library``."""
+
+    library: str
+    tasks: tuple[str, ...]
+    skills: tuple[PlannedExpert, ...]
+    heads: int
+    allocation_lr: float
+    config: BuildConfig
+    show_progress: bool = False
+
+
+def train_poly_job(job: PolyJob) -> dict[str, Any]:
+    """Job body: train skills + allocation jointly (:func:`modlora.poly.train_poly`), store every skill, then the
+    allocation (``meta/poly_allocation.json``, written last: its presence marks a finished build)."""
+    from modlora.poly import ALLOCATION_META, PolyOptions, train_poly
+    lib = ExpertLibrary(job.library)
+    cfg = job.config
+    lm = _process_model(cfg.model, cfg.device, cfg.dtype)
+    tasks = load_tasks(cfg, list(job.tasks))
+    fmt = PromptFormatter(lm.tokenizer, max_prompt_tokens=cfg.max_prompt_tokens,
+                          max_target_tokens=cfg.max_target_tokens)
+    cap = _example_cap(cfg, tasks)
+    train = {n: encode_tasks(fmt, {n: t}, "train", max_per_task=cap, seed=cfg.seed) for n, t in tasks.items()}
+    val = {n: encode_tasks(fmt, {n: t}, "validation", max_per_task=cfg.max_val, seed=cfg.seed)
+           for n, t in tasks.items()}
+    train_config = cfg.train_config(float(len(job.tasks)))
+    options = PolyOptions(len(job.skills), job.heads, job.allocation_lr)
+    result = train_poly(lm.model, train, val, pad_id=lm.tokenizer.pad_token_id, spec=cfg.spec, config=train_config,
+                        options=options, train_options=cfg.options, base_model_name=lm.info.name,
+                        progress=job.show_progress, desc=job.name)
+    for planned in job.skills:
+        training = {**train_config.to_dict(), "max_examples_per_task": cap, "max_val_per_task": cfg.max_val,
+                    "max_prompt_tokens": cfg.max_prompt_tokens, "max_target_tokens": cfg.max_target_tokens,
+                    "split_seed": cfg.seed, "chat_template": bool(fmt.use_chat_template), "stage": planned.stage,
+                    "budget_scale": planned.budget_scale, "balanced": cfg.balanced, **dict(planned.extra),
+                    FINGERPRINT_KEY: expert_fingerprint(cfg, planned)}
+        lib.add(planned.name, result.skills[planned.name], tasks=list(job.tasks), training=training,
+                metrics=result.metrics, base_model=lm.info, overwrite=True)
+    lib.save_meta(ALLOCATION_META, {**result.allocation.to_dict(), "allocation_lr": job.allocation_lr})
+    return {"skills": [e.name for e in job.skills], "metrics": result.metrics}
+
+
+def build_poly_library(path: str | Path, tasks: Sequence[str], config: BuildConfig, *, skills: int = 4,
+                       heads: int = 1, allocation_lr: float | None = None, executor: str = "local",
+                       ray_address: str | None = None, progress: bool = True,
+                       on_config_change: OnConfigChange = "refuse") -> ExpertLibrary:
+    """Poly (``heads=1``) or MHR (``heads > 1``): ``skills`` LoRA skills and a task → skill allocation trained
+    jointly on all tasks for ``N·B`` steps (the shared expert's budget; :mod:`modlora.poly`). Skills are stored as
+    experts ``skill{s}``, the allocation as ``meta/poly_allocation.json``. A finished build (every skill and the
+    allocation stored, same fingerprints) is skipped; an unfinished one is trained again from the start."""
+    from modlora.poly import ALLOCATION_META, DEFAULT_ALLOCATION_LR, PolyOptions
+    options = PolyOptions(skills, heads, allocation_lr if allocation_lr is not None else DEFAULT_ALLOCATION_LR)
+    options.check_rank(config.rank)
+    names = tuple(sorted(tasks))
+    if not names:
+        raise ModloraError("a Poly/MHR library needs at least one task")
+    stage = "poly" if heads == 1 else "mhr"
+    extra = (("skills", options.skills), ("heads", options.heads), ("allocation_lr", options.allocation_lr))
+    planned = tuple(PlannedExpert(f"skill{s}", names, float(len(names)), stage, extra=extra)
+                    for s in range(options.skills))
+    lib = _reconcile(path, config, planned, on_config_change)
+    stored = lib.load_meta(ALLOCATION_META)
+    done = (all(e.name in lib for e in planned) and isinstance(stored, dict) and stored.get("tasks") == list(names)
+            and stored.get("skills") == [e.name for e in planned] and stored.get("heads") == heads)
+    if not done:
+        job = PolyJob(name=f"{stage} [{options.skills} skills × {heads} head(s)]", library=str(lib.path), tasks=names,
+                      skills=planned, heads=heads, allocation_lr=options.allocation_lr, config=config,
+                      show_progress=progress and executor == "local")
+        run_jobs([job], train_poly_job, executor, ray_address=ray_address, desc=f"{stage} skills",  # type: ignore
+                 progress=progress)
+        lib.reload()
+    return lib

@@ -27,7 +27,8 @@ detached copy, so gradients flow through the prefix) and only the suffixes run p
 ``P, P+1, ...``. Loss and gradients equal the unshared computation up to float rounding.
 
 Mixtures of experts per example (Poly/MHR: ``A_b = Σ_k w[b,k] A_k``) plug in as another selector: an object with
-``select(stacked) -> per-row factors``, e.g. ``einsum("bk,k...->b...", w, stacked)``.
+``select(stacked, rank_dim) -> per-row factors``, e.g. ``einsum("bk,k...->b...", w, stacked)``
+(:class:`modlora.poly.MixtureSelector`), and ``mixed_target_loss(..., selector_for=...)`` builds it per forward.
 """
 
 from __future__ import annotations
@@ -48,9 +49,10 @@ from modlora.training import TrainConfig, TrainResult, seed_everything
 
 
 class FactorSelector(Protocol):
-    """Picks each batch row's factors from the stacked factors of all experts: ``(N, ...) -> (rows, ...)``."""
+    """Picks each batch row's factors from the stacked factors of all experts: ``(N, ...) -> (rows, ...)``;
+    ``rank_dim`` is the rank's dimension in ``stacked`` (1 for A (N, r, in), 2 for B (N, out, r))."""
 
-    def select(self, stacked: torch.Tensor) -> torch.Tensor: ...
+    def select(self, stacked: torch.Tensor, rank_dim: int) -> torch.Tensor: ...
 
 
 @dataclass(frozen=True)
@@ -59,7 +61,7 @@ class IndexSelector:
 
     index: torch.Tensor  # (rows,) long
 
-    def select(self, stacked: torch.Tensor) -> torch.Tensor:
+    def select(self, stacked: torch.Tensor, rank_dim: int) -> torch.Tensor:
         return stacked.index_select(0, self.index)
 
 
@@ -84,7 +86,7 @@ class MultiLoraLinear(torch.nn.Module):
         selector = self.slot.selector
         if selector is None:
             raise RuntimeError("MultiLoraLinear called without a factor selector")
-        a, b = selector.select(self.A), selector.select(self.B)  # (rows, r, in), (rows, out, r)
+        a, b = selector.select(self.A, 1), selector.select(self.B, 2)  # (rows, r, in), (rows, out, r)
         h = x.reshape(x.shape[0], -1, x.shape[-1]).to(a.dtype)
         if self.dropout > 0 and self.training:
             h = torch.nn.functional.dropout(h, self.dropout)
@@ -197,7 +199,7 @@ class _ExpertState:
         return cfg.lr * max(0.0, (self.total_steps - s) / max(1, self.total_steps - self.warmup_steps))
 
 
-def _micro_batches(examples: Sequence[EncodedExample], config: TrainConfig) -> Iterator[list[EncodedExample]]:
+def micro_batch_stream(examples: Sequence[EncodedExample], config: TrainConfig) -> Iterator[list[EncodedExample]]:
     """The same micro-batch stream as :func:`modlora.training.train_expert` (length-grouped, reshuffled per epoch)."""
     epoch = 0
     while True:
@@ -246,12 +248,19 @@ class MixedLoss:
     tokens: list[int]
 
 
+SelectorFor = Callable[[torch.Tensor], FactorSelector]
+"""Builds the selector of a forward from its rows' keys (rows,) long: :class:`IndexSelector` (a key is an expert's
+row), or a mixture selector (a key is, e.g., a task whose allocation over skills gives the row's factors)."""
+
+
 def mixed_target_loss(model: torch.nn.Module, slot: SelectorSlot, parts: Sequence[tuple[int, Sequence[EncodedExample]]],
-                      *, pad_id: int, shared_prefix: bool = False) -> MixedLoss:
-    """Summed target cross-entropy of each part ``(expert row, examples)``, all parts in one forward.
+                      *, pad_id: int, shared_prefix: bool = False,
+                      selector_for: SelectorFor = IndexSelector) -> MixedLoss:
+    """Summed target cross-entropy of each part ``(key, examples)``, all parts in one forward.
 
     Logits only at target positions (as :func:`modlora.training.target_loss`). With ``shared_prefix`` each part's
     common prompt prefix runs once and its KV cache is indexed out to the part's rows (gradients flow through it).
+    ``selector_for(keys)`` gives the factors of rows with those keys (default: the key is the expert's row).
     """
     device = next(model.parameters()).device
     examples = [e for _, exs in parts for e in exs]
@@ -261,11 +270,12 @@ def mixed_target_loss(model: torch.nn.Module, slot: SelectorSlot, parts: Sequenc
     decoder, head = model.get_decoder(), model.get_output_embeddings()
     batch = collate(examples, pad_id).to(device)
     if max(prefix) == 0:
-        slot.selector = IndexSelector(rows)
+        slot.selector = selector_for(rows)
         hidden = decoder(input_ids=batch.input_ids, attention_mask=batch.attention_mask).last_hidden_state
         ids, loss_mask = batch.input_ids, batch.loss_mask
     else:
-        hidden, ids, loss_mask = _prefix_shared_hidden(decoder, slot, parts, prefix, rows, part_of, batch, pad_id)
+        hidden, ids, loss_mask = _prefix_shared_hidden(decoder, slot, parts, prefix, rows, part_of, batch, pad_id,
+                                                       selector_for)
     labels = torch.roll(ids, shifts=-1, dims=1)[loss_mask]
     logits = head(hidden[loss_mask]).float()
     ce = torch.nn.functional.cross_entropy(logits, labels, reduction="none")
@@ -279,8 +289,8 @@ def mixed_target_loss(model: torch.nn.Module, slot: SelectorSlot, parts: Sequenc
 
 def _prefix_shared_hidden(decoder: torch.nn.Module, slot: SelectorSlot,
                           parts: Sequence[tuple[int, Sequence[EncodedExample]]], prefix: list[int],
-                          rows: torch.Tensor, part_of: torch.Tensor, batch, pad_id: int
-                          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                          rows: torch.Tensor, part_of: torch.Tensor, batch, pad_id: int,
+                          selector_for: SelectorFor = IndexSelector) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Hidden states of the suffixes (rows, S, d), their ids and loss mask, after a prefix pass per part."""
     device = rows.device
     width = max(prefix) if max(prefix) > 0 else 1
@@ -290,7 +300,7 @@ def _prefix_shared_hidden(decoder: torch.nn.Module, slot: SelectorSlot,
         if n:
             pre_ids[p, :n] = torch.tensor(exs[0].prompt_ids[:n], device=device)
             pre_mask[p, :n] = 1
-    slot.selector = IndexSelector(torch.tensor([row for row, _ in parts], device=device))
+    slot.selector = selector_for(torch.tensor([row for row, _ in parts], device=device))
     cache = decoder(input_ids=pre_ids, attention_mask=pre_mask, use_cache=True).cache
     for layer in cache.layers:  # (parts, H, P, d) -> (rows, H, P, d): still in the autograd graph
         layer.batch_select_indices(part_of)
@@ -304,13 +314,13 @@ def _prefix_shared_hidden(decoder: torch.nn.Module, slot: SelectorSlot,
     suf_loss = batch.loss_mask.gather(1, gather) & valid
     mask = torch.cat([pre_mask.index_select(0, part_of), valid.long()], dim=1)
     positions = offsets.unsqueeze(1) + torch.arange(suffix_width, device=device)
-    slot.selector = IndexSelector(rows)
+    slot.selector = selector_for(rows)
     hidden = decoder(input_ids=suf_ids, attention_mask=mask, position_ids=positions, cache=cache,
                      use_cache=True).last_hidden_state
     return hidden, suf_ids, suf_loss
 
 
-def _pack(parts: list[tuple[int, list[EncodedExample]]], max_tokens: int | None, slack: float = 0.25
+def pack_forwards(parts: list[tuple[int, list[EncodedExample]]], max_tokens: int | None, slack: float = 0.25
           ) -> list[list[tuple[int, list[EncodedExample]]]]:
     """Lengths grouped across experts: all examples of all parts sorted by length and cut into forwards of at most
     ``max_tokens`` padded tokens whose widths differ by at most ``slack`` (little padding); within a forward the
@@ -334,8 +344,9 @@ def _pack(parts: list[tuple[int, list[EncodedExample]]], max_tokens: int | None,
 
 @torch.no_grad()
 def mean_target_losses(model: torch.nn.Module, slot: SelectorSlot, val: Mapping[int, Sequence[EncodedExample]], *,
-                       pad_id: int, batch_size: int = 16, shared_prefix: bool = False) -> dict[int, float]:
-    """Mean per-token target cross-entropy of each expert row over its examples, in mixed batches."""
+                       pad_id: int, batch_size: int = 16, shared_prefix: bool = False,
+                       selector_for: SelectorFor = IndexSelector) -> dict[int, float]:
+    """Mean per-token target cross-entropy of each key (expert row) over its examples, in mixed batches."""
     was_training = model.training
     model.eval()
     parts = [(row, group) for row, exs in val.items() for group in length_grouped_batches(exs, batch_size,
@@ -346,7 +357,8 @@ def mean_target_losses(model: torch.nn.Module, slot: SelectorSlot, val: Mapping[
     parts.sort(key=lambda p: max(e.length for e in p[1]))
     for i in range(0, len(parts), per_forward):
         chunk = parts[i:i + per_forward]
-        res = mixed_target_loss(model, slot, chunk, pad_id=pad_id, shared_prefix=shared_prefix)
+        res = mixed_target_loss(model, slot, chunk, pad_id=pad_id, shared_prefix=shared_prefix,
+                                selector_for=selector_for)
         for (row, _), s, n in zip(chunk, res.loss_sums.tolist(), res.target_counts, strict=True):
             total[row] += s
             count[row] += n
@@ -354,7 +366,7 @@ def mean_target_losses(model: torch.nn.Module, slot: SelectorSlot, val: Mapping[
     return {row: total[row] / max(count[row], 1) if val[row] else math.nan for row in val}
 
 
-class _Installed:
+class InstalledFactors:
     """The stacked factors installed into ``model`` (replacing its target linears); ``remove()`` restores it."""
 
     def __init__(self, model: torch.nn.Module, modules: Sequence[str], inits: Sequence[LoraAdapter], spec: LoraSpec):
@@ -446,10 +458,10 @@ class MultiTrainer:
             total = data.config.total_steps(len(data.train))
             self.states.append(_ExpertState(name, row, data, total, int(data.config.warmup_ratio * total),
                                             data.config.eval_every or max(1, total // 4),
-                                            _micro_batches(data.train, data.config)))
+                                            micro_batch_stream(data.train, data.config)))
         self.active = list(self.states)
         self.results: dict[str, TrainResult] = {}
-        self._installed: _Installed | None = None
+        self._installed: InstalledFactors | None = None
         self._optimizer: StackedAdamW | None = None
 
     @property
@@ -463,7 +475,7 @@ class MultiTrainer:
         by_seed = {s: default_init(self.model, self.modules, self.spec, s) for s in seeds if any(
             d.init is None and d.config.seed == s for d in self.experts.values())}
         inits = [d.init if d.init is not None else by_seed[d.config.seed] for d in self.experts.values()]
-        self._installed = _Installed(self.model, self.modules, inits, self.spec)
+        self._installed = InstalledFactors(self.model, self.modules, inits, self.spec)
         self._optimizer = StackedAdamW(self._installed.params(), weight_decay=self.weight_decay)
         self.model.train()
         return self
@@ -488,7 +500,7 @@ class MultiTrainer:
         step_targets = dict.fromkeys(micro, 0)
         for k in range(max(len(m) for m in micro.values())):
             parts = [(row, mbs[k]) for row, mbs in micro.items() if k < len(mbs)]
-            for group in _pack(parts, self.options.max_tokens_per_forward):
+            for group in pack_forwards(parts, self.options.max_tokens_per_forward):
                 res = mixed_target_loss(model, installed.slot, group, pad_id=self.pad_id,
                                         shared_prefix=self.options.shared_prefix)
                 weights = torch.tensor([1.0 / max(denom[row], 1) for row, _ in group], device=res.loss_sums.device)

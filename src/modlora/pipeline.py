@@ -6,7 +6,7 @@ from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from modlora.adapters import LoraSpec
+from modlora.adapters import LoraAdapter, LoraSpec
 from modlora.data import PromptFormatter, Task, encode_tasks
 from modlora.library import ExpertEntry, ExpertLibrary
 from modlora.models import LoadedModel
@@ -22,6 +22,8 @@ class ExpertPlan:
     config: TrainConfig = field(default_factory=TrainConfig)
     max_examples: int | None = None
     extra_training: Mapping[str, Any] = field(default_factory=dict)
+    init: LoraAdapter | None = None
+    """Warm start: initial factors (default: PEFT's initialisation)."""
 
 
 def train_task_experts(lm: LoadedModel, library: ExpertLibrary, plans: Mapping[str, ExpertPlan], *,
@@ -37,7 +39,7 @@ def train_task_experts(lm: LoadedModel, library: ExpertLibrary, plans: Mapping[s
     fmt = PromptFormatter(lm.tokenizer, max_prompt_tokens=max_prompt_tokens, max_target_tokens=max_target_tokens)
     data = {name: ExpertData(encode_tasks(fmt, p.tasks, "train", max_per_task=p.max_examples, seed=split_seed),
                              encode_tasks(fmt, p.tasks, "validation", max_per_task=max_val, seed=split_seed),
-                             p.config) for name, p in plans.items()}
+                             p.config, p.init) for name, p in plans.items()}
     entries: dict[str, ExpertEntry] = {}
 
     def store(name: str, result: TrainResult) -> None:

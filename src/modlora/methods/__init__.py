@@ -17,6 +17,7 @@ modlora, pass ``REGISTRY.with_method(MyMethod)`` to :func:`modlora.reuse.prepare
 ``phatgoose``   per-token top-k routing by gates trained on each expert's data (training data)
 ``tp``          task predictor: per-example routing to the predicted expert(s) (training data)
 ``oracle``      each example routed to its own task's expert (in-distribution only)
+``allocation``  Poly/MHR: each example uses its task's learned mixture of the skills (in-distribution only)
 =============== ====================================================================================================
 """
 
@@ -25,6 +26,7 @@ from __future__ import annotations
 from dataclasses import dataclass, fields
 
 from modlora.errors import RoutingError
+from modlora.methods.allocation import AllocationMethod
 from modlora.methods.arrow import Arrow
 from modlora.methods.base import Base
 from modlora.methods.centroid import Centroid
@@ -89,6 +91,7 @@ REGISTRY = Registry((
     Phatgoose,
     TaskPredictor,
     Oracle,
+    AllocationMethod,
 ))
 
 __all__ = ["REGISTRY", "Capabilities", "MethodOptions", "Registry", "ReuseMethod", "RoutedMethod", "StaticMethod",
