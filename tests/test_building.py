@@ -181,3 +181,46 @@ def test_ray_executor_matches_local(tmp_path, setup):
         a, b = local.get(name), ray_lib.get(name)
         for m in a.modules:
             torch.testing.assert_close(a.B[m], b.B[m], rtol=1e-3, atol=1e-5)
+
+
+def test_semantic_strategy_and_shared_warm_start(tmp_path, setup, monkeypatch):
+    flat = tmp_path / "described.jsonl"  # the tasks' inputs say what they ask: the semantic embedding sees it
+    with open(flat, "w") as fh:
+        for t in TASKS:
+            for i, w in enumerate(["ab", "cd", "Ef", "gh", "iJ", "kl", "mn", "Op"] * 2):
+                fh.write(json.dumps({"task_name": t, "source": f"{t} of {w}", "target": _rules(t, w),
+                                     "id": f"{t}-{i}"}) + "\n")
+    cfg = _config(setup, flat_file=str(flat))
+    sem, clustering = building.build_semantic_library(tmp_path / "sem", TASKS, cfg, k=2, progress=False)
+    assert clustering.k == 2 and clustering.method == "semantic" and clustering.features == "semantic"
+    assert sorted(sum(_content(sem).values(), [])) == sorted(TASKS)
+    for name in sem.expert_names():  # no stage 1: each task's whole budget goes to its cluster expert
+        assert sem.entry(name).metrics["steps"] == 3 * len(sem.tasks(name))
+    assert sem.load_meta("clustering")["method"] == "semantic"
+    assert expected_total_steps("semantic", 6, 3, clustering.sizes) == 18
+
+    inits: dict[str, object] = {}
+    real = building.train_task_experts
+
+    def spy(lm, lib, plans, **kw):
+        inits.update({n: p.init for n, p in plans.items()})
+        return real(lm, lib, plans, **kw)
+
+    monkeypatch.setattr(building, "train_task_experts", spy)
+    shared, _ = building.build_semantic_library(tmp_path / "sem-share", TASKS, cfg, k=2, share_fraction=0.5,
+                                                progress=False)
+    assert shared.tasks("shared") == sorted(TASKS) and shared.entry("shared").metrics["steps"] == 9  # 0.5 · 6 · 3
+    clusters = [n for n in shared.expert_names() if n != "shared"]
+    assert shared.load_meta("share") == {"expert": "shared", "mode": "warm-start", "fraction": 0.5,
+                                         "experts": clusters}
+    stored = shared.get("shared")
+    for name in clusters:  # warm start from the stored shared expert, with the rest of the budget
+        assert shared.entry(name).training["init_from"] == "shared"
+        assert shared.entry(name).metrics["steps"] == max(1, round(3 * 0.5 * len(shared.tasks(name))))
+        assert all(torch.equal(inits[name].A[m], stored.A[m]) for m in stored.A)
+    assert inits["shared"] is None
+
+    mbc, _ = build_mbc_library(tmp_path / "mbc-share", TASKS, cfg, k=2, share_fraction=0.2, progress=False)
+    assert "shared" in mbc and mbc.load_meta("share")["fraction"] == 0.2
+    with pytest.raises(ModloraError, match="share_fraction"):
+        build_mbc_library(tmp_path / "mbc-bad", TASKS, cfg, k=2, share_fraction=0.6, progress=False)
