@@ -102,6 +102,16 @@ def test_train_build_and_cluster(world, tmp_path, capsys):
     # a misspelt task is refused before anything trains, with the closest names suggested
     assert main(["build", str(tmp_path / "bad"), "--tasks", "task1_alpha", "task2_bet"] + common) == 2
     assert "did you mean task2_beta" in capsys.readouterr().err and not (tmp_path / "bad").exists()
+    for strategy in ("poly", "mhr"):
+        assert main(["build", str(tmp_path / strategy), "--strategy", strategy, "--skills", "2", "--tasks", *TASKS,
+                     "--rank", "2"] + common) == 0
+        assert ExpertLibrary(tmp_path / strategy).load_meta("poly_allocation")["heads"] == (2 if strategy == "mhr"
+                                                                                            else 1)
+    # the three tasks' texts are the same ("Do a.", inputs a0, a1, ...): semantic --k auto says so and keeps K = 1
+    assert main(["build", str(tmp_path / "sem"), "--strategy", "semantic", "--k", "auto", "--share", "--tasks",
+                 *TASKS] + common) == 0
+    out = capsys.readouterr().out
+    assert "K = 1" in out and "shared" in ExpertLibrary(tmp_path / "sem")
     assert main(["cluster", str(tmp_path / "priv"), "--k", "2", "--plot", str(tmp_path / "c.png"),
                  "--out", str(tmp_path / "c.json")]) == 0
     saved = json.loads((tmp_path / "c.json").read_text())
@@ -198,6 +208,10 @@ def test_eval_suites_default_to_base_and_report(world, tmp_path, capsys):
     (["merge", "LIB", "--method", "linear", "--weights", "a,b", "--out", "X"], "--weights"),
     (["merge", "LIB", "--method", "ties", "--density", "0", "--out", "X"], "density"),
     (["build", "OUT", "--k", "0"], "--k"),
+    (["build", "OUT", "--strategy", "poly", "--heads", "2"], "--heads > 1 is MHR"),
+    (["build", "OUT", "--strategy", "mhr", "--heads", "3"], "must divide the LoRA rank"),
+    (["build", "OUT", "--strategy", "private", "--share"], "--share applies to --strategy mbc and semantic"),
+    (["build", "OUT", "--strategy", "mbc", "--share", "--share-fraction", "0.7"], "leaves nothing"),
 ])
 def test_bad_options_refused_before_loading(world, tmp_path, capsys, monkeypatch, argv, message):
     def no_model(*_a, **_k):

@@ -398,8 +398,7 @@ def build_semantic_library(path: str | Path, tasks: Sequence[str], config: Build
     if k_value != "auto" and not 1 <= k_value <= len(names):
         raise ModloraError(f"k={k_value} clusters needs at least that many tasks (have {len(names)})")
     lm = _process_model(config.model, config.device, config.dtype)
-    embeddings = task_embeddings(lm, load_tasks(config, names), n_inputs=n_inputs,
-                                 max_tokens=config.max_prompt_tokens, progress=progress)
+    embeddings = task_embeddings(lm, load_tasks(config, names), n_inputs=n_inputs, progress=progress)
     clustering = cluster_experts(semantic_similarity(embeddings), k_value, k_range=k_range, seed=config.seed,
                                  auto_k=auto_k or DEFAULT_AUTO_K)  # type: ignore[arg-type]
     clustering = dataclasses.replace(clustering, method="semantic")

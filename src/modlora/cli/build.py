@@ -24,6 +24,7 @@ from modlora.cli.common import (
     lora_spec,
     open_fraction,
     open_library,
+    positive_float,
     positive_int,
     task_dir,
     train_config,
@@ -113,9 +114,30 @@ def _print_clusters(clustering: Any, quality: Any = None) -> None:
                       f"[bold]ARI {quality.ari:.3f}[/], purity {quality.purity:.3f}{left_out}", soft_wrap=False)
 
 
+def _check_strategy_options(args: argparse.Namespace, rank: int) -> tuple[float | None, int]:
+    """``--share`` (its fraction or None) and the number of heads, checked before anything loads."""
+    share = args.share_fraction if args.share else None
+    if args.share and args.strategy not in ("mbc", "semantic"):
+        raise UsageError("--share applies to --strategy mbc and semantic")
+    if share is not None and args.strategy == "mbc" and share >= 1 - args.stage1_fraction:
+        raise UsageError(f"--share-fraction {share} leaves nothing for the cluster experts after "
+                         f"--stage1-fraction {args.stage1_fraction}")
+    heads = args.heads or (2 if args.strategy == "mhr" else 1)
+    if args.heads is not None and args.strategy not in ("poly", "mhr"):
+        raise UsageError("--heads applies to --strategy mhr")
+    if args.strategy == "poly" and heads != 1:
+        raise UsageError("--heads > 1 is MHR: use --strategy mhr")
+    if args.strategy == "mhr" and heads < 2:
+        raise UsageError("--strategy mhr needs --heads >= 2 (one head is Poly)")
+    if rank % heads:
+        raise UsageError(f"--heads {heads} must divide the LoRA rank ({rank})")
+    return share, heads
+
+
 def cmd_build(args: argparse.Namespace) -> int:
     from modlora import building
     config = _build_config(args)
+    share, heads = _check_strategy_options(args, config.rank)
     on_change = "retrain-changed" if args.retrain_changed else "new-library" if args.new_library else "refuse"
     common = {"executor": args.executor, "ray_address": args.ray_address, "on_config_change": on_change}
     if args.strategy == "random":
@@ -134,13 +156,20 @@ def cmd_build(args: argparse.Namespace) -> int:
             lib = building.build_private_library(args.library, tasks, config, **common)
         elif args.strategy == "shared":
             lib = building.build_shared_library(args.library, tasks, config, **common)
+        elif args.strategy in ("poly", "mhr"):
+            lib = building.build_poly_library(args.library, tasks, config, skills=args.skills, heads=heads,
+                                              allocation_lr=args.allocation_lr, **common)
         else:
             if args.k != "auto" and args.k > len(tasks):
                 raise UsageError(f"--k {args.k} exceeds the number of tasks ({len(tasks)})")
-            lib, clustering = building.build_mbc_library(
-                args.library, tasks, config, k=args.k, stage1_fraction=args.stage1_fraction,
-                private_library=args.private_library, k_range=(args.k_min, args.k_max) if args.k == "auto" else None,
-                **common)
+            k_range = (args.k_min, args.k_max) if args.k == "auto" else None
+            if args.strategy == "semantic":
+                lib, clustering = building.build_semantic_library(args.library, tasks, config, k=args.k,
+                                                                  k_range=k_range, share_fraction=share, **common)
+            else:
+                lib, clustering = building.build_mbc_library(
+                    args.library, tasks, config, k=args.k, stage1_fraction=args.stage1_fraction,
+                    private_library=args.private_library, k_range=k_range, share_fraction=share, **common)
             _print_clusters(clustering)
     show_library(lib)
     return 0
@@ -207,19 +236,25 @@ def register(sub: Any, registry: Registry) -> None:
     add_train_args(p)
     p.set_defaults(func=cmd_train)
 
-    p = sub.add_parser("build", help="build a library: private, shared, mbc or random",
+    p = sub.add_parser("build", help="build a library: private, shared, mbc, random, semantic, poly or mhr",
                        description="Build a library with one strategy. Budgets are per task (--steps per task, or "
                                    "--epochs): shared gets N budgets, MBC spends --stage1-fraction of each task's "
                                    "budget on stage-1 private experts and the rest on cluster experts, so every "
-                                   "strategy costs what the private library costs. Every task name is checked before "
+                                   "strategy costs what the private library costs; semantic clusters the tasks by the "
+                                   "base model's embeddings of their definitions and inputs and gives the cluster "
+                                   "experts the whole budget; poly/mhr train --skills LoRA skills and a learned "
+                                   "task → skill allocation jointly on all tasks (N budgets, like shared). Every task "
+                                   "name is checked before "
                                    "training starts. Experts train together in chunks and each is stored when its "
                                    "budget ends; finished experts are skipped, so an interrupted build resumes. A "
                                    "re-run with other training settings on an existing library is refused "
                                    "(see --retrain-changed and --new-library).")
     p.add_argument("library", type=Path, help="output library directory")
-    p.add_argument("--strategy", choices=["private", "shared", "mbc", "random"], default="private",
+    p.add_argument("--strategy", choices=["private", "shared", "mbc", "random", "semantic", "poly", "mhr"],
+                   default="private",
                    help="private: one expert per task; shared: one on all tasks; mbc: model-based clustering; "
-                        "random: random clusters with the sizes of --mbc-library's clusters")
+                        "random: random clusters with the sizes of --mbc-library's clusters; semantic: clusters of "
+                        "task descriptions; poly / mhr: skills with a learned task allocation (README)")
     p.add_argument("--tasks", nargs="*", help="task names (default: every task in the data directory)")
     p.add_argument("--num-tasks", type=positive_int, default=None, help="use the first N tasks (sorted by name)")
     _add_k_args(p, "10")
@@ -229,6 +264,17 @@ def register(sub: Any, registry: Registry) -> None:
                    help="MBC: reuse this private library as stage 1 instead of training one (a directory or any "
                         "library location: hf://, s3://, ...)")
     p.add_argument("--mbc-library", type=Path, default=None, help="random: the MBC library whose sizes to copy")
+    p.add_argument("--share", action="store_true",
+                   help="mbc/semantic: first train one expert 'shared' on all tasks (--share-fraction of each "
+                        "task's budget); every cluster expert starts from it (warm start)")
+    p.add_argument("--share-fraction", type=open_fraction, default=0.2,
+                   help="--share: share of each task's budget spent on the shared expert (default 0.2)")
+    p.add_argument("--skills", type=positive_int, default=4, help="poly/mhr: number of LoRA skills (default 4)")
+    p.add_argument("--heads", type=positive_int, default=None,
+                   help="mhr: heads the rank is split into, each allocated separately (must divide --rank; "
+                        "default 2)")
+    p.add_argument("--allocation-lr", type=positive_float, default=1e-2,
+                   help="poly/mhr: learning rate of the allocation logits (default 1e-2; the skills use --lr)")
     p.add_argument("--balanced", action="store_true",
                    help="multi-task experts use the same number of examples from every task")
     p.add_argument("--executor", choices=["local", "ray"], default="local",
