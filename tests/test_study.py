@@ -64,3 +64,31 @@ def test_study_config_rows_are_checked_before_anything_runs(tmp_path):
         path.write_text(json.dumps({"rows": rows}))
         with pytest.raises(ModloraError, match="row"):
             StudyConfig.from_json(path)
+
+
+def test_study_builds_semantic_poly_mhr_and_shared_libraries(tmp_path):
+    """The round-two libraries are study rows like the others (tiny budgets, in-distribution scores only)."""
+    model_dir = tmp_path / "tiny"
+    save_tiny_model(model_dir)
+    data = tmp_path / "data"
+    (data / "sni" / "tasks").mkdir(parents=True)
+    (data / "sni" / "heldout").mkdir(parents=True)
+    train = ["task1_a", "task2_b", "task3_c", "task4_d"]
+    for t in train:
+        write_sni_task(data / "sni" / "tasks", t, t[-1], n=12)
+    write_sni_task(data / "sni" / "heldout", "task9_z", "z", n=4)
+    cfg = StudyConfig(name="t2", model=str(model_dir), train_tasks=train, steps_per_task=1, batch_size=4,
+                      max_prompt_tokens=48, max_target_tokens=4, max_val=2, k=2, heldout_limit=1, indist_limit=1,
+                      max_new_tokens=2, skills=2, method_options={"arrow": {"top_k": 2}},
+                      libraries=["semantic", "poly", "mhr", "mbc-share"],
+                      rows=[["poly", "allocation"], ["mhr", "allocation"], ["poly", "mu"], ["mhr", "arrow"],
+                            ["semantic", "arrow"], ["mbc-share", "mu"]])
+    res = run_study(cfg, tmp_path / "out", device="cpu", data_dir=data)
+    assert set(res["rows"]) == {"poly/allocation", "mhr/allocation", "poly/mu", "mhr/arrow", "semantic/arrow",
+                                "mbc-share/mu"}
+    assert set(res["rows"]["poly/allocation"]["indist"]) == set(train) and res["rows"]["poly/allocation"][
+        "heldout"] == {}
+    assert "task9_z" in res["rows"]["poly/mu"]["heldout"]
+    libs = res["libraries"]
+    assert set(libs["poly"]["experts"]) == {"skill0", "skill1"} and "shared" in libs["mbc-share"]["experts"]
+    assert sorted(t for ts in libs["semantic"]["experts"].values() for t in ts) == train

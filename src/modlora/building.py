@@ -483,14 +483,16 @@ def train_poly_job(job: PolyJob) -> dict[str, Any]:
     result = train_poly(lm.model, train, val, pad_id=lm.tokenizer.pad_token_id, spec=cfg.spec, config=train_config,
                         options=options, train_options=cfg.options, base_model_name=lm.info.name,
                         progress=job.show_progress, desc=job.name)
-    for planned in job.skills:
+    shared_cost = ("train_tokens", "target_tokens", "train_seconds")
+    metrics = {k: v / len(job.skills) if k in shared_cost else v for k, v in result.metrics.items()}
+    for planned in job.skills:  # each skill records 1/S of the joint run's cost: sums over the library add up
         training = {**train_config.to_dict(), "max_examples_per_task": cap, "max_val_per_task": cfg.max_val,
                     "max_prompt_tokens": cfg.max_prompt_tokens, "max_target_tokens": cfg.max_target_tokens,
                     "split_seed": cfg.seed, "chat_template": bool(fmt.use_chat_template), "stage": planned.stage,
                     "budget_scale": planned.budget_scale, "balanced": cfg.balanced, **dict(planned.extra),
                     FINGERPRINT_KEY: expert_fingerprint(cfg, planned)}
         lib.add(planned.name, result.skills[planned.name], tasks=list(job.tasks), training=training,
-                metrics=result.metrics, base_model=lm.info, overwrite=True)
+                metrics=metrics, base_model=lm.info, overwrite=True)
     lib.save_meta(ALLOCATION_META, {**result.allocation.to_dict(), "allocation_lr": job.allocation_lr})
     return {"skills": [e.name for e in job.skills], "metrics": result.metrics}
 

@@ -3,7 +3,8 @@
 Steps, all resumable (finished experts and finished result rows are reused):
 
 1. build the libraries named in the config over the training tasks (:mod:`modlora.building`): ``private``,
-   ``mbc``, ``shared``, ``random``. MBC's stage 1 is a separate private library trained with ``stage1_fraction``
+   ``mbc``, ``shared``, ``random``, ``semantic``, ``poly``, ``mhr``, ``mbc-share``, ``semantic-share``
+   (:data:`LIBRARIES`). MBC's stage 1 is a separate private library trained with ``stage1_fraction``
    of the budget (the paper's protocol), or — with ``mbc_reuses_private``, to save time in small runs — the private
    library itself: the clustering then sees fully trained private experts while MBC is charged only
    ``stage1_fraction`` of their cost, which slightly favours MBC (the tables say which was used);
@@ -36,8 +37,10 @@ from rich.console import Console
 from modlora.building import (
     BuildConfig,
     build_mbc_library,
+    build_poly_library,
     build_private_library,
     build_random_library,
+    build_semantic_library,
     build_shared_library,
 )
 from modlora.clustering import plot_clustering
@@ -77,6 +80,10 @@ class StudyConfig:
     k: int | str = 3
     stage1_fraction: float = 0.4
     mbc_reuses_private: bool = True
+    skills: int = 4
+    mhr_heads: int = 2
+    allocation_lr: float = 1e-2
+    share_fraction: float = 0.2
     rows: list[list[Any]] = field(default_factory=lambda: [["-", "base"], ["private", "mu"], ["private", "arrow"],
                                                            ["private", "oracle"], ["mbc", "mu"], ["mbc", "arrow"]])
     method_options: dict[str, dict[str, Any]] = field(default_factory=lambda: {"arrow": {"top_k": 4}})
@@ -138,22 +145,47 @@ def row_key(row: Sequence[Any]) -> str:
     return key + ("[" + ",".join(f"{k}={v}" for k, v in sorted(row[2].items())) + "]" if len(row) == 3 else "")
 
 
+LIBRARIES = ("private", "mbc", "shared", "random", "semantic", "poly", "mhr", "mbc-share", "semantic-share")
+"""Library kinds a study can build: ``mbc-share`` / ``semantic-share`` are MBC / semantic with ``--share``
+(``share_fraction`` of the budget on a shared expert that warm-starts every cluster expert); ``poly`` /
+``mhr`` have ``skills`` skills (MHR: ``mhr_heads`` heads)."""
+
+
 def build_libraries(cfg: StudyConfig, out: Path, device: str | None, console: Console, data_dir: Path
                     ) -> dict[str, ExpertLibrary]:
     """Build (or resume) every library of the study; returns them by name."""
+    unknown = [name for name in cfg.libraries if name not in LIBRARIES]
+    if unknown:
+        raise ModloraError(f"unknown study librar{'y' if len(unknown) == 1 else 'ies'} {', '.join(unknown)}; "
+                           f"choose from {', '.join(LIBRARIES)}")
     bcfg = cfg.build_config(device, data_dir)
     libs: dict[str, ExpertLibrary] = {}
-    need_private = "private" in cfg.libraries or ("mbc" in cfg.libraries and cfg.mbc_reuses_private)
+    mbc_kinds = [name for name in ("mbc", "mbc-share") if name in cfg.libraries]
+    need_private = "private" in cfg.libraries or (bool(mbc_kinds) and cfg.mbc_reuses_private)
     if need_private:
         console.print(f"[bold]private library[/]: {len(cfg.train_tasks)} experts × {cfg.steps_per_task} steps")
         libs["private"] = build_private_library(out / "private", cfg.train_tasks, bcfg)
-    if "mbc" in cfg.libraries:
-        libs["mbc"], clustering = build_mbc_library(
-            out / "mbc", cfg.train_tasks, bcfg, k=cfg.k, stage1_fraction=cfg.stage1_fraction,
-            private_library=out / "private" if cfg.mbc_reuses_private else None)
-        console.print(f"[bold]MBC[/]: K={clustering.k} clusters {clustering.clusters}")
-        plot_clustering(clustering, out / "mbc_clusters.png", title=f"{cfg.name}: MBC similarity")
-        atomic_write_bytes(out / "mbc_clusters.json", clustering.to_json().encode())
+    for name in mbc_kinds:
+        libs[name], clustering = build_mbc_library(
+            out / name, cfg.train_tasks, bcfg, k=cfg.k, stage1_fraction=cfg.stage1_fraction,
+            private_library=out / "private" if cfg.mbc_reuses_private else None,
+            share_fraction=cfg.share_fraction if name == "mbc-share" else None)
+        console.print(f"[bold]{name}[/]: K={clustering.k} clusters {clustering.clusters}")
+        if name == "mbc":
+            plot_clustering(clustering, out / "mbc_clusters.png", title=f"{cfg.name}: MBC similarity")
+            atomic_write_bytes(out / "mbc_clusters.json", clustering.to_json().encode())
+    for name in ("semantic", "semantic-share"):
+        if name in cfg.libraries:
+            libs[name], clustering = build_semantic_library(
+                out / name, cfg.train_tasks, bcfg, k=cfg.k,
+                share_fraction=cfg.share_fraction if name == "semantic-share" else None)
+            console.print(f"[bold]{name}[/]: K={clustering.k} clusters {clustering.clusters}")
+    for name in ("poly", "mhr"):
+        if name in cfg.libraries:
+            console.print(f"[bold]{name} library[/]: {cfg.skills} skills")
+            libs[name] = build_poly_library(out / name, cfg.train_tasks, bcfg, skills=cfg.skills,
+                                            heads=cfg.mhr_heads if name == "mhr" else 1,
+                                            allocation_lr=cfg.allocation_lr)
     if "shared" in cfg.libraries:
         console.print("[bold]shared library[/]")
         libs["shared"] = build_shared_library(out / "shared", cfg.train_tasks, bcfg)
@@ -308,10 +340,11 @@ def run_study(cfg: StudyConfig, out: Path, *, device: str | None = None, data_di
     for name, lib in libs.items():
         results["libraries"][name] = {"path": str(lib.path), "experts": {n: lib.tasks(n) for n in lib.expert_names()},
                                       **training_compute(lib)}
-    if "mbc" in libs and cfg.mbc_reuses_private:  # MBC's stage 1 is part of its cost
-        p = results["libraries"]["private"]
-        results["libraries"]["mbc"]["train_tokens"] += cfg.stage1_fraction * p["train_tokens"]
-        results["libraries"]["mbc"]["train_seconds"] += cfg.stage1_fraction * p["train_seconds"]
+    for name in ("mbc", "mbc-share"):
+        if name in libs and cfg.mbc_reuses_private:  # MBC's stage 1 is part of its cost
+            p = results["libraries"]["private"]
+            results["libraries"][name]["train_tokens"] += cfg.stage1_fraction * p["train_tokens"]
+            results["libraries"][name]["train_seconds"] += cfg.stage1_fraction * p["train_seconds"]
     for row in cfg.rows:
         lib_name, key = row[0], row_key(row)
         path = rows_dir / (key.replace("/", "__") + ".json")
