@@ -95,7 +95,7 @@ def test_train_build_and_cluster(world, tmp_path, capsys):
     other = [("2" if a == "1" and i and common[i - 1] == "--steps" else a) for i, a in enumerate(common)]
     assert main(["build", str(tmp_path / "priv"), "--tasks", *TASKS] + other) != 0
     err = capsys.readouterr().err
-    assert "steps_per_task: 1 -> 2" in err and "--retrain-changed" in err
+    assert "train.steps: 1 -> 2" in err and "--retrain-changed" in err
     assert main(["build", str(tmp_path / "priv"), "--tasks", *TASKS, "--retrain-changed"] + other) == 0
     assert all(e.metrics["steps"] == 2 for e in ExpertLibrary(tmp_path / "priv").entries.values())
     capsys.readouterr()

@@ -2,7 +2,7 @@
 
 Budgets are per task, so the strategies can be compared at equal training compute (the paper's protocol):
 
-* **private**: one expert per task, ``B`` = ``steps_per_task`` optimizer steps (or ``epochs`` over its split).
+* **private**: one expert per task, ``B`` = ``train.steps`` optimizer steps (or ``train.epochs`` over its split).
 * **shared**: one expert on the union of all N tasks for ``N·B`` steps (same total compute); with ``balanced`` every
   task contributes the same number of training examples (the smallest task's count, or ``max_examples``), so large
   tasks do not dominate.
@@ -38,7 +38,7 @@ import json
 import math
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -71,17 +71,8 @@ class BuildConfig:
     dtype: str | None = None
     data_dir: str | None = None
     flat_file: str | None = None
-    rank: int = 4
-    alpha: float = 16.0
-    dropout: float = 0.05
-    target_modules: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj")
-    steps_per_task: int | None = 100
-    epochs: float = 1.0
-    batch_size: int = 8
-    grad_accum: int = 1
-    lr: float = 1e-4
-    warmup_ratio: float = 0.06
-    seed: int = 0
+    lora: LoraSpec = field(default_factory=LoraSpec)
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(steps=100))
     max_examples: int | None = None
     max_val: int = 32
     max_prompt_tokens: int = 384
@@ -101,22 +92,22 @@ class BuildConfig:
         return MultiTrainOptions(self.shared_prefix, self.max_tokens_per_forward)
 
     def training_settings(self) -> dict[str, Any]:
-        """The fields that determine what the experts become (everything but :data:`EXECUTION_ONLY`)."""
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()
-                if k not in EXECUTION_ONLY}
-
-    @property
-    def spec(self) -> LoraSpec:
-        return LoraSpec(self.rank, self.alpha, self.dropout, tuple(self.target_modules))
+        """The fields that determine what the experts become (everything but :data:`EXECUTION_ONLY`), flat:
+        ``{"lora.rank": 4, "train.steps": 100, "max_val": 32, …}``."""
+        flat: dict[str, Any] = {}
+        for k, v in dataclasses.asdict(self).items():
+            if k in EXECUTION_ONLY:
+                continue
+            for key, value in (v.items() if isinstance(v, dict) else [(None, v)]):
+                flat[f"{k}.{key}" if key else k] = list(value) if isinstance(value, tuple) else value
+        return flat
 
     def train_config(self, budget_scale: float) -> TrainConfig:
-        """The optimisation settings for an expert worth ``budget_scale`` per-task budgets."""
-        if self.steps_per_task is not None:
-            return TrainConfig(steps=max(1, round(self.steps_per_task * budget_scale)), batch_size=self.batch_size,
-                               grad_accum=self.grad_accum, lr=self.lr, warmup_ratio=self.warmup_ratio, seed=self.seed)
-        # epochs over the union of the tasks already scale with the number of tasks
-        return TrainConfig(epochs=self.epochs * budget_scale, batch_size=self.batch_size, grad_accum=self.grad_accum,
-                           lr=self.lr, warmup_ratio=self.warmup_ratio, seed=self.seed)
+        """``train`` for an expert worth ``budget_scale`` per-task budgets: ``train.steps`` is per task and scales;
+        without steps, ``train.epochs`` over the union of the tasks already scales with the number of tasks."""
+        if self.train.steps is not None:
+            return dataclasses.replace(self.train, steps=max(1, round(self.train.steps * budget_scale)))
+        return dataclasses.replace(self.train, epochs=self.train.epochs * budget_scale)
 
 
 @dataclass(frozen=True)
@@ -186,14 +177,14 @@ def train_experts_job(job: ExpertsJob) -> list[dict[str, Any]]:
         mine = {t: tasks[t] for t in e.tasks}
         cap = cfg.max_examples
         if cfg.balanced and len(mine) > 1:
-            smallest = min(len(split_instances(t, seed=cfg.seed)["train"]) for t in mine.values())
+            smallest = min(len(split_instances(t, seed=cfg.train.seed)["train"]) for t in mine.values())
             cap = min(cap, smallest) if cap is not None else smallest
         plans[e.name] = ExpertPlan(mine, cfg.train_config(e.budget_scale), cap, {
             "stage": e.stage, "budget_scale": e.budget_scale, "balanced": cfg.balanced,
             FINGERPRINT_KEY: expert_fingerprint(cfg, e)})
-    entries = train_task_experts(lm, lib, plans, spec=cfg.spec, options=cfg.options, max_val=cfg.max_val,
+    entries = train_task_experts(lm, lib, plans, spec=cfg.lora, options=cfg.options, max_val=cfg.max_val,
                                  max_prompt_tokens=cfg.max_prompt_tokens, max_target_tokens=cfg.max_target_tokens,
-                                 split_seed=cfg.seed, progress=job.show_progress, desc=job.name, keep=stored)
+                                 split_seed=cfg.train.seed, progress=job.show_progress, desc=job.name, keep=stored)
     return [{"name": e.name, "status": "skipped" if e.name in stored else "trained",
              "metrics": lib.entry(e.name).metrics if e.name in stored else entries[e.name].metrics}
             for e in job.experts]
@@ -324,7 +315,7 @@ def build_mbc_library(path: str | Path, tasks: Sequence[str], config: BuildConfi
     if k_value != "auto" and not 1 <= k_value <= len(names):
         raise ModloraError(f"k={k_value} clusters needs at least that many experts (have {len(names)})")
     clustering = model_based_clustering(stage1.experts(names), k_value, sparsity=sparsity, n_components=n_components,
-                                        k_range=k_range, seed=config.seed, cache=stage1)
+                                        k_range=k_range, seed=config.train.seed, cache=stage1)
     tasks_of = {n: stage1.tasks(n) for n in names}
     lib = build_cluster_library(path, clustering, tasks_of, config, budget_per_task=1.0 - stage1_fraction,
                                 stage="mbc-stage2", executor=executor, ray_address=ray_address, progress=progress,
@@ -361,15 +352,3 @@ def expected_total_steps(strategy: Strategy, n_tasks: int, steps_per_task: int, 
         s1 = n_tasks * max(1, round(steps_per_task * stage1_fraction))
         return s1 + sum(max(1, round(steps_per_task * (1 - stage1_fraction) * s)) for s in cluster_sizes)
     return sum(max(1, math.ceil(steps_per_task * s)) for s in cluster_sizes)
-
-
-def config_from_dict(d: Mapping[str, Any]) -> BuildConfig:
-    """A :class:`BuildConfig` from a plain mapping (unknown keys are an error naming them)."""
-    fields = {f.name for f in dataclasses.fields(BuildConfig)}
-    unknown = sorted(set(d) - fields)
-    if unknown:
-        raise ModloraError(f"unknown build setting(s): {', '.join(unknown)}")
-    d = dict(d)
-    if "target_modules" in d:
-        d["target_modules"] = tuple(d["target_modules"])
-    return BuildConfig(**d)

@@ -34,13 +34,9 @@ from modlora.methods import Registry
 
 def _build_config(args: argparse.Namespace) -> Any:
     from modlora.building import BuildConfig
-    spec, cfg = lora_spec(args), train_config(args)
     return BuildConfig(model=args.model, device=args.device, dtype=None if args.dtype == "auto" else args.dtype,
-                       data_dir=task_dir(args), flat_file=str(args.flat) if args.flat else None, rank=spec.rank,
-                       alpha=spec.alpha, dropout=spec.dropout, target_modules=spec.target_modules,
-                       steps_per_task=cfg.steps, epochs=cfg.epochs, batch_size=cfg.batch_size,
-                       grad_accum=cfg.grad_accum, lr=cfg.lr, warmup_ratio=cfg.warmup_ratio, seed=cfg.seed,
-                       max_examples=args.max_examples, max_val=args.max_val, max_prompt_tokens=args.max_prompt_tokens,
+                       data_dir=task_dir(args), flat_file=str(args.flat) if args.flat else None,
+                       lora=lora_spec(args), train=train_config(args), max_examples=args.max_examples, max_val=args.max_val, max_prompt_tokens=args.max_prompt_tokens,
                        max_target_tokens=args.max_target_tokens, balanced=getattr(args, "balanced", False),
                        **({"experts_per_job": args.experts_per_job, "shared_prefix": not args.no_shared_prefix,
                            "max_tokens_per_forward": args.max_tokens_per_forward}
