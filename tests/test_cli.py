@@ -266,4 +266,5 @@ def test_demo_end_to_end_on_a_tiny_model(world, tmp_path, shared_data, capsys):
     assert main(argv) == 0
     results = json.loads((tmp_path / "demo" / "results.json").read_text())
     assert {"base", "private/mu", "private/arrow[top_k=4]", "mbc/arrow[top_k=3]"} <= set(results["rows"])
-    assert "results (%, mean ± s.e.)" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "results (%, mean ± s.e.)" in out and "adjusted Rand index" in out and "held-out SNI Rouge-L: base" in out
