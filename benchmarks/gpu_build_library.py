@@ -24,6 +24,7 @@ import torch
 
 from modlora.building import BuildConfig, build_private_library
 from modlora.data import default_sni_dir, sni_task_files
+from modlora.training import TrainConfig
 
 
 def main() -> None:
@@ -44,8 +45,8 @@ def main() -> None:
     if not torch.cuda.is_available():
         raise SystemExit("no CUDA device: this benchmark is for a GPU machine")
     tasks = sorted(sni_task_files(default_sni_dir()))[: args.tasks]
-    cfg = BuildConfig(model=args.model, device="cuda", dtype=args.dtype, steps_per_task=args.steps,
-                      batch_size=args.batch_size, max_prompt_tokens=args.max_prompt_tokens,
+    cfg = BuildConfig(model=args.model, device="cuda", dtype=args.dtype,
+                      train=TrainConfig(steps=args.steps, batch_size=args.batch_size), max_prompt_tokens=args.max_prompt_tokens,
                       max_target_tokens=args.max_target_tokens, experts_per_job=args.experts_per_job,
                       max_tokens_per_forward=args.max_tokens_per_forward, shared_prefix=not args.no_shared_prefix)
     with tempfile.TemporaryDirectory() as tmp:

@@ -16,6 +16,7 @@ import modlora.io as mio
 import modlora.library as library
 import modlora.multitrain as multitrain
 from modlora.building import BuildConfig, build_private_library
+from modlora.training import TrainConfig  # noqa: E402
 
 model_dir, flat, lib_dir, mode, n = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4], int(sys.argv[5])
 count = {"n": 0}
@@ -59,6 +60,6 @@ elif mode == "train":
     multitrain.StackedAdamW.step = step
 
 tasks = ["upper", "lower", "first", "last"]
-cfg = BuildConfig(model=model_dir, device="cpu", flat_file=flat, steps_per_task=2, batch_size=4, lr=1e-3, max_val=4,
-                  max_prompt_tokens=64, max_target_tokens=8, experts_per_job=2)
+cfg = BuildConfig(model=model_dir, device="cpu", flat_file=flat, train=TrainConfig(steps=2, batch_size=4, lr=1e-3),
+                  max_val=4, max_prompt_tokens=64, max_target_tokens=8, experts_per_job=2)
 build_private_library(lib_dir, tasks, cfg, progress=False)

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import modlora.building as building
+from modlora.adapters import LoraSpec
 from modlora.building import (
     BuildConfig,
     build_mbc_library,
@@ -21,6 +22,7 @@ from modlora.building import (
 from modlora.errors import ModloraError
 from modlora.executors import JobError
 from modlora.library import ExpertLibrary
+from modlora.training import TrainConfig
 
 from .conftest import make_char_tokenizer, make_tiny_llama
 
@@ -49,9 +51,12 @@ def setup(tmp_path_factory) -> tuple[Path, Path]:
 
 
 def _config(setup, **kw) -> BuildConfig:
+    """The tests' build config; LoRA (rank, dropout) and optimisation (steps per task) keys go to their dataclasses."""
     model_dir, flat = setup
-    base = dict(model=str(model_dir), device="cpu", flat_file=str(flat), steps_per_task=3, batch_size=4, lr=1e-3,
-                max_val=4, max_prompt_tokens=64, max_target_tokens=8)
+    lora = LoraSpec(**{k: kw.pop(k) for k in ("rank", "alpha", "dropout") if k in kw})
+    train = TrainConfig(**{"steps": 3, "batch_size": 4, "lr": 1e-3, **{k: kw.pop(k) for k in ("steps",) if k in kw}})
+    base = dict(model=str(model_dir), device="cpu", flat_file=str(flat), lora=lora, train=train, max_val=4,
+                max_prompt_tokens=64, max_target_tokens=8)
     base.update(kw)
     return BuildConfig(**base)
 
@@ -139,8 +144,8 @@ def test_changed_config_is_refused_or_retrained(tmp_path, setup):
     same = build_private_library(tmp_path / "lib", TASKS[:2], _config(setup, experts_per_job=1, shared_prefix=False),
                                  progress=False)
     assert {n: same.entry(n).created for n in TASKS[:2]} == created
-    changed = _config(setup, steps_per_task=4, rank=2)
-    with pytest.raises(ModloraError, match=r"(?s)upper, lower.*rank: 4 -> 2.*steps_per_task: 3 -> 4.*--retrain-changed"):
+    changed = _config(setup, steps=4, rank=2)
+    with pytest.raises(ModloraError, match=r"(?s)upper, lower.*lora.rank: 4 -> 2.*train.steps: 3 -> 4.*--retrain-changed"):
         build_private_library(tmp_path / "lib", TASKS[:2], changed, progress=False)
     assert {n: ExpertLibrary(tmp_path / "lib").entry(n).created for n in TASKS[:2]} == created  # nothing lost
     # adding a task with the old settings is fine; retrain-changed retrains exactly the changed experts
@@ -172,7 +177,7 @@ def test_bad_build_arguments(tmp_path, setup):
 
 @pytest.mark.skipif(importlib.util.find_spec("ray") is None, reason="ray not installed")
 def test_ray_executor_matches_local(tmp_path, setup):
-    cfg = _config(setup, steps_per_task=2, experts_per_job=2)  # two chunks, spread over the Ray workers
+    cfg = _config(setup, steps=2, experts_per_job=2)  # two chunks, spread over the Ray workers
     tasks = TASKS[:3]
     local = build_private_library(tmp_path / "local", tasks, cfg, progress=False)
     ray_lib = build_private_library(tmp_path / "ray", tasks, cfg, executor="ray", progress=False)

@@ -95,7 +95,7 @@ def test_train_build_and_cluster(world, tmp_path, capsys):
     other = [("2" if a == "1" and i and common[i - 1] == "--steps" else a) for i, a in enumerate(common)]
     assert main(["build", str(tmp_path / "priv"), "--tasks", *TASKS] + other) != 0
     err = capsys.readouterr().err
-    assert "steps_per_task: 1 -> 2" in err and "--retrain-changed" in err
+    assert "train.steps: 1 -> 2" in err and "--retrain-changed" in err
     assert main(["build", str(tmp_path / "priv"), "--tasks", *TASKS, "--retrain-changed"] + other) == 0
     assert all(e.metrics["steps"] == 2 for e in ExpertLibrary(tmp_path / "priv").entries.values())
     capsys.readouterr()
@@ -280,4 +280,5 @@ def test_demo_end_to_end_on_a_tiny_model(world, tmp_path, shared_data, capsys):
     assert main(argv) == 0
     results = json.loads((tmp_path / "demo" / "results.json").read_text())
     assert {"base", "private/mu", "private/arrow[top_k=4]", "mbc/arrow[top_k=3]"} <= set(results["rows"])
-    assert "results (%, mean ± s.e.)" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "results (%, mean ± s.e.)" in out and "adjusted Rand index" in out and "held-out SNI Rouge-L: base" in out

@@ -16,6 +16,7 @@ from modlora.models import load_base_model
 from modlora.multitrain import IndexSelector
 from modlora.poly import ALLOCATION_META, Allocation, MixtureSelector, mix_factors
 from modlora.reuse import prepare_model
+from modlora.training import TrainConfig
 
 from .conftest import make_char_tokenizer, make_tiny_llama
 
@@ -55,8 +56,9 @@ def setup(tmp_path_factory):
 
 def _config(setup, **kw) -> BuildConfig:
     model_dir, flat = setup
-    base = dict(model=str(model_dir), device="cpu", flat_file=str(flat), steps_per_task=6, batch_size=4, lr=1e-2,
-                max_val=4, max_prompt_tokens=48, max_target_tokens=6, dropout=0.0)
+    base = dict(model=str(model_dir), device="cpu", flat_file=str(flat), lora=LoraSpec(dropout=0.0),
+                train=TrainConfig(steps=6, batch_size=4, lr=1e-2), max_val=4, max_prompt_tokens=48,
+                max_target_tokens=6)
     base.update(kw)
     return BuildConfig(**base)
 
@@ -92,7 +94,7 @@ def test_poly_and_mhr_library(tmp_path, setup, heads, monkeypatch):
         skills = lib.experts()
         for row, task in enumerate(["reverse", "upper"]):
             adapter = alloc.task_adapter(task, skills)
-            assert adapter.spec.rank == cfg.rank
+            assert adapter.spec.rank == cfg.lora.rank
             merge_adapter(lm.model, adapter)
             torch.testing.assert_close(out[row], lm.model(ids[row:row + 1]).logits[0], rtol=1e-4, atol=1e-5)
             lm.model = load_base_model(str(setup[0]), device="cpu").model

@@ -433,3 +433,19 @@ def test_cli_serve_refuses_bad_options(workdir, capsys) -> None:
     assert "--replicas needs --ray" in capsys.readouterr().err
     assert main(["serve", str(workdir / "model")]) == 2
     assert "not a modlora library" in capsys.readouterr().err
+
+
+def test_cli_serve_a_remote_library_from_a_verified_snapshot(workdir, monkeypatch, capsys) -> None:
+    """A URL is served from the local mirror, every expert downloaded and checked first (issue: URLs everywhere)."""
+    import modlora.serve.server as server_mod
+    from modlora.cli import main
+    from modlora.remote import push
+
+    url = "memory://serve-test/lib"
+    push(workdir / "lib", url)
+    seen = {}
+    monkeypatch.setattr(server_mod, "run_server", lambda config, host, port, announce: seen.update(config=config))
+    assert main(["serve", url, "--model", str(workdir / "model")]) == 0
+    served = ExpertLibrary(seen["config"].library)
+    assert served.expert_names() == ["e0", "e1", "e2"] and served.verify() == []
+    assert "serving a snapshot of memory://serve-test/lib (3 experts, verified)" in capsys.readouterr().out

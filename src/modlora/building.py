@@ -2,7 +2,7 @@
 
 Budgets are per task, so the strategies can be compared at equal training compute (the paper's protocol):
 
-* **private**: one expert per task, ``B`` = ``steps_per_task`` optimizer steps (or ``epochs`` over its split).
+* **private**: one expert per task, ``B`` = ``train.steps`` optimizer steps (or ``train.epochs`` over its split).
 * **shared**: one expert on the union of all N tasks for ``N·B`` steps (same total compute); with ``balanced`` every
   task contributes the same number of training examples (the smallest task's count, or ``max_examples``), so large
   tasks do not dominate.
@@ -38,7 +38,7 @@ import json
 import math
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -81,17 +81,8 @@ class BuildConfig:
     dtype: str | None = None
     data_dir: str | None = None
     flat_file: str | None = None
-    rank: int = 4
-    alpha: float = 16.0
-    dropout: float = 0.05
-    target_modules: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj")
-    steps_per_task: int | None = 100
-    epochs: float = 1.0
-    batch_size: int = 8
-    grad_accum: int = 1
-    lr: float = 1e-4
-    warmup_ratio: float = 0.06
-    seed: int = 0
+    lora: LoraSpec = field(default_factory=LoraSpec)
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(steps=100))
     max_examples: int | None = None
     max_val: int = 32
     max_prompt_tokens: int = 384
@@ -111,22 +102,22 @@ class BuildConfig:
         return MultiTrainOptions(self.shared_prefix, self.max_tokens_per_forward)
 
     def training_settings(self) -> dict[str, Any]:
-        """The fields that determine what the experts become (everything but :data:`EXECUTION_ONLY`)."""
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()
-                if k not in EXECUTION_ONLY}
-
-    @property
-    def spec(self) -> LoraSpec:
-        return LoraSpec(self.rank, self.alpha, self.dropout, tuple(self.target_modules))
+        """The fields that determine what the experts become (everything but :data:`EXECUTION_ONLY`), flat:
+        ``{"lora.rank": 4, "train.steps": 100, "max_val": 32, …}``."""
+        flat: dict[str, Any] = {}
+        for k, v in dataclasses.asdict(self).items():
+            if k in EXECUTION_ONLY:
+                continue
+            for key, value in (v.items() if isinstance(v, dict) else [(None, v)]):
+                flat[f"{k}.{key}" if key else k] = list(value) if isinstance(value, tuple) else value
+        return flat
 
     def train_config(self, budget_scale: float) -> TrainConfig:
-        """The optimisation settings for an expert worth ``budget_scale`` per-task budgets."""
-        if self.steps_per_task is not None:
-            return TrainConfig(steps=max(1, round(self.steps_per_task * budget_scale)), batch_size=self.batch_size,
-                               grad_accum=self.grad_accum, lr=self.lr, warmup_ratio=self.warmup_ratio, seed=self.seed)
-        # epochs over the union of the tasks already scale with the number of tasks
-        return TrainConfig(epochs=self.epochs * budget_scale, batch_size=self.batch_size, grad_accum=self.grad_accum,
-                           lr=self.lr, warmup_ratio=self.warmup_ratio, seed=self.seed)
+        """``train`` for an expert worth ``budget_scale`` per-task budgets: ``train.steps`` is per task and scales;
+        without steps, ``train.epochs`` over the union of the tasks already scales with the number of tasks."""
+        if self.train.steps is not None:
+            return dataclasses.replace(self.train, steps=max(1, round(self.train.steps * budget_scale)))
+        return dataclasses.replace(self.train, epochs=self.train.epochs * budget_scale)
 
 
 @dataclass(frozen=True)
@@ -212,9 +203,9 @@ def train_experts_job(job: ExpertsJob) -> list[dict[str, Any]]:
             "stage": e.stage, "budget_scale": e.budget_scale, "balanced": cfg.balanced,
             **({"init_from": e.init_from} if e.init_from else {}), FINGERPRINT_KEY: expert_fingerprint(cfg, e)},
             init=init)
-    entries = train_task_experts(lm, lib, plans, spec=cfg.spec, options=cfg.options, max_val=cfg.max_val,
+    entries = train_task_experts(lm, lib, plans, spec=cfg.lora, options=cfg.options, max_val=cfg.max_val,
                                  max_prompt_tokens=cfg.max_prompt_tokens, max_target_tokens=cfg.max_target_tokens,
-                                 split_seed=cfg.seed, progress=job.show_progress, desc=job.name, keep=stored)
+                                 split_seed=cfg.train.seed, progress=job.show_progress, desc=job.name, keep=stored)
     return [{"name": e.name, "status": "skipped" if e.name in stored else "trained",
              "metrics": lib.entry(e.name).metrics if e.name in stored else entries[e.name].metrics}
             for e in job.experts]
@@ -224,7 +215,7 @@ def _example_cap(cfg: BuildConfig, tasks: Mapping[str, Task]) -> int | None:
     """Training examples per task: ``max_examples``; with ``balanced`` also the smallest task's count."""
     cap = cfg.max_examples
     if cfg.balanced and len(tasks) > 1:
-        smallest = min(len(split_instances(t, seed=cfg.seed)["train"]) for t in tasks.values())
+        smallest = min(len(split_instances(t, seed=cfg.train.seed)["train"]) for t in tasks.values())
         cap = min(cap, smallest) if cap is not None else smallest
     return cap
 
@@ -376,7 +367,7 @@ def build_mbc_library(path: str | Path, tasks: Sequence[str], config: BuildConfi
     if k_value != "auto" and not 1 <= k_value <= len(names):
         raise ModloraError(f"k={k_value} clusters needs at least that many experts (have {len(names)})")
     clustering = model_based_clustering(stage1.experts(names), k_value, sparsity=sparsity, n_components=n_components,
-                                        k_range=k_range, seed=config.seed, cache=stage1)
+                                        k_range=k_range, seed=config.train.seed, cache=stage1)
     tasks_of = {n: stage1.tasks(n) for n in names}
     lib = build_cluster_library(path, clustering, tasks_of, config, budget_per_task=1.0 - stage1_fraction,
                                 stage="mbc-stage2", executor=executor, ray_address=ray_address, progress=progress,
@@ -399,7 +390,7 @@ def build_semantic_library(path: str | Path, tasks: Sequence[str], config: Build
         raise ModloraError(f"k={k_value} clusters needs at least that many tasks (have {len(names)})")
     lm = _process_model(config.model, config.device, config.dtype)
     embeddings = task_embeddings(lm, load_tasks(config, names), n_inputs=n_inputs, progress=progress)
-    clustering = cluster_experts(semantic_similarity(embeddings), k_value, k_range=k_range, seed=config.seed,
+    clustering = cluster_experts(semantic_similarity(embeddings), k_value, k_range=k_range, seed=config.train.seed,
                                  auto_k=auto_k or DEFAULT_AUTO_K)  # type: ignore[arg-type]
     clustering = dataclasses.replace(clustering, method="semantic")
     lib = build_cluster_library(path, clustering, {t: [t] for t in names}, config, budget_per_task=1.0,
@@ -439,17 +430,6 @@ def expected_total_steps(strategy: Strategy, n_tasks: int, steps_per_task: int, 
     return sum(max(1, math.ceil(steps_per_task * s)) for s in cluster_sizes)
 
 
-def config_from_dict(d: Mapping[str, Any]) -> BuildConfig:
-    """A :class:`BuildConfig` from a plain mapping (unknown keys are an error naming them)."""
-    fields = {f.name for f in dataclasses.fields(BuildConfig)}
-    unknown = sorted(set(d) - fields)
-    if unknown:
-        raise ModloraError(f"unknown build setting(s): {', '.join(unknown)}")
-    d = dict(d)
-    if "target_modules" in d:
-        d["target_modules"] = tuple(d["target_modules"])
-    return BuildConfig(**d)
-
 
 @dataclass(frozen=True)
 class PolyJob(Job):
@@ -475,12 +455,12 @@ def train_poly_job(job: PolyJob) -> dict[str, Any]:
     fmt = PromptFormatter(lm.tokenizer, max_prompt_tokens=cfg.max_prompt_tokens,
                           max_target_tokens=cfg.max_target_tokens)
     cap = _example_cap(cfg, tasks)
-    train = {n: encode_tasks(fmt, {n: t}, "train", max_per_task=cap, seed=cfg.seed) for n, t in tasks.items()}
-    val = {n: encode_tasks(fmt, {n: t}, "validation", max_per_task=cfg.max_val, seed=cfg.seed)
+    train = {n: encode_tasks(fmt, {n: t}, "train", max_per_task=cap, seed=cfg.train.seed) for n, t in tasks.items()}
+    val = {n: encode_tasks(fmt, {n: t}, "validation", max_per_task=cfg.max_val, seed=cfg.train.seed)
            for n, t in tasks.items()}
     train_config = cfg.train_config(float(len(job.tasks)))
     options = PolyOptions(len(job.skills), job.heads, job.allocation_lr)
-    result = train_poly(lm.model, train, val, pad_id=lm.tokenizer.pad_token_id, spec=cfg.spec, config=train_config,
+    result = train_poly(lm.model, train, val, pad_id=lm.tokenizer.pad_token_id, spec=cfg.lora, config=train_config,
                         options=options, train_options=cfg.options, base_model_name=lm.info.name,
                         progress=job.show_progress, desc=job.name)
     shared_cost = ("train_tokens", "target_tokens", "train_seconds")
@@ -488,7 +468,7 @@ def train_poly_job(job: PolyJob) -> dict[str, Any]:
     for planned in job.skills:  # each skill records 1/S of the joint run's cost: sums over the library add up
         training = {**train_config.to_dict(), "max_examples_per_task": cap, "max_val_per_task": cfg.max_val,
                     "max_prompt_tokens": cfg.max_prompt_tokens, "max_target_tokens": cfg.max_target_tokens,
-                    "split_seed": cfg.seed, "chat_template": bool(fmt.use_chat_template), "stage": planned.stage,
+                    "split_seed": cfg.train.seed, "chat_template": bool(fmt.use_chat_template), "stage": planned.stage,
                     "budget_scale": planned.budget_scale, "balanced": cfg.balanced, **dict(planned.extra),
                     FINGERPRINT_KEY: expert_fingerprint(cfg, planned)}
         lib.add(planned.name, result.skills[planned.name], tasks=list(job.tasks), training=training,
@@ -507,7 +487,7 @@ def build_poly_library(path: str | Path, tasks: Sequence[str], config: BuildConf
     allocation stored, same fingerprints) is skipped; an unfinished one is trained again from the start."""
     from modlora.poly import ALLOCATION_META, DEFAULT_ALLOCATION_LR, PolyOptions
     options = PolyOptions(skills, heads, allocation_lr if allocation_lr is not None else DEFAULT_ALLOCATION_LR)
-    options.check_rank(config.rank)
+    options.check_rank(config.lora.rank)
     names = tuple(sorted(tasks))
     if not names:
         raise ModloraError("a Poly/MHR library needs at least one task")

@@ -57,6 +57,7 @@ from modlora.methods.core import MethodOptions, TrainingDataOptions
 from modlora.models import DEFAULT_MODEL, LoadedModel, load_base_model
 from modlora.reuse import prepare_model
 from modlora.tables import folding_table
+from modlora.training import TrainConfig
 
 LORAHUB_ROW = "lorahub"  # the few-shot row: not a zero-shot reuse method, so not in the registry
 
@@ -133,10 +134,11 @@ class StudyConfig:
         return method.options_from(values)
 
     def build_config(self, device: str | None, data_dir: Path) -> BuildConfig:
-        return BuildConfig(model=self.model, device=device, dtype=self.dtype, data_dir=str(data_dir / "sni" / "tasks"), steps_per_task=self.steps_per_task,
-                           batch_size=self.batch_size, lr=self.lr, max_examples=self.max_examples, max_val=self.max_val,
-                           max_prompt_tokens=self.max_prompt_tokens, max_target_tokens=self.max_target_tokens,
-                           seed=self.seed)
+        return BuildConfig(model=self.model, device=device, dtype=self.dtype, data_dir=str(data_dir / "sni" / "tasks"),
+                           train=TrainConfig(steps=self.steps_per_task, batch_size=self.batch_size, lr=self.lr,
+                                             seed=self.seed),
+                           max_examples=self.max_examples, max_val=self.max_val,
+                           max_prompt_tokens=self.max_prompt_tokens, max_target_tokens=self.max_target_tokens)
 
 
 def row_key(row: Sequence[Any]) -> str:

@@ -35,13 +35,9 @@ from modlora.methods import Registry
 
 def _build_config(args: argparse.Namespace) -> Any:
     from modlora.building import BuildConfig
-    spec, cfg = lora_spec(args), train_config(args)
     return BuildConfig(model=args.model, device=args.device, dtype=None if args.dtype == "auto" else args.dtype,
-                       data_dir=task_dir(args), flat_file=str(args.flat) if args.flat else None, rank=spec.rank,
-                       alpha=spec.alpha, dropout=spec.dropout, target_modules=spec.target_modules,
-                       steps_per_task=cfg.steps, epochs=cfg.epochs, batch_size=cfg.batch_size,
-                       grad_accum=cfg.grad_accum, lr=cfg.lr, warmup_ratio=cfg.warmup_ratio, seed=cfg.seed,
-                       max_examples=args.max_examples, max_val=args.max_val, max_prompt_tokens=args.max_prompt_tokens,
+                       data_dir=task_dir(args), flat_file=str(args.flat) if args.flat else None,
+                       lora=lora_spec(args), train=train_config(args), max_examples=args.max_examples, max_val=args.max_val, max_prompt_tokens=args.max_prompt_tokens,
                        max_target_tokens=args.max_target_tokens, balanced=getattr(args, "balanced", False),
                        **({"experts_per_job": args.experts_per_job, "shared_prefix": not args.no_shared_prefix,
                            "max_tokens_per_forward": args.max_tokens_per_forward}
@@ -137,7 +133,7 @@ def _check_strategy_options(args: argparse.Namespace, rank: int) -> tuple[float 
 def cmd_build(args: argparse.Namespace) -> int:
     from modlora import building
     config = _build_config(args)
-    share, heads = _check_strategy_options(args, config.rank)
+    share, heads = _check_strategy_options(args, config.lora.rank)
     on_change = "retrain-changed" if args.retrain_changed else "new-library" if args.new_library else "refuse"
     common = {"executor": args.executor, "ray_address": args.ray_address, "on_config_change": on_change}
     if args.strategy == "random":

@@ -6,8 +6,16 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from modlora.cli.common import UsageError, add_model_args, nonnegative_int, positive_int
+from modlora.cli.common import (
+    UsageError,
+    add_library_arg,
+    add_model_args,
+    nonnegative_int,
+    open_library,
+    positive_int,
+)
 from modlora.methods import Registry
+from modlora.remote import is_url
 
 
 def port_number(text: str) -> int:
@@ -28,7 +36,8 @@ def register(sub: Any, registry: Registry) -> None:
                     "may choose the router, top_k, temperature and a subset of experts with "
                     "extra_body={'routing': {...}}. Experts added to LIB while serving become available without a "
                     "restart.")
-    p.add_argument("library", type=Path, help="library directory")
+    add_library_arg(p, help="library directory, or a remote location (hf://, s3://, …: served from a verified local "
+                            "snapshot; new experts there appear after a restart)")
     add_model_args(p)
     p.add_argument("--router", choices=routers, default="arrow", metavar="|".join(routers),
                    help="router of the model id LIB (default arrow; mu = parameter averaging, mu-delta = exact mean "
@@ -62,15 +71,18 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     if args.replicas is not None and not args.ray:
         raise UsageError("--replicas needs --ray")
-    if not (args.library / "library.json").is_file():
-        raise UsageError(f"{args.library}: not a modlora library (no library.json)")
+    library = open_library(args.library, args.revision)
+    if is_url(args.library) and not args.library.startswith("file://"):
+        for name in library.expert_names():  # download and verify every expert into the local mirror, once
+            library.get(name)
+        print(f"modlora serve: serving a snapshot of {args.library} ({len(library)} experts, verified)", flush=True)
     if getattr(args, "threads", None):
         torch.set_num_threads(args.threads)
     options = EngineOptions(max_batch=args.max_batch, max_queue=args.max_queue,
                             batch_wait_s=args.batch_wait_ms / 1000, default_max_tokens=args.default_max_tokens,
                             default_router=args.router, default_top_k=args.top_k)
     dtype = None if args.dtype in (None, "auto") else args.dtype
-    config = ServeConfig(str(args.library.resolve()), model=args.model, device=args.device, dtype=dtype,
+    config = ServeConfig(str(Path(library.path).resolve()), model=args.model, device=args.device, dtype=dtype,
                          name=args.name, engine=options, api_key=resolve_api_key(args.api_key),
                          registry=args.registry)
     if args.ray:

@@ -15,7 +15,7 @@ import uvicorn
 
 from modlora.errors import ModloraError
 from modlora.methods import REGISTRY, Registry
-from modlora.models import load_base_model
+from modlora.models import DEFAULT_MODEL, load_base_model
 from modlora.serve.app import ServerOptions, create_app
 from modlora.serve.engine import Engine, EngineOptions
 
@@ -27,7 +27,7 @@ class ServeConfig:
     """Everything a replica needs to build its engine and app (plain data, so Ray can ship it)."""
 
     library: str
-    model: str = "smollm2-135m"
+    model: str = DEFAULT_MODEL
     device: str | None = None
     dtype: str | None = None
     name: str | None = None
