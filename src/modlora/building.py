@@ -13,6 +13,12 @@ Budgets are per task, so the strategies can be compared at equal training comput
   expert per cluster on the union of its tasks for ``(1-f)·B·|cluster|`` steps. Total: ``N·B`` — what private costs.
 * **random**: clusters of the same sizes as an MBC clustering with random members; each cluster expert gets
   ``B·|cluster|`` steps (the MBC total, stage 1 included, so compute matches private and MBC).
+* **semantic**: tasks clustered by the base model's embeddings of their definitions and first inputs
+  (:func:`modlora.clustering.task_embeddings`); each cluster expert gets ``B·|cluster|`` steps (no stage 1).
+* **poly** / **mhr**: S skills and a learned task → skill allocation (per head for MHR) trained jointly on all
+  tasks for ``N·B`` steps (:mod:`modlora.poly`); skills stored as ``skill{s}``, allocation as metadata.
+* ``share_fraction`` g (mbc, semantic): an expert ``shared`` on all tasks gets ``g·N·B`` steps first; every cluster
+  expert starts from it and gets g less of each of its tasks' budgets (same total).
 
 Experts train together (:func:`modlora.multitrain.train_experts`: one frozen base, mixed batches, per-example
 factors), in *chunks* of ``experts_per_job`` experts; each chunk is one job (:mod:`modlora.executors`): ``local``
