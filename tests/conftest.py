@@ -59,6 +59,31 @@ def write_sni_task(directory: Path, name: str, letter: str, n: int = 20) -> None
     (directory / f"{name}.json").write_text(json.dumps({"Definition": [f"Do {letter}."], "Instances": inst}))
 
 
+def make_library_template(root: Path) -> Path:
+    """A two-expert library (rank 2 on q,v; experts ``e1``/``e2`` on tasks ``t1``/``t2``) to copy and damage."""
+    from modlora.adapters import LoraSpec, random_adapter
+    from modlora.library import ExpertLibrary
+    from modlora.models import model_identity
+
+    model = make_tiny_llama()
+    spec = LoraSpec(rank=2, alpha=4, dropout=0.0, target_modules=("q_proj", "v_proj"))
+    lib = ExpertLibrary.create(root, model_identity(model, "tiny"))
+    lib.add("e1", random_adapter(model, spec, seed=1), tasks=["t1"], metrics={"loss": 1.0})
+    lib.add("e2", random_adapter(model, spec, seed=2), tasks=["t2"])
+    return root
+
+
+def fresh_copy(template: Path, tmp: Path) -> Path:
+    """``template`` copied to ``tmp/lib`` (replacing an earlier copy)."""
+    import shutil
+
+    dst = tmp / "lib"
+    if dst.exists():
+        shutil.rmtree(dst)
+    shutil.copytree(template, dst)
+    return dst
+
+
 @pytest.fixture
 def char_tokenizer() -> PreTrainedTokenizerFast:
     return make_char_tokenizer()

@@ -16,13 +16,12 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from modlora.adapters import ADAPTER_CONFIG, LoraSpec, load_adapter, random_adapter
+from modlora.adapters import ADAPTER_CONFIG, LoraSpec, load_adapter
 from modlora.data import Task, load_sni_task, load_sni_tasks, read_flat_jsonl
 from modlora.errors import ModloraError
 from modlora.library import MANIFEST, ExpertLibrary
-from modlora.models import model_identity
 
-from .conftest import make_tiny_llama
+from .conftest import fresh_copy, make_library_template
 from .test_reliability import _rewrite_expert
 
 EXAMPLES = 120
@@ -106,20 +105,7 @@ def _raw_mutation(text: bytes, data: st.DataObject) -> bytes:
 
 @pytest.fixture(scope="module")
 def template(tmp_path_factory) -> Path:
-    model = make_tiny_llama()
-    root = tmp_path_factory.mktemp("fuzz") / "lib"
-    lib = ExpertLibrary.create(root, model_identity(model, "tiny"))
-    lib.add("e1", random_adapter(model, SPEC, seed=1), tasks=["t1"], metrics={"loss": 1.0})
-    lib.add("e2", random_adapter(model, SPEC, seed=2), tasks=["t2"])
-    return root
-
-
-def _copy(template: Path, tmp: Path) -> Path:
-    dst = tmp / "lib"
-    if dst.exists():
-        shutil.rmtree(dst)
-    shutil.copytree(template, dst)
-    return dst
+    return make_library_template(tmp_path_factory.mktemp("fuzz") / "lib")
 
 
 def _use_library(lib_dir: Path, tmp: Path) -> None:
@@ -137,7 +123,7 @@ def _use_library(lib_dir: Path, tmp: Path) -> None:
 @FUZZ
 @given(data=st.data())
 def test_fuzz_manifest(template, tmp_path, data):
-    lib_dir = _copy(template, tmp_path)
+    lib_dir = fresh_copy(template, tmp_path)
     raw = (lib_dir / MANIFEST).read_bytes()
     if data.draw(st.booleans()):
         doc = _mutate(json.loads(raw), data)
@@ -150,7 +136,7 @@ def test_fuzz_manifest(template, tmp_path, data):
 @FUZZ
 @given(data=st.data())
 def test_fuzz_adapter_config(template, tmp_path, data):
-    lib_dir = _copy(template, tmp_path)
+    lib_dir = fresh_copy(template, tmp_path)
     cfg_path = lib_dir / "experts" / "e1" / ADAPTER_CONFIG
     raw = cfg_path.read_bytes()
     if data.draw(st.booleans()):

@@ -13,13 +13,12 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from safetensors.torch import save_file
 
-from modlora.adapters import LoraAdapter, LoraSpec, load_adapter, random_adapter
+from modlora.adapters import LoraAdapter, LoraSpec, load_adapter
 from modlora.errors import AdapterError, LibraryError, ModloraError
 from modlora.io import sha256_file
 from modlora.library import ExpertLibrary
-from modlora.models import model_identity
 
-from .conftest import make_tiny_llama
+from .conftest import fresh_copy, make_library_template
 
 SRC = Path(__file__).resolve().parents[1] / "src" / "modlora"
 SPEC = LoraSpec(rank=2, alpha=4, dropout=0.0, target_modules=("q_proj", "v_proj"))
@@ -27,20 +26,7 @@ SPEC = LoraSpec(rank=2, alpha=4, dropout=0.0, target_modules=("q_proj", "v_proj"
 
 @pytest.fixture(scope="module")
 def template(tmp_path_factory) -> Path:
-    model = make_tiny_llama()
-    root = tmp_path_factory.mktemp("tpl") / "lib"
-    lib = ExpertLibrary.create(root, model_identity(model, "tiny"))
-    lib.add("e1", random_adapter(model, SPEC, seed=1), tasks=["t1"], metrics={"loss": 1.0})
-    lib.add("e2", random_adapter(model, SPEC, seed=2), tasks=["t2"])
-    return root
-
-
-def _copy(template: Path, tmp: Path) -> Path:
-    dst = tmp / "lib"
-    if dst.exists():
-        shutil.rmtree(dst)
-    shutil.copytree(template, dst)
-    return dst
+    return make_library_template(tmp_path_factory.mktemp("tpl") / "lib")
 
 
 def _open_all(path: Path) -> None:
@@ -60,7 +46,7 @@ def test_no_code_execution_paths_in_source():
 
 
 def test_pickle_file_in_expert_dir_is_never_read(template, tmp_path):
-    lib_dir = _copy(template, tmp_path)
+    lib_dir = fresh_copy(template, tmp_path)
     marker = tmp_path / "pwned"
 
     class Evil:
@@ -92,7 +78,7 @@ def _rewrite_adapter(lib_dir: Path, name: str, config: dict | None = None, tenso
     ("use_dora", True, "use_dora"), ("rank_pattern", {"q_proj": 8}, "rank_pattern"),
 ])
 def test_bad_adapter_config_fields(template, tmp_path, field, value, message):
-    lib_dir = _copy(template, tmp_path)
+    lib_dir = fresh_copy(template, tmp_path)
     cfg = json.loads((lib_dir / "experts" / "e1" / "adapter_config.json").read_text())
     cfg[field] = value
     _rewrite_adapter(lib_dir, "e1", config=cfg)
@@ -102,7 +88,7 @@ def test_bad_adapter_config_fields(template, tmp_path, field, value, message):
 
 
 def test_bad_tensors(template, tmp_path):
-    lib_dir = _copy(template, tmp_path)
+    lib_dir = fresh_copy(template, tmp_path)
     good = load_adapter(lib_dir / "experts" / "e1")
     tensors = good.peft_state_dict()
     key = next(k for k in tensors if "lora_A" in k)
@@ -130,7 +116,7 @@ def test_bad_tensors(template, tmp_path):
 
 @pytest.mark.parametrize("name", ["../../etc", "a/b", "..", "x/../../y", "/abs"])
 def test_path_traversal_in_manifest(template, tmp_path, name):
-    lib_dir = _copy(template, tmp_path)
+    lib_dir = fresh_copy(template, tmp_path)
     manifest = json.loads((lib_dir / "library.json").read_text())
     entry = manifest["experts"].pop("e1")
     entry["name"] = name
@@ -141,7 +127,7 @@ def test_path_traversal_in_manifest(template, tmp_path, name):
 
 
 def test_symlinked_expert_directory_refused(template, tmp_path):
-    lib_dir = _copy(template, tmp_path)
+    lib_dir = fresh_copy(template, tmp_path)
     outside = tmp_path / "elsewhere"
     shutil.move(str(lib_dir / "experts" / "e1"), outside)
     (lib_dir / "experts" / "e1").symlink_to(outside, target_is_directory=True)
@@ -150,7 +136,7 @@ def test_symlinked_expert_directory_refused(template, tmp_path):
 
 
 def test_unexpected_fields_and_wrong_types(template, tmp_path):
-    lib_dir = _copy(template, tmp_path)
+    lib_dir = fresh_copy(template, tmp_path)
     good = json.loads((lib_dir / "library.json").read_text())
     manifest = json.loads(json.dumps(good))
     manifest["future_field"] = {"x": 1}
@@ -213,7 +199,7 @@ def _mutate(doc, data):
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(data=st.data())
 def test_fuzz_manifest(template, tmp_path, data):
-    lib_dir = _copy(template, tmp_path)
+    lib_dir = fresh_copy(template, tmp_path)
     manifest = _mutate(json.loads((lib_dir / "library.json").read_text()), data)
     (lib_dir / "library.json").write_text(json.dumps(manifest))
     try:
@@ -225,7 +211,7 @@ def test_fuzz_manifest(template, tmp_path, data):
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(data=st.data())
 def test_fuzz_adapter_config(template, tmp_path, data):
-    lib_dir = _copy(template, tmp_path)
+    lib_dir = fresh_copy(template, tmp_path)
     cfg = _mutate(json.loads((lib_dir / "experts" / "e1" / "adapter_config.json").read_text()), data)
     _rewrite_adapter(lib_dir, "e1", config=cfg)
     try:
