@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 
 import pytest
@@ -129,3 +130,17 @@ def test_bad_poly_arguments(tmp_path, setup):
         build_poly_library(tmp_path / "x", TASKS, cfg, skills=0, progress=False)
     with pytest.raises(LibraryError, match="expected"):
         Allocation.from_dict({"tasks": ["a"], "skills": ["s"], "heads": 1, "logits": [[[0.0, 1.0]]]})
+
+
+@pytest.mark.skipif(importlib.util.find_spec("ray") is None, reason="ray not installed")
+def test_poly_on_ray_matches_local(tmp_path, setup):
+    cfg = _config(setup, train=TrainConfig(steps=2, batch_size=4, lr=1e-2))
+    local = build_poly_library(tmp_path / "local", TASKS, cfg, skills=2, heads=2, progress=False)
+    remote = build_poly_library(tmp_path / "ray", TASKS, cfg, skills=2, heads=2, executor="ray", progress=False)
+    assert remote.expert_names() == local.expert_names()
+    for name in local.expert_names():  # same training; only float summation order may differ across processes
+        a, b = local.get(name), remote.get(name)
+        for m in a.modules:
+            torch.testing.assert_close(a.B[m], b.B[m], rtol=1e-3, atol=1e-5)
+    la, ra = (Allocation.from_dict(lib.load_meta(ALLOCATION_META)) for lib in (local, remote))
+    assert abs(la.logits - ra.logits).max() < 1e-4
