@@ -282,3 +282,6 @@ def test_demo_end_to_end_on_a_tiny_model(world, tmp_path, shared_data, capsys):
     assert {"base", "private/mu", "private/arrow[top_k=4]", "mbc/arrow[top_k=3]"} <= set(results["rows"])
     out = capsys.readouterr().out
     assert "results (%, mean ± s.e.)" in out and "adjusted Rand index" in out and "held-out SNI Rouge-L: base" in out
+    table = out[out.index("results (%, mean"):]
+    assert "infer" in table and "tok/s ┃" in table  # the last column is shown whole, not cropped at 80 columns
+    assert max(len(line) for line in out.splitlines()) <= 80 and "…" not in table

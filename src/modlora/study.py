@@ -455,7 +455,8 @@ def plot_results(results: Mapping[str, Any], path_png: Path) -> Path:
 
 def print_study_results(results: Mapping[str, Any], console: Console) -> None:
     """The study's table (rows × columns of :func:`results_markdown`), names folded to fit the terminal."""
-    table = folding_table("results (%, mean ± s.e.)", _headers(results))
+    headers = _headers(results)
+    table = folding_table("results (%, mean ± s.e.)", headers, right=headers[1:])
     for key, row in results["rows"].items():
         table.add_row(*_row_cells(key, row, results))
     console.print(table)

@@ -16,5 +16,5 @@ def folding_table(title: str, columns: Sequence[str], *, right: Sequence[str] = 
         if col in right:
             table.add_column(col, justify="right", overflow="fold")
         else:
-            table.add_column(col, overflow="fold", min_width=10)
+            table.add_column(col, overflow="fold", min_width=8)
     return table
