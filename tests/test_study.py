@@ -8,17 +8,24 @@ from modlora.study import StudyConfig, results_markdown, run_study
 
 from .conftest import save_tiny_model, write_sni_task
 
+TRAIN = ["task1_a", "task2_b", "task3_c", "task4_d"]
 
-def test_study_end_to_end_and_resume(tmp_path):
-    model_dir = tmp_path / "tiny"
-    save_tiny_model(model_dir)
+
+def _model_and_data(tmp_path, n: int = 20, heldout_n: int = 20):
+    """A saved tiny model and a data root with the four training tasks and one held-out task."""
+    model_dir = save_tiny_model(tmp_path / "tiny")
     data = tmp_path / "data"
     (data / "sni" / "tasks").mkdir(parents=True)
     (data / "sni" / "heldout").mkdir(parents=True)
-    train = ["task1_a", "task2_b", "task3_c", "task4_d"]
-    for t in train:
-        write_sni_task(data / "sni" / "tasks", t, t[-1])
-    write_sni_task(data / "sni" / "heldout", "task9_z", "z")
+    for t in TRAIN:
+        write_sni_task(data / "sni" / "tasks", t, t[-1], n=n)
+    write_sni_task(data / "sni" / "heldout", "task9_z", "z", n=heldout_n)
+    return model_dir, data
+
+
+def test_study_end_to_end_and_resume(tmp_path):
+    model_dir, data = _model_and_data(tmp_path)
+    train = TRAIN
     (data / "eval").mkdir()
     (data / "eval" / "arc_easy.jsonl").write_text("\n".join(json.dumps(
         {"query": f"Question: a{i}?", "choices": ["aa", "b", "cc"], "gold": i % 3}) for i in range(5)))
@@ -68,15 +75,8 @@ def test_study_config_rows_are_checked_before_anything_runs(tmp_path):
 
 def test_study_builds_semantic_poly_mhr_and_shared_libraries(tmp_path):
     """The round-two libraries are study rows like the others (tiny budgets, in-distribution scores only)."""
-    model_dir = tmp_path / "tiny"
-    save_tiny_model(model_dir)
-    data = tmp_path / "data"
-    (data / "sni" / "tasks").mkdir(parents=True)
-    (data / "sni" / "heldout").mkdir(parents=True)
-    train = ["task1_a", "task2_b", "task3_c", "task4_d"]
-    for t in train:
-        write_sni_task(data / "sni" / "tasks", t, t[-1], n=12)
-    write_sni_task(data / "sni" / "heldout", "task9_z", "z", n=4)
+    model_dir, data = _model_and_data(tmp_path, n=12, heldout_n=4)
+    train = TRAIN
     cfg = StudyConfig(name="t2", model=str(model_dir), train_tasks=train, steps_per_task=1, batch_size=4,
                       max_prompt_tokens=48, max_target_tokens=4, max_val=2, k=2, heldout_limit=1, indist_limit=1,
                       max_new_tokens=2, skills=2, method_options={"arrow": {"top_k": 2}},

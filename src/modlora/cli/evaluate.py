@@ -57,7 +57,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     root = data_root(args)
     lib = open_library(args.library, args.revision) if args.library else None
     lm = load_model(args)
-    rm = prepare_model(lm, lib if method.capabilities.uses_experts else None, router, opts, registry=args.registry)
+    rm = prepare_model(lm, lib, router, opts, registry=args.registry)
     common = {"limit": args.limit, "seed": args.seed, "batch_size": args.batch_size, "method": router,
               "model_name": lm.info.name}
     try:

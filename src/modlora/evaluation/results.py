@@ -300,12 +300,12 @@ class RoutingTelemetry:
 
 @contextlib.contextmanager
 def recording_routing(model: Any, telemetry: RoutingTelemetry | None, task: str) -> Iterator[None]:
-    """Record the routing of a per-token router (``model.per_token``) while one task runs, into ``telemetry``."""
-    routed = getattr(model, "routed", None)
-    if telemetry is None or routed is None or not getattr(model, "per_token", False):
+    """Record ``model``'s routing while one task runs, into ``telemetry`` (from :func:`routing_telemetry`, which is
+    ``None`` unless the model routes per token: then nothing is recorded)."""
+    if telemetry is None:
         yield
         return
-    with routed.record() as rec:
+    with model.routed.record() as rec:
         yield
     telemetry.add_task(task, rec)
 

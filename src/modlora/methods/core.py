@@ -43,6 +43,12 @@ def check_positive_int(value: Any, what: str) -> int:
     return value
 
 
+def check_top_k_fits(method: str, top_k: int, experts: ExpertSet) -> None:
+    """Refuse a ``top_k`` larger than the number of experts (a requested value is honoured or refused)."""
+    if top_k > len(experts):
+        raise RoutingError(f"{method} top_k={top_k} exceeds the number of experts ({len(experts)})")
+
+
 def check_temperature(value: Any, what: str = "temperature") -> float | str:
     """A routing temperature: 'sqrt_d' or a finite number ≥ 1e-6 (see :func:`modlora.routing.routers.resolve_temperature`,
     the one rule)."""

@@ -15,6 +15,7 @@ from modlora.methods.core import (
     RoutedMethod,
     TrainingDataOptions,
     check_positive_int,
+    check_top_k_fits,
     example_batches,
     option,
 )
@@ -43,9 +44,7 @@ class Phatgoose(RoutedMethod):
 
         o = self.options
         assert isinstance(o, PhatgooseOptions)
-        if o.top_k > len(experts):
-            from modlora.errors import RoutingError
-            raise RoutingError(f"phatgoose top_k={o.top_k} exceeds the number of experts ({len(experts)})")
+        check_top_k_fits(self.name, o.top_k, experts)
         examples = example_batches(lm, experts, o, with_labels=True)
         with torch.enable_grad():  # gate training needs autograd even when called under no_grad/inference
             gates = phatgoose_gates_for_experts(lm.model, experts.as_dict(), examples, steps=o.steps,

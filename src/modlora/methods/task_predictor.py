@@ -8,7 +8,6 @@ from dataclasses import dataclass
 
 import torch
 
-from modlora.errors import RoutingError
 from modlora.experts import ExpertSet
 from modlora.methods.core import (
     Capabilities,
@@ -16,6 +15,7 @@ from modlora.methods.core import (
     RoutedMethod,
     TrainingDataOptions,
     check_positive_int,
+    check_top_k_fits,
     example_batches,
     option,
 )
@@ -67,7 +67,6 @@ class TaskPredictor(RoutedMethod):
 
         o = self.options
         assert isinstance(o, TaskPredictorOptions)
-        if o.top_k > len(experts):
-            raise RoutingError(f"tp top_k={o.top_k} exceeds the number of experts ({len(experts)})")
+        check_top_k_fits(self.name, o.top_k, experts)
         predictor = Predictor.fit(lm.model, example_batches(lm, experts, o, with_labels=False))
         return _PromptPrediction(predictor, lm.model, experts.names, o.top_k)
