@@ -213,10 +213,10 @@ def test_semantic_strategy_and_shared_warm_start(tmp_path, setup, monkeypatch):
 
     monkeypatch.setattr(building, "train_task_experts", spy)
     shared, _ = building.build_semantic_library(tmp_path / "sem-share", TASKS, cfg, k=2, share_fraction=0.5,
-                                                progress=False)
+                                                share_mode="warm", progress=False)
     assert shared.tasks("shared") == sorted(TASKS) and shared.entry("shared").metrics["steps"] == 9  # 0.5 · 6 · 3
     clusters = [n for n in shared.expert_names() if n != "shared"]
-    assert shared.load_meta("share") == {"expert": "shared", "mode": "warm-start", "fraction": 0.5,
+    assert shared.load_meta("share") == {"expert": "shared", "mode": "warm", "fraction": 0.5,
                                          "experts": clusters}
     stored = shared.get("shared")
     for name in clusters:  # warm start from the stored shared expert, with the rest of the budget
@@ -229,3 +229,74 @@ def test_semantic_strategy_and_shared_warm_start(tmp_path, setup, monkeypatch):
     assert "shared" in mbc and mbc.load_meta("share")["fraction"] == 0.2
     with pytest.raises(ModloraError, match="share_fraction"):
         build_mbc_library(tmp_path / "mbc-bad", TASKS, cfg, k=2, share_fraction=0.6, progress=False)
+
+
+def test_residual_share_trains_on_the_shared_base_and_resumes(tmp_path, setup, monkeypatch):
+    """``share_mode="residual"``: the cluster experts are fresh LoRAs trained while the base holds W + ΔW_shared
+    (restored bit-exactly after); the mode is recorded and fingerprinted; a build interrupted between chunks
+    resumes to the uninterrupted library."""
+    cfg = _config(setup, experts_per_job=1, dropout=0.0)
+    clusters = [["double", "last", "reverse"], ["first", "lower", "upper"]]
+    clustering = building.ClusteringResult(sorted(TASKS), {t: j for j, c in enumerate(clusters) for t in c}, clusters,
+                                           2, None, method="test")
+    tasks_of = {t: [t] for t in TASKS}
+    lm = building._process_model(cfg.model, cfg.device, cfg.dtype)
+    before = {k: v.clone() for k, v in lm.model.state_dict().items()}
+    seen: dict[str, dict[str, torch.Tensor]] = {}
+    real = building.train_task_experts
+
+    def spy(lm_, lib, plans, **kw):
+        for name, plan in plans.items():
+            assert plan.init is None  # a residual starts fresh
+            seen[name] = {k: v.clone() for k, v in lm_.model.state_dict().items()}
+        return real(lm_, lib, plans, **kw)
+
+    monkeypatch.setattr(building, "train_task_experts", spy)
+    ref = building.build_cluster_library(tmp_path / "ref", clustering, tasks_of, cfg, budget_per_task=1.0,
+                                         stage="test", progress=False, share_fraction=0.5, share_mode="residual")
+    assert ref.load_meta("share") == {"expert": "shared", "mode": "residual", "fraction": 0.5,
+                                      "experts": ["cluster0", "cluster1"]}
+    assert ref.load_meta("build_config")["share.mode"] == "residual"
+    shared = ref.get("shared")
+    for name in ("cluster0", "cluster1"):
+        assert ref.entry(name).training["residual_on"] == "shared" and "init_from" not in ref.entry(name).training
+        assert ref.entry(name).metrics["steps"] == max(1, round(3 * 0.5 * 3))
+        for m in shared.modules:  # trained on W + ΔW_shared
+            torch.testing.assert_close(seen[name][f"{m}.weight"], before[f"{m}.weight"] + shared.delta_weight(m))
+    assert torch.equal(seen["shared"][f"{shared.modules[0]}.weight"], before[f"{shared.modules[0]}.weight"])
+    assert all(torch.equal(v, before[k]) for k, v in lm.model.state_dict().items())  # restored bit-exactly
+
+    def flaky(lm_, lib, plans, **kw):
+        if "cluster1" in plans:
+            raise RuntimeError("injected failure")
+        return real(lm_, lib, plans, **kw)
+
+    monkeypatch.setattr(building, "train_task_experts", flaky)
+    with pytest.raises(JobError, match="cluster1"):
+        building.build_cluster_library(tmp_path / "lib", clustering, tasks_of, cfg, budget_per_task=1.0, stage="test",
+                                       progress=False, share_fraction=0.5, share_mode="residual")
+    assert ExpertLibrary(tmp_path / "lib").expert_names() == ["cluster0", "shared"]
+    assert all(torch.equal(v, before[k]) for k, v in lm.model.state_dict().items())  # restored after a failure too
+    monkeypatch.setattr(building, "train_task_experts", real)
+    lib = building.build_cluster_library(tmp_path / "lib", clustering, tasks_of, cfg, budget_per_task=1.0,
+                                         stage="test", progress=False, share_fraction=0.5, share_mode="residual")
+    for name in ref.expert_names():
+        a, b = ref.get(name), lib.get(name)
+        for m in a.modules:
+            torch.testing.assert_close(b.A[m], a.A[m], rtol=1e-4, atol=1e-6)
+            torch.testing.assert_close(b.B[m], a.B[m], rtol=1e-4, atol=1e-6)
+
+    # switching the mode is a change of settings: refused with the difference named, or only the cluster
+    # experts retrained (the shared expert's training is the same in both modes)
+    created = lib.entry("shared").created
+    with pytest.raises(ModloraError, match=r"(?s)cluster0, cluster1.*share.mode: 'residual' -> 'warm'"):
+        building.build_cluster_library(tmp_path / "lib", clustering, tasks_of, cfg, budget_per_task=1.0,
+                                       stage="test", progress=False, share_fraction=0.5, share_mode="warm")
+    warm = building.build_cluster_library(tmp_path / "lib", clustering, tasks_of, cfg, budget_per_task=1.0,
+                                          stage="test", progress=False, share_fraction=0.5, share_mode="warm",
+                                          on_config_change="retrain-changed")
+    assert warm.entry("shared").created == created and warm.load_meta("share")["mode"] == "warm"
+    assert all(warm.entry(n).training["init_from"] == "shared" for n in ("cluster0", "cluster1"))
+    with pytest.raises(ModloraError, match="share_mode"):
+        building.build_cluster_library(tmp_path / "bad", clustering, tasks_of, cfg, budget_per_task=1.0,
+                                       stage="test", progress=False, share_fraction=0.5, share_mode="cold")

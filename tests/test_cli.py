@@ -112,6 +112,12 @@ def test_train_build_and_cluster(world, tmp_path, capsys):
                  *TASKS] + common) == 0
     out = capsys.readouterr().out
     assert "K = 1" in out and "shared" in ExpertLibrary(tmp_path / "sem")
+    assert main(["build", str(tmp_path / "sem-res"), "--strategy", "semantic", "--k", "1", "--share", "--share-mode",
+                 "residual", "--tasks", *TASKS] + common) == 0
+    residual = ExpertLibrary(tmp_path / "sem-res")
+    assert residual.load_meta("share")["mode"] == "residual" and residual.entry("cluster0").training["residual_on"]
+    assert main(["route", str(tmp_path / "sem-res"), "--prompt", "a1", "--top-k", "1", "--max-new-tokens", "2"]
+                + _m(world)) == 0
     assert main(["cluster", str(tmp_path / "priv"), "--k", "2", "--plot", str(tmp_path / "c.png"),
                  "--out", str(tmp_path / "c.json")]) == 0
     saved = json.loads((tmp_path / "c.json").read_text())
@@ -212,6 +218,8 @@ def test_eval_suites_default_to_base_and_report(world, tmp_path, capsys):
     (["build", "OUT", "--strategy", "mhr", "--heads", "3"], "must divide the LoRA rank"),
     (["build", "OUT", "--strategy", "private", "--share"], "--share applies to --strategy mbc and semantic"),
     (["build", "OUT", "--strategy", "mbc", "--share", "--share-fraction", "0.7"], "leaves nothing"),
+    (["build", "OUT", "--strategy", "mbc", "--share-mode", "residual"], "--share-mode applies with --share"),
+    (["build", "OUT", "--strategy", "mbc", "--share", "--share-mode", "cold"], "--share-mode"),
 ])
 def test_bad_options_refused_before_loading(world, tmp_path, capsys, monkeypatch, argv, message):
     def no_model(*_a, **_k):

@@ -193,3 +193,86 @@ def test_experts_with_different_targets_and_ranks_in_one_routed_model():
         r2.restore()
         with pytest.raises(RoutingError, match="exceeds the number of experts"):
             route(fresh, {"a": a, "b": b}, ArrowRouter(top_k=3))
+
+
+def _share_library(lm, root, mode: str) -> ExpertLibrary:
+    """A ``--share`` library: ``shared`` on every task, ``cluster0`` (task1, task2) and ``cluster1`` (task3)."""
+    from modlora.experts import ShareInfo
+    lib = ExpertLibrary.create(root / f"share-{mode}", lm.info)
+    tasks = {"shared": ["task1_a", "task2_b", "task3_c"], "cluster0": ["task1_a", "task2_b"], "cluster1": ["task3_c"]}
+    for i, (name, its) in enumerate(tasks.items()):
+        lib.add(name, random_adapter(lm.model, SPEC, seed=10 + i, std=0.2), tasks=its)
+    lib.save_meta("share", ShareInfo("shared", mode, 0.25, ("cluster0", "cluster1")).to_dict())  # type: ignore[arg-type]
+    return lib
+
+
+def test_residual_share_library_applies_shared_on_every_token(setup, tmp_path):
+    """Residual: the shared ΔW on every token plus the method over the cluster experts only (brute force: the
+    experts merged into a copy of the base); restore() gives back the base bit-exactly."""
+    import copy
+
+    from modlora.routing import ArrowRouter, route
+    lm, _, _ = setup
+    lib = _share_library(lm, tmp_path, "residual")
+    ids = torch.randint(3, 90, (2, 10))
+    before = {k: v.clone() for k, v in lm.model.state_dict().items()}
+    with torch.no_grad():
+        rm = prepare_model(lm, lib, "oracle")
+        out = rm(ids, tasks=["task2_b", "task3_c"]).logits
+        rm.restore()
+        for row, cluster in enumerate(("cluster0", "cluster1")):
+            ref_model = copy.deepcopy(lm.model)
+            merge_adapter(ref_model, lib.get("shared"))
+            merge_adapter(ref_model, lib.get(cluster))
+            torch.testing.assert_close(out[row], ref_model(ids[row:row + 1]).logits[0], rtol=1e-4, atol=1e-5)
+
+        rm = prepare_model(lm, lib, "arrow", {"top_k": 1})
+        assert rm.routed.expert_names == ["cluster0", "cluster1"]
+        out = rm(ids).logits
+        rm.restore()
+        ref_model = copy.deepcopy(lm.model)
+        merge_adapter(ref_model, lib.get("shared"))
+        ref = route(ref_model, {n: lib.get(n) for n in ("cluster0", "cluster1")}, ArrowRouter(top_k=1))(input_ids=ids)
+        torch.testing.assert_close(out, ref.logits, rtol=1e-4, atol=1e-5)
+    assert all(torch.equal(v, before[k]) for k, v in lm.model.state_dict().items())
+    with pytest.raises(RoutingError, match="applied on every token"):
+        prepare_model(lm, lib, "arrow", {"top_k": 1, "experts": ("shared", "cluster0")})
+    with pytest.raises(RoutingError, match="top_k=3 exceeds"):  # a failed prepare leaves the base as it was
+        prepare_model(lm, lib, "arrow", {"top_k": 3})
+    assert all(torch.equal(v, before[k]) for k, v in lm.model.state_dict().items())
+
+
+def test_warm_share_library_routes_over_cluster_experts(setup, tmp_path):
+    """Warm start: nothing is applied on every token; methods see the cluster experts only, unless ``experts``
+    names the shared one."""
+    from modlora.routing import ArrowRouter, route
+    lm, _, _ = setup
+    lib = _share_library(lm, tmp_path, "warm")
+    ids = torch.randint(3, 90, (2, 10))
+    with torch.no_grad():
+        rm = prepare_model(lm, lib, "arrow", {"top_k": 1})
+        assert rm.routed.expert_names == ["cluster0", "cluster1"] and rm.shared is None
+        out = rm(ids).logits
+        rm.restore()
+        ref = route(lm.model, {n: lib.get(n) for n in ("cluster0", "cluster1")}, ArrowRouter(top_k=1))
+        torch.testing.assert_close(out, ref(input_ids=ids).logits, rtol=1e-4, atol=1e-5)
+        ref.restore()
+        rm = prepare_model(lm, lib, "arrow", {"top_k": 1, "experts": ("shared", "cluster1")})
+        assert rm.routed.expert_names == ["shared", "cluster1"]
+        rm.restore()
+
+
+def test_share_record_round_trips_and_bad_records_are_refused(setup, tmp_path):
+    from modlora.errors import LibraryError
+    from modlora.experts import ShareInfo
+    lm, plain, _ = setup
+    lib = _share_library(lm, tmp_path, "residual")
+    assert ShareInfo.of(ExpertLibrary(lib.path)) == ShareInfo("shared", "residual", 0.25, ("cluster0", "cluster1"))
+    assert ShareInfo.of(plain) is None and ShareInfo.of({"e": plain.get("e0")}) is None
+    legacy = {"expert": "shared", "mode": "warm-start", "fraction": 0.2, "experts": ["cluster0"]}
+    assert ShareInfo.from_dict(legacy).mode == "warm"  # written before the residual mode existed
+    for bad, field in [({**legacy, "mode": "cold"}, "mode"), ({**legacy, "experts": ["shared"]}, "experts"),
+                       ({**legacy, "expert": 3}, "expert"), ({**legacy, "fraction": "x"}, "fraction")]:
+        lib.save_meta("share", bad)
+        with pytest.raises(LibraryError, match=rf"share-residual/meta/share.json: field '{field}'"):
+            prepare_model(lm, lib, "arrow", {"top_k": 1})

@@ -370,6 +370,45 @@ def merge_adapter(model: torch.nn.Module, adapter: LoraAdapter, weight: float = 
                                    "too large)")
 
 
+@dataclass
+class MergedWeights:
+    """An adapter merged into a model's weights, with the original weights of its modules kept (on the CPU) so that
+    :meth:`restore` puts them back bit-exactly (subtracting ΔW again would be exact only up to float rounding)."""
+
+    model: torch.nn.Module
+    originals: dict[str, torch.Tensor]
+
+    @torch.no_grad()
+    def restore(self) -> None:
+        """Copy the original weights back (idempotent)."""
+        modules = dict(self.model.named_modules())
+        for m, weight in self.originals.items():
+            modules[m].weight.copy_(weight)
+        self.originals = {}
+
+
+def merge_adapter_restorably(model: torch.nn.Module, adapter: LoraAdapter, *, name: str = "adapter"
+                             ) -> MergedWeights:
+    """:func:`merge_adapter` (``W[m] += s · B A``, checked first), keeping the original weights for a bit-exact
+    :meth:`MergedWeights.restore`."""
+    modules = dict(model.named_modules())
+    originals = {m: modules[m].weight.detach().to("cpu", copy=True) for m in adapter.modules
+                 if isinstance(modules.get(m), torch.nn.Linear)}
+    merge_adapter(model, adapter, name=name)
+    return MergedWeights(model, originals)
+
+
+@contextlib.contextmanager
+def adapter_merged(model: torch.nn.Module, adapter: LoraAdapter, *, name: str = "adapter"
+                   ) -> Iterator[torch.nn.Module]:
+    """``model`` with ``adapter`` merged into its weights for the ``with`` block, restored bit-exactly after."""
+    merged = merge_adapter_restorably(model, adapter, name=name)
+    try:
+        yield model
+    finally:
+        merged.restore()
+
+
 def random_adapter(model: torch.nn.Module, spec: LoraSpec, *, seed: int = 0, std: float = 0.02,
                    base_model_name: str | None = None) -> LoraAdapter:
     """An adapter with Gaussian A and B for every targeted linear layer (tests and benchmarks)."""

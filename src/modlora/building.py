@@ -18,7 +18,9 @@ Budgets are per task, so the strategies can be compared at equal training comput
 * **poly** / **mhr**: S skills and a learned task → skill allocation (per head for MHR) trained jointly on all
   tasks for ``N·B`` steps (:mod:`modlora.poly`); skills stored as ``skill{s}``, allocation as metadata.
 * ``share_fraction`` g (mbc, semantic): an expert ``shared`` on all tasks gets ``g·N·B`` steps first; every cluster
-  expert starts from it and gets g less of each of its tasks' budgets (same total).
+  expert gets g less of each of its tasks' budgets (same total) and either starts from the shared factors
+  (``share_mode="warm"``) or is a fresh LoRA trained on the base with ``ΔW_shared`` merged into its frozen weights
+  (``"residual"``: reuse then applies ``ΔW_shared`` on every token, :mod:`modlora.reuse`).
 
 Experts train together (:func:`modlora.multitrain.train_experts`: one frozen base, mixed batches, per-example
 factors), in *chunks* of ``experts_per_job`` experts; each chunk is one job (:mod:`modlora.executors`): ``local``
@@ -48,7 +50,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from modlora.adapters import LoraSpec
+from modlora.adapters import LoraSpec, adapter_merged
 from modlora.clustering import ClusteringResult, cluster_tasks, model_based_clustering, random_clustering
 from modlora.data import (
     PromptFormatter,
@@ -61,6 +63,7 @@ from modlora.data import (
 )
 from modlora.errors import ModloraError
 from modlora.executors import Job, run_jobs
+from modlora.experts import DEFAULT_SHARE_MODE, SHARE_META, SHARE_MODES, ShareInfo, ShareMode
 from modlora.library import ExpertLibrary
 from modlora.models import LoadedModel, load_base_model
 from modlora.multitrain import MultiTrainOptions
@@ -70,7 +73,6 @@ from modlora.training import TrainConfig
 Strategy = Literal["private", "shared", "mbc", "random", "semantic", "poly", "mhr"]
 OnConfigChange = Literal["refuse", "retrain-changed", "new-library"]
 CLUSTERING_META = "clustering"
-SHARE_META = "share"
 SHARED_EXPERT = "shared"
 BUILD_CONFIG_META = "build_config"
 FINGERPRINT_KEY = "build_fingerprint"
@@ -136,6 +138,8 @@ class PlannedExpert:
     stage: str
     init_from: str | None = None
     """Warm start: the expert (of the same library) whose factors this one starts from."""
+    residual_on: str | None = None
+    """Residual: the expert (of the same library) merged into the frozen base weights while this one trains."""
     extra: tuple[tuple[str, Any], ...] = ()
     """Further settings that determine the expert (Poly/MHR: skills, heads, allocation lr; the warm start's
     fingerprint): part of its fingerprint."""
@@ -156,6 +160,8 @@ def expert_fingerprint(config: BuildConfig, expert: PlannedExpert) -> str:
     doc = {**config.training_settings(), "tasks": list(expert.tasks), "budget_scale": expert.budget_scale}
     if expert.init_from is not None:
         doc["init_from"] = expert.init_from
+    if expert.residual_on is not None:
+        doc["residual_on"] = expert.residual_on
     if expert.extra:
         doc["extra"] = [list(kv) for kv in expert.extra]
     return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()[:16]
@@ -189,13 +195,29 @@ def train_experts_job(job: ExpertsJob) -> list[dict[str, Any]]:
 
     A chunk with every expert stored is skipped (resumability). A partly stored chunk (a crash between two writes,
     or ``retrain-changed``) is trained whole again, so that every expert sees the same companions, hence the same
-    dropout masks, as in an uninterrupted build; the experts already stored are kept as they are."""
+    dropout masks, as in an uninterrupted build; the experts already stored are kept as they are. Residual experts
+    (``residual_on``, one for the whole chunk) train on the base with that stored expert merged into its weights,
+    restored bit-exactly afterwards."""
     lib = ExpertLibrary(job.library)
     cfg = job.config
     stored = {e.name for e in job.experts if e.name in lib}
     if len(stored) == len(job.experts):
         return [{"name": e.name, "status": "skipped", "metrics": lib.entry(e.name).metrics} for e in job.experts]
     lm = _process_model(cfg.model, cfg.device, cfg.dtype)
+    residual_on = {e.residual_on for e in job.experts}
+    if len(residual_on) != 1:
+        raise ModloraError(f"{job.name}: experts trained together must share one base (residual_on: {residual_on})")
+    (base_expert,) = residual_on
+    if base_expert is None:
+        return _train_chunk(job, lib, lm, stored)
+    if base_expert not in lib:
+        raise ModloraError(f"{lib.path}: expert(s) of {job.name} are residuals on {base_expert!r}, which is not stored")
+    with adapter_merged(lm.model, lib.get(base_expert), name=f"{lib.path}: expert {base_expert!r}"):
+        return _train_chunk(job, lib, lm, stored)
+
+
+def _train_chunk(job: ExpertsJob, lib: ExpertLibrary, lm: LoadedModel, stored: set[str]) -> list[dict[str, Any]]:
+    cfg = job.config
     tasks = load_tasks(cfg, sorted({t for e in job.experts for t in e.tasks}))
     plans = {}
     for e in job.experts:
@@ -207,7 +229,8 @@ def train_experts_job(job: ExpertsJob) -> list[dict[str, Any]]:
             init = lib.get(e.init_from)
         plans[e.name] = ExpertPlan(mine, cfg.train_config(e.budget_scale), _example_cap(cfg, mine), {
             "stage": e.stage, "budget_scale": e.budget_scale, "balanced": cfg.balanced,
-            **({"init_from": e.init_from} if e.init_from else {}), FINGERPRINT_KEY: expert_fingerprint(cfg, e)},
+            **({"init_from": e.init_from} if e.init_from else {}),
+            **({"residual_on": e.residual_on} if e.residual_on else {}), FINGERPRINT_KEY: expert_fingerprint(cfg, e)},
             init=init)
     entries = train_task_experts(lm, lib, plans, spec=cfg.lora, options=cfg.options, max_val=cfg.max_val,
                                  max_prompt_tokens=cfg.max_prompt_tokens, max_target_tokens=cfg.max_target_tokens,
@@ -241,11 +264,14 @@ def _settings_diff(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
 
 
 def _reconcile(path: str | Path, config: BuildConfig, planned: Sequence[PlannedExpert],
-               on_config_change: OnConfigChange) -> ExpertLibrary:
+               on_config_change: OnConfigChange, strategy_settings: Mapping[str, Any] | None = None) -> ExpertLibrary:
     """Open (or create) the library and make sure that the experts it holds were trained as ``config`` plans.
 
     Experts whose recorded fingerprint differs are refused (:class:`ModloraError` listing the differences),
-    retrained (``"retrain-changed"``) or the whole library is moved aside (``"new-library"``)."""
+    retrained (``"retrain-changed"``) or the whole library is moved aside (``"new-library"``).
+    ``strategy_settings`` (e.g. ``{"share.mode": "residual"}``) are stored with the build config and listed among
+    the differences; they already count through the experts' fingerprints."""
+    settings = {**config.training_settings(), **(strategy_settings or {})}
     if on_config_change not in ("refuse", "retrain-changed", "new-library"):
         raise ModloraError(f"on_config_change must be 'refuse', 'retrain-changed' or 'new-library', "
                            f"got {on_config_change!r}")
@@ -262,7 +288,7 @@ def _reconcile(path: str | Path, config: BuildConfig, planned: Sequence[PlannedE
                 lib.remove(name)
         else:
             stored = lib.load_meta(BUILD_CONFIG_META)
-            diff = (_settings_diff(stored, config.training_settings()) if isinstance(stored, dict)
+            diff = (_settings_diff(stored, settings) if isinstance(stored, dict)
                     else ["(the library records no build config: it was built before fingerprints were kept)"])
             tasks_or_budget = "" if diff else " (their tasks or budgets differ)"
             raise ModloraError(
@@ -270,7 +296,7 @@ def _reconcile(path: str | Path, config: BuildConfig, planned: Sequence[PlannedE
                 f"{tasks_or_budget}: {', '.join(changed[:8])}{' ...' if len(changed) > 8 else ''}\n  "
                 + "\n  ".join(diff) + "\nRe-run with --retrain-changed to retrain them, or --new-library to move "
                 "the library aside and build a new one (or choose another output path).")
-    lib.save_meta(BUILD_CONFIG_META, config.training_settings())
+    lib.save_meta(BUILD_CONFIG_META, settings)
     return lib
 
 
@@ -316,31 +342,41 @@ def build_shared_library(path: str | Path, tasks: Sequence[str], config: BuildCo
 def build_cluster_library(path: str | Path, clustering: ClusteringResult, tasks_of: Mapping[str, Sequence[str]],
                           config: BuildConfig, *, budget_per_task: float, stage: str, executor: str = "local",
                           ray_address: str | None = None, progress: bool = True,
-                          on_config_change: OnConfigChange = "refuse",
-                          share_fraction: float | None = None) -> ExpertLibrary:
+                          on_config_change: OnConfigChange = "refuse", share_fraction: float | None = None,
+                          share_mode: ShareMode = DEFAULT_SHARE_MODE) -> ExpertLibrary:
     """One expert per cluster (``cluster{i}``) on the union of its tasks, ``budget_per_task·|tasks|`` budgets.
 
-    ``share_fraction`` g (sharing across clusters, warm start): first one expert ``shared`` is trained on all the
-    tasks for ``g·N`` budgets, then every cluster expert starts from its factors and trains for
-    ``(budget_per_task - g)·|tasks|`` budgets (same total). ``meta/share.json`` records it."""
+    ``share_fraction`` g (sharing across clusters): first one expert ``shared`` is trained on all the tasks for
+    ``g·N`` budgets, then every cluster expert trains for ``(budget_per_task - g)·|tasks|`` budgets (same total),
+    starting from the shared factors (``share_mode="warm"``) or as a fresh LoRA on top of the base with
+    ``ΔW_shared`` merged into it (``"residual"``). ``meta/share.json`` (:class:`~modlora.experts.ShareInfo`) and
+    the stored build config record both; the mode is part of every cluster expert's fingerprint."""
+    if share_mode not in SHARE_MODES:
+        raise ModloraError(f"share_mode must be one of {', '.join(SHARE_MODES)}, got {share_mode!r}")
     clusters = cluster_tasks(clustering, tasks_of)
     shared: list[PlannedExpert] = []
-    init_from, extra, per_task = None, (), budget_per_task
+    init_from = residual_on = None
+    extra: tuple[tuple[str, Any], ...] = ()
+    per_task, settings = budget_per_task, {}
     if share_fraction is not None:
         if not 0.0 < share_fraction < budget_per_task:
             raise ModloraError(f"share_fraction must be in (0, {budget_per_task:g}) (the cluster experts' share of "
                                f"each task's budget), got {share_fraction}")
         all_tasks = tuple(sorted({t for c in clusters for t in c}))
         shared = [PlannedExpert(SHARED_EXPERT, all_tasks, share_fraction * len(all_tasks), "shared")]
-        init_from, per_task = SHARED_EXPERT, budget_per_task - share_fraction
-        extra = (("init_fingerprint", expert_fingerprint(config, shared[0])),)
-    planned = [PlannedExpert(f"cluster{i}", tuple(cluster), per_task * len(cluster), stage, init_from, extra)
-               for i, cluster in enumerate(clusters)]
-    lib = _reconcile(path, config, shared + planned, on_config_change)
+        per_task = budget_per_task - share_fraction
+        if share_mode == "warm":
+            init_from, extra = SHARED_EXPERT, (("init_fingerprint", expert_fingerprint(config, shared[0])),)
+        else:
+            residual_on, extra = SHARED_EXPERT, (("residual_fingerprint", expert_fingerprint(config, shared[0])),)
+        settings = {"share.mode": share_mode, "share.fraction": share_fraction}
+    planned = [PlannedExpert(f"cluster{i}", tuple(cluster), per_task * len(cluster), stage, init_from, residual_on,
+                             extra) for i, cluster in enumerate(clusters)]
+    lib = _reconcile(path, config, shared + planned, on_config_change, settings)
     lib.save_meta(CLUSTERING_META, clustering.to_dict())
     if shared:
-        lib.save_meta(SHARE_META, {"expert": SHARED_EXPERT, "mode": "warm-start", "fraction": share_fraction,
-                                   "experts": [e.name for e in planned]})
+        lib.save_meta(SHARE_META, ShareInfo(SHARED_EXPERT, share_mode, share_fraction,
+                                            tuple(e.name for e in planned)).to_dict())
         _run(lib, shared, config, executor, ray_address, "shared expert", progress)
     _run(lib, planned, config, executor, ray_address, f"{stage} experts", progress)
     return lib
@@ -350,10 +386,10 @@ def build_mbc_library(path: str | Path, tasks: Sequence[str], config: BuildConfi
                       stage1_fraction: float = 0.4, private_library: str | Path | None = None,
                       k_range: tuple[int, int] | None = None, sparsity: float = 0.5, n_components: int = 64,
                       executor: str = "local", ray_address: str | None = None, progress: bool = True,
-                      on_config_change: OnConfigChange = "refuse", share_fraction: float | None = None
-                      ) -> tuple[ExpertLibrary, ClusteringResult]:
+                      on_config_change: OnConfigChange = "refuse", share_fraction: float | None = None,
+                      share_mode: ShareMode = DEFAULT_SHARE_MODE) -> tuple[ExpertLibrary, ClusteringResult]:
     """MBC: stage-1 private experts (or an existing private library), clustering, stage-2 cluster experts
-    (``share_fraction``: warm-started from a shared expert, see :func:`build_cluster_library`)."""
+    (``share_fraction``, ``share_mode``: sharing across clusters, see :func:`build_cluster_library`)."""
     if not 0.0 < stage1_fraction < 1.0:
         raise ModloraError(f"stage1_fraction must be in (0, 1), got {stage1_fraction}")
     path = Path(path)
@@ -377,15 +413,16 @@ def build_mbc_library(path: str | Path, tasks: Sequence[str], config: BuildConfi
     tasks_of = {n: stage1.tasks(n) for n in names}
     lib = build_cluster_library(path, clustering, tasks_of, config, budget_per_task=1.0 - stage1_fraction,
                                 stage="mbc-stage2", executor=executor, ray_address=ray_address, progress=progress,
-                                on_config_change=on_config_change, share_fraction=share_fraction)
+                                on_config_change=on_config_change, share_fraction=share_fraction,
+                                share_mode=share_mode)
     return lib, clustering
 
 
 def build_semantic_library(path: str | Path, tasks: Sequence[str], config: BuildConfig, *, k: int | str = "auto",
                            k_range: tuple[int, int] | None = None, auto_k: str | None = None, n_inputs: int = 4,
                            executor: str = "local", ray_address: str | None = None, progress: bool = True,
-                           on_config_change: OnConfigChange = "refuse", share_fraction: float | None = None
-                           ) -> tuple[ExpertLibrary, ClusteringResult]:
+                           on_config_change: OnConfigChange = "refuse", share_fraction: float | None = None,
+                           share_mode: ShareMode = DEFAULT_SHARE_MODE) -> tuple[ExpertLibrary, ClusteringResult]:
     """Semantic clustering: tasks clustered by the base model's embeddings of their definition + ``n_inputs``
     inputs (:func:`modlora.clustering.task_embeddings`, centred cosine), then one expert per cluster trained as
     MBC's stage 2 but with each task's whole budget (no stage 1): ``B·|cluster|`` steps, total ``N·B``."""
@@ -401,7 +438,8 @@ def build_semantic_library(path: str | Path, tasks: Sequence[str], config: Build
     clustering = dataclasses.replace(clustering, method="semantic")
     lib = build_cluster_library(path, clustering, {t: [t] for t in names}, config, budget_per_task=1.0,
                                 stage="semantic", executor=executor, ray_address=ray_address, progress=progress,
-                                on_config_change=on_config_change, share_fraction=share_fraction)
+                                on_config_change=on_config_change, share_fraction=share_fraction,
+                                share_mode=share_mode)
     return lib, clustering
 
 

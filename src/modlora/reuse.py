@@ -4,6 +4,12 @@ A :class:`ReuseModel` behaves like the HF model (``forward`` and ``generate``) w
 ``restore()``. The methods themselves (Arrow, μ, TIES, centroid, PhatGOOSE, task predictor, oracle, …) are classes
 in :mod:`modlora.methods`, listed in one registry; ``modlora.methods.REGISTRY.describe()`` lists them with their
 options, and ``prepare_model`` is the one call that looks a name up, validates its options and applies it.
+
+Libraries built with ``--share`` (:class:`~modlora.experts.ShareInfo`, ``meta/share.json``) are applied here, for
+every method alike: the method sees only the cluster experts (the ``shared`` expert is left out of the routed or
+merged set unless named in ``experts``), and for a *residual* library the shared update is merged into the weights
+first, so it acts on every token: ``y = (W + ΔW_shared) x + Σ_e w_e(x) ΔW_e x``. A *warm-start* library needs no
+shared part (its cluster experts started from the shared factors).
 """
 
 from __future__ import annotations
@@ -15,9 +21,9 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from modlora.adapters import LoraAdapter, merge_adapter
+from modlora.adapters import LoraAdapter, MergedWeights, merge_adapter, merge_adapter_restorably
 from modlora.errors import RoutingError
-from modlora.experts import Experts, ExpertSet
+from modlora.experts import Experts, ExpertSet, ShareInfo
 from modlora.models import LoadedModel
 
 if TYPE_CHECKING:
@@ -36,7 +42,8 @@ class ReuseModel:
     ``routed``: the :class:`~modlora.routing.RoutedModel` of routing methods; ``merged``: the adapter merged into the
     weights by static methods; ``example_router``: per-example weights over ``routed.expert_names`` that replace
     the per-token router during a call (task predictor, oracle); ``per_token``: the method routes each token by
-    content (its routing is worth recording)."""
+    content (its routing is worth recording); ``shared``: a residual library's shared expert, merged into the
+    weights under the method (restored bit-exactly)."""
 
     method: str
     model: torch.nn.Module
@@ -44,6 +51,7 @@ class ReuseModel:
     merged: LoraAdapter | None = None
     example_router: ExampleRouter | None = None
     per_token: bool = False
+    shared: MergedWeights | None = None
 
     @property
     def config(self) -> Any:
@@ -89,12 +97,15 @@ class ReuseModel:
 
     def restore(self) -> torch.nn.Module:
         """Undo routing or merging; the base model is bit-identical to before only for routing (merging is
-        undone by subtraction, exact up to float rounding)."""
+        undone by subtraction, exact up to float rounding) and for the shared part of a residual library."""
         if self.routed is not None:
             self.routed.restore()
         if self.merged is not None:
             merge_adapter(self.model, self.merged, weight=-1.0)
             self.merged = None
+        if self.shared is not None:
+            self.shared.restore()
+            self.shared = None
         return self.model
 
 
@@ -120,7 +131,8 @@ def prepare_model(lm: LoadedModel, library: Experts | None, method: str,
     """Apply ``library`` to ``lm.model`` with the registered ``method``.
 
     ``options``: the method's ``Options`` dataclass, or a mapping of option names to values (validated), or
-    ``None`` for the defaults. The library is checked against ``lm``'s base model first; ``base`` needs none."""
+    ``None`` for the defaults. The library is checked against ``lm``'s base model first; ``base`` needs none.
+    A ``--share`` library is applied as the module docstring says (:func:`shared_part`)."""
     from modlora.methods import REGISTRY
 
     cls = (registry or REGISTRY).get(method)
@@ -132,4 +144,31 @@ def prepare_model(lm: LoadedModel, library: Experts | None, method: str,
         raise RoutingError(f"method {method!r} needs a library")
     if hasattr(library, "check_base_model"):
         library.check_base_model(lm.info)
-    return instance.prepare(lm, ExpertSet.of(library, list(opts.experts) or None))
+    names, shared = shared_part(library, list(opts.experts) or None)
+    experts = ExpertSet.of(library, names)
+    if shared is None:
+        return instance.prepare(lm, experts)
+    merged = merge_adapter_restorably(lm.model, shared, name="shared expert")
+    try:
+        reuse = instance.prepare(lm, experts)
+    except BaseException:
+        merged.restore()
+        raise
+    reuse.shared = merged
+    return reuse
+
+
+def shared_part(library: Experts, names: Sequence[str] | None) -> tuple[list[str] | None, LoraAdapter | None]:
+    """For a ``--share`` library: the experts a method combines (``names``, default the cluster experts) and the
+    shared expert to apply on every token (residual libraries; ``None`` otherwise). Other libraries: ``names`` as
+    given and ``None``. Naming a residual library's shared expert in ``names`` is refused (it is already applied on
+    every token)."""
+    share = ShareInfo.of(library)
+    if share is None:
+        return names, None
+    if names is None:
+        names = list(share.experts)
+    elif share.mode == "residual" and share.expert in names:
+        raise RoutingError(f"expert {share.expert!r} is the shared part of a residual library: it is applied on "
+                           "every token, so it cannot also be one of the routed or merged experts")
+    return names, (ExpertSet.of(library, [share.expert]).adapters[0] if share.mode == "residual" else None)

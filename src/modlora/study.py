@@ -50,6 +50,7 @@ from modlora.evaluation.generation import generate_and_score
 from modlora.evaluation.indist import prompt_routing_accuracy
 from modlora.evaluation.rank_classification import evaluate_choice_tasks
 from modlora.evaluation.results import mean_and_stderr
+from modlora.experts import DEFAULT_SHARE_MODE, SHARE_MODES, ShareMode
 from modlora.io import atomic_write_bytes, atomic_write_json
 from modlora.library import ExpertLibrary
 from modlora.methods import REGISTRY
@@ -85,6 +86,7 @@ class StudyConfig:
     mhr_heads: int = 2
     allocation_lr: float = 1e-2
     share_fraction: float = 0.2
+    share_mode: ShareMode = DEFAULT_SHARE_MODE
     rows: list[list[Any]] = field(default_factory=lambda: [["-", "base"], ["private", "mu"], ["private", "arrow"],
                                                            ["private", "oracle"], ["mbc", "mu"], ["mbc", "arrow"]])
     method_options: dict[str, dict[str, Any]] = field(default_factory=lambda: {"arrow": {"top_k": 4}})
@@ -111,6 +113,8 @@ class StudyConfig:
         if unknown:
             raise ModloraError(f"{path}: unknown study setting(s): {', '.join(unknown)}")
         cfg = cls(**raw)
+        if cfg.share_mode not in SHARE_MODES:
+            raise ModloraError(f"{path}: share_mode must be one of {', '.join(SHARE_MODES)}, got {cfg.share_mode!r}")
         for row in cfg.rows:
             try:
                 cfg.row_options(row, Path("."))
@@ -149,7 +153,7 @@ def row_key(row: Sequence[Any]) -> str:
 
 LIBRARIES = ("private", "mbc", "shared", "random", "semantic", "poly", "mhr", "mbc-share", "semantic-share")
 """Library kinds a study can build: ``mbc-share`` / ``semantic-share`` are MBC / semantic with ``--share``
-(``share_fraction`` of the budget on a shared expert that warm-starts every cluster expert); ``poly`` /
+(``share_fraction`` of the budget on a shared expert, ``share_mode`` warm or residual); ``poly`` /
 ``mhr`` have ``skills`` skills (MHR: ``mhr_heads`` heads)."""
 
 
@@ -171,7 +175,8 @@ def build_libraries(cfg: StudyConfig, out: Path, device: str | None, console: Co
         libs[name], clustering = build_mbc_library(
             out / name, cfg.train_tasks, bcfg, k=cfg.k, stage1_fraction=cfg.stage1_fraction,
             private_library=out / "private" if cfg.mbc_reuses_private else None,
-            share_fraction=cfg.share_fraction if name == "mbc-share" else None)
+            share_fraction=cfg.share_fraction if name == "mbc-share" else None,
+            share_mode=cfg.share_mode)
         console.print(f"[bold]{name}[/]: K={clustering.k} clusters {clustering.clusters}")
         if name == "mbc":
             plot_clustering(clustering, out / "mbc_clusters.png", title=f"{cfg.name}: MBC similarity")
@@ -180,7 +185,8 @@ def build_libraries(cfg: StudyConfig, out: Path, device: str | None, console: Co
         if name in cfg.libraries:
             libs[name], clustering = build_semantic_library(
                 out / name, cfg.train_tasks, bcfg, k=cfg.k,
-                share_fraction=cfg.share_fraction if name == "semantic-share" else None)
+                share_fraction=cfg.share_fraction if name == "semantic-share" else None,
+                share_mode=cfg.share_mode)
             console.print(f"[bold]{name}[/]: K={clustering.k} clusters {clustering.clusters}")
     for name in ("poly", "mhr"):
         if name in cfg.libraries:

@@ -115,6 +115,8 @@ def _check_strategy_options(args: argparse.Namespace, rank: int) -> tuple[float 
     share = args.share_fraction if args.share else None
     if args.share and args.strategy not in ("mbc", "semantic"):
         raise UsageError("--share applies to --strategy mbc and semantic")
+    if args.share_mode is not None and not args.share:
+        raise UsageError("--share-mode applies with --share")
     if share is not None and args.strategy == "mbc" and share >= 1 - args.stage1_fraction:
         raise UsageError(f"--share-fraction {share} leaves nothing for the cluster experts after "
                          f"--stage1-fraction {args.stage1_fraction}")
@@ -159,13 +161,14 @@ def cmd_build(args: argparse.Namespace) -> int:
             if args.k != "auto" and args.k > len(tasks):
                 raise UsageError(f"--k {args.k} exceeds the number of tasks ({len(tasks)})")
             k_range = (args.k_min, args.k_max) if args.k == "auto" else None
+            sharing = {"share_fraction": share, "share_mode": args.share_mode or building.DEFAULT_SHARE_MODE}
             if args.strategy == "semantic":
                 lib, clustering = building.build_semantic_library(args.library, tasks, config, k=args.k,
-                                                                  k_range=k_range, share_fraction=share, **common)
+                                                                  k_range=k_range, **sharing, **common)
             else:
                 lib, clustering = building.build_mbc_library(
                     args.library, tasks, config, k=args.k, stage1_fraction=args.stage1_fraction,
-                    private_library=args.private_library, k_range=k_range, share_fraction=share, **common)
+                    private_library=args.private_library, k_range=k_range, **sharing, **common)
             _print_clusters(clustering)
     show_library(lib)
     return 0
@@ -262,9 +265,14 @@ def register(sub: Any, registry: Registry) -> None:
     p.add_argument("--mbc-library", type=Path, default=None, help="random: the MBC library whose sizes to copy")
     p.add_argument("--share", action="store_true",
                    help="mbc/semantic: first train one expert 'shared' on all tasks (--share-fraction of each "
-                        "task's budget); every cluster expert starts from it (warm start)")
+                        "task's budget), then the cluster experts with the rest (--share-mode)")
     p.add_argument("--share-fraction", type=open_fraction, default=0.2,
                    help="--share: share of each task's budget spent on the shared expert (default 0.2)")
+    from modlora.experts import DEFAULT_SHARE_MODE, SHARE_MODES
+    p.add_argument("--share-mode", choices=SHARE_MODES, default=None,
+                   help="--share: warm = every cluster expert starts from the shared factors; residual = every "
+                        "cluster expert is a fresh LoRA on top of the shared one, which reuse then applies on every "
+                        f"token (default {DEFAULT_SHARE_MODE}; README: Sharing across clusters)")
     p.add_argument("--skills", type=positive_int, default=4, help="poly/mhr: number of LoRA skills (default 4)")
     p.add_argument("--heads", type=positive_int, default=None,
                    help="mhr: heads the rank is split into, each allocated separately (must divide --rank; "
