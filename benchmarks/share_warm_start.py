@@ -72,20 +72,25 @@ def main() -> None:
     ap.add_argument("--max-prompt-tokens", type=int, default=256)
     ap.add_argument("--max-target-tokens", type=int, default=64)
     ap.add_argument("--test", type=int, default=32)
+    ap.add_argument("--max-val", type=int, default=16, help="validation examples per task")
+    ap.add_argument("--eval-every", type=int, default=None,
+                    help="validate every N steps (default: the library's, total/4, keeping the best checkpoint; a "
+                         "large N validates only at the end, so every expert is its final weights)")
     ap.add_argument("--dtype", default=None, help="base weights dtype (default: the device's, fp32 on CPU)")
     ap.add_argument("--data", type=Path, default=Path("../shared/data"))
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results/share_warm_start"))
     args = ap.parse_args()
     tasks = sorted(json.loads(args.tasks_from.read_text()))
-    rows = []
+    rows: list[dict] = []
     lm = load_base_model("smollm2-135m", device="cpu", dtype=args.dtype)
-    started = time.perf_counter()
+    started, load_start = time.perf_counter(), os.getloadavg()
     with tempfile.TemporaryDirectory() as tmp:
         for seed in args.seeds:
             cfg = BuildConfig(data_dir=str(args.data / "sni" / "tasks"), device="cpu", dtype=args.dtype,
-                              train=TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=seed),
-                              max_examples=args.max_examples, max_val=16, max_prompt_tokens=args.max_prompt_tokens,
-                              max_target_tokens=args.max_target_tokens)
+                              train=TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=seed,
+                                                eval_every=args.eval_every),
+                              max_examples=args.max_examples, max_val=args.max_val,
+                              max_prompt_tokens=args.max_prompt_tokens, max_target_tokens=args.max_target_tokens)
             for arm in ARMS:  # interleaved per seed
                 share = None if arm == "none" else args.share_fraction
                 t0 = time.perf_counter()
@@ -99,8 +104,16 @@ def main() -> None:
                              "clusters": clustering.clusters, "total_steps": steps, "build_seconds": seconds,
                              "test_loss": losses, "mean_test_loss": statistics.fmean(losses.values())})
                 print(json.dumps(rows[-1]), flush=True)
+                write(args, tasks, rows, time.perf_counter() - started, load_start)  # a cut-short run keeps them
+
+
+def write(args: argparse.Namespace, tasks: list[str], rows: list[dict], wall_seconds: float,
+          load_start: tuple[float, float, float]) -> None:
+    """JSON + Markdown of the rows so far (the summary over the arms present)."""
     summary = {}
     for arm in ARMS:
+        if not any(r["arm"] == arm for r in rows):
+            continue
         means = [r["mean_test_loss"] for r in rows if r["arm"] == arm]
         secs = [r["build_seconds"] for r in rows if r["arm"] == arm]
         summary[arm] = {"mean_test_loss_over_seeds": statistics.fmean(means), "min_test_loss": min(means),
@@ -109,14 +122,16 @@ def main() -> None:
               + " python benchmarks/share_warm_start.py " + " ".join(
                   f"--{k.replace('_', '-')} {' '.join(map(str, v)) if isinstance(v, list) else v}"
                   for k, v in vars(args).items() if k not in ("out", "data") and v is not None),
-              "loadavg_end": os.getloadavg(), "wall_seconds": time.perf_counter() - started, "summary": summary,
+              "loadavg_start": load_start, "loadavg_end": os.getloadavg(), "wall_seconds": wall_seconds, "summary": summary,
               "rows": rows}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_json(args.out.with_suffix(".json"), result)
     lines = [f"# Sharing across clusters: none vs. warm start vs. residual (semantic library, K = {args.k})", "",
              f"`{result['command']}`", "",
-             f"Load average at the end {result['loadavg_end'][0]:.2f} / {result['loadavg_end'][1]:.2f} / "
-             f"{result['loadavg_end'][2]:.2f} (1/5/15 min); wall time {result['wall_seconds'] / 60:.1f} min. "
+             f"Seeds done: {sorted({r['seed'] for r in rows})}. "
+             f"Load average (1/5/15 min) at the start {' / '.join(f'{x:.2f}' for x in load_start)}, at the end "
+             f"{result['loadavg_end'][0]:.2f} / {result['loadavg_end'][1]:.2f} / "
+             f"{result['loadavg_end'][2]:.2f} on 2 shared cores; wall time {result['wall_seconds'] / 60:.1f} min. "
              f"Test loss = mean per-token target cross-entropy of each task's cluster expert on its test split "
              f"(≤ {args.test} examples; residual: with ΔW_shared applied); lower is better. Every library costs "
              f"{args.steps} steps × {len(tasks)} tasks.", "",

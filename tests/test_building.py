@@ -300,3 +300,21 @@ def test_residual_share_trains_on_the_shared_base_and_resumes(tmp_path, setup, m
     with pytest.raises(ModloraError, match="share_mode"):
         building.build_cluster_library(tmp_path / "bad", clustering, tasks_of, cfg, budget_per_task=1.0,
                                        stage="test", progress=False, share_fraction=0.5, share_mode="cold")
+
+
+@pytest.mark.skipif(importlib.util.find_spec("ray") is None, reason="ray not installed")
+def test_residual_share_on_ray_matches_local(tmp_path, setup):
+    """The Ray workers load the stored shared expert and train the residuals on W + ΔW_shared, as local does."""
+    cfg = _config(setup, steps=2, dropout=0.0)
+    clusters = [["first", "last"], ["lower", "upper"]]
+    clustering = building.ClusteringResult(sorted(TASKS[:4]), {t: j for j, c in enumerate(clusters) for t in c},
+                                           clusters, 2, None, method="test")
+    libs = [building.build_cluster_library(tmp_path / executor, clustering, {t: [t] for t in TASKS[:4]}, cfg,
+                                           budget_per_task=1.0, stage="test", executor=executor, progress=False,
+                                           share_fraction=0.5, share_mode="residual")
+            for executor in ("local", "ray")]
+    assert libs[1].load_meta("share")["mode"] == "residual"
+    for name in libs[0].expert_names():
+        a, b = libs[0].get(name), libs[1].get(name)
+        for m in a.modules:
+            torch.testing.assert_close(b.B[m], a.B[m], rtol=1e-3, atol=1e-5)
