@@ -276,3 +276,17 @@ def test_share_record_round_trips_and_bad_records_are_refused(setup, tmp_path):
         lib.save_meta("share", bad)
         with pytest.raises(LibraryError, match=rf"share-residual/meta/share.json: field '{field}'"):
             prepare_model(lm, lib, "arrow", {"top_k": 1})
+
+
+def test_merge_export_of_a_residual_library_holds_the_shared_part(setup, tmp_path, capsys):
+    """``modlora merge`` over a residual library: Σ w ΔW over the cluster experts plus ΔW_shared, exactly."""
+    from modlora.adapters import load_adapter
+    from modlora.cli import main
+    lm, _, _ = setup
+    lib = _share_library(lm, tmp_path, "residual")
+    assert main(["merge", str(lib.path), "--method", "linear", "--out", str(tmp_path / "m")]) == 0
+    out = load_adapter(tmp_path / "m")
+    parts = [lib.get(n) for n in ("shared", "cluster0", "cluster1")]
+    for m in out.modules:
+        ref = parts[0].delta_weight(m) + 0.5 * (parts[1].delta_weight(m) + parts[2].delta_weight(m))
+        torch.testing.assert_close(out.delta_weight(m), ref, rtol=1e-4, atol=1e-6)

@@ -172,3 +172,15 @@ def shared_part(library: Experts, names: Sequence[str] | None) -> tuple[list[str
         raise RoutingError(f"expert {share.expert!r} is the shared part of a residual library: it is applied on "
                            "every token, so it cannot also be one of the routed or merged experts")
     return names, (ExpertSet.of(library, [share.expert]).adapters[0] if share.mode == "residual" else None)
+
+
+def with_shared_part(library: Experts, adapter: LoraAdapter) -> LoraAdapter:
+    """``adapter`` plus a residual library's shared update as one adapter (ranks stacked, exact:
+    :func:`~modlora.lowrank.weighted_delta_sum`), which is what an exported merge of such a library must hold;
+    ``adapter`` itself for any other library."""
+    from modlora.lowrank import weighted_delta_sum
+
+    _, shared = shared_part(library, None)
+    if shared is None:
+        return adapter
+    return weighted_delta_sum({"combined": adapter, "shared": shared}, [1.0, 1.0])

@@ -78,16 +78,18 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 def cmd_merge(args: argparse.Namespace) -> int:
     from modlora.experts import ExpertSet
+    from modlora.reuse import shared_part, with_shared_part
 
     static = args.registry.names(static=True)
     opts = method_options(args, args.registry, args.method, static)
     if args.out.exists() and not args.overwrite:
         raise UsageError(f"--out {args.out} exists (use --overwrite to replace it)")
     lib = open_library(args.library, args.revision)
-    experts = ExpertSet.of(lib, list(opts.experts) or None)
+    names, _ = shared_part(lib, list(opts.experts) or None)
+    experts = ExpertSet.of(lib, names)
     method = args.registry.get(args.method)(opts)
     result = method.combine(experts)
-    adapter = result.adapter
+    adapter = with_shared_part(lib, result.adapter)  # a residual library: ΔW_shared is exported with the merge
     adapter.base_model_name = lib.base_model.name
     adapter.save(args.out, overwrite=args.overwrite)
     atomic_write_json(Path(args.out) / "modlora_merge.json", result.metadata)
@@ -100,7 +102,7 @@ def cmd_export_arrow(args: argparse.Namespace) -> int:
     import torch
 
     from modlora.data import PromptFormatter
-    from modlora.reuse import prepare_model
+    from modlora.reuse import prepare_model, with_shared_part
     from modlora.routing import export_prompt_adapter
 
     text = prompt_text(args)
@@ -119,6 +121,7 @@ def cmd_export_arrow(args: argparse.Namespace) -> int:
                                             top_experts=args.top_experts)
     finally:
         rm.restore()
+    adapter = with_shared_part(lib, adapter)
     adapter.base_model_name = lib.base_model.name
     adapter.save(args.out, overwrite=args.overwrite)
     console.print(f"Arrow restricted to the prompt's top {args.top_experts} experts per layer → {args.out}")
