@@ -449,3 +449,15 @@ def test_cli_serve_a_remote_library_from_a_verified_snapshot(workdir, monkeypatc
     served = ExpertLibrary(seen["config"].library)
     assert served.expert_names() == ["e0", "e1", "e2"] and served.verify() == []
     assert "serving a snapshot of memory://serve-test/lib (3 experts, verified)" in capsys.readouterr().out
+
+
+def test_residual_share_library_is_refused(workdir, tmp_path) -> None:
+    import shutil
+
+    from modlora.errors import ModloraError
+    lib_dir = tmp_path / "lib"
+    shutil.copytree(workdir / "lib", lib_dir)
+    ExpertLibrary(lib_dir).save_meta("share", {"expert": "e0", "mode": "residual", "fraction": 0.2,
+                                               "experts": ["e1", "e2"]})
+    with pytest.raises(ModloraError, match="residual --share library"):
+        Engine(load_base_model(str(workdir / "model"), device="cpu"), lib_dir)

@@ -38,6 +38,7 @@ import torch
 from transformers import DynamicCache
 
 from modlora.errors import LibraryError, ModloraError
+from modlora.experts import ShareInfo
 from modlora.library import ExpertLibrary
 from modlora.methods import REGISTRY, Registry
 from modlora.models import LoadedModel
@@ -252,6 +253,11 @@ class Engine:
         self.snapshot = Snapshot(0, ())
         library = ExpertLibrary(self.library_path)
         library.check_base_model(lm.info)
+        share = ShareInfo.of(library)
+        if share is not None and share.mode == "residual":  # honoured by prepare_model (route, eval), not here
+            raise ModloraError(f"{self.library_path}: a residual --share library (expert {share.expert!r} applies on "
+                               "every token) cannot be served yet; use modlora route / eval, or build it with "
+                               "--share-mode warm")
         self._refresh(force=True)
 
     # ----------------------------------------------------------------------------------------- lifecycle
