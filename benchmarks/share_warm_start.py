@@ -79,13 +79,30 @@ def main() -> None:
     ap.add_argument("--dtype", default=None, help="base weights dtype (default: the device's, fp32 on CPU)")
     ap.add_argument("--data", type=Path, default=Path("../shared/data"))
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results/share_warm_start"))
+    ap.add_argument("--resume", action="store_true",
+                    help="keep the rows of an existing --out JSON made with the same settings and run only the "
+                         "seeds it lacks (each run's command and load are listed)")
     args = ap.parse_args()
     tasks = sorted(json.loads(args.tasks_from.read_text()))
+    settings = {k: str(v) for k, v in vars(args).items() if k not in ("seeds", "out", "resume")}
     rows: list[dict] = []
+    runs: list[dict] = []
+    if args.resume and args.out.with_suffix(".json").is_file():
+        old = json.loads(args.out.with_suffix(".json").read_text())
+        if old.get("settings") != settings:
+            raise SystemExit(f"{args.out}.json was made with other settings: {old.get('settings')}")
+        rows, runs = old["rows"], old["runs"]
+    done = {r["seed"] for r in rows}
+    run = {"command": "OMP_NUM_THREADS=" + os.environ.get("OMP_NUM_THREADS", "(unset)")
+           + " python benchmarks/share_warm_start.py " + " ".join(
+               f"--{k.replace('_', '-')}" + ("" if v is True else f" {' '.join(map(str, v)) if isinstance(v, list) else v}")
+               for k, v in vars(args).items() if k not in ("out", "data") and v is not None and v is not False),
+           "loadavg_start": os.getloadavg()}
+    runs.append(run)
     lm = load_base_model("smollm2-135m", device="cpu", dtype=args.dtype)
-    started, load_start = time.perf_counter(), os.getloadavg()
+    started = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
-        for seed in args.seeds:
+        for seed in [s for s in args.seeds if s not in done]:
             cfg = BuildConfig(data_dir=str(args.data / "sni" / "tasks"), device="cpu", dtype=args.dtype,
                               train=TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=seed,
                                                 eval_every=args.eval_every),
@@ -104,42 +121,44 @@ def main() -> None:
                              "clusters": clustering.clusters, "total_steps": steps, "build_seconds": seconds,
                              "test_loss": losses, "mean_test_loss": statistics.fmean(losses.values())})
                 print(json.dumps(rows[-1]), flush=True)
-                write(args, tasks, rows, time.perf_counter() - started, load_start)  # a cut-short run keeps them
+                run.update(loadavg_end=os.getloadavg(), wall_seconds=time.perf_counter() - started)
+                write(args, settings, tasks, rows, runs)  # after every arm: a cut-short run keeps its rows
 
 
-def write(args: argparse.Namespace, tasks: list[str], rows: list[dict], wall_seconds: float,
-          load_start: tuple[float, float, float]) -> None:
-    """JSON + Markdown of the rows so far (the summary over the arms present)."""
+def write(args: argparse.Namespace, settings: dict, tasks: list[str], rows: list[dict], runs: list[dict]) -> None:
+    """JSON + Markdown of the rows so far: per arm the mean test loss over seeds and its paired difference from
+    no sharing (same seed, same test examples)."""
+    none = {r["seed"]: r["mean_test_loss"] for r in rows if r["arm"] == "none"}
     summary = {}
     for arm in ARMS:
-        if not any(r["arm"] == arm for r in rows):
+        mine = [r for r in rows if r["arm"] == arm]
+        if not mine:
             continue
-        means = [r["mean_test_loss"] for r in rows if r["arm"] == arm]
-        secs = [r["build_seconds"] for r in rows if r["arm"] == arm]
-        summary[arm] = {"mean_test_loss_over_seeds": statistics.fmean(means), "min_test_loss": min(means),
-                        "median_build_seconds": statistics.median(secs), "min_build_seconds": min(secs)}
-    result = {"command": "OMP_NUM_THREADS=" + os.environ.get("OMP_NUM_THREADS", "(unset)")
-              + " python benchmarks/share_warm_start.py " + " ".join(
-                  f"--{k.replace('_', '-')} {' '.join(map(str, v)) if isinstance(v, list) else v}"
-                  for k, v in vars(args).items() if k not in ("out", "data") and v is not None),
-              "loadavg_start": load_start, "loadavg_end": os.getloadavg(), "wall_seconds": wall_seconds, "summary": summary,
-              "rows": rows}
+        diffs = [r["mean_test_loss"] - none[r["seed"]] for r in mine if r["seed"] in none]
+        secs = [r["build_seconds"] for r in mine]
+        summary[arm] = {"seeds": len(mine), "mean_test_loss": statistics.fmean(r["mean_test_loss"] for r in mine),
+                        "diff_vs_none_mean": statistics.fmean(diffs), "diff_vs_none_min": min(diffs),
+                        "diff_vs_none_max": max(diffs), "median_build_seconds": statistics.median(secs),
+                        "min_build_seconds": min(secs)}
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(args.out.with_suffix(".json"), result)
-    lines = [f"# Sharing across clusters: none vs. warm start vs. residual (semantic library, K = {args.k})", "",
-             f"`{result['command']}`", "",
-             f"Seeds done: {sorted({r['seed'] for r in rows})}. "
-             f"Load average (1/5/15 min) at the start {' / '.join(f'{x:.2f}' for x in load_start)}, at the end "
-             f"{result['loadavg_end'][0]:.2f} / {result['loadavg_end'][1]:.2f} / "
-             f"{result['loadavg_end'][2]:.2f} on 2 shared cores; wall time {result['wall_seconds'] / 60:.1f} min. "
-             f"Test loss = mean per-token target cross-entropy of each task's cluster expert on its test split "
-             f"(≤ {args.test} examples; residual: with ΔW_shared applied); lower is better. Every library costs "
-             f"{args.steps} steps × {len(tasks)} tasks.", "",
-             "| arm | mean test loss (mean over seeds) | best seed | median build s | min build s |",
-             "|---|---:|---:|---:|---:|"]
+    atomic_write_json(args.out.with_suffix(".json"), {"settings": settings, "runs": runs, "summary": summary,
+                                                      "rows": rows})
+    lines = [f"# Sharing across clusters: none vs. warm start vs. residual (semantic library, K = {args.k})", ""]
+    for run in runs:
+        load = " / ".join(f"{x:.2f}" for x in run["loadavg_start"])
+        end = " / ".join(f"{x:.2f}" for x in run.get("loadavg_end", run["loadavg_start"]))
+        lines += [f"`{run['command']}`", "", f"load average (1/5/15 min, 2 shared cores) {load} at the start, {end} at "
+                  f"the end; wall time {run.get('wall_seconds', 0) / 60:.1f} min", ""]
+    lines += [f"Test loss = mean per-token target cross-entropy of each task's cluster expert on its test split "
+              f"(≤ {args.test} examples; residual: with ΔW_shared applied, as reuse applies it); lower is better. "
+              f"Every library costs {args.steps} steps × {len(tasks)} tasks × batch {args.batch_size}. Δ = arm − none "
+              "for the same seed (same clusters, same test examples).", "",
+              "| arm | seeds | mean test loss | Δ vs none, mean | Δ min … max | median build s | min build s |",
+              "|---|---:|---:|---:|---:|---:|---:|"]
     for arm, s in summary.items():
-        lines.append(f"| {arm} | {s['mean_test_loss_over_seeds']:.4f} | {s['min_test_loss']:.4f} | "
-                     f"{s['median_build_seconds']:.0f} | {s['min_build_seconds']:.0f} |")
+        lines.append(f"| {arm} | {s['seeds']} | {s['mean_test_loss']:.4f} | {s['diff_vs_none_mean']:+.4f} | "
+                     f"{s['diff_vs_none_min']:+.4f} … {s['diff_vs_none_max']:+.4f} | {s['median_build_seconds']:.0f} | "
+                     f"{s['min_build_seconds']:.0f} |")
     lines += ["", "| seed | arm | total steps | mean test loss | " + " | ".join(tasks) + " |",
               "|---|---|---:|---:|" + "---:|" * len(tasks)]
     for r in rows:
