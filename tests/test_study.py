@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+from modlora.library import ExpertLibrary
 from modlora.study import StudyConfig, results_markdown, run_study
 
 from .conftest import save_tiny_model, write_sni_task
@@ -71,6 +72,9 @@ def test_study_config_rows_are_checked_before_anything_runs(tmp_path):
         path.write_text(json.dumps({"rows": rows}))
         with pytest.raises(ModloraError, match="row"):
             StudyConfig.from_json(path)
+    path.write_text(json.dumps({"share_mode": "cold"}))
+    with pytest.raises(ModloraError, match="share_mode must be one of warm, residual"):
+        StudyConfig.from_json(path)
 
 
 def test_study_builds_semantic_poly_mhr_and_shared_libraries(tmp_path):
@@ -79,7 +83,7 @@ def test_study_builds_semantic_poly_mhr_and_shared_libraries(tmp_path):
     train = TRAIN
     cfg = StudyConfig(name="t2", model=str(model_dir), train_tasks=train, steps_per_task=1, batch_size=4,
                       max_prompt_tokens=48, max_target_tokens=4, max_val=2, k=2, heldout_limit=1, indist_limit=1,
-                      max_new_tokens=2, skills=2, method_options={"arrow": {"top_k": 2}},
+                      max_new_tokens=2, skills=2, method_options={"arrow": {"top_k": 2}}, share_mode="residual",
                       libraries=["semantic", "poly", "mhr", "mbc-share"],
                       rows=[["poly", "allocation"], ["mhr", "allocation"], ["poly", "mu"], ["mhr", "arrow"],
                             ["semantic", "arrow"], ["mbc-share", "mu"]])
@@ -91,4 +95,5 @@ def test_study_builds_semantic_poly_mhr_and_shared_libraries(tmp_path):
     assert "task9_z" in res["rows"]["poly/mu"]["heldout"]
     libs = res["libraries"]
     assert set(libs["poly"]["experts"]) == {"skill0", "skill1"} and "shared" in libs["mbc-share"]["experts"]
+    assert ExpertLibrary(libs["mbc-share"]["path"]).load_meta("share")["mode"] == "residual"
     assert sorted(t for ts in libs["semantic"]["experts"].values() for t in ts) == train
