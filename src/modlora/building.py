@@ -370,8 +370,8 @@ def build_cluster_library(path: str | Path, clustering: ClusteringResult, tasks_
         else:
             residual_on, extra = SHARED_EXPERT, (("residual_fingerprint", expert_fingerprint(config, shared[0])),)
         settings = {"share.mode": share_mode, "share.fraction": share_fraction}
-    planned = [PlannedExpert(f"cluster{i}", tuple(cluster), per_task * len(cluster), stage, init_from, residual_on,
-                             extra) for i, cluster in enumerate(clusters)]
+    planned = [PlannedExpert(f"cluster{i}", tuple(cluster), per_task * len(cluster), stage, init_from=init_from,
+                             residual_on=residual_on, extra=extra) for i, cluster in enumerate(clusters)]
     lib = _reconcile(path, config, shared + planned, on_config_change, settings)
     lib.save_meta(CLUSTERING_META, clustering.to_dict())
     if shared:
