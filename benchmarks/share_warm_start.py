@@ -98,11 +98,13 @@ def main() -> None:
                f"--{k.replace('_', '-')}" + ("" if v is True else f" {' '.join(map(str, v)) if isinstance(v, list) else v}")
                for k, v in vars(args).items() if k not in ("out", "data") and v is not None and v is not False),
            "loadavg_start": os.getloadavg()}
-    runs.append(run)
-    lm = load_base_model("smollm2-135m", device="cpu", dtype=args.dtype)
+    todo = [s for s in args.seeds if s not in done]
+    if todo:  # (nothing to do: only the report is written again)
+        runs.append(run)
+    lm = load_base_model("smollm2-135m", device="cpu", dtype=args.dtype) if todo else None
     started = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
-        for seed in [s for s in args.seeds if s not in done]:
+        for seed in todo:
             cfg = BuildConfig(data_dir=str(args.data / "sni" / "tasks"), device="cpu", dtype=args.dtype,
                               train=TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=seed,
                                                 eval_every=args.eval_every),
@@ -115,7 +117,7 @@ def main() -> None:
                                                          share_fraction=share, share_mode="warm" if arm == "none"
                                                          else arm, progress=False)
                 seconds = time.perf_counter() - t0
-                losses = test_losses(lm, lib, cfg, args.test)
+                losses = test_losses(lm, lib, cfg, args.test)  # type: ignore[arg-type]
                 steps = sum(int(lib.entry(n).metrics["steps"]) for n in lib.expert_names())
                 rows.append({"seed": seed, "arm": arm, "share_fraction": share or 0.0,
                              "clusters": clustering.clusters, "total_steps": steps, "build_seconds": seconds,
@@ -123,23 +125,26 @@ def main() -> None:
                 print(json.dumps(rows[-1]), flush=True)
                 run.update(loadavg_end=os.getloadavg(), wall_seconds=time.perf_counter() - started)
                 write(args, settings, tasks, rows, runs)  # after every arm: a cut-short run keeps its rows
+    write(args, settings, tasks, rows, runs)
 
 
 def write(args: argparse.Namespace, settings: dict, tasks: list[str], rows: list[dict], runs: list[dict]) -> None:
-    """JSON + Markdown of the rows so far: per arm the mean test loss over seeds and its paired difference from
-    no sharing (same seed, same test examples)."""
-    none = {r["seed"]: r["mean_test_loss"] for r in rows if r["arm"] == "none"}
+    """JSON + Markdown of the rows so far: per arm the mean test loss over seeds and its paired differences from
+    no sharing and from warm start (same seed: same clusters, same test examples)."""
+    by = {(r["seed"], r["arm"]): r["mean_test_loss"] for r in rows}
     summary = {}
     for arm in ARMS:
         mine = [r for r in rows if r["arm"] == arm]
         if not mine:
             continue
-        diffs = [r["mean_test_loss"] - none[r["seed"]] for r in mine if r["seed"] in none]
         secs = [r["build_seconds"] for r in mine]
         summary[arm] = {"seeds": len(mine), "mean_test_loss": statistics.fmean(r["mean_test_loss"] for r in mine),
-                        "diff_vs_none_mean": statistics.fmean(diffs), "diff_vs_none_min": min(diffs),
-                        "diff_vs_none_max": max(diffs), "median_build_seconds": statistics.median(secs),
-                        "min_build_seconds": min(secs)}
+                        "median_build_seconds": statistics.median(secs), "min_build_seconds": min(secs)}
+        for ref in ("none", "warm"):
+            diffs = [r["mean_test_loss"] - by[r["seed"], ref] for r in mine if (r["seed"], ref) in by]
+            if diffs:
+                summary[arm] |= {f"diff_vs_{ref}_mean": statistics.fmean(diffs), f"diff_vs_{ref}_min": min(diffs),
+                                 f"diff_vs_{ref}_max": max(diffs)}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_json(args.out.with_suffix(".json"), {"settings": settings, "runs": runs, "summary": summary,
                                                       "rows": rows})
@@ -151,14 +156,19 @@ def write(args: argparse.Namespace, settings: dict, tasks: list[str], rows: list
                   f"the end; wall time {run.get('wall_seconds', 0) / 60:.1f} min", ""]
     lines += [f"Test loss = mean per-token target cross-entropy of each task's cluster expert on its test split "
               f"(≤ {args.test} examples; residual: with ΔW_shared applied, as reuse applies it); lower is better. "
-              f"Every library costs {args.steps} steps × {len(tasks)} tasks × batch {args.batch_size}. Δ = arm − none "
-              "for the same seed (same clusters, same test examples).", "",
-              "| arm | seeds | mean test loss | Δ vs none, mean | Δ min … max | median build s | min build s |",
+              f"Every library costs {args.steps} steps × {len(tasks)} tasks × batch {args.batch_size}. Δ = arm − reference "
+              "(none or warm) for the same seed (same clusters, same test examples), as mean (min … max) over the seeds.", "",
+              "| arm | seeds | mean test loss | Δ vs none | Δ vs warm | median build s | min build s |",
               "|---|---:|---:|---:|---:|---:|---:|"]
+
+    def diff(s: dict, ref: str) -> str:
+        if f"diff_vs_{ref}_mean" not in s:
+            return "–"
+        return f"{s[f'diff_vs_{ref}_mean']:+.4f} ({s[f'diff_vs_{ref}_min']:+.4f} … {s[f'diff_vs_{ref}_max']:+.4f})"
+
     for arm, s in summary.items():
-        lines.append(f"| {arm} | {s['seeds']} | {s['mean_test_loss']:.4f} | {s['diff_vs_none_mean']:+.4f} | "
-                     f"{s['diff_vs_none_min']:+.4f} … {s['diff_vs_none_max']:+.4f} | {s['median_build_seconds']:.0f} | "
-                     f"{s['min_build_seconds']:.0f} |")
+        lines.append(f"| {arm} | {s['seeds']} | {s['mean_test_loss']:.4f} | {diff(s, 'none')} | {diff(s, 'warm')} | "
+                     f"{s['median_build_seconds']:.0f} | {s['min_build_seconds']:.0f} |")
     lines += ["", "| seed | arm | total steps | mean test loss | " + " | ".join(tasks) + " |",
               "|---|---|---:|---:|" + "---:|" * len(tasks)]
     for r in rows:
