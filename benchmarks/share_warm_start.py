@@ -9,7 +9,10 @@ library's shared update merged into the weights). Every library spends ``steps_p
 ``--batch-size`` examples. Writes JSON + Markdown to ``benchmarks/results/share_warm_start.{json,md}``.
 
     OMP_NUM_THREADS=1 python benchmarks/share_warm_start.py --tasks-from benchmarks/configs/families-demo.json \\
-        --k 3 --steps 16 --seeds 0 1
+        --k 3 --steps 8 --max-prompt-tokens 128 --max-target-tokens 32 --test 16 --max-val 4 --eval-every 1000 \\
+        --seeds 0 1 2 3
+
+(results/share_warm_start.md; add seeds to an existing result with ``--resume``).
 """
 
 from __future__ import annotations
