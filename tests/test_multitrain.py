@@ -16,6 +16,7 @@ from modlora.multitrain import (
     StackedAdamW,
     default_init,
     mixed_target_loss,
+    pack_forwards,
     shared_prefix_length,
     train_experts,
 )
@@ -157,6 +158,27 @@ def test_shared_prefix_training_matches(tiny_llama, char_tokenizer):
                            options=MultiTrainOptions(shared_prefix=True))
     for name in data:
         _assert_same(shared[name].adapter, plain[name].adapter, rtol=1e-3, atol=1e-5)
+
+
+def test_packing_keeps_prefix_parts_whole(char_tokenizer):
+    """With shared prefixes every expert micro-batch stays one part in one forward (its prefix runs once), and a
+    forward of several parts stays within the padded-token cap (prefix pass + suffix pass)."""
+    fmt = PromptFormatter(char_tokenizer, max_prompt_tokens=64, max_target_tokens=8)
+    parts = [(row, encode_tasks(fmt, {name: _task(name)}, "train")[:2 + row])
+             for row, name in enumerate(("upper", "rev", "first", "upper"))]
+    for cap in (None, 10**6, 150, 1):
+        forwards = pack_forwards(parts, cap, shared_prefix=True)
+        packed = [part for fwd in forwards for part in fwd]
+        assert sorted(packed, key=lambda p: p[0]) == parts  # every part once, unsplit
+        for fwd in forwards:
+            if cap is not None and len(fwd) > 1:
+                prefix = [shared_prefix_length(exs) for _, exs in fwd]
+                width = max(max(e.length for e in exs) - n for (_, exs), n in zip(fwd, prefix, strict=True))
+                assert len(fwd) * max(prefix) + sum(len(exs) for _, exs in fwd) * width <= cap
+    assert len(pack_forwards(parts, None, shared_prefix=True, slack=10.0)) == 1
+    assert len(pack_forwards(parts, 1, shared_prefix=True)) == len(parts)
+    unshared = pack_forwards(parts, None, slack=10.0)  # lengths grouped across experts: one forward, parts by row
+    assert sorted(row for row, _ in unshared[0]) == [0, 1, 2, 3]
 
 
 def test_bad_input(tiny_llama, char_tokenizer):

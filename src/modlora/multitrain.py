@@ -320,11 +320,18 @@ def _prefix_shared_hidden(decoder: torch.nn.Module, slot: SelectorSlot,
     return hidden, suf_ids, suf_loss
 
 
-def pack_forwards(parts: list[tuple[int, list[EncodedExample]]], max_tokens: int | None, slack: float = 0.25
-          ) -> list[list[tuple[int, list[EncodedExample]]]]:
-    """Lengths grouped across experts: all examples of all parts sorted by length and cut into forwards of at most
-    ``max_tokens`` padded tokens whose widths differ by at most ``slack`` (little padding); within a forward the
-    examples of one expert form one part. Exact: the loss of each expert is summed over the forwards."""
+def pack_forwards(parts: list[tuple[int, list[EncodedExample]]], max_tokens: int | None, slack: float = 0.25, *,
+                  shared_prefix: bool = False) -> list[list[tuple[int, list[EncodedExample]]]]:
+    """Cut one step's parts (expert micro-batches) into forwards of at most ``max_tokens`` padded tokens whose
+    widths differ by at most ``slack`` (little padding). Exact either way: each expert's loss is summed over forwards.
+
+    Without ``shared_prefix`` lengths are grouped across experts: all examples sorted by length, and within a forward
+    the examples of one expert form one part. With it, parts stay whole (their common prefix runs once per part, so
+    splitting a part would run it again): parts sorted by suffix width ``w_p`` (longest example minus the prefix
+    ``P_p``), and a forward of parts F costs ``|F|·max P + Σ_F n_p · max w`` padded tokens (prefix pass + suffix
+    pass). A part over ``max_tokens`` on its own still gets a forward of its own."""
+    if shared_prefix:
+        return _pack_whole_parts(parts, max_tokens, slack)
     items = sorted(((row, e) for row, exs in parts for e in exs), key=lambda item: item[1].length)
     forwards: list[list[tuple[int, EncodedExample]]] = [[]]
     for row, e in items:
@@ -340,6 +347,25 @@ def pack_forwards(parts: list[tuple[int, list[EncodedExample]]], max_tokens: int
             by_row.setdefault(row, []).append(e)
         out.append(list(by_row.items()))
     return out
+
+
+def _pack_whole_parts(parts: list[tuple[int, list[EncodedExample]]], max_tokens: int | None, slack: float
+                      ) -> list[list[tuple[int, list[EncodedExample]]]]:
+    shapes = []  # (suffix width, prefix, rows, part)
+    for part in parts:
+        prefix = shared_prefix_length(part[1])
+        shapes.append((max(e.length for e in part[1]) - prefix, prefix, len(part[1]), part))
+    shapes.sort(key=lambda shape: shape[0])
+    forwards: list[list[tuple[int, int, int, tuple[int, list[EncodedExample]]]]] = [[]]
+    for shape in shapes:
+        cur = forwards[-1]
+        if cur:
+            grown = [*cur, shape]
+            cost = len(grown) * max(p for _, p, _, _ in grown) + sum(n for _, _, n, _ in grown) * shape[0]
+            if (max_tokens is not None and cost > max_tokens) or shape[0] > (1 + slack) * cur[0][0]:
+                forwards.append(cur := [])
+        cur.append(shape)
+    return [[part for *_, part in fwd] for fwd in forwards]
 
 
 @torch.no_grad()
@@ -500,7 +526,8 @@ class MultiTrainer:
         step_targets = dict.fromkeys(micro, 0)
         for k in range(max(len(m) for m in micro.values())):
             parts = [(row, mbs[k]) for row, mbs in micro.items() if k < len(mbs)]
-            for group in pack_forwards(parts, self.options.max_tokens_per_forward):
+            for group in pack_forwards(parts, self.options.max_tokens_per_forward,
+                                       shared_prefix=self.options.shared_prefix):
                 res = mixed_target_loss(model, installed.slot, group, pad_id=self.pad_id,
                                         shared_prefix=self.options.shared_prefix)
                 weights = torch.tensor([1.0 / max(denom[row], 1) for row, _ in group], device=res.loss_sums.device)

@@ -230,7 +230,8 @@ def train_poly(model: torch.nn.Module, train: Mapping[str, Sequence[EncodedExamp
                 by_task: dict[int, list[EncodedExample]] = {}
                 for e in batch:
                     by_task.setdefault(key_of[e.task], []).append(e)
-                for fwd in pack_forwards(list(by_task.items()), train_options.max_tokens_per_forward):
+                for fwd in pack_forwards(list(by_task.items()), train_options.max_tokens_per_forward,
+                                         shared_prefix=train_options.shared_prefix):
                     res = mixed_target_loss(model, installed.slot, fwd, pad_id=pad_id,
                                             shared_prefix=train_options.shared_prefix, selector_for=selector_for)
                     (res.loss_sums.sum() / denom).backward()
