@@ -346,6 +346,13 @@ def build_cluster_library(path: str | Path, clustering: ClusteringResult, tasks_
     return lib
 
 
+def _refuse_no_structure(clustering: ClusteringResult, path: Path | str, what: str) -> None:
+    """``k="auto"`` that found no cluster structure builds nothing: a K = 1 library would silently be a shared one."""
+    if clustering.no_structure:
+        raise ModloraError(f"{path}: automatic K found no cluster structure in {what}: {clustering.message}. Nothing "
+                           "was built; give a number of clusters (--k N) or build a shared library (--strategy shared)")
+
+
 def build_mbc_library(path: str | Path, tasks: Sequence[str], config: BuildConfig, *, k: int | str = 10,
                       stage1_fraction: float = 0.4, private_library: str | Path | None = None,
                       k_range: tuple[int, int] | None = None, sparsity: float = 0.5, n_components: int = 64,
@@ -374,6 +381,7 @@ def build_mbc_library(path: str | Path, tasks: Sequence[str], config: BuildConfi
         raise ModloraError(f"k={k_value} clusters needs at least that many experts (have {len(names)})")
     clustering = model_based_clustering(stage1.experts(names), k_value, sparsity=sparsity, n_components=n_components,
                                         k_range=k_range, seed=config.train.seed, cache=stage1)
+    _refuse_no_structure(clustering, path, f"the stage-1 private experts (kept in {private_library})")
     tasks_of = {n: stage1.tasks(n) for n in names}
     lib = build_cluster_library(path, clustering, tasks_of, config, budget_per_task=1.0 - stage1_fraction,
                                 stage="mbc-stage2", executor=executor, ray_address=ray_address, progress=progress,
@@ -399,6 +407,7 @@ def build_semantic_library(path: str | Path, tasks: Sequence[str], config: Build
     clustering = cluster_experts(semantic_similarity(embeddings), k_value, k_range=k_range, seed=config.train.seed,
                                  auto_k=auto_k or DEFAULT_AUTO_K)  # type: ignore[arg-type]
     clustering = dataclasses.replace(clustering, method="semantic")
+    _refuse_no_structure(clustering, path, "the tasks' embeddings")
     lib = build_cluster_library(path, clustering, {t: [t] for t in names}, config, budget_per_task=1.0,
                                 stage="semantic", executor=executor, ray_address=ray_address, progress=progress,
                                 on_config_change=on_config_change, share_fraction=share_fraction)
