@@ -840,7 +840,10 @@ def _choose_k(similarity: np.ndarray, criterion: str, lo: int, hi: int, seed: in
     if criterion == "spectral":
         scores = {}
         for k in range(lo, hi + 1):
-            labels_by_k[k] = spectral_labels(similarity, k, seed)
+            try:
+                labels_by_k[k] = spectral_labels(similarity, k, seed)
+            except ModloraError:  # the embedding has fewer than k distinct rows: this K cannot be made
+                continue
             score = cosine_distance_silhouette(similarity, labels_by_k[k])
             if score is not None:
                 scores[k] = score
