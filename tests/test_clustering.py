@@ -149,8 +149,13 @@ def test_auto_k_finds_planted_number_and_reports_scores(criterion: str) -> None:
     assert result.algorithm == clustering.CRITERION_ALGORITHM[criterion]
     if criterion in ("spectral", "silhouette"):
         assert result.silhouette == pytest.approx(result.scores_by_k[4])
-    given = cluster_experts(sim, k=4, auto_k=criterion)  # a given K is partitioned as the criterion scored it
-    assert given.clusters == result.clusters and given.algorithm == result.algorithm
+    given = cluster_experts(sim, k=4, auto_k=criterion)  # a given K: the paper's k-means on the rows
+    assert given.algorithm == "kmeans" and given.clusters == result.clusters  # (planted families: the same)
+    same = cluster_experts(sim, k=4, partition=result.algorithm)  # or the criterion's, when asked
+    assert same.clusters == result.clusters and same.algorithm == result.algorithm
+    other = cluster_experts(sim, k="auto", auto_k=criterion,
+                            partition="kmeans" if result.algorithm == "spectral" else "spectral")
+    assert other.k == 4 and other.algorithm != result.algorithm and other.clusters == result.clusters
     names = sorted(experts)
     assert adjusted_rand_score([truth[n] for n in names], [result.assignment[n] for n in names]) == 1.0
     narrow = cluster_experts(sim, k="auto", k_range=(2, 3), auto_k=criterion)  # the planted 4 is out of range

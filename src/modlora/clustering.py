@@ -22,8 +22,9 @@ The experts are then partitioned into K clusters by one of two algorithms (:data
   ``U`` scaled to unit length, k-means on those rows.
 * ``kmeans`` — the paper's: k-means on the *rows* of ``S`` (each expert described by its similarities to all).
 
-``K`` is given or chosen automatically (``auto_k=``, :data:`AUTO_K_CRITERIA`); the criterion also fixes the
-algorithm (:data:`CRITERION_ALGORITHM`), for a given K too, so a K is always scored on the partition it yields.
+``K`` is given or chosen automatically (``auto_k=``, :data:`AUTO_K_CRITERIA`). A chosen K comes with the
+partition the criterion scored it on (:data:`CRITERION_ALGORITHM`); a given K is partitioned by the paper's
+``kmeans`` (``partition=`` overrides either).
 The default, ``spectral``, keeps the K whose spectral partition has the best silhouette under the cosine distance
 ``1 − S``; the others are the eigengap of the normalised Laplacian, the silhouette of k-means on the rows, and
 stability under resampling. When no K separates the experts the result says so (``no_structure``).
@@ -901,10 +902,12 @@ def _choose_k(similarity: np.ndarray, criterion: str, lo: int, hi: int, seed: in
 
 def cluster_experts(sim: SimilarityResult, k: int | Literal["auto"] = "auto",
                     k_range: tuple[int, int] | None = None, seed: int = 0, *,
-                    auto_k: AutoK = DEFAULT_AUTO_K) -> ClusteringResult:
+                    auto_k: AutoK = DEFAULT_AUTO_K, partition: Algorithm | None = None) -> ClusteringResult:
     """Partition the experts of ``sim`` (similarity ``S``, n × n) into K clusters (k-means++, ``n_init=10``,
-    ``random_state=seed``) with the algorithm of ``auto_k`` (:data:`CRITERION_ALGORITHM`: spectral clustering for
-    ``spectral`` and ``eigengap``, k-means on the rows of S for ``silhouette`` and ``stability``; module doc).
+    ``random_state=seed``) with ``partition`` (:data:`ALGORITHMS`; module doc). By default a given ``k`` uses the
+    paper's ``kmeans`` on the rows of S, and ``k="auto"`` the algorithm its criterion scored K on
+    (:data:`CRITERION_ALGORITHM`: spectral clustering for ``spectral`` and ``eigengap``, k-means for
+    ``silhouette`` and ``stability``).
 
     A given ``k`` is honoured or refused (ModloraError when fewer than ``k`` experts are distinguishable); it
     is never lowered. ``k="auto"`` scores every ``K`` in ``k_range`` (inclusive; default ``(2, min(n - 1, 16))``)
@@ -932,7 +935,9 @@ def cluster_experts(sim: SimilarityResult, k: int | Literal["auto"] = "auto",
     message = ""
     if auto_k not in AUTO_K_CRITERIA:
         raise ModloraError(f"auto_k must be one of {', '.join(AUTO_K_CRITERIA)}, got {auto_k!r}")
-    algorithm: Algorithm = CRITERION_ALGORITHM[auto_k]  # type: ignore[assignment]
+    if partition is not None and partition not in ALGORITHMS:
+        raise ModloraError(f"partition must be one of {', '.join(ALGORITHMS)}, got {partition!r}")
+    algorithm: Algorithm = partition or (CRITERION_ALGORITHM[auto_k] if k == "auto" else "kmeans")  # type: ignore
     if k == "auto":
         criterion = auto_k
         lo, hi = k_range if k_range is not None else (2, min(n - 1, 16))
@@ -950,8 +955,8 @@ def cluster_experts(sim: SimilarityResult, k: int | Literal["auto"] = "auto",
             labels = np.zeros(n, dtype=int)
         else:
             chosen, scores_by_k, labels_by_k, message = _choose_k(similarity, auto_k, lo, hi, seed)
-            labels = (labels_by_k[chosen] if chosen in labels_by_k else
-                      partition_labels(similarity, chosen, seed, algorithm))
+            reuse = chosen in labels_by_k and algorithm == CRITERION_ALGORITHM[auto_k]
+            labels = labels_by_k[chosen] if reuse else partition_labels(similarity, chosen, seed, algorithm)
     else:
         if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or not 1 <= k <= n:
             raise ModloraError(f"k must be 'auto' or an integer in [1, {n}] for {n} experts, got {k!r}")
@@ -996,7 +1001,8 @@ def similarity_of(experts: Experts, features: Features = DEFAULT_FEATURES, *,
 def model_based_clustering(experts: Experts, k: int | Literal["auto"] = "auto", *,
                            features: Features = DEFAULT_FEATURES, sparsity: float = 0.5, n_components: int = 64,
                            centre: bool | None = None, k_range: tuple[int, int] | None = None, seed: int = 0,
-                           auto_k: AutoK = DEFAULT_AUTO_K, cache: ArtifactStore | None = None,
+                           auto_k: AutoK = DEFAULT_AUTO_K, partition: Algorithm | None = None,
+                           cache: ArtifactStore | None = None,
                            lm: LoadedModel | None = None, tasks: Mapping[str, Task] | None = None,
                            tasks_of: Mapping[str, Sequence[str]] | Callable[[str], Sequence[str]] | None = None
                            ) -> ClusteringResult:
@@ -1008,7 +1014,7 @@ def model_based_clustering(experts: Experts, k: int | Literal["auto"] = "auto", 
         cache = experts
     sim = similarity_of(experts, features, sparsity=sparsity, n_components=n_components, centre=centre, seed=seed,
                         cache=cache, lm=lm, tasks=tasks, tasks_of=tasks_of)
-    return cluster_experts(sim, k=k, k_range=k_range, seed=seed, auto_k=auto_k)
+    return cluster_experts(sim, k=k, k_range=k_range, seed=seed, auto_k=auto_k, partition=partition)
 
 
 def random_clusters(names: Sequence[str], sizes: Sequence[int], seed: int = 0) -> list[list[str]]:

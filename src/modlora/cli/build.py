@@ -194,7 +194,8 @@ def cmd_cluster(args: argparse.Namespace) -> int:
     k_range = (args.k_min, min(args.k_max, max(2, len(lib) - 1))) if args.k == "auto" else None
     result = model_based_clustering(lib, args.k, features=args.features, sparsity=args.sparsity,
                                     n_components=args.n_components, centre=args.centre, k_range=k_range,
-                                    seed=args.seed, auto_k=args.auto_k, lm=lm, tasks=tasks)
+                                    seed=args.seed, auto_k=args.auto_k, partition=args.partition, lm=lm,
+                                    tasks=tasks)
     _print_clusters(result, cluster_quality(result, labels) if labels else None)
     lib.save_meta("clustering", result.to_dict())
     if args.out:
@@ -297,7 +298,7 @@ def register(sub: Any, registry: Registry) -> None:
     add_train_args(p)
     p.set_defaults(func=cmd_build, steps=100)
 
-    from modlora.clustering import AUTO_K_CRITERIA, DEFAULT_AUTO_K, DEFAULT_FEATURES, FEATURES
+    from modlora.clustering import ALGORITHMS, AUTO_K_CRITERIA, DEFAULT_AUTO_K, DEFAULT_FEATURES, FEATURES
     p = sub.add_parser("cluster", help="MBC clustering of an existing library",
                        description="Cluster a library's experts (spectral clustering of a similarity matrix, or "
                                    "k-means on its rows) and print the clusters, every candidate K's score with --k auto (or that the experts "
@@ -314,9 +315,12 @@ def register(sub: Any, registry: Registry) -> None:
     p.add_argument("--k", type=clusters_or_auto, default="auto",
                    help="number of clusters (>= 2, never changed) or 'auto' (default auto)")
     p.add_argument("--auto-k", choices=AUTO_K_CRITERIA, default=DEFAULT_AUTO_K,
-                   help=f"how --k auto chooses K; also fixes the partitioning for a given K (spectral, eigengap: "
-                        f"spectral clustering; silhouette, stability: k-means on the similarity rows; default "
-                        f"{DEFAULT_AUTO_K})")
+                   help=f"how --k auto chooses K (default {DEFAULT_AUTO_K}); the chosen K keeps the partition it "
+                        "was scored on (spectral, eigengap: spectral clustering; silhouette, stability: k-means on "
+                        "the similarity rows)")
+    p.add_argument("--partition", choices=ALGORITHMS, default=None,
+                   help="partitioning algorithm (default: the paper's kmeans on the similarity rows for a given "
+                        "--k, the criterion's own for --k auto)")
     p.add_argument("--k-min", type=positive_int, default=2, help="smallest K tried by --k auto (default 2)")
     p.add_argument("--k-max", type=positive_int, default=16, help="largest K tried by --k auto (default 16)")
     p.add_argument("--labels", type=_labels_source, default=None,
