@@ -29,6 +29,8 @@ writes ``<out>.json`` and ``<out>.md``.
 from __future__ import annotations
 
 import argparse
+import ctypes
+import gc
 import json
 import os
 import resource
@@ -164,14 +166,27 @@ class _Worker:
         return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
 
+def _release_memory() -> None:
+    """Hand freed heap back to the OS between chunks, so that idle workers do not hold their peak (several GB)
+    while another method's chunk runs; peak RSS is still reported from ``ru_maxrss``."""
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except OSError:  # not glibc
+        pass
+
+
 def worker_main(args: argparse.Namespace) -> None:
     proto = os.fdopen(os.dup(1), "w", buffering=1)
     os.dup2(2, 1)  # anything printed by libraries goes to stderr, not into the protocol
     worker = _Worker(args)
+    _release_memory()
     proto.write(json.dumps({"ready": True, "rss_loaded_mb": worker.rss_loaded}) + "\n")
     for line in sys.stdin:
         r = int(line)
-        proto.write(json.dumps(worker.chunk(r)) + "\n")
+        reply = worker.chunk(r)
+        _release_memory()
+        proto.write(json.dumps(reply) + "\n")
 
 
 # ---------------------------------------------------------------------------------------------------------------

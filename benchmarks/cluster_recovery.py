@@ -12,13 +12,14 @@ matching first-order step ``−B_iᵀ G_i`` scaled to ``max 0.001``. ``--per-exp
 often a criterion invents structure. Family sizes are random (each ≥ 2).
 
 For each library the script clusters with ``features`` ∈ {params, delta, delta centred} (semantic needs task texts and a
-model: not applicable to synthetic libraries) and reports, over the draws: the ARI of k-means at the planted K,
-and for each auto-K criterion the fraction of draws whose chosen K equals the planted K (``no_structure`` counts
-as K = 1), the median chosen K and the median ARI of the automatic clustering.
+model: not applicable to synthetic libraries) and reports, over the draws: the ARI at the planted K of each
+partitioning algorithm (spectral clustering and k-means on the rows of S), and for each auto-K criterion the
+fraction of draws whose chosen K equals the planted K (``no_structure`` counts as K = 1), the median chosen K and
+the median ARI of the automatic clustering (partitioned by the criterion's own algorithm).
 
-**Real libraries** (``--real LIB FAMILIES.json``, repeatable): the ARI against known families of trained private
-experts, per feature (params, delta centred, delta raw, semantic with the base model) at the known K and with
-each auto-K criterion.
+**Real libraries** (``--real LIB FAMILIES.json``, repeatable): the ARI and purity against known families of
+trained private experts, per feature (params, delta centred, delta raw, semantic with the base model) at the known
+K and with each auto-K criterion.
 
     PYTHONPATH=src python benchmarks/cluster_recovery.py --draws 10 --out benchmarks/results/cluster_recovery
     PYTHONPATH=src python benchmarks/cluster_recovery.py --draws 10 --per-expert-seeds \
@@ -44,11 +45,21 @@ import torch
 from sklearn.metrics import adjusted_rand_score
 
 from modlora.adapters import LoraAdapter, LoraSpec
-from modlora.clustering import AUTO_K_CRITERIA, SimilarityResult, cluster_experts, delta_similarity, expert_similarity
+from modlora.clustering import (
+    AUTO_K_CRITERIA,
+    SimilarityResult,
+    cluster_experts,
+    cluster_quality,
+    delta_similarity,
+    expert_similarity,
+)
 
 MODULES = [f"model.layers.{layer}.self_attn.{proj}" for layer in range(2) for proj in ("q_proj", "v_proj")]
 SPEC = LoraSpec(rank=4, alpha=16.0, dropout=0.0, target_modules=("q_proj", "v_proj"))
-GRID = [(16, 2), (16, 4), (64, 2), (64, 4), (64, 8), (64, 16), (256, 4), (256, 16), (32, 1), (128, 1)]
+GRID = [(6, 3), (16, 2), (16, 4), (24, 6), (64, 2), (64, 4), (64, 8), (64, 16), (256, 4), (256, 16), (32, 1), (128, 1),
+        (256, 1)]
+# a criterion per partitioning algorithm (modlora.clustering.CRITERION_ALGORITHM), to cluster at the planted K with it
+ALGORITHM_CRITERION = {"spectral": "spectral", "kmeans": "silhouette"}
 NOISE = [0.5, 1.0, 2.0]
 
 
@@ -111,7 +122,7 @@ class Row:
     noise: float
     features: str
     draws: int
-    ari_at_planted_k: float | None
+    ari_at_planted_k: dict[str, float]  # by partitioning algorithm (empty for the null, K = 1)
     recovery: dict[str, float]
     median_k: dict[str, float]
     median_auto_ari: dict[str, float]
@@ -129,9 +140,11 @@ def run_synthetic(draws: int, per_expert_seeds: bool, grid: list[tuple[int, int]
                 experts, truth = synthetic_library(n, k, noise, seed=1000 * draw + 7 * n + k,
                                                    per_expert_seeds=per_expert_seeds, common=common)
                 for features, sim in similarities(experts).items():
-                    acc = per_feature.setdefault(features, {"ari": []})
+                    acc = per_feature.setdefault(features, {})
                     if k > 1:
-                        acc["ari"].append(ari(cluster_experts(sim, k=k, seed=draw), truth))
+                        for algorithm, criterion in ALGORITHM_CRITERION.items():
+                            acc.setdefault(f"ari@k/{algorithm}", []).append(
+                                ari(cluster_experts(sim, k=k, seed=draw, auto_k=criterion), truth))
                     for criterion in criteria:
                         if criterion == "stability" and n > stability_max_experts:
                             continue
@@ -142,7 +155,8 @@ def run_synthetic(draws: int, per_expert_seeds: bool, grid: list[tuple[int, int]
             for features, acc in per_feature.items():
                 done = [c for c in criteria if f"k/{c}" in acc]
                 row = Row(experts=n, planted_k=k, noise=noise, features=features, draws=draws,
-                          ari_at_planted_k=float(np.mean(acc["ari"])) if acc["ari"] else None,
+                          ari_at_planted_k={a: float(np.mean(acc[f"ari@k/{a}"])) for a in ALGORITHM_CRITERION
+                                            if f"ari@k/{a}" in acc},
                           recovery={c: float(np.mean(np.array(acc[f"k/{c}"]) == k)) for c in done},
                           median_k={c: float(np.median(acc[f"k/{c}"])) for c in done},
                           median_auto_ari={c: float(np.median(acc[f"ari/{c}"])) for c in done},
@@ -181,15 +195,18 @@ def run_real(library: str, families_file: str, model: str | None, data: str | No
         off = sim.similarity[~np.eye(len(names), dtype=bool)]
         same = np.array([[families[a] == families[b] and a != b for b in sim.names] for a in sim.names])
         diff = np.array([[families[a] != families[b] for b in sim.names] for a in sim.names])
+        at_k = cluster_quality(cluster_experts(sim, k=k), families)
         row = {"library": library, "experts": len(names), "families": k, "features": features,
-               "ari_at_known_k": ari(cluster_experts(sim, k=k), families),
+               "ari_at_known_k": at_k.ari, "purity_at_known_k": at_k.purity,
                "within_family_cosine": float(sim.similarity[same].mean()),
                "across_family_cosine": float(sim.similarity[diff].mean()),
                "off_diagonal_range": [float(off.min()), float(off.max())]}
         for criterion in criteria:
             auto = cluster_experts(sim, k="auto", auto_k=criterion)
+            quality = cluster_quality(auto, families)
             row[f"k/{criterion}"] = auto.k
-            row[f"ari/{criterion}"] = ari(auto, families)
+            row[f"ari/{criterion}"] = quality.ari
+            row[f"purity/{criterion}"] = quality.purity
         out.append(row)
         print(json.dumps(row), flush=True)
     return out
@@ -205,29 +222,32 @@ def markdown(rows: list[Row], real: list[dict], command: str, meta: dict, criter
              f"{meta['seconds']:.0f} s.", ""]
     if rows:
         lines += ["Synthetic libraries (module docstring of `benchmarks/cluster_recovery.py`): "
-                  f"{meta['draws']} draws per row. `ARI@K`: k-means at the planted K. Per criterion: "
+                  f"{meta['draws']} draws per row. `ARI@K`: mean ARI at the planted K of spectral clustering / "
+                  "k-means on the rows of S. Per criterion: "
                   "recovery = fraction of draws choosing the planted K (no_structure counts as K = 1), "
                   "median chosen K, median ARI of the automatic clustering. Planted K = 1 is the null "
                   "(no families): recovery there = how often the criterion says *no structure*. "
                   "Semantic features: not applicable (synthetic experts have no task text).", ""]
-        head = "| E | K | noise | features | ARI@K | " + " | ".join(f"{c}: rec / K̃ / ARI" for c in criteria) + " |"
+        head = "| E | K | noise | features | ARI@K spectral / k-means | " + " | ".join(f"{c}: rec / K̃ / ARI" for c in criteria) + " |"
         lines += [head, "|" + "---|" * (5 + len(criteria))]
         for r in rows:
             cells = [f"{r.recovery[c]:.0%} / {r.median_k[c]:g} / {r.median_auto_ari[c]:.2f}" if c in r.recovery
                      else "–" for c in criteria]
-            ari_cell = "–" if r.ari_at_planted_k is None else f"{r.ari_at_planted_k:.2f}"
+            ari_cell = " / ".join(f"{r.ari_at_planted_k[a]:.2f}" for a in ALGORITHM_CRITERION
+                                  if a in r.ari_at_planted_k) or "–"
             lines.append(f"| {r.experts} | {r.planted_k} | {r.noise:g} | {r.features} | {ari_cell} | "
                          + " | ".join(cells) + " |")
         lines.append("")
     if real:
-        lines += ["Real private libraries against their known task families:", "",
-                  "| library | E | families | features | ARI@K | within / across cosine | "
-                  + " | ".join(f"{c}: K / ARI" for c in criteria) + " |",
+        lines += ["Real private libraries against their known task families (ARI / purity at the known K with the "
+                  "default algorithm, and chosen K / ARI / purity per criterion):", "",
+                  "| library | E | families | features | ARI / purity @K | within / across cosine | "
+                  + " | ".join(f"{c}: K / ARI / purity" for c in criteria) + " |",
                   "|" + "---|" * (6 + len(criteria))]
         for r in real:
-            cells = [f"{r[f'k/{c}']} / {r[f'ari/{c}']:.2f}" for c in criteria]
+            cells = [f"{r[f'k/{c}']} / {r[f'ari/{c}']:.2f} / {r[f'purity/{c}']:.2f}" for c in criteria]
             lines.append(f"| {r['library']} | {r['experts']} | {r['families']} | {r['features']} | "
-                         f"{r['ari_at_known_k']:.2f} | {r['within_family_cosine']:.2f} / "
+                         f"{r['ari_at_known_k']:.2f} / {r['purity_at_known_k']:.2f} | {r['within_family_cosine']:.2f} / "
                          f"{r['across_family_cosine']:.2f} | " + " | ".join(cells) + " |")
         lines.append("")
     return "\n".join(lines)

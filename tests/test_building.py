@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import json
 from pathlib import Path
@@ -10,6 +11,7 @@ import pytest
 import torch
 
 import modlora.building as building
+import modlora.clustering as clustering_module
 from modlora.adapters import LoraSpec
 from modlora.building import (
     BuildConfig,
@@ -19,6 +21,7 @@ from modlora.building import (
     build_shared_library,
     expected_total_steps,
 )
+from modlora.clustering import cluster_experts as real_cluster_experts
 from modlora.errors import ModloraError
 from modlora.executors import JobError
 from modlora.library import ExpertLibrary
@@ -87,12 +90,15 @@ def test_all_strategies_end_to_end(tmp_path, setup):
     assert sorted(len(v) for v in _content(rnd).values()) == sorted(clustering.sizes)
     assert rclust.method == "random"
 
-    # reuse an existing private library for MBC with automatic K
-    mbc2, auto = build_mbc_library(tmp_path / "mbc2", TASKS, cfg, k="auto", private_library=tmp_path / "private",
-                                   progress=False)
-    # k=2 is honoured; auto either finds K in range or says plainly that there is no structure (then K = 1)
-    assert auto.scores_by_k and (2 <= auto.k <= 5 or (auto.no_structure and auto.k == 1 and auto.message))
-    assert not (tmp_path / "mbc2-stage1").exists()
+    # reuse an existing private library for MBC with automatic K: these six toy experts have no cluster structure,
+    # so the build refuses (a K = 1 "MBC" library would be a shared one) and keeps the private library as it was
+    before = {n: private.entry(n).to_dict() for n in private.expert_names()}
+    with pytest.raises(ModloraError, match=r"no cluster structure.*--k N.*--strategy shared"):
+        build_mbc_library(tmp_path / "mbc2", TASKS, cfg, k="auto", private_library=tmp_path / "private",
+                          progress=False)
+    assert not (tmp_path / "mbc2").exists() and not (tmp_path / "mbc2-stage1").exists()
+    reopened = ExpertLibrary(tmp_path / "private")
+    assert {n: reopened.entry(n).to_dict() for n in reopened.expert_names()} == before
     total = expected_total_steps("mbc", 6, 3, clustering.sizes, 0.4)
     assert total == 6 * 1 + sum(mbc.entry(n).metrics["steps"] for n in mbc.expert_names())
 
@@ -197,6 +203,12 @@ def test_semantic_strategy_and_shared_warm_start(tmp_path, setup, monkeypatch):
                                      "id": f"{t}-{i}"}) + "\n")
     cfg = _config(setup, flat_file=str(flat))
     sem, clustering = building.build_semantic_library(tmp_path / "sem", TASKS, cfg, k=2, progress=False)
+    with monkeypatch.context() as patch:  # automatic K that finds no structure refuses instead of building K = 1
+        patch.setattr(clustering_module, "cluster_experts", lambda sim, *a, **kw: dataclasses.replace(
+            real_cluster_experts(sim, 1), no_structure=True, message="no cluster structure: (test)"))
+        with pytest.raises(ModloraError, match=r"no cluster structure in the tasks' embeddings.*--k N"):
+            building.build_semantic_library(tmp_path / "sem-auto", TASKS, cfg, k="auto", progress=False)
+    assert not (tmp_path / "sem-auto").exists()
     assert clustering.k == 2 and clustering.method == "semantic" and clustering.features == "semantic"
     assert sorted(sum(_content(sem).values(), [])) == sorted(TASKS)
     for name in sem.expert_names():  # no stage 1: each task's whole budget goes to its cluster expert

@@ -107,11 +107,13 @@ def test_train_build_and_cluster(world, tmp_path, capsys):
                      "--rank", "2"] + common) == 0
         assert ExpertLibrary(tmp_path / strategy).load_meta("poly_allocation")["heads"] == (2 if strategy == "mhr"
                                                                                             else 1)
-    # the three tasks' texts are the same ("Do a.", inputs a0, a1, ...): semantic --k auto says so and keeps K = 1
+    # the three tasks' texts are the same ("Do a.", inputs a0, a1, ...): semantic --k auto says so and builds nothing
+    # (K = 1 would silently be a shared library)
     assert main(["build", str(tmp_path / "sem"), "--strategy", "semantic", "--k", "auto", "--share", "--tasks",
-                 *TASKS] + common) == 0
-    out = capsys.readouterr().out
-    assert "K = 1" in out and "shared" in ExpertLibrary(tmp_path / "sem")
+                 *TASKS] + common) == 2
+    err = " ".join(capsys.readouterr().err.split())
+    assert "no cluster structure" in err and "--k N" in err and "--strategy shared" in err
+    assert not (tmp_path / "sem" / "library.json").exists()
     assert main(["build", str(tmp_path / "sem-res"), "--strategy", "semantic", "--k", "1", "--share", "--share-mode",
                  "residual", "--tasks", *TASKS] + common) == 0
     residual = ExpertLibrary(tmp_path / "sem-res")

@@ -137,7 +137,7 @@ def test_planted_groups_are_recovered(n_groups: int, features: str) -> None:
     assert result.silhouette is not None and result.silhouette > 0.5
 
 
-@pytest.mark.parametrize("criterion", ["eigengap", "silhouette", "stability"])
+@pytest.mark.parametrize("criterion", ["spectral", "eigengap", "silhouette", "stability"])
 def test_auto_k_finds_planted_number_and_reports_scores(criterion: str) -> None:
     experts, truth = planted_experts(4, 5)
     sim = expert_similarity(experts)
@@ -146,13 +146,51 @@ def test_auto_k_finds_planted_number_and_reports_scores(criterion: str) -> None:
     low = 1 if criterion == "eigengap" else 2  # eigengap also scores K = 1 (one connected group)
     assert sorted(result.scores_by_k) == list(range(low, 17))
     assert max(result.scores_by_k, key=result.scores_by_k.get) == 4
-    if criterion == "silhouette":
+    assert result.algorithm == clustering.CRITERION_ALGORITHM[criterion]
+    if criterion in ("spectral", "silhouette"):
         assert result.silhouette == pytest.approx(result.scores_by_k[4])
+    given = cluster_experts(sim, k=4, auto_k=criterion)  # a given K: the paper's k-means on the rows
+    assert given.algorithm == "kmeans" and given.clusters == result.clusters  # (planted families: the same)
+    same = cluster_experts(sim, k=4, partition=result.algorithm)  # or the criterion's, when asked
+    assert same.clusters == result.clusters and same.algorithm == result.algorithm
+    other = cluster_experts(sim, k="auto", auto_k=criterion,
+                            partition="kmeans" if result.algorithm == "spectral" else "spectral")
+    assert other.k == 4 and other.algorithm != result.algorithm and other.clusters == result.clusters
     names = sorted(experts)
     assert adjusted_rand_score([truth[n] for n in names], [result.assignment[n] for n in names]) == 1.0
     narrow = cluster_experts(sim, k="auto", k_range=(2, 3), auto_k=criterion)  # the planted 4 is out of range
     assert set(narrow.scores_by_k) - {1} == {2, 3} and narrow.k in (1, 2, 3)
     assert narrow.no_structure == (narrow.k == 1)
+
+
+def test_spectral_rows_match_njw_brute_force() -> None:
+    """sklearn's embedding, rows normalised, spans the top-K eigenvectors of D^{-1/2} W D^{-1/2} (Ng-Jordan-Weiss):
+    compared through the rotation-invariant Gram matrix of the normalised rows."""
+    experts, _ = planted_experts(3, 4, noise=0.5, seed=5)
+    similarity = delta_similarity(experts).similarity
+    affinity = np.clip(similarity, 0.0, None)
+    np.fill_diagonal(affinity, 0.0)
+    inv_sqrt = 1.0 / np.sqrt(affinity.sum(axis=1))
+    _, vectors = np.linalg.eigh(inv_sqrt[:, None] * affinity * inv_sqrt[None, :])
+    top = vectors[:, ::-1][:, :3]
+    top /= np.linalg.norm(top, axis=1, keepdims=True)
+    rows = clustering.spectral_rows(similarity, 3, seed=0)
+    np.testing.assert_allclose(rows @ rows.T, top @ top.T, atol=1e-6)
+
+
+def test_spectral_null_permutes_the_values_and_scores_below_real_clusters() -> None:
+    experts, _ = planted_experts(3, 5, noise=0.3)
+    similarity = delta_similarity(experts).similarity
+    upper = np.triu_indices(len(similarity), 1)
+    nulls = clustering.permuted_similarities(similarity, 5, seed=0)
+    assert len(nulls) == 5
+    for null in nulls:
+        np.testing.assert_allclose(np.diag(null), 1.0)
+        np.testing.assert_array_equal(null, null.T)
+        np.testing.assert_array_equal(np.sort(null[upper]), np.sort(similarity[upper]))
+    labels = clustering.spectral_labels(similarity, 3, seed=0)
+    observed = clustering.cosine_distance_silhouette(similarity, labels)
+    assert observed is not None and observed > max(clustering.spectral_null_silhouettes(similarity, 3, seed=0))
 
 
 def test_clusters_are_canonically_ordered_and_deterministic() -> None:
@@ -176,7 +214,7 @@ def test_json_round_trip(tmp_path) -> None:
                      ClusteringResult.from_json(str(tmp_path / "clusters.json"))):
         assert restored.clusters == result.clusters and restored.assignment == result.assignment
         assert restored.k == result.k and restored.silhouette == result.silhouette
-        assert restored.scores_by_k == result.scores_by_k
+        assert restored.scores_by_k == result.scores_by_k and restored.algorithm == result.algorithm == "spectral"
         np.testing.assert_array_equal(restored.similarity, result.similarity)
 
 
@@ -372,7 +410,7 @@ def test_delta_sees_learned_updates_where_params_sees_the_shared_init() -> None:
 
 def test_no_structure_is_reported_not_a_degenerate_k() -> None:
     experts, _ = planted_experts(12, 1, seed=11)  # twelve independent experts, no families
-    for criterion in ("eigengap", "silhouette"):
+    for criterion in ("spectral", "eigengap", "silhouette"):
         result = model_based_clustering(experts, k="auto", features="delta", auto_k=criterion)
         assert result.no_structure and result.k == 1 and "no cluster structure" in result.message
         assert result.scores_by_k  # every candidate's score is still reported

@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import json
+from collections import Counter
+from pathlib import Path
 
+from modlora.data import default_data_dir
+from modlora.errors import DataError
 from modlora.library import ExpertLibrary
 from modlora.study import StudyConfig, results_markdown, run_study
 
@@ -34,14 +38,24 @@ def test_study_end_to_end_and_resume(tmp_path):
         {"context_options": ["x a", "x b"], "continuation": "c d", "gold": i % 2}) for i in range(4)))
     cfg = StudyConfig(name="t", model=str(model_dir), train_tasks=train, steps_per_task=2, batch_size=4, lr=1e-3,
                       max_prompt_tokens=48, max_target_tokens=4, k=2, heldout_limit=2, indist_limit=2,
-                      max_new_tokens=3, method_options={"arrow": {"top_k": 2}}, libraries=["private", "mbc", "shared"],
+                      max_new_tokens=3, method_options={"arrow": {"top_k": 2}},
+                      libraries=["private", "mbc", "mbc-params", "shared"],
                       rows=[["-", "base"], ["private", "mu"], ["private", "arrow"], ["private", "oracle"],
-                            ["mbc", "arrow"], ["shared", "mu"], ["private", "lorahub"],
+                            ["mbc", "arrow"], ["mbc-params", "arrow"], ["shared", "mu"], ["private", "lorahub"],
                             ["private", "arrow", {"top_k": 1}]],
-                      choice_tasks=["arc_easy", "winogrande"], choice_limit=3, lorahub_shots=2, lorahub_budget=3)
+                      choice_tasks=["arc_easy", "winogrande"], choice_limit=3, lorahub_shots=2, lorahub_budget=3,
+                      choice_rows=["base", "private/arrow", "private/oracle", "mbc/arrow"])
     res = run_study(cfg, tmp_path / "out", device="cpu", data_dir=data)
-    assert set(res["rows"]) == {"base", "private/mu", "private/arrow", "private/oracle", "mbc/arrow", "shared/mu",
-                                "private/lorahub", "private/arrow[top_k=1]"}
+    assert set(res["rows"]) == {"base", "private/mu", "private/arrow", "private/oracle", "mbc/arrow", "mbc-params/arrow",
+                                "shared/mu", "private/lorahub", "private/arrow[top_k=1]"}
+    # benchmarks only on choice_rows (and never on the oracle, which needs task labels)
+    assert {k for k, r in res["rows"].items() if r["choice"]} == {"base", "private/arrow", "mbc/arrow"}
+    assert "task9_z" in res["rows"]["shared/mu"]["heldout"] and "choice_acc_norm" not in res["rows"]["shared/mu"]
+    # MBC on ΔW and MBC on the flattened parameters: same stage 1 (the private library), same charged compute
+    features = {k: json.loads((tmp_path / "out" / f"{k}_clusters.json").read_text())["features"]
+                for k in ("mbc", "mbc-params")}
+    assert features == {"mbc": "delta", "mbc-params": "params"}
+    assert sorted(t for ts in res["libraries"]["mbc-params"]["experts"].values() for t in ts) == train
     hub = res["rows"]["private/lorahub"]
     assert set(hub["heldout"]) == {"task9_z"} and hub["indist"] == {} and "heldout_rougeL" in hub
     assert set(hub["lorahub_weights"]["task9_z"]) == {"task1_a", "task2_b", "task3_c", "task4_d"}
@@ -75,6 +89,54 @@ def test_study_config_rows_are_checked_before_anything_runs(tmp_path):
     path.write_text(json.dumps({"share_mode": "cold"}))
     with pytest.raises(ModloraError, match="share_mode must be one of warm, residual"):
         StudyConfig.from_json(path)
+    path.write_text(json.dumps({"rows": [["-", "base"], ["private", "mu"]], "choice_rows": ["base", "private/arrow"]}))
+    with pytest.raises(ModloraError, match="choice_rows private/arrow"):
+        StudyConfig.from_json(path)
+
+
+CONFIGS = Path(__file__).resolve().parents[1] / "benchmarks" / "configs"
+
+
+def _sni_index() -> dict[str, dict] | None:
+    """The training tasks of ``sni/index.json`` by name, or None without the shared data."""
+    try:
+        path = default_data_dir() / "sni" / "index.json"
+    except DataError:
+        return None
+    return {t["task"]: t for t in json.loads(path.read_text())["train_tasks"]} if path.is_file() else None
+
+
+def test_every_committed_study_config_loads_and_its_families_cover_its_tasks():
+    """Each ``benchmarks/configs/*.json`` study config passes the reader's checks; a ``families-<name>.json`` next
+    to it labels exactly its training tasks; every named task is in the SNI index when the data is present."""
+    configs = sorted(p for p in CONFIGS.glob("*.json") if not p.name.startswith("families-"))
+    assert {p.stem for p in configs} >= {"cpu-small", "cpu-medium", "cpu-medium-2", "gpu-full"}
+    index = _sni_index()
+    for path in configs:
+        cfg = StudyConfig.from_json(path)
+        if cfg.train_tasks == "ALL":
+            continue
+        families = CONFIGS / f"families-{path.stem}.json"
+        if families.is_file():
+            assert sorted(json.loads(families.read_text())) == sorted(cfg.train_tasks), path.name
+        if index is not None:
+            assert [t for t in cfg.train_tasks if t not in index] == [], path.name
+            assert min(index[t]["instances"] for t in cfg.train_tasks) * 0.8 >= cfg.steps_per_task * cfg.batch_size
+
+
+def test_cpu_medium_sizes_follow_the_issue():
+    """cpu-medium: 6 families of 4 tasks, ≥ 96 training examples per task; the second config extends the first
+    (same tasks and budget, so its rows pair with the first's and reuse its libraries)."""
+    first, second = (StudyConfig.from_json(CONFIGS / f"{n}.json") for n in ("cpu-medium", "cpu-medium-2"))
+    families = json.loads((CONFIGS / "families-cpu-medium.json").read_text())
+    sizes = sorted(Counter(families.values()).values())
+    assert sizes == [4] * 6 and first.steps_per_task * first.batch_size >= 96
+    assert first.heldout_tasks is None and first.heldout_limit >= 10 and first.indist_limit >= 5
+    assert first.choice_limit >= 50 and len(first.choice_tasks) == 7
+    for field in ("train_tasks", "steps_per_task", "batch_size", "lr", "max_prompt_tokens", "max_target_tokens",
+                  "max_val", "k", "seed", "name"):
+        assert getattr(first, field) == getattr(second, field), field
+    assert [r for r in second.rows if r in first.rows] == first.rows
 
 
 def test_study_builds_semantic_poly_mhr_and_shared_libraries(tmp_path):

@@ -51,7 +51,14 @@ from pathlib import Path
 from typing import Any, Literal
 
 from modlora.adapters import LoraSpec, adapter_merged
-from modlora.clustering import ClusteringResult, cluster_tasks, model_based_clustering, random_clustering
+from modlora.clustering import (
+    DEFAULT_FEATURES,
+    ClusteringResult,
+    Features,
+    cluster_tasks,
+    model_based_clustering,
+    random_clustering,
+)
 from modlora.data import (
     PromptFormatter,
     Task,
@@ -382,14 +389,24 @@ def build_cluster_library(path: str | Path, clustering: ClusteringResult, tasks_
     return lib
 
 
+def _refuse_no_structure(clustering: ClusteringResult, path: Path | str, what: str) -> None:
+    """``k="auto"`` that found no cluster structure builds nothing: a K = 1 library would silently be a shared one."""
+    if clustering.no_structure:
+        raise ModloraError(f"{path}: automatic K found no cluster structure in {what}: {clustering.message}. Nothing "
+                           "was built; give a number of clusters (--k N) or build a shared library (--strategy shared)")
+
+
 def build_mbc_library(path: str | Path, tasks: Sequence[str], config: BuildConfig, *, k: int | str = 10,
                       stage1_fraction: float = 0.4, private_library: str | Path | None = None,
                       k_range: tuple[int, int] | None = None, sparsity: float = 0.5, n_components: int = 64,
                       executor: str = "local", ray_address: str | None = None, progress: bool = True,
                       on_config_change: OnConfigChange = "refuse", share_fraction: float | None = None,
-                      share_mode: ShareMode = DEFAULT_SHARE_MODE) -> tuple[ExpertLibrary, ClusteringResult]:
-    """MBC: stage-1 private experts (or an existing private library), clustering, stage-2 cluster experts
-    (``share_fraction``, ``share_mode``: sharing across clusters, see :func:`build_cluster_library`)."""
+                      share_mode: ShareMode = DEFAULT_SHARE_MODE, features: Features = DEFAULT_FEATURES
+                      ) -> tuple[ExpertLibrary, ClusteringResult]:
+    """MBC: stage-1 private experts (or an existing private library), clustering on ``features`` (``delta``: the
+    experts' updates ΔW; ``params``: the paper's flattened, sparsified factors; see :mod:`modlora.clustering`),
+    stage-2 cluster experts (``share_fraction``, ``share_mode``: sharing across clusters, see
+    :func:`build_cluster_library`)."""
     if not 0.0 < stage1_fraction < 1.0:
         raise ModloraError(f"stage1_fraction must be in (0, 1), got {stage1_fraction}")
     path = Path(path)
@@ -408,8 +425,10 @@ def build_mbc_library(path: str | Path, tasks: Sequence[str], config: BuildConfi
     k_value: int | Literal["auto"] = "auto" if k == "auto" else int(k)
     if k_value != "auto" and not 1 <= k_value <= len(names):
         raise ModloraError(f"k={k_value} clusters needs at least that many experts (have {len(names)})")
-    clustering = model_based_clustering(stage1.experts(names), k_value, sparsity=sparsity, n_components=n_components,
-                                        k_range=k_range, seed=config.train.seed, cache=stage1)
+    clustering = model_based_clustering(stage1.experts(names), k_value, features=features, sparsity=sparsity,
+                                        n_components=n_components, k_range=k_range, seed=config.train.seed,
+                                        cache=stage1)
+    _refuse_no_structure(clustering, path, f"the stage-1 private experts (kept in {private_library})")
     tasks_of = {n: stage1.tasks(n) for n in names}
     lib = build_cluster_library(path, clustering, tasks_of, config, budget_per_task=1.0 - stage1_fraction,
                                 stage="mbc-stage2", executor=executor, ray_address=ray_address, progress=progress,
@@ -436,6 +455,7 @@ def build_semantic_library(path: str | Path, tasks: Sequence[str], config: Build
     clustering = cluster_experts(semantic_similarity(embeddings), k_value, k_range=k_range, seed=config.train.seed,
                                  auto_k=auto_k or DEFAULT_AUTO_K)  # type: ignore[arg-type]
     clustering = dataclasses.replace(clustering, method="semantic")
+    _refuse_no_structure(clustering, path, "the tasks' embeddings")
     lib = build_cluster_library(path, clustering, {t: [t] for t in names}, config, budget_per_task=1.0,
                                 stage="semantic", executor=executor, ray_address=ray_address, progress=progress,
                                 on_config_change=on_config_change, share_fraction=share_fraction,

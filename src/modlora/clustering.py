@@ -15,9 +15,19 @@ Similarity features (``features=``):
 * ``semantic`` — the cosine of (centred) mean-pooled last hidden states of the base model on each task's definition
   plus a few of its inputs (:func:`task_embeddings`).
 
-k-means then runs on the *rows* of ``S`` (each expert is described by its similarities to all experts). ``K`` is
-given or chosen automatically (``auto_k=``: eigengap of the normalised Laplacian of ``max(S, 0)``, silhouette or
-stability under resampling); when no K separates the experts the result says so (``no_structure``).
+The experts are then partitioned into K clusters by one of two algorithms (:data:`ALGORITHMS`):
+
+* ``spectral`` (default) — Ng, Jordan & Weiss (2002): the affinity ``W = max(S, 0)`` (zero diagonal), the top-K
+  eigenvectors ``U`` (n × K) of ``D^{-1/2} W D^{-1/2}`` (``sklearn.manifold.spectral_embedding``), each row of
+  ``U`` scaled to unit length, k-means on those rows.
+* ``kmeans`` — the paper's: k-means on the *rows* of ``S`` (each expert described by its similarities to all).
+
+``K`` is given or chosen automatically (``auto_k=``, :data:`AUTO_K_CRITERIA`). A chosen K comes with the
+partition the criterion scored it on (:data:`CRITERION_ALGORITHM`); a given K is partitioned by the paper's
+``kmeans`` (``partition=`` overrides either).
+The default, ``spectral``, keeps the K whose spectral partition has the best silhouette under the cosine distance
+``1 − S``; the others are the eigengap of the normalised Laplacian, the silhouette of k-means on the rows, and
+stability under resampling. When no K separates the experts the result says so (``no_structure``).
 The resulting task clusters are used to train one expert per cluster (the MBC library).
 """
 
@@ -47,20 +57,29 @@ if TYPE_CHECKING:
 SIMILARITY_ARTIFACT_VERSION = "mbc-svd-v2"  # v2: c = min(n_components, n, D) (v1 kept n - 1 components)
 DELTA_ARTIFACT_VERSION = "mbc-delta-v1"
 SEMANTIC_ARTIFACT_VERSION = "mbc-semantic-v1"
-CLUSTERING_JSON_VERSION = 2
+CLUSTERING_JSON_VERSION = 3  # v3: "algorithm" (files without it used "kmeans")
 FEATURES = ("params", "delta", "semantic")
-AUTO_K_CRITERIA = ("eigengap", "silhouette", "stability")
+AUTO_K_CRITERIA = ("spectral", "eigengap", "silhouette", "stability")
+ALGORITHMS = ("spectral", "kmeans")
+# the partitioning algorithm each criterion scores K on (and that a given K then uses)
+CRITERION_ALGORITHM = {"spectral": "spectral", "eigengap": "spectral", "silhouette": "kmeans", "stability": "kmeans"}
 DEFAULT_FEATURES = "delta"
-DEFAULT_AUTO_K = "silhouette"
+DEFAULT_AUTO_K = "spectral"
 # below this best silhouette the partition is no better than noise (Kaufman & Rousseeuw's "no substantial structure")
 SILHOUETTE_NO_STRUCTURE = 0.25
-# eigengap: the best K > 1 must beat this many structure-free permutations of the similarities at the 95 % level
-EIGENGAP_PERMUTATIONS = 20
+# spectral: a best silhouette (cosine distance) below this is negligible even when it beats the permutations (with
+# n ≥ 100 unrelated experts, silhouettes of ~0.01 do: a cosine matrix is not exchangeable); unrelated experts score
+# 0.01-0.07 in benchmarks/cluster_recovery.py, planted families at noise 1 about 0.5
+SPECTRAL_MIN_SILHOUETTE = 0.1
+# eigengap and spectral: the best K > 1 must beat this many structure-free permutations of the similarities at the
+# 95 % level
+NULL_PERMUTATIONS = 20
 # below this mean ARI between a resampled clustering and the full one, no K is stable
 STABILITY_NO_STRUCTURE = 0.8
 _MIN_NORM = 1e-12
 Features = Literal["params", "delta", "semantic"]
-AutoK = Literal["eigengap", "silhouette", "stability"]
+AutoK = Literal["spectral", "eigengap", "silhouette", "stability"]
+Algorithm = Literal["spectral", "kmeans"]
 
 
 # --------------------------------------------------------------------------- flattening
@@ -505,10 +524,12 @@ class ClusteringResult:
 
     ``clusters[j]`` lists the names in cluster ``j`` (sorted); clusters are ordered by their smallest
     member name and ``assignment[name] == j``. ``similarity`` (n × n, rows/cols in ``names`` order)
-    is what was clustered, computed from ``features``; ``silhouette`` is the score of this partition (``None``
-    when undefined, i.e. ``k == 1`` or ``k == n``). With ``k="auto"``, ``criterion`` names the rule that chose K
-    and ``scores_by_k`` holds its score for every candidate K (higher is better); ``no_structure`` is True when
-    no K > 1 separates the experts (then ``k == 1``) and ``message`` says why.
+    is what was clustered, computed from ``features``; ``algorithm`` (``spectral`` or ``kmeans``) partitioned it;
+    ``silhouette`` is the score of this partition (under the cosine distance ``1 − S`` for ``spectral``, on the rows
+    of ``S`` for ``kmeans``; ``None`` when undefined, i.e. ``k == 1`` or ``k == n``). With ``k="auto"``,
+    ``criterion`` names the rule that chose K and ``scores_by_k`` holds its score for every candidate K (higher is
+    better); ``no_structure`` is True when no K > 1 separates the experts (then ``k == 1``) and ``message`` says
+    why.
     """
 
     names: list[str]
@@ -524,6 +545,7 @@ class ClusteringResult:
     criterion: str | None = None
     no_structure: bool = False
     message: str = ""
+    algorithm: str = "kmeans"
 
     @property
     def sizes(self) -> list[int]:
@@ -534,6 +556,7 @@ class ClusteringResult:
             "version": CLUSTERING_JSON_VERSION,
             "method": self.method,
             "features": self.features,
+            "algorithm": self.algorithm,
             "names": list(self.names),
             "k": self.k,
             "seed": self.seed,
@@ -570,7 +593,8 @@ class ClusteringResult:
                          similarity=similarity, seed=int(d.get("seed", 0)), method=str(d.get("method", "mbc")),
                          features=str(d.get("features", "params")),
                          criterion=None if d.get("criterion") is None else str(d["criterion"]),
-                         no_structure=bool(d.get("no_structure", False)), message=str(d.get("message", "")))
+                         no_structure=bool(d.get("no_structure", False)), message=str(d.get("message", "")),
+                         algorithm=str(d.get("algorithm", "kmeans")))
         except KeyError as exc:
             raise LibraryError(f"{source}: missing field {exc.args[0]!r}") from None
         except (TypeError, ValueError, AttributeError) as exc:
@@ -628,12 +652,13 @@ def canonical_clusters(labels: Sequence[int], names: Sequence[str]) -> list[list
 def _result_from_clusters(clusters: list[list[str]], names: list[str], *, silhouette: float | None,
                           scores_by_k: dict[int, float], similarity: np.ndarray | None, seed: int,
                           method: str, features: str = "params", criterion: str | None = None,
-                          no_structure: bool = False, message: str = "") -> ClusteringResult:
+                          no_structure: bool = False, message: str = "", algorithm: str = "kmeans"
+                          ) -> ClusteringResult:
     assignment = {name: j for j, cluster in enumerate(clusters) for name in cluster}
     return ClusteringResult(names=list(names), assignment=assignment, clusters=clusters, k=len(clusters),
                             silhouette=silhouette, scores_by_k=scores_by_k, similarity=similarity, seed=seed,
                             method=method, features=features, criterion=criterion, no_structure=no_structure,
-                            message=message)
+                            message=message, algorithm=algorithm)
 
 
 def _distinct_rows(features: np.ndarray) -> int:
@@ -663,6 +688,94 @@ def _silhouette(features: np.ndarray, labels: np.ndarray) -> float | None:
     return float(silhouette_score(features, labels, metric="euclidean"))
 
 
+def cosine_distance_silhouette(similarity: np.ndarray, labels: np.ndarray) -> float | None:
+    """Silhouette of ``labels`` under the cosine distance ``d_ij = 1 − S_ij`` (clipped at 0, zero diagonal);
+    ``None`` unless 2 ≤ #clusters ≤ n − 1."""
+    from sklearn.metrics import silhouette_score
+
+    if not 2 <= len(np.unique(labels)) <= len(labels) - 1:
+        return None
+    distance = np.clip(1.0 - np.asarray(similarity, dtype=np.float64), 0.0, None)
+    distance = (distance + distance.T) / 2
+    np.fill_diagonal(distance, 0.0)
+    return float(silhouette_score(distance, labels, metric="precomputed"))
+
+
+def spectral_rows(similarity: np.ndarray, n_components: int, seed: int) -> np.ndarray:
+    """Ng-Jordan-Weiss embedding (n × n_components): the top eigenvectors of ``D^{-1/2} W D^{-1/2}`` for the
+    affinity ``W = max(S, 0)`` with a zero diagonal (``sklearn.manifold.spectral_embedding``, which returns them
+    scaled by ``D^{-1/2}``), each row scaled to unit length (so that scaling drops out). ``n_components < n``."""
+    from sklearn.manifold import spectral_embedding
+
+    affinity = np.clip(np.asarray(similarity, dtype=np.float64), 0.0, None)
+    affinity = (affinity + affinity.T) / 2
+    np.fill_diagonal(affinity, 0.0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # "Graph is not fully connected": the embedding is still exact
+        rows = spectral_embedding(affinity, n_components=n_components, drop_first=False, random_state=seed)
+    norms = np.linalg.norm(rows, axis=1, keepdims=True)
+    return rows / np.maximum(norms, _MIN_NORM)
+
+
+def spectral_labels(similarity: np.ndarray, k: int, seed: int) -> np.ndarray:
+    """Spectral clustering (Ng, Jordan & Weiss): k-means++ (``n_init=10``) on :func:`spectral_rows` with ``k``
+    components; exactly ``k`` non-empty clusters or a ModloraError."""
+    n = len(similarity)
+    if _distinct_rows(np.asarray(similarity)) < k:
+        raise ModloraError(f"cannot split {n} experts into K={k} clusters: only {_distinct_rows(similarity)} of them "
+                           "have distinct similarity rows; ask for a smaller K")
+    if k == n:
+        return np.arange(n)
+    return _kmeans_labels(spectral_rows(similarity, k, seed), k, seed)
+
+
+def partition_labels(similarity: np.ndarray, k: int, seed: int, algorithm: Algorithm) -> np.ndarray:
+    """Cluster labels (n,) for exactly ``k`` clusters by ``algorithm`` (:data:`ALGORITHMS`; k = 1: all zeros)."""
+    if k == 1:
+        return np.zeros(len(similarity), dtype=int)
+    if algorithm == "spectral":
+        return spectral_labels(similarity, k, seed)
+    if algorithm == "kmeans":
+        return _kmeans_labels(similarity, k, seed)
+    raise ModloraError(f"algorithm must be one of {', '.join(ALGORITHMS)}, got {algorithm!r}")
+
+
+def partition_silhouette(similarity: np.ndarray, labels: np.ndarray, algorithm: Algorithm) -> float | None:
+    """The silhouette a partition is scored by: cosine distance for ``spectral``, rows of S for ``kmeans``."""
+    if algorithm == "spectral":
+        return cosine_distance_silhouette(similarity, labels)
+    return _silhouette(similarity, labels)
+
+
+def permuted_similarities(similarity: np.ndarray, n_permutations: int, seed: int) -> list[np.ndarray]:
+    """``n_permutations`` similarity matrices whose off-diagonal entries are a random symmetric permutation of the
+    observed ones (ones on the diagonal): the same values, no structure."""
+    n = len(similarity)
+    upper = np.triu_indices(n, 1)
+    values = np.asarray(similarity, dtype=np.float64)[upper]
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(n_permutations):
+        shuffled = np.zeros((n, n))
+        shuffled[upper] = rng.permutation(values)
+        out.append(shuffled + shuffled.T + np.eye(n))
+    return out
+
+
+def spectral_null_silhouettes(similarity: np.ndarray, k: int, seed: int, *,
+                              n_permutations: int = NULL_PERMUTATIONS) -> list[float]:
+    """Silhouettes (cosine distance) of the K-cluster spectral partitions of :func:`permuted_similarities`
+    (a permutation whose experts cannot be split into K clusters scores -1)."""
+    scores = []
+    for null in permuted_similarities(similarity, n_permutations, seed):
+        try:
+            score = cosine_distance_silhouette(null, spectral_labels(null, k, seed))
+        except ModloraError:
+            score = None
+        scores.append(-1.0 if score is None else score)
+    return scores
+
+
 def laplacian_spectrum(similarity: np.ndarray) -> np.ndarray:
     """Ascending eigenvalues of ``L = I − D^{-1/2} W D^{-1/2}`` for the affinity ``W = max(S, 0)`` with a zero
     diagonal (``D = diag(W 1)``; an expert with no positive similarity is an isolated vertex, degree 1)."""
@@ -684,19 +797,12 @@ def eigengap_scores(similarity: np.ndarray, k_max: int) -> dict[int, float]:
     return {k: float(spectrum[k] - spectrum[k - 1]) for k in range(1, top + 1)}
 
 
-def eigengap_null_quantile(similarity: np.ndarray, lo: int, hi: int, seed: int, *, n_permutations: int = EIGENGAP_PERMUTATIONS,
+def eigengap_null_quantile(similarity: np.ndarray, lo: int, hi: int, seed: int, *, n_permutations: int = NULL_PERMUTATIONS,
                            quantile: float = 0.95) -> float:
     """The ``quantile`` of ``max_{lo ≤ K ≤ hi} score(K)`` over similarity matrices whose off-diagonal entries are a
     random symmetric permutation of the observed ones: the same values, no structure."""
-    n = len(similarity)
-    upper = np.triu_indices(n, 1)
-    values = np.asarray(similarity, dtype=np.float64)[upper]
-    rng = np.random.default_rng(seed)
     maxima = []
-    for _ in range(n_permutations):
-        shuffled = np.zeros((n, n))
-        shuffled[upper] = rng.permutation(values)
-        shuffled = shuffled + shuffled.T + np.eye(n)
+    for shuffled in permuted_similarities(similarity, n_permutations, seed):
         scores = eigengap_scores(shuffled, hi)
         maxima.append(max(v for k, v in scores.items() if k >= lo))
     return float(np.quantile(maxima, quantile))
@@ -732,6 +838,28 @@ def _choose_k(similarity: np.ndarray, criterion: str, lo: int, hi: int, seed: in
               ) -> tuple[int, dict[int, float], dict[int, np.ndarray], str]:
     """(K, scores by candidate K, k-means labels by K computed on the way, why-no-structure message or "")."""
     labels_by_k: dict[int, np.ndarray] = {}
+    if criterion == "spectral":
+        scores = {}
+        for k in range(lo, hi + 1):
+            try:
+                labels_by_k[k] = spectral_labels(similarity, k, seed)
+            except ModloraError:  # the embedding has fewer than k distinct rows: this K cannot be made
+                continue
+            score = cosine_distance_silhouette(similarity, labels_by_k[k])
+            if score is not None:
+                scores[k] = score
+        if not scores:
+            return 1, scores, labels_by_k, "no cluster structure: no K has a defined silhouette"
+        best = max(scores, key=lambda k: (scores[k], -k))
+        if scores[best] < SPECTRAL_MIN_SILHOUETTE:
+            return 1, scores, labels_by_k, (f"no cluster structure: the best silhouette ({scores[best]:.3f} at "
+                                            f"K={best}) is below {SPECTRAL_MIN_SILHOUETTE}")
+        null = float(np.quantile(spectral_null_silhouettes(similarity, best, seed), 0.95))
+        if scores[best] <= null:
+            return 1, scores, labels_by_k, (
+                f"no cluster structure: the best silhouette ({scores[best]:.3f} at K={best}) is no better than in "
+                f"randomly permuted similarities (95th percentile at K={best}: {null:.3f})")
+        return best, scores, labels_by_k, ""
     if criterion == "eigengap":
         scores = eigengap_scores(similarity, hi)
         scores = {k: v for k, v in scores.items() if k == 1 or lo <= k <= hi}
@@ -774,15 +902,22 @@ def _choose_k(similarity: np.ndarray, criterion: str, lo: int, hi: int, seed: in
 
 def cluster_experts(sim: SimilarityResult, k: int | Literal["auto"] = "auto",
                     k_range: tuple[int, int] | None = None, seed: int = 0, *,
-                    auto_k: AutoK = DEFAULT_AUTO_K) -> ClusteringResult:
-    """k-means (k-means++, ``n_init=10``, ``random_state=seed``) on the rows of ``sim.similarity`` (n × n).
+                    auto_k: AutoK = DEFAULT_AUTO_K, partition: Algorithm | None = None) -> ClusteringResult:
+    """Partition the experts of ``sim`` (similarity ``S``, n × n) into K clusters (k-means++, ``n_init=10``,
+    ``random_state=seed``) with ``partition`` (:data:`ALGORITHMS`; module doc). By default a given ``k`` uses the
+    paper's ``kmeans`` on the rows of S, and ``k="auto"`` the algorithm its criterion scored K on
+    (:data:`CRITERION_ALGORITHM`: spectral clustering for ``spectral`` and ``eigengap``, k-means for
+    ``silhouette`` and ``stability``).
 
     A given ``k`` is honoured or refused (ModloraError when fewer than ``k`` experts are distinguishable); it
     is never lowered. ``k="auto"`` scores every ``K`` in ``k_range`` (inclusive; default ``(2, min(n - 1, 16))``)
-    with ``auto_k`` (:data:`AUTO_K_CRITERIA`: ``eigengap`` of the normalised Laplacian, the ``silhouette`` of
-    k-means on the rows, or ``stability`` under resampling) and keeps the best. When none separates the experts
-    — eigengap: the gap after K = 1 is the largest, or the best gap is within the 95th percentile of gaps of
-    randomly permuted similarities; silhouette: best below :data:`SILHOUETTE_NO_STRUCTURE`; stability: best below
+    with ``auto_k`` (:data:`AUTO_K_CRITERIA`: ``spectral`` = silhouette of the spectral partition under the cosine
+    distance 1 − S, ``eigengap`` of the normalised Laplacian, ``silhouette`` of k-means on the rows, or
+    ``stability`` under resampling) and keeps the best. When none separates the experts — spectral: the best
+    silhouette is below :data:`SPECTRAL_MIN_SILHOUETTE` or within the 95th percentile of the silhouettes of
+    :data:`NULL_PERMUTATIONS` randomly permuted similarities at the same K; eigengap: the gap
+    after K = 1 is the largest, or the best gap is within the 95th percentile of gaps of randomly permuted
+    similarities; silhouette: best below :data:`SILHOUETTE_NO_STRUCTURE`; stability: best below
     :data:`STABILITY_NO_STRUCTURE` — and with fewer than 3 experts, the result has ``k == 1`` and
     ``no_structure=True`` with a message.
     """
@@ -798,9 +933,12 @@ def cluster_experts(sim: SimilarityResult, k: int | Literal["auto"] = "auto",
     scores_by_k: dict[int, float] = {}
     criterion: str | None = None
     message = ""
+    if auto_k not in AUTO_K_CRITERIA:
+        raise ModloraError(f"auto_k must be one of {', '.join(AUTO_K_CRITERIA)}, got {auto_k!r}")
+    if partition is not None and partition not in ALGORITHMS:
+        raise ModloraError(f"partition must be one of {', '.join(ALGORITHMS)}, got {partition!r}")
+    algorithm: Algorithm = partition or (CRITERION_ALGORITHM[auto_k] if k == "auto" else "kmeans")  # type: ignore
     if k == "auto":
-        if auto_k not in AUTO_K_CRITERIA:
-            raise ModloraError(f"auto_k must be one of {', '.join(AUTO_K_CRITERIA)}, got {auto_k!r}")
         criterion = auto_k
         lo, hi = k_range if k_range is not None else (2, min(n - 1, 16))
         if isinstance(lo, bool) or isinstance(hi, bool) or not isinstance(lo, int) or not isinstance(hi, int):
@@ -817,16 +955,17 @@ def cluster_experts(sim: SimilarityResult, k: int | Literal["auto"] = "auto",
             labels = np.zeros(n, dtype=int)
         else:
             chosen, scores_by_k, labels_by_k, message = _choose_k(similarity, auto_k, lo, hi, seed)
-            labels = (labels_by_k[chosen] if chosen in labels_by_k else
-                      _kmeans_labels(similarity, chosen, seed) if chosen > 1 else np.zeros(n, dtype=int))
+            reuse = chosen in labels_by_k and algorithm == CRITERION_ALGORITHM[auto_k]
+            labels = labels_by_k[chosen] if reuse else partition_labels(similarity, chosen, seed, algorithm)
     else:
         if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or not 1 <= k <= n:
             raise ModloraError(f"k must be 'auto' or an integer in [1, {n}] for {n} experts, got {k!r}")
-        labels = _kmeans_labels(similarity, int(k), seed) if k > 1 else np.zeros(n, dtype=int)
+        labels = partition_labels(similarity, int(k), seed, algorithm)
     clusters = canonical_clusters(labels, names)
-    return _result_from_clusters(clusters, names, silhouette=_silhouette(similarity, labels), scores_by_k=scores_by_k,
-                                 similarity=similarity, seed=seed, method="mbc", features=sim.features,
-                                 criterion=criterion, no_structure=bool(message), message=message)
+    return _result_from_clusters(clusters, names, silhouette=partition_silhouette(similarity, labels, algorithm),
+                                 scores_by_k=scores_by_k, similarity=similarity, seed=seed, method="mbc",
+                                 features=sim.features, criterion=criterion, no_structure=bool(message),
+                                 message=message, algorithm=algorithm)
 
 
 def similarity_of(experts: Experts, features: Features = DEFAULT_FEATURES, *,
@@ -862,7 +1001,8 @@ def similarity_of(experts: Experts, features: Features = DEFAULT_FEATURES, *,
 def model_based_clustering(experts: Experts, k: int | Literal["auto"] = "auto", *,
                            features: Features = DEFAULT_FEATURES, sparsity: float = 0.5, n_components: int = 64,
                            centre: bool | None = None, k_range: tuple[int, int] | None = None, seed: int = 0,
-                           auto_k: AutoK = DEFAULT_AUTO_K, cache: ArtifactStore | None = None,
+                           auto_k: AutoK = DEFAULT_AUTO_K, partition: Algorithm | None = None,
+                           cache: ArtifactStore | None = None,
                            lm: LoadedModel | None = None, tasks: Mapping[str, Task] | None = None,
                            tasks_of: Mapping[str, Sequence[str]] | Callable[[str], Sequence[str]] | None = None
                            ) -> ClusteringResult:
@@ -874,7 +1014,7 @@ def model_based_clustering(experts: Experts, k: int | Literal["auto"] = "auto", 
         cache = experts
     sim = similarity_of(experts, features, sparsity=sparsity, n_components=n_components, centre=centre, seed=seed,
                         cache=cache, lm=lm, tasks=tasks, tasks_of=tasks_of)
-    return cluster_experts(sim, k=k, k_range=k_range, seed=seed, auto_k=auto_k)
+    return cluster_experts(sim, k=k, k_range=k_range, seed=seed, auto_k=auto_k, partition=partition)
 
 
 def random_clusters(names: Sequence[str], sizes: Sequence[int], seed: int = 0) -> list[list[str]]:

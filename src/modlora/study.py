@@ -3,7 +3,7 @@
 Steps, all resumable (finished experts and finished result rows are reused):
 
 1. build the libraries named in the config over the training tasks (:mod:`modlora.building`): ``private``,
-   ``mbc``, ``shared``, ``random``, ``semantic``, ``poly``, ``mhr``, ``mbc-share``, ``semantic-share``
+   ``mbc``, ``mbc-params``, ``shared``, ``random``, ``semantic``, ``poly``, ``mhr``, ``mbc-share``, ``semantic-share``
    (:data:`LIBRARIES`). MBC's stage 1 is a separate private library trained with ``stage1_fraction``
    of the budget (the paper's protocol), or — with ``mbc_reuses_private``, to save time in small runs — the private
    library itself: the clustering then sees fully trained private experts while MBC is charged only
@@ -13,7 +13,8 @@ Steps, all resumable (finished experts and finished result rows are reused):
    :mod:`modlora.methods`, with its options; or ``lorahub``, the few-shot row): held-out SNI Rouge-L / exact match
    (greedy), in-distribution Rouge-L on the training tasks' *test* split, routing accuracy of per-token routers on
    in-distribution prompts (:func:`modlora.evaluation.prompt_routing_accuracy`), inference throughput (generated +
-   prompt tokens per second), and training compute of the library;
+   prompt tokens per second), and training compute of the library; the benchmarks (``choice_tasks``) on the rows
+   named in ``choice_rows`` (every row when it is ``None``);
 4. a JSON with everything, a Markdown table and plots.
 
 Compute matching: every library gets ``steps_per_task`` optimizer steps per training task in total (see
@@ -43,7 +44,7 @@ from modlora.building import (
     build_semantic_library,
     build_shared_library,
 )
-from modlora.clustering import plot_clustering
+from modlora.clustering import DEFAULT_FEATURES, Features, plot_clustering
 from modlora.data import PromptFormatter, default_data_dir, encode_tasks, load_sni_tasks, split_instances
 from modlora.errors import ModloraError
 from modlora.evaluation.generation import generate_and_score
@@ -98,6 +99,8 @@ class StudyConfig:
     choice_tasks: list[str] = field(default_factory=list)
     choice_limit: int | None = None
     choice_batch_size: int = 16
+    choice_rows: list[str] | None = None
+    """Row keys (:func:`row_key`, e.g. ``"private/arrow"``) scored on the benchmarks; ``None``: every row."""
     examples_per_expert: int = 16
     lorahub_shots: int = 5
     lorahub_budget: int = 40
@@ -113,14 +116,30 @@ class StudyConfig:
         if unknown:
             raise ModloraError(f"{path}: unknown study setting(s): {', '.join(unknown)}")
         cfg = cls(**raw)
-        if cfg.share_mode not in SHARE_MODES:
-            raise ModloraError(f"{path}: share_mode must be one of {', '.join(SHARE_MODES)}, got {cfg.share_mode!r}")
-        for row in cfg.rows:
-            try:
-                cfg.row_options(row, Path("."))
-            except ModloraError as exc:
-                raise ModloraError(f"{path}: row {row}: {exc}") from None
+        cfg.validate(str(path))
         return cfg
+
+    def validate(self, source: str = "study config") -> None:
+        """Check every row's method and options and that ``choice_rows`` names rows of the config, before any
+        model loads (ModloraError naming ``source`` and the row), and ``share_mode``."""
+        if self.share_mode not in SHARE_MODES:
+            raise ModloraError(f"{source}: share_mode must be one of {', '.join(SHARE_MODES)}, got "
+                               f"{self.share_mode!r}")
+        for row in self.rows:
+            try:
+                self.row_options(row, Path("."))
+            except ModloraError as exc:
+                raise ModloraError(f"{source}: row {row}: {exc}") from None
+        if self.choice_rows is not None:
+            keys = {row_key(row) for row in self.rows}
+            unknown = [key for key in self.choice_rows if key not in keys]
+            if unknown:
+                raise ModloraError(f"{source}: choice_rows {', '.join(unknown)} are not rows of the study "
+                                   f"(rows: {', '.join(sorted(keys))})")
+
+    def scores_choice(self, row: Sequence[Any]) -> bool:
+        """Whether ``row`` is scored on the benchmarks (``choice_tasks`` and, if set, ``choice_rows``)."""
+        return bool(self.choice_tasks) and (self.choice_rows is None or row_key(row) in self.choice_rows)
 
     def row_options(self, row: Sequence[Any], data_dir: Path) -> MethodOptions | None:
         """The validated options of a ``[library, method(, {options})]`` row: the method's defaults, then
@@ -151,10 +170,16 @@ def row_key(row: Sequence[Any]) -> str:
     return key + ("[" + ",".join(f"{k}={v}" for k, v in sorted(row[2].items())) + "]" if len(row) == 3 else "")
 
 
-LIBRARIES = ("private", "mbc", "shared", "random", "semantic", "poly", "mhr", "mbc-share", "semantic-share")
-"""Library kinds a study can build: ``mbc-share`` / ``semantic-share`` are MBC / semantic with ``--share``
-(``share_fraction`` of the budget on a shared expert, ``share_mode`` warm or residual); ``poly`` /
-``mhr`` have ``skills`` skills (MHR: ``mhr_heads`` heads)."""
+MBC_FEATURES: dict[str, Features] = {"mbc": DEFAULT_FEATURES, "mbc-params": "params", "mbc-share": DEFAULT_FEATURES}
+"""The MBC library kinds and the similarity each clusters on (:mod:`modlora.clustering`): ``mbc`` and ``mbc-share``
+on the experts' updates ΔW (``delta``), ``mbc-params`` on the paper's flattened, sparsified parameters."""
+
+LIBRARIES = ("private", "mbc", "mbc-params", "shared", "random", "semantic", "poly", "mhr", "mbc-share",
+             "semantic-share")
+"""Library kinds a study can build: the MBC kinds of :data:`MBC_FEATURES`; ``mbc-share`` / ``semantic-share`` are
+MBC / semantic with ``--share`` (``share_fraction`` of the budget on a shared expert, ``share_mode`` warm or
+residual); ``random`` copies the cluster sizes of ``mbc``; ``poly`` / ``mhr`` have ``skills`` skills (MHR:
+``mhr_heads`` heads)."""
 
 
 def build_libraries(cfg: StudyConfig, out: Path, device: str | None, console: Console, data_dir: Path
@@ -166,7 +191,7 @@ def build_libraries(cfg: StudyConfig, out: Path, device: str | None, console: Co
                            f"choose from {', '.join(LIBRARIES)}")
     bcfg = cfg.build_config(device, data_dir)
     libs: dict[str, ExpertLibrary] = {}
-    mbc_kinds = [name for name in ("mbc", "mbc-share") if name in cfg.libraries]
+    mbc_kinds = [name for name in MBC_FEATURES if name in cfg.libraries]
     need_private = "private" in cfg.libraries or (bool(mbc_kinds) and cfg.mbc_reuses_private)
     if need_private:
         console.print(f"[bold]private library[/]: {len(cfg.train_tasks)} experts × {cfg.steps_per_task} steps")
@@ -175,12 +200,12 @@ def build_libraries(cfg: StudyConfig, out: Path, device: str | None, console: Co
         libs[name], clustering = build_mbc_library(
             out / name, cfg.train_tasks, bcfg, k=cfg.k, stage1_fraction=cfg.stage1_fraction,
             private_library=out / "private" if cfg.mbc_reuses_private else None,
-            share_fraction=cfg.share_fraction if name == "mbc-share" else None,
-            share_mode=cfg.share_mode)
+            share_fraction=cfg.share_fraction if name == "mbc-share" else None, share_mode=cfg.share_mode,
+            features=MBC_FEATURES[name])
         console.print(f"[bold]{name}[/]: K={clustering.k} clusters {clustering.clusters}")
-        if name == "mbc":
-            plot_clustering(clustering, out / "mbc_clusters.png", title=f"{cfg.name}: MBC similarity")
-            atomic_write_bytes(out / "mbc_clusters.json", clustering.to_json().encode())
+        plot_clustering(clustering, out / f"{name}_clusters.png",
+                        title=f"{cfg.name}: {name} similarity ({clustering.features})")
+        atomic_write_bytes(out / f"{name}_clusters.json", clustering.to_json().encode())
     for name in ("semantic", "semantic-share"):
         if name in cfg.libraries:
             libs[name], clustering = build_semantic_library(
@@ -245,7 +270,7 @@ def evaluate_row(lm: LoadedModel, lib: ExpertLibrary | None, row: Sequence[Any],
         return _task_cell(scores)
 
     try:
-        if not caps.needs_task_labels and cfg.choice_tasks:
+        if not caps.needs_task_labels and cfg.scores_choice(row):
             run = evaluate_choice_tasks(rm, lm.tokenizer, cfg.choice_tasks, data_dir=data_dir, limit=cfg.choice_limit,
                                         seed=cfg.seed, batch_size=cfg.choice_batch_size,
                                         prefix_reuse=not caps.per_example, progress=True)
@@ -334,6 +359,7 @@ def run_study(cfg: StudyConfig, out: Path, *, device: str | None = None, data_di
               console: Console | None = None) -> dict[str, Any]:
     """Build, evaluate and report; returns the results dict (also written to ``out/results.json``)."""
     console = console or Console()
+    cfg.validate(cfg.name)
     start = time.perf_counter()
     data_dir = Path(data_dir) if data_dir else default_data_dir()
     out.mkdir(parents=True, exist_ok=True)
@@ -348,7 +374,7 @@ def run_study(cfg: StudyConfig, out: Path, *, device: str | None = None, data_di
     for name, lib in libs.items():
         results["libraries"][name] = {"path": str(lib.path), "experts": {n: lib.tasks(n) for n in lib.expert_names()},
                                       **training_compute(lib)}
-    for name in ("mbc", "mbc-share"):
+    for name in MBC_FEATURES:
         if name in libs and cfg.mbc_reuses_private:  # MBC's stage 1 is part of its cost
             p = results["libraries"]["private"]
             results["libraries"][name]["train_tokens"] += cfg.stage1_fraction * p["train_tokens"]

@@ -85,7 +85,8 @@ def _print_clusters(clustering: Any, quality: Any = None) -> None:
     from rich.table import Table
 
     silhouette = "n/a" if clustering.silhouette is None else f"{clustering.silhouette:.3f}"
-    console.print(f"[bold]K = {clustering.k}[/] ({clustering.features} features, silhouette {silhouette})",
+    algorithm = "spectral clustering" if clustering.algorithm == "spectral" else "k-means on the similarity rows"
+    console.print(f"[bold]K = {clustering.k}[/] ({clustering.features} features, {algorithm}, silhouette {silhouette})",
                   soft_wrap=False)
     if clustering.scores_by_k:
         best = max(clustering.scores_by_k, key=lambda k: (clustering.scores_by_k[k], -k))
@@ -196,7 +197,8 @@ def cmd_cluster(args: argparse.Namespace) -> int:
     k_range = (args.k_min, min(args.k_max, max(2, len(lib) - 1))) if args.k == "auto" else None
     result = model_based_clustering(lib, args.k, features=args.features, sparsity=args.sparsity,
                                     n_components=args.n_components, centre=args.centre, k_range=k_range,
-                                    seed=args.seed, auto_k=args.auto_k, lm=lm, tasks=tasks)
+                                    seed=args.seed, auto_k=args.auto_k, partition=args.partition, lm=lm,
+                                    tasks=tasks)
     _print_clusters(result, cluster_quality(result, labels) if labels else None)
     lib.save_meta("clustering", result.to_dict())
     if args.out:
@@ -217,7 +219,8 @@ def _labels_source(text: str) -> str:
 
 def _add_k_args(p: argparse.ArgumentParser, default: str) -> None:
     p.add_argument("--k", type=k_or_auto, default=k_or_auto(default),
-                   help=f"number of clusters or 'auto' (silhouette; default {default})")
+                   help=f"number of clusters or 'auto' (spectral clustering, K by silhouette; a build with no "
+                        f"cluster structure is refused; default {default})")
     p.add_argument("--k-min", type=positive_int, default=2, help="smallest K tried by --k auto (default 2)")
     p.add_argument("--k-max", type=positive_int, default=16, help="largest K tried by --k auto (default 16)")
 
@@ -303,10 +306,10 @@ def register(sub: Any, registry: Registry) -> None:
     add_train_args(p)
     p.set_defaults(func=cmd_build, steps=100)
 
-    from modlora.clustering import AUTO_K_CRITERIA, DEFAULT_AUTO_K, DEFAULT_FEATURES, FEATURES
+    from modlora.clustering import ALGORITHMS, AUTO_K_CRITERIA, DEFAULT_AUTO_K, DEFAULT_FEATURES, FEATURES
     p = sub.add_parser("cluster", help="MBC clustering of an existing library",
-                       description="Cluster a library's experts (k-means on the rows of a similarity matrix) and "
-                                   "print the clusters, every candidate K's score with --k auto (or that the experts "
+                       description="Cluster a library's experts (spectral clustering of a similarity matrix, or "
+                                   "k-means on its rows) and print the clusters, every candidate K's score with --k auto (or that the experts "
                                    "have no cluster structure), and ARI/purity against --labels. Features: delta = "
                                    "exact cosine of the experts' updates ΔW = B·A, from the LoRA factors; params = "
                                    "the paper's flattened, sparsified, SVD-reduced parameters; "
@@ -320,7 +323,12 @@ def register(sub: Any, registry: Registry) -> None:
     p.add_argument("--k", type=clusters_or_auto, default="auto",
                    help="number of clusters (>= 2, never changed) or 'auto' (default auto)")
     p.add_argument("--auto-k", choices=AUTO_K_CRITERIA, default=DEFAULT_AUTO_K,
-                   help=f"how --k auto chooses K (default {DEFAULT_AUTO_K})")
+                   help=f"how --k auto chooses K (default {DEFAULT_AUTO_K}); the chosen K keeps the partition it "
+                        "was scored on (spectral, eigengap: spectral clustering; silhouette, stability: k-means on "
+                        "the similarity rows)")
+    p.add_argument("--partition", choices=ALGORITHMS, default=None,
+                   help="partitioning algorithm (default: the paper's kmeans on the similarity rows for a given "
+                        "--k, the criterion's own for --k auto)")
     p.add_argument("--k-min", type=positive_int, default=2, help="smallest K tried by --k auto (default 2)")
     p.add_argument("--k-max", type=positive_int, default=16, help="largest K tried by --k auto (default 16)")
     p.add_argument("--labels", type=_labels_source, default=None,
