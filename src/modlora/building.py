@@ -148,7 +148,7 @@ class PlannedExpert:
     residual_on: str | None = None
     """Residual: the expert (of the same library) merged into the frozen base weights while this one trains."""
     extra: tuple[tuple[str, Any], ...] = ()
-    """Further settings that determine the expert (Poly/MHR: skills, heads, allocation lr; the warm start's
+    """Further settings that determine the expert (Poly/MHR: skills, heads, allocation lr; the shared expert's
     fingerprint): part of its fingerprint."""
 
 
