@@ -27,6 +27,7 @@ from modlora.library import ExpertLibrary
 from modlora.models import load_base_model
 from modlora.reuse import prepare_model
 from modlora.serve import BackgroundServer, Engine, EngineOptions, ServerOptions, create_app
+from modlora.serve.engine import RoutingRequest
 from modlora.serve.server import free_port
 
 from .conftest import make_char_tokenizer, make_tiny_llama
@@ -449,6 +450,27 @@ def test_cli_serve_a_remote_library_from_a_verified_snapshot(workdir, monkeypatc
     served = ExpertLibrary(seen["config"].library)
     assert served.expert_names() == ["e0", "e1", "e2"] and served.verify() == []
     assert "serving a snapshot of memory://serve-test/lib (3 experts, verified)" in capsys.readouterr().out
+
+
+def test_warm_share_library_routes_over_its_cluster_experts(workdir, tmp_path) -> None:
+    """As prepare_model: the shared expert of a warm --share library is left out of the default routed set (it can
+    still be named in routing.experts or served alone)."""
+    import shutil
+
+    lib_dir = tmp_path / "lib"
+    shutil.copytree(workdir / "lib", lib_dir)
+    ExpertLibrary(lib_dir).save_meta("share", {"expert": "e0", "mode": "warm", "fraction": 0.2,
+                                               "experts": ["e1", "e2"]})
+    engine = Engine(load_base_model(str(workdir / "model"), device="cpu"), lib_dir)
+    try:
+        _, _, versions, _ = engine.resolve("lib", RoutingRequest("arrow"))
+        assert sorted(versions) == ["e1", "e2"]
+        _, _, named, _ = engine.resolve("lib", RoutingRequest("arrow", experts=("e0", "e1")))
+        assert sorted(named) == ["e0", "e1"]
+        _, _, alone, _ = engine.resolve("lib:expert:e0", None)
+        assert list(alone) == ["e0"]
+    finally:
+        engine.stop()
 
 
 def test_residual_share_library_is_refused(workdir, tmp_path) -> None:

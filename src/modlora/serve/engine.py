@@ -258,6 +258,8 @@ class Engine:
             raise ModloraError(f"{self.library_path}: a residual --share library (expert {share.expert!r} applies on "
                                "every token) cannot be served yet; use modlora route / eval, or build it with "
                                "--share-mode warm")
+        # a warm --share library routes over its cluster experts by default, as prepare_model does
+        self._shared_expert = share.expert if share is not None else None
         self._refresh(force=True)
 
     # ----------------------------------------------------------------------------------------- lifecycle
@@ -395,7 +397,7 @@ class Engine:
         if router == "expert":
             versions = {plan.expert: snap.version(plan.expert)}
         else:
-            names = list(plan.experts) or snap.names()
+            names = list(plan.experts) or [n for n in snap.names() if n != self._shared_expert]
             if len(set(names)) != len(names):
                 raise RequestError("routing.experts lists an expert twice", param="routing.experts")
             versions = {n: snap.version(n) for n in names}
