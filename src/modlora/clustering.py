@@ -834,26 +834,40 @@ def stability_scores(features: np.ndarray, ks: Sequence[int], seed: int, *, n_re
     return scores
 
 
+def _best_silhouette(candidates: range, labels_by_k: dict[int, np.ndarray],
+                     partition: Callable[[int], np.ndarray], silhouette: Callable[[np.ndarray], float | None],
+                     minimum: float) -> tuple[int, dict[int, float], str]:
+    """The candidate K whose partition (filled into ``labels_by_k``) has the best silhouette (ties: the smaller K):
+    ``(K, scores, "")``, or ``(1, scores, why)`` when no K has one or the best is below ``minimum``. A K that
+    ``partition`` cannot make (ModloraError: fewer distinct rows than K) is skipped."""
+    scores: dict[int, float] = {}
+    for k in candidates:
+        try:
+            labels_by_k[k] = partition(k)
+        except ModloraError:
+            continue
+        score = silhouette(labels_by_k[k])
+        if score is not None:
+            scores[k] = score
+    if not scores:
+        return 1, scores, "no cluster structure: no K has a defined silhouette"
+    best = max(scores, key=lambda k: (scores[k], -k))
+    if scores[best] < minimum:
+        return 1, scores, (f"no cluster structure: the best silhouette ({scores[best]:.3f} at K={best}) is below "
+                           f"{minimum}")
+    return best, scores, ""
+
+
 def _choose_k(similarity: np.ndarray, criterion: str, lo: int, hi: int, seed: int
               ) -> tuple[int, dict[int, float], dict[int, np.ndarray], str]:
     """(K, scores by candidate K, k-means labels by K computed on the way, why-no-structure message or "")."""
     labels_by_k: dict[int, np.ndarray] = {}
     if criterion == "spectral":
-        scores = {}
-        for k in range(lo, hi + 1):
-            try:
-                labels_by_k[k] = spectral_labels(similarity, k, seed)
-            except ModloraError:  # the embedding has fewer than k distinct rows: this K cannot be made
-                continue
-            score = cosine_distance_silhouette(similarity, labels_by_k[k])
-            if score is not None:
-                scores[k] = score
-        if not scores:
-            return 1, scores, labels_by_k, "no cluster structure: no K has a defined silhouette"
-        best = max(scores, key=lambda k: (scores[k], -k))
-        if scores[best] < SPECTRAL_MIN_SILHOUETTE:
-            return 1, scores, labels_by_k, (f"no cluster structure: the best silhouette ({scores[best]:.3f} at "
-                                            f"K={best}) is below {SPECTRAL_MIN_SILHOUETTE}")
+        best, scores, message = _best_silhouette(
+            range(lo, hi + 1), labels_by_k, lambda k: spectral_labels(similarity, k, seed),
+            lambda labels: cosine_distance_silhouette(similarity, labels), SPECTRAL_MIN_SILHOUETTE)
+        if message:
+            return 1, scores, labels_by_k, message
         null = float(np.quantile(spectral_null_silhouettes(similarity, best, seed), 0.95))
         if scores[best] <= null:
             return 1, scores, labels_by_k, (
@@ -875,19 +889,10 @@ def _choose_k(similarity: np.ndarray, criterion: str, lo: int, hi: int, seed: in
                                             f"{null:.3f})")
         return best, scores, labels_by_k, ""
     if criterion == "silhouette":
-        scores = {}
-        for k in range(lo, hi + 1):
-            labels_by_k[k] = _kmeans_labels(similarity, k, seed)
-            score = _silhouette(similarity, labels_by_k[k])
-            if score is not None:
-                scores[k] = score
-        if not scores:
-            return 1, scores, labels_by_k, "no cluster structure: no K has a defined silhouette"
-        best = max(scores, key=lambda k: (scores[k], -k))
-        if scores[best] < SILHOUETTE_NO_STRUCTURE:
-            return 1, scores, labels_by_k, (f"no cluster structure: the best silhouette ({scores[best]:.3f} at "
-                                            f"K={best}) is below {SILHOUETTE_NO_STRUCTURE}")
-        return best, scores, labels_by_k, ""
+        best, scores, message = _best_silhouette(
+            range(lo, hi + 1), labels_by_k, lambda k: _kmeans_labels(similarity, k, seed),
+            lambda labels: _silhouette(similarity, labels), SILHOUETTE_NO_STRUCTURE)
+        return best, scores, labels_by_k, message
     if criterion == "stability":
         scores = stability_scores(similarity, range(lo, hi + 1), seed)
         if not scores:
