@@ -260,6 +260,10 @@ def test_warm_share_library_routes_over_cluster_experts(setup, tmp_path):
         rm = prepare_model(lm, lib, "arrow", {"top_k": 1, "experts": ("shared", "cluster1")})
         assert rm.routed.expert_names == ["shared", "cluster1"]
         rm.restore()
+        lib.add("later", lib.get("cluster0"))  # added after the build: routed too (every expert but the shared one)
+        rm = prepare_model(lm, lib, "arrow", {"top_k": 1})
+        assert rm.routed.expert_names == ["cluster0", "cluster1", "later"]
+        rm.restore()
 
 
 def test_share_record_round_trips_and_bad_records_are_refused(setup, tmp_path):

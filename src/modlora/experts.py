@@ -143,6 +143,11 @@ class ShareInfo:
     fraction: float
     experts: tuple[str, ...]
 
+    def routed(self, library_experts: Sequence[str]) -> list[str]:
+        """The experts a reuse method combines by default: every expert of the library but the shared one (experts
+        added after the build included)."""
+        return [name for name in library_experts if name != self.expert]
+
     def to_dict(self) -> dict[str, Any]:
         return {"expert": self.expert, "mode": self.mode, "fraction": self.fraction, "experts": list(self.experts)}
 

@@ -159,7 +159,7 @@ def prepare_model(lm: LoadedModel, library: Experts | None, method: str,
 
 
 def shared_part(library: Experts, names: Sequence[str] | None) -> tuple[list[str] | None, LoraAdapter | None]:
-    """For a ``--share`` library: the experts a method combines (``names``, default the cluster experts) and the
+    """For a ``--share`` library: the experts a method combines (``names``, default :meth:`ShareInfo.routed`) and the
     shared expert to apply on every token (residual libraries; ``None`` otherwise). Other libraries: ``names`` as
     given and ``None``. Naming a residual library's shared expert in ``names`` is refused (it is already applied on
     every token)."""
@@ -167,7 +167,7 @@ def shared_part(library: Experts, names: Sequence[str] | None) -> tuple[list[str
     if share is None:
         return names, None
     if names is None:
-        names = list(share.experts)
+        names = share.routed(library.expert_names())  # type: ignore[union-attr]  (a library: it has meta)
     elif share.mode == "residual" and share.expert in names:
         raise RoutingError(f"expert {share.expert!r} is the shared part of a residual library: it is applied on "
                            "every token, so it cannot also be one of the routed or merged experts")

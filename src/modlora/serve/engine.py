@@ -258,8 +258,7 @@ class Engine:
             raise ModloraError(f"{self.library_path}: a residual --share library (expert {share.expert!r} applies on "
                                "every token) cannot be served yet; use modlora route / eval, or build it with "
                                "--share-mode warm")
-        # a warm --share library routes over its cluster experts by default, as prepare_model does
-        self._shared_expert = share.expert if share is not None else None
+        self._share = share  # a warm --share library routes over its cluster experts by default, as prepare_model
         self._refresh(force=True)
 
     # ----------------------------------------------------------------------------------------- lifecycle
@@ -397,7 +396,7 @@ class Engine:
         if router == "expert":
             versions = {plan.expert: snap.version(plan.expert)}
         else:
-            names = list(plan.experts) or [n for n in snap.names() if n != self._shared_expert]
+            names = list(plan.experts) or (self._share.routed(snap.names()) if self._share else snap.names())
             if len(set(names)) != len(names):
                 raise RequestError("routing.experts lists an expert twice", param="routing.experts")
             versions = {n: snap.version(n) for n in names}
