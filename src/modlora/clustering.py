@@ -665,14 +665,19 @@ def _distinct_rows(features: np.ndarray) -> int:
     return len(np.unique(np.round(features, 12), axis=0))
 
 
+def _require_distinct_rows(rows: np.ndarray, k: int) -> None:
+    """A ModloraError unless ``rows`` (one per expert) has at least ``k`` distinct rows: k clusters are impossible."""
+    distinct = _distinct_rows(rows)
+    if distinct < k:
+        raise ModloraError(f"cannot split {len(rows)} experts into K={k} clusters: only {distinct} of them have "
+                           "distinct similarity rows; ask for a smaller K")
+
+
 def _kmeans_labels(features: np.ndarray, k: int, seed: int, n_init: int = 10) -> np.ndarray:
     """k-means++ labels with exactly ``k`` non-empty clusters, or a ModloraError saying why that is impossible."""
     from sklearn.cluster import KMeans
 
-    distinct = _distinct_rows(features)
-    if distinct < k:
-        raise ModloraError(f"cannot split {len(features)} experts into K={k} clusters: only {distinct} of them have "
-                           "distinct similarity rows; ask for a smaller K")
+    _require_distinct_rows(features, k)
     labels = KMeans(n_clusters=k, init="k-means++", n_init=n_init, random_state=seed).fit_predict(features)
     if len(np.unique(labels)) != k:  # pragma: no cover - sklearn relocates empty clusters when distinct >= k
         raise ModloraError(f"k-means returned {len(np.unique(labels))} non-empty clusters instead of K={k}")
@@ -721,9 +726,7 @@ def spectral_labels(similarity: np.ndarray, k: int, seed: int) -> np.ndarray:
     """Spectral clustering (Ng, Jordan & Weiss): k-means++ (``n_init=10``) on :func:`spectral_rows` with ``k``
     components; exactly ``k`` non-empty clusters or a ModloraError."""
     n = len(similarity)
-    if _distinct_rows(np.asarray(similarity)) < k:
-        raise ModloraError(f"cannot split {n} experts into K={k} clusters: only {_distinct_rows(similarity)} of them "
-                           "have distinct similarity rows; ask for a smaller K")
+    _require_distinct_rows(np.asarray(similarity), k)
     if k == n:
         return np.arange(n)
     return _kmeans_labels(spectral_rows(similarity, k, seed), k, seed)
@@ -834,19 +837,18 @@ def stability_scores(features: np.ndarray, ks: Sequence[int], seed: int, *, n_re
     return scores
 
 
-def _best_silhouette(candidates: range, labels_by_k: dict[int, np.ndarray],
-                     partition: Callable[[int], np.ndarray], silhouette: Callable[[np.ndarray], float | None],
-                     minimum: float) -> tuple[int, dict[int, float], str]:
-    """The candidate K whose partition (filled into ``labels_by_k``) has the best silhouette (ties: the smaller K):
-    ``(K, scores, "")``, or ``(1, scores, why)`` when no K has one or the best is below ``minimum``. A K that
-    ``partition`` cannot make (ModloraError: fewer distinct rows than K) is skipped."""
+def _best_silhouette(similarity: np.ndarray, candidates: range, seed: int, algorithm: Algorithm, minimum: float,
+                     labels_by_k: dict[int, np.ndarray]) -> tuple[int, dict[int, float], str]:
+    """The candidate K whose ``algorithm`` partition (:func:`partition_labels`, filled into ``labels_by_k``) has the
+    best :func:`partition_silhouette` (ties: the smaller K): ``(K, scores, "")``, or ``(1, scores, why)`` when no K
+    has one or the best is below ``minimum``. A K that cannot be made (fewer distinct rows than K) is skipped."""
     scores: dict[int, float] = {}
     for k in candidates:
         try:
-            labels_by_k[k] = partition(k)
+            labels_by_k[k] = partition_labels(similarity, k, seed, algorithm)
         except ModloraError:
             continue
-        score = silhouette(labels_by_k[k])
+        score = partition_silhouette(similarity, labels_by_k[k], algorithm)
         if score is not None:
             scores[k] = score
     if not scores:
@@ -863,9 +865,8 @@ def _choose_k(similarity: np.ndarray, criterion: str, lo: int, hi: int, seed: in
     """(K, scores by candidate K, k-means labels by K computed on the way, why-no-structure message or "")."""
     labels_by_k: dict[int, np.ndarray] = {}
     if criterion == "spectral":
-        best, scores, message = _best_silhouette(
-            range(lo, hi + 1), labels_by_k, lambda k: spectral_labels(similarity, k, seed),
-            lambda labels: cosine_distance_silhouette(similarity, labels), SPECTRAL_MIN_SILHOUETTE)
+        best, scores, message = _best_silhouette(similarity, range(lo, hi + 1), seed, "spectral",
+                                                 SPECTRAL_MIN_SILHOUETTE, labels_by_k)
         if message:
             return 1, scores, labels_by_k, message
         null = float(np.quantile(spectral_null_silhouettes(similarity, best, seed), 0.95))
@@ -889,9 +890,8 @@ def _choose_k(similarity: np.ndarray, criterion: str, lo: int, hi: int, seed: in
                                             f"{null:.3f})")
         return best, scores, labels_by_k, ""
     if criterion == "silhouette":
-        best, scores, message = _best_silhouette(
-            range(lo, hi + 1), labels_by_k, lambda k: _kmeans_labels(similarity, k, seed),
-            lambda labels: _silhouette(similarity, labels), SILHOUETTE_NO_STRUCTURE)
+        best, scores, message = _best_silhouette(similarity, range(lo, hi + 1), seed, "kmeans",
+                                                 SILHOUETTE_NO_STRUCTURE, labels_by_k)
         return best, scores, labels_by_k, message
     if criterion == "stability":
         scores = stability_scores(similarity, range(lo, hi + 1), seed)
