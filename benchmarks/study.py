@@ -30,8 +30,7 @@ def main() -> None:
     data = args.data or default_data_dir()
     if raw.get("train_tasks") == "ALL":
         raw["train_tasks"] = sorted(sni_task_files(data / "sni" / "tasks"))
-    raw["rows"] = [list(r) for r in raw["rows"]]
-    cfg = StudyConfig(**raw)
+    cfg = StudyConfig.from_mapping(raw, args.config)
     run_study(cfg, args.out or Path("runs") / cfg.name, device=args.device, data_dir=data)
 
 

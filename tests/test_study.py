@@ -6,10 +6,12 @@ import json
 from collections import Counter
 from pathlib import Path
 
+from sklearn.metrics import adjusted_rand_score
+
 from modlora.data import default_data_dir
 from modlora.errors import DataError
 from modlora.library import ExpertLibrary
-from modlora.study import StudyConfig, results_markdown, run_study
+from modlora.study import StudyConfig, paired_difference, results_markdown, run_study
 
 from .conftest import save_tiny_model, write_sni_task
 
@@ -31,6 +33,8 @@ def _model_and_data(tmp_path, n: int = 20, heldout_n: int = 20):
 def test_study_end_to_end_and_resume(tmp_path):
     model_dir, data = _model_and_data(tmp_path)
     train = TRAIN
+    families = tmp_path / "families.json"
+    families.write_text(json.dumps({"task1_a": "x", "task2_b": "x", "task3_c": "y", "task4_d": "y"}))
     (data / "eval").mkdir()
     (data / "eval" / "arc_easy.jsonl").write_text("\n".join(json.dumps(
         {"query": f"Question: a{i}?", "choices": ["aa", "b", "cc"], "gold": i % 3}) for i in range(5)))
@@ -44,7 +48,8 @@ def test_study_end_to_end_and_resume(tmp_path):
                             ["mbc", "arrow"], ["mbc-params", "arrow"], ["shared", "mu"], ["private", "lorahub"],
                             ["private", "arrow", {"top_k": 1}]],
                       choice_tasks=["arc_easy", "winogrande"], choice_limit=3, lorahub_shots=2, lorahub_budget=3,
-                      choice_rows=["base", "private/arrow", "private/oracle", "mbc/arrow"])
+                      choice_rows=["base", "private/arrow", "private/oracle", "mbc/arrow"],
+                      task_families=str(families))
     res = run_study(cfg, tmp_path / "out", device="cpu", data_dir=data)
     assert set(res["rows"]) == {"base", "private/mu", "private/arrow", "private/oracle", "mbc/arrow", "mbc-params/arrow",
                                 "shared/mu", "private/lorahub", "private/arrow[top_k=1]"}
@@ -70,6 +75,24 @@ def test_study_end_to_end_and_resume(tmp_path):
     assert (tmp_path / "out" / "results.png").read_bytes()[:4] == b"\x89PNG"
     table = results_markdown(res)
     assert "private/arrow" in table and "| arc_easy | winogrande |" in table and "average" in table
+    # paired differences across tasks, against a brute-force mean and standard error
+    a, b = res["rows"]["private/arrow"]["indist"], res["rows"]["base"]["indist"]
+    diffs = [a[t]["rougeL"] - b[t]["rougeL"] for t in train]
+    mean = sum(diffs) / 4
+    stderr = (sum((d - mean) ** 2 for d in diffs) / 3) ** 0.5 / 2
+    paired = paired_difference(res, "private/arrow", "base", "indist")
+    assert paired is not None and paired.n == 4
+    assert abs(paired.mean - mean) < 1e-12 and abs(paired.stderr - stderr) < 1e-12
+    assert paired_difference(res, "private/arrow", "base") is None  # one held-out task: nothing to pair over
+    assert "**Paired differences**" in table and f"| private/arrow | - | - | {paired.cell()} |" in table
+    # clustered libraries: K and the agreement with the task families (private and shared are not partitions)
+    assert set(res["partitions"]) == {"mbc", "mbc-params"}
+    for name, part in res["partitions"].items():
+        expert_of = {t: e for e, ts in res["libraries"][name]["experts"].items() for t in ts}
+        truth = [{"a": "x", "b": "x", "c": "y", "d": "y"}[t[-1]] for t in train]
+        assert part["k"] == 2 and sorted(t for c in part["clusters"] for t in c) == train
+        assert part["ari"] == adjusted_rand_score(truth, [expert_of[t] for t in train])
+    assert "**Clustered libraries**" in table and "| mbc | 2 |" in table
     # resume: every row and expert is reused
     again = run_study(cfg, tmp_path / "out", device="cpu", data_dir=data)
     assert again["rows"]["private/arrow"] == arrow
@@ -86,6 +109,9 @@ def test_study_config_rows_are_checked_before_anything_runs(tmp_path):
         path.write_text(json.dumps({"rows": rows}))
         with pytest.raises(ModloraError, match="row"):
             StudyConfig.from_json(path)
+    path.write_text(json.dumps({"task_families": str(tmp_path / "missing.json")}))
+    with pytest.raises(ModloraError, match="task_families: cannot read label file .*missing.json"):
+        StudyConfig.from_json(path)
     path.write_text(json.dumps({"share_mode": "cold"}))
     with pytest.raises(ModloraError, match="share_mode must be one of warm, residual"):
         StudyConfig.from_json(path)

@@ -38,7 +38,7 @@ import hashlib
 import json
 import os
 import warnings
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Hashable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -1090,21 +1090,27 @@ class ClusterQuality:
 
 
 def cluster_quality(result: ClusteringResult, labels: Mapping[str, str]) -> ClusterQuality:
-    """ARI (``sklearn.metrics.adjusted_rand_score``) and purity of ``result`` against ``labels`` (name → label)."""
+    """ARI and purity of ``result`` against ``labels`` (name → label); see :func:`partition_quality`."""
+    return partition_quality({name: result.assignment[name] for name in result.names}, labels)
+
+
+def partition_quality(assignment: Mapping[str, Hashable], labels: Mapping[str, str]) -> ClusterQuality:
+    """ARI (``sklearn.metrics.adjusted_rand_score``) and purity of a partition ``assignment`` (name → cluster)
+    against ``labels`` (name → label), over the names that have a label."""
     from sklearn.metrics import adjusted_rand_score
 
-    labelled = [name for name in result.names if name in labels]
+    labelled = [name for name in assignment if name in labels]
     if not labelled:
         raise DataError("none of the clustered experts has a reference label")
     truth = [str(labels[name]) for name in labelled]
-    found = [result.assignment[name] for name in labelled]
+    found = [assignment[name] for name in labelled]
     majority = 0
     for cluster in set(found):
         members = [t for t, f in zip(truth, found, strict=True) if f == cluster]
         majority += max(members.count(label) for label in set(members))
     return ClusterQuality(ari=float(adjusted_rand_score(truth, found)), purity=majority / len(labelled),
                           n_labelled=len(labelled), n_labels=len(set(truth)),
-                          unlabelled=[name for name in result.names if name not in labels])
+                          unlabelled=[name for name in assignment if name not in labels])
 
 
 def read_label_file(path: str | os.PathLike[str]) -> dict[str, str]:

@@ -44,14 +44,14 @@ from modlora.building import (
     build_semantic_library,
     build_shared_library,
 )
-from modlora.clustering import DEFAULT_FEATURES, Features, plot_clustering
+from modlora.clustering import DEFAULT_FEATURES, Features, partition_quality, plot_clustering, read_label_file
 from modlora.data import PromptFormatter, default_data_dir, encode_tasks, load_sni_tasks, split_instances
 from modlora.errors import ModloraError
 from modlora.evaluation.generation import generate_and_score
 from modlora.evaluation.indist import prompt_routing_accuracy
 from modlora.evaluation.rank_classification import evaluate_choice_tasks
 from modlora.evaluation.results import mean_and_stderr
-from modlora.experts import DEFAULT_SHARE_MODE, SHARE_MODES, ShareMode
+from modlora.experts import DEFAULT_SHARE_MODE, SHARE_MODES, ShareInfo, ShareMode
 from modlora.io import atomic_write_bytes, atomic_write_json
 from modlora.library import ExpertLibrary
 from modlora.methods import REGISTRY
@@ -102,6 +102,9 @@ class StudyConfig:
     choice_rows: list[str] | None = None
     """Row keys (:func:`row_key`, e.g. ``"private/arrow"``) scored on the benchmarks; ``None``: every row."""
     examples_per_expert: int = 16
+    task_families: str | None = None
+    """A label file (JSON ``{task: family}`` or CSV ``task,family``) to score every clustered library's partition
+    of the training tasks against: adjusted Rand index and purity (``None``: the number of clusters only)."""
     lorahub_shots: int = 5
     lorahub_budget: int = 40
     seed: int = 0
@@ -112,9 +115,18 @@ class StudyConfig:
             raw = json.loads(Path(path).read_text())
         except (OSError, json.JSONDecodeError) as exc:
             raise ModloraError(f"{path}: cannot read study config ({exc})") from None
+        return cls.from_mapping(raw, path)
+
+    @classmethod
+    def from_mapping(cls, raw: Mapping[str, Any], path: str | Path) -> StudyConfig:
+        """The config of a JSON object read from ``path``: unknown settings refused, ``task_families`` taken
+        relative to the config's folder, then :meth:`validate`."""
         unknown = sorted(set(raw) - set(cls.__dataclass_fields__))
         if unknown:
             raise ModloraError(f"{path}: unknown study setting(s): {', '.join(unknown)}")
+        raw = dict(raw)
+        if raw.get("task_families"):
+            raw["task_families"] = str(Path(path).parent / raw["task_families"])
         cfg = cls(**raw)
         cfg.validate(str(path))
         return cfg
@@ -130,6 +142,11 @@ class StudyConfig:
                 self.row_options(row, Path("."))
             except ModloraError as exc:
                 raise ModloraError(f"{source}: row {row}: {exc}") from None
+        if self.task_families is not None:
+            try:
+                read_label_file(self.task_families)
+            except ModloraError as exc:
+                raise ModloraError(f"{source}: task_families: {exc}") from None
         if self.choice_rows is not None:
             keys = {row_key(row) for row in self.rows}
             unknown = [key for key in self.choice_rows if key not in keys]
@@ -213,6 +230,7 @@ def build_libraries(cfg: StudyConfig, out: Path, device: str | None, console: Co
                 share_fraction=cfg.share_fraction if name == "semantic-share" else None,
                 share_mode=cfg.share_mode)
             console.print(f"[bold]{name}[/]: K={clustering.k} clusters {clustering.clusters}")
+            atomic_write_bytes(out / f"{name}_clusters.json", clustering.to_json().encode())
     for name in ("poly", "mhr"):
         if name in cfg.libraries:
             console.print(f"[bold]{name} library[/]: {cfg.skills} skills")
@@ -232,6 +250,35 @@ def training_compute(lib: ExpertLibrary) -> dict[str, float]:
     tokens = sum(float(lib.entry(n).metrics.get("train_tokens", 0)) for n in lib.expert_names())
     seconds = sum(float(lib.entry(n).metrics.get("train_seconds", 0)) for n in lib.expert_names())
     return {"train_tokens": tokens, "train_seconds": seconds}
+
+
+@dataclass(frozen=True)
+class TaskPartition:
+    """How a clustered library (MBC, semantic, random) splits the training tasks: ``k`` routed experts (a
+    ``--share`` library's shared expert left out), ``clusters`` their task lists, and against reference task
+    families (when given) the adjusted Rand index ``ari`` and ``purity``."""
+
+    k: int
+    clusters: list[list[str]]
+    ari: float | None = None
+    purity: float | None = None
+
+
+def task_partition(lib: ExpertLibrary, tasks: Sequence[str], families: Mapping[str, str] | None
+                   ) -> TaskPartition | None:
+    """The library's partition of ``tasks`` when its routed experts cover each task exactly once with fewer
+    experts than tasks (a clustered library); ``None`` otherwise (private, shared, Poly/MHR skills)."""
+    share = ShareInfo.of(lib)
+    names = share.routed(lib.expert_names()) if share else lib.expert_names()
+    expert_of = {task: name for name in names for task in lib.tasks(name)}
+    covered = sorted(t for name in names for t in lib.tasks(name))
+    if not 1 < len(names) < len(tasks) or covered != sorted(tasks):
+        return None
+    clusters = [list(lib.tasks(name)) for name in names]
+    if families is None:
+        return TaskPartition(len(names), clusters)
+    quality = partition_quality(expert_of, families)
+    return TaskPartition(len(names), clusters, quality.ari, quality.purity)
 
 
 def _heldout(cfg: StudyConfig, data_dir: Path) -> dict[str, Any]:
@@ -374,6 +421,9 @@ def run_study(cfg: StudyConfig, out: Path, *, device: str | None = None, data_di
     for name, lib in libs.items():
         results["libraries"][name] = {"path": str(lib.path), "experts": {n: lib.tasks(n) for n in lib.expert_names()},
                                       **training_compute(lib)}
+    families = read_label_file(cfg.task_families) if cfg.task_families else None
+    results["partitions"] = {name: asdict(part) for name, lib in libs.items()
+                             if (part := task_partition(lib, cfg.train_tasks, families)) is not None}
     for name in MBC_FEATURES:
         if name in libs and cfg.mbc_reuses_private:  # MBC's stage 1 is part of its cost
             p = results["libraries"]["private"]
@@ -402,6 +452,66 @@ def run_study(cfg: StudyConfig, out: Path, *, device: str | None = None, data_di
     plot_results(results, out / "results.png")
     print_study_results(results, console)
     return results
+
+
+@dataclass(frozen=True)
+class PairedDifference:
+    """Row ``row`` minus row ``reference`` in Rouge-L on each task both scored (``part``: ``heldout`` or
+    ``indist``): the mean difference ± its standard error across the ``n`` tasks (sd / √n, ddof 1)."""
+
+    row: str
+    reference: str
+    part: str
+    mean: float
+    stderr: float
+    n: int
+
+    @property
+    def z(self) -> float:
+        """The difference in standard errors (NaN when the standard error is 0)."""
+        return self.mean / self.stderr if self.stderr > 0 else math.nan
+
+    def cell(self) -> str:
+        """``+3.2 ± 1.1 (2.9 s.e.)`` in Rouge-L points."""
+        z = f" ({self.z:+.1f} s.e.)" if not math.isnan(self.z) else ""
+        return f"{100 * self.mean:+.1f} ± {100 * self.stderr:.1f}{z}"
+
+
+def paired_difference(results: Mapping[str, Any], row: str, reference: str, part: str = "heldout"
+                      ) -> PairedDifference | None:
+    """:class:`PairedDifference` of two result rows over the tasks both scored; ``None`` with fewer than two."""
+    a = results["rows"].get(row, {}).get(part) or {}
+    b = results["rows"].get(reference, {}).get(part) or {}
+    common = sorted(set(a) & set(b))
+    if len(common) < 2:
+        return None
+    mean, stderr = mean_and_stderr([a[t]["rougeL"] - b[t]["rougeL"] for t in common])
+    return PairedDifference(row, reference, part, mean, stderr, len(common))
+
+
+PAIRED_HEADERS = ["row", "held-out − base", "held-out − μ", "in-dist − base"]
+
+
+def _paired_cells(results: Mapping[str, Any]) -> list[list[str]]:
+    """Per row (but the base): its held-out Rouge-L minus the base's and minus its library's μ, and its
+    in-distribution Rouge-L minus the base's, as paired differences across tasks."""
+    out = []
+    for key, row in results["rows"].items():
+        if key == "base":
+            continue
+        mu = f"{row.get('library')}/mu"
+        diffs = [paired_difference(results, key, "base"),
+                 paired_difference(results, key, mu) if key != mu else None,
+                 paired_difference(results, key, "base", "indist")]
+        if any(diffs):
+            out.append([key, *(d.cell() if d else "-" for d in diffs)])
+    return out
+
+
+def _partition_rows(results: Mapping[str, Any]) -> list[list[str]]:
+    return [[name, str(p["k"]), f"{p['ari']:.2f}" if p.get("ari") is not None else "-",
+             f"{p['purity']:.2f}" if p.get("purity") is not None else "-"]
+            for name, p in (results.get("partitions") or {}).items()]
 
 
 def _fmt(m: Any) -> str:
@@ -439,14 +549,28 @@ def _row_cells(key: str, row: Mapping[str, Any], results: Mapping[str, Any]) -> 
 
 
 def results_markdown(results: Mapping[str, Any]) -> str:
-    headers = _headers(results)
+    """The results table, then the paired differences across tasks and the clustered libraries' partitions."""
+    text = _markdown_table(_headers(results), [_row_cells(k, r, results) for k, r in results["rows"].items()])
+    text += ("\nBenchmarks: rank-classification accuracy with per-character length normalisation (acc_norm), in %; "
+             "Rouge-L in %; mean ± standard error over examples (the average's s.e. propagated from its columns). "
+             "Train tokens/s: the library's training compute (MBC includes its stage 1); infer tok/s: generation "
+             "throughput.\n")
+    paired = _paired_cells(results)
+    if paired:
+        text += ("\n**Paired differences** in Rouge-L points: per task, the row's mean minus the reference row's "
+                 "mean on the same examples; mean ± standard error across tasks (in brackets: the difference in "
+                 "standard errors).\n\n" + _markdown_table(PAIRED_HEADERS, paired))
+    parts = _partition_rows(results)
+    if parts:
+        text += ("\n**Clustered libraries**: K routed experts and, against the task families "
+                 f"(`{results['config'].get('task_families')}`), adjusted Rand index and purity.\n\n"
+                 + _markdown_table(["library", "K", "ARI", "purity"], parts))
+    return text
+
+
+def _markdown_table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
     lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
-    for key, row in results["rows"].items():
-        lines.append("| " + " | ".join(_row_cells(key, row, results)) + " |")
-    return "\n".join(lines) + ("\n\nBenchmarks: rank-classification accuracy with per-character length normalisation "
-                               "(acc_norm), in %; Rouge-L in %; mean ± standard error over examples (the average's "
-                               "s.e. propagated from its columns). Train tokens/s: the library's training compute "
-                               "(MBC includes its stage 1); infer tok/s: generation throughput.\n")
+    return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in rows]) + "\n"
 
 
 def plot_results(results: Mapping[str, Any], path_png: Path) -> Path:
@@ -492,3 +616,17 @@ def print_study_results(results: Mapping[str, Any], console: Console) -> None:
     for key, row in results["rows"].items():
         table.add_row(*_row_cells(key, row, results))
     console.print(table)
+    paired = _paired_cells(results)
+    if paired:
+        table = folding_table("paired differences across tasks (Rouge-L points, mean ± s.e.)", PAIRED_HEADERS,
+                              right=PAIRED_HEADERS[1:])
+        for cells in paired:
+            table.add_row(*cells)
+        console.print(table)
+    parts = _partition_rows(results)
+    if parts:
+        table = folding_table("clustered libraries vs the task families", ["library", "K", "ARI", "purity"],
+                              right=["K", "ARI", "purity"])
+        for cells in parts:
+            table.add_row(*cells)
+        console.print(table)
