@@ -185,3 +185,21 @@ def test_study_builds_semantic_poly_mhr_and_shared_libraries(tmp_path):
     assert set(libs["poly"]["experts"]) == {"skill0", "skill1"} and "shared" in libs["mbc-share"]["experts"]
     assert ExpertLibrary(libs["mbc-share"]["path"]).load_meta("share")["mode"] == "residual"
     assert sorted(t for ts in libs["semantic"]["experts"].values() for t in ts) == train
+
+
+def test_study_paired_script_reproduces_the_committed_cpu_small_differences():
+    """``benchmarks/study_paired.py`` on the committed cpu-small results gives docs/study.md's paired figures."""
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    out = subprocess.run([sys.executable, str(root / "benchmarks" / "study_paired.py"),
+                          str(root / "benchmarks" / "results" / "study_cpu_small.json"),
+                          "private/arrow:private/mu", "private/arrow:base", "--parts", "heldout", "indist"],
+                         capture_output=True, text=True, check=True).stdout
+    assert "| private/arrow − private/mu | heldout | 20 | +4.5 ± 2.1 | +2.2 |" in out
+    assert "| private/arrow − base | indist | 24 | +12.4 ± 5.3 | +2.4 |" in out
+    bad = subprocess.run([sys.executable, str(root / "benchmarks" / "study_paired.py"),
+                          str(root / "benchmarks" / "results" / "study_cpu_small.json"), "private/arrow:nope"],
+                         capture_output=True, text=True)
+    assert bad.returncode == 2 and "nope: not rows of" in bad.stderr

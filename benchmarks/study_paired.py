@@ -1,0 +1,46 @@
+"""Paired differences between any two rows of a study's ``results.json``, as a Markdown table.
+
+Per task, row A's mean Rouge-L minus row B's on the same examples; the mean over the tasks both scored ± the standard
+error across tasks (:func:`modlora.study.paired_difference`)::
+
+    python benchmarks/study_paired.py runs/cpu-medium/results.json mbc/arrow:private/arrow random/arrow:mbc/arrow \\
+        --parts heldout indist
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from modlora.study import paired_difference
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("results", type=Path, help="a study's results.json")
+    ap.add_argument("pairs", nargs="+", help="ROW_A:ROW_B (row keys as in results.md, e.g. private/arrow:base)")
+    ap.add_argument("--parts", nargs="+", default=["heldout"], choices=["heldout", "indist"],
+                    help="held-out SNI and/or in-distribution Rouge-L (default: heldout)")
+    args = ap.parse_args()
+    pairs = []
+    for pair in args.pairs:
+        a, sep, b = pair.partition(":")
+        if not sep or not a or not b:
+            ap.error(f"{pair!r}: expected ROW_A:ROW_B")
+        pairs.append((a, b))
+    results = json.loads(args.results.read_text())
+    unknown = sorted({r for p in pairs for r in p} - set(results["rows"]))
+    if unknown:
+        ap.error(f"{', '.join(unknown)}: not rows of {args.results} (rows: {', '.join(results['rows'])})")
+    print("| A − B | split | tasks | difference (Rouge-L points) | in s.e. |")
+    print("|---|---|---:|---:|---:|")
+    for a, b in pairs:
+        for part in args.parts:
+            d = paired_difference(results, a, b, part)
+            if d is not None:
+                print(f"| {a} − {b} | {part} | {d.n} | {100 * d.mean:+.1f} ± {100 * d.stderr:.1f} | {d.z:+.1f} |")
+
+
+if __name__ == "__main__":
+    main()
