@@ -7,7 +7,8 @@ micro-batches as the trainer does; in each micro-batch the longest common token 
     PYTHONPATH=src python benchmarks/prefix_savings.py --out benchmarks/results/prefix_savings
 
 writes ``<out>.json`` and ``<out>.md``: the share of prompt tokens and of all tokens saved, overall and the median
-over tasks, for several batch sizes and prompt caps.
+over tasks, and the tokens per example (prompt + target) before and after sharing, for several batch sizes and
+prompt caps.
 """
 
 from __future__ import annotations
@@ -41,7 +42,7 @@ def main() -> None:
         encoded = {n: encode_tasks(fmt, {n: t}, "train", max_per_task=args.examples_per_task)
                    for n, t in tasks.items()}
         for bs in [int(x) for x in args.batch_sizes.split(",")]:
-            per_task, saved_all, prompt_all, tokens_all = [], 0, 0, 0
+            per_task, saved_all, prompt_all, tokens_all, examples = [], 0, 0, 0, 0
             for exs in encoded.values():
                 saved = sum((len(b) - 1) * shared_prefix_length(b) for b in length_grouped_batches(exs, bs, seed=0))
                 prompt = sum(len(e.prompt_ids) for e in exs)
@@ -49,17 +50,22 @@ def main() -> None:
                 saved_all += saved
                 prompt_all += prompt
                 tokens_all += sum(e.length for e in exs)
+                examples += len(exs)
             rows.append({"max_prompt_tokens": cap, "batch_size": bs, "tasks": len(encoded),
                          "prompt_tokens_saved": saved_all / prompt_all, "all_tokens_saved": saved_all / tokens_all,
-                         "median_task_prompt_tokens_saved": statistics.median(per_task)})
+                         "median_task_prompt_tokens_saved": statistics.median(per_task),
+                         "tokens_per_example": tokens_all / examples,
+                         "computed_tokens_per_example": (tokens_all - saved_all) / examples})
     command = " ".join(["python", *sys.argv])
     args.out.parent.mkdir(parents=True, exist_ok=True)
     Path(f"{args.out}.json").write_text(json.dumps({"command": command, "rows": rows}, indent=2) + "\n")
     lines = [f"`{command}`", "", f"{rows[0]['tasks']} SNI tasks, {args.examples_per_task} training examples each.", "",
-             "| max prompt tokens | batch per expert | prompt tokens saved | median over tasks | all tokens saved |",
-             "|---|---|---|---|---|"]
+             "| max prompt tokens | batch per expert | prompt tokens saved | median over tasks | all tokens saved "
+             "| tokens per example | computed per example |",
+             "|---|---|---|---|---|---|---|"]
     lines += [f"| {r['max_prompt_tokens']} | {r['batch_size']} | {100 * r['prompt_tokens_saved']:.1f} % | "
-              f"{100 * r['median_task_prompt_tokens_saved']:.1f} % | {100 * r['all_tokens_saved']:.1f} % |" for r in rows]
+              f"{100 * r['median_task_prompt_tokens_saved']:.1f} % | {100 * r['all_tokens_saved']:.1f} % | "
+              f"{r['tokens_per_example']:.0f} | {r['computed_tokens_per_example']:.0f} |" for r in rows]
     Path(f"{args.out}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
