@@ -472,7 +472,7 @@ class PairedDifference:
         return self.mean / self.stderr if self.stderr > 0 else math.nan
 
     def cell(self) -> str:
-        """``+3.2 ± 1.1 (2.9 s.e.)`` in Rouge-L points."""
+        """``+3.2 ± 1.1 (+2.9 s.e.)`` in Rouge-L points."""
         z = f" ({self.z:+.1f} s.e.)" if not math.isnan(self.z) else ""
         return f"{100 * self.mean:+.1f} ± {100 * self.stderr:.1f}{z}"
 
