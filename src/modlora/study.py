@@ -270,14 +270,12 @@ def task_partition(lib: ExpertLibrary, tasks: Sequence[str], families: Mapping[s
     experts than tasks (a clustered library); ``None`` otherwise (private, shared, Poly/MHR skills)."""
     share = ShareInfo.of(lib)
     names = share.routed(lib.expert_names()) if share else lib.expert_names()
-    expert_of = {task: name for name in names for task in lib.tasks(name)}
-    covered = sorted(t for name in names for t in lib.tasks(name))
-    if not 1 < len(names) < len(tasks) or covered != sorted(tasks):
-        return None
     clusters = [list(lib.tasks(name)) for name in names]
+    if not 1 < len(names) < len(tasks) or sorted(t for c in clusters for t in c) != sorted(tasks):
+        return None
     if families is None:
         return TaskPartition(len(names), clusters)
-    quality = partition_quality(expert_of, families)
+    quality = partition_quality({t: name for name, c in zip(names, clusters, strict=True) for t in c}, families)
     return TaskPartition(len(names), clusters, quality.ari, quality.purity)
 
 
@@ -490,6 +488,7 @@ def paired_difference(results: Mapping[str, Any], row: str, reference: str, part
 
 
 PAIRED_HEADERS = ["row", "held-out − base", "held-out − μ", "in-dist − base"]
+PARTITION_HEADERS = ["library", "K", "ARI", "purity"]
 
 
 def _paired_cells(results: Mapping[str, Any]) -> list[list[str]]:
@@ -564,7 +563,7 @@ def results_markdown(results: Mapping[str, Any]) -> str:
     if parts:
         text += ("\n**Clustered libraries**: K routed experts and, against the task families "
                  f"(`{results['config'].get('task_families')}`), adjusted Rand index and purity.\n\n"
-                 + _markdown_table(["library", "K", "ARI", "purity"], parts))
+                 + _markdown_table(PARTITION_HEADERS, parts))
     return text
 
 
@@ -616,17 +615,11 @@ def print_study_results(results: Mapping[str, Any], console: Console) -> None:
     for key, row in results["rows"].items():
         table.add_row(*_row_cells(key, row, results))
     console.print(table)
-    paired = _paired_cells(results)
-    if paired:
-        table = folding_table("paired differences across tasks (Rouge-L points, mean ± s.e.)", PAIRED_HEADERS,
-                              right=PAIRED_HEADERS[1:])
-        for cells in paired:
-            table.add_row(*cells)
-        console.print(table)
-    parts = _partition_rows(results)
-    if parts:
-        table = folding_table("clustered libraries vs the task families", ["library", "K", "ARI", "purity"],
-                              right=["K", "ARI", "purity"])
-        for cells in parts:
-            table.add_row(*cells)
-        console.print(table)
+    for title, headers, rows in (
+            ("paired differences across tasks (Rouge-L points, mean ± s.e.)", PAIRED_HEADERS, _paired_cells(results)),
+            ("clustered libraries vs the task families", PARTITION_HEADERS, _partition_rows(results))):
+        if rows:
+            table = folding_table(title, headers, right=headers[1:])
+            for cells in rows:
+                table.add_row(*cells)
+            console.print(table)
