@@ -1,7 +1,7 @@
 """Paired differences between any two rows of a study's ``results.json``, as a Markdown table.
 
-Per task, row A's mean Rouge-L minus row B's on the same examples; the mean over the tasks both scored ± the standard
-error across tasks (:func:`modlora.study.paired_difference`)::
+Per task, row A's mean Rouge-L (``--parts choice``: acc_norm per benchmark set) minus row B's on the same examples;
+the mean over the tasks both scored ± the standard error across tasks (:func:`modlora.study.paired_difference`)::
 
     python benchmarks/study_paired.py runs/cpu-medium/results.json mbc/arrow:private/arrow random/arrow:mbc/arrow \\
         --parts heldout indist
@@ -13,15 +13,16 @@ import argparse
 import json
 from pathlib import Path
 
-from modlora.study import paired_difference
+from modlora.study import PAIRED_METRICS, paired_difference
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("results", type=Path, help="a study's results.json")
     ap.add_argument("pairs", nargs="+", help="ROW_A:ROW_B (row keys as in results.md, e.g. private/arrow:base)")
-    ap.add_argument("--parts", nargs="+", default=["heldout"], choices=["heldout", "indist"],
-                    help="held-out SNI and/or in-distribution Rouge-L (default: heldout)")
+    ap.add_argument("--parts", nargs="+", default=["heldout"], choices=list(PAIRED_METRICS),
+                    help="held-out SNI / in-distribution Rouge-L, or choice: acc_norm over the benchmark sets "
+                         "(default: heldout)")
     args = ap.parse_args()
     pairs = []
     for pair in args.pairs:
@@ -33,7 +34,7 @@ def main() -> None:
     unknown = sorted({r for p in pairs for r in p} - set(results["rows"]))
     if unknown:
         ap.error(f"{', '.join(unknown)}: not rows of {args.results} (rows: {', '.join(results['rows'])})")
-    print("| A − B | split | tasks | difference (Rouge-L points) | in s.e. |")
+    print("| A − B | split | tasks | difference (points of Rouge-L, or acc_norm for choice) | in s.e. |")
     print("|---|---|---:|---:|---:|")
     for a, b in pairs:
         for part in args.parts:

@@ -6,6 +6,7 @@ import json
 from collections import Counter
 from pathlib import Path
 
+import numpy as np
 from sklearn.metrics import adjusted_rand_score
 
 from modlora.data import default_data_dir
@@ -199,6 +200,14 @@ def test_study_paired_script_reproduces_the_committed_cpu_small_differences():
                          capture_output=True, text=True, check=True).stdout
     assert "| private/arrow − private/mu | heldout | 20 | +4.5 ± 2.1 | +2.2 |" in out
     assert "| private/arrow − base | indist | 24 | +12.4 ± 5.3 | +2.4 |" in out
+    rows = json.loads((root / "benchmarks" / "results" / "study_cpu_small.json").read_text())["rows"]
+    diffs = [rows["mbc/arrow"]["choice"][s]["acc_norm"] - rows["base"]["choice"][s]["acc_norm"]
+             for s in rows["base"]["choice"]]  # brute force: mean ± sd/√n over the seven sets
+    mean, stderr = float(np.mean(diffs)), float(np.std(diffs, ddof=1) / np.sqrt(len(diffs)))
+    choice = subprocess.run([sys.executable, str(root / "benchmarks" / "study_paired.py"),
+                             str(root / "benchmarks" / "results" / "study_cpu_small.json"), "mbc/arrow:base",
+                             "--parts", "choice"], capture_output=True, text=True, check=True).stdout
+    assert f"| mbc/arrow − base | choice | 7 | {100 * mean:+.1f} ± {100 * stderr:.1f} |" in choice
     bad = subprocess.run([sys.executable, str(root / "benchmarks" / "study_paired.py"),
                           str(root / "benchmarks" / "results" / "study_cpu_small.json"), "private/arrow:nope"],
                          capture_output=True, text=True)

@@ -58,7 +58,7 @@ from modlora.methods import REGISTRY
 from modlora.methods.core import MethodOptions, TrainingDataOptions
 from modlora.models import DEFAULT_MODEL, LoadedModel, load_base_model
 from modlora.reuse import prepare_model
-from modlora.tables import folding_table
+from modlora.tables import print_split_table
 from modlora.training import TrainConfig
 
 LORAHUB_ROW = "lorahub"  # the few-shot row: not a zero-shot reuse method, so not in the registry
@@ -454,8 +454,9 @@ def run_study(cfg: StudyConfig, out: Path, *, device: str | None = None, data_di
 
 @dataclass(frozen=True)
 class PairedDifference:
-    """Row ``row`` minus row ``reference`` in Rouge-L on each task both scored (``part``: ``heldout`` or
-    ``indist``): the mean difference ± its standard error across the ``n`` tasks (sd / √n, ddof 1)."""
+    """Row ``row`` minus row ``reference`` on each task both scored: Rouge-L for ``part`` ``heldout`` or ``indist``,
+    acc_norm per benchmark set for ``choice``; the mean difference ± its standard error across the ``n`` tasks
+    (sd / √n, ddof 1)."""
 
     row: str
     reference: str
@@ -470,9 +471,13 @@ class PairedDifference:
         return self.mean / self.stderr if self.stderr > 0 else math.nan
 
     def cell(self) -> str:
-        """``+3.2 ± 1.1 (+2.9 s.e.)`` in Rouge-L points."""
+        """``+3.2 ± 1.1 (+2.9 s.e.)`` in Rouge-L (or accuracy) points."""
         z = f" ({self.z:+.1f} s.e.)" if not math.isnan(self.z) else ""
         return f"{100 * self.mean:+.1f} ± {100 * self.stderr:.1f}{z}"
+
+
+PAIRED_METRICS = {"heldout": "rougeL", "indist": "rougeL", "choice": "acc_norm"}
+"""The per-task score :func:`paired_difference` pairs, by part of a result row."""
 
 
 def paired_difference(results: Mapping[str, Any], row: str, reference: str, part: str = "heldout"
@@ -483,17 +488,19 @@ def paired_difference(results: Mapping[str, Any], row: str, reference: str, part
     common = sorted(set(a) & set(b))
     if len(common) < 2:
         return None
-    mean, stderr = mean_and_stderr([a[t]["rougeL"] - b[t]["rougeL"] for t in common])
+    metric = PAIRED_METRICS[part]
+    mean, stderr = mean_and_stderr([a[t][metric] - b[t][metric] for t in common])
     return PairedDifference(row, reference, part, mean, stderr, len(common))
 
 
-PAIRED_HEADERS = ["row", "held-out − base", "held-out − μ", "in-dist − base"]
+PAIRED_HEADERS = ["row", "held-out − base", "held-out − μ", "in-dist − base", "benchmarks − base"]
 PARTITION_HEADERS = ["library", "K", "ARI", "purity"]
 
 
 def _paired_cells(results: Mapping[str, Any]) -> list[list[str]]:
-    """Per row (but the base): its held-out Rouge-L minus the base's and minus its library's μ, and its
-    in-distribution Rouge-L minus the base's, as paired differences across tasks."""
+    """Per row (but the base): its held-out Rouge-L minus the base's and minus its library's μ, its
+    in-distribution Rouge-L minus the base's and its benchmark acc_norm minus the base's, as paired differences
+    across tasks (benchmark sets for the last)."""
     out = []
     for key, row in results["rows"].items():
         if key == "base":
@@ -501,7 +508,8 @@ def _paired_cells(results: Mapping[str, Any]) -> list[list[str]]:
         mu = f"{row.get('library')}/mu"
         diffs = [paired_difference(results, key, "base"),
                  paired_difference(results, key, mu) if key != mu else None,
-                 paired_difference(results, key, "base", "indist")]
+                 paired_difference(results, key, "base", "indist"),
+                 paired_difference(results, key, "base", "choice")]
         if any(diffs):
             out.append([key, *(d.cell() if d else "-" for d in diffs)])
     return out
@@ -556,9 +564,9 @@ def results_markdown(results: Mapping[str, Any]) -> str:
              "throughput.\n")
     paired = _paired_cells(results)
     if paired:
-        text += ("\n**Paired differences** in Rouge-L points: per task, the row's mean minus the reference row's "
-                 "mean on the same examples; mean ± standard error across tasks (in brackets: the difference in "
-                 "standard errors).\n\n" + _markdown_table(PAIRED_HEADERS, paired))
+        text += ("\n**Paired differences** in Rouge-L points (benchmarks: acc_norm points): per task (benchmark "
+                 "set), the row's mean minus the reference row's mean on the same examples; mean ± standard error "
+                 "across tasks (in brackets: the difference in standard errors).\n\n" + _markdown_table(PAIRED_HEADERS, paired))
     parts = _partition_rows(results)
     if parts:
         text += ("\n**Clustered libraries**: K routed experts and, against the task families "
@@ -609,17 +617,11 @@ def plot_results(results: Mapping[str, Any], path_png: Path) -> Path:
 
 
 def print_study_results(results: Mapping[str, Any], console: Console) -> None:
-    """The study's table (rows × columns of :func:`results_markdown`), names folded to fit the terminal."""
-    headers = _headers(results)
-    table = folding_table("results (%, mean ± s.e.)", headers, right=headers[1:])
-    for key, row in results["rows"].items():
-        table.add_row(*_row_cells(key, row, results))
-    console.print(table)
+    """The tables of :func:`results_markdown`, each split into column groups that fit the terminal."""
     for title, headers, rows in (
-            ("paired differences across tasks (Rouge-L points, mean ± s.e.)", PAIRED_HEADERS, _paired_cells(results)),
+            ("results (%, mean ± s.e.)", _headers(results), [_row_cells(k, r, results) for k, r in results["rows"].items()]),
+            ("paired differences across tasks (Rouge-L / acc_norm points, mean ± s.e.)", PAIRED_HEADERS,
+             _paired_cells(results)),
             ("clustered libraries vs the task families", PARTITION_HEADERS, _partition_rows(results))):
         if rows:
-            table = folding_table(title, headers, right=headers[1:])
-            for cells in rows:
-                table.add_row(*cells)
-            console.print(table)
+            print_split_table(console, title, headers, rows, right=headers[1:])

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from rich.console import Console
 from rich.table import Table
 
 
@@ -18,3 +19,32 @@ def folding_table(title: str, columns: Sequence[str], *, right: Sequence[str] = 
         else:
             table.add_column(col, overflow="fold", min_width=8)
     return table
+
+
+def _column_width(header: str, cells: Sequence[str]) -> int:
+    """Room a column needs without cutting a cell: its widest cell or header word, plus padding and border."""
+    return max([len(c) for c in cells] + [len(w) for w in header.split()] + [1]) + 3
+
+
+def print_split_table(console: Console, title: str, columns: Sequence[str], rows: Sequence[Sequence[str]], *,
+                      right: Sequence[str] = ()) -> None:
+    """Print ``rows`` as one :func:`folding_table`, or, when their cells do not fit ``console.width`` side by side,
+    as several tables that each repeat the first (key) column and take, in order, as many of the other columns as
+    fit; every cell is whole (headers wrap at spaces), so a table of many columns stays readable at 80 columns."""
+    key_width = _column_width(columns[0], [r[0] for r in rows]) + 1
+    groups: list[list[int]] = [[]]
+    used = key_width
+    for i in range(1, len(columns)):
+        width = _column_width(columns[i], [r[i] for r in rows])
+        if groups[-1] and used + width > console.width:
+            groups.append([])
+            used = key_width
+        groups[-1].append(i)
+        used += width
+    for part, group in enumerate(groups, 1):
+        suffix = f" ({part}/{len(groups)})" if len(groups) > 1 else ""
+        table = folding_table(title + suffix, [columns[0], *(columns[i] for i in group)], right=right)
+        table.columns[0].no_wrap = key_width <= console.width // 2  # keys stay on one line unless very long
+        for row in rows:
+            table.add_row(row[0], *(row[i] for i in group))
+        console.print(table)
