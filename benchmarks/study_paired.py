@@ -5,6 +5,8 @@ the mean over the tasks both scored ± the standard error across tasks (:func:`m
 
     python benchmarks/study_paired.py runs/cpu-medium/results.json mbc/arrow:private/arrow random/arrow:mbc/arrow \\
         --parts heldout indist
+
+``--per-task`` adds, for each pair and split, every task's two scores and their difference (largest first).
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ def main() -> None:
     ap.add_argument("--parts", nargs="+", default=["heldout"], choices=list(PAIRED_METRICS),
                     help="held-out SNI / in-distribution Rouge-L, or choice: acc_norm over the benchmark sets "
                          "(default: heldout)")
+    ap.add_argument("--per-task", action="store_true", help="also list each task's scores and difference")
     args = ap.parse_args()
     pairs = []
     for pair in args.pairs:
@@ -41,6 +44,18 @@ def main() -> None:
             d = paired_difference(results, a, b, part)
             if d is not None:
                 print(f"| {a} − {b} | {part} | {d.n} | {100 * d.mean:+.1f} ± {100 * d.stderr:.1f} | {d.z:+.1f} |")
+    if args.per_task:
+        for a, b in pairs:
+            for part in args.parts:
+                metric = PAIRED_METRICS[part]
+                row_a, row_b = results["rows"][a].get(part) or {}, results["rows"][b].get(part) or {}
+                scores = sorted(((row_a[t][metric], row_b[t][metric], t) for t in set(row_a) & set(row_b)),
+                                key=lambda s: s[1] - s[0])
+                if scores:
+                    print(f"\n{a} − {b}, {part}, per task ({metric}, %):\n")
+                    print(f"| task | {a} | {b} | difference |\n|---|---:|---:|---:|")
+                    for x, y, task in scores:
+                        print(f"| {task} | {100 * x:.1f} | {100 * y:.1f} | {100 * (x - y):+.1f} |")
 
 
 if __name__ == "__main__":

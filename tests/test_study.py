@@ -208,6 +208,13 @@ def test_study_paired_script_reproduces_the_committed_cpu_small_differences():
                              str(root / "benchmarks" / "results" / "study_cpu_small.json"), "mbc/arrow:base",
                              "--parts", "choice"], capture_output=True, text=True, check=True).stdout
     assert f"| mbc/arrow − base | choice | 7 | {100 * mean:+.1f} ± {100 * stderr:.1f} |" in choice
+    per_task = subprocess.run([sys.executable, str(root / "benchmarks" / "study_paired.py"),
+                               str(root / "benchmarks" / "results" / "study_cpu_small.json"), "mbc/arrow:base",
+                               "--parts", "choice", "--per-task"], capture_output=True, text=True, check=True).stdout
+    listed = [line.split(" | ") for line in per_task.splitlines() if line.startswith(("| arc", "| b", "| h", "| o",
+                                                                                      "| p", "| w"))]
+    assert len(listed) == 7 and [float(c[3].rstrip(" |")) for c in listed] == sorted(
+        (round(100 * d, 1) for d in diffs), reverse=True)  # every set, largest difference first
     bad = subprocess.run([sys.executable, str(root / "benchmarks" / "study_paired.py"),
                           str(root / "benchmarks" / "results" / "study_cpu_small.json"), "private/arrow:nope"],
                          capture_output=True, text=True)
