@@ -6,6 +6,8 @@ the mean over the tasks both scored ± the standard error across tasks (:func:`m
     python benchmarks/study_paired.py runs/cpu-medium/results.json mbc/arrow:private/arrow random/arrow:mbc/arrow \\
         --parts heldout indist
 
+Each pair also gets the count of tasks where A is above, below and level with B, and the two-sided sign-test p-value
+of those counts (ties left out; ``scipy.stats.binomtest``), which does not assume the differences are normal.
 ``--per-task`` adds, for each pair and split, every task's two scores and their difference (largest first).
 """
 
@@ -15,7 +17,17 @@ import argparse
 import json
 from pathlib import Path
 
+from scipy.stats import binomtest
+
 from modlora.study import PAIRED_METRICS, paired_difference
+
+
+def _signs(results: dict, a: str, b: str, part: str) -> tuple[int, int, int]:
+    """Tasks where row ``a`` scores above, below and level with row ``b`` (to 1e-9)."""
+    metric = PAIRED_METRICS[part]
+    row_a, row_b = results["rows"][a][part], results["rows"][b][part]
+    diffs = [row_a[t][metric] - row_b[t][metric] for t in set(row_a) & set(row_b)]
+    return sum(d > 1e-9 for d in diffs), sum(d < -1e-9 for d in diffs), sum(abs(d) <= 1e-9 for d in diffs)
 
 
 def main() -> None:
@@ -37,13 +49,17 @@ def main() -> None:
     unknown = sorted({r for p in pairs for r in p} - set(results["rows"]))
     if unknown:
         ap.error(f"{', '.join(unknown)}: not rows of {args.results} (rows: {', '.join(results['rows'])})")
-    print("| A − B | split | tasks | difference (points of Rouge-L, or acc_norm for choice) | in s.e. |")
-    print("|---|---|---:|---:|---:|")
+    print("| A − B | split | tasks | difference (points of Rouge-L, or acc_norm for choice) | in s.e. "
+          "| A above / below / level | sign test p |")
+    print("|---|---|---:|---:|---:|---:|---:|")
     for a, b in pairs:
         for part in args.parts:
             d = paired_difference(results, a, b, part)
             if d is not None:
-                print(f"| {a} − {b} | {part} | {d.n} | {100 * d.mean:+.1f} ± {100 * d.stderr:.1f} | {d.z:+.1f} |")
+                up, down, level = _signs(results, a, b, part)
+                p = f"{binomtest(up, up + down).pvalue:.2g}" if up + down else "-"
+                print(f"| {a} − {b} | {part} | {d.n} | {100 * d.mean:+.1f} ± {100 * d.stderr:.1f} | {d.z:+.1f} "
+                      f"| {up} / {down} / {level} | {p} |")
     if args.per_task:
         for a, b in pairs:
             for part in args.parts:

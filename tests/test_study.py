@@ -7,6 +7,7 @@ from collections import Counter
 from pathlib import Path
 
 import numpy as np
+from scipy.stats import binomtest
 from sklearn.metrics import adjusted_rand_score
 
 from modlora.data import default_data_dir
@@ -199,8 +200,14 @@ def test_study_paired_script_reproduces_the_committed_cpu_small_differences():
                           "private/arrow:private/mu", "private/arrow:base", "--parts", "heldout", "indist"],
                          capture_output=True, text=True, check=True).stdout
     assert "| private/arrow − private/mu | heldout | 20 | +4.5 ± 2.1 | +2.2 |" in out
-    assert "| private/arrow − base | indist | 24 | +12.4 ± 5.3 | +2.4 |" in out
+    line = next(x for x in out.splitlines() if x.startswith("| private/arrow − private/mu | heldout"))
     rows = json.loads((root / "benchmarks" / "results" / "study_cpu_small.json").read_text())["rows"]
+    d = [rows["private/arrow"]["heldout"][t]["rougeL"] - rows["private/mu"]["heldout"][t]["rougeL"]
+         for t in rows["base"]["heldout"]]
+    up, down = sum(x > 1e-9 for x in d), sum(x < -1e-9 for x in d)
+    assert f"| {up} / {down} / {20 - up - down} |" in line  # brute-force counts
+    assert line.endswith(f"| {binomtest(up, up + down).pvalue:.2g} |")
+    assert "| private/arrow − base | indist | 24 | +12.4 ± 5.3 | +2.4 |" in out
     diffs = [rows["mbc/arrow"]["choice"][s]["acc_norm"] - rows["base"]["choice"][s]["acc_norm"]
              for s in rows["base"]["choice"]]  # brute force: mean ± sd/√n over the seven sets
     mean, stderr = float(np.mean(diffs)), float(np.std(diffs, ddof=1) / np.sqrt(len(diffs)))
