@@ -226,3 +226,39 @@ def test_study_paired_script_reproduces_the_committed_cpu_small_differences():
                           str(root / "benchmarks" / "results" / "study_cpu_small.json"), "private/arrow:nope"],
                          capture_output=True, text=True)
     assert bad.returncode == 2 and "nope: not rows of" in bad.stderr
+
+
+def test_prototype_overlap_script_tells_a_shared_initialisation_from_independent_ones(tmp_path):
+    """``benchmarks/prototype_overlap.py``: experts with one A factor and different B factors have cos(A) = 1 and
+    prototypes wholly in that A's row space; independently drawn experts do not."""
+    import subprocess
+    import sys
+
+    from modlora.adapters import LoraAdapter, LoraSpec, random_adapter
+    from modlora.models import model_identity
+
+    from .conftest import make_tiny_llama
+
+    root = Path(__file__).resolve().parents[1]
+    model = make_tiny_llama()
+    spec = LoraSpec(rank=2, alpha=4, dropout=0.0, target_modules=("q_proj", "v_proj"))
+    first, other = random_adapter(model, spec, seed=1), random_adapter(model, spec, seed=2)
+    shared = ExpertLibrary.create(tmp_path / "shared", model_identity(model, "tiny"))
+    shared.add("e1", first)
+    shared.add("e2", LoraAdapter(spec, dict(first.A), dict(other.B)))
+    independent = ExpertLibrary.create(tmp_path / "independent", model_identity(model, "tiny"))
+    independent.add("e1", first)
+    independent.add("e2", other)
+
+    def overlap(lib: Path) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, str(root / "benchmarks" / "prototype_overlap.py"), str(lib)],
+                              capture_output=True, text=True)
+
+    same = overlap(tmp_path / "shared").stdout
+    assert "| cos(A_e, A_ref), experts vs the first | 1.000 |" in same
+    assert "| share of v_e in span(A_ref) | 1.000 |" in same
+    apart = overlap(tmp_path / "independent").stdout
+    share = float(next(x for x in apart.splitlines() if x.startswith("| share")).split("|")[2])
+    assert share < 0.9  # rank 2 in a 32-dimensional input space
+    missing = overlap(tmp_path / "nowhere")
+    assert missing.returncode == 2 and "library directory not found" in missing.stderr
