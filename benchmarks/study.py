@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 
+from modlora.cli import quiet_libraries
 from modlora.data import default_data_dir, sni_task_files
 from modlora.study import StudyConfig, run_study
 
@@ -24,6 +25,7 @@ def main() -> None:
     ap.add_argument("--data", type=Path, default=None, help="data directory with sni/tasks and sni/heldout")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     args = ap.parse_args()
+    quiet_libraries()
     if args.threads:
         torch.set_num_threads(args.threads)
     raw = json.loads(args.config.read_text())

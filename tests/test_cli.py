@@ -298,3 +298,14 @@ def test_demo_end_to_end_on_a_tiny_model(world, tmp_path, shared_data, capsys):
     table = out[out.index("results (%, mean"):]
     assert "infer" in table and "tok/s ┃" in table  # the last column is shown whole, not cropped at 80 columns
     assert max(len(line) for line in out.splitlines()) <= 80 and "…" not in table
+
+
+def test_model_loading_shows_no_library_progress_bars(world, capsys):
+    """transformers' weight-loading bar is library chatter: the CLI keeps it out of its output."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.enable_progress_bar()  # as in a fresh process
+    assert main(["generate", str(world["lib"]), "--prompt", "a1", "--max-new-tokens", "1", "--top-k", "2"]
+                + _m(world)) == 0
+    captured = capsys.readouterr()
+    assert "Loading weights" not in captured.err + captured.out

@@ -35,12 +35,14 @@ def build_parser(registry: Registry = REGISTRY) -> argparse.ArgumentParser:
 
 
 def quiet_libraries() -> None:
-    """Keep library chatter (transformers' deprecation notices, tokenizers' fork warning) out of normal output."""
+    """Keep library chatter (transformers' deprecation notices and weight-loading bars, tokenizers' fork warning) out of
+    normal output; modlora's own progress bars stay."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     warnings.filterwarnings("ignore", category=FutureWarning)
     warnings.filterwarnings("ignore", category=DeprecationWarning)
     from transformers.utils import logging as hf_logging
     hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
 
 
 def main(argv: Sequence[str] | None = None, registry: Registry = REGISTRY) -> int:
