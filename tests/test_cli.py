@@ -120,6 +120,11 @@ def test_train_build_and_cluster(world, tmp_path, capsys):
     assert residual.load_meta("share")["mode"] == "residual" and residual.entry("cluster0").training["residual_on"]
     assert main(["route", str(tmp_path / "sem-res"), "--prompt", "a1", "--top-k", "1", "--max-new-tokens", "2"]
                 + _m(world)) == 0
+    # in-distribution routing accuracy counts only routed experts: the shared one holds every task but is not routed
+    assert main(["eval", "--suite", "indist", "--library", str(tmp_path / "sem-res"), "--router", "arrow", "--top-k",
+                 "1", "--limit", "1", "--max-new-tokens", "1", "--data", str(world["data"]),
+                 "--out", str(tmp_path / "sem-res-indist.json")] + _m(world)) == 0
+    assert json.loads((tmp_path / "sem-res-indist.json").read_text())["routing"]["accuracy"]["overall"] == 1.0
     assert main(["cluster", str(tmp_path / "priv"), "--k", "2", "--plot", str(tmp_path / "c.png"),
                  "--out", str(tmp_path / "c.json")]) == 0
     saved = json.loads((tmp_path / "c.json").read_text())

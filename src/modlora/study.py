@@ -330,8 +330,7 @@ def evaluate_row(lm: LoadedModel, lib: ExpertLibrary | None, row: Sequence[Any],
             out["indist"][name] = generate(rm.for_task(name) if caps.needs_task_labels else rm, task, insts)
         if caps.per_token and lib is not None:
             exs = encode_tasks(fmt, train_tasks, "test", max_per_task=cfg.indist_limit, seed=cfg.seed)
-            out["routing_accuracy"] = prompt_routing_accuracy(rm, exs, {t: n for n in lib.expert_names()
-                                                                        for t in lib.tasks(n)}).to_dict()
+            out["routing_accuracy"] = prompt_routing_accuracy(rm, exs, lib).to_dict()
     finally:
         rm.restore()
     return _finish_row(out, gen_tokens, gen_seconds)

@@ -9,7 +9,7 @@ averaged over layers) and per layer (:func:`~modlora.evaluation.results.routing_
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -31,13 +31,15 @@ from modlora.reuse import ReuseModel
 from modlora.training import target_loss
 
 
-def prompt_routing_accuracy(rm: ReuseModel, examples: Sequence[EncodedExample],
-                            expert_of_task: Mapping[str, str]) -> RoutingAccuracy:
-    """Routing accuracy of ``rm``'s per-token router on the prompts of ``examples`` (each example's own expert is
-    ``expert_of_task[example.task]``; examples of other tasks are skipped)."""
+def prompt_routing_accuracy(rm: ReuseModel, examples: Sequence[EncodedExample], library: ExpertSource
+                            ) -> RoutingAccuracy:
+    """Routing accuracy of ``rm``'s per-token router on the prompts of ``examples``: each example's own expert is the
+    routed expert of ``library`` trained on its task (a ``--share`` library's shared expert, which holds every task
+    but is not routed, is not a candidate); examples of other tasks are skipped."""
     if rm.routed is None:
         raise DataError(f"routing accuracy needs a routing method, not {rm.method!r}")
     names = rm.routed.expert_names
+    expert_of_task = {t: n for n in names for t in library.tasks(n)}
     masses: dict[str, list[torch.Tensor]] = {}
     truth: list[int] = []
     for ex in examples:
@@ -91,7 +93,7 @@ def evaluate_indist(rm: ReuseModel, lm: LoadedModel, library: ExpertSource, *, t
         run.tasks[name] = TaskScores.from_per_example(scores, wall_s=time.perf_counter() - t0)
         routing_prompts += [fmt.encode(task, inst) for inst in insts[: routing_examples or limit]]
     if run.routing is not None:
-        run.routing.accuracy = prompt_routing_accuracy(rm, routing_prompts, expert_of_task)
+        run.routing.accuracy = prompt_routing_accuracy(rm, routing_prompts, library)
     run.wall_s = time.perf_counter() - t_all
     return run
 
