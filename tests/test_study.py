@@ -176,10 +176,14 @@ def test_study_builds_semantic_poly_mhr_and_shared_libraries(tmp_path):
                       max_new_tokens=2, skills=2, method_options={"arrow": {"top_k": 2}}, share_mode="residual",
                       libraries=["semantic", "poly", "mhr", "mbc-share"],
                       rows=[["poly", "allocation"], ["mhr", "allocation"], ["poly", "mu"], ["mhr", "arrow"],
-                            ["semantic", "arrow"], ["mbc-share", "mu"]])
+                            ["semantic", "arrow"], ["mbc-share", "mu"], ["mbc-share", "arrow"]])
     res = run_study(cfg, tmp_path / "out", device="cpu", data_dir=data)
     assert set(res["rows"]) == {"poly/allocation", "mhr/allocation", "poly/mu", "mhr/arrow", "semantic/arrow",
-                                "mbc-share/mu"}
+                                "mbc-share/mu", "mbc-share/arrow"}
+    # routing accuracy needs each task's own routed expert: skills share every task (none), a --share library's
+    # clusters each hold theirs (the shared expert is not routed)
+    assert "routing_accuracy" not in res["rows"]["mhr/arrow"]
+    assert res["rows"]["mbc-share/arrow"]["routing_accuracy"]["n"] == len(train)
     assert set(res["rows"]["poly/allocation"]["indist"]) == set(train) and res["rows"]["poly/allocation"][
         "heldout"] == {}
     assert "task9_z" in res["rows"]["poly/mu"]["heldout"]

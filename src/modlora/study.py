@@ -48,7 +48,7 @@ from modlora.clustering import DEFAULT_FEATURES, Features, partition_quality, pl
 from modlora.data import PromptFormatter, default_data_dir, encode_tasks, load_sni_tasks, split_instances
 from modlora.errors import ModloraError
 from modlora.evaluation.generation import generate_and_score
-from modlora.evaluation.indist import prompt_routing_accuracy
+from modlora.evaluation.indist import own_routed_expert, prompt_routing_accuracy
 from modlora.evaluation.rank_classification import evaluate_choice_tasks
 from modlora.evaluation.results import mean_and_stderr
 from modlora.experts import DEFAULT_SHARE_MODE, SHARE_MODES, ShareInfo, ShareMode
@@ -328,7 +328,7 @@ def evaluate_row(lm: LoadedModel, lib: ExpertLibrary | None, row: Sequence[Any],
         for name, task in train_tasks.items():
             insts = split_instances(task, seed=cfg.seed)["test"][: cfg.indist_limit]
             out["indist"][name] = generate(rm.for_task(name) if caps.needs_task_labels else rm, task, insts)
-        if caps.per_token and lib is not None:
+        if caps.per_token and lib is not None and own_routed_expert(lib, rm.routed.expert_names):
             exs = encode_tasks(fmt, train_tasks, "test", max_per_task=cfg.indist_limit, seed=cfg.seed)
             out["routing_accuracy"] = prompt_routing_accuracy(rm, exs, lib).to_dict()
     finally:

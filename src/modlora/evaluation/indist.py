@@ -31,15 +31,25 @@ from modlora.reuse import ReuseModel
 from modlora.training import target_loss
 
 
+def own_routed_expert(library: ExpertSource, names: Sequence[str]) -> dict[str, str]:
+    """Each task that exactly one of the routed experts ``names`` was trained on → that expert. Tasks held by several
+    (Poly/MHR skills all hold every task) have no own expert, nor do tasks held only by a ``--share`` library's
+    shared expert, which is not routed."""
+    holders: dict[str, list[str]] = {}
+    for name in names:
+        for task in library.tasks(name):
+            holders.setdefault(task, []).append(name)
+    return {task: held[0] for task, held in holders.items() if len(held) == 1}
+
+
 def prompt_routing_accuracy(rm: ReuseModel, examples: Sequence[EncodedExample], library: ExpertSource
                             ) -> RoutingAccuracy:
-    """Routing accuracy of ``rm``'s per-token router on the prompts of ``examples``: each example's own expert is the
-    routed expert of ``library`` trained on its task (a ``--share`` library's shared expert, which holds every task
-    but is not routed, is not a candidate); examples of other tasks are skipped."""
+    """Routing accuracy of ``rm``'s per-token router on the prompts of ``examples``: each example's own expert is
+    :func:`own_routed_expert` of its task; examples of tasks without one are skipped."""
     if rm.routed is None:
         raise DataError(f"routing accuracy needs a routing method, not {rm.method!r}")
     names = rm.routed.expert_names
-    expert_of_task = {t: n for n in names for t in library.tasks(n)}
+    expert_of_task = own_routed_expert(library, names)
     masses: dict[str, list[torch.Tensor]] = {}
     truth: list[int] = []
     for ex in examples:
@@ -52,7 +62,7 @@ def prompt_routing_accuracy(rm: ReuseModel, examples: Sequence[EncodedExample], 
             masses.setdefault(layer, []).append(mass / max(rec.tokens[layer], 1))
         truth.append(names.index(own))
     if not truth:
-        raise DataError("routing accuracy: no example belongs to a task of the library")
+        raise DataError("routing accuracy: no example belongs to a task that exactly one routed expert was trained on")
     return routing_accuracy({layer: torch.stack(rows) for layer, rows in sorted(masses.items())}, truth)
 
 
@@ -92,7 +102,7 @@ def evaluate_indist(rm: ReuseModel, lm: LoadedModel, library: ExpertSource, *, t
         scores["loss"] = losses
         run.tasks[name] = TaskScores.from_per_example(scores, wall_s=time.perf_counter() - t0)
         routing_prompts += [fmt.encode(task, inst) for inst in insts[: routing_examples or limit]]
-    if run.routing is not None:
+    if run.routing is not None and rm.routed is not None and own_routed_expert(library, rm.routed.expert_names):
         run.routing.accuracy = prompt_routing_accuracy(rm, routing_prompts, library)
     run.wall_s = time.perf_counter() - t_all
     return run
