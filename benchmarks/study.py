@@ -1,7 +1,8 @@
 """Run the paper's study at a configured scale: ``python benchmarks/study.py benchmarks/configs/cpu-small.json``.
 
-Writes ``runs/<name>/results.json``, ``results.md``, the MBC cluster plot and one JSON per result row; re-running
-resumes (finished experts and rows are reused). ``"train_tasks": "ALL"`` means every task in the SNI directory.
+Writes ``runs/<name>/results.json``, ``results.md``, ``results.png``, ``paired.png`` (the paired differences), the
+MBC cluster plot and one JSON per result row; re-running resumes (finished experts and rows are reused).
+``"train_tasks": "ALL"`` means every task in the SNI directory.
 """
 
 from __future__ import annotations

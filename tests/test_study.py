@@ -75,6 +75,7 @@ def test_study_end_to_end_and_resume(tmp_path):
     assert res["libraries"]["mbc"]["train_tokens"] > 0
     assert (tmp_path / "out" / "mbc_clusters.png").stat().st_size > 0
     assert (tmp_path / "out" / "results.png").read_bytes()[:4] == b"\x89PNG"
+    assert (tmp_path / "out" / "paired.png").read_bytes()[:4] == b"\x89PNG"
     table = results_markdown(res)
     assert "private/arrow" in table and "| arc_easy | winogrande |" in table and "average" in table
     # paired differences across tasks, against a brute-force mean and standard error

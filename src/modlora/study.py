@@ -447,6 +447,7 @@ def run_study(cfg: StudyConfig, out: Path, *, device: str | None = None, data_di
     table_md = results_markdown(results)
     atomic_write_bytes(out / "results.md", table_md.encode())
     plot_results(results, out / "results.png")
+    plot_paired(results, out / "paired.png")
     print_study_results(results, console)
     return results
 
@@ -579,40 +580,65 @@ def _markdown_table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> st
     return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in rows]) + "\n"
 
 
-def plot_results(results: Mapping[str, Any], path_png: Path) -> Path:
-    """One PNG: per result row, bars for the held-out SNI Rouge-L, the benchmark average (acc_norm) and the
-    in-distribution Rouge-L, with ±1 standard-error whiskers."""
+def _grouped_bars_png(keys: Sequence[str], series: Sequence[tuple[str, Any]], title: str, ylabel: str,
+                      path_png: Path) -> Path:
+    """One PNG of grouped bars: per key, one bar per ``(label, get)`` series, ``get(key)`` → ``(value, stderr)`` or
+    ``None``, with ±1 standard-error whiskers."""
     import io
 
     from matplotlib.figure import Figure  # a bare Figure renders with Agg; no pyplot, no global backend change
 
-    series = [("held-out SNI Rouge-L", lambda r: r.get("heldout_rougeL")),
-              ("benchmarks acc_norm (avg)", lambda r: r.get("choice_acc_norm")),
-              ("in-dist Rouge-L", lambda r: r.get("indist_rougeL"))]
-    keys = list(results["rows"])
     fig = Figure(figsize=(max(6.0, 0.9 * len(keys) + 2), 4.2))
     ax = fig.add_subplot(1, 1, 1)
     width = 0.8 / len(series)
     for j, (label, get) in enumerate(series):
-        xs, ys, es = [], [], []
-        for i, key in enumerate(keys):
-            m = get(results["rows"][key])
-            if m:
-                xs.append(i + (j - (len(series) - 1) / 2) * width)
-                ys.append(100 * m["mean"])
-                es.append(100 * m["stderr"] if not math.isnan(m["stderr"]) else 0.0)
-        if xs:
-            ax.bar(xs, ys, width, yerr=es, capsize=2, label=label)
+        bars = [(i + (j - (len(series) - 1) / 2) * width, *v) for i, key in enumerate(keys) if (v := get(key))]
+        if bars:
+            xs, ys, es = zip(*bars, strict=True)
+            ax.bar(xs, ys, width, yerr=[0.0 if math.isnan(e) else e for e in es], capsize=2, label=label)
+    ax.axhline(0.0, color="black", linewidth=0.6)
     ax.set_xticks(range(len(keys)))
     ax.set_xticklabels(keys, rotation=40, ha="right", fontsize=8)
-    ax.set_ylabel("%")
-    ax.set_title(f"{results['config'].get('name', 'study')}: mean ± s.e.")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
     ax.legend(fontsize=8)
     fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=120)
     atomic_write_bytes(path_png, buf.getvalue())
     return path_png
+
+
+def plot_results(results: Mapping[str, Any], path_png: Path) -> Path:
+    """One PNG: per result row, bars for the held-out SNI Rouge-L, the benchmark average (acc_norm) and the
+    in-distribution Rouge-L, with ±1 standard-error whiskers (over examples)."""
+    rows = results["rows"]
+
+    def score(field: str) -> Any:
+        return lambda key: (100 * m["mean"], 100 * m["stderr"]) if (m := rows[key].get(field)) else None
+
+    series = [("held-out SNI Rouge-L", score("heldout_rougeL")), ("benchmarks acc_norm (avg)", score("choice_acc_norm")),
+              ("in-dist Rouge-L", score("indist_rougeL"))]
+    return _grouped_bars_png(list(rows), series, f"{results['config'].get('name', 'study')}: mean ± s.e.", "%",
+                             path_png)
+
+
+def plot_paired(results: Mapping[str, Any], path_png: Path) -> Path:
+    """One PNG: per result row but the base, the paired differences of :func:`results_markdown` (held-out Rouge-L
+    − base and − the library's μ, in-distribution Rouge-L − base), ±1 standard error across tasks."""
+
+    def diff(reference: str | None, part: str) -> Any:
+        def get(key: str) -> tuple[float, float] | None:
+            ref = reference or f"{results['rows'][key].get('library')}/mu"
+            d = paired_difference(results, key, ref, part) if ref != key else None
+            return (100 * d.mean, 100 * d.stderr) if d else None
+        return get
+
+    series = [("held-out − base", diff("base", "heldout")), ("held-out − μ", diff(None, "heldout")),
+              ("in-dist − base", diff("base", "indist"))]
+    keys = [key for key in results["rows"] if key != "base"]
+    return _grouped_bars_png(keys, series, f"{results['config'].get('name', 'study')}: paired differences across "
+                             "tasks, mean ± s.e.", "Rouge-L points", path_png)
 
 
 def print_study_results(results: Mapping[str, Any], console: Console) -> None:
