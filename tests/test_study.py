@@ -267,3 +267,14 @@ def test_prototype_overlap_script_tells_a_shared_initialisation_from_independent
     assert share < 0.9  # rank 2 in a 32-dimensional input space
     missing = overlap(tmp_path / "nowhere")
     assert missing.returncode == 2 and "library directory not found" in missing.stderr
+
+
+def test_plots_of_a_study_without_pairs_warn_nothing(tmp_path, recwarn):
+    """A study whose rows share no tasks has no paired differences: ``paired.png`` is still written, without
+    matplotlib's empty-legend warning leaking into the output."""
+    from modlora.study import plot_paired, plot_results
+
+    results = {"config": {"name": "t"}, "rows": {"base": {"heldout": {}}, "private/mu": {"library": "private"}}}
+    assert plot_paired(results, tmp_path / "paired.png").read_bytes()[:4] == b"\x89PNG"
+    assert plot_results(results, tmp_path / "results.png").read_bytes()[:4] == b"\x89PNG"
+    assert not [w for w in recwarn.list if issubclass(w.category, UserWarning)], [str(w.message) for w in recwarn]

@@ -591,17 +591,20 @@ def _grouped_bars_png(keys: Sequence[str], series: Sequence[tuple[str, Any]], ti
     fig = Figure(figsize=(max(6.0, 0.9 * len(keys) + 2), 4.2))
     ax = fig.add_subplot(1, 1, 1)
     width = 0.8 / len(series)
+    drawn = False
     for j, (label, get) in enumerate(series):
         bars = [(i + (j - (len(series) - 1) / 2) * width, *v) for i, key in enumerate(keys) if (v := get(key))]
         if bars:
             xs, ys, es = zip(*bars, strict=True)
             ax.bar(xs, ys, width, yerr=[0.0 if math.isnan(e) else e for e in es], capsize=2, label=label)
+            drawn = True
     ax.axhline(0.0, color="black", linewidth=0.6)
     ax.set_xticks(range(len(keys)))
     ax.set_xticklabels(keys, rotation=40, ha="right", fontsize=8)
     ax.set_ylabel(ylabel)
     ax.set_title(title)
-    ax.legend(fontsize=8)
+    if drawn:  # an empty legend is a matplotlib warning
+        ax.legend(fontsize=8)
     fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=120)
