@@ -22,11 +22,17 @@ from scipy.stats import binomtest
 from modlora.study import PAIRED_METRICS, paired_difference
 
 
-def _signs(results: dict, a: str, b: str, part: str) -> tuple[int, int, int]:
-    """Tasks where row ``a`` scores above, below and level with row ``b`` (to 1e-9)."""
+def _task_scores(results: dict, a: str, b: str, part: str) -> list[tuple[float, float, str]]:
+    """``(row a's score, row b's score, task)`` for every task both rows scored in ``part``, largest a − b first."""
     metric = PAIRED_METRICS[part]
-    row_a, row_b = results["rows"][a][part], results["rows"][b][part]
-    diffs = [row_a[t][metric] - row_b[t][metric] for t in set(row_a) & set(row_b)]
+    row_a, row_b = results["rows"][a].get(part) or {}, results["rows"][b].get(part) or {}
+    return sorted(((row_a[t][metric], row_b[t][metric], t) for t in set(row_a) & set(row_b)),
+                  key=lambda s: s[1] - s[0])
+
+
+def _signs(scores: list[tuple[float, float, str]]) -> tuple[int, int, int]:
+    """Tasks where row a scores above, below and level with row b (to 1e-9)."""
+    diffs = [x - y for x, y, _ in scores]
     return sum(d > 1e-9 for d in diffs), sum(d < -1e-9 for d in diffs), sum(abs(d) <= 1e-9 for d in diffs)
 
 
@@ -56,19 +62,15 @@ def main() -> None:
         for part in args.parts:
             d = paired_difference(results, a, b, part)
             if d is not None:
-                up, down, level = _signs(results, a, b, part)
+                up, down, level = _signs(_task_scores(results, a, b, part))
                 p = f"{binomtest(up, up + down).pvalue:.2g}" if up + down else "-"
                 print(f"| {a} − {b} | {part} | {d.n} | {100 * d.mean:+.1f} ± {100 * d.stderr:.1f} | {d.z:+.1f} "
                       f"| {up} / {down} / {level} | {p} |")
     if args.per_task:
         for a, b in pairs:
             for part in args.parts:
-                metric = PAIRED_METRICS[part]
-                row_a, row_b = results["rows"][a].get(part) or {}, results["rows"][b].get(part) or {}
-                scores = sorted(((row_a[t][metric], row_b[t][metric], t) for t in set(row_a) & set(row_b)),
-                                key=lambda s: s[1] - s[0])
-                if scores:
-                    print(f"\n{a} − {b}, {part}, per task ({metric}, %):\n")
+                if scores := _task_scores(results, a, b, part):
+                    print(f"\n{a} − {b}, {part}, per task ({PAIRED_METRICS[part]}, %):\n")
                     print(f"| task | {a} | {b} | difference |\n|---|---:|---:|---:|")
                     for x, y, task in scores:
                         print(f"| {task} | {100 * x:.1f} | {100 * y:.1f} | {100 * (x - y):+.1f} |")

@@ -275,7 +275,7 @@ def task_partition(lib: ExpertLibrary, tasks: Sequence[str], families: Mapping[s
         return None
     if families is None:
         return TaskPartition(len(names), clusters)
-    quality = partition_quality({t: name for name, c in zip(names, clusters, strict=True) for t in c}, families)
+    quality = partition_quality(own_routed_expert(lib, names), families)
     return TaskPartition(len(names), clusters, quality.ari, quality.purity)
 
 
@@ -497,20 +497,22 @@ PAIRED_HEADERS = ["row", "held-out − base", "held-out − μ", "in-dist − ba
 PARTITION_HEADERS = ["library", "K", "ARI", "purity"]
 
 
+def _row_differences(results: Mapping[str, Any], key: str) -> list[PairedDifference | None]:
+    """Row ``key``'s paired differences in the order of ``PAIRED_HEADERS[1:]``: its held-out Rouge-L minus the
+    base's and minus its library's μ, its in-distribution Rouge-L minus the base's and its benchmark acc_norm minus
+    the base's (across benchmark sets); ``None`` where a pair has nothing to compare."""
+    mu = f"{results['rows'][key].get('library')}/mu"
+    return [paired_difference(results, key, "base"),
+            paired_difference(results, key, mu) if key != mu else None,
+            paired_difference(results, key, "base", "indist"),
+            paired_difference(results, key, "base", "choice")]
+
+
 def _paired_cells(results: Mapping[str, Any]) -> list[list[str]]:
-    """Per row (but the base): its held-out Rouge-L minus the base's and minus its library's μ, its
-    in-distribution Rouge-L minus the base's and its benchmark acc_norm minus the base's, as paired differences
-    across tasks (benchmark sets for the last)."""
+    """Per row (but the base) with any paired difference: its :func:`_row_differences` as table cells."""
     out = []
-    for key, row in results["rows"].items():
-        if key == "base":
-            continue
-        mu = f"{row.get('library')}/mu"
-        diffs = [paired_difference(results, key, "base"),
-                 paired_difference(results, key, mu) if key != mu else None,
-                 paired_difference(results, key, "base", "indist"),
-                 paired_difference(results, key, "base", "choice")]
-        if any(diffs):
+    for key in results["rows"]:
+        if key != "base" and any(diffs := _row_differences(results, key)):
             out.append([key, *(d.cell() if d else "-" for d in diffs)])
     return out
 
@@ -627,19 +629,15 @@ def plot_results(results: Mapping[str, Any], path_png: Path) -> Path:
 
 
 def plot_paired(results: Mapping[str, Any], path_png: Path) -> Path:
-    """One PNG: per result row but the base, the paired differences of :func:`results_markdown` (held-out Rouge-L
-    − base and − the library's μ, in-distribution Rouge-L − base), ±1 standard error across tasks."""
-
-    def diff(reference: str | None, part: str) -> Any:
-        def get(key: str) -> tuple[float, float] | None:
-            ref = reference or f"{results['rows'][key].get('library')}/mu"
-            d = paired_difference(results, key, ref, part) if ref != key else None
-            return (100 * d.mean, 100 * d.stderr) if d else None
-        return get
-
-    series = [("held-out − base", diff("base", "heldout")), ("held-out − μ", diff(None, "heldout")),
-              ("in-dist − base", diff("base", "indist"))]
+    """One PNG: per result row but the base, the Rouge-L paired differences of :func:`results_markdown` (held-out
+    − base and − the library's μ, in-distribution − base), ±1 standard error across tasks."""
     keys = [key for key in results["rows"] if key != "base"]
+    diffs = {key: _row_differences(results, key) for key in keys}
+
+    def column(j: int) -> Any:
+        return lambda key: (100 * d.mean, 100 * d.stderr) if (d := diffs[key][j]) else None
+
+    series = [(PAIRED_HEADERS[1 + j], column(j)) for j in range(3)]  # the Rouge-L columns; benchmarks differ in unit
     return _grouped_bars_png(keys, series, f"{results['config'].get('name', 'study')}: paired differences across "
                              "tasks, mean ± s.e.", "Rouge-L points", path_png)
 
