@@ -82,6 +82,8 @@ def test_train_build_and_cluster(world, tmp_path, capsys):
     common = _m(world) + ["--data", str(world["data"]), "--steps", "1", "--batch-size", "2", "--max-val", "2",
                           "--max-prompt-tokens", "32", "--max-target-tokens", "4"]
     assert main(["train", str(tmp_path / "one"), "task1_alpha"] + common) == 0
+    for init in ("eva", "gradient"):
+        assert main(["train", str(tmp_path / init), "task1_alpha", "--init", init] + common) == 0
     flat = tmp_path / "flat.jsonl"
     flat.write_text("\n".join([json.dumps({"task_name": "echo", "source": f"w{i}", "target": f"w{i}"})
                                for i in range(12)] + ["{broken", "[1]"]) + "\n")
@@ -90,6 +92,8 @@ def test_train_build_and_cluster(world, tmp_path, capsys):
     assert ExpertLibrary(tmp_path / "one").expert_names() == ["task1_alpha"]
     assert main(["build", str(tmp_path / "priv"), "--strategy", "private", "--tasks", *TASKS] + common) == 0
     assert sorted(ExpertLibrary(tmp_path / "priv").expert_names()) == sorted(TASKS)
+    assert main(["build", str(tmp_path / "priv-eva"), "--init", "eva", "--tasks", *TASKS] + common) == 0
+    assert ExpertLibrary(tmp_path / "priv-eva").load_meta("build_config")["init"] == "eva"
     capsys.readouterr()
     # a re-run with other settings is refused, showing the difference; --retrain-changed retrains
     other = [("2" if a == "1" and i and common[i - 1] == "--steps" else a) for i, a in enumerate(common)]
@@ -227,6 +231,8 @@ def test_eval_suites_default_to_base_and_report(world, tmp_path, capsys):
     (["build", "OUT", "--strategy", "mbc", "--share", "--share-fraction", "0.7"], "leaves nothing"),
     (["build", "OUT", "--strategy", "mbc", "--share-mode", "residual"], "--share-mode applies with --share"),
     (["build", "OUT", "--strategy", "mbc", "--share", "--share-mode", "cold"], "--share-mode"),
+    (["build", "OUT", "--init", "kaiming"], "--init"),
+    (["build", "OUT", "--strategy", "mhr", "--init", "eva"], "Poly/MHR skills start from seeds"),
 ])
 def test_bad_options_refused_before_loading(world, tmp_path, capsys, monkeypatch, argv, message):
     def no_model(*_a, **_k):

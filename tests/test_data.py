@@ -78,6 +78,26 @@ def test_left_truncation_keeps_the_end(char_tokenizer):
     assert len(fmt.target_ids("abcdef")) == 3
 
 
+def test_input_truncation_keeps_the_definition_and_counts_the_cuts(char_tokenizer):
+    fmt = PromptFormatter(char_tokenizer, max_prompt_tokens=60, truncate="input")
+    full = fmt.prompt_text("Answer briefly.", "x" * 100)
+    ids = fmt.prompt_ids("Answer briefly.", "x" * 100)
+    text = char_tokenizer.decode(ids)
+    assert len(ids) == 60 and text.startswith("<|im_start|>user\nAnswer briefly.\n\nxxx")
+    assert text.endswith("<|im_start|>assistant\n") and len(full) > 60
+    assert (fmt.cut_prompts, fmt.cut_definitions) == (1, 0)
+    assert fmt.prompt_ids("Answer briefly.", "short") == char_tokenizer(
+        fmt.prompt_text("Answer briefly.", "short"), add_special_tokens=False)["input_ids"]
+    assert fmt.cut_prompts == 1                                            # a prompt that fits is not counted
+    long_definition = fmt.prompt_ids("D" * 80, "x")                        # the definition alone does not fit
+    assert len(long_definition) == 60 and (fmt.cut_prompts, fmt.cut_definitions) == (2, 1)
+    left = PromptFormatter(char_tokenizer, max_prompt_tokens=60)
+    left.prompt_ids("Answer briefly.", "x" * 100)
+    assert (left.cut_prompts, left.cut_definitions) == (1, 1)              # left truncation cuts the header first
+    with pytest.raises(DataError, match="truncate must be"):
+        PromptFormatter(char_tokenizer, truncate="right")  # type: ignore[arg-type]
+
+
 def test_plain_template_without_chat(char_tokenizer):
     fmt = PromptFormatter(char_tokenizer, use_chat_template=False)
     assert fmt.prompt_text("Def.", "x") == "Def.\n\nInput: x\nOutput:"

@@ -35,6 +35,7 @@ from modlora.evaluation.rank_classification import (
 )
 from modlora.evaluation.results import (
     EvalRun,
+    RoutingAccuracy,
     TaskScores,
     load_results,
     results_table,
@@ -414,3 +415,20 @@ def test_routing_accuracy():
         routing_accuracy({"all": w}, np.array([0.0, 1.0, 1.0]))
     with pytest.raises(RoutingError, match="no routing weights"):
         routing_accuracy({}, np.array([0]))
+
+
+def test_routing_accuracy_top2_own_mass_and_chance_against_brute_force():
+    rng = np.random.default_rng(0)
+    layers = {f"layers.{i}.q": rng.dirichlet(np.ones(5), size=40) for i in range(3)}
+    truth = rng.integers(0, 5, size=40)
+    out = routing_accuracy(layers, truth)
+    mean = np.mean(list(layers.values()), axis=0)
+    top2 = [t in np.argsort(-row, kind="stable")[:2] for row, t in zip(mean, truth, strict=True)]
+    assert out.top2 == pytest.approx(np.mean(top2))
+    assert out.own_mass == pytest.approx(np.mean([row[t] / row.sum() for row, t in zip(mean, truth, strict=True)]))
+    assert out.experts == 5 and out.chance == pytest.approx(0.2)
+    tied = routing_accuracy({"all": np.array([[0.0, 0.5, 0.5, 0.0]])}, np.array([0]))
+    assert tied.top2 == 0.0 and tied.own_mass == 0.0          # a tie never counts for the own expert
+    assert RoutingAccuracy.from_dict(out.to_dict()) == out
+    old = RoutingAccuracy.from_dict({"overall": 0.5, "per_layer": {}, "n": 2})   # results written before the fields
+    assert math.isnan(old.top2) and old.experts == 0 and math.isnan(old.chance)

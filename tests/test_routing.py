@@ -361,6 +361,28 @@ def test_genknowsub_factor_and_delta_space(tiny_llama: torch.nn.Module) -> None:
     routed.restore()
 
 
+def test_remove_common_projects_out_the_shared_directions_against_brute_force(tiny_llama: torch.nn.Module) -> None:
+    """Prototypes that share one direction (a common A, as experts built from one initialisation have) become
+    distinguishable once it is removed: v_e ← (I − U Uᵀ) v_e / ‖·‖, U the top singular vectors of the stack."""
+    ex = experts_for(tiny_llama, 4)
+    m = "model.layers.0.self_attn.q_proj"
+    plain = route(tiny_llama, ex, ArrowRouter(top_k=1))
+    raw = plain.router.prototypes[m].clone()
+    plain.restore()
+    routed = route(tiny_llama, ex, ArrowRouter(top_k=1, remove_common=2))
+    got = routed.router.prototypes[m]
+    routed.restore()
+    u = torch.linalg.svd(raw.double()).Vh[:2]
+    expected = raw.double() - raw.double() @ u.T @ u
+    expected = expected / expected.norm(dim=1, keepdim=True)
+    torch.testing.assert_close(got.double(), expected, atol=1e-5, rtol=0)
+    assert float((got.double() @ u.T).abs().max()) < 1e-5           # nothing left along the removed directions
+    with pytest.raises(RoutingError, match="remove_common=4 must be below the number of experts"):
+        route(tiny_llama, ex, ArrowRouter(top_k=1, remove_common=4))
+    with pytest.raises(RoutingError, match="non-negative integer"):
+        ArrowRouter(remove_common=-1)
+
+
 # ------------------------------------------------------------------------------------------------ caching
 class FakeLibrary:
     def __init__(self, experts: dict[str, LoraAdapter]) -> None:

@@ -71,6 +71,7 @@ from modlora.data import (
 from modlora.errors import ModloraError
 from modlora.executors import Job, run_jobs
 from modlora.experts import DEFAULT_SHARE_MODE, SHARE_META, SHARE_MODES, ShareInfo, ShareMode
+from modlora.initialisation import DEFAULT_INIT, InitMethod, check_init
 from modlora.library import ExpertLibrary
 from modlora.models import LoadedModel, load_base_model
 from modlora.multitrain import MultiTrainOptions
@@ -106,8 +107,11 @@ class BuildConfig:
     experts_per_job: int = 8
     shared_prefix: bool = True
     max_tokens_per_forward: int | None = 1024
+    init: InitMethod = DEFAULT_INIT
+    """How each new expert's A starts (:mod:`modlora.initialisation`); B starts at 0."""
 
     def __post_init__(self) -> None:
+        check_init(self.init)
         if self.experts_per_job < 1:
             raise ModloraError(f"experts_per_job must be >= 1, got {self.experts_per_job}")
         MultiTrainOptions(self.shared_prefix, self.max_tokens_per_forward)  # validates
@@ -165,6 +169,8 @@ class ExpertsJob(Job):
 def expert_fingerprint(config: BuildConfig, expert: PlannedExpert) -> str:
     """sha256 of what determines an expert's training: the config's training settings, its tasks and budget."""
     doc = {**config.training_settings(), "tasks": list(expert.tasks), "budget_scale": expert.budget_scale}
+    if doc["init"] == "shared":
+        del doc["init"]  # experts built before the setting existed started this way: their fingerprints stay valid
     if expert.init_from is not None:
         doc["init_from"] = expert.init_from
     if expert.residual_on is not None:
@@ -241,7 +247,8 @@ def _train_chunk(job: ExpertsJob, lib: ExpertLibrary, lm: LoadedModel, stored: s
             init=init)
     entries = train_task_experts(lm, lib, plans, spec=cfg.lora, options=cfg.options, max_val=cfg.max_val,
                                  max_prompt_tokens=cfg.max_prompt_tokens, max_target_tokens=cfg.max_target_tokens,
-                                 split_seed=cfg.train.seed, progress=job.show_progress, desc=job.name, keep=stored)
+                                 split_seed=cfg.train.seed, progress=job.show_progress, desc=job.name, keep=stored,
+                                 init=cfg.init)
     return [{"name": e.name, "status": "skipped" if e.name in stored else "trained",
              "metrics": lib.entry(e.name).metrics if e.name in stored else entries[e.name].metrics}
             for e in job.experts]
@@ -552,6 +559,9 @@ def build_poly_library(path: str | Path, tasks: Sequence[str], config: BuildConf
     from modlora.poly import ALLOCATION_META, DEFAULT_ALLOCATION_LR, PolyOptions
     options = PolyOptions(skills, heads, allocation_lr if allocation_lr is not None else DEFAULT_ALLOCATION_LR)
     options.check_rank(config.lora.rank)
+    if config.init != DEFAULT_INIT:
+        raise ModloraError(f"init {config.init!r} applies to experts trained on their own tasks; Poly/MHR skills "
+                           f"start from seeds seed + s (use the default init {DEFAULT_INIT!r})")
     names = tuple(sorted(tasks))
     if not names:
         raise ModloraError("a Poly/MHR library needs at least one task")

@@ -31,7 +31,7 @@ import zlib
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
@@ -399,19 +399,30 @@ class EncodedExample:
 
 @dataclass
 class PromptFormatter:
-    """Turns (definition, input, output) into token ids with the template described in the module docstring."""
+    """Turns (definition, input, output) into token ids with the template described in the module docstring.
+
+    A prompt over ``max_prompt_tokens`` is cut as ``truncate`` says: ``"left"`` keeps its last tokens (the chat
+    header and the start of the task definition go first); ``"input"`` keeps the header and the whole definition and
+    cuts the end of the instance input instead (the definition is cut from the left only when it alone does not
+    fit). ``cut_prompts`` / ``cut_definitions`` count the prompts this formatter cut, and those whose definition or
+    header was cut."""
 
     tokenizer: Any
     max_prompt_tokens: int = 384
     max_target_tokens: int = 128
     use_chat_template: bool | None = None
+    truncate: Literal["left", "input"] = "left"
     _cache: dict[str, Any] = field(default_factory=dict, repr=False)
+    cut_prompts: int = field(default=0, init=False)
+    cut_definitions: int = field(default=0, init=False)
 
     def __post_init__(self) -> None:
         if self.use_chat_template is None:
             self.use_chat_template = bool(getattr(self.tokenizer, "chat_template", None))
         if self.max_prompt_tokens < 8 or self.max_target_tokens < 1:
             raise DataError("max_prompt_tokens must be >= 8 and max_target_tokens >= 1")
+        if self.truncate not in ("left", "input"):
+            raise DataError(f"truncate must be 'left' or 'input', got {self.truncate!r}")
 
     def prompt_text(self, definition: str, text: str) -> str:
         if self.use_chat_template:
@@ -424,9 +435,25 @@ class PromptFormatter:
         eos = self.tokenizer.eos_token or ""
         return f"{output}{eos}" if self.use_chat_template else f" {output}{eos}"
 
+    def _tokens(self, text: str) -> list[int]:
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+
     def prompt_ids(self, definition: str, text: str) -> list[int]:
-        ids = self.tokenizer(self.prompt_text(definition, text), add_special_tokens=False)["input_ids"]
-        return ids[-self.max_prompt_tokens:]
+        cap = self.max_prompt_tokens
+        ids = self._tokens(self.prompt_text(definition, text))
+        if len(ids) <= cap:
+            return ids
+        self.cut_prompts += 1
+        if self.truncate == "input":
+            text_ids = self._tokens(text)
+            keep = len(text_ids) - (len(ids) - cap)
+            while keep > 0:                      # re-tokenising the cut text can merge tokens: shrink until it fits
+                shorter = self._tokens(self.prompt_text(definition, self.tokenizer.decode(text_ids[:keep])))
+                if len(shorter) <= cap:
+                    return shorter
+                keep -= len(shorter) - cap
+        self.cut_definitions += 1
+        return ids[-cap:]
 
     def target_ids(self, output: str) -> list[int]:
         ids = self.tokenizer(self.target_text(output), add_special_tokens=False)["input_ids"]

@@ -8,6 +8,7 @@ from typing import Any
 
 from modlora.adapters import LoraAdapter, LoraSpec
 from modlora.data import PromptFormatter, Task, encode_tasks
+from modlora.initialisation import DEFAULT_INIT, InitMethod, initial_factors
 from modlora.library import ExpertEntry, ExpertLibrary
 from modlora.models import LoadedModel
 from modlora.multitrain import ExpertData, MultiTrainOptions, train_experts
@@ -30,16 +31,22 @@ def train_task_experts(lm: LoadedModel, library: ExpertLibrary, plans: Mapping[s
                        spec: LoraSpec | None = None, options: MultiTrainOptions | None = None,
                        max_val: int | None = 32, max_prompt_tokens: int = 384, max_target_tokens: int = 128,
                        split_seed: int = 0, overwrite: bool = False, progress: bool = True,
-                       desc: str = "train", keep: Collection[str] = ()) -> dict[str, ExpertEntry]:
+                       desc: str = "train", keep: Collection[str] = (), init: InitMethod = DEFAULT_INIT
+                       ) -> dict[str, ExpertEntry]:
     """Train every planned expert together (:func:`modlora.multitrain.train_experts`) on the train split of its
     tasks, validated on their validation split; each expert is added to ``library`` as soon as its budget ends,
-    except those named in ``keep`` (trained only as companions: already stored)."""
+    except those named in ``keep`` (trained only as companions: already stored). Experts without a planned ``init``
+    start as ``init`` says (:mod:`modlora.initialisation`)."""
     spec = spec or LoraSpec()
     library.check_base_model(lm.info)
     fmt = PromptFormatter(lm.tokenizer, max_prompt_tokens=max_prompt_tokens, max_target_tokens=max_target_tokens)
     data = {name: ExpertData(encode_tasks(fmt, p.tasks, "train", max_per_task=p.max_examples, seed=split_seed),
                              encode_tasks(fmt, p.tasks, "validation", max_per_task=max_val, seed=split_seed),
                              p.config, p.init) for name, p in plans.items()}
+    for name, d in data.items():
+        if d.init is None:
+            d.init = initial_factors(init, lm.model, spec, {name: d.train}, pad_id=lm.tokenizer.pad_token_id,
+                                     seed=d.config.seed, batch_size=d.config.batch_size).get(name)
     entries: dict[str, ExpertEntry] = {}
 
     def store(name: str, result: TrainResult) -> None:
@@ -61,10 +68,11 @@ def train_task_expert(lm: LoadedModel, library: ExpertLibrary, name: str, tasks:
                       spec: LoraSpec | None = None, config: TrainConfig | None = None,
                       max_examples: int | None = None, max_val: int | None = 32, max_prompt_tokens: int = 384,
                       max_target_tokens: int = 128, split_seed: int = 0, overwrite: bool = False,
-                      progress: bool = True, extra_training: Mapping[str, Any] | None = None) -> ExpertEntry:
+                      progress: bool = True, extra_training: Mapping[str, Any] | None = None,
+                      init: InitMethod = DEFAULT_INIT) -> ExpertEntry:
     """Train one expert on the train split of ``tasks`` (validated on their validation split) and add it."""
     plan = ExpertPlan(tasks, config or TrainConfig(), max_examples, dict(extra_training or {}))
     return train_task_experts(lm, library, {name: plan}, spec=spec, max_val=max_val,
                               max_prompt_tokens=max_prompt_tokens, max_target_tokens=max_target_tokens,
                               split_seed=split_seed, overwrite=overwrite, progress=progress,
-                              desc=f"train {name}")[name]
+                              desc=f"train {name}", init=init)[name]

@@ -39,6 +39,7 @@ def _build_config(args: argparse.Namespace) -> Any:
                        data_dir=task_dir(args), flat_file=str(args.flat) if args.flat else None,
                        lora=lora_spec(args), train=train_config(args), max_examples=args.max_examples, max_val=args.max_val, max_prompt_tokens=args.max_prompt_tokens,
                        max_target_tokens=args.max_target_tokens, balanced=getattr(args, "balanced", False),
+                       init=args.init,
                        **({"experts_per_job": args.experts_per_job, "shared_prefix": not args.no_shared_prefix,
                            "max_tokens_per_forward": args.max_tokens_per_forward}
                           if hasattr(args, "experts_per_job") else {}))
@@ -73,7 +74,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     entry = train_task_expert(lm, lib, name, tasks, spec=lora_spec(args), config=train_config(args),
                               max_examples=args.max_examples, max_val=args.max_val,
                               max_prompt_tokens=args.max_prompt_tokens, max_target_tokens=args.max_target_tokens,
-                              overwrite=args.overwrite)
+                              overwrite=args.overwrite, init=args.init)
     console.print(f"[green]trained expert[/] {entry.name}: val loss {entry.metrics['best_val_loss']:.4f}, "
                   f"{entry.metrics['tokens_per_second']:.0f} tokens/s → {lib.expert_dir(entry.name)}")
     return 0
@@ -114,6 +115,9 @@ def _print_clusters(clustering: Any, quality: Any = None) -> None:
 def _check_strategy_options(args: argparse.Namespace, rank: int) -> tuple[float | None, int]:
     """``--share`` (its fraction or None) and the number of heads, checked before anything loads."""
     share = args.share_fraction if args.share else None
+    if args.strategy in ("poly", "mhr") and args.init != "shared":
+        raise UsageError(f"--init {args.init} applies to experts trained on their own tasks; Poly/MHR skills start "
+                         "from seeds seed + s (leave --init at shared)")
     if args.share and args.strategy not in ("mbc", "semantic"):
         raise UsageError("--share applies to --strategy mbc and semantic")
     if args.share_mode is not None and not args.share:

@@ -155,6 +155,11 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
                    help="targets are cut to this length (default 128)")
     g.add_argument("--seed", type=nonnegative_int, default=0,
                    help="seed for the split, sampling and initialisation (default 0)")
+    from modlora.initialisation import DEFAULT_INIT, INIT_METHODS
+    g.add_argument("--init", choices=INIT_METHODS, default=DEFAULT_INIT,
+                   help="how each expert's A starts (B = 0): shared (one seeded draw for all), per-expert (a seed "
+                        "per expert), eva (top principal directions of the expert's layer inputs, PEFT's EVA), "
+                        f"gradient (top singular directions of its full-weight gradient); default {DEFAULT_INIT}")
 
 
 def lora_spec(args: argparse.Namespace) -> Any:

@@ -44,8 +44,10 @@ def own_routed_expert(library: ExpertSource, names: Sequence[str]) -> dict[str, 
 
 def prompt_routing_accuracy(rm: ReuseModel, examples: Sequence[EncodedExample], library: ExpertSource
                             ) -> RoutingAccuracy:
-    """Routing accuracy of ``rm``'s per-token router on the prompts of ``examples``: each example's own expert is
-    :func:`own_routed_expert` of its task; examples of tasks without one are skipped."""
+    """Routing accuracy of ``rm``'s router on the prompts of ``examples``: each example's own expert is
+    :func:`own_routed_expert` of its task; examples of tasks without one are skipped. A per-token router's mass is
+    its weights averaged over the prompt's tokens, per layer; a per-example router's (task predictor) is its weights
+    for the prompt, one "layer" named ``example``."""
     if rm.routed is None:
         raise DataError(f"routing accuracy needs a routing method, not {rm.method!r}")
     names = rm.routed.expert_names
@@ -56,10 +58,15 @@ def prompt_routing_accuracy(rm: ReuseModel, examples: Sequence[EncodedExample], 
         own = expert_of_task.get(ex.task)
         if own is None:
             continue
-        with torch.inference_mode(), rm.routed.record() as rec:
-            rm.model(input_ids=torch.tensor([ex.prompt_ids], device=rm.device))
-        for layer, mass in rec.mass.items():
-            masses.setdefault(layer, []).append(mass / max(rec.tokens[layer], 1))
+        ids = torch.tensor([ex.prompt_ids], device=rm.device)
+        if rm.example_router is not None:
+            with torch.inference_mode(), rm.routed.disabled():
+                masses.setdefault("example", []).append(rm.example_router(ids, None, None, False)[0].float().cpu())
+        else:
+            with torch.inference_mode(), rm.routed.record() as rec:
+                rm.model(input_ids=ids)
+            for layer, mass in rec.mass.items():
+                masses.setdefault(layer, []).append(mass / max(rec.tokens[layer], 1))
         truth.append(names.index(own))
     if not truth:
         raise DataError("routing accuracy: no example belongs to a task that exactly one routed expert was trained on")

@@ -208,14 +208,31 @@ def results_table(runs: Sequence[EvalRun], metric: str | None = None, title: str
 @dataclass
 class RoutingAccuracy:
     """How often an example's routing mass is largest on its own task's expert: ``overall`` on the mass averaged
-    over layers, ``per_layer`` on each layer's mass alone; ``n`` examples."""
+    over layers, ``per_layer`` on each layer's mass alone; ``n`` examples. On the layer-averaged mass also
+    ``top2`` (own expert among the two largest), ``own_mass`` (mean share of the mass on the own expert) and
+    ``experts`` E (chance: top-1 1/E, top-2 2/E; own mass 1/E under uniform routing). Results written before these
+    were kept read back as NaN / 0."""
 
     overall: float
     per_layer: dict[str, float]
     n: int
+    top2: float = math.nan
+    own_mass: float = math.nan
+    experts: int = 0
+
+    @property
+    def chance(self) -> float:
+        """Top-1 accuracy of a router that picks an expert at random: 1/E."""
+        return 1.0 / self.experts if self.experts else math.nan
 
     def to_dict(self) -> dict[str, Any]:
-        return {"overall": self.overall, "per_layer": self.per_layer, "n": self.n}
+        return {"overall": self.overall, "per_layer": self.per_layer, "n": self.n, "top2": self.top2,
+                "own_mass": self.own_mass, "experts": self.experts}
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> RoutingAccuracy:
+        return cls(float(d["overall"]), {str(k): float(v) for k, v in d["per_layer"].items()}, int(d["n"]),
+                   float(d.get("top2", math.nan)), float(d.get("own_mass", math.nan)), int(d.get("experts", 0)))
 
 
 def routing_accuracy(masses: Mapping[str, Any], true_expert: Any) -> RoutingAccuracy:
@@ -246,8 +263,13 @@ def routing_accuracy(masses: Mapping[str, Any], true_expert: Any) -> RoutingAccu
     def accuracy(arr: np.ndarray) -> float:
         return float((arr.argmax(axis=1) == truth).mean()) if truth.size else float("nan")
 
-    return RoutingAccuracy(accuracy(np.mean(list(layers.values()), axis=0)),
-                           {name: accuracy(arr) for name, arr in layers.items()}, int(truth.shape[0]))
+    mean = np.mean(list(layers.values()), axis=0)
+    rows = np.arange(truth.size)
+    own = mean[rows, truth]
+    top2 = float(((mean >= own[:, None]).sum(axis=1) - 1 < 2).mean())  # ties count against if truth.size else float("nan")
+    share = float((own / np.maximum(mean.sum(axis=1), 1e-30)).mean()) if truth.size else float("nan")
+    return RoutingAccuracy(accuracy(mean), {name: accuracy(arr) for name, arr in layers.items()}, int(truth.shape[0]),
+                           top2, share, int(mean.shape[1]))
 
 
 @dataclass
@@ -292,8 +314,7 @@ class RoutingTelemetry:
                        {str(k): int(v) for k, v in (d.get("tokens_per_layer") or {}).items()},
                        {str(t): {str(e): float(v) for e, v in row.items()}
                         for t, row in (d.get("expert_usage") or {}).items()},
-                       RoutingAccuracy(float(acc["overall"]), {str(k): float(v) for k, v in acc["per_layer"].items()},
-                                       int(acc["n"])) if acc else None)
+                       RoutingAccuracy.from_dict(acc) if acc else None)
         except (AttributeError, KeyError, TypeError, ValueError) as exc:
             raise DataError(f"{source}: malformed field 'routing' ({type(exc).__name__}: {exc})") from None
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from modlora.errors import RoutingError
 from modlora.experts import ExpertSet
 from modlora.methods.core import (
     Capabilities,
@@ -29,9 +30,13 @@ class ArrowOptions(RoutedLayerOptions):
     temperature: float | str = option(1.0, "logit temperature T: a number or 'sqrt_d'", type=parse_temperature)
     tie_qkv: bool = option(False, "one prototype for q,k,v of a block (they read the same input)")
     normalize_inputs: bool = option(False, "L2-normalise x before |x·v|")
+    remove_common: int = option(0, "per layer, project the c directions all experts' prototypes share most (top-c "
+                                "singular vectors of their stack) out of every prototype (0: off; data-free)", type=int)
 
     def __post_init__(self) -> None:
         check_positive_int(self.top_k, "top_k")
+        if isinstance(self.remove_common, bool) or not isinstance(self.remove_common, int) or self.remove_common < 0:
+            raise RoutingError(f"remove_common must be a non-negative integer, got {self.remove_common!r}")
         check_temperature(self.temperature)
 
 
@@ -45,4 +50,4 @@ class Arrow(RoutedMethod):
         o = self.options
         assert isinstance(o, ArrowOptions)
         return ArrowRouter(top_k=o.top_k, temperature=o.temperature, normalize_inputs=o.normalize_inputs,
-                           tie_qkv=o.tie_qkv)
+                           tie_qkv=o.tie_qkv, remove_common=o.remove_common)

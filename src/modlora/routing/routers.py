@@ -119,9 +119,12 @@ class ArrowRouter:
     """
 
     def __init__(self, top_k: int = 4, temperature: Temperature = 1.0, *, normalize_inputs: bool = False,
-                 normalize_prototypes: bool = True, tie_qkv: bool = False, cache: bool = True) -> None:
+                 normalize_prototypes: bool = True, tie_qkv: bool = False, cache: bool = True,
+                 remove_common: int = 0) -> None:
         if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
             raise RoutingError(f"arrow top_k must be a positive integer, got {top_k!r}")
+        if isinstance(remove_common, bool) or not isinstance(remove_common, int) or remove_common < 0:
+            raise RoutingError(f"arrow remove_common must be a non-negative integer, got {remove_common!r}")
         if temperature != "sqrt_d":
             resolve_temperature(temperature, 1)
         self.top_k = top_k
@@ -130,6 +133,7 @@ class ArrowRouter:
         self.normalize_prototypes = normalize_prototypes
         self.tie_qkv = tie_qkv
         self.cache = cache
+        self.remove_common = remove_common
         self.prototypes: dict[str, torch.Tensor] = {}     # layer -> (E_layer, in) float32
         self.singular_values: dict[str, torch.Tensor] = {}  # layer -> (E_layer,)
         self._temps: dict[str, float] = {}
@@ -177,6 +181,9 @@ class ArrowRouter:
         # modules) routes among all of its own experts (k capped per layer).
         if self.top_k > len(experts.names):
             raise RoutingError(f"arrow top_k={self.top_k} exceeds the number of experts ({len(experts.names)})")
+        if self.remove_common >= len(experts.names):
+            raise RoutingError(f"arrow remove_common={self.remove_common} must be below the number of experts "
+                               f"({len(experts.names)}): removing every direction the prototypes span leaves nothing")
         if self.tie_qkv:
             for layer, ids in layers.items():
                 g = qkv_group(layer)
@@ -207,6 +214,8 @@ class ArrowRouter:
                 raise RoutingError(f"arrow: no prototype for layer {layer} of experts {missing}")
             protos = torch.stack([per_expert[i][key].float().reshape(-1) for i in ids])
             sigmas = torch.stack([per_expert[i][key + "::sigma"].float().reshape(()) for i in ids])
+            if self.remove_common and len(ids) > self.remove_common:
+                protos = without_common_directions(protos, self.remove_common)
             if not self.normalize_prototypes:
                 protos = protos * sigmas.unsqueeze(1)
             bad = (~torch.isfinite(protos).all(dim=1)).nonzero().flatten().tolist()
@@ -291,6 +300,18 @@ class ArrowRouter:
         values = {m: per_block[b] for m, b in group.member_block.items()}
         self._cache.put(gname, layer, x, values)
         return values[layer]
+
+
+def without_common_directions(protos: torch.Tensor, c: int) -> torch.Tensor:
+    """Unit prototypes (E, in) with the ``c`` directions they share most removed: ``U`` = the top-c right singular
+    vectors of the (uncentred) stack, each ``v_e ← (I − U Uᵀ) v_e / ‖·‖``. Sign-free (``VᵀV`` does not see a row's
+    sign), so it suits Arrow's sign-ambiguous prototypes. A prototype that lies inside ``span(U)`` keeps a zero
+    residual and is left as zero (it cannot win a token)."""
+    p = protos.double()
+    u = torch.linalg.svd(p, full_matrices=False).Vh[:c]                     # (c, in)
+    residual = p - (p @ u.T) @ u
+    norms = residual.norm(dim=1, keepdim=True)
+    return torch.where(norms > 1e-9, residual / norms.clamp_min(1e-30), torch.zeros_like(residual)).float()
 
 
 class UniformRouter:

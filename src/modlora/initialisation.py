@@ -1,0 +1,193 @@
+"""How a new expert's LoRA factors start (``BuildConfig.init``, ``modlora build --init``).
+
+Every method starts ``B = 0`` (so ``ΔW = s·B·A = 0`` at step 0) and differs in ``A`` (r × d_in per adapted layer):
+
+* ``shared`` — PEFT's default, ``A ~ U(±1/√d_in)`` (``kaiming_uniform_(a=√5)``) drawn from the build seed, so every
+  expert of a build starts from the **same** A. After a short budget A has barely moved and every expert's row space,
+  hence its Arrow prototype, lies near one common r-dimensional span.
+* ``per-expert`` — the same distribution drawn from ``seed ⊕ crc32(expert name)``: unrelated random row spaces.
+* ``eva`` — EVA (Paischer et al. 2024; PEFT's ``init_lora_weights="eva"`` with ``rho = 1``, every layer keeping
+  rank r): A = the top-r principal directions of the layer's inputs over the expert's own training sequences
+  (prompt and target tokens), computed exactly in one pass (:func:`eva_init`; tested against PEFT's
+  ``initialize_lora_eva_weights``). Rows are unit vectors. Needs the expert's data (it has it: it trains on it).
+* ``gradient`` — A = the top-r right singular vectors of the full-weight gradient ``G = ∂L/∂W = Σ_t δ_t x_tᵀ``
+  (d_out × d_in) of the target loss over the expert's first training batches (LoRA-GA-like, with B = 0): the input
+  directions the task's loss most wants to change. Rows are unit vectors.
+
+Experts with an explicit initial adapter (a warm start from a shared expert) keep it; ``shared`` returns no
+adapter and the trainer draws the default from the seed.
+"""
+
+from __future__ import annotations
+
+import zlib
+from collections.abc import Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Literal, get_args
+
+from modlora.errors import DataError
+
+if TYPE_CHECKING:  # the CLI reads the names below at parse time, before torch is imported
+    import torch
+
+    from modlora.adapters import LoraAdapter, LoraSpec
+    from modlora.data import EncodedExample
+
+InitMethod = Literal["shared", "per-expert", "eva", "gradient"]
+INIT_METHODS: tuple[str, ...] = get_args(InitMethod)
+DEFAULT_INIT: InitMethod = "shared"
+INIT_BATCHES = 4
+"""Training batches that ``gradient`` accumulates its gradient over (``eva`` runs until its components converge)."""
+
+
+def check_init(method: str) -> InitMethod:
+    """``method`` if it names an initialisation, else a :class:`DataError` listing them."""
+    if method not in INIT_METHODS:
+        raise DataError(f"init must be one of {', '.join(INIT_METHODS)}, got {method!r}")
+    return method  # type: ignore[return-value]
+
+
+def expert_seed(seed: int, name: str) -> int:
+    """The ``per-expert`` seed of expert ``name``: ``seed ⊕ crc32(name)`` (stable across runs and machines)."""
+    return (seed ^ zlib.crc32(name.encode())) & 0x7FFFFFFF
+
+
+def _batches(examples: Sequence[EncodedExample], batch_size: int, seed: int) -> list[list[EncodedExample]]:
+    from modlora.data import length_grouped_batches
+    if not examples:
+        raise DataError("a data-aware initialisation needs training examples")
+    return length_grouped_batches(examples, batch_size, seed=seed)
+
+
+def eva_init(model: torch.nn.Module, modules: Sequence[str], spec: LoraSpec, examples: Sequence[EncodedExample], *,
+             pad_id: int, batch_size: int = 8, seed: int = 0) -> LoraAdapter:
+    """EVA's A for each of ``modules``, B = 0: the top-r principal directions of the layer's inputs over every
+    non-padding token of ``examples`` (one pass, batches of ``batch_size``).
+
+    Per layer, over the n tokens' inputs x (d_in,): ``μ = Σx/n``, ``C = Σxxᵀ/n − μμᵀ`` (float64), A = the
+    eigenvectors of C with the r largest eigenvalues (rows, unit norm). This is the PCA that PEFT's
+    ``get_eva_state_dict`` estimates by incremental PCA until its components stop moving (``tau`` 0.99); here it is
+    computed exactly on all the data in one pass (PEFT cycles through the batches, often many times: about 75 s per
+    expert on SmolLM2-135M on one core, against a few seconds). Layers that read the same input (q/k/v) share one
+    accumulation, as PEFT's hashing of equal inputs does."""
+    import torch
+
+    from modlora.adapters import LoraAdapter
+    from modlora.data import collate
+    from modlora.routing.routers import input_group
+
+    named = dict(model.named_modules())
+    groups: dict[str, list[str]] = {}
+    for m in modules:
+        groups.setdefault(input_group(m), []).append(m)
+    sums: dict[str, list[torch.Tensor]] = {}
+    mask: list[torch.Tensor] = []
+
+    def accumulate(group: str) -> Callable[..., None]:
+        def hook(_module: torch.nn.Module, args: tuple[torch.Tensor, ...]) -> None:
+            x = args[0][mask[0]].double()                                   # (tokens, d_in), padding left out
+            acc = sums.setdefault(group, [torch.zeros(x.shape[1], dtype=torch.float64),
+                                          torch.zeros(x.shape[1], x.shape[1], dtype=torch.float64)])
+            acc[0] += x.sum(0).cpu()
+            acc[1] += (x.T @ x).cpu()
+        return hook
+
+    device = next(model.parameters()).device
+    handles = [named[members[0]].register_forward_pre_hook(accumulate(g)) for g, members in groups.items()]
+    was_training = model.training
+    count = 0
+    try:
+        model.eval()
+        with torch.no_grad():
+            for batch in _batches(examples, batch_size, seed):
+                b = collate(batch, pad_id).to(device)
+                mask[:] = [b.attention_mask.bool()]
+                count += int(b.attention_mask.sum())
+                model(input_ids=b.input_ids, attention_mask=b.attention_mask)
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was_training)
+    if count < spec.rank:
+        raise DataError(f"EVA needs at least r = {spec.rank} tokens, got {count}")
+    A = {}
+    for g, members in groups.items():
+        mean = sums[g][0] / count
+        cov = sums[g][1] / count - torch.outer(mean, mean)
+        _, vecs = torch.linalg.eigh(cov)                                    # ascending eigenvalues
+        top = vecs[:, -spec.rank:].flip(1).T.float().contiguous()           # (r, d_in), largest first
+        for m in members:
+            A[m] = top.clone()
+    B = {m: torch.zeros(named[m].out_features, spec.rank) for m in modules}
+    return LoraAdapter(spec, {m: A[m] for m in modules}, B)
+
+
+def gradient_init(model: torch.nn.Module, modules: Sequence[str], spec: LoraSpec, examples: Sequence[EncodedExample],
+                  *, pad_id: int, batch_size: int = 8, seed: int = 0, batches: int = INIT_BATCHES) -> LoraAdapter:
+    """A = top-r right singular vectors of ``G = Σ_batches ∂L/∂W`` per module (``L``: the summed target loss of a
+    batch, as training uses it), over the first ``batches`` length-grouped batches of ``examples``; B = 0.
+
+    ``∂L/∂W = Σ_t δ_t x_tᵀ`` is accumulated from each layer's input ``x`` (t, d_in) and output gradient ``δ``
+    (t, d_out), the base weights untouched (their ``requires_grad`` is restored)."""
+    import torch
+
+    from modlora.adapters import LoraAdapter
+    from modlora.data import collate
+    from modlora.training import target_loss
+
+    named = dict(model.named_modules())
+    grads = {m: torch.zeros(named[m].out_features, named[m].in_features) for m in modules}
+
+    def keep_input(name: str) -> Callable[..., None]:
+        def hook(_module: torch.nn.Module, args: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
+            x = args[0].detach().reshape(-1, args[0].shape[-1]).float()
+
+            def accumulate(g: torch.Tensor) -> None:
+                grads[name].add_(g.reshape(-1, g.shape[-1]).float().T @ x)
+            output.register_hook(accumulate)
+        return hook
+
+    device = next(model.parameters()).device
+    flags = {n: p.requires_grad for n, p in model.named_parameters()}
+    was_training = model.training
+    handles = [named[m].register_forward_hook(keep_input(m)) for m in modules]
+    embed = model.get_input_embeddings()
+    embed_handle = embed.register_forward_hook(lambda _m, _a, out: out.requires_grad_(True))
+    try:
+        for p in model.parameters():
+            p.requires_grad_(False)
+        model.eval()
+        for batch in _batches(examples, batch_size, seed)[:batches]:
+            loss, _ = target_loss(model, collate(batch, pad_id).to(device))
+            loss.backward()
+    finally:
+        for h in handles:
+            h.remove()
+        embed_handle.remove()
+        for n, p in model.named_parameters():
+            p.requires_grad_(flags[n])
+        model.train(was_training)
+    A = {}
+    for m, g in grads.items():
+        if not torch.isfinite(g).all() or not g.any():
+            raise DataError(f"gradient init: the gradient of {m} is zero or not finite")
+        A[m] = torch.linalg.svd(g.double(), full_matrices=False).Vh[: spec.rank].float().contiguous()
+    return LoraAdapter(spec, A, {m: torch.zeros(named[m].out_features, spec.rank) for m in modules})
+
+
+def initial_factors(method: InitMethod, model: torch.nn.Module, spec: LoraSpec,
+                    train: Mapping[str, Sequence[EncodedExample]], *, pad_id: int, seed: int,
+                    batch_size: int = 8) -> dict[str, LoraAdapter]:
+    """Each expert's initial adapter (``train``: expert name → its training examples); empty for ``shared``, whose
+    common initialisation the trainer draws from ``seed``."""
+    from modlora.adapters import adapted_modules
+    from modlora.multitrain import default_init
+
+    check_init(method)
+    if method == "shared":
+        return {}
+    modules = adapted_modules(model, spec.target_modules)
+    if method == "per-expert":
+        return {name: default_init(model, modules, spec, expert_seed(seed, name)) for name in train}
+    make = eva_init if method == "eva" else gradient_init
+    return {name: make(model, modules, spec, examples, pad_id=pad_id, batch_size=batch_size, seed=seed)
+            for name, examples in train.items()}
