@@ -305,6 +305,8 @@ def test_demo_end_to_end_on_a_tiny_model(world, tmp_path, shared_data, capsys):
     assert "results (%, mean ± s.e.)" in out and "adjusted Rand index" in out
     words = " ".join(out.split())
     assert "held-out SNI Rouge-L, private Arrow, paired over 4 tasks:" in words and "vs base" in words
+    ari = results["partitions"]["mbc"]["ari"]       # the clustered-libraries table and the summary line agree
+    assert ari is not None and f"adjusted Rand index {ari:.2f}" in words
     assert "paired differences across tasks" in words
     table = out[out.index("results (%, mean"):]
     assert "infer" in table and "tok/s ┃" in table  # the last column is shown whole, not cropped at 80 columns

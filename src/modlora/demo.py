@@ -9,13 +9,14 @@ finished result rows), so an interrupted demo resumes. Sized for ≤ 15 minutes 
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from rich.console import Console
 
-from modlora.clustering import ClusteringResult, cluster_quality
+from modlora.io import atomic_write_json
 from modlora.models import DEFAULT_MODEL
 from modlora.study import StudyConfig, paired_difference, run_study
 
@@ -71,15 +72,18 @@ def run_demo(out_dir: Path = Path("runs/demo"), *, model: str = DEFAULT_MODEL, d
     console = Console()
     console.rule("modlora demo")
     cfg = demo_config(model, tasks, steps)
+    families = {t: f for t, f in DEMO_FAMILIES.items() if t in cfg.train_tasks}
+    if len(set(families.values())) > 1 and len(families) == len(cfg.train_tasks):
+        out_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(out_dir / "families.json", families)   # the study's clustered-libraries table scores it
+        cfg = dataclasses.replace(cfg, task_families=str(out_dir / "families.json"))
     data_dir = data.parent.parent if data is not None and data.name == "tasks" else data
     results = run_study(cfg, out_dir, device=device, data_dir=data_dir, console=console)
     console.print(f"libraries: {', '.join(v['path'] for v in results['libraries'].values())}")
-    clusters = out_dir / "mbc_clusters.json"
-    if clusters.is_file():
-        clustering = ClusteringResult.from_json(clusters)
-        quality = cluster_quality(clustering, DEMO_FAMILIES)
-        console.print(f"MBC clusters vs the known task families: adjusted Rand index {quality.ari:.2f}, purity "
-                      f"{quality.purity:.2f} (K = {clustering.k})")
+    mbc = results.get("partitions", {}).get("mbc")
+    if mbc and mbc.get("ari") is not None:
+        console.print(f"MBC clusters vs the known task families: adjusted Rand index {mbc['ari']:.2f}, purity "
+                      f"{mbc['purity']:.2f} (K = {mbc['k']})")
     console.print(heldout_summary(results))
     console.print(f"results: {out_dir / 'results.json'} and {out_dir / 'results.md'}; clusters plot: "
                   f"{out_dir / 'mbc_clusters.png'}  (wall time {results['wall_seconds']:.0f} s)")

@@ -35,8 +35,9 @@ if TYPE_CHECKING:  # the CLI reads the names below at parse time, before torch i
 InitMethod = Literal["shared", "per-expert", "eva", "gradient"]
 INIT_METHODS: tuple[str, ...] = get_args(InitMethod)
 DEFAULT_INIT: InitMethod = "shared"
-INIT_BATCHES = 4
-"""Training batches that ``gradient`` accumulates its gradient over (``eva`` runs until its components converge)."""
+INIT_BATCHES = 8
+"""The expert's first training batches (its own stream's order) that ``eva`` and ``gradient`` read: 64 sequences at
+batch 8, about 10k tokens on SNI prompts, enough for r = 4 directions of a 576-dim layer input."""
 
 
 def check_init(method: str) -> InitMethod:
@@ -55,19 +56,19 @@ def _batches(examples: Sequence[EncodedExample], batch_size: int, seed: int) -> 
     from modlora.data import length_grouped_batches
     if not examples:
         raise DataError("a data-aware initialisation needs training examples")
-    return length_grouped_batches(examples, batch_size, seed=seed)
+    return length_grouped_batches(examples, batch_size, seed=seed)[:INIT_BATCHES]
 
 
 def eva_init(model: torch.nn.Module, modules: Sequence[str], spec: LoraSpec, examples: Sequence[EncodedExample], *,
              pad_id: int, batch_size: int = 8, seed: int = 0) -> LoraAdapter:
     """EVA's A for each of ``modules``, B = 0: the top-r principal directions of the layer's inputs over every
-    non-padding token of ``examples`` (one pass, batches of ``batch_size``).
+    non-padding token of the first :data:`INIT_BATCHES` batches of ``examples`` (length-grouped by ``batch_size``
+    with ``seed``: the expert's first training batches), one pass of the decoder (no LM head).
 
-    Per layer, over the n tokens' inputs x (d_in,): ``μ = Σx/n``, ``C = Σxxᵀ/n − μμᵀ`` (float64), A = the
+    Per layer, over the n tokens' inputs x (d_in,): ``μ = Σx/n``, ``C = Σxxᵀ/n − μμᵀ`` (per-batch sums in float32, accumulated in float64), A = the
     eigenvectors of C with the r largest eigenvalues (rows, unit norm). This is the PCA that PEFT's
-    ``get_eva_state_dict`` estimates by incremental PCA until its components stop moving (``tau`` 0.99); here it is
-    computed exactly on all the data in one pass (PEFT cycles through the batches, often many times: about 75 s per
-    expert on SmolLM2-135M on one core, against a few seconds). Layers that read the same input (q/k/v) share one
+    ``get_eva_state_dict`` estimates by randomised incremental PCA, cycling through its batches until the components
+    stop moving (``tau`` 0.99); here it is computed exactly on those tokens in one pass. Layers that read the same input (q/k/v) share one
     accumulation, as PEFT's hashing of equal inputs does."""
     import torch
 
@@ -84,11 +85,11 @@ def eva_init(model: torch.nn.Module, modules: Sequence[str], spec: LoraSpec, exa
 
     def accumulate(group: str) -> Callable[..., None]:
         def hook(_module: torch.nn.Module, args: tuple[torch.Tensor, ...]) -> None:
-            x = args[0][mask[0]].double()                                   # (tokens, d_in), padding left out
+            x = args[0][mask[0]].float()                                    # (tokens, d_in), padding left out
             acc = sums.setdefault(group, [torch.zeros(x.shape[1], dtype=torch.float64),
                                           torch.zeros(x.shape[1], x.shape[1], dtype=torch.float64)])
-            acc[0] += x.sum(0).cpu()
-            acc[1] += (x.T @ x).cpu()
+            acc[0] += x.sum(0).double().cpu()
+            acc[1] += (x.T @ x).double().cpu()          # a float32 GEMM per batch, summed over batches in float64
         return hook
 
     device = next(model.parameters()).device
@@ -102,7 +103,7 @@ def eva_init(model: torch.nn.Module, modules: Sequence[str], spec: LoraSpec, exa
                 b = collate(batch, pad_id).to(device)
                 mask[:] = [b.attention_mask.bool()]
                 count += int(b.attention_mask.sum())
-                model(input_ids=b.input_ids, attention_mask=b.attention_mask)
+                model.get_decoder()(input_ids=b.input_ids, attention_mask=b.attention_mask)
     finally:
         for h in handles:
             h.remove()
@@ -122,9 +123,9 @@ def eva_init(model: torch.nn.Module, modules: Sequence[str], spec: LoraSpec, exa
 
 
 def gradient_init(model: torch.nn.Module, modules: Sequence[str], spec: LoraSpec, examples: Sequence[EncodedExample],
-                  *, pad_id: int, batch_size: int = 8, seed: int = 0, batches: int = INIT_BATCHES) -> LoraAdapter:
+                  *, pad_id: int, batch_size: int = 8, seed: int = 0) -> LoraAdapter:
     """A = top-r right singular vectors of ``G = Σ_batches ∂L/∂W`` per module (``L``: the summed target loss of a
-    batch, as training uses it), over the first ``batches`` length-grouped batches of ``examples``; B = 0.
+    batch, as training uses it), over the first :data:`INIT_BATCHES` length-grouped batches of ``examples``; B = 0.
 
     ``∂L/∂W = Σ_t δ_t x_tᵀ`` is accumulated from each layer's input ``x`` (t, d_in) and output gradient ``δ``
     (t, d_out), the base weights untouched (their ``requires_grad`` is restored)."""
@@ -156,7 +157,7 @@ def gradient_init(model: torch.nn.Module, modules: Sequence[str], spec: LoraSpec
         for p in model.parameters():
             p.requires_grad_(False)
         model.eval()
-        for batch in _batches(examples, batch_size, seed)[:batches]:
+        for batch in _batches(examples, batch_size, seed):
             loss, _ = target_loss(model, collate(batch, pad_id).to(device))
             loss.backward()
     finally:

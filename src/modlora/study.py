@@ -52,6 +52,7 @@ from modlora.evaluation.indist import own_routed_expert, prompt_routing_accuracy
 from modlora.evaluation.rank_classification import evaluate_choice_tasks
 from modlora.evaluation.results import mean_and_stderr
 from modlora.experts import DEFAULT_SHARE_MODE, SHARE_MODES, ShareInfo, ShareMode
+from modlora.initialisation import DEFAULT_INIT, InitMethod, check_init
 from modlora.io import atomic_write_bytes, atomic_write_json
 from modlora.library import ExpertLibrary
 from modlora.methods import REGISTRY
@@ -108,6 +109,8 @@ class StudyConfig:
     lorahub_shots: int = 5
     lorahub_budget: int = 40
     seed: int = 0
+    init: InitMethod = DEFAULT_INIT
+    """How every expert's A starts (:mod:`modlora.initialisation`; Poly/MHR skills always start from seeds)."""
 
     @classmethod
     def from_json(cls, path: str | Path) -> StudyConfig:
@@ -137,6 +140,15 @@ class StudyConfig:
         if self.share_mode not in SHARE_MODES:
             raise ModloraError(f"{source}: share_mode must be one of {', '.join(SHARE_MODES)}, got "
                                f"{self.share_mode!r}")
+        try:
+            check_init(self.init)
+        except ModloraError as exc:
+            raise ModloraError(f"{source}: {exc}") from None
+        poly = [name for name in ("poly", "mhr") if name in self.libraries]
+        if poly and self.init != DEFAULT_INIT:
+            raise ModloraError(f"{source}: init {self.init!r} applies to experts trained on their own tasks; the "
+                               f"{'/'.join(poly)} skills start from seeds (run them in a study with init "
+                               f"{DEFAULT_INIT!r})")
         for row in self.rows:
             try:
                 self.row_options(row, Path("."))
@@ -178,7 +190,8 @@ class StudyConfig:
                            train=TrainConfig(steps=self.steps_per_task, batch_size=self.batch_size, lr=self.lr,
                                              seed=self.seed),
                            max_examples=self.max_examples, max_val=self.max_val,
-                           max_prompt_tokens=self.max_prompt_tokens, max_target_tokens=self.max_target_tokens)
+                           max_prompt_tokens=self.max_prompt_tokens, max_target_tokens=self.max_target_tokens,
+                           init=self.init)
 
 
 def row_key(row: Sequence[Any]) -> str:
