@@ -383,6 +383,36 @@ def test_remove_common_projects_out_the_shared_directions_against_brute_force(ti
         ArrowRouter(remove_common=-1)
 
 
+def test_centred_arrow_routes_on_x_minus_the_mean_input(tiny_llama: torch.nn.Module) -> None:
+    """``input_mean``: logits ``|(x − μ_l)·v_e|``, on the per-layer path and the grouped q/k/v path alike."""
+    ex = experts_for(tiny_llama, 3)
+    layers = ExpertSet.of(ex).modules()
+    g = torch.Generator().manual_seed(3)
+    by_input = {}
+    named = dict(tiny_llama.named_modules())
+    mean = {}
+    for layer in layers:                      # one mean per input (q/k/v read the same one)
+        key = layer.rsplit(".", 1)[0] + ".qkv" if layer.endswith(("q_proj", "k_proj", "v_proj")) else layer
+        by_input.setdefault(key, torch.randn(named[layer].in_features, generator=g))
+        mean[layer] = by_input[key]
+    plain = route(tiny_llama, ex, ArrowRouter(top_k=2))
+    protos = {layer: p.clone() for layer, p in plain.router.prototypes.items()}
+    plain.restore()
+    routed = route(tiny_llama, ex, ArrowRouter(top_k=2, input_mean=mean))
+    x = torch.randn(5, 32, generator=g)
+    for layer in ("model.layers.0.self_attn.q_proj", "model.layers.0.self_attn.v_proj",
+                  "model.layers.1.self_attn.o_proj"):
+        expected = ((x - mean[layer]) @ protos[layer].T).abs()
+        torch.testing.assert_close(routed.router.logits(x, layer), expected)
+        top = routed.router(x, layer)
+        vals, idx = torch.topk(expected, 2, dim=-1)
+        assert torch.equal(top.indices, idx)
+        torch.testing.assert_close(top.weights, torch.softmax(vals, dim=-1))
+    routed.restore()
+    with pytest.raises(RoutingError, match="no input mean for layer"):
+        route(tiny_llama, ex, ArrowRouter(top_k=2, input_mean={layers[0]: mean[layers[0]]}))
+
+
 # ------------------------------------------------------------------------------------------------ caching
 class FakeLibrary:
     def __init__(self, experts: dict[str, LoraAdapter]) -> None:

@@ -27,7 +27,7 @@ from dataclasses import dataclass, fields
 
 from modlora.errors import RoutingError
 from modlora.methods.allocation import AllocationMethod
-from modlora.methods.arrow import Arrow
+from modlora.methods.arrow import Arrow, ArrowCentred
 from modlora.methods.base import Base
 from modlora.methods.centroid import Centroid
 from modlora.methods.core import Capabilities, MethodOptions, ReuseMethod, RoutedMethod, StaticMethod, option
@@ -81,6 +81,7 @@ class Registry:
 REGISTRY = Registry((
     Base,
     Arrow,
+    ArrowCentred,
     Mu,
     MuDelta,
     Linear,

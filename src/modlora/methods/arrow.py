@@ -9,19 +9,23 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
+
 from modlora.errors import RoutingError
 from modlora.experts import ExpertSet
 from modlora.methods.core import (
     Capabilities,
     RoutedLayerOptions,
     RoutedMethod,
+    TrainingDataOptions,
     check_positive_int,
     check_temperature,
+    example_batches,
     option,
     parse_temperature,
 )
 from modlora.models import LoadedModel
-from modlora.routing import ArrowRouter
+from modlora.routing import ArrowRouter, compute_centroids
 
 
 @dataclass(frozen=True)
@@ -50,4 +54,35 @@ class Arrow(RoutedMethod):
         o = self.options
         assert isinstance(o, ArrowOptions)
         return ArrowRouter(top_k=o.top_k, temperature=o.temperature, normalize_inputs=o.normalize_inputs,
-                           tie_qkv=o.tie_qkv, remove_common=o.remove_common)
+                           tie_qkv=o.tie_qkv, remove_common=o.remove_common, input_mean=self.input_mean(lm, experts))
+
+    def input_mean(self, lm: LoadedModel, experts: ExpertSet) -> dict[str, torch.Tensor] | None:
+        """Per layer, the mean subtracted from every token's input before routing (plain Arrow: none)."""
+        return None
+
+
+@dataclass(frozen=True)
+class ArrowCentredOptions(ArrowOptions, TrainingDataOptions):
+    def __post_init__(self) -> None:
+        ArrowOptions.__post_init__(self)
+        TrainingDataOptions.__post_init__(self)
+
+
+class ArrowCentred(Arrow):
+    """Arrow on centred inputs: ``logit_e = |(x − μ_l)·v_e| / T``, with ``μ_l`` the mean input of layer l over the
+    experts' training tokens (the mean of the centroid router's per-expert means ``c_e,l``, cached in the library).
+    The prototypes are Arrow's (data-free); the centring needs a few training examples per expert. It removes the
+    component every token shares, which otherwise adds the same ``|μ·v_e|`` to each expert's logit."""
+
+    name = "arrow-centred"
+    summary = "Arrow on inputs centred by the experts' mean layer input (prototypes data-free; the mean needs data)"
+    Options = ArrowCentredOptions
+    capabilities = Capabilities(per_token=True, needs_data=True)
+
+    def input_mean(self, lm: LoadedModel, experts: ExpertSet) -> dict[str, torch.Tensor]:
+        o = self.options
+        assert isinstance(o, ArrowCentredOptions)
+        layers = experts.modules()
+        centroids = compute_centroids(lm.model, example_batches(lm, experts, o, with_labels=False), layers,
+                                      library=experts.artifacts)
+        return {layer: sum(c[layer] for c in centroids.values()) / len(centroids) for layer in layers}

@@ -120,7 +120,7 @@ class ArrowRouter:
 
     def __init__(self, top_k: int = 4, temperature: Temperature = 1.0, *, normalize_inputs: bool = False,
                  normalize_prototypes: bool = True, tie_qkv: bool = False, cache: bool = True,
-                 remove_common: int = 0) -> None:
+                 remove_common: int = 0, input_mean: Mapping[str, torch.Tensor] | None = None) -> None:
         if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
             raise RoutingError(f"arrow top_k must be a positive integer, got {top_k!r}")
         if isinstance(remove_common, bool) or not isinstance(remove_common, int) or remove_common < 0:
@@ -134,6 +134,7 @@ class ArrowRouter:
         self.tie_qkv = tie_qkv
         self.cache = cache
         self.remove_common = remove_common
+        self.input_mean = dict(input_mean or {})           # layer -> (in,): subtracted from x before |x·v|
         self.prototypes: dict[str, torch.Tensor] = {}     # layer -> (E_layer, in) float32
         self.singular_values: dict[str, torch.Tensor] = {}  # layer -> (E_layer,)
         self._temps: dict[str, float] = {}
@@ -223,6 +224,10 @@ class ArrowRouter:
                 raise RoutingError(f"arrow: the prototypes of expert(s) {[experts.names[ids[j]] for j in bad]} at layer "
                                    f"{layer} are not finite (their weights overflow float32)")
             self.prototypes[layer] = protos.to(device)
+            if self.input_mean:
+                if layer not in self.input_mean:
+                    raise RoutingError(f"arrow: no input mean for layer {layer}")
+                self.input_mean[layer] = self.input_mean[layer].to(device, torch.float32).reshape(-1)
             self.singular_values[layer] = sigmas
             self._temps[layer] = resolve_temperature(self.temperature, protos.shape[1])
         self._build_groups(list(layers))
@@ -258,17 +263,21 @@ class ArrowRouter:
         protos = self.prototypes.get(layer)
         if protos is None:
             raise RoutingError(f"arrow router has no prototypes for layer {layer}; was it bound by route()?")
-        xf = x.to(protos.device, torch.float32)
+        xf = self._prepared(x.to(protos.device, torch.float32), layer)
+        return (xf @ protos.T).abs_() / self._temps[layer]
+
+    def _prepared(self, xf: torch.Tensor, layer: str) -> torch.Tensor:
+        """The token inputs as routed: minus the layer's input mean (if given), then unit-normalised (if asked)."""
+        if self.input_mean:
+            xf = xf - self.input_mean[layer]
         if self.normalize_inputs:
             xf = xf / xf.norm(dim=-1, keepdim=True).clamp_min(1e-12)
-        return (xf @ protos.T).abs_() / self._temps[layer]
+        return xf
 
     def _route_group(self, x: torch.Tensor, group: _RoutingGroup) -> list[TopKRouting]:
         """Top-k routing of every block of ``group``: logits ``|x·[P/T]ᵀ|`` (t, Σ E) from one matmul, top-k, and a
         softmax over the k kept logits only."""
-        xf = x.to(group.matrix.device, torch.float32)
-        if self.normalize_inputs:
-            xf = xf / xf.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+        xf = self._prepared(x.to(group.matrix.device, torch.float32), group.members[0])   # members share x
         logits = (xf @ group.matrix.T).abs_()                                   # (t, Σ E)
         t, nb = logits.shape[0], len(group.sizes)
         if nb == 1:
