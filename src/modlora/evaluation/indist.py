@@ -42,34 +42,43 @@ def own_routed_expert(library: ExpertSource, names: Sequence[str]) -> dict[str, 
     return {task: held[0] for task, held in holders.items() if len(held) == 1}
 
 
-def prompt_routing_accuracy(rm: ReuseModel, examples: Sequence[EncodedExample], library: ExpertSource
-                            ) -> RoutingAccuracy:
+def prompt_routing_accuracy(rm: ReuseModel, examples: Sequence[EncodedExample], library: ExpertSource, *,
+                            batch_size: int = 8) -> RoutingAccuracy:
     """Routing accuracy of ``rm``'s router on the prompts of ``examples``: each example's own expert is
     :func:`own_routed_expert` of its task; examples of tasks without one are skipped. A per-token router's mass is
-    its weights averaged over the prompt's tokens, per layer; a per-example router's (task predictor) is its weights
-    for the prompt, one "layer" named ``example``."""
+    its weights averaged over the prompt's tokens, per layer (prompts of similar length run ``batch_size`` at a
+    time, right-padded; padding is not routed mass); a per-example router's (task predictor) is its weights for the
+    prompt, one "layer" named ``example``."""
     if rm.routed is None:
         raise DataError(f"routing accuracy needs a routing method, not {rm.method!r}")
     names = rm.routed.expert_names
     expert_of_task = own_routed_expert(library, names)
+    scored = sorted((ex for ex in examples if ex.task in expert_of_task), key=lambda ex: len(ex.prompt_ids))
+    if not scored:
+        raise DataError("routing accuracy: no example belongs to a task that exactly one routed expert was trained on")
     masses: dict[str, list[torch.Tensor]] = {}
     truth: list[int] = []
-    for ex in examples:
-        own = expert_of_task.get(ex.task)
-        if own is None:
-            continue
-        ids = torch.tensor([ex.prompt_ids], device=rm.device)
+    pad = 0
+    for start in range(0, len(scored), batch_size):
+        batch = scored[start:start + batch_size]
+        lengths = [len(ex.prompt_ids) for ex in batch]
+        ids = torch.full((len(batch), max(lengths)), pad, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for i, ex in enumerate(batch):
+            ids[i, : lengths[i]] = torch.tensor(ex.prompt_ids)
+            mask[i, : lengths[i]] = 1
+        ids, mask = ids.to(rm.device), mask.to(rm.device)
         if rm.example_router is not None:
             with torch.inference_mode(), rm.routed.disabled():
-                masses.setdefault("example", []).append(rm.example_router(ids, None, None, False)[0].float().cpu())
+                weights = rm.example_router(ids, mask, None, False).float().cpu()
+            masses.setdefault("example", []).extend(weights)
         else:
-            with torch.inference_mode(), rm.routed.record() as rec:
-                rm.model(input_ids=ids)
-            for layer, mass in rec.mass.items():
-                masses.setdefault(layer, []).append(mass / max(rec.tokens[layer], 1))
-        truth.append(names.index(own))
-    if not truth:
-        raise DataError("routing accuracy: no example belongs to a task that exactly one routed expert was trained on")
+            with torch.inference_mode(), rm.routed.record(per_token=True) as rec:
+                rm.model(input_ids=ids, attention_mask=mask)
+            for layer, calls in rec.weights.items():
+                per_token = torch.cat(calls)                                   # (Σ lengths, E), row-major
+                masses.setdefault(layer, []).extend(w.mean(0) for w in per_token.split(lengths))
+        truth += [names.index(expert_of_task[ex.task]) for ex in batch]
     return routing_accuracy({layer: torch.stack(rows) for layer, rows in sorted(masses.items())}, truth)
 
 
