@@ -37,6 +37,7 @@ from typing import Any
 
 import torch
 
+from modlora.cli import quiet_libraries
 from modlora.data import PromptFormatter, default_sni_dir, load_sni_tasks, split_instances
 from modlora.errors import ModloraError
 from modlora.evaluation.indist import prompt_routing_accuracy
@@ -146,6 +147,7 @@ def main() -> None:
         ap.error("--per-task must be >= 1")
     if args.threads:
         torch.set_num_threads(args.threads)
+    quiet_libraries()
     load_before = " ".join(f"{x:.2f}" for x in os.getloadavg())
     lm = load_base_model(args.model, dtype=args.dtype)
     task_dir = str(args.data or default_sni_dir())
