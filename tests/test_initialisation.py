@@ -24,7 +24,7 @@ from modlora.initialisation import (
     check_init,
     expert_seed,
     gradient_init,
-    initial_factors,
+    initial_adapter,
 )
 from modlora.library import ExpertLibrary
 from modlora.training import TrainConfig, target_loss
@@ -55,9 +55,9 @@ def test_check_init_names_the_choices() -> None:
 def test_shared_and_per_expert() -> None:
     model = make_tiny_llama()
     train = {"a": _examples("a", 4, 0), "b": _examples("b", 4, 1)}
-    assert initial_factors("shared", model, SPEC, train, pad_id=2, seed=0) == {}
-    first = initial_factors("per-expert", model, SPEC, train, pad_id=2, seed=0)
-    again = initial_factors("per-expert", model, SPEC, train, pad_id=2, seed=0)
+    assert initial_adapter("shared", model, SPEC, "a", train["a"], pad_id=2, seed=0) is None
+    first = {n: initial_adapter("per-expert", model, SPEC, n, ex, pad_id=2, seed=0) for n, ex in train.items()}
+    again = {n: initial_adapter("per-expert", model, SPEC, n, ex, pad_id=2, seed=0) for n, ex in train.items()}
     m = adapted_modules(model, SPEC.target_modules)[0]
     assert torch.equal(first["a"].A[m], again["a"].A[m])                 # deterministic
     assert not torch.allclose(first["a"].A[m], first["b"].A[m])          # a seed per expert
@@ -69,7 +69,7 @@ def test_shared_and_per_expert() -> None:
 def test_eva_is_the_exact_pca_of_the_layer_inputs() -> None:
     model = make_tiny_llama()
     examples = _examples("a", 24, 3)
-    ours = initial_factors("eva", model, SPEC, {"a": examples}, pad_id=2, seed=0, batch_size=5)["a"]
+    ours = initial_adapter("eva", model, SPEC, "a", examples, pad_id=2, seed=0, batch_size=5)
     named = dict(model.named_modules())
     batch = collate(examples, 2)
     keep = batch.attention_mask.bool()
@@ -97,7 +97,7 @@ def test_eva_agrees_with_peft_initialize_lora_eva_weights() -> None:
 
     model = make_tiny_llama()
     examples = _examples("a", 24, 3)
-    ours = initial_factors("eva", model, SPEC, {"a": examples}, pad_id=2, seed=0, batch_size=len(examples))["a"]
+    ours = initial_adapter("eva", model, SPEC, "a", examples, pad_id=2, seed=0, batch_size=len(examples))
     batch = collate(examples, 2)
     config = LoraConfig(r=SPEC.rank, lora_alpha=SPEC.alpha, target_modules=list(SPEC.target_modules),
                         init_lora_weights="eva", eva_config=EvaConfig(rho=1.0))

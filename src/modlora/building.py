@@ -71,7 +71,7 @@ from modlora.data import (
 from modlora.errors import ModloraError
 from modlora.executors import Job, run_jobs
 from modlora.experts import DEFAULT_SHARE_MODE, SHARE_META, SHARE_MODES, ShareInfo, ShareMode
-from modlora.initialisation import DEFAULT_INIT, InitMethod, check_init
+from modlora.initialisation import DEFAULT_INIT, InitMethod, check_init, check_init_fits
 from modlora.library import ExpertLibrary
 from modlora.models import LoadedModel, load_base_model
 from modlora.multitrain import MultiTrainOptions
@@ -559,9 +559,7 @@ def build_poly_library(path: str | Path, tasks: Sequence[str], config: BuildConf
     from modlora.poly import ALLOCATION_META, DEFAULT_ALLOCATION_LR, PolyOptions
     options = PolyOptions(skills, heads, allocation_lr if allocation_lr is not None else DEFAULT_ALLOCATION_LR)
     options.check_rank(config.lora.rank)
-    if config.init != DEFAULT_INIT:
-        raise ModloraError(f"init {config.init!r} applies to experts trained on their own tasks; Poly/MHR skills "
-                           f"start from seeds seed + s (use the default init {DEFAULT_INIT!r})")
+    check_init_fits(config.init, "poly" if heads == 1 else "mhr")
     names = tuple(sorted(tasks))
     if not names:
         raise ModloraError("a Poly/MHR library needs at least one task")

@@ -21,7 +21,7 @@ adapter and the trainer draws the default from the seed.
 from __future__ import annotations
 
 import zlib
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Literal, get_args
 
 from modlora.errors import DataError
@@ -45,6 +45,14 @@ def check_init(method: str) -> InitMethod:
     if method not in INIT_METHODS:
         raise DataError(f"init must be one of {', '.join(INIT_METHODS)}, got {method!r}")
     return method  # type: ignore[return-value]
+
+
+def check_init_fits(method: str, strategy: str) -> None:
+    """Refuse a non-default ``method`` for Poly/MHR (``strategy`` ``poly`` or ``mhr``), whose skills are not trained on
+    tasks of their own and start from seeds ``seed + s``: the one rule the CLI, the builder and the study apply."""
+    if strategy in ("poly", "mhr") and method != DEFAULT_INIT:
+        raise DataError(f"init {method!r} applies to experts trained on their own tasks; Poly/MHR skills start from "
+                        f"seeds seed + s (use the default init {DEFAULT_INIT!r})")
 
 
 def expert_seed(seed: int, name: str) -> int:
@@ -175,20 +183,19 @@ def gradient_init(model: torch.nn.Module, modules: Sequence[str], spec: LoraSpec
     return LoraAdapter(spec, A, {m: torch.zeros(named[m].out_features, spec.rank) for m in modules})
 
 
-def initial_factors(method: InitMethod, model: torch.nn.Module, spec: LoraSpec,
-                    train: Mapping[str, Sequence[EncodedExample]], *, pad_id: int, seed: int,
-                    batch_size: int = 8) -> dict[str, LoraAdapter]:
-    """Each expert's initial adapter (``train``: expert name → its training examples); empty for ``shared``, whose
-    common initialisation the trainer draws from ``seed``."""
+def initial_adapter(method: InitMethod, model: torch.nn.Module, spec: LoraSpec, name: str,
+                    examples: Sequence[EncodedExample], *, pad_id: int, seed: int, batch_size: int = 8
+                    ) -> LoraAdapter | None:
+    """Expert ``name``'s initial adapter from its training ``examples``; None for ``shared``, whose common
+    initialisation the trainer draws from ``seed``."""
     from modlora.adapters import adapted_modules
     from modlora.multitrain import default_init
 
     check_init(method)
     if method == "shared":
-        return {}
+        return None
     modules = adapted_modules(model, spec.target_modules)
     if method == "per-expert":
-        return {name: default_init(model, modules, spec, expert_seed(seed, name)) for name in train}
+        return default_init(model, modules, spec, expert_seed(seed, name))
     make = eva_init if method == "eva" else gradient_init
-    return {name: make(model, modules, spec, examples, pad_id=pad_id, batch_size=batch_size, seed=seed)
-            for name, examples in train.items()}
+    return make(model, modules, spec, examples, pad_id=pad_id, batch_size=batch_size, seed=seed)

@@ -8,7 +8,7 @@ from typing import Any
 
 from modlora.adapters import LoraAdapter, LoraSpec
 from modlora.data import PromptFormatter, Task, encode_tasks
-from modlora.initialisation import DEFAULT_INIT, InitMethod, initial_factors
+from modlora.initialisation import DEFAULT_INIT, InitMethod, initial_adapter
 from modlora.library import ExpertEntry, ExpertLibrary
 from modlora.models import LoadedModel
 from modlora.multitrain import ExpertData, MultiTrainOptions, train_experts
@@ -45,8 +45,8 @@ def train_task_experts(lm: LoadedModel, library: ExpertLibrary, plans: Mapping[s
                              p.config, p.init) for name, p in plans.items()}
     for name, d in data.items():
         if d.init is None:
-            d.init = initial_factors(init, lm.model, spec, {name: d.train}, pad_id=lm.tokenizer.pad_token_id,
-                                     seed=d.config.seed, batch_size=d.config.batch_size).get(name)
+            d.init = initial_adapter(init, lm.model, spec, name, d.train, pad_id=lm.tokenizer.pad_token_id,
+                                     seed=d.config.seed, batch_size=d.config.batch_size)
     entries: dict[str, ExpertEntry] = {}
 
     def store(name: str, result: TrainResult) -> None:

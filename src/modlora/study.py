@@ -52,7 +52,7 @@ from modlora.evaluation.indist import own_routed_expert, prompt_routing_accuracy
 from modlora.evaluation.rank_classification import evaluate_choice_tasks
 from modlora.evaluation.results import mean_and_stderr
 from modlora.experts import DEFAULT_SHARE_MODE, SHARE_MODES, ShareInfo, ShareMode
-from modlora.initialisation import DEFAULT_INIT, InitMethod, check_init
+from modlora.initialisation import DEFAULT_INIT, InitMethod, check_init, check_init_fits
 from modlora.io import atomic_write_bytes, atomic_write_json
 from modlora.library import ExpertLibrary
 from modlora.methods import REGISTRY
@@ -142,13 +142,10 @@ class StudyConfig:
                                f"{self.share_mode!r}")
         try:
             check_init(self.init)
+            for name in self.libraries:
+                check_init_fits(self.init, name)
         except ModloraError as exc:
             raise ModloraError(f"{source}: {exc}") from None
-        poly = [name for name in ("poly", "mhr") if name in self.libraries]
-        if poly and self.init != DEFAULT_INIT:
-            raise ModloraError(f"{source}: init {self.init!r} applies to experts trained on their own tasks; the "
-                               f"{'/'.join(poly)} skills start from seeds (run them in a study with init "
-                               f"{DEFAULT_INIT!r})")
         for row in self.rows:
             try:
                 self.row_options(row, Path("."))

@@ -115,9 +115,12 @@ def _print_clusters(clustering: Any, quality: Any = None) -> None:
 def _check_strategy_options(args: argparse.Namespace, rank: int) -> tuple[float | None, int]:
     """``--share`` (its fraction or None) and the number of heads, checked before anything loads."""
     share = args.share_fraction if args.share else None
-    if args.strategy in ("poly", "mhr") and args.init != "shared":
-        raise UsageError(f"--init {args.init} applies to experts trained on their own tasks; Poly/MHR skills start "
-                         "from seeds seed + s (leave --init at shared)")
+    from modlora.errors import DataError
+    from modlora.initialisation import check_init_fits
+    try:
+        check_init_fits(args.init, args.strategy)
+    except DataError as exc:
+        raise UsageError(f"--init: {exc}") from None
     if args.share and args.strategy not in ("mbc", "semantic"):
         raise UsageError("--share applies to --strategy mbc and semantic")
     if args.share_mode is not None and not args.share:

@@ -266,7 +266,8 @@ def routing_accuracy(masses: Mapping[str, Any], true_expert: Any) -> RoutingAccu
     mean = np.mean(list(layers.values()), axis=0)
     rows = np.arange(truth.size)
     own = mean[rows, truth]
-    top2 = float(((mean >= own[:, None]).sum(axis=1) - 1 < 2).mean())  # ties count against if truth.size else float("nan")
+    # own expert among the two largest; a tie counts against it
+    top2 = float(((mean >= own[:, None]).sum(axis=1) - 1 < 2).mean()) if truth.size else float("nan")
     share = float((own / np.maximum(mean.sum(axis=1), 1e-30)).mean()) if truth.size else float("nan")
     return RoutingAccuracy(accuracy(mean), {name: accuracy(arr) for name, arr in layers.items()}, int(truth.shape[0]),
                            top2, share, int(mean.shape[1]))
