@@ -25,6 +25,7 @@ Writes ``OUT.json`` (every figure, per layer too) and ``OUT.md``::
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import re
@@ -38,7 +39,7 @@ from typing import Any
 import torch
 
 from modlora.cli import quiet_libraries
-from modlora.data import PromptFormatter, default_sni_dir, load_sni_tasks, split_instances
+from modlora.data import TRUNCATE_MODES, PromptLimits, default_sni_dir, load_sni_tasks, split_instances
 from modlora.errors import ModloraError
 from modlora.evaluation.indist import prompt_routing_accuracy
 from modlora.evaluation.results import RoutingAccuracy
@@ -90,9 +91,9 @@ def per_block(acc: RoutingAccuracy) -> dict[str, float]:
 
 def markdown(scores: list[RouterScore], ari: dict[str, float], meta: dict[str, Any]) -> str:
     lines = [f"# Routing accuracy\n\n`{meta['command']}`\n",
-             f"{meta['prompts_per_task']} test prompts per task (never trained on), prompts ≤ "
-             f"{meta['max_prompt_tokens']} tokens (cut: {meta['truncate']}; prompts cut / with the definition cut / "
-             f"all, per library: {meta['cut_prompts_definitions_total']}); load average {meta['load_before']} → "
+             f"{meta['prompts_per_task']} test prompts per task (never trained on), cut as each library's experts "
+             f"were trained ({meta['prompt_limits']}; prompts cut / with the definition cut / all, per library: "
+             f"{meta['cut_prompts_definitions_total']}); load average {meta['load_before']} → "
              f"{meta['load_after']}.\n",
              "| library | router | E | top-1 | top-2 | own mass | chance top-1 | best block | worst block | s |",
              "|---|---|---:|---:|---:|---:|---:|---|---|---:|"]
@@ -108,15 +109,16 @@ def markdown(scores: list[RouterScore], ari: dict[str, float], meta: dict[str, A
     return "\n".join(lines) + "\n"
 
 
-def delta_mbc_ari(library: ExpertLibrary, families: dict[str, str]) -> float:
-    """ARI of ΔW-MBC (k-means on the rows of the ΔW cosine, K = the number of families) against ``families``."""
+def delta_mbc_ari(library: ExpertLibrary, families: dict[str, str]) -> tuple[float, list[list[str]]]:
+    """ARI of ΔW-MBC (k-means on the rows of the ΔW cosine, K = the number of families) against ``families``, and
+    the clusters (expert names)."""
     from modlora.clustering import cluster_quality, model_based_clustering
 
     names = library.expert_names()
     labels = {n: families[t] for n in names for t in library.tasks(n) if t in families}
     k = len(set(labels.values()))
     clustering = model_based_clustering(library, k, features="delta", partition="kmeans")
-    return cluster_quality(clustering, labels).ari
+    return cluster_quality(clustering, labels).ari, [list(c) for c in clustering.clusters]
 
 
 def main() -> None:
@@ -125,11 +127,12 @@ def main() -> None:
     ap.add_argument("--routers", nargs="+", default=["arrow", "centroid", "tp"],
                     help="METHOD[:opt=value,...] of the registry (default: arrow centroid tp)")
     ap.add_argument("--per-task", type=int, default=20, help="test prompts per task (default 20)")
-    ap.add_argument("--max-prompt-tokens", type=int, default=256, help="prompt cap, as the build's (default 256)")
+    ap.add_argument("--max-prompt-tokens", type=int, default=None,
+                    help="prompt cap (default: the library's, from its training record)")
     ap.add_argument("--split-seed", type=int, default=0, help="the build's split seed (default 0)")
-    ap.add_argument("--truncate", choices=("left", "input"), default="left",
-                    help="how a prompt over the cap is cut: left (the definition's start goes first; the build's "
-                         "default) or input (the instance input's end goes; the definition stays whole)")
+    ap.add_argument("--truncate", choices=TRUNCATE_MODES, default=None,
+                    help="how a prompt over the cap is cut: left (the definition's start goes first) or input (the "
+                         "instance input's end goes; the definition stays whole); default: the library's")
     ap.add_argument("--families", type=Path, default=None, help="task → family JSON: adds ΔW-MBC's ARI")
     ap.add_argument("--data", type=Path, default=None, help="SNI task directory (default ../shared/data/sni/tasks)")
     ap.add_argument("--model", default="smollm2-135m")
@@ -154,8 +157,13 @@ def main() -> None:
     scores: list[RouterScore] = []
     ari: dict[str, float] = {}
     cuts: dict[str, list[int]] = {}
+    caps: dict[str, dict[str, Any]] = {}
+    clusters: dict[str, list[list[str]]] = {}
     for path, library in libraries.items():
-        fmt = PromptFormatter(lm.tokenizer, max_prompt_tokens=args.max_prompt_tokens, truncate=args.truncate)
+        limits = PromptLimits.from_record(library.entry(library.expert_names()[0]).training)
+        limits = dataclasses.replace(limits, **{k: v for k, v in (("max_prompt_tokens", args.max_prompt_tokens),
+                                                                   ("truncate", args.truncate)) if v is not None})
+        fmt = limits.formatter(lm.tokenizer)
         tasks = load_sni_tasks(task_dir, sorted({t for n in library.expert_names() for t in library.tasks(n)}))
         prompts = []
         for name, task in tasks.items():
@@ -164,8 +172,9 @@ def main() -> None:
                 ap.error(f"{path}: task {name} has {len(test)} test instances, fewer than --per-task {args.per_task}")
             prompts += [fmt.encode(task, inst) for inst in test[: args.per_task]]
         cuts[path] = [fmt.cut_prompts, fmt.cut_definitions, len(prompts)]
-        print(f"{path}: {len(prompts)} prompts, {fmt.cut_prompts} over the cap ({fmt.cut_definitions} with the "
-              f"definition cut; --truncate {args.truncate})", flush=True)
+        caps[path] = limits.record()
+        print(f"{path}: {len(prompts)} prompts, {fmt.cut_prompts} over the cap of {limits.max_prompt_tokens} "
+              f"({fmt.cut_definitions} with the definition cut; truncate {limits.truncate})", flush=True)
         for spec, method, options in routers:
             if issubclass(REGISTRY.get(method).Options, TrainingDataOptions):
                 options = {"task_dir": task_dir, **options}
@@ -180,15 +189,14 @@ def main() -> None:
             print(f"{path} {spec}: top-1 {acc.overall:.1%} top-2 {acc.top2:.1%} own mass {acc.own_mass:.1%} "
                   f"(E = {acc.experts}, chance {acc.chance:.1%}, {acc.n} prompts, {score.seconds:.0f} s)", flush=True)
         if families is not None:
-            ari[path] = delta_mbc_ari(library, families)
-            print(f"{path}: ΔW-MBC ARI {ari[path]:.2f}", flush=True)
+            ari[path], clusters[path] = delta_mbc_ari(library, families)
+            print(f"{path}: ΔW-MBC ARI {ari[path]:.2f}, clusters {clusters[path]}", flush=True)
     meta = {"command": "python benchmarks/routing_accuracy.py " + " ".join(sys.argv[1:]),
-            "prompts_per_task": args.per_task, "max_prompt_tokens": args.max_prompt_tokens,
-            "truncate": args.truncate, "cut_prompts_definitions_total": cuts,
+            "prompts_per_task": args.per_task, "prompt_limits": caps, "cut_prompts_definitions_total": cuts,
             "load_before": load_before, "load_after": " ".join(f"{x:.2f}" for x in os.getloadavg())}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.with_suffix(".json").write_text(json.dumps(
-        {"meta": meta, "ari": ari, "scores": [{**asdict(s), "accuracy": s.accuracy.to_dict()} for s in scores]},
+        {"meta": meta, "ari": ari, "clusters": clusters, "scores": [{**asdict(s), "accuracy": s.accuracy.to_dict()} for s in scores]},
         indent=1))
     args.out.with_suffix(".md").write_text(markdown(scores, ari, meta))
     print(f"wrote {args.out.with_suffix('.json')} and {args.out.with_suffix('.md')}")

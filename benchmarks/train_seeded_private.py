@@ -17,7 +17,7 @@ import zlib
 import torch
 
 from modlora.adapters import LoraSpec
-from modlora.data import default_sni_dir, load_sni_tasks
+from modlora.data import PromptLimits, default_sni_dir, load_sni_tasks
 from modlora.library import ExpertLibrary
 from modlora.models import DEFAULT_MODEL, load_base_model
 from modlora.pipeline import train_task_expert
@@ -47,7 +47,7 @@ def main() -> None:
             continue
         config = TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=zlib.crc32(name.encode()))
         train_task_expert(lm, lib, name, {name: tasks[name]}, spec=LoraSpec(), config=config, max_val=args.max_val,
-                          max_prompt_tokens=args.max_prompt_tokens, max_target_tokens=args.max_target_tokens,
+                          limits=PromptLimits(args.max_prompt_tokens, args.max_target_tokens),
                           split_seed=args.split_seed, progress=False,
                           extra_training={"stage": "private", "per_expert_seed": True})
         print(f"trained {name}", flush=True)

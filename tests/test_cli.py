@@ -84,6 +84,11 @@ def test_train_build_and_cluster(world, tmp_path, capsys):
     assert main(["train", str(tmp_path / "one"), "task1_alpha"] + common) == 0
     for init in ("eva", "gradient"):
         assert main(["train", str(tmp_path / init), "task1_alpha", "--init", init] + common) == 0
+    cut = [("12" if common[i - 1] == "--max-prompt-tokens" else a) for i, a in enumerate(common)]
+    assert main(["train", str(tmp_path / "cut"), "task1_alpha", "--truncate", "input"] + cut) == 0
+    record = ExpertLibrary(tmp_path / "cut").entry("task1_alpha").training
+    assert (record["truncate"], record["max_prompt_tokens"], record["max_target_tokens"]) == ("input", 12, 4)
+    assert record["prompts_cut"] > 0 and record["definitions_cut"] <= record["prompts_cut"]
     flat = tmp_path / "flat.jsonl"
     flat.write_text("\n".join([json.dumps({"task_name": "echo", "source": f"w{i}", "target": f"w{i}"})
                                for i in range(12)] + ["{broken", "[1]"]) + "\n")
@@ -232,6 +237,8 @@ def test_eval_suites_default_to_base_and_report(world, tmp_path, capsys):
     (["build", "OUT", "--strategy", "mbc", "--share-mode", "residual"], "--share-mode applies with --share"),
     (["build", "OUT", "--strategy", "mbc", "--share", "--share-mode", "cold"], "--share-mode"),
     (["build", "OUT", "--init", "kaiming"], "--init"),
+    (["build", "OUT", "--max-prompt-tokens", "4"], "--max-prompt-tokens: expected an integer >= 8"),
+    (["train", "OUT", "task1_alpha", "--truncate", "right"], "--truncate"),
     (["build", "OUT", "--strategy", "mhr", "--init", "eva"], "Poly/MHR skills start from seeds"),
 ])
 def test_bad_options_refused_before_loading(world, tmp_path, capsys, monkeypatch, argv, message):
@@ -300,11 +307,16 @@ def test_demo_end_to_end_on_a_tiny_model(world, tmp_path, shared_data, capsys):
             *DEMO_TASKS[:4]] + _m(world)
     assert main(argv) == 0
     results = json.loads((tmp_path / "demo" / "results.json").read_text())
-    assert {"base", "private/mu", "private/arrow[top_k=4]", "mbc/arrow[top_k=3]"} <= set(results["rows"])
+    assert {"base", "private/mu", "private/arrow[top_k=4]", "private/arrow-centred[top_k=4]",
+            "mbc/arrow[top_k=3]"} <= set(results["rows"])
     out = capsys.readouterr().out
     assert "results (%, mean ± s.e.)" in out and "adjusted Rand index" in out
     words = " ".join(out.split())
-    assert "held-out SNI Rouge-L, private Arrow, paired over 4 tasks:" in words and "vs base" in words
+    assert "what this run shows" in words and "own expert top-1 (chance)" in words
+    summary = out[out.index("what this run shows"):]
+    assert "held-out related − μ" in summary and "held-out unrelated − base" in summary, summary
+    assert set(results["heldout_groups"].values()) == {"related", "unrelated"}
+    assert results["config"]["init"] == "eva" and results["config"]["dtype"] == "bfloat16"
     ari = results["partitions"]["mbc"]["ari"]       # the clustered-libraries table and the summary line agree
     assert ari is not None and f"adjusted Rand index {ari:.2f}" in words
     assert "paired differences across tasks" in words

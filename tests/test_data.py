@@ -12,6 +12,7 @@ from modlora.data import (
     EncodedExample,
     Instance,
     PromptFormatter,
+    PromptLimits,
     Task,
     collate,
     encode_tasks,
@@ -96,6 +97,21 @@ def test_input_truncation_keeps_the_definition_and_counts_the_cuts(char_tokenize
     assert (left.cut_prompts, left.cut_definitions) == (1, 1)              # left truncation cuts the header first
     with pytest.raises(DataError, match="truncate must be"):
         PromptFormatter(char_tokenizer, truncate="right")  # type: ignore[arg-type]
+
+
+def test_prompt_limits_are_checked_once_and_round_trip_through_a_training_record(char_tokenizer):
+    limits = PromptLimits(64, 8, "input")
+    assert PromptLimits.from_record({"lr": 1e-3, **limits.record(), "prompts_cut": 3}) == limits
+    assert PromptLimits.from_record({"max_prompt_tokens": 256}) == PromptLimits(256)  # older records: the defaults
+    fmt = limits.formatter(char_tokenizer)
+    assert (fmt.max_prompt_tokens, fmt.max_target_tokens, fmt.truncate) == (64, 8, "input")
+    for bad, match in (({"max_prompt_tokens": 4}, "max_prompt_tokens must be an integer >= 8"),
+                       ({"max_target_tokens": 0}, "max_target_tokens must be an integer >= 1"),
+                       ({"max_prompt_tokens": True}, "max_prompt_tokens"), ({"truncate": "right"}, "truncate")):
+        with pytest.raises(DataError, match=match):
+            PromptLimits(**bad)
+        with pytest.raises(DataError, match="training record: " + match):
+            PromptLimits.from_record(bad)
 
 
 def test_plain_template_without_chat(char_tokenizer):

@@ -168,8 +168,10 @@ def test_fingerprint_keeps_old_shared_libraries_valid_and_separates_inits() -> N
     assert shared != expert_fingerprint(BuildConfig(init="eva"), planned)
     assert expert_fingerprint(BuildConfig(init="eva"), planned) != expert_fingerprint(BuildConfig(init="gradient"),
                                                                                         planned)
-    # the shared (historical) init leaves the fingerprint as the formula before the setting existed gave it
-    doc = {k: v for k, v in BuildConfig().training_settings().items() if k != "init"}
+    assert shared != expert_fingerprint(BuildConfig(truncate="input"), planned)
+    # the shared init and left truncation (what was built before either setting existed) leave the fingerprint as the
+    # formula before the settings existed gave it
+    doc = {k: v for k, v in BuildConfig().training_settings().items() if k not in ("init", "truncate")}
     doc |= {"tasks": ["t"], "budget_scale": 1.0}
     assert shared == hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()[:16]
 

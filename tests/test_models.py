@@ -52,7 +52,7 @@ def test_bad_specs(tmp_path, monkeypatch):
 
 @pytest.mark.integration
 def test_embedded_model_trains_a_few_steps(tmp_path, shared_data):
-    from modlora.data import load_sni_tasks
+    from modlora.data import PromptLimits, load_sni_tasks
     from modlora.library import ExpertLibrary
     from modlora.pipeline import train_task_expert
     from modlora.training import TrainConfig
@@ -68,7 +68,7 @@ def test_embedded_model_trains_a_few_steps(tmp_path, shared_data):
     tasks = load_sni_tasks(shared_data / "sni" / "tasks", [name])
     lib = ExpertLibrary.create(tmp_path / "lib", lm.info)
     entry = train_task_expert(lm, lib, name, tasks, config=TrainConfig(steps=2, batch_size=2, lr=1e-3),
-                              max_examples=4, max_val=2, max_prompt_tokens=96, max_target_tokens=8, progress=False)
+                              max_examples=4, max_val=2, limits=PromptLimits(96, 8), progress=False)
     assert entry.metrics["steps"] == 2 and entry.metrics["train_tokens"] > 0
     assert torch.isfinite(torch.tensor(entry.metrics["best_val_loss"]))
     adapter = ExpertLibrary(tmp_path / "lib").get(name)

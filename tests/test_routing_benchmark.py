@@ -40,7 +40,7 @@ def test_routing_benchmark_matches_direct_computation(tmp_path: Path) -> None:
     out = tmp_path / "routing"
     proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "routing_accuracy.py"), str(lib.path),
                            "--routers", "arrow:top_k=2", "arrow:top_k=2,remove_common=1", "centroid", "tp",
-                           "--per-task", "3", "--max-prompt-tokens", "48", "--model", str(model_dir), "--dtype",
+                           "--per-task", "3", "--model", str(model_dir), "--dtype",
                            "float32", "--data", str(data), "--families", str(families), "--out", str(out)],
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr
@@ -50,6 +50,9 @@ def test_routing_benchmark_matches_direct_computation(tmp_path: Path) -> None:
     assert all(s["n"] == 12 and s["experts"] == 4 for s in scores.values())
     assert set(scores["tp"]["per_layer"]) == {"example"}
     assert -1.0 <= result["ari"][str(lib.path)] <= 1.0
+    assert sorted(e for c in result["clusters"][str(lib.path)] for e in c) == ["e0", "e1", "e2", "e3"]
+    assert result["meta"]["prompt_limits"][str(lib.path)] == {"max_prompt_tokens": 48, "max_target_tokens": 4,
+                                                             "truncate": "left"}  # the library's own limits
     table = out.with_suffix(".md").read_text()
     assert "| library | router | E | top-1 |" in table and "ΔW-MBC ARI" in table
 

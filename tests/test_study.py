@@ -123,6 +123,41 @@ def test_study_config_rows_are_checked_before_anything_runs(tmp_path):
         StudyConfig.from_json(path)
 
 
+def test_study_heldout_tasks_from_the_pool_and_paired_differences_per_group(tmp_path):
+    """Held-out tasks may come from the training pool (never from the study's training tasks: refused before
+    anything runs); ``heldout_groups`` splits the held-out paired differences, each equal to brute force."""
+    import pytest
+
+    from modlora.errors import ModloraError
+
+    model_dir, data = _model_and_data(tmp_path, n=12, heldout_n=8)
+    write_sni_task(data / "sni" / "heldout", "task8_y", "y", n=8)
+    for t in ("task5_e", "task6_f"):
+        write_sni_task(data / "sni" / "tasks", t, t[-1], n=8)
+    groups = {"task5_e": "related", "task6_f": "related", "task8_y": "unrelated", "task9_z": "unrelated"}
+    (tmp_path / "groups.json").write_text(json.dumps(groups))
+    raw = {"name": "g", "model": str(model_dir), "train_tasks": TRAIN[:2], "steps_per_task": 1, "batch_size": 2,
+           "max_prompt_tokens": 48, "max_target_tokens": 4, "libraries": ["private"], "heldout_limit": 3,
+           "indist_limit": 1, "max_new_tokens": 3, "heldout_tasks": sorted(groups), "heldout_groups": "groups.json",
+           "rows": [["-", "base"], ["private", "mu"], ["private", "arrow", {"top_k": 2}]]}
+    (tmp_path / "cfg.json").write_text(json.dumps({**raw, "heldout_tasks": ["task1_a", "task9_z"]}))
+    with pytest.raises(ModloraError, match="heldout_tasks task1_a are training tasks"):
+        StudyConfig.from_json(tmp_path / "cfg.json")
+    (tmp_path / "cfg.json").write_text(json.dumps(raw))
+    res = run_study(StudyConfig.from_json(tmp_path / "cfg.json"), tmp_path / "out", device="cpu", data_dir=data)
+    assert res["heldout_groups"] == groups
+    arrow, mu = res["rows"]["private/arrow[top_k=2]"]["heldout"], res["rows"]["private/mu"]["heldout"]
+    assert set(arrow) == set(groups) and all(arrow[t]["n"] == 3 for t in groups)
+    for group in ("related", "unrelated"):
+        tasks = [t for t, g in groups.items() if g == group]
+        diffs = [arrow[t]["rougeL"] - mu[t]["rougeL"] for t in tasks]
+        paired = paired_difference(res, "private/arrow[top_k=2]", "private/mu", tasks=tasks)
+        assert paired is not None and paired.n == 2
+        assert abs(paired.mean - sum(diffs) / 2) < 1e-12 and abs(paired.stderr - abs(diffs[0] - diffs[1]) / 2) < 1e-12
+    table = results_markdown(res)
+    assert "**Held-out tasks by group**" in table and "| related (2 tasks) − μ |" in table
+
+
 CONFIGS = Path(__file__).resolve().parents[1] / "benchmarks" / "configs"
 
 
@@ -138,7 +173,7 @@ def _sni_index() -> dict[str, dict] | None:
 def test_every_committed_study_config_loads_and_its_families_cover_its_tasks():
     """Each ``benchmarks/configs/*.json`` study config passes the reader's checks; a ``families-<name>.json`` next
     to it labels exactly its training tasks; every named task is in the SNI index when the data is present."""
-    configs = sorted(p for p in CONFIGS.glob("*.json") if not p.name.startswith("families-"))
+    configs = sorted(p for p in CONFIGS.glob("*.json") if not p.name.startswith(("families-", "heldout-groups-")))
     assert {p.stem for p in configs} >= {"cpu-small", "cpu-medium", "cpu-medium-2", "gpu-full"}
     index = _sni_index()
     for path in configs:

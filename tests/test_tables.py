@@ -34,3 +34,9 @@ def test_narrow_table_stays_one_table():
     lines = _render(80, ["expert", "weight"], [["cluster0", "0.5"], ["cluster1", "0.5"]])
     text = "\n".join(lines)
     assert text.count("┏") == 1 and "(1/" not in text and "cluster1" in text
+
+
+def test_cells_and_headers_are_text_not_markup():
+    """A row key with options (``private/arrow[top_k=4]``) or a header in brackets shows as written."""
+    text = "\n".join(_render(80, ["row", "[b]x[/b]"], [["private/arrow[top_k=4]", "[red]1[/red]"]]))
+    assert "private/arrow[top_k=4]" in text and "[b]x[/b]" in text and "[red]1[/red]" in text

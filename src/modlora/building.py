@@ -60,8 +60,9 @@ from modlora.clustering import (
     random_clustering,
 )
 from modlora.data import (
-    PromptFormatter,
+    PromptLimits,
     Task,
+    Truncate,
     default_sni_dir,
     encode_tasks,
     load_flat_jsonl,
@@ -103,6 +104,8 @@ class BuildConfig:
     max_val: int = 32
     max_prompt_tokens: int = 384
     max_target_tokens: int = 128
+    truncate: Truncate = "left"
+    """How a prompt over ``max_prompt_tokens`` is cut (:class:`modlora.data.PromptLimits`)."""
     balanced: bool = False
     experts_per_job: int = 8
     shared_prefix: bool = True
@@ -112,9 +115,14 @@ class BuildConfig:
 
     def __post_init__(self) -> None:
         check_init(self.init)
+        PromptLimits(self.max_prompt_tokens, self.max_target_tokens, self.truncate)  # validates
         if self.experts_per_job < 1:
             raise ModloraError(f"experts_per_job must be >= 1, got {self.experts_per_job}")
         MultiTrainOptions(self.shared_prefix, self.max_tokens_per_forward)  # validates
+
+    @property
+    def limits(self) -> PromptLimits:
+        return PromptLimits(self.max_prompt_tokens, self.max_target_tokens, self.truncate)
 
     @property
     def options(self) -> MultiTrainOptions:
@@ -169,8 +177,9 @@ class ExpertsJob(Job):
 def expert_fingerprint(config: BuildConfig, expert: PlannedExpert) -> str:
     """sha256 of what determines an expert's training: the config's training settings, its tasks and budget."""
     doc = {**config.training_settings(), "tasks": list(expert.tasks), "budget_scale": expert.budget_scale}
-    if doc["init"] == "shared":
-        del doc["init"]  # experts built before the setting existed started this way: their fingerprints stay valid
+    for key, old in (("init", "shared"), ("truncate", "left")):
+        if doc[key] == old:
+            del doc[key]  # experts built before the setting existed were built this way: their fingerprints stay valid
     if expert.init_from is not None:
         doc["init_from"] = expert.init_from
     if expert.residual_on is not None:
@@ -246,7 +255,7 @@ def _train_chunk(job: ExpertsJob, lib: ExpertLibrary, lm: LoadedModel, stored: s
             **({"residual_on": e.residual_on} if e.residual_on else {}), FINGERPRINT_KEY: expert_fingerprint(cfg, e)},
             init=init)
     entries = train_task_experts(lm, lib, plans, spec=cfg.lora, options=cfg.options, max_val=cfg.max_val,
-                                 max_prompt_tokens=cfg.max_prompt_tokens, max_target_tokens=cfg.max_target_tokens,
+                                 limits=cfg.limits,
                                  split_seed=cfg.train.seed, progress=job.show_progress, desc=job.name, keep=stored,
                                  init=cfg.init)
     return [{"name": e.name, "status": "skipped" if e.name in stored else "trained",
@@ -523,8 +532,7 @@ def train_poly_job(job: PolyJob) -> dict[str, Any]:
     cfg = job.config
     lm = _process_model(cfg.model, cfg.device, cfg.dtype)
     tasks = load_tasks(cfg, list(job.tasks))
-    fmt = PromptFormatter(lm.tokenizer, max_prompt_tokens=cfg.max_prompt_tokens,
-                          max_target_tokens=cfg.max_target_tokens)
+    fmt = cfg.limits.formatter(lm.tokenizer)
     cap = _example_cap(cfg, tasks)
     train = {n: encode_tasks(fmt, {n: t}, "train", max_per_task=cap, seed=cfg.train.seed) for n, t in tasks.items()}
     val = {n: encode_tasks(fmt, {n: t}, "validation", max_per_task=cfg.max_val, seed=cfg.train.seed)
@@ -538,7 +546,7 @@ def train_poly_job(job: PolyJob) -> dict[str, Any]:
     metrics = {k: v / len(job.skills) if k in shared_cost else v for k, v in result.metrics.items()}
     for planned in job.skills:  # each skill records 1/S of the joint run's cost: sums over the library add up
         training = {**train_config.to_dict(), "max_examples_per_task": cap, "max_val_per_task": cfg.max_val,
-                    "max_prompt_tokens": cfg.max_prompt_tokens, "max_target_tokens": cfg.max_target_tokens,
+                    **cfg.limits.record(), "prompts_cut": fmt.cut_prompts, "definitions_cut": fmt.cut_definitions,
                     "split_seed": cfg.train.seed, "chat_template": bool(fmt.use_chat_template), "stage": planned.stage,
                     "budget_scale": planned.budget_scale, "balanced": cfg.balanced, **dict(planned.extra),
                     FINGERPRINT_KEY: expert_fingerprint(cfg, planned)}

@@ -11,9 +11,10 @@ Prompt template (one template, used for training *and* evaluation)
 -----------------------------------------------------------------
 With a chat template (SmolLM2-Instruct has one) the prompt is the tokenizer's chat rendering of one user message
 ``"{definition}\\n\\n{input}"`` with ``add_generation_prompt=True``; the target is ``"{output}{eos}"``. Without a chat
-template: ``"{definition}\\n\\nInput: {input}\\nOutput:"`` and target ``" {output}{eos}"``. Long prompts are truncated
-*from the left* to ``max_prompt_tokens`` (the end of the input and the generation prompt are kept); targets are cut to
-``max_target_tokens``. The loss covers target tokens only.
+template: ``"{definition}\\n\\nInput: {input}\\nOutput:"`` and target ``" {output}{eos}"``. Prompts over
+``max_prompt_tokens`` are cut as :class:`PromptLimits` ``truncate`` says: from the left (the end of the input and the
+generation prompt are kept) or, with ``"input"``, at the end of the instance input (the definition is kept); targets
+are cut to ``max_target_tokens``. The loss covers target tokens only.
 
 Splits
 ------
@@ -397,6 +398,52 @@ class EncodedExample:
         return ids, labels
 
 
+Truncate = Literal["left", "input"]
+TRUNCATE_MODES: tuple[Truncate, ...] = ("left", "input")
+
+
+@dataclass(frozen=True)
+class PromptLimits:
+    """The token caps of prompts and targets and how a long prompt is cut: one value, checked once, carried from
+    the build into every expert's training record and back into evaluation and the data-using routers.
+
+    ``truncate``: ``"left"`` keeps a long prompt's last tokens (the task definition goes first); ``"input"`` keeps
+    the whole definition and cuts the end of the instance input instead."""
+
+    max_prompt_tokens: int = 384
+    max_target_tokens: int = 128
+    truncate: Truncate = "left"
+
+    RECORD_KEYS = ("max_prompt_tokens", "max_target_tokens", "truncate")
+
+    def __post_init__(self) -> None:
+        if (isinstance(self.max_prompt_tokens, bool) or not isinstance(self.max_prompt_tokens, int)
+                or self.max_prompt_tokens < 8):
+            raise DataError(f"max_prompt_tokens must be an integer >= 8, got {self.max_prompt_tokens!r}")
+        if (isinstance(self.max_target_tokens, bool) or not isinstance(self.max_target_tokens, int)
+                or self.max_target_tokens < 1):
+            raise DataError(f"max_target_tokens must be an integer >= 1, got {self.max_target_tokens!r}")
+        if self.truncate not in TRUNCATE_MODES:
+            raise DataError(f"truncate must be one of {', '.join(TRUNCATE_MODES)}, got {self.truncate!r}")
+
+    def formatter(self, tokenizer: Any) -> PromptFormatter:
+        return PromptFormatter(tokenizer, max_prompt_tokens=self.max_prompt_tokens,
+                               max_target_tokens=self.max_target_tokens, truncate=self.truncate)
+
+    def record(self) -> dict[str, Any]:
+        """The fields as an expert's training record holds them (the one writer of these keys)."""
+        return {k: getattr(self, k) for k in self.RECORD_KEYS}
+
+    @classmethod
+    def from_record(cls, training: Mapping[str, Any]) -> PromptLimits:
+        """The limits an expert was trained with, from its training record (the one reader); a key the record lacks
+        (experts trained before it was kept) takes the default it was trained with."""
+        try:
+            return cls(**{k: training[k] for k in cls.RECORD_KEYS if k in training})
+        except (TypeError, DataError) as exc:
+            raise DataError(f"training record: {exc}") from None
+
+
 @dataclass
 class PromptFormatter:
     """Turns (definition, input, output) into token ids with the template described in the module docstring.
@@ -411,7 +458,7 @@ class PromptFormatter:
     max_prompt_tokens: int = 384
     max_target_tokens: int = 128
     use_chat_template: bool | None = None
-    truncate: Literal["left", "input"] = "left"
+    truncate: Truncate = "left"
     _cache: dict[str, Any] = field(default_factory=dict, repr=False)
     cut_prompts: int = field(default=0, init=False)
     cut_definitions: int = field(default=0, init=False)
@@ -419,10 +466,7 @@ class PromptFormatter:
     def __post_init__(self) -> None:
         if self.use_chat_template is None:
             self.use_chat_template = bool(getattr(self.tokenizer, "chat_template", None))
-        if self.max_prompt_tokens < 8 or self.max_target_tokens < 1:
-            raise DataError("max_prompt_tokens must be >= 8 and max_target_tokens >= 1")
-        if self.truncate not in ("left", "input"):
-            raise DataError(f"truncate must be 'left' or 'input', got {self.truncate!r}")
+        PromptLimits(self.max_prompt_tokens, self.max_target_tokens, self.truncate)  # validates
 
     def prompt_text(self, definition: str, text: str) -> str:
         if self.use_chat_template:

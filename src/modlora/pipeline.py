@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from modlora.adapters import LoraAdapter, LoraSpec
-from modlora.data import PromptFormatter, Task, encode_tasks
+from modlora.data import PromptLimits, Task, encode_tasks
 from modlora.initialisation import DEFAULT_INIT, InitMethod, initial_adapter
 from modlora.library import ExpertEntry, ExpertLibrary
 from modlora.models import LoadedModel
@@ -29,20 +29,25 @@ class ExpertPlan:
 
 def train_task_experts(lm: LoadedModel, library: ExpertLibrary, plans: Mapping[str, ExpertPlan], *,
                        spec: LoraSpec | None = None, options: MultiTrainOptions | None = None,
-                       max_val: int | None = 32, max_prompt_tokens: int = 384, max_target_tokens: int = 128,
-                       split_seed: int = 0, overwrite: bool = False, progress: bool = True,
-                       desc: str = "train", keep: Collection[str] = (), init: InitMethod = DEFAULT_INIT
+                       max_val: int | None = 32, limits: PromptLimits = PromptLimits(), split_seed: int = 0,
+                       overwrite: bool = False, progress: bool = True, desc: str = "train", keep: Collection[str] = (), init: InitMethod = DEFAULT_INIT
                        ) -> dict[str, ExpertEntry]:
     """Train every planned expert together (:func:`modlora.multitrain.train_experts`) on the train split of its
     tasks, validated on their validation split; each expert is added to ``library`` as soon as its budget ends,
     except those named in ``keep`` (trained only as companions: already stored). Experts without a planned ``init``
-    start as ``init`` says (:mod:`modlora.initialisation`)."""
+    start as ``init`` says (:mod:`modlora.initialisation`). Prompts are cut as ``limits`` says; each expert records
+    the limits and how many of its prompts were cut (``prompts_cut``, ``definitions_cut``: train and validation)."""
     spec = spec or LoraSpec()
     library.check_base_model(lm.info)
-    fmt = PromptFormatter(lm.tokenizer, max_prompt_tokens=max_prompt_tokens, max_target_tokens=max_target_tokens)
-    data = {name: ExpertData(encode_tasks(fmt, p.tasks, "train", max_per_task=p.max_examples, seed=split_seed),
-                             encode_tasks(fmt, p.tasks, "validation", max_per_task=max_val, seed=split_seed),
-                             p.config, p.init) for name, p in plans.items()}
+    chat_template = bool(limits.formatter(lm.tokenizer).use_chat_template)
+    data: dict[str, ExpertData] = {}
+    cuts: dict[str, dict[str, int]] = {}
+    for name, p in plans.items():
+        fmt = limits.formatter(lm.tokenizer)
+        data[name] = ExpertData(encode_tasks(fmt, p.tasks, "train", max_per_task=p.max_examples, seed=split_seed),
+                                encode_tasks(fmt, p.tasks, "validation", max_per_task=max_val, seed=split_seed),
+                                p.config, p.init)
+        cuts[name] = {"prompts_cut": fmt.cut_prompts, "definitions_cut": fmt.cut_definitions}
     for name, d in data.items():
         if d.init is None:
             d.init = initial_adapter(init, lm.model, spec, name, d.train, pad_id=lm.tokenizer.pad_token_id,
@@ -54,8 +59,8 @@ def train_task_experts(lm: LoadedModel, library: ExpertLibrary, plans: Mapping[s
             return
         plan = plans[name]
         training = {**plan.config.to_dict(), "max_examples_per_task": plan.max_examples, "max_val_per_task": max_val,
-                    "max_prompt_tokens": max_prompt_tokens, "max_target_tokens": max_target_tokens,
-                    "split_seed": split_seed, "chat_template": bool(fmt.use_chat_template), **plan.extra_training}
+                    **limits.record(), **cuts[name], "split_seed": split_seed,
+                    "chat_template": chat_template, **plan.extra_training}
         entries[name] = library.add(name, result.adapter, tasks=list(plan.tasks), training=training,
                                     metrics=result.metrics, base_model=lm.info, overwrite=overwrite)
 
@@ -66,13 +71,12 @@ def train_task_experts(lm: LoadedModel, library: ExpertLibrary, plans: Mapping[s
 
 def train_task_expert(lm: LoadedModel, library: ExpertLibrary, name: str, tasks: Mapping[str, Task], *,
                       spec: LoraSpec | None = None, config: TrainConfig | None = None,
-                      max_examples: int | None = None, max_val: int | None = 32, max_prompt_tokens: int = 384,
-                      max_target_tokens: int = 128, split_seed: int = 0, overwrite: bool = False,
+                      max_examples: int | None = None, max_val: int | None = 32,
+                      limits: PromptLimits = PromptLimits(), split_seed: int = 0, overwrite: bool = False,
                       progress: bool = True, extra_training: Mapping[str, Any] | None = None,
                       init: InitMethod = DEFAULT_INIT) -> ExpertEntry:
     """Train one expert on the train split of ``tasks`` (validated on their validation split) and add it."""
     plan = ExpertPlan(tasks, config or TrainConfig(), max_examples, dict(extra_training or {}))
     return train_task_experts(lm, library, {name: plan}, spec=spec, max_val=max_val,
-                              max_prompt_tokens=max_prompt_tokens, max_target_tokens=max_target_tokens,
-                              split_seed=split_seed, overwrite=overwrite, progress=progress,
+                              limits=limits, split_seed=split_seed, overwrite=overwrite, progress=progress,
                               desc=f"train {name}", init=init)[name]

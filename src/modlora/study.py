@@ -27,7 +27,7 @@ from __future__ import annotations
 import json
 import math
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -45,7 +45,15 @@ from modlora.building import (
     build_shared_library,
 )
 from modlora.clustering import DEFAULT_FEATURES, Features, partition_quality, plot_clustering, read_label_file
-from modlora.data import PromptFormatter, default_data_dir, encode_tasks, load_sni_tasks, split_instances
+from modlora.data import (
+    PromptFormatter,
+    PromptLimits,
+    Truncate,
+    default_data_dir,
+    encode_tasks,
+    load_sni_tasks,
+    split_instances,
+)
 from modlora.errors import ModloraError
 from modlora.evaluation.generation import generate_and_score
 from modlora.evaluation.indist import own_routed_expert, prompt_routing_accuracy
@@ -79,6 +87,8 @@ class StudyConfig:
     max_examples: int | None = None
     max_prompt_tokens: int = 256
     max_target_tokens: int = 64
+    truncate: Truncate = "left"
+    """How a prompt over ``max_prompt_tokens`` is cut, in training and evaluation (:class:`modlora.data.PromptLimits`)."""
     max_val: int = 16
     libraries: list[str] = field(default_factory=lambda: ["private", "mbc"])
     k: int | str = 3
@@ -93,6 +103,11 @@ class StudyConfig:
                                                            ["private", "oracle"], ["mbc", "mu"], ["mbc", "arrow"]])
     method_options: dict[str, dict[str, Any]] = field(default_factory=lambda: {"arrow": {"top_k": 4}})
     heldout_tasks: list[str] | None = None
+    """Held-out tasks: SNI test tasks (``sni/heldout``) or pool tasks (``sni/tasks``) that no library trains on
+    (``None``: every SNI test task)."""
+    heldout_groups: str | None = None
+    """A label file (JSON ``{task: group}`` or CSV) grouping the held-out tasks, e.g. ``related`` / ``unrelated``
+    to the training tasks: each group gets its own paired differences (``None``: one group)."""
     heldout_limit: int = 5
     indist_limit: int = 5
     max_new_tokens: int = 32
@@ -128,8 +143,9 @@ class StudyConfig:
         if unknown:
             raise ModloraError(f"{path}: unknown study setting(s): {', '.join(unknown)}")
         raw = dict(raw)
-        if raw.get("task_families"):
-            raw["task_families"] = str(Path(path).parent / raw["task_families"])
+        for key in ("task_families", "heldout_groups"):
+            if raw.get(key):
+                raw[key] = str(Path(path).parent / raw[key])
         cfg = cls(**raw)
         cfg.validate(str(path))
         return cfg
@@ -141,6 +157,7 @@ class StudyConfig:
             raise ModloraError(f"{source}: share_mode must be one of {', '.join(SHARE_MODES)}, got "
                                f"{self.share_mode!r}")
         try:
+            PromptLimits(self.max_prompt_tokens, self.max_target_tokens, self.truncate)
             check_init(self.init)
             for name in self.libraries:
                 check_init_fits(self.init, name)
@@ -151,11 +168,15 @@ class StudyConfig:
                 self.row_options(row, Path("."))
             except ModloraError as exc:
                 raise ModloraError(f"{source}: row {row}: {exc}") from None
-        if self.task_families is not None:
-            try:
-                read_label_file(self.task_families)
-            except ModloraError as exc:
-                raise ModloraError(f"{source}: task_families: {exc}") from None
+        for key in ("task_families", "heldout_groups"):
+            if getattr(self, key) is not None:
+                try:
+                    read_label_file(getattr(self, key))
+                except ModloraError as exc:
+                    raise ModloraError(f"{source}: {key}: {exc}") from None
+        trained = sorted(set(self.heldout_tasks or ()) & set(self.train_tasks))
+        if trained:
+            raise ModloraError(f"{source}: heldout_tasks {', '.join(trained)} are training tasks of the study")
         if self.choice_rows is not None:
             keys = {row_key(row) for row in self.rows}
             unknown = [key for key in self.choice_rows if key not in keys]
@@ -188,6 +209,7 @@ class StudyConfig:
                                              seed=self.seed),
                            max_examples=self.max_examples, max_val=self.max_val,
                            max_prompt_tokens=self.max_prompt_tokens, max_target_tokens=self.max_target_tokens,
+                           truncate=self.truncate,
                            init=self.init)
 
 
@@ -290,10 +312,15 @@ def task_partition(lib: ExpertLibrary, tasks: Sequence[str], families: Mapping[s
 
 
 def _heldout(cfg: StudyConfig, data_dir: Path) -> dict[str, Any]:
+    """The held-out tasks by name, each read from ``sni/heldout`` (the SNI test tasks) or else from the pool
+    ``sni/tasks``; all SNI test tasks when ``heldout_tasks`` is ``None``."""
     from modlora.data import sni_task_files
-    directory = data_dir / "sni" / "heldout"
-    names = cfg.heldout_tasks or sorted(sni_task_files(directory))
-    return load_sni_tasks(directory, names)
+    test = sni_task_files(data_dir / "sni" / "heldout")
+    names = cfg.heldout_tasks or sorted(test)
+    pool = [n for n in names if n not in test]
+    tasks = load_sni_tasks(data_dir / "sni" / "heldout", [n for n in names if n in test])
+    tasks |= load_sni_tasks(data_dir / "sni" / "tasks", pool) if pool else {}
+    return {n: tasks[n] for n in names}
 
 
 def evaluate_row(lm: LoadedModel, lib: ExpertLibrary | None, row: Sequence[Any], cfg: StudyConfig, data_dir: Path,
@@ -303,7 +330,7 @@ def evaluate_row(lm: LoadedModel, lib: ExpertLibrary | None, row: Sequence[Any],
     scored in distribution only; one that routes per example from the whole prompt (the task predictor) scores a
     benchmark's options with their context, not from a shared prefix; per-token routers get the routing accuracy."""
     method = row[1]
-    fmt = PromptFormatter(lm.tokenizer, max_prompt_tokens=cfg.max_prompt_tokens, max_target_tokens=cfg.max_target_tokens)
+    fmt = PromptLimits(cfg.max_prompt_tokens, cfg.max_target_tokens, cfg.truncate).formatter(lm.tokenizer)
     if method == LORAHUB_ROW:
         if lib is None:
             raise ModloraError("the lorahub row needs a library")
@@ -429,6 +456,8 @@ def run_study(cfg: StudyConfig, out: Path, *, device: str | None = None, data_di
         results["libraries"][name] = {"path": str(lib.path), "experts": {n: lib.tasks(n) for n in lib.expert_names()},
                                       **training_compute(lib)}
     families = read_label_file(cfg.task_families) if cfg.task_families else None
+    if cfg.heldout_groups:
+        results["heldout_groups"] = {t: g for t, g in read_label_file(cfg.heldout_groups).items() if t in heldout}
     results["partitions"] = {name: asdict(part) for name, lib in libs.items()
                              if (part := task_partition(lib, cfg.train_tasks, families)) is not None}
     for name in MBC_FEATURES:
@@ -490,12 +519,13 @@ PAIRED_METRICS = {"heldout": "rougeL", "indist": "rougeL", "choice": "acc_norm"}
 """The per-task score :func:`paired_difference` pairs, by part of a result row."""
 
 
-def paired_difference(results: Mapping[str, Any], row: str, reference: str, part: str = "heldout"
-                      ) -> PairedDifference | None:
-    """:class:`PairedDifference` of two result rows over the tasks both scored; ``None`` with fewer than two."""
+def paired_difference(results: Mapping[str, Any], row: str, reference: str, part: str = "heldout",
+                      tasks: Collection[str] | None = None) -> PairedDifference | None:
+    """:class:`PairedDifference` of two result rows over the tasks both scored (and in ``tasks`` when given);
+    ``None`` with fewer than two."""
     a = results["rows"].get(row, {}).get(part) or {}
     b = results["rows"].get(reference, {}).get(part) or {}
-    common = sorted(set(a) & set(b))
+    common = sorted(set(a) & set(b) & (set(tasks) if tasks is not None else set(a)))
     if len(common) < 2:
         return None
     metric = PAIRED_METRICS[part]
@@ -525,6 +555,26 @@ def _paired_cells(results: Mapping[str, Any]) -> list[list[str]]:
         if key != "base" and any(diffs := _row_differences(results, key)):
             out.append([key, *(d.cell() if d else "-" for d in diffs)])
     return out
+
+
+def _group_cells(results: Mapping[str, Any]) -> tuple[list[str], list[list[str]]]:
+    """Headers and rows of the held-out paired differences per group of ``results["heldout_groups"]``: per row
+    with held-out scores (but the base), its difference from the base and from its library's μ in each group."""
+    groups: dict[str, list[str]] = {}
+    for task, group in (results.get("heldout_groups") or {}).items():
+        groups.setdefault(group, []).append(task)
+    if not groups:
+        return [], []
+    headers = ["row"] + [f"{g} ({len(t)} tasks) − {ref}" for g, t in groups.items() for ref in ("base", "μ")]
+    rows = []
+    for key, row in results["rows"].items():
+        if key == "base" or not row.get("heldout"):
+            continue
+        mu = f"{row.get('library')}/mu"
+        diffs = [paired_difference(results, key, ref, tasks=t) if ref != key else None
+                 for t in groups.values() for ref in ("base", mu)]
+        rows.append([key, *(d.cell() if d else "-" for d in diffs)])
+    return headers, rows
 
 
 def _partition_rows(results: Mapping[str, Any]) -> list[list[str]]:
@@ -579,6 +629,10 @@ def results_markdown(results: Mapping[str, Any]) -> str:
         text += ("\n**Paired differences** in Rouge-L points (benchmarks: acc_norm points): per task (benchmark "
                  "set), the row's mean minus the reference row's mean on the same examples; mean ± standard error "
                  "across tasks (in brackets: the difference in standard errors).\n\n" + _markdown_table(PAIRED_HEADERS, paired))
+    group_headers, group_rows = _group_cells(results)
+    if group_rows:
+        text += ("\n**Held-out tasks by group** (`heldout_groups`): the same paired differences of held-out Rouge-L "
+                 "within each group of tasks.\n\n" + _markdown_table(group_headers, group_rows))
     parts = _partition_rows(results)
     if parts:
         text += ("\n**Clustered libraries**: K routed experts and, against the task families "
@@ -658,6 +712,7 @@ def print_study_results(results: Mapping[str, Any], console: Console) -> None:
             ("results (%, mean ± s.e.)", _headers(results), [_row_cells(k, r, results) for k, r in results["rows"].items()]),
             ("paired differences across tasks (Rouge-L / acc_norm points, mean ± s.e.)", PAIRED_HEADERS,
              _paired_cells(results)),
+            ("held-out paired differences by group of tasks", *_group_cells(results)),
             ("clustered libraries vs the task families", PARTITION_HEADERS, _partition_rows(results))):
         if rows:
             print_split_table(console, title, headers, rows, right=headers[1:])

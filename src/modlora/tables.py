@@ -6,6 +6,7 @@ from collections.abc import Sequence
 
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 
 def folding_table(title: str, columns: Sequence[str], *, right: Sequence[str] = ()) -> Table:
@@ -15,9 +16,9 @@ def folding_table(title: str, columns: Sequence[str], *, right: Sequence[str] = 
     table = Table(title=title, title_justify="left")
     for col in columns:
         if col in right:
-            table.add_column(col, justify="right", overflow="fold")
+            table.add_column(Text(col), justify="right", overflow="fold")
         else:
-            table.add_column(col, overflow="fold", min_width=8)
+            table.add_column(Text(col), overflow="fold", min_width=8)
     return table
 
 
@@ -46,5 +47,5 @@ def print_split_table(console: Console, title: str, columns: Sequence[str], rows
         table = folding_table(title + suffix, [columns[0], *(columns[i] for i in group)], right=right)
         table.columns[0].no_wrap = key_width <= console.width // 2  # keys stay on one line unless very long
         for row in rows:
-            table.add_row(row[0], *(row[i] for i in group))
+            table.add_row(Text(row[0]), *(Text(row[i]) for i in group))  # text, never markup: "arrow[top_k=4]"
         console.print(table)

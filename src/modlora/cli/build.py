@@ -26,6 +26,7 @@ from modlora.cli.common import (
     open_library,
     positive_float,
     positive_int,
+    prompt_limits,
     task_dir,
     train_config,
 )
@@ -37,8 +38,9 @@ def _build_config(args: argparse.Namespace) -> Any:
     from modlora.building import BuildConfig
     return BuildConfig(model=args.model, device=args.device, dtype=None if args.dtype == "auto" else args.dtype,
                        data_dir=task_dir(args), flat_file=str(args.flat) if args.flat else None,
-                       lora=lora_spec(args), train=train_config(args), max_examples=args.max_examples, max_val=args.max_val, max_prompt_tokens=args.max_prompt_tokens,
-                       max_target_tokens=args.max_target_tokens, balanced=getattr(args, "balanced", False),
+                       lora=lora_spec(args), train=train_config(args), max_examples=args.max_examples, max_val=args.max_val,
+                       max_prompt_tokens=args.max_prompt_tokens, max_target_tokens=args.max_target_tokens,
+                       truncate=args.truncate, balanced=getattr(args, "balanced", False),
                        init=args.init,
                        **({"experts_per_job": args.experts_per_job, "shared_prefix": not args.no_shared_prefix,
                            "max_tokens_per_forward": args.max_tokens_per_forward}
@@ -73,8 +75,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         raise UsageError(f"expert {name!r} already exists in {args.library} (use --overwrite)")
     entry = train_task_expert(lm, lib, name, tasks, spec=lora_spec(args), config=train_config(args),
                               max_examples=args.max_examples, max_val=args.max_val,
-                              max_prompt_tokens=args.max_prompt_tokens, max_target_tokens=args.max_target_tokens,
-                              overwrite=args.overwrite, init=args.init)
+                              limits=prompt_limits(args), overwrite=args.overwrite, init=args.init)
     console.print(f"[green]trained expert[/] {entry.name}: val loss {entry.metrics['best_val_loss']:.4f}, "
                   f"{entry.metrics['tokens_per_second']:.0f} tokens/s → {lib.expert_dir(entry.name)}")
     return 0

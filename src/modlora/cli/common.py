@@ -40,6 +40,11 @@ def positive_int(text: str) -> int:
     return _number(int, text, lambda v: v >= 1, "a positive integer")
 
 
+def prompt_cap(text: str) -> int:
+    """``--max-prompt-tokens``: an integer >= 8 (the chat header alone takes several tokens)."""
+    return _number(int, text, lambda v: v >= 8, "an integer >= 8")
+
+
 def nonnegative_int(text: str) -> int:
     return _number(int, text, lambda v: v >= 0, "an integer >= 0")
 
@@ -149,10 +154,14 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
                    help="validate every N steps (default: 4 times per run)")
     g.add_argument("--max-examples", type=positive_int, default=None, help="cap on training examples per task")
     g.add_argument("--max-val", type=positive_int, default=32, help="validation examples per task (default 32)")
-    g.add_argument("--max-prompt-tokens", type=positive_int, default=384,
-                   help="prompts longer than this are truncated from the left (default 384)")
-    g.add_argument("--max-target-tokens", type=positive_int, default=128,
-                   help="targets are cut to this length (default 128)")
+    from modlora.data import TRUNCATE_MODES, PromptLimits
+    g.add_argument("--max-prompt-tokens", type=prompt_cap, default=PromptLimits.max_prompt_tokens,
+                   help=f"prompts longer than this are cut as --truncate says (default {PromptLimits.max_prompt_tokens})")
+    g.add_argument("--truncate", choices=TRUNCATE_MODES, default=PromptLimits.truncate,
+                   help="how a long prompt is cut: left (keep its last tokens; the task definition goes first) or "
+                        f"input (keep the definition, cut the end of the instance input); default {PromptLimits.truncate}")
+    g.add_argument("--max-target-tokens", type=positive_int, default=PromptLimits.max_target_tokens,
+                   help=f"targets are cut to this length (default {PromptLimits.max_target_tokens})")
     g.add_argument("--seed", type=nonnegative_int, default=0,
                    help="seed for the split, sampling and initialisation (default 0)")
     from modlora.initialisation import DEFAULT_INIT, INIT_METHODS
@@ -165,6 +174,11 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
 def lora_spec(args: argparse.Namespace) -> Any:
     from modlora.adapters import LoraSpec
     return LoraSpec(rank=args.rank, alpha=args.alpha, dropout=args.dropout, target_modules=tuple(args.targets))
+
+
+def prompt_limits(args: argparse.Namespace) -> Any:
+    from modlora.data import PromptLimits
+    return PromptLimits(args.max_prompt_tokens, args.max_target_tokens, args.truncate)
 
 
 def train_config(args: argparse.Namespace) -> Any:

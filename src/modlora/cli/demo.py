@@ -20,8 +20,9 @@ def register(sub: Any, registry: Registry) -> None:
     p = sub.add_parser("demo", help="the main job on the embedded default model and data",
                        description="The whole pipeline, small: private library over six SNI tasks on the embedded "
                                    "SmolLM2-135M-Instruct, MBC clustering and cluster experts, Arrow prototypes, then "
-                                   "base vs μ vs Arrow (and oracle) on held-out and in-distribution examples with "
-                                   "routing accuracy. Re-running reuses what exists.")
+                                   "base vs μ vs Arrow (and oracle) on in-distribution and held-out examples (related "
+                                   "to the training tasks and not), with routing accuracy against chance. Re-running "
+                                   "reuses what exists.")
     p.add_argument("--out", type=Path, default=Path("runs/demo"), help="output directory (default runs/demo)")
     p.add_argument("--tasks", nargs="*", default=None, help="SNI tasks to use (default: a fixed handful)")
     p.add_argument("--steps", type=positive_int, default=None, help="training steps per expert (default: demo preset)")

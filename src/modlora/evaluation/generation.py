@@ -210,6 +210,17 @@ def greedy_generate(model: torch.nn.Module, tokenizer: Any, prompts: Sequence[st
     than ``max_prompt_tokens``, keep their last tokens. Batches group prompts of similar length. ``use_cache=False``
     re-runs the whole sequence each step (for models whose routing depends on the full input).
     """
+    encoded = [list(tokenizer(p, add_special_tokens=False)["input_ids"]) for p in prompts]
+    if max_prompt_tokens is not None:
+        encoded = [e[-max_prompt_tokens:] for e in encoded]
+    return greedy_generate_ids(model, tokenizer, encoded, max_new_tokens=max_new_tokens, batch_size=batch_size,
+                               stop_strings=stop_strings, use_cache=use_cache)
+
+
+def greedy_generate_ids(model: torch.nn.Module, tokenizer: Any, encoded: Sequence[Sequence[int]], *,
+                        max_new_tokens: int = 128, batch_size: int = 8, stop_strings: Sequence[str] = (),
+                        use_cache: bool = True) -> list[str]:
+    """:func:`greedy_generate` of prompts already tokenised (and cut): ``encoded[i]`` is prompt ``i``'s ids."""
     if max_new_tokens < 1 or batch_size < 1:
         raise DataError(f"options 'max_new_tokens' and 'batch_size' must be >= 1, got {max_new_tokens}, {batch_size}")
     try:
@@ -218,9 +229,7 @@ def greedy_generate(model: torch.nn.Module, tokenizer: Any, prompts: Sequence[st
         device = torch.device("cpu")
     eos = _eos_ids(model, tokenizer)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (min(eos) if eos else 0)
-    encoded = [list(tokenizer(p, add_special_tokens=False)["input_ids"]) for p in prompts]
-    if max_prompt_tokens is not None:
-        encoded = [e[-max_prompt_tokens:] for e in encoded]
+    encoded = [list(e) for e in encoded]
     for i, e in enumerate(encoded):
         if not e:
             raise DataError(f"prompt {i} is empty after tokenisation")
@@ -254,10 +263,9 @@ def generate_and_score(model: Any, tokenizer: Any, formatter: Any, task: Any, in
     """Greedy-generate ``task``'s ``instances`` (prompts made by ``formatter``, a
     :class:`~modlora.data.PromptFormatter`) and score them; returns the per-example scores and the prompt +
     generated token count (for throughput)."""
-    prompts = [formatter.prompt_text(task.definition, inst.input) for inst in instances]
-    preds = greedy_generate(model, tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size,
-                            max_prompt_tokens=formatter.max_prompt_tokens)
-    tokens = sum(len(tokenizer(p, add_special_tokens=False)["input_ids"]) for p in [*prompts, *preds])
+    prompts = [formatter.prompt_ids(task.definition, inst.input) for inst in instances]
+    preds = greedy_generate_ids(model, tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size)
+    tokens = sum(map(len, prompts)) + sum(len(tokenizer(p, add_special_tokens=False)["input_ids"]) for p in preds)
     return score_generations(preds, [inst.outputs for inst in instances]), tokens
 
 

@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from modlora.data import EncodedExample, PromptFormatter, collate, default_sni_dir, load_sni_tasks, split_instances
+from modlora.data import EncodedExample, PromptLimits, collate, default_sni_dir, load_sni_tasks, split_instances
 from modlora.errors import DataError
 from modlora.evaluation.generation import generate_and_score
 from modlora.evaluation.results import (
@@ -84,19 +84,24 @@ def prompt_routing_accuracy(rm: ReuseModel, examples: Sequence[EncodedExample], 
 
 def evaluate_indist(rm: ReuseModel, lm: LoadedModel, library: ExpertSource, *, task_dir: str | None = None,
                     limit: int = 10, seed: int = 0, max_new_tokens: int = 64, batch_size: int = 8,
-                    max_prompt_tokens: int = 384, routing_examples: int | None = None) -> EvalRun:
+                    limits: PromptLimits | None = None, routing_examples: int | None = None) -> EvalRun:
     """Evaluate ``rm`` on the test split of every task of ``library`` (``limit`` instances each, split with
-    ``seed``); ``task_dir`` holds the SNI task files (default ``<data>/sni/tasks``). ``routing_examples``: prompts
-    per task for the routing accuracy (default ``limit``)."""
+    ``seed``); ``task_dir`` holds the SNI task files (default ``<data>/sni/tasks``). Prompts are cut as ``limits``
+    says (default: as the library's first expert was trained). ``routing_examples``: prompts per task for the
+    routing accuracy (default ``limit``)."""
     if limit < 1:
         raise DataError(f"limit must be a positive integer, got {limit}")
     expert_of_task = {t: n for n in library.expert_names() for t in library.tasks(n)}
     if not expert_of_task:
         raise DataError("the library's experts record no training tasks: nothing to evaluate in distribution")
     tasks = load_sni_tasks(task_dir or default_sni_dir(), sorted(expert_of_task))
-    fmt = PromptFormatter(lm.tokenizer, max_prompt_tokens=max_prompt_tokens)
+    if limits is None:
+        entry = getattr(library, "entry", None)
+        limits = PromptLimits.from_record(entry(library.expert_names()[0]).training) if entry else PromptLimits()
+    fmt = limits.formatter(lm.tokenizer)
     run = EvalRun(method=rm.method, model=lm.info.name,
                   config={"kind": "indist", "limit": limit, "seed": seed, "max_new_tokens": max_new_tokens,
+                          **limits.record(),
                           "library": str(getattr(library, "path", "?"))})
     run.routing = routing_telemetry(rm)
     t_all = time.perf_counter()

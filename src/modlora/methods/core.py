@@ -221,7 +221,7 @@ def example_batches(lm: LoadedModel, experts: ExpertSet, opts: TrainingDataOptio
     ``(input_ids, attention_mask)`` batches of 8 or ``(input_ids, labels)`` examples."""
     from pathlib import Path
 
-    from modlora.data import PromptFormatter, collate, default_sni_dir, encode_tasks, load_sni_tasks
+    from modlora.data import PromptLimits, collate, default_sni_dir, encode_tasks, load_sni_tasks
 
     data_dir = Path(opts.task_dir) if opts.task_dir else default_sni_dir()
     device = next(lm.model.parameters()).device
@@ -232,8 +232,7 @@ def example_batches(lm: LoadedModel, experts: ExpertSet, opts: TrainingDataOptio
             raise RoutingError(f"expert {name!r} records no training tasks; this method needs them")
         tasks = load_sni_tasks(data_dir, task_names)
         training = experts.source.entry(name).training if hasattr(experts.source, "entry") else {}
-        fmt = PromptFormatter(lm.tokenizer, max_prompt_tokens=int(training.get("max_prompt_tokens", 384)),
-                              max_target_tokens=int(training.get("max_target_tokens", 128)))
+        fmt = PromptLimits.from_record(training).formatter(lm.tokenizer)
         per_task = max(1, opts.examples_per_expert // len(tasks))
         exs = encode_tasks(fmt, tasks, "train", max_per_task=per_task,
                            seed=int(training.get("split_seed", 0)))[: opts.examples_per_expert]
