@@ -73,17 +73,17 @@ def plot(points: list[CurvePoint], path_png: Path) -> None:
     for (init, router, experts), pts in series.items():
         ax.plot([p.steps for p in pts], [100 * p.top1 for p in pts], marker="o", label=f"{router}, {init} init, E={experts}")
     for experts in sorted({p.experts for p in points}):
-        ax.axhline(100 / experts, linestyle="--", linewidth=0.8, color="grey")
-        ax.annotate(f"chance, E={experts}", (ax.get_xlim()[0], 100 / experts), fontsize=7, color="grey",
-                    xytext=(2, 2), textcoords="offset points")
+        ax.axhline(100 / experts, linestyle="--", linewidth=0.8, color="grey", label=f"chance, E={experts}")
+    steps = sorted({p.steps for p in points})
     ax.set_xscale("log", base=2)
+    ax.set_xticks(steps, [str(s) for s in steps])
+    ax.set_xlim(steps[0] / 1.5, steps[-1] * 1.5)
     ax.set_xlabel("optimizer steps per expert (batch 8)")
     ax.set_ylabel("top-1 own-expert routing (% of prompts)")
     ax.set_ylim(0, 100)
     ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
-    ax.set_title("Where routing rises: cpu-medium tasks, in-distribution test prompts")
-    fig.tight_layout()
-    fig.savefig(path_png, dpi=120)
+    ax.set_title("Routing accuracy against the training budget (cpu-medium tasks)", fontsize=10)
+    fig.savefig(path_png, dpi=120, bbox_inches="tight")
     plt.close(fig)
 
 
