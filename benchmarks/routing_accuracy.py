@@ -39,9 +39,9 @@ from typing import Any
 import torch
 
 from modlora.cli import quiet_libraries
-from modlora.data import TRUNCATE_MODES, PromptLimits, default_sni_dir, load_sni_tasks, split_instances
+from modlora.data import TRUNCATE_MODES, default_sni_dir, load_sni_tasks, split_instances
 from modlora.errors import ModloraError
-from modlora.evaluation.indist import prompt_routing_accuracy
+from modlora.evaluation.indist import prompt_routing_accuracy, recorded_limits
 from modlora.evaluation.results import RoutingAccuracy
 from modlora.library import ExpertLibrary
 from modlora.methods import REGISTRY
@@ -160,8 +160,7 @@ def main() -> None:
     caps: dict[str, dict[str, Any]] = {}
     clusters: dict[str, list[list[str]]] = {}
     for path, library in libraries.items():
-        limits = PromptLimits.from_record(library.entry(library.expert_names()[0]).training)
-        limits = dataclasses.replace(limits, **{k: v for k, v in (("max_prompt_tokens", args.max_prompt_tokens),
+        limits = dataclasses.replace(recorded_limits(library), **{k: v for k, v in (("max_prompt_tokens", args.max_prompt_tokens),
                                                                    ("truncate", args.truncate)) if v is not None})
         fmt = limits.formatter(lm.tokenizer)
         tasks = load_sni_tasks(task_dir, sorted({t for n in library.expert_names() for t in library.tasks(n)}))

@@ -102,9 +102,9 @@ class BuildConfig:
     train: TrainConfig = field(default_factory=lambda: TrainConfig(steps=100))
     max_examples: int | None = None
     max_val: int = 32
-    max_prompt_tokens: int = 384
-    max_target_tokens: int = 128
-    truncate: Truncate = "left"
+    max_prompt_tokens: int = PromptLimits.max_prompt_tokens
+    max_target_tokens: int = PromptLimits.max_target_tokens
+    truncate: Truncate = PromptLimits.truncate
     """How a prompt over ``max_prompt_tokens`` is cut (:class:`modlora.data.PromptLimits`)."""
     balanced: bool = False
     experts_per_job: int = 8
@@ -115,7 +115,7 @@ class BuildConfig:
 
     def __post_init__(self) -> None:
         check_init(self.init)
-        PromptLimits(self.max_prompt_tokens, self.max_target_tokens, self.truncate)  # validates
+        self.limits.record()  # validates the prompt limits
         if self.experts_per_job < 1:
             raise ModloraError(f"experts_per_job must be >= 1, got {self.experts_per_job}")
         MultiTrainOptions(self.shared_prefix, self.max_tokens_per_forward)  # validates

@@ -455,8 +455,8 @@ class PromptFormatter:
     header was cut."""
 
     tokenizer: Any
-    max_prompt_tokens: int = 384
-    max_target_tokens: int = 128
+    max_prompt_tokens: int = PromptLimits.max_prompt_tokens
+    max_target_tokens: int = PromptLimits.max_target_tokens
     use_chat_template: bool | None = None
     truncate: Truncate = "left"
     _cache: dict[str, Any] = field(default_factory=dict, repr=False)

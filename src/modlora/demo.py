@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections import Counter
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -23,7 +22,7 @@ from rich.console import Console
 
 from modlora.io import atomic_write_json
 from modlora.models import DEFAULT_MODEL
-from modlora.study import PairedDifference, StudyConfig, paired_difference, run_study
+from modlora.study import PairedDifference, StudyConfig, heldout_group_tasks, paired_difference, run_study
 from modlora.tables import print_split_table
 
 DEMO_TASKS = (
@@ -85,9 +84,7 @@ def summary_table(results: Mapping[str, Any]) -> tuple[list[str], list[list[str]
     against chance), its in-distribution Rouge-L against μ and (private library) the oracle, and its held-out
     Rouge-L against the base model and μ per group of held-out tasks (paired across tasks)."""
     routed = [k for k in results["rows"] if k.partition("/")[2].startswith("arrow")]
-    groups: dict[str, list[str]] = {}
-    for task, group in (results.get("heldout_groups") or {}).items():
-        groups.setdefault(group, []).append(task)
+    groups = heldout_group_tasks(results)
     headers = ["", *(k.split("[")[0].replace("/", " ") for k in routed)]
     rows: list[list[str]] = [["own expert top-1 (chance)"], ["in-dist − μ"], ["in-dist − oracle"]]
     rows += [[f"held-out {g} − {ref}"] for g in groups for ref in ("base", "μ")]
@@ -126,8 +123,8 @@ def run_demo(out_dir: Path = Path("runs/demo"), *, model: str = DEFAULT_MODEL, d
     headers, rows = summary_table(results)
     print_split_table(console, "what this run shows (Rouge-L points, paired across tasks, mean ± s.e.)", headers,
                       rows, right=headers[1:])
-    groups = Counter((results.get("heldout_groups") or {}).values())
-    console.print(f"held-out tasks: {', '.join(f'{n} {g}' for g, n in groups.items())} (related: the SNI category "
+    groups = heldout_group_tasks(results)
+    console.print(f"held-out tasks: {', '.join(f'{len(t)} {g}' for g, t in groups.items())} (related: the SNI category "
                   "of a training task). * more than 2 s.e. from 0; anything else decides nothing at this scale (a few "
                   "examples per task): docs/study.md makes the same comparisons on 83 held-out tasks.")
     console.print(f"results: {out_dir / 'results.json'} and {out_dir / 'results.md'}; clusters plot: "

@@ -157,7 +157,7 @@ class StudyConfig:
             raise ModloraError(f"{source}: share_mode must be one of {', '.join(SHARE_MODES)}, got "
                                f"{self.share_mode!r}")
         try:
-            PromptLimits(self.max_prompt_tokens, self.max_target_tokens, self.truncate)
+            self.limits.record()  # validates the prompt limits
             check_init(self.init)
             for name in self.libraries:
                 check_init_fits(self.init, name)
@@ -183,6 +183,10 @@ class StudyConfig:
             if unknown:
                 raise ModloraError(f"{source}: choice_rows {', '.join(unknown)} are not rows of the study "
                                    f"(rows: {', '.join(sorted(keys))})")
+
+    @property
+    def limits(self) -> PromptLimits:
+        return PromptLimits(self.max_prompt_tokens, self.max_target_tokens, self.truncate)
 
     def scores_choice(self, row: Sequence[Any]) -> bool:
         """Whether ``row`` is scored on the benchmarks (``choice_tasks`` and, if set, ``choice_rows``)."""
@@ -330,7 +334,7 @@ def evaluate_row(lm: LoadedModel, lib: ExpertLibrary | None, row: Sequence[Any],
     scored in distribution only; one that routes per example from the whole prompt (the task predictor) scores a
     benchmark's options with their context, not from a shared prefix; per-token routers get the routing accuracy."""
     method = row[1]
-    fmt = PromptLimits(cfg.max_prompt_tokens, cfg.max_target_tokens, cfg.truncate).formatter(lm.tokenizer)
+    fmt = cfg.limits.formatter(lm.tokenizer)
     if method == LORAHUB_ROW:
         if lib is None:
             raise ModloraError("the lorahub row needs a library")
@@ -525,7 +529,8 @@ def paired_difference(results: Mapping[str, Any], row: str, reference: str, part
     ``None`` with fewer than two."""
     a = results["rows"].get(row, {}).get(part) or {}
     b = results["rows"].get(reference, {}).get(part) or {}
-    common = sorted(set(a) & set(b) & (set(tasks) if tasks is not None else set(a)))
+    both = set(a) & set(b)
+    common = sorted(both if tasks is None else both & set(tasks))
     if len(common) < 2:
         return None
     metric = PAIRED_METRICS[part]
@@ -557,12 +562,18 @@ def _paired_cells(results: Mapping[str, Any]) -> list[list[str]]:
     return out
 
 
-def _group_cells(results: Mapping[str, Any]) -> tuple[list[str], list[list[str]]]:
-    """Headers and rows of the held-out paired differences per group of ``results["heldout_groups"]``: per row
-    with held-out scores (but the base), its difference from the base and from its library's μ in each group."""
+def heldout_group_tasks(results: Mapping[str, Any]) -> dict[str, list[str]]:
+    """``results["heldout_groups"]`` ({task: group}) inverted: the held-out tasks of each group (empty: no groups)."""
     groups: dict[str, list[str]] = {}
     for task, group in (results.get("heldout_groups") or {}).items():
         groups.setdefault(group, []).append(task)
+    return groups
+
+
+def _group_cells(results: Mapping[str, Any]) -> tuple[list[str], list[list[str]]]:
+    """Headers and rows of the held-out paired differences per group of ``results["heldout_groups"]``: per row
+    with held-out scores (but the base), its difference from the base and from its library's μ in each group."""
+    groups = heldout_group_tasks(results)
     if not groups:
         return [], []
     headers = ["row"] + [f"{g} ({len(t)} tasks) − {ref}" for g, t in groups.items() for ref in ("base", "μ")]

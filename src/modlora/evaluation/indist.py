@@ -82,6 +82,13 @@ def prompt_routing_accuracy(rm: ReuseModel, examples: Sequence[EncodedExample], 
     return routing_accuracy({layer: torch.stack(rows) for layer, rows in sorted(masses.items())}, truth)
 
 
+def recorded_limits(library: ExpertSource) -> PromptLimits:
+    """The prompt limits ``library``'s first expert was trained with (its training record); the defaults for a
+    source that keeps no records."""
+    entry = getattr(library, "entry", None)
+    return PromptLimits.from_record(entry(library.expert_names()[0]).training) if entry else PromptLimits()
+
+
 def evaluate_indist(rm: ReuseModel, lm: LoadedModel, library: ExpertSource, *, task_dir: str | None = None,
                     limit: int = 10, seed: int = 0, max_new_tokens: int = 64, batch_size: int = 8,
                     limits: PromptLimits | None = None, routing_examples: int | None = None) -> EvalRun:
@@ -95,9 +102,7 @@ def evaluate_indist(rm: ReuseModel, lm: LoadedModel, library: ExpertSource, *, t
     if not expert_of_task:
         raise DataError("the library's experts record no training tasks: nothing to evaluate in distribution")
     tasks = load_sni_tasks(task_dir or default_sni_dir(), sorted(expert_of_task))
-    if limits is None:
-        entry = getattr(library, "entry", None)
-        limits = PromptLimits.from_record(entry(library.expert_names()[0]).training) if entry else PromptLimits()
+    limits = limits or recorded_limits(library)
     fmt = limits.formatter(lm.tokenizer)
     run = EvalRun(method=rm.method, model=lm.info.name,
                   config={"kind": "indist", "limit": limit, "seed": seed, "max_new_tokens": max_new_tokens,
