@@ -29,6 +29,7 @@ from modlora.routing import (
     compute_centroids,
     explain,
     export_prompt_adapter,
+    input_moments,
     oracle_weights,
     route,
 )
@@ -411,6 +412,81 @@ def test_centred_arrow_routes_on_x_minus_the_mean_input(tiny_llama: torch.nn.Mod
     routed.restore()
     with pytest.raises(RoutingError, match="no input mean for layer"):
         route(tiny_llama, ex, ArrowRouter(top_k=2, input_mean={layers[0]: mean[layers[0]]}))
+
+
+def test_input_moments_are_the_masked_token_mean_and_covariance(tiny_llama: torch.nn.Module) -> None:
+    """``input_moments``: per input group, μ and the population covariance of the non-padding tokens' inputs,
+    against the inputs hooked one sequence at a time; q/k/v share one group."""
+    g = torch.Generator().manual_seed(4)
+    seqs = [torch.randint(3, 100, (n,), generator=g) for n in (5, 3, 4)]
+    ids = torch.full((3, 5), 2)
+    mask = torch.zeros_like(ids)
+    for i, s in enumerate(seqs):
+        ids[i, : len(s)], mask[i, : len(s)] = s, 1
+    layers = ["model.layers.0.self_attn.q_proj", "model.layers.0.self_attn.k_proj", "model.layers.1.mlp.down_proj"]
+    moments = input_moments(tiny_llama, layers, [(ids[:2], mask[:2]), (ids[2:], mask[2:])])
+    assert set(moments) == {"model.layers.0.self_attn.qkv", "model.layers.1.mlp.down_proj"}
+    named = dict(tiny_llama.named_modules())
+    for group, layer in (("model.layers.0.self_attn.qkv", layers[0]), ("model.layers.1.mlp.down_proj", layers[2])):
+        seen: list[torch.Tensor] = []
+        h = named[layer].register_forward_pre_hook(lambda m, a, seen=seen: seen.append(a[0][0]))
+        with torch.no_grad():
+            for s in seqs:
+                tiny_llama(input_ids=s[None])
+        h.remove()
+        x = torch.cat(seen).double()
+        assert moments[group].count == 12
+        torch.testing.assert_close(moments[group].mean, x.mean(0), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(moments[group].cov, torch.cov(x.T, correction=0), atol=1e-5, rtol=1e-4)
+    with pytest.raises(RoutingError, match="no module model.nope"):
+        input_moments(tiny_llama, ["model.nope"], [(ids, mask)])
+    with pytest.raises(RoutingError, match="every token is padding"):
+        input_moments(tiny_llama, layers, [(ids, torch.zeros_like(ids))])
+
+
+def test_whitened_arrow_is_the_top_direction_of_delta_w_on_whitened_inputs(tiny_llama: torch.nn.Module) -> None:
+    """With Σ and μ per input: prototype ``R⁻¹ṽ`` with ṽ the top right singular vector of the dense ``ΔW R``,
+    ``R = (Σ + ε·tr(Σ)/d·I)^½``; logits ``|(x − μ)·R⁻¹ṽ|`` (brute force by full SVD); q/k/v share Σ."""
+    ex = experts_for(tiny_llama, 3)
+    layers = ExpertSet.of(ex).modules()
+    g = torch.Generator().manual_seed(5)
+    named = dict(tiny_llama.named_modules())
+    cov, mean = {}, {}
+    for layer in layers:
+        group = layer.rsplit(".", 1)[0] + ".qkv" if layer.endswith(("q_proj", "k_proj", "v_proj")) else layer
+        d = named[layer].in_features
+        if group not in cov:
+            m = torch.randn(d, d, generator=g, dtype=torch.float64)
+            cov[group] = m @ m.T / d + torch.diag(torch.rand(d, generator=g, dtype=torch.float64) * 5)
+            mean[group] = torch.randn(d, generator=g)
+        mean[layer] = mean[group]                             # one input, one mean (as input_moments gives)
+    ridge = 0.05
+    mean = {layer: mean[layer] for layer in layers}
+    routed = route(tiny_llama, ex, ArrowRouter(top_k=2, input_mean=mean, input_covariance=cov, ridge=ridge))
+    x = torch.randn(6, 32, generator=g)
+    for layer in ("model.layers.0.self_attn.q_proj", "model.layers.0.self_attn.v_proj",
+                  "model.layers.1.self_attn.o_proj"):
+        group = layer.rsplit(".", 1)[0] + ".qkv" if layer.endswith(("q_proj", "v_proj")) else layer
+        c = cov[group]
+        vals, vecs = torch.linalg.eigh(c + ridge * c.trace() / c.shape[0] * torch.eye(c.shape[0], dtype=c.dtype))
+        root, inverse = (vecs * vals.sqrt()) @ vecs.T, (vecs / vals.sqrt()) @ vecs.T
+        expected = []
+        for a in ex.values():
+            dw = a.spec.scaling * a.B[layer].double() @ a.A[layer].double()
+            v = torch.linalg.svd(dw @ root)[2][0]
+            expected.append(inverse @ v)
+        protos = torch.stack(expected).float()
+        want = ((x - mean[layer]) @ protos.T).abs()
+        torch.testing.assert_close(routed.router.logits(x, layer), want, atol=1e-4, rtol=1e-4)
+        assert torch.equal(routed.router(x, layer).indices, torch.topk(want, 2, dim=-1).indices)
+    routed.restore()
+    with pytest.raises(RoutingError, match="needs the input mean"):
+        ArrowRouter(input_covariance=cov)
+    with pytest.raises(RoutingError, match="ridge must be a positive number"):
+        ArrowRouter(input_mean=mean, input_covariance=cov, ridge=0)
+    with pytest.raises(RoutingError, match="no input covariance for model.layers.1.self_attn.o_proj"):
+        route(tiny_llama, ex, ArrowRouter(top_k=2, input_mean=mean, input_covariance={
+            k: v for k, v in cov.items() if k != "model.layers.1.self_attn.o_proj"}))
 
 
 # ------------------------------------------------------------------------------------------------ caching

@@ -73,59 +73,29 @@ def eva_init(model: torch.nn.Module, modules: Sequence[str], spec: LoraSpec, exa
     non-padding token of the first :data:`INIT_BATCHES` batches of ``examples`` (length-grouped by ``batch_size``
     with ``seed``: the expert's first training batches), one pass of the decoder (no LM head).
 
-    Per layer, over the n tokens' inputs x (d_in,): ``μ = Σx/n``, ``C = Σxxᵀ/n − μμᵀ`` (per-batch sums in float32, accumulated in float64), A = the
-    eigenvectors of C with the r largest eigenvalues (rows, unit norm). This is the PCA that PEFT's
-    ``get_eva_state_dict`` estimates by randomised incremental PCA, cycling through its batches until the components
-    stop moving (``tau`` 0.99); here it is computed exactly on those tokens in one pass. Layers that read the same input (q/k/v) share one
-    accumulation, as PEFT's hashing of equal inputs does."""
+    Per layer, over the n tokens' inputs x (d_in,): ``μ = Σx/n``, ``C = Σxxᵀ/n − μμᵀ``
+    (:func:`~modlora.routing.routers.input_moments`), A = the eigenvectors of C with the r largest eigenvalues (rows,
+    unit norm). This is the PCA that PEFT's ``get_eva_state_dict`` estimates by randomised incremental PCA, cycling
+    through its batches until the components stop moving (``tau`` 0.99); here it is computed exactly on those tokens
+    in one pass. Layers that read the same input (q/k/v) share one accumulation, as PEFT's hashing of equal inputs
+    does."""
     import torch
 
     from modlora.adapters import LoraAdapter
     from modlora.data import collate
-    from modlora.routing.routers import input_group
+    from modlora.routing.routers import input_group, input_moments
 
-    named = dict(model.named_modules())
-    groups: dict[str, list[str]] = {}
-    for m in modules:
-        groups.setdefault(input_group(m), []).append(m)
-    sums: dict[str, list[torch.Tensor]] = {}
-    mask: list[torch.Tensor] = []
-
-    def accumulate(group: str) -> Callable[..., None]:
-        def hook(_module: torch.nn.Module, args: tuple[torch.Tensor, ...]) -> None:
-            x = args[0][mask[0]].float()                                    # (tokens, d_in), padding left out
-            acc = sums.setdefault(group, [torch.zeros(x.shape[1], dtype=torch.float64),
-                                          torch.zeros(x.shape[1], x.shape[1], dtype=torch.float64)])
-            acc[0] += x.sum(0).double().cpu()
-            acc[1] += (x.T @ x).double().cpu()          # a float32 GEMM per batch, summed over batches in float64
-        return hook
-
-    device = next(model.parameters()).device
-    handles = [named[members[0]].register_forward_pre_hook(accumulate(g)) for g, members in groups.items()]
-    was_training = model.training
-    count = 0
-    try:
-        model.eval()
-        with torch.no_grad():
-            for batch in _batches(examples, batch_size, seed):
-                b = collate(batch, pad_id).to(device)
-                mask[:] = [b.attention_mask.bool()]
-                count += int(b.attention_mask.sum())
-                model.get_decoder()(input_ids=b.input_ids, attention_mask=b.attention_mask)
-    finally:
-        for h in handles:
-            h.remove()
-        model.train(was_training)
+    batches = [(b.input_ids, b.attention_mask) for b in (collate(batch, pad_id) for batch in
+                                                          _batches(examples, batch_size, seed))]
+    moments = input_moments(model, modules, batches)
+    count = next(iter(moments.values())).count
     if count < spec.rank:
         raise DataError(f"EVA needs at least r = {spec.rank} tokens, got {count}")
     A = {}
-    for g, members in groups.items():
-        mean = sums[g][0] / count
-        cov = sums[g][1] / count - torch.outer(mean, mean)
-        _, vecs = torch.linalg.eigh(cov)                                    # ascending eigenvalues
-        top = vecs[:, -spec.rank:].flip(1).T.float().contiguous()           # (r, d_in), largest first
-        for m in members:
-            A[m] = top.clone()
+    for m in modules:
+        _, vecs = torch.linalg.eigh(moments[input_group(m)].cov)             # ascending eigenvalues
+        A[m] = vecs[:, -spec.rank:].flip(1).T.float().contiguous()           # (r, d_in), largest first
+    named = dict(model.named_modules())
     B = {m: torch.zeros(named[m].out_features, spec.rank) for m in modules}
     return LoraAdapter(spec, {m: A[m] for m in modules}, B)
 

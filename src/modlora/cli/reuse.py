@@ -129,7 +129,8 @@ def cmd_export_arrow(args: argparse.Namespace) -> int:
 
 
 def cmd_lorahub(args: argparse.Namespace) -> int:
-    from modlora.data import PromptFormatter, encode_tasks, load_sni_tasks
+    from modlora.data import encode_tasks, load_sni_tasks
+    from modlora.evaluation.indist import recorded_limits
     from modlora.experts import ExpertSet
     from modlora.lorahub import lorahub_search
     from modlora.tables import folding_table
@@ -141,7 +142,7 @@ def cmd_lorahub(args: argparse.Namespace) -> int:
     tasks = load_sni_tasks(data_root(args) / "sni" / "tasks", [args.task])
     lm = load_model(args)
     lib.check_base_model(lm.info)
-    fmt = PromptFormatter(lm.tokenizer, max_prompt_tokens=384, max_target_tokens=128)
+    fmt = recorded_limits(lib).formatter(lm.tokenizer)          # the shots cut as the experts' training prompts
     examples = [e.labelled() for e in encode_tasks(fmt, tasks, "train", max_per_task=args.shots)]
     res = lorahub_search(lm.model, experts, examples, budget=args.budget, l1_alpha=args.l1, seed=args.seed)
     res.adapter.base_model_name = lib.base_model.name

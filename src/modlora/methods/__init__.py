@@ -5,20 +5,22 @@ capability check read from here. To add a method: write one module with a :class
 subclass (its ``Options`` dataclass gives the CLI flags) and add it to the tuple below — or, without touching
 modlora, pass ``REGISTRY.with_method(MyMethod)`` to :func:`modlora.reuse.prepare_model` / :func:`modlora.cli.main`.
 
-=============== ====================================================================================================
-``base``        the base model alone
-``arrow``       per-token routing by the experts' top singular directions (zero-shot, no data)
-``mu``          μ: uniform parameter averaging (mean A, mean B; the paper's μ), merged into the weights
-``mu-delta``    μ: uniform ΔW averaging, exact (mean of B·A, rank Σr)
-``linear``      task arithmetic Σ w_e ΔW_e, exact
-``ties``        TIES merging of the dense ΔW's (SVD back to a LoRA)
-``dare-linear`` DARE drop-and-rescale + task arithmetic; ``dare-ties``: + TIES sign election
-``centroid``    per-token routing by similarity to each expert's mean layer inputs (training data)
-``phatgoose``   per-token top-k routing by gates trained on each expert's data (training data)
-``tp``          task predictor: per-example routing to the predicted expert(s) (training data)
-``oracle``      each example routed to its own task's expert (in-distribution only)
-``allocation``  Poly/MHR: each example uses its task's learned mixture of the skills (in-distribution only)
-=============== ====================================================================================================
+================== =================================================================================================
+``base``           the base model alone
+``arrow``          per-token routing by the experts' top singular directions (zero-shot, no data)
+``arrow-centred``  Arrow on inputs centred by the experts' mean layer input (the mean needs data)
+``arrow-whitened`` Arrow on inputs whitened by the experts' input covariance (needs data)
+``mu``             μ: uniform parameter averaging (mean A, mean B; the paper's μ), merged into the weights
+``mu-delta``       μ: uniform ΔW averaging, exact (mean of B·A, rank Σr)
+``linear``         task arithmetic Σ w_e ΔW_e, exact
+``ties``           TIES merging of the dense ΔW's (SVD back to a LoRA)
+``dare-linear``    DARE drop-and-rescale + task arithmetic; ``dare-ties``: + TIES sign election
+``centroid``       per-token routing by similarity to each expert's mean layer inputs (training data)
+``phatgoose``      per-token top-k routing by gates trained on each expert's data (training data)
+``tp``             task predictor: per-example routing to the predicted expert(s) (training data)
+``oracle``         each example routed to its own task's expert (in-distribution only)
+``allocation``     Poly/MHR: each example uses its task's learned mixture of the skills (in-distribution only)
+================== =================================================================================================
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from dataclasses import dataclass, fields
 
 from modlora.errors import RoutingError
 from modlora.methods.allocation import AllocationMethod
-from modlora.methods.arrow import Arrow, ArrowCentred
+from modlora.methods.arrow import Arrow, ArrowCentred, ArrowWhitened
 from modlora.methods.base import Base
 from modlora.methods.centroid import Centroid
 from modlora.methods.core import Capabilities, MethodOptions, ReuseMethod, RoutedMethod, StaticMethod, option
@@ -82,6 +84,7 @@ REGISTRY = Registry((
     Base,
     Arrow,
     ArrowCentred,
+    ArrowWhitened,
     Mu,
     MuDelta,
     Linear,

@@ -25,7 +25,8 @@ from modlora.methods.core import (
     parse_temperature,
 )
 from modlora.models import LoadedModel
-from modlora.routing import ArrowRouter, compute_centroids
+from modlora.routing import ArrowRouter, compute_centroids, input_moments
+from modlora.routing.routers import input_group
 
 
 @dataclass(frozen=True)
@@ -86,3 +87,39 @@ class ArrowCentred(Arrow):
         centroids = compute_centroids(lm.model, example_batches(lm, experts, o, with_labels=False), layers,
                                       library=experts.artifacts)
         return {layer: sum(c[layer] for c in centroids.values()) / len(centroids) for layer in layers}
+
+
+@dataclass(frozen=True)
+class ArrowWhitenedOptions(ArrowCentredOptions):
+    ridge: float = option(0.01, "ridge ε added to the input covariance as ε·tr(Σ)/d·I before its square root",
+                          type=float)
+
+    def __post_init__(self) -> None:
+        ArrowCentredOptions.__post_init__(self)
+        if not isinstance(self.ridge, int | float) or isinstance(self.ridge, bool) or not 0 < self.ridge < float("inf"):
+            raise RoutingError(f"ridge must be a positive number, got {self.ridge!r}")
+
+
+class ArrowWhitened(Arrow):
+    """Arrow on whitened inputs: per layer, μ and Σ = the mean and covariance of the inputs over the experts'
+    training tokens (pooled, a few examples per expert); the prototype of expert e is the top right singular vector
+    ṽ_e of ``ΔW_e R`` with ``R = (Σ + ε·tr(Σ)/d·I)^½``, and ``logit_e = |R⁻¹(x − μ)·ṽ_e| / T``
+    (:class:`~modlora.routing.ArrowRouter`). Needs data, like :class:`ArrowCentred`, which it extends from the mean
+    to the covariance."""
+
+    name = "arrow-whitened"
+    summary = "Arrow on inputs whitened by the experts' input covariance (needs a few training examples per expert)"
+    Options = ArrowWhitenedOptions
+    capabilities = Capabilities(per_token=True, needs_data=True)
+
+    def router(self, lm: LoadedModel, experts: ExpertSet) -> ArrowRouter:
+        o = self.options
+        assert isinstance(o, ArrowWhitenedOptions)
+        layers = experts.modules()
+        batches = [b for expert_batches in example_batches(lm, experts, o, with_labels=False).values()
+                   for b in expert_batches]
+        moments = input_moments(lm.model, layers, batches)
+        return ArrowRouter(top_k=o.top_k, temperature=o.temperature, normalize_inputs=o.normalize_inputs,
+                           tie_qkv=o.tie_qkv, remove_common=o.remove_common,
+                           input_mean={layer: moments[input_group(layer)].mean.float() for layer in layers},
+                           input_covariance={g: m.cov for g, m in moments.items()}, ridge=o.ridge)

@@ -45,13 +45,15 @@ from modlora.routing.model import (
 from modlora.routing.routers import (
     ArrowRouter,
     CentroidRouter,
+    InputMoments,
     UniformRouter,
     compute_centroids,
+    input_moments,
     oracle_weights,
 )
 
 __all__ = [
-    "ArrowRouter", "CentroidRouter", "LayerRouter", "RoutedLoraLinear", "RoutedModel", "RoutingRecorder",
-    "RoutingState", "TopKRouting", "UniformRouter", "compute_centroids", "explain", "explain_routing",
-    "export_prompt_adapter", "oracle_weights", "route",
+    "ArrowRouter", "CentroidRouter", "InputMoments", "LayerRouter", "RoutedLoraLinear", "RoutedModel",
+    "RoutingRecorder", "RoutingState", "TopKRouting", "UniformRouter", "compute_centroids", "explain",
+    "explain_routing", "export_prompt_adapter", "input_moments", "oracle_weights", "route",
 ]

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import math
 from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
@@ -56,6 +57,21 @@ def input_group(layer: str) -> str:
     parent, _, leaf = layer.rpartition(".")
     sib = SIBLINGS.get(leaf)
     return f"{parent}.{sib}" if sib else layer
+
+
+def _whitening(cov: torch.Tensor, ridge: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(R, R⁻¹)`` with ``R = (Σ + ε·tr(Σ)/d·I)^½`` for a covariance Σ (d, d): float32, from one eigendecomposition
+    in float64."""
+    c = cov.double()
+    if c.ndim != 2 or c.shape[0] != c.shape[1] or not torch.isfinite(c).all():
+        raise RoutingError(f"arrow: an input covariance must be a finite square matrix, got shape {tuple(c.shape)}")
+    c = (c + c.T) / 2
+    vals, vecs = torch.linalg.eigh(c + ridge * float(c.trace()) / c.shape[0] * torch.eye(c.shape[0], dtype=c.dtype))
+    if float(vals.min()) <= 0:
+        raise RoutingError("arrow: an input covariance is not positive semi-definite (or is zero)")
+    root = (vecs * vals.sqrt()) @ vecs.T
+    inverse = (vecs / vals.sqrt()) @ vecs.T
+    return root.float(), inverse.float()
 
 
 def _tensor_key(x: torch.Tensor) -> tuple[Any, ...]:
@@ -112,6 +128,11 @@ class ArrowRouter:
     ``[ΔW_q; ΔW_k; ΔW_v]`` (they read the same input). Per token: ``logit_e = |x·v_e| / T`` (x optionally unit
     normalised), keep the ``top_k`` largest, softmax over them (others get weight 0).
 
+    Whitened (``input_covariance`` Σ per input group, with ``input_mean`` μ): with ``R = (Σ + ε·tr(Σ)/d·I)^½``, the
+    prototype is the top right singular vector ṽ of ``ΔW_e R`` (the expert's map on whitened inputs
+    ``x̃ = R⁻¹(x − μ)``, whose covariance is ≈ I) and the logit ``|x̃·ṽ| = |(x − μ)·R⁻¹ṽ|``, so the stored prototype
+    is ``R⁻¹ṽ`` (not unit norm). Directions in which every token's input varies a lot no longer dominate.
+
     Speed: layers that read the same input (q/k/v, gate/up) get their logits from ONE matmul of ``x`` (t, in)
     against their stacked prototypes (Σ E, in) and one ``topk`` over the (t, layers, E) view; the softmax only runs
     over the k kept logits. Prototypes are cached as library artifacts of kind :attr:`artifact_kind` when the
@@ -120,13 +141,18 @@ class ArrowRouter:
 
     def __init__(self, top_k: int = 4, temperature: Temperature = 1.0, *, normalize_inputs: bool = False,
                  normalize_prototypes: bool = True, tie_qkv: bool = False, cache: bool = True,
-                 remove_common: int = 0, input_mean: Mapping[str, torch.Tensor] | None = None) -> None:
+                 remove_common: int = 0, input_mean: Mapping[str, torch.Tensor] | None = None,
+                 input_covariance: Mapping[str, torch.Tensor] | None = None, ridge: float = 0.01) -> None:
         if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
             raise RoutingError(f"arrow top_k must be a positive integer, got {top_k!r}")
         if isinstance(remove_common, bool) or not isinstance(remove_common, int) or remove_common < 0:
             raise RoutingError(f"arrow remove_common must be a non-negative integer, got {remove_common!r}")
         if temperature != "sqrt_d":
             resolve_temperature(temperature, 1)
+        if input_covariance and not input_mean:
+            raise RoutingError("arrow: whitening (input_covariance) needs the input mean it was measured around")
+        if isinstance(ridge, bool) or not isinstance(ridge, int | float) or not ridge > 0 or not math.isfinite(ridge):
+            raise RoutingError(f"arrow ridge must be a positive number, got {ridge!r}")
         self.top_k = top_k
         self.temperature = temperature
         self.normalize_inputs = normalize_inputs
@@ -135,6 +161,7 @@ class ArrowRouter:
         self.cache = cache
         self.remove_common = remove_common
         self.input_mean = dict(input_mean or {})           # layer -> (in,): subtracted from x before |x·v|
+        self._whiten = {g: _whitening(c, ridge) for g, c in (input_covariance or {}).items()}  # group -> (R, R⁻¹)
         self.prototypes: dict[str, torch.Tensor] = {}     # layer -> (E_layer, in) float32
         self.singular_values: dict[str, torch.Tensor] = {}  # layer -> (E_layer,)
         self._temps: dict[str, float] = {}
@@ -144,6 +171,12 @@ class ArrowRouter:
     @property
     def artifact_kind(self) -> str:
         return f"arrow-v1-{'tiedqkv' if self.tie_qkv else 'untied'}"
+
+    def _whitening_of(self, key: str) -> tuple[torch.Tensor, torch.Tensor]:
+        pair = self._whiten.get(input_group(key))
+        if pair is None:
+            raise RoutingError(f"arrow: no input covariance for {key} (input group {input_group(key)})")
+        return pair
 
     def _key(self, layer: str) -> str:
         return (qkv_group(layer) or layer) if self.tie_qkv else layer
@@ -161,6 +194,9 @@ class ArrowRouter:
                 factors[key] = block_factors([(adapter.A[m], adapter.B[m], adapter.spec.scaling) for m in members])
             else:
                 factors[key] = adapter.A[key].float(), adapter.spec.scaling * adapter.B[key].float()
+            if self._whiten:
+                a, b = factors[key]
+                factors[key] = a @ self._whitening_of(key)[0], b                    # ΔW R = B (A R)
         by_shape: dict[tuple[Any, ...], list[str]] = {}
         for key, (a, b) in factors.items():
             if a.ndim != 2 or b.ndim != 2 or a.shape[0] != b.shape[1]:
@@ -172,7 +208,7 @@ class ArrowRouter:
             v, sigma = top_right_singular_vectors(torch.stack([factors[k][0] for k in keys]),
                                                   torch.stack([factors[k][1] for k in keys]))
             for j, key in enumerate(keys):
-                out[key] = v[j].clone()
+                out[key] = self._whitening_of(key)[1] @ v[j] if self._whiten else v[j].clone()   # R⁻¹ṽ
                 out[key + "::sigma"] = sigma[j : j + 1].to(torch.float32)
         return dict(sorted(out.items()))
 
@@ -194,7 +230,7 @@ class ArrowRouter:
                     if qkv_group(other) == g and layers[other] != ids:
                         raise RoutingError(f"tie_qkv: layers {layer} and {other} are adapted by different experts")
         per_expert: dict[int, dict[str, torch.Tensor]] = {}
-        lib = experts.artifacts if self.cache else None
+        lib = experts.artifacts if self.cache and not self._whiten else None   # whitened: depends on the data
         kind = self.artifact_kind + experts.tag
         for i, name in enumerate(experts.names):
             needed = {self._key(lay) for lay, ids in layers.items() if i in ids}
@@ -453,6 +489,66 @@ def compute_centroids(model: torch.nn.Module, batches: Mapping[str, Sequence[tup
         out[expert] = {lay: (s / count).float() for lay, s in sums.items()}
         if library is not None:
             library.save_artifact(expert, kind, out[expert])
+    return out
+
+
+@dataclass(frozen=True)
+class InputMoments:
+    """The token inputs x (d,) of one input group over some batches: ``mean = Σx/n`` (d,), ``cov = Σxxᵀ/n − μμᵀ``
+    (d, d; population covariance) in float64, and ``count`` = n non-padding tokens."""
+
+    mean: torch.Tensor
+    cov: torch.Tensor
+    count: int
+
+
+def input_moments(model: torch.nn.Module, layers: Iterable[str],
+                  batches: Iterable[tuple[torch.Tensor, torch.Tensor | None]]) -> dict[str, InputMoments]:
+    """Mean and covariance of the inputs of ``layers`` over the non-padding tokens of ``batches`` (``(input_ids
+    (b, s), attention_mask (b, s) or None)``), one pass of the model's decoder (no LM head), keyed by
+    :func:`input_group` (q/k/v and gate/up read one input and share one accumulation). Per batch the sums are a
+    float32 GEMM ``xᵀx``, accumulated over batches in float64. Used by EVA's initialisation and by whitened Arrow."""
+    named = dict(model.named_modules())
+    first: dict[str, str] = {}
+    for layer in layers:
+        if layer not in named:
+            raise RoutingError(f"input moments: the model has no module {layer}")
+        first.setdefault(input_group(layer), layer)
+    sums: dict[str, list[torch.Tensor]] = {}
+    mask: list[torch.Tensor] = []
+
+    def accumulate(group: str) -> Any:
+        def hook(_module: torch.nn.Module, args: tuple[torch.Tensor, ...]) -> None:
+            x = args[0][mask[0]].float()                                    # (tokens, d_in), padding left out
+            acc = sums.setdefault(group, [torch.zeros(x.shape[1], dtype=torch.float64),
+                                          torch.zeros(x.shape[1], x.shape[1], dtype=torch.float64)])
+            acc[0] += x.sum(0).double().cpu()
+            acc[1] += (x.T @ x).double().cpu()
+        return hook
+
+    device = next(model.parameters()).device
+    decoder = model.get_decoder() if hasattr(model, "get_decoder") else model
+    handles = [named[layer].register_forward_pre_hook(accumulate(g)) for g, layer in first.items()]
+    was_training = model.training
+    count = 0
+    try:
+        model.eval()
+        with torch.no_grad():
+            for ids, attention in batches:
+                attention = torch.ones_like(ids) if attention is None else attention
+                mask[:] = [attention.to(device).bool()]
+                count += int(attention.sum())
+                decoder(input_ids=ids.to(device), attention_mask=attention.to(device))
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was_training)
+    if count == 0:
+        raise RoutingError("input moments: every token is padding (or there are no batches)")
+    out = {}
+    for g, (total, outer) in sums.items():
+        mean = total / count
+        out[g] = InputMoments(mean, outer / count - torch.outer(mean, mean), count)
     return out
 
 
