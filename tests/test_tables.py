@@ -40,3 +40,17 @@ def test_cells_and_headers_are_text_not_markup():
     """A row key with options (``private/arrow[top_k=4]``) or a header in brackets shows as written."""
     text = "\n".join(_render(80, ["row", "[b]x[/b]"], [["private/arrow[top_k=4]", "[red]1[/red]"]]))
     assert "private/arrow[top_k=4]" in text and "[b]x[/b]" in text and "[red]1[/red]" in text
+
+
+def test_every_folding_table_shows_names_as_written():
+    """Expert and task names in brackets stay whole in any :func:`folding_table` (library, cluster, LoraHub and
+    evaluation tables), and a styled cell is still a :class:`rich.text.Text`."""
+    from rich.text import Text
+
+    from modlora.tables import folding_table
+
+    table = folding_table("experts", ["name", "tasks"])
+    table.add_row("[draft]expert", Text("bold", style="bold"))
+    out = io.StringIO()
+    Console(width=80, file=out).print(table)
+    assert "[draft]expert" in out.getvalue() and "bold" in out.getvalue()

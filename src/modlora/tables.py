@@ -3,17 +3,27 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
 
-def folding_table(title: str, columns: Sequence[str], *, right: Sequence[str] = ()) -> Table:
-    """A :class:`rich.table.Table` with ``columns``; every cell folds (a long name wraps onto more lines, never
+class TextTable(Table):
+    """A :class:`rich.table.Table` whose string cells are plain text, never console markup: an expert, task or row
+    name such as ``arrow[top_k=4]`` or ``[draft]`` is shown as written (rich would read ``[...]`` as a style tag
+    and drop it). Pass a :class:`rich.text.Text` to style a cell."""
+
+    def add_row(self, *renderables: Any, **kwargs: Any) -> None:
+        super().add_row(*(Text(r) if isinstance(r, str) else r for r in renderables), **kwargs)
+
+
+def folding_table(title: str, columns: Sequence[str], *, right: Sequence[str] = ()) -> TextTable:
+    """A :class:`TextTable` with ``columns``; every cell folds (a long name wraps onto more lines, never
     ``clust…``), text columns keep a readable minimum width, and the numeric columns named in ``right`` are
     right-aligned."""
-    table = Table(title=title, title_justify="left")
+    table = TextTable(title=title, title_justify="left")
     for col in columns:
         if col in right:
             table.add_column(Text(col), justify="right", overflow="fold")
@@ -47,5 +57,5 @@ def print_split_table(console: Console, title: str, columns: Sequence[str], rows
         table = folding_table(title + suffix, [columns[0], *(columns[i] for i in group)], right=right)
         table.columns[0].no_wrap = key_width <= console.width // 2  # keys stay on one line unless very long
         for row in rows:
-            table.add_row(Text(row[0]), *(Text(row[i]) for i in group))  # text, never markup: "arrow[top_k=4]"
+            table.add_row(row[0], *(row[i] for i in group))
         console.print(table)

@@ -84,7 +84,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 def _print_clusters(clustering: Any, quality: Any = None) -> None:
     """K, every candidate K's score (with --k auto), a plain no-structure verdict, the clusters (names folded, never
     cut) and, given reference labels, ARI and purity."""
-    from rich.table import Table
+    from modlora.tables import TextTable
 
     silhouette = "n/a" if clustering.silhouette is None else f"{clustering.silhouette:.3f}"
     algorithm = "spectral clustering" if clustering.algorithm == "spectral" else "k-means on the similarity rows"
@@ -92,7 +92,7 @@ def _print_clusters(clustering: Any, quality: Any = None) -> None:
                   soft_wrap=False)
     if clustering.scores_by_k:
         best = max(clustering.scores_by_k, key=lambda k: (clustering.scores_by_k[k], -k))
-        scores = Table(title=f"--k auto: {clustering.criterion} score of every candidate K (higher is better)")
+        scores = TextTable(title=f"--k auto: {clustering.criterion} score of every candidate K (higher is better)")
         scores.add_column("K", justify="right")
         scores.add_column(str(clustering.criterion), justify="right")
         for k, value in sorted(clustering.scores_by_k.items()):
@@ -100,7 +100,7 @@ def _print_clusters(clustering: Any, quality: Any = None) -> None:
         console.print(scores)
     if clustering.no_structure:
         console.print(f"[bold yellow]{clustering.message}[/]", soft_wrap=False)
-    table = Table(title=f"{clustering.k} cluster(s) of {len(clustering.names)} experts")
+    table = TextTable(title=f"{clustering.k} cluster(s) of {len(clustering.names)} experts")
     table.add_column("cluster", justify="right", no_wrap=True)
     table.add_column("size", justify="right", no_wrap=True)
     table.add_column("experts", overflow="fold")

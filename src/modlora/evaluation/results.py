@@ -192,6 +192,8 @@ def results_table(runs: Sequence[EvalRun], metric: str | None = None, title: str
     """A rich table: one row per (method, task) with metric ± stderr, n and wall time, then the averages.
 
     With ``metric`` only that metric is shown; otherwise every metric a task reports. Names fold, never cut."""
+    from rich.text import Text
+
     from modlora.tables import folding_table
 
     table = folding_table(title, ("method", "task", "metrics", "n", "wall s"), right=("n", "wall s"))
@@ -200,7 +202,7 @@ def results_table(runs: Sequence[EvalRun], metric: str | None = None, title: str
             table.add_row(run.method, task, format_metrics(scores, metric), str(scores.n), f"{scores.wall_s:.1f}")
         avg = run.average()
         names = [metric] if metric is not None else list(avg)
-        table.add_row(run.method, "[b]average[/b]", "  ".join(f"{m}={format_value(m, avg[m])}" for m in names
+        table.add_row(run.method, Text("average", style="bold"), "  ".join(f"{m}={format_value(m, avg[m])}" for m in names
                                                                if m in avg), "", f"{run.wall_s:.1f}")
     return table
 
