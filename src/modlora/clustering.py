@@ -444,9 +444,9 @@ def _embed_groups(lm: LoadedModel, groups: Mapping[str, Sequence[str]], *, max_t
     items = list(groups.items())
     iterator: Any = items
     if progress:
-        from tqdm.auto import tqdm
+        from modlora.progress import progress_bar
 
-        iterator = tqdm(items, desc="embedding tasks", leave=False)
+        iterator = progress_bar(items, desc="embedding tasks", unit="task")
     for name, texts in iterator:
         if not texts:
             raise DataError(f"{name!r}: no task text to embed")

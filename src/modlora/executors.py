@@ -148,9 +148,9 @@ def run_jobs(jobs: Sequence[J], fn: Callable[[J], R], executor: Executor = "loca
 
 
 def _progress_bar(total: int, desc: str, enabled: bool) -> Any:
-    from tqdm.auto import tqdm
+    from modlora.progress import progress_bar
 
-    return tqdm(total=total, desc=desc, unit="job", disable=not enabled, dynamic_ncols=True)
+    return progress_bar(total=total, desc=desc, unit="job", enabled=enabled, leave=True)
 
 
 def _run_local(jobs: list[J], fn: Callable[[J], R], *, desc: str, progress: bool,

@@ -40,11 +40,11 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 import torch
-from tqdm.auto import tqdm
 
 from modlora.adapters import LoraAdapter, LoraSpec, adapted_modules
 from modlora.data import EncodedExample, collate, length_grouped_batches
 from modlora.errors import DataError
+from modlora.progress import progress_bar
 from modlora.training import TrainConfig, TrainResult, seed_everything
 
 
@@ -592,8 +592,7 @@ def train_experts(model: torch.nn.Module, experts: Mapping[str, ExpertData], *, 
     trainer = MultiTrainer(model, experts, pad_id=pad_id, spec=spec, options=options,
                            base_model_name=base_model_name, desc=desc, on_finished=on_finished)
     tokens, seconds = 0, 0.0
-    with trainer, tqdm(total=trainer.total_steps, desc=desc, disable=not progress, leave=False,
-                       dynamic_ncols=True) as bar:
+    with trainer, progress_bar(total=trainer.total_steps, desc=desc, unit="step", enabled=progress) as bar:
         while trainer.active:
             stats = trainer.step()
             tokens += stats.tokens

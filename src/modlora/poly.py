@@ -37,7 +37,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from modlora.adapters import LoraAdapter, LoraSpec, adapted_modules
 from modlora.data import EncodedExample
@@ -51,6 +50,7 @@ from modlora.multitrain import (
     mixed_target_loss,
     pack_forwards,
 )
+from modlora.progress import progress_bar
 from modlora.training import TrainConfig, seed_everything
 
 ALLOCATION_META = "poly_allocation"
@@ -218,7 +218,7 @@ def train_poly(model: torch.nn.Module, train: Mapping[str, Sequence[EncodedExamp
     t0 = time.perf_counter()
     try:
         model.train()
-        for step in tqdm(range(1, total + 1), desc=desc, disable=not progress, leave=False, dynamic_ncols=True):
+        for step in progress_bar(range(1, total + 1), desc=desc, unit="step", enabled=progress):
             factor = _schedule(step - 1, total, warmup)
             for group, lr in zip(optimizer.param_groups, base_lrs, strict=True):
                 group["lr"] = lr * factor

@@ -28,12 +28,12 @@ from typing import Any
 import numpy as np
 import torch
 from peft import LoraConfig, get_peft_model
-from tqdm.auto import tqdm
 from transformers import get_linear_schedule_with_warmup
 
 from modlora.adapters import LoraAdapter, LoraSpec
 from modlora.data import Batch, EncodedExample, collate, length_grouped_batches
 from modlora.errors import DataError
+from modlora.progress import progress_bar
 
 _LORA_PARAM = ".lora_{}.default.weight"
 
@@ -174,7 +174,7 @@ def _train_loop(peft_model: Any, train_examples: Sequence[EncodedExample], val_e
     history: list[dict[str, float]] = []
     tokens, target_tokens, train_time = 0, 0, 0.0
     running = None
-    bar = tqdm(total=total_steps, desc=desc, disable=not progress, leave=False, dynamic_ncols=True)
+    bar = progress_bar(total=total_steps, desc=desc, unit="step", enabled=progress)
     lm.train()
     for step in range(1, total_steps + 1):
         t0 = time.perf_counter()

@@ -42,7 +42,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from tqdm.auto import tqdm
 
 from modlora.data import default_data_dir
 from modlora.errors import DataError, ModloraError
@@ -54,6 +53,7 @@ from modlora.evaluation.results import (
     routing_telemetry,
     seeded_subset,
 )
+from modlora.progress import progress_bar
 
 # task name -> (file under eval/, continuation delimiter). The delimiter is appended to the query (multiple choice)
 # or put before the shared continuation (schema); its trailing whitespace moves into the continuation.
@@ -361,7 +361,7 @@ def score_choices(model: torch.nn.Module, tokenizer: Any, examples: Sequence[Cho
     shared = [i for i, ex in enumerate(examples) if ex.shared_context and ex.n_options > 1 and prefix_reuse]
     shared_set = set(shared)
     rest = [i for i in range(len(examples)) if i not in shared_set]
-    bar = tqdm(total=len(examples), desc=progress, unit="ex", disable=progress is None, leave=False)
+    bar = progress_bar(total=len(examples), desc=progress, unit="ex", enabled=progress is not None)
     with torch.inference_mode(), bar:
         shared.sort(key=lambda i: -len(options[i][0].ctx_ids))
         for start in range(0, len(shared), batch_size):
