@@ -257,7 +257,7 @@ def add_method_args(p: argparse.ArgumentParser, registry: Registry, methods: Seq
     classes = [registry.get(n) for n in methods]
     g = p.add_argument_group("method (see `modlora.methods`)")
     g.add_argument(f"--{flag}", choices=list(methods), default=default, required=default is None and flag == "method",
-                   help=help, metavar="|".join(methods))
+                   help=help, metavar="METHOD")
     for name, owners in sorted(_option_fields(classes).items()):
         f0 = owners[0][1]
         cli = dict(f0.metadata.get("cli", {}))

@@ -186,7 +186,8 @@ def register(sub: Any, registry: Registry) -> None:
     add_library_arg(p)
     p.add_argument("--out", type=Path, required=True, help="output PEFT adapter directory")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
-    add_method_args(p, registry, static, flag="method", default=None, help="combination method (required)")
+    add_method_args(p, registry, static, flag="method", default=None,
+                    help="combination method (required): " + ", ".join(static))
     p.set_defaults(func=cmd_merge)
 
     p = sub.add_parser("export-arrow", help="export Arrow restricted to a prompt's top experts as one adapter",

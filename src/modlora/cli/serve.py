@@ -39,9 +39,9 @@ def register(sub: Any, registry: Registry) -> None:
     add_library_arg(p, help="library directory, or a remote location (hf://, s3://, …: served from a verified local "
                             "snapshot; new experts there appear after a restart)")
     add_model_args(p)
-    p.add_argument("--router", choices=routers, default="arrow", metavar="|".join(routers),
-                   help="router of the model id LIB (default arrow; mu = parameter averaging, mu-delta = exact mean "
-                        "of the experts' ΔW, base = no experts)")
+    p.add_argument("--router", choices=routers, default="arrow", metavar="METHOD",
+                   help=f"router of the model id LIB (default arrow; mu = parameter averaging, mu-delta = exact mean "
+                        f"of the experts' ΔW, base = no experts); one of: {', '.join(routers)}")
     p.add_argument("--top-k", type=positive_int, default=4,
                    help="Arrow top-k when a request gives none (default 4, at most the number of experts)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")

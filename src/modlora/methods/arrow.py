@@ -91,8 +91,7 @@ class ArrowCentred(Arrow):
 
 @dataclass(frozen=True)
 class ArrowWhitenedOptions(ArrowCentredOptions):
-    ridge: float = option(0.01, "ridge ε added to the input covariance as ε·tr(Σ)/d·I before its square root",
-                          type=float)
+    ridge: float = option(0.01, "ridge ε: whiten by Σ + ε·tr(Σ)/d·I", type=float)
 
     def __post_init__(self) -> None:
         ArrowCentredOptions.__post_init__(self)
