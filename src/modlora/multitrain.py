@@ -597,9 +597,10 @@ def train_experts(model: torch.nn.Module, experts: Mapping[str, ExpertData], *, 
             stats = trainer.step()
             tokens += stats.tokens
             seconds += stats.seconds
+            if trainer.active:                          # the last step's postfix stays (no "experts=0, loss=0")
+                bar.set_postfix(experts=len(trainer.active), loss=f"{trainer.mean_running_loss():.3f}",
+                                tok_s=f"{tokens / max(seconds, 1e-9):.0f}", refresh=False)
             bar.update(stats.experts)
-            bar.set_postfix(experts=len(trainer.active), loss=f"{trainer.mean_running_loss():.3f}",
-                            tok_s=f"{tokens / max(seconds, 1e-9):.0f}")
     return {name: trainer.results[name] for name in experts}
 
 
