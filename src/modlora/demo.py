@@ -6,8 +6,10 @@ and train the cluster experts, compute Arrow prototypes, then evaluate base vs Î
 inputs (and the oracle in distribution) on the training tasks' test split, with routing accuracy, and on eight
 held-out tasks: four related to the training tasks, four not. It ends with a table a newcomer can read: how often
 each router sends a prompt to its own expert (against chance) and each paired difference with what it decides.
-Re-running reuses what exists (libraries and finished result rows), so an interrupted demo resumes. Measured
-2026-12-07: 1,936 CPU-seconds (31 min on 2 shared cores), over its 10-minute target on 2 idle cores.
+Re-running reuses what exists (libraries and finished result rows), so an interrupted demo resumes. Cost, measured
+2026-12-07 with ``modlora demo --threads 1`` beside other jobs: 764 s of process CPU time (541 s training the
+private and MBC experts, EVA included; 220 s evaluating the seven rows); on 2 idle cores (``modlora demo``, the
+model cached) 476 s of wall time, within the 10-minute target.
 """
 
 from __future__ import annotations
