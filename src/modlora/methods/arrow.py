@@ -8,8 +8,7 @@ output ``W x + Σ_e w_e s_e B_e A_e x``. See :class:`modlora.routing.ArrowRouter
 from __future__ import annotations
 
 from dataclasses import dataclass
-
-import torch
+from typing import Any
 
 from modlora.errors import RoutingError
 from modlora.experts import ExpertSet
@@ -55,11 +54,12 @@ class Arrow(RoutedMethod):
         o = self.options
         assert isinstance(o, ArrowOptions)
         return ArrowRouter(top_k=o.top_k, temperature=o.temperature, normalize_inputs=o.normalize_inputs,
-                           tie_qkv=o.tie_qkv, remove_common=o.remove_common, input_mean=self.input_mean(lm, experts))
+                           tie_qkv=o.tie_qkv, remove_common=o.remove_common, **self.input_statistics(lm, experts))
 
-    def input_mean(self, lm: LoadedModel, experts: ExpertSet) -> dict[str, torch.Tensor] | None:
-        """Per layer, the mean subtracted from every token's input before routing (plain Arrow: none)."""
-        return None
+    def input_statistics(self, lm: LoadedModel, experts: ExpertSet) -> dict[str, Any]:
+        """The :class:`ArrowRouter` arguments measured on data: the per-layer ``input_mean`` subtracted from every
+        token's input, and for whitening the ``input_covariance`` and ``ridge`` (plain Arrow: none)."""
+        return {}
 
 
 @dataclass(frozen=True)
@@ -80,13 +80,13 @@ class ArrowCentred(Arrow):
     Options = ArrowCentredOptions
     capabilities = Capabilities(per_token=True, needs_data=True)
 
-    def input_mean(self, lm: LoadedModel, experts: ExpertSet) -> dict[str, torch.Tensor]:
+    def input_statistics(self, lm: LoadedModel, experts: ExpertSet) -> dict[str, Any]:
         o = self.options
         assert isinstance(o, ArrowCentredOptions)
         layers = experts.modules()
         centroids = compute_centroids(lm.model, example_batches(lm, experts, o, with_labels=False), layers,
                                       library=experts.artifacts)
-        return {layer: sum(c[layer] for c in centroids.values()) / len(centroids) for layer in layers}
+        return {"input_mean": {layer: sum(c[layer] for c in centroids.values()) / len(centroids) for layer in layers}}
 
 
 @dataclass(frozen=True)
@@ -99,7 +99,7 @@ class ArrowWhitenedOptions(ArrowCentredOptions):
             raise RoutingError(f"ridge must be a positive number, got {self.ridge!r}")
 
 
-class ArrowWhitened(Arrow):
+class ArrowWhitened(ArrowCentred):
     """Arrow on whitened inputs: per layer, μ and Σ = the mean and covariance of the inputs over the experts'
     training tokens (pooled, a few examples per expert); the prototype of expert e is the top right singular vector
     ṽ_e of ``ΔW_e R`` with ``R = (Σ + ε·tr(Σ)/d·I)^½``, and ``logit_e = |R⁻¹(x − μ)·ṽ_e| / T``
@@ -109,16 +109,13 @@ class ArrowWhitened(Arrow):
     name = "arrow-whitened"
     summary = "Arrow on inputs whitened by the experts' input covariance (needs a few training examples per expert)"
     Options = ArrowWhitenedOptions
-    capabilities = Capabilities(per_token=True, needs_data=True)
 
-    def router(self, lm: LoadedModel, experts: ExpertSet) -> ArrowRouter:
+    def input_statistics(self, lm: LoadedModel, experts: ExpertSet) -> dict[str, Any]:
         o = self.options
         assert isinstance(o, ArrowWhitenedOptions)
         layers = experts.modules()
         batches = [b for expert_batches in example_batches(lm, experts, o, with_labels=False).values()
                    for b in expert_batches]
         moments = input_moments(lm.model, layers, batches)
-        return ArrowRouter(top_k=o.top_k, temperature=o.temperature, normalize_inputs=o.normalize_inputs,
-                           tie_qkv=o.tie_qkv, remove_common=o.remove_common,
-                           input_mean={layer: moments[input_group(layer)].mean.float() for layer in layers},
-                           input_covariance={g: m.cov for g, m in moments.items()}, ridge=o.ridge)
+        return {"input_mean": {layer: moments[input_group(layer)].mean.float() for layer in layers},
+                "input_covariance": {g: m.cov for g, m in moments.items()}, "ridge": o.ridge}
