@@ -458,7 +458,7 @@ class PromptFormatter:
     max_prompt_tokens: int = PromptLimits.max_prompt_tokens
     max_target_tokens: int = PromptLimits.max_target_tokens
     use_chat_template: bool | None = None
-    truncate: Truncate = "left"
+    truncate: Truncate = PromptLimits.truncate
     _cache: dict[str, Any] = field(default_factory=dict, repr=False)
     cut_prompts: int = field(default=0, init=False)
     cut_definitions: int = field(default=0, init=False)

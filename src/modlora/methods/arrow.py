@@ -25,7 +25,7 @@ from modlora.methods.core import (
 )
 from modlora.models import LoadedModel
 from modlora.routing import ArrowRouter, compute_centroids, input_moments
-from modlora.routing.routers import input_group
+from modlora.routing.routers import check_ridge, input_group
 
 
 @dataclass(frozen=True)
@@ -95,8 +95,7 @@ class ArrowWhitenedOptions(ArrowCentredOptions):
 
     def __post_init__(self) -> None:
         ArrowCentredOptions.__post_init__(self)
-        if not isinstance(self.ridge, int | float) or isinstance(self.ridge, bool) or not 0 < self.ridge < float("inf"):
-            raise RoutingError(f"ridge must be a positive number, got {self.ridge!r}")
+        check_ridge(self.ridge)
 
 
 class ArrowWhitened(ArrowCentred):

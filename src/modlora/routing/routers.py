@@ -59,6 +59,13 @@ def input_group(layer: str) -> str:
     return f"{parent}.{sib}" if sib else layer
 
 
+def check_ridge(ridge: float) -> float:
+    """``ridge`` if it is a finite positive number (whitened Arrow's ε), else a :class:`RoutingError`."""
+    if isinstance(ridge, bool) or not isinstance(ridge, int | float) or not ridge > 0 or not math.isfinite(ridge):
+        raise RoutingError(f"arrow ridge must be a positive number, got {ridge!r}")
+    return ridge
+
+
 def _whitening(cov: torch.Tensor, ridge: float) -> tuple[torch.Tensor, torch.Tensor]:
     """``(R, R⁻¹)`` with ``R = (Σ + ε·tr(Σ)/d·I)^½`` for a covariance Σ (d, d): float32, from one eigendecomposition
     in float64."""
@@ -151,8 +158,7 @@ class ArrowRouter:
             resolve_temperature(temperature, 1)
         if input_covariance and not input_mean:
             raise RoutingError("arrow: whitening (input_covariance) needs the input mean it was measured around")
-        if isinstance(ridge, bool) or not isinstance(ridge, int | float) or not ridge > 0 or not math.isfinite(ridge):
-            raise RoutingError(f"arrow ridge must be a positive number, got {ridge!r}")
+        check_ridge(ridge)
         self.top_k = top_k
         self.temperature = temperature
         self.normalize_inputs = normalize_inputs
@@ -535,10 +541,10 @@ def input_moments(model: torch.nn.Module, layers: Iterable[str],
         model.eval()
         with torch.no_grad():
             for ids, attention in batches:
-                attention = torch.ones_like(ids) if attention is None else attention
-                mask[:] = [attention.to(device).bool()]
+                attention = (torch.ones_like(ids) if attention is None else attention).to(device)
+                mask[:] = [attention.bool()]
                 count += int(attention.sum())
-                decoder(input_ids=ids.to(device), attention_mask=attention.to(device))
+                decoder(input_ids=ids.to(device), attention_mask=attention)
     finally:
         for h in handles:
             h.remove()
