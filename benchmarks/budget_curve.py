@@ -15,7 +15,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from modlora.library import ExpertLibrary
+from modlora.library.store import ExpertLibrary
 
 
 @dataclass(frozen=True)

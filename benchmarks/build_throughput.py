@@ -2,9 +2,9 @@
 
 Methods (each in its own worker process, so that peak memory is attributed to the method that used it):
 
-* ``one_at_a_time`` — today's path before multi-expert training: :func:`modlora.training.train_expert` (PEFT layers,
+* ``one_at_a_time`` — today's path before multi-expert training: :func:`modlora.build.training.train_expert` (PEFT layers,
   target-only logits, length-grouped batches), one expert after the other;
-* ``together`` — :class:`modlora.multitrain.MultiTrainer`: all experts in one loop over mixed batches, per-example
+* ``together`` — :class:`modlora.build.multitrain.MultiTrainer`: all experts in one loop over mixed batches, per-example
   factors, shared-prefix KV reuse (``together_noprefix``: the same without prefix sharing);
 * ``peft_trainer`` — PEFT + ``transformers.Trainer``, one adapter at a time (labels -100 on the prompt, full logits);
 * ``together_2x1`` (thread layout, optional) — two 1-thread workers, each training half of the experts together,
@@ -81,13 +81,13 @@ class _Worker:
             self._start_together(prefix=args.method != "together_noprefix")
 
     def _config(self):
-        from modlora.training import TrainConfig
+        from modlora.build.training import TrainConfig
 
         return TrainConfig(steps=self.args.steps, batch_size=self.args.batch_size, lr=1e-4, eval_every=10**6, seed=0)
 
     def _start_together(self, prefix: bool) -> None:
-        from modlora.adapters import LoraSpec
-        from modlora.multitrain import ExpertData, MultiTrainer, MultiTrainOptions
+        from modlora.build.multitrain import ExpertData, MultiTrainer, MultiTrainOptions
+        from modlora.library.adapters import LoraSpec
 
         experts = {n: ExpertData(exs, (), self._config()) for n, exs in self.examples.items()}
         options = MultiTrainOptions(shared_prefix=prefix, max_tokens_per_forward=self.args.max_tokens_per_forward)
@@ -114,8 +114,8 @@ class _Worker:
         return out
 
     def _one(self, name: str) -> dict[str, Any]:
-        from modlora.adapters import LoraSpec
-        from modlora.training import train_expert
+        from modlora.build.training import train_expert
+        from modlora.library.adapters import LoraSpec
 
         res = train_expert(self.lm.model, self.examples[name], pad_id=self.lm.tokenizer.pad_token_id,
                            spec=LoraSpec(), config=self._config(), progress=False)

@@ -44,8 +44,7 @@ import numpy as np
 import torch
 from sklearn.metrics import adjusted_rand_score
 
-from modlora.adapters import LoraAdapter, LoraSpec
-from modlora.clustering import (
+from modlora.build.clustering import (
     AUTO_K_CRITERIA,
     SimilarityResult,
     cluster_experts,
@@ -53,12 +52,13 @@ from modlora.clustering import (
     delta_similarity,
     expert_similarity,
 )
+from modlora.library.adapters import LoraAdapter, LoraSpec
 
 MODULES = [f"model.layers.{layer}.self_attn.{proj}" for layer in range(2) for proj in ("q_proj", "v_proj")]
 SPEC = LoraSpec(rank=4, alpha=16.0, dropout=0.0, target_modules=("q_proj", "v_proj"))
 GRID = [(6, 3), (16, 2), (16, 4), (24, 6), (64, 2), (64, 4), (64, 8), (64, 16), (256, 4), (256, 16), (32, 1), (128, 1),
         (256, 1)]
-# a criterion per partitioning algorithm (modlora.clustering.CRITERION_ALGORITHM), to cluster at the planted K with it
+# a criterion per partitioning algorithm (modlora.build.clustering.CRITERION_ALGORITHM), to cluster at the planted K with it
 ALGORITHM_CRITERION = {"spectral": "spectral", "kmeans": "silhouette"}
 NOISE = [0.5, 1.0, 2.0]
 
@@ -169,9 +169,9 @@ def run_synthetic(draws: int, per_expert_seeds: bool, grid: list[tuple[int, int]
 def run_real(library: str, families_file: str, model: str | None, data: str | None, criteria: list[str]
              ) -> list[dict]:
     """ARI against known families for each feature on a trained library (families: {task: family})."""
-    from modlora.clustering import expert_semantic_similarity
+    from modlora.build.clustering import expert_semantic_similarity
     from modlora.data import default_sni_dir, load_sni_tasks
-    from modlora.library import ExpertLibrary
+    from modlora.library.store import ExpertLibrary
 
     families = json.loads(Path(families_file).read_text())
     sims: dict[str, SimilarityResult] = {}

@@ -1,6 +1,6 @@
 """Build a 256-task private library on the embedded model in one run on a GPU; report tokens/s and wall time.
 
-All experts train together (:func:`modlora.building.build_private_library` with ``experts_per_job`` experts per
+All experts train together (:func:`modlora.build.strategies.build_private_library` with ``experts_per_job`` experts per
 job, default all 256): bf16 frozen base, fp32 LoRA factors and optimizer state, mixed batches of many experts with
 per-example factors (a gather + two ``bmm`` per adapted layer: no per-expert kernel launches), shared-prefix KV
 reuse, ``max_tokens_per_forward`` tokens per forward::
@@ -11,7 +11,7 @@ writes ``<out>.json`` (settings, wall time, tokens/s, examples/s, per-expert ste
 (the printed summary). ``--tasks N`` builds the first N tasks only (a quick check).
 
 The ratio to today's one-at-a-time path: ``--one-at-a-time N`` (default 8) also trains the first N experts one after
-the other with :func:`modlora.training.train_expert` (PEFT layers, same steps, batch and caps), half before and half
+the other with :func:`modlora.build.training.train_expert` (PEFT layers, same steps, batch and caps), half before and half
 after the all-together build (A/B/A), and reports examples/s of both and their ratio (the target is ≥ 10×).
 """
 
@@ -26,10 +26,10 @@ from pathlib import Path
 
 import torch
 
-from modlora.building import BuildConfig, build_private_library, load_tasks
+from modlora.build.strategies import BuildConfig, build_private_library, load_tasks
+from modlora.build.training import TrainConfig, train_expert
 from modlora.data import PromptFormatter, default_sni_dir, encode_tasks, sni_task_files
 from modlora.models import load_base_model
-from modlora.training import TrainConfig, train_expert
 
 
 def one_at_a_time(cfg: BuildConfig, tasks: list[str]) -> tuple[int, float]:

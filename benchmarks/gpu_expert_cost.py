@@ -19,8 +19,8 @@ import time
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
+from modlora.build.training import TrainConfig, train_expert
 from modlora.data import PromptFormatter, encode_tasks, load_sni_tasks
-from modlora.training import TrainConfig, train_expert
 
 
 def main() -> None:

@@ -2,7 +2,7 @@
 
 For every task, its training examples are encoded with the project's prompt template and cut into length-grouped
 micro-batches as the trainer does; in each micro-batch the longest common token prefix ``P`` of the prompts
-(:func:`modlora.multitrain.shared_prefix_length`) runs once instead of ``n`` times, saving ``(n-1)·P`` tokens::
+(:func:`modlora.build.multitrain.shared_prefix_length`) runs once instead of ``n`` times, saving ``(n-1)·P`` tokens::
 
     PYTHONPATH=src python benchmarks/prefix_savings.py --out benchmarks/results/prefix_savings
 
@@ -21,9 +21,9 @@ from pathlib import Path
 
 from transformers import AutoTokenizer
 
+from modlora.build.multitrain import shared_prefix_length
 from modlora.data import PromptFormatter, default_sni_dir, encode_tasks, length_grouped_batches, load_sni_tasks
 from modlora.models import resolve_model_source
-from modlora.multitrain import shared_prefix_length
 
 
 def main() -> None:

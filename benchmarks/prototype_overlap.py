@@ -1,7 +1,7 @@
 """How much a library's Arrow prototypes can tell its experts apart, per adapted layer, as a Markdown table.
 
 For each layer m and expert e, with factors A_e (r × in) and B_e (out × r) and prototype v_e the top right singular
-vector of B_e·A_e (:func:`modlora.lowrank.top_right_singular_vector`):
+vector of B_e·A_e (:func:`modlora.reuse.lowrank.top_right_singular_vector`):
 
 * ``cos(A_e, A_ref)``: cosine of the flattened A factor with the first expert's (1 for experts that share an
   initialisation and barely moved);
@@ -24,8 +24,8 @@ from pathlib import Path
 import torch
 
 from modlora.errors import ModloraError
-from modlora.library import ExpertLibrary
-from modlora.lowrank import top_right_singular_vector
+from modlora.library.remote import open_library
+from modlora.reuse.lowrank import top_right_singular_vector
 
 
 def main() -> None:
@@ -33,7 +33,7 @@ def main() -> None:
     ap.add_argument("library", type=Path, help="an expert library directory")
     args = ap.parse_args()
     try:
-        experts = ExpertLibrary.open(args.library).experts()
+        experts = open_library(args.library).experts()
     except ModloraError as err:
         ap.error(str(err))
     if len(experts) < 2:

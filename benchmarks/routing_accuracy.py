@@ -9,7 +9,7 @@ never seen in training; the split is the build's seeded 80/10/10):
 * **per layer**: top-1 on each layer's mass alone, summarised per decoder block (mean over its adapted layers).
 
 Only tasks with exactly one routed expert count (:func:`modlora.evaluation.indist.own_routed_expert`). Routers are
-``METHOD[:opt=value,...]`` of :data:`modlora.methods.REGISTRY` (``arrow``, ``arrow:remove_common=1``,
+``METHOD[:opt=value,...]`` of :data:`modlora.reuse.methods.REGISTRY` (``arrow``, ``arrow:remove_common=1``,
 ``arrow:temperature=sqrt_d``, ``centroid``, ``tp``, ...). ``centroid`` and ``tp`` need data: they are fitted on the
 experts' *training* split (``examples_per_expert``), never on the prompts scored. With ``--families FILE`` (task →
 family JSON) each library also gets the adjusted Rand index of ΔW-MBC (k-means on the ΔW cosine, K = the number of
@@ -43,11 +43,12 @@ from modlora.data import TRUNCATE_MODES, default_sni_dir, load_sni_tasks, split_
 from modlora.errors import ModloraError
 from modlora.evaluation.indist import prompt_routing_accuracy, recorded_limits
 from modlora.evaluation.results import RoutingAccuracy
-from modlora.library import ExpertLibrary
-from modlora.methods import REGISTRY
-from modlora.methods.core import TrainingDataOptions
+from modlora.library.remote import open_library
+from modlora.library.store import ExpertLibrary
 from modlora.models import load_base_model
-from modlora.reuse import prepare_model
+from modlora.reuse.methods import REGISTRY
+from modlora.reuse.methods.core import TrainingDataOptions
+from modlora.reuse.prepare import prepare_model
 
 
 @dataclass
@@ -112,7 +113,7 @@ def markdown(scores: list[RouterScore], ari: dict[str, float], meta: dict[str, A
 def delta_mbc_ari(library: ExpertLibrary, families: dict[str, str]) -> tuple[float, list[list[str]]]:
     """ARI of ΔW-MBC (k-means on the rows of the ΔW cosine, K = the number of families) against ``families``, and
     the clusters (expert names)."""
-    from modlora.clustering import cluster_quality, model_based_clustering
+    from modlora.build.clustering import cluster_quality, model_based_clustering
 
     names = library.expert_names()
     labels = {n: families[t] for n in names for t in library.tasks(n) if t in families}
@@ -142,7 +143,7 @@ def main() -> None:
     args = ap.parse_args()
     try:
         routers = [(spec, *parse_router(spec)) for spec in args.routers]
-        libraries = {str(p): ExpertLibrary.open(p) for p in args.libraries}
+        libraries = {str(p): open_library(p) for p in args.libraries}
         families = json.loads(args.families.read_text()) if args.families else None
     except (ModloraError, OSError, json.JSONDecodeError) as err:
         ap.error(str(err))

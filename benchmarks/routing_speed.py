@@ -50,9 +50,9 @@ import psutil
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from modlora.adapters import LoraAdapter, LoraSpec, adapted_modules
+from modlora.library.adapters import LoraAdapter, LoraSpec, adapted_modules
 from modlora.models import load_base_model
-from modlora.routing import ArrowRouter, route
+from modlora.reuse.routing import ArrowRouter, route
 
 MERGED, AUTO, DENSE, PEFT = "merged single LoRA", "modlora arrow (auto)", "modlora arrow (dense)", "peft arrow"
 TIED = "modlora arrow (auto, tied q/k/v)"

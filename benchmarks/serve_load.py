@@ -44,11 +44,11 @@ from typing import Any
 import httpx
 import torch
 
-from modlora.adapters import LoraSpec, random_adapter
 from modlora.data import PromptFormatter, load_sni_tasks
-from modlora.library import ExpertLibrary
+from modlora.library.adapters import LoraSpec, random_adapter
+from modlora.library.store import ExpertLibrary
 from modlora.models import load_base_model
-from modlora.reuse import prepare_model
+from modlora.reuse.prepare import prepare_model
 from modlora.serve.server import free_port
 
 ROOT = Path(__file__).resolve().parents[1]

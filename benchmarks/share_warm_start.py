@@ -4,7 +4,7 @@ For each seed, three semantic libraries over the same tasks and K are built one 
 seed): no sharing, ``share_fraction`` g with ``share_mode="warm"`` (every cluster expert starts from the shared
 factors) and with ``"residual"`` (every cluster expert is a fresh LoRA trained on top of ``W + ΔW_shared``). Each
 task is then scored by the mean per-token target loss of its own cluster expert on the task's held-out *test*
-split (at most ``--test`` examples), applied as reuse applies it (:func:`modlora.reuse.shared_part`: the residual
+split (at most ``--test`` examples), applied as reuse applies it (:func:`modlora.reuse.apply.shared_part`: the residual
 library's shared update merged into the weights). Every library spends ``steps_per_task · N`` optimizer steps of
 ``--batch-size`` examples. Writes JSON + Markdown to ``benchmarks/results/share_warm_start.{json,md}``.
 
@@ -26,15 +26,15 @@ import tempfile
 import time
 from pathlib import Path
 
-from modlora.adapters import adapter_merged
-from modlora.building import BuildConfig, build_semantic_library, load_tasks
+from modlora.build.multitrain import InstalledFactors, mean_target_losses
+from modlora.build.strategies import BuildConfig, build_semantic_library, load_tasks
+from modlora.build.training import TrainConfig
 from modlora.data import PromptFormatter, encode_tasks
 from modlora.io import atomic_write_bytes, atomic_write_json
-from modlora.library import ExpertLibrary
+from modlora.library.adapters import adapter_merged
+from modlora.library.store import ExpertLibrary
 from modlora.models import LoadedModel, load_base_model
-from modlora.multitrain import InstalledFactors, mean_target_losses
-from modlora.reuse import shared_part
-from modlora.training import TrainConfig
+from modlora.reuse.apply import shared_part
 
 ARMS = ("none", "warm", "residual")
 

@@ -4,15 +4,15 @@ build and each result row's evaluation process, so wall time = tokens / a measur
     python benchmarks/study_cost.py benchmarks/configs/cpu-medium-2.json --families \
         benchmarks/configs/families-cpu-medium.json
 
-Training, per library (the build rules of :mod:`modlora.building`, ``mbc_reuses_private``: MBC's stage 1 is the
+Training, per library (the build rules of :mod:`modlora.build.strategies`, ``mbc_reuses_private``: MBC's stage 1 is the
 private library, so only stage 2 is trained; MBC / semantic clusters are taken to be the families, random clusters
 a seeded random partition with the same sizes; Poly/MHR train like the shared expert): each expert's micro-batches
-come from :func:`modlora.multitrain.micro_batch_stream` (the trainer's own stream) over the prompts of
+come from :func:`modlora.build.multitrain.micro_batch_stream` (the trainer's own stream) over the prompts of
 :class:`modlora.data.PromptFormatter` (the config's caps), and
 
 * ``counted`` = Σ real tokens of the examples (what the trainer reports as ``train_tokens``);
 * ``computed`` = what the forwards run with shared prefixes: per step, the active experts' micro-batches packed by
-  :func:`modlora.multitrain.pack_forwards`, a forward of parts F costing ``|F|·max P + Σ_F n_p · max w`` padded
+  :func:`modlora.build.multitrain.pack_forwards`, a forward of parts F costing ``|F|·max P + Σ_F n_p · max w`` padded
   tokens (prefix pass + suffix pass; ``P`` a part's common prefix, ``w`` its widest suffix);
 * ``validation``: the ``max_val`` validation examples of each of an expert's tasks, scored every ``total // 4``
   steps and at the end (:func:`validations`), forward only.
@@ -31,6 +31,8 @@ from pathlib import Path
 
 from transformers import AutoTokenizer
 
+from modlora.build.multitrain import micro_batch_stream, pack_forwards, shared_prefix_length
+from modlora.build.training import TrainConfig
 from modlora.data import (
     EncodedExample,
     PromptFormatter,
@@ -41,9 +43,7 @@ from modlora.data import (
     split_instances,
 )
 from modlora.models import resolve_model_source
-from modlora.multitrain import micro_batch_stream, pack_forwards, shared_prefix_length
-from modlora.study import StudyConfig
-from modlora.training import TrainConfig
+from modlora.study.run import StudyConfig
 
 
 def validations(total_steps: int) -> int:

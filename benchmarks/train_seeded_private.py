@@ -16,12 +16,12 @@ import zlib
 
 import torch
 
-from modlora.adapters import LoraSpec
+from modlora.build.pipeline import train_task_expert
+from modlora.build.training import TrainConfig
 from modlora.data import PromptLimits, default_sni_dir, load_sni_tasks
-from modlora.library import ExpertLibrary
+from modlora.library.adapters import LoraSpec
+from modlora.library.store import ExpertLibrary
 from modlora.models import DEFAULT_MODEL, load_base_model
-from modlora.pipeline import train_task_expert
-from modlora.training import TrainConfig
 
 
 def main() -> None:

@@ -61,8 +61,8 @@ def write_sni_task(directory: Path, name: str, letter: str, n: int = 20) -> None
 
 def make_library_template(root: Path) -> Path:
     """A two-expert library (rank 2 on q,v; experts ``e1``/``e2`` on tasks ``t1``/``t2``) to copy and damage."""
-    from modlora.adapters import LoraSpec, random_adapter
-    from modlora.library import ExpertLibrary
+    from modlora.library.adapters import LoraSpec, random_adapter
+    from modlora.library.store import ExpertLibrary
     from modlora.models import model_identity
 
     model = make_tiny_llama()

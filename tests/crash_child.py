@@ -12,11 +12,11 @@ import os
 import signal
 import sys
 
+import modlora.build.multitrain as multitrain
 import modlora.io as mio
-import modlora.library as library
-import modlora.multitrain as multitrain
-from modlora.building import BuildConfig, build_private_library
-from modlora.training import TrainConfig  # noqa: E402
+import modlora.library.store as library
+from modlora.build.strategies import BuildConfig, build_private_library
+from modlora.build.training import TrainConfig  # noqa: E402
 
 model_dir, flat, lib_dir, mode, n = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4], int(sys.argv[5])
 count = {"n": 0}

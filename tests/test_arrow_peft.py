@@ -22,8 +22,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from modlora.adapters import LoraAdapter, LoraSpec, adapted_modules
-from modlora.routing import ArrowRouter, route
+from modlora.library.adapters import LoraAdapter, LoraSpec, adapted_modules
+from modlora.reuse.routing import ArrowRouter, route
 
 from .conftest import make_tiny_llama
 

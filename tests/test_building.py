@@ -10,10 +10,11 @@ from pathlib import Path
 import pytest
 import torch
 
-import modlora.building as building
-import modlora.clustering as clustering_module
-from modlora.adapters import LoraSpec
-from modlora.building import (
+import modlora.build.clustering as clustering_module
+import modlora.build.strategies as building
+from modlora.build.clustering import cluster_experts as real_cluster_experts
+from modlora.build.executors import JobError
+from modlora.build.strategies import (
     BuildConfig,
     build_mbc_library,
     build_private_library,
@@ -21,11 +22,10 @@ from modlora.building import (
     build_shared_library,
     expected_total_steps,
 )
-from modlora.clustering import cluster_experts as real_cluster_experts
+from modlora.build.training import TrainConfig
 from modlora.errors import ModloraError
-from modlora.executors import JobError
-from modlora.library import ExpertLibrary
-from modlora.training import TrainConfig
+from modlora.library.adapters import LoraSpec
+from modlora.library.store import ExpertLibrary
 
 from .conftest import make_char_tokenizer, make_tiny_llama
 

@@ -10,14 +10,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from modlora.adapters import LoraSpec, random_adapter
 from modlora.cli import main
-from modlora.experts import ExpertSet
-from modlora.library import ExpertLibrary
-from modlora.merging import MergeResult
-from modlora.methods import REGISTRY, MethodOptions, StaticMethod, option
+from modlora.library.adapters import LoraSpec, random_adapter
+from modlora.library.experts import ExpertSet
+from modlora.library.store import ExpertLibrary
 from modlora.models import load_base_model
-from modlora.reuse import prepare_model
+from modlora.reuse.merging import MergeResult
+from modlora.reuse.methods import REGISTRY, MethodOptions, StaticMethod, option
+from modlora.reuse.prepare import prepare_model
 
 from .conftest import save_tiny_model, write_sni_task
 
@@ -272,7 +272,7 @@ class HalfOfFirst(StaticMethod):
     Options = HalfOptions
 
     def combine(self, experts: ExpertSet) -> MergeResult:
-        from modlora.merging import weighted_combination
+        from modlora.reuse.merging import weighted_combination
         o = self.options
         assert isinstance(o, HalfOptions)
         weights = [o.scale] + [0.0] * (len(experts) - 1)
@@ -301,7 +301,7 @@ def test_a_new_method_is_one_class_and_one_registry_line(world, tmp_path):
 
 def test_demo_end_to_end_on_a_tiny_model(world, tmp_path, shared_data, capsys):
     """``modlora demo`` with its data flags on the real task files (the embedded model runs in ``make demo``)."""
-    from modlora.demo import DEMO_TASKS
+    from modlora.study.demo import DEMO_TASKS
 
     argv = ["demo", "--out", str(tmp_path / "demo"), "--data", str(shared_data), "--steps", "1", "--tasks",
             *DEMO_TASKS[:4]] + _m(world)

@@ -10,9 +10,8 @@ import pytest
 import torch
 from sklearn.metrics import adjusted_rand_score
 
-from modlora import clustering
-from modlora.adapters import LoraAdapter, LoraSpec
-from modlora.clustering import (
+import modlora.build.clustering as clustering
+from modlora.build.clustering import (
     ClusteringResult,
     centre_gram,
     cluster_experts,
@@ -35,6 +34,7 @@ from modlora.clustering import (
 )
 from modlora.data import Instance, Task
 from modlora.errors import LibraryError, ModloraError
+from modlora.library.adapters import LoraAdapter, LoraSpec
 
 RANK = 4
 # toy modules: (path, in_features, out_features)

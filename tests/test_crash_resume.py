@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from modlora.library import ExpertLibrary
+from modlora.library.store import ExpertLibrary
 
 from .conftest import make_char_tokenizer, make_tiny_llama
 

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from modlora.build.executors import Job, JobError, check_job, run_jobs
 from modlora.errors import ModloraError
-from modlora.executors import Job, JobError, check_job, run_jobs
 
 
 @dataclasses.dataclass(frozen=True)
@@ -87,7 +87,7 @@ def test_jobs_and_functions_are_validated() -> None:
 
 
 def test_importing_executors_does_not_import_ray() -> None:
-    code = "import sys, modlora.executors; assert 'ray' not in sys.modules, 'ray imported'"
+    code = "import sys, modlora.build.executors; assert 'ray' not in sys.modules, 'ray imported'"
     subprocess.run([sys.executable, "-c", code], check=True)
 
 

@@ -16,10 +16,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from modlora.adapters import ADAPTER_CONFIG, LoraSpec, load_adapter
 from modlora.data import Task, load_sni_task, load_sni_tasks, read_flat_jsonl
 from modlora.errors import ModloraError
-from modlora.library import MANIFEST, ExpertLibrary
+from modlora.library.adapters import ADAPTER_CONFIG, LoraSpec, load_adapter
+from modlora.library.store import MANIFEST, ExpertLibrary
 
 from .conftest import fresh_copy, make_library_template
 from .test_reliability import _rewrite_expert

@@ -9,25 +9,25 @@ from pathlib import Path
 import pytest
 import torch
 
-from modlora.adapters import LoraSpec, adapted_modules
-from modlora.building import (
-    BuildConfig,
-    PlannedExpert,
-    build_poly_library,
-    build_private_library,
-    expert_fingerprint,
-)
-from modlora.data import EncodedExample, collate, length_grouped_batches
-from modlora.errors import DataError, ModloraError
-from modlora.initialisation import (
+from modlora.build.initialisation import (
     INIT_BATCHES,
     check_init,
     expert_seed,
     gradient_init,
     initial_adapter,
 )
-from modlora.library import ExpertLibrary
-from modlora.training import TrainConfig, target_loss
+from modlora.build.strategies import (
+    BuildConfig,
+    PlannedExpert,
+    build_poly_library,
+    build_private_library,
+    expert_fingerprint,
+)
+from modlora.build.training import TrainConfig, target_loss
+from modlora.data import EncodedExample, collate, length_grouped_batches
+from modlora.errors import DataError, ModloraError
+from modlora.library.adapters import LoraSpec, adapted_modules
+from modlora.library.store import ExpertLibrary
 
 from .conftest import make_char_tokenizer, make_tiny_llama
 

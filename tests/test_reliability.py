@@ -19,7 +19,9 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from modlora.adapters import (
+from modlora.data import check_text, load_flat_jsonl, load_sni_task, read_flat_jsonl
+from modlora.errors import AdapterError, BaseModelMismatchError, DataError, LibraryError, RoutingError
+from modlora.library.adapters import (
     ADAPTER_CONFIG,
     ADAPTER_WEIGHTS,
     LoraAdapter,
@@ -28,12 +30,10 @@ from modlora.adapters import (
     merge_adapter,
     random_adapter,
 )
-from modlora.data import check_text, load_flat_jsonl, load_sni_task, read_flat_jsonl
-from modlora.errors import AdapterError, BaseModelMismatchError, DataError, LibraryError, RoutingError
-from modlora.library import MANIFEST, ExpertLibrary, same_model_name
+from modlora.library.store import MANIFEST, ExpertLibrary, same_model_name
 from modlora.models import model_identity
-from modlora.routing import ArrowRouter, route
-from modlora.routing.routers import CentroidRouter, resolve_temperature
+from modlora.reuse.routing import ArrowRouter, route
+from modlora.reuse.routing.routers import CentroidRouter, resolve_temperature
 
 SPEC = LoraSpec(rank=4, alpha=16, dropout=0.05)
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")

@@ -14,12 +14,12 @@ from pathlib import Path
 import pytest
 import torch
 
-import modlora.remote as remote
-from modlora.adapters import LoraSpec, random_adapter
+import modlora.library.remote as remote
 from modlora.errors import LibraryError
-from modlora.library import ExpertLibrary
+from modlora.library.adapters import LoraSpec, random_adapter
+from modlora.library.remote import INDEX, RemoteLibrary, open_library, pull, push, resolve_location
+from modlora.library.store import ExpertLibrary
 from modlora.models import LoadedModel, model_identity
-from modlora.remote import INDEX, RemoteLibrary, open_library, pull, push, resolve_location
 
 from .conftest import make_char_tokenizer, make_tiny_llama, save_tiny_model, write_sni_task
 
@@ -66,7 +66,7 @@ def test_push_then_open_downloads_each_expert_lazily(tmp_path, model):
     url = memory_url()
     report = push(lib, url)
     assert len(report.transferred) == 3 * 2 + 3 + 1 and report.unchanged == 0 and report.card
-    shared = ExpertLibrary.open(url)
+    shared = open_library(url)
     assert isinstance(shared, RemoteLibrary) and shared.expert_names() == lib.expert_names()
     mirror = shared.path
     assert mirror.is_relative_to(tmp_path / "cache") and not (mirror / "experts").exists()
@@ -80,7 +80,7 @@ def test_push_then_open_downloads_each_expert_lazily(tmp_path, model):
     assert shared.load_meta("clustering") == {"k": 2, "names": ["e0", "e1", "e2"]}
     assert_same_experts(shared, lib)
     assert shared.verify() == []
-    reopened = ExpertLibrary.open(url)  # the mirror is reused: nothing to download again
+    reopened = open_library(url)  # the mirror is reused: nothing to download again
     assert reopened.path == mirror and reopened.get("e0") is not None
 
 
@@ -88,7 +88,7 @@ def test_remote_library_is_read_only_but_caches_derived_data(tmp_path, model):
     lib = make_library(tmp_path / "lib", model)
     url = memory_url()
     push(lib, url)
-    shared = ExpertLibrary.open(url)
+    shared = open_library(url)
     with pytest.raises(LibraryError, match="read-only.*modlora pull"):
         shared.add("new", random_adapter(model, SPEC, seed=9))
     with pytest.raises(LibraryError, match="read-only"):
@@ -96,18 +96,18 @@ def test_remote_library_is_read_only_but_caches_derived_data(tmp_path, model):
     with pytest.raises(LibraryError, match=f"^{url}: no expert named 'nope'"):
         shared.get("nope")
     shared.save_artifact("e0", "local-proto", {"v": torch.ones(2)})  # e.g. Arrow prototypes: mirror only
-    assert torch.equal(ExpertLibrary.open(url).load_artifact("e0", "local-proto")["v"], torch.ones(2))
+    assert torch.equal(open_library(url).load_artifact("e0", "local-proto")["v"], torch.ones(2))
     assert remote.resolve_location(url).read_bytes("artifacts/local-proto/e0.safetensors") is None
 
 
 def test_arrow_routes_over_a_remote_library_like_over_the_local_one(tmp_path, model):
-    from modlora.reuse import prepare_model
+    from modlora.reuse.prepare import prepare_model
     tok = make_char_tokenizer()
     lib = make_library(tmp_path / "lib", model)
     url = memory_url()
     push(lib, url)
     ids = torch.randint(3, 90, (2, 8))
-    shared = ExpertLibrary.open(url)
+    shared = open_library(url)
     outs = []
     for library in (lib, shared):
         lm = LoadedModel(make_tiny_llama(seed=0), tok, lib.base_model, "memory")
@@ -134,7 +134,7 @@ def test_push_is_incremental_and_mirrors_changes(tmp_path, model):
         f"experts/{n}/{f}" for n in ("e1", "e3") for f in ("adapter_config.json", "adapter_model.safetensors"))
     assert sorted(report.removed) == ["artifacts/proto/e0.safetensors", "artifacts/proto/e1.safetensors",
                                       "experts/e0/adapter_config.json", "experts/e0/adapter_model.safetensors"]
-    shared = ExpertLibrary.open(url)
+    shared = open_library(url)
     assert_same_experts(shared, lib)
     assert shared.load_artifact("e1", "proto") is None and shared.load_artifact("e2", "proto") is not None
     fs_root = resolve_location(url)
@@ -144,7 +144,7 @@ def test_push_is_incremental_and_mirrors_changes(tmp_path, model):
         push(other, url)  # a library for another base model is refused, nothing sent
     with pytest.raises(LibraryError, match="for base model"):
         pull(url, other.path)
-    assert ExpertLibrary.open(url).expert_names() == ["e1", "e2", "e3"]
+    assert open_library(url).expert_names() == ["e1", "e2", "e3"]
 
 
 def test_pull_copies_and_resumes_and_keeps_local_experts(tmp_path, model):
@@ -174,7 +174,7 @@ def test_a_local_directory_as_the_remote_and_peft_loads_an_expert_from_it(tmp_pa
     lib = make_library(tmp_path / "lib", model)
     shared_dir = tmp_path / "shared"
     push(lib, f"file://{shared_dir}")
-    assert isinstance(ExpertLibrary.open(f"file://{shared_dir}"), ExpertLibrary)  # local: the library itself
+    assert isinstance(open_library(f"file://{shared_dir}"), ExpertLibrary)  # local: the library itself
     assert ExpertLibrary(shared_dir).verify() == []
     through_fsspec = RemoteLibrary(resolve_location(f"file://{shared_dir}"))  # the remote code path
     assert_same_experts(through_fsspec, lib)
@@ -200,7 +200,7 @@ def test_library_card_is_a_hub_model_card(tmp_path, model):
     assert "modlora" in card.data.tags
     for name in lib.expert_names():
         assert f"| {name} | task_{name} | 2 |" in text
-    assert f"ExpertLibrary.open({url!r})" in text and "PeftModel.from_pretrained" in text
+    assert f"open_library({url!r})" in text and "PeftModel.from_pretrained" in text
     hub = remote.RemoteLocation("hf://org/repo@dev/libs/a", None, "", remote.HubRepo("org/repo", "model", "dev",
                                                                                       "libs/a"))
     text = remote.library_card(lib, hub)
@@ -277,14 +277,14 @@ def test_a_reader_never_sees_a_half_pushed_library(tmp_path, model, monkeypatch)
     seen = _observing_every_write(monkeypatch, url, [{"e0", "e1", "e2"}, {"e0", "e2"}, {"e0", "e1", "e2", "e3"}])
     push(lib, url)
     assert {tuple(s) for s in seen} == {("e0", "e1", "e2"), ("e0", "e2")}
-    assert ExpertLibrary.open(url).expert_names() == ["e0", "e1", "e2", "e3"]
+    assert open_library(url).expert_names() == ["e0", "e1", "e2", "e3"]
 
 
 def test_a_reader_that_opened_before_a_push_is_told_to_reopen(tmp_path, model):
     lib = make_library(tmp_path / "lib", model)
     url = memory_url()
     push(lib, url)
-    stale = ExpertLibrary.open(url)
+    stale = open_library(url)
     lib.add("e1", random_adapter(model, SPEC, seed=8), tasks=["t1"], overwrite=True)
     push(lib, url)
     with pytest.raises(LibraryError, match="changed since it was opened.*open it again"):
@@ -310,10 +310,10 @@ def test_a_failed_push_resumes_without_resending(tmp_path, model, monkeypatch):
         push(lib, url)
     monkeypatch.setattr(remote.RemoteLocation, "upload", real_upload)
     with pytest.raises(LibraryError, match="no modlora library"):
-        ExpertLibrary.open(url)
+        open_library(url)
     report = push(lib, url)
     assert len(report.transferred) == 10 - 2 and report.unchanged == 2  # the first expert's two files arrived
-    assert_same_experts(ExpertLibrary.open(url), lib)
+    assert_same_experts(open_library(url), lib)
 
 
 def _run_child(*args: str) -> subprocess.CompletedProcess:
@@ -375,7 +375,7 @@ def test_hf_without_network_names_the_url(tmp_path, model, monkeypatch):
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     url = "hf://some-org/some-library@dev"
     with pytest.raises(LibraryError, match=f"^{url}: cannot resolve revision dev: OfflineModeIsEnabled"):
-        ExpertLibrary.open(url)
+        open_library(url)
     with pytest.raises(LibraryError, match=f"^{url}: cannot resolve revision dev"):
         pull(url, tmp_path / "copy")
     lib = make_library(tmp_path / "lib", model, names=("e0",))

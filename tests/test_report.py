@@ -7,8 +7,8 @@ import json
 import pytest
 
 from modlora.errors import DataError
+from modlora.evaluation.plots import write_report
 from modlora.evaluation.results import EvalRun, RoutingAccuracy, RoutingTelemetry, TaskScores, save_results
-from modlora.report import write_report
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

@@ -7,12 +7,12 @@ import json
 import pytest
 import torch
 
-from modlora.adapters import LoraSpec, merge_adapter, random_adapter
 from modlora.errors import RoutingError
-from modlora.library import ExpertLibrary
-from modlora.methods import REGISTRY
+from modlora.library.adapters import LoraSpec, merge_adapter, random_adapter
+from modlora.library.store import ExpertLibrary
 from modlora.models import LoadedModel, model_identity
-from modlora.reuse import prepare_model
+from modlora.reuse.methods import REGISTRY
+from modlora.reuse.prepare import prepare_model
 
 from .conftest import make_char_tokenizer, make_tiny_llama
 
@@ -168,8 +168,8 @@ def test_cli_train_from_flat_file(tmp_path):
 def test_experts_with_different_targets_and_ranks_in_one_routed_model():
     """Each layer routes among the experts that adapt it: uniform mixing of outputs equals merging each expert's
     ΔW with weight 1/(number of experts adapting that layer)."""
-    from modlora.adapters import LoraAdapter
-    from modlora.routing import ArrowRouter, route
+    from modlora.library.adapters import LoraAdapter
+    from modlora.reuse.routing import ArrowRouter, route
 
     model = make_tiny_llama(seed=0)
     a = random_adapter(model, LoraSpec(rank=2, alpha=4, target_modules=("q_proj", "v_proj")), seed=1, std=0.2)
@@ -197,7 +197,7 @@ def test_experts_with_different_targets_and_ranks_in_one_routed_model():
 
 def _share_library(lm, root, mode: str) -> ExpertLibrary:
     """A ``--share`` library: ``shared`` on every task, ``cluster0`` (task1, task2) and ``cluster1`` (task3)."""
-    from modlora.experts import ShareInfo
+    from modlora.library.experts import ShareInfo
     lib = ExpertLibrary.create(root / f"share-{mode}", lm.info)
     tasks = {"shared": ["task1_a", "task2_b", "task3_c"], "cluster0": ["task1_a", "task2_b"], "cluster1": ["task3_c"]}
     for i, (name, its) in enumerate(tasks.items()):
@@ -211,7 +211,7 @@ def test_residual_share_library_applies_shared_on_every_token(setup, tmp_path):
     experts merged into a copy of the base); restore() gives back the base bit-exactly."""
     import copy
 
-    from modlora.routing import ArrowRouter, route
+    from modlora.reuse.routing import ArrowRouter, route
     lm, _, _ = setup
     lib = _share_library(lm, tmp_path, "residual")
     ids = torch.randint(3, 90, (2, 10))
@@ -245,7 +245,7 @@ def test_residual_share_library_applies_shared_on_every_token(setup, tmp_path):
 def test_warm_share_library_routes_over_cluster_experts(setup, tmp_path):
     """Warm start: nothing is applied on every token; methods see the cluster experts only, unless ``experts``
     names the shared one."""
-    from modlora.routing import ArrowRouter, route
+    from modlora.reuse.routing import ArrowRouter, route
     lm, _, _ = setup
     lib = _share_library(lm, tmp_path, "warm")
     ids = torch.randint(3, 90, (2, 10))
@@ -268,7 +268,7 @@ def test_warm_share_library_routes_over_cluster_experts(setup, tmp_path):
 
 def test_share_record_round_trips_and_bad_records_are_refused(setup, tmp_path):
     from modlora.errors import LibraryError
-    from modlora.experts import ShareInfo
+    from modlora.library.experts import ShareInfo
     lm, plain, _ = setup
     lib = _share_library(lm, tmp_path, "residual")
     assert ShareInfo.of(ExpertLibrary(lib.path)) == ShareInfo("shared", "residual", 0.25, ("cluster0", "cluster1"))
@@ -284,8 +284,8 @@ def test_share_record_round_trips_and_bad_records_are_refused(setup, tmp_path):
 
 def test_merge_export_of_a_residual_library_holds_the_shared_part(setup, tmp_path, capsys):
     """``modlora merge`` over a residual library: Σ w ΔW over the cluster experts plus ΔW_shared, exactly."""
-    from modlora.adapters import load_adapter
     from modlora.cli import main
+    from modlora.library.adapters import load_adapter
     lm, _, _ = setup
     lib = _share_library(lm, tmp_path, "residual")
     assert main(["merge", str(lib.path), "--method", "linear", "--out", str(tmp_path / "m")]) == 0

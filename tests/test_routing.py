@@ -8,10 +8,11 @@ import math
 import pytest
 import torch
 
-from modlora.adapters import LoraAdapter, LoraSpec, merge_adapter, random_adapter
+from modlora.activations import input_moments
 from modlora.errors import AdapterError, RoutingError
-from modlora.experts import ExpertSet
-from modlora.lowrank import (
+from modlora.library.adapters import LoraAdapter, LoraSpec, merge_adapter, random_adapter
+from modlora.library.experts import ExpertSet
+from modlora.reuse.lowrank import (
     block_factors,
     genknowsub,
     parameter_average,
@@ -19,7 +20,7 @@ from modlora.lowrank import (
     top_right_singular_vectors,
     weighted_delta_sum,
 )
-from modlora.routing import (
+from modlora.reuse.routing import (
     ArrowRouter,
     CentroidRouter,
     RoutedLoraLinear,
@@ -29,7 +30,6 @@ from modlora.routing import (
     compute_centroids,
     explain,
     export_prompt_adapter,
-    input_moments,
     oracle_weights,
     route,
 )

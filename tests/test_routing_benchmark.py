@@ -10,12 +10,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from modlora.adapters import LoraSpec, random_adapter
 from modlora.data import PromptFormatter, load_sni_tasks, split_instances
 from modlora.evaluation.indist import prompt_routing_accuracy
-from modlora.library import ExpertLibrary
+from modlora.library.adapters import LoraSpec, random_adapter
+from modlora.library.store import ExpertLibrary
 from modlora.models import load_base_model
-from modlora.reuse import prepare_model
+from modlora.reuse.prepare import prepare_model
 
 from .conftest import save_tiny_model, write_sni_task
 

@@ -22,10 +22,10 @@ import openai
 import pytest
 import torch
 
-from modlora.adapters import LoraSpec, random_adapter
-from modlora.library import ExpertLibrary
+from modlora.library.adapters import LoraSpec, random_adapter
+from modlora.library.store import ExpertLibrary
 from modlora.models import load_base_model
-from modlora.reuse import prepare_model
+from modlora.reuse.prepare import prepare_model
 from modlora.serve import BackgroundServer, Engine, EngineOptions, ServerOptions, create_app
 from modlora.serve.engine import RoutingRequest
 from modlora.serve.server import free_port
@@ -71,7 +71,7 @@ def client(server) -> openai.OpenAI:
 
 
 def _reference(workdir: Path, method: str, prompt: str, max_tokens: int, **opts) -> str:
-    """Greedy text of ``prompt`` with the library applied by ``modlora.reuse.prepare_model`` and HF ``generate``."""
+    """Greedy text of ``prompt`` with the library applied by ``modlora.reuse.prepare.prepare_model`` and HF ``generate``."""
     lm = load_base_model(str(workdir / "model"), device="cpu")
     reuse = prepare_model(lm, ExpertLibrary(workdir / "lib"), method, opts)
     ids = lm.tokenizer(prompt, return_tensors="pt")
@@ -440,7 +440,7 @@ def test_cli_serve_a_remote_library_from_a_verified_snapshot(workdir, monkeypatc
     """A URL is served from the local mirror, every expert downloaded and checked first (issue: URLs everywhere)."""
     import modlora.serve.server as server_mod
     from modlora.cli import main
-    from modlora.remote import push
+    from modlora.library.remote import push
 
     url = "memory://serve-test/lib"
     push(workdir / "lib", url)

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import torch
 
-from modlora.adapters import LoraSpec
+from modlora.build.training import TrainConfig, mean_target_loss, target_loss, train_expert
 from modlora.data import Instance, PromptFormatter, Task, collate, encode_tasks
-from modlora.training import TrainConfig, mean_target_loss, target_loss, train_expert
+from modlora.library.adapters import LoraSpec
 
 
 def _toy_task() -> Task:
@@ -55,7 +55,7 @@ def test_training_lowers_loss_and_restores_base(tiny_llama, char_tokenizer):
     assert result.metrics["train_tokens"] > 0 and result.metrics["tokens_per_second"] > 0
     assert len(result.adapter.modules) == 2 * 7
     # applying the returned adapter reproduces the reported validation loss
-    from modlora.adapters import merge_adapter
+    from modlora.library.adapters import merge_adapter
     merge_adapter(tiny_llama, result.adapter)
     after = mean_target_loss(tiny_llama, val, pad_id=pad)
     assert abs(after - result.metrics["best_val_loss"]) < 1e-4

@@ -13,10 +13,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from safetensors.torch import save_file
 
-from modlora.adapters import LoraAdapter, LoraSpec, load_adapter
 from modlora.errors import AdapterError, LibraryError, ModloraError
 from modlora.io import sha256_file
-from modlora.library import ExpertLibrary
+from modlora.library.adapters import LoraAdapter, LoraSpec, load_adapter
+from modlora.library.store import ExpertLibrary
 
 from .conftest import fresh_copy, make_library_template
 

@@ -31,11 +31,11 @@ from modlora.cli.common import (
     train_config,
 )
 from modlora.cli.library import show_library
-from modlora.methods import Registry
+from modlora.reuse.methods import Registry
 
 
 def _build_config(args: argparse.Namespace) -> Any:
-    from modlora.building import BuildConfig
+    from modlora.build.strategies import BuildConfig
     return BuildConfig(model=args.model, device=args.device, dtype=None if args.dtype == "auto" else args.dtype,
                        data_dir=task_dir(args), flat_file=str(args.flat) if args.flat else None,
                        lora=lora_spec(args), train=train_config(args), max_examples=args.max_examples, max_val=args.max_val,
@@ -59,9 +59,9 @@ def _known_tasks(args: argparse.Namespace, config: Any) -> list[str]:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from modlora.building import load_tasks
-    from modlora.library import ExpertLibrary
-    from modlora.pipeline import train_task_expert
+    from modlora.build.pipeline import train_task_expert
+    from modlora.build.strategies import load_tasks
+    from modlora.library.store import ExpertLibrary
 
     config = _build_config(args)
     check_task_names(args.tasks, _known_tasks(args, config), str(args.flat or config.data_dir))
@@ -116,8 +116,8 @@ def _print_clusters(clustering: Any, quality: Any = None) -> None:
 def _check_strategy_options(args: argparse.Namespace, rank: int) -> tuple[float | None, int]:
     """``--share`` (its fraction or None) and the number of heads, checked before anything loads."""
     share = args.share_fraction if args.share else None
+    from modlora.build.initialisation import check_init_fits
     from modlora.errors import DataError
-    from modlora.initialisation import check_init_fits
     try:
         check_init_fits(args.init, args.strategy)
     except DataError as exc:
@@ -142,7 +142,7 @@ def _check_strategy_options(args: argparse.Namespace, rank: int) -> tuple[float 
 
 
 def cmd_build(args: argparse.Namespace) -> int:
-    from modlora import building
+    from modlora.build import strategies as building
     config = _build_config(args)
     share, heads = _check_strategy_options(args, config.lora.rank)
     on_change = "retrain-changed" if args.retrain_changed else "new-library" if args.new_library else "refuse"
@@ -184,7 +184,7 @@ def cmd_build(args: argparse.Namespace) -> int:
 
 
 def cmd_cluster(args: argparse.Namespace) -> int:
-    from modlora.clustering import cluster_quality, model_based_clustering, plot_clustering, reference_labels
+    from modlora.build.clustering import cluster_quality, model_based_clustering, plot_clustering, reference_labels
     if args.k == "auto" and args.k_min > args.k_max:
         raise UsageError(f"--k-min {args.k_min} is larger than --k-max {args.k_max}")
     lib = open_library(args.library, args.revision)
@@ -219,7 +219,7 @@ def cmd_cluster(args: argparse.Namespace) -> int:
 
 def _labels_source(text: str) -> str:
     """``--labels``: 'sni-categories' or an existing JSON/CSV file (checked at parse time)."""
-    from modlora.clustering import SNI_CATEGORIES
+    from modlora.build.clustering import SNI_CATEGORIES
     if text != SNI_CATEGORIES and not Path(text).is_file():
         raise argparse.ArgumentTypeError(f"expected '{SNI_CATEGORIES}' or an existing JSON/CSV file, got {text!r}")
     return text
@@ -279,7 +279,7 @@ def register(sub: Any, registry: Registry) -> None:
                         "task's budget), then the cluster experts with the rest (--share-mode)")
     p.add_argument("--share-fraction", type=open_fraction, default=0.2,
                    help="--share: share of each task's budget spent on the shared expert (default 0.2)")
-    from modlora.experts import DEFAULT_SHARE_MODE, SHARE_MODES
+    from modlora.library.experts import DEFAULT_SHARE_MODE, SHARE_MODES
     p.add_argument("--share-mode", choices=SHARE_MODES, default=None,
                    help="--share: warm = every cluster expert starts from the shared factors; residual = every "
                         "cluster expert is a fresh LoRA on top of the shared one, which reuse then applies on every "
@@ -314,7 +314,7 @@ def register(sub: Any, registry: Registry) -> None:
     add_train_args(p)
     p.set_defaults(func=cmd_build, steps=100)
 
-    from modlora.clustering import ALGORITHMS, AUTO_K_CRITERIA, DEFAULT_AUTO_K, DEFAULT_FEATURES, FEATURES
+    from modlora.build.clustering import ALGORITHMS, AUTO_K_CRITERIA, DEFAULT_AUTO_K, DEFAULT_FEATURES, FEATURES
     p = sub.add_parser("cluster", help="MBC clustering of an existing library",
                        description="Cluster a library's experts (spectral clustering of a similarity matrix, or "
                                    "k-means on its rows) and print the clusters, every candidate K's score with --k auto (or that the experts "

@@ -14,9 +14,9 @@ from typing import Any
 from rich.console import Console
 
 from modlora.errors import ModloraError
-from modlora.methods import Registry
-from modlora.methods.core import MethodOptions, ReuseMethod, TrainingDataOptions
 from modlora.models import DEFAULT_MODEL
+from modlora.reuse.methods import Registry
+from modlora.reuse.methods.core import MethodOptions, ReuseMethod, TrainingDataOptions
 
 console = Console(soft_wrap=True)
 
@@ -164,7 +164,7 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
                    help=f"targets are cut to this length (default {PromptLimits.max_target_tokens})")
     g.add_argument("--seed", type=nonnegative_int, default=0,
                    help="seed for the split, sampling and initialisation (default 0)")
-    from modlora.initialisation import DEFAULT_INIT, INIT_METHODS
+    from modlora.build.initialisation import DEFAULT_INIT, INIT_METHODS
     g.add_argument("--init", choices=INIT_METHODS, default=DEFAULT_INIT,
                    help="how each expert's A starts (B = 0): shared (one seeded draw for all), per-expert (a seed "
                         "per expert), eva (top principal directions of the expert's layer inputs, PEFT's EVA), "
@@ -172,7 +172,7 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
 
 
 def lora_spec(args: argparse.Namespace) -> Any:
-    from modlora.adapters import LoraSpec
+    from modlora.library.adapters import LoraSpec
     return LoraSpec(rank=args.rank, alpha=args.alpha, dropout=args.dropout, target_modules=tuple(args.targets))
 
 
@@ -182,7 +182,7 @@ def prompt_limits(args: argparse.Namespace) -> Any:
 
 
 def train_config(args: argparse.Namespace) -> Any:
-    from modlora.training import TrainConfig
+    from modlora.build.training import TrainConfig
     return TrainConfig(steps=args.steps, epochs=args.epochs, batch_size=args.batch_size, grad_accum=args.grad_accum,
                        lr=args.lr, warmup_ratio=args.warmup, eval_every=args.eval_every, seed=args.seed)
 
@@ -210,7 +210,7 @@ LOCATION_HELP = ("a library directory, or a location: file://, hf://ORG/REPO[@RE
 def add_library_arg(p: argparse.ArgumentParser, *, option: bool = False, writes: bool = False,
                     help: str | None = None) -> None:
     """The library argument (positional ``library``, or ``--library`` with ``option``). A command that only reads it
-    accepts any location of :mod:`modlora.remote` and ``--revision``; one that ``writes`` needs a local directory."""
+    accepts any location of :mod:`modlora.library.remote` and ``--revision``; one that ``writes`` needs a local directory."""
     text = help or ("library directory" if writes else LOCATION_HELP)
     if option:
         p.add_argument("--library", default=None, help=text)
@@ -222,14 +222,13 @@ def add_library_arg(p: argparse.ArgumentParser, *, option: bool = False, writes:
 
 
 def open_library(location: str | os.PathLike[str], revision: str | None = None, *, writes: bool = False) -> Any:
-    """The library a command works on: ``ExpertLibrary.open(location, revision=...)``. A command that changes the
+    """The library a command works on: ``open_library(location, revision=...)``. A command that changes the
     library (``writes``) is refused a remote location up front, with the way to get a local copy."""
-    from modlora.library import ExpertLibrary
-    from modlora.remote import is_url
-    if writes and is_url(os.fspath(location)) and not os.fspath(location).startswith("file://"):
+    from modlora.library import remote
+    if writes and remote.is_url(os.fspath(location)) and not os.fspath(location).startswith("file://"):
         raise UsageError(f"{location} is a remote library, which is read-only: `modlora pull {location} DIR` makes a "
                          "local copy to change")
-    return ExpertLibrary.open(location, revision=revision)
+    return remote.open_library(location, revision=revision)
 
 
 # ----------------------------------------------------------------------------- method flags from the registry
@@ -255,7 +254,7 @@ def add_method_args(p: argparse.ArgumentParser, registry: Registry, methods: Seq
     """``--router``/``--method`` over ``methods`` and one flag per option field of their ``Options`` (a field
     shared by several methods is one flag; its help lists the methods and their defaults)."""
     classes = [registry.get(n) for n in methods]
-    g = p.add_argument_group("method (see `modlora.methods`)")
+    g = p.add_argument_group("method (see `modlora.reuse.methods`)")
     g.add_argument(f"--{flag}", choices=list(methods), default=default, required=default is None and flag == "method",
                    help=help, metavar="METHOD")
     for name, owners in sorted(_option_fields(classes).items()):

@@ -7,11 +7,11 @@ from pathlib import Path
 from typing import Any
 
 from modlora.cli.common import add_data_arg, add_model_args, data_root, positive_int
-from modlora.methods import Registry
+from modlora.reuse.methods import Registry
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from modlora.demo import run_demo
+    from modlora.study.demo import run_demo
     return run_demo(out_dir=args.out, model=args.model, data=data_root(args), tasks=args.tasks, steps=args.steps,
                     device=args.device)
 

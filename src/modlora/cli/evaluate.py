@@ -20,7 +20,7 @@ from modlora.cli.common import (
     open_library,
     positive_int,
 )
-from modlora.methods import Registry
+from modlora.reuse.methods import Registry
 
 SUITES = ("choice", "sni", "code", "indist")
 
@@ -43,7 +43,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         save_results,
     )
     from modlora.evaluation.rank_classification import DEFAULT_CHOICE_TASKS
-    from modlora.reuse import prepare_model
+    from modlora.reuse.prepare import prepare_model
 
     router = args.router or ("arrow" if args.library else "base")
     method = args.registry.get(router)
@@ -87,7 +87,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from modlora.report import write_report
+    from modlora.evaluation.plots import write_report
     path = write_report(args.results, args.out, similarity_json=args.similarity, metric=args.metric)
     console.print(f"report: {path}")
     return 0

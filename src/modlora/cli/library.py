@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from modlora.cli.common import UsageError, add_data_arg, add_library_arg, console, data_root, open_library
-from modlora.methods import Registry
+from modlora.reuse.methods import Registry
 from modlora.tables import folding_table
 
 

@@ -21,7 +21,7 @@ from modlora.cli.common import (
     positive_int,
 )
 from modlora.io import atomic_write_json
-from modlora.methods import Registry
+from modlora.reuse.methods import Registry
 
 
 def prompt_text(args: argparse.Namespace) -> str:
@@ -49,8 +49,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     import torch
 
     from modlora.data import PromptFormatter
-    from modlora.reuse import prepare_model
-    from modlora.routing import explain
+    from modlora.reuse.prepare import prepare_model
+    from modlora.reuse.routing import explain
 
     text = prompt_text(args)
     method = args.registry.get(args.router)
@@ -77,8 +77,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_merge(args: argparse.Namespace) -> int:
-    from modlora.experts import ExpertSet
-    from modlora.reuse import shared_part, with_shared_part
+    from modlora.library.experts import ExpertSet
+    from modlora.reuse.apply import shared_part, with_shared_part
 
     static = args.registry.names(static=True)
     opts = method_options(args, args.registry, args.method, static)
@@ -102,8 +102,9 @@ def cmd_export_arrow(args: argparse.Namespace) -> int:
     import torch
 
     from modlora.data import PromptFormatter
-    from modlora.reuse import prepare_model, with_shared_part
-    from modlora.routing import export_prompt_adapter
+    from modlora.reuse.apply import with_shared_part
+    from modlora.reuse.prepare import prepare_model
+    from modlora.reuse.routing import export_prompt_adapter
 
     text = prompt_text(args)
     opts = method_options(args, args.registry, "arrow", ["arrow"])
@@ -131,8 +132,8 @@ def cmd_export_arrow(args: argparse.Namespace) -> int:
 def cmd_lorahub(args: argparse.Namespace) -> int:
     from modlora.data import encode_tasks, load_sni_tasks
     from modlora.evaluation.indist import recorded_limits
-    from modlora.experts import ExpertSet
-    from modlora.lorahub import lorahub_search
+    from modlora.library.experts import ExpertSet
+    from modlora.reuse.learned.lorahub import lorahub_search
     from modlora.tables import folding_table
 
     if args.out.exists() and not args.overwrite:

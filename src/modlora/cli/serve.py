@@ -14,8 +14,8 @@ from modlora.cli.common import (
     open_library,
     positive_int,
 )
-from modlora.methods import Registry
-from modlora.remote import is_url
+from modlora.library.remote import is_url
+from modlora.reuse.methods import Registry
 
 
 def port_number(text: str) -> int:

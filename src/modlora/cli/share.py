@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from modlora.cli.common import UsageError, console
-from modlora.methods import Registry
+from modlora.reuse.methods import Registry
 
 LOCATIONS = "file://, hf://ORG/REPO[@REVISION][/PATH], or any fsspec URL (s3://, gs://, memory://, ...) or directory"
 
@@ -35,8 +35,8 @@ def _summary(report: Any, verb: str) -> str:
 
 
 def cmd_push(args: argparse.Namespace) -> int:
-    from modlora.library import ExpertLibrary
-    from modlora.remote import push
+    from modlora.library.remote import push
+    from modlora.library.store import ExpertLibrary
 
     lib = ExpertLibrary(args.library)
     with _progress("push") as progress:
@@ -47,8 +47,8 @@ def cmd_push(args: argparse.Namespace) -> int:
 
 
 def cmd_pull(args: argparse.Namespace) -> int:
-    from modlora.library import ExpertLibrary
-    from modlora.remote import pull
+    from modlora.library.remote import pull
+    from modlora.library.store import ExpertLibrary
 
     if args.library.exists() and not args.library.is_dir():
         raise UsageError(f"{args.library} is a file, not a library directory")

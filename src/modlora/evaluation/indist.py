@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 
+from modlora.build.training import target_loss
 from modlora.data import EncodedExample, PromptLimits, collate, default_sni_dir, load_sni_tasks, split_instances
 from modlora.errors import DataError
 from modlora.evaluation.generation import generate_and_score
@@ -25,10 +26,9 @@ from modlora.evaluation.results import (
     routing_accuracy,
     routing_telemetry,
 )
-from modlora.experts import ExpertSource
+from modlora.library.experts import ExpertSource
 from modlora.models import LoadedModel
-from modlora.reuse import ReuseModel
-from modlora.training import target_loss
+from modlora.reuse.apply import ReuseModel
 
 
 def own_routed_expert(library: ExpertSource, names: Sequence[str]) -> dict[str, str]:

@@ -290,7 +290,7 @@ class RoutingTelemetry:
     accuracy: RoutingAccuracy | None = None
 
     def add_task(self, task: str, recorder: Any) -> None:
-        """Fold one task's :class:`~modlora.routing.RoutingRecorder` into the run's telemetry."""
+        """Fold one task's :class:`~modlora.reuse.routing.RoutingRecorder` into the run's telemetry."""
         if not recorder.tokens:
             return
         for layer, mean_entropy in recorder.entropy().items():

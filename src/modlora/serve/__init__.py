@@ -1,7 +1,7 @@
 """``modlora serve``: an OpenAI-compatible HTTP server that routes every token through a live expert library.
 
 * :mod:`modlora.serve.engine` — continuous batching over one model thread, live library snapshots;
-* :mod:`modlora.serve.routing` — per-example routing inside a shared forward (the one link to modlora.routing);
+* :mod:`modlora.serve.routing` — per-example routing inside a shared forward (the one link to modlora.reuse.routing);
 * :mod:`modlora.serve.app` — the FastAPI app (OpenAI schemas, SSE, errors, API key);
 * :mod:`modlora.serve.server` — uvicorn and Ray Serve runners.
 """

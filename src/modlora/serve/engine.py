@@ -38,10 +38,10 @@ import torch
 from transformers import DynamicCache
 
 from modlora.errors import LibraryError, ModloraError
-from modlora.experts import ShareInfo
-from modlora.library import ExpertLibrary
-from modlora.methods import REGISTRY, Registry
+from modlora.library.experts import ShareInfo
+from modlora.library.store import ExpertLibrary
 from modlora.models import LoadedModel
+from modlora.reuse.methods import REGISTRY, Registry
 from modlora.serve import routing as rt
 
 log = logging.getLogger("modlora.serve")

@@ -4,7 +4,7 @@ A batch may mix requests with different routings; every example ``b`` gets a :cl
 
 * **arrow** over an allowed subset ``S_b`` of experts: per token and layer ``logit_e = |x·v_e| / T_b`` for
   ``e ∈ S_b`` (``v_e`` the expert's Arrow prototype at that layer), keep the ``k_b`` largest, softmax over them —
-  exactly :class:`~modlora.routing.ArrowRouter` restricted to ``S_b``;
+  exactly :class:`~modlora.reuse.routing.ArrowRouter` restricted to ``S_b``;
 * **fixed** weights ``w_b`` (E,): the same weights for every token (μ = ``1/|S|`` on ``S``, one expert = one-hot,
   base = all zero), as ``RoutedModel.example_weights`` would apply.
 
@@ -13,7 +13,7 @@ dense-fold path takes (t, E) weights; an all-Arrow batch returns a :class:`TopKR
 While routing, the router accumulates per example and per group of layers the routing mass ``Σ_tokens w`` (E,),
 the entropy ``Σ_tokens −Σ_e w_e log w_e`` and the token count (for the responses' telemetry).
 
-Which methods of the registry (:mod:`modlora.methods`) a server offers, and how (:func:`served_methods`):
+Which methods of the registry (:mod:`modlora.reuse.methods`) a server offers, and how (:func:`served_methods`):
 
 * ``base`` (uses no experts): fixed weights 0;
 * ``arrow``: the per-row Arrow above, its ``top_k``/``temperature`` validated by the registry's ``ArrowOptions``;
@@ -24,7 +24,7 @@ Which methods of the registry (:mod:`modlora.methods`) a server offers, and how 
 Other methods are refused per request: TIES/DARE give dense (full-rank) adapters, which would pad every routed
 expert to full rank; centroid, PhatGOOSE, the task predictor and the oracle need training data or task labels.
 
-This module is the server's only link to :mod:`modlora.routing` and :mod:`modlora.methods`.
+This module is the server's only link to :mod:`modlora.reuse.routing` and :mod:`modlora.reuse.methods`.
 """
 
 from __future__ import annotations
@@ -36,11 +36,11 @@ from typing import Any
 
 import torch
 
-from modlora.adapters import LoraAdapter
 from modlora.errors import ModloraError, RoutingError
-from modlora.experts import ExpertSet
-from modlora.methods import REGISTRY, Registry
-from modlora.routing import ArrowRouter, RoutedModel, TopKRouting, route
+from modlora.library.adapters import LoraAdapter
+from modlora.library.experts import ExpertSet
+from modlora.reuse.methods import REGISTRY, Registry
+from modlora.reuse.routing import ArrowRouter, RoutedModel, TopKRouting, route
 
 ARROW_KIND = ArrowRouter().artifact_kind
 SERVED_KINDS = {"base": "base", "arrow": "arrow", "mu-delta": "weights", "mu": "static"}

@@ -14,8 +14,8 @@ from typing import Any
 import uvicorn
 
 from modlora.errors import ModloraError
-from modlora.methods import REGISTRY, Registry
 from modlora.models import DEFAULT_MODEL, load_base_model
+from modlora.reuse.methods import REGISTRY, Registry
 from modlora.serve.app import ServerOptions, create_app
 from modlora.serve.engine import Engine, EngineOptions
 

@@ -1,0 +1,17 @@
+"""``base``: the base model alone (no experts applied)."""
+
+from __future__ import annotations
+
+from modlora.library.experts import ExpertSet
+from modlora.models import LoadedModel
+from modlora.reuse.apply import ReuseModel
+from modlora.reuse.methods.core import Capabilities, ReuseMethod
+
+
+class Base(ReuseMethod):
+    name = "base"
+    summary = "the base model alone"
+    capabilities = Capabilities(uses_experts=False)
+
+    def prepare(self, lm: LoadedModel, experts: ExpertSet | None) -> ReuseModel:
+        return ReuseModel(self.name, lm.model)
