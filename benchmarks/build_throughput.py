@@ -60,7 +60,7 @@ class _Worker:
     """Holds the model and one method's state; ``chunk(r)`` trains round r's share of the build."""
 
     def __init__(self, args: argparse.Namespace) -> None:
-        from modlora.data import PromptFormatter, default_sni_dir, encode_tasks, load_sni_tasks, sni_task_files
+        from modlora.data import PromptLimits, default_sni_dir, encode_tasks, load_sni_tasks, sni_task_files
         from modlora.models import load_base_model
 
         torch.set_num_threads(args.threads)
@@ -71,8 +71,7 @@ class _Worker:
             names = names[args.part::2]
         self.names = names
         tasks = load_sni_tasks(default_sni_dir(), names)
-        fmt = PromptFormatter(self.lm.tokenizer, max_prompt_tokens=args.max_prompt_tokens,
-                              max_target_tokens=args.max_target_tokens)
+        fmt = PromptLimits(args.max_prompt_tokens, args.max_target_tokens).formatter(self.lm.tokenizer)
         need = args.steps * args.batch_size
         self.examples = {n: encode_tasks(fmt, {n: tasks[n]}, "train", max_per_task=need) for n in names}
         self.rss_loaded = _rss_mb()

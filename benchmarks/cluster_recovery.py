@@ -45,20 +45,21 @@ import torch
 from sklearn.metrics import adjusted_rand_score
 
 from modlora.build.clustering import (
-    AUTO_K_CRITERIA,
     SimilarityResult,
     cluster_experts,
     cluster_quality,
     delta_similarity,
     expert_similarity,
 )
+from modlora.build.clustering.choices import AUTO_K_CRITERIA
 from modlora.library.adapters import LoraAdapter, LoraSpec
 
 MODULES = [f"model.layers.{layer}.self_attn.{proj}" for layer in range(2) for proj in ("q_proj", "v_proj")]
 SPEC = LoraSpec(rank=4, alpha=16.0, dropout=0.0, target_modules=("q_proj", "v_proj"))
 GRID = [(6, 3), (16, 2), (16, 4), (24, 6), (64, 2), (64, 4), (64, 8), (64, 16), (256, 4), (256, 16), (32, 1), (128, 1),
         (256, 1)]
-# a criterion per partitioning algorithm (modlora.build.clustering.CRITERION_ALGORITHM), to cluster at the planted K with it
+# a criterion per partitioning algorithm (modlora.build.clustering.auto_k.CRITERION_ALGORITHM), to cluster at the
+# planted K with it
 ALGORITHM_CRITERION = {"spectral": "spectral", "kmeans": "silhouette"}
 NOISE = [0.5, 1.0, 2.0]
 

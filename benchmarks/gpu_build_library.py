@@ -28,7 +28,7 @@ import torch
 
 from modlora.build.strategies import BuildConfig, build_private_library, load_tasks
 from modlora.build.training import TrainConfig, train_expert
-from modlora.data import PromptFormatter, default_sni_dir, encode_tasks, sni_task_files
+from modlora.data import PromptLimits, default_sni_dir, encode_tasks, sni_task_files
 from modlora.models import load_base_model
 
 
@@ -37,8 +37,7 @@ def one_at_a_time(cfg: BuildConfig, tasks: list[str]) -> tuple[int, float]:
     if not tasks:
         return 0, 0.0
     lm = load_base_model(cfg.model, device=cfg.device, dtype=cfg.dtype)
-    fmt = PromptFormatter(lm.tokenizer, max_prompt_tokens=cfg.max_prompt_tokens,
-                          max_target_tokens=cfg.max_target_tokens)
+    fmt = cfg.limits.formatter(lm.tokenizer)
     data = load_tasks(cfg, tasks)
     encoded = {n: encode_tasks(fmt, {n: data[n]}, "train") for n in tasks}
     torch.cuda.synchronize()
@@ -71,8 +70,7 @@ def main() -> None:
         raise SystemExit("no CUDA device: this benchmark is for a GPU machine")
     tasks = sorted(sni_task_files(default_sni_dir()))[: args.tasks]
     cfg = BuildConfig(model=args.model, device="cuda", dtype=args.dtype,
-                      train=TrainConfig(steps=args.steps, batch_size=args.batch_size), max_prompt_tokens=args.max_prompt_tokens,
-                      max_target_tokens=args.max_target_tokens, experts_per_job=args.experts_per_job,
+                      train=TrainConfig(steps=args.steps, batch_size=args.batch_size), limits=PromptLimits(args.max_prompt_tokens, args.max_target_tokens), experts_per_job=args.experts_per_job,
                       max_tokens_per_forward=args.max_tokens_per_forward, shared_prefix=not args.no_shared_prefix)
     reference = tasks[: args.one_at_a_time]
     alone = [one_at_a_time(cfg, reference[: len(reference) // 2])]

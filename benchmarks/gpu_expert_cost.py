@@ -6,7 +6,7 @@ so no weights need to travel to the GPU machine), encodes real SNI tasks with th
 
     python benchmarks/gpu_expert_cost.py --config-dir CONFIG_AND_TOKENIZER_DIR --sni-dir DIR_WITH_TASK_FILES
 
-The numbers in the README (benchmarks/results/gpu_train_h100.log) came from this script on one H100, with the
+The numbers in docs/training.md (benchmarks/results/gpu_train_h100.log) came from this script on one H100, with the
 SmolLM2-135M config/tokenizer files from the modlora model cache and four SNI task files.
 """
 
@@ -20,7 +20,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from modlora.build.training import TrainConfig, train_expert
-from modlora.data import PromptFormatter, encode_tasks, load_sni_tasks
+from modlora.data import PromptLimits, encode_tasks, load_sni_tasks
 
 
 def main() -> None:
@@ -37,7 +37,7 @@ def main() -> None:
     tasks = load_sni_tasks(args.sni_dir)
     out = {}
     for max_prompt, max_target in ((256, 64), (384, 128)):
-        fmt = PromptFormatter(tok, max_prompt_tokens=max_prompt, max_target_tokens=max_target)
+        fmt = PromptLimits(max_prompt, max_target).formatter(tok)
         examples = encode_tasks(fmt, tasks, "train", max_per_task=200)
         for bs in (8, 32):
             train_expert(model, examples[:64], pad_id=tok.pad_token_id, config=TrainConfig(steps=3, batch_size=bs),

@@ -22,7 +22,7 @@ from pathlib import Path
 from transformers import AutoTokenizer
 
 from modlora.build.multitrain import shared_prefix_length
-from modlora.data import PromptFormatter, default_sni_dir, encode_tasks, length_grouped_batches, load_sni_tasks
+from modlora.data import PromptLimits, default_sni_dir, encode_tasks, length_grouped_batches, load_sni_tasks
 from modlora.models import resolve_model_source
 
 
@@ -38,7 +38,7 @@ def main() -> None:
     tasks = load_sni_tasks(default_sni_dir())
     rows = []
     for cap in [int(x) for x in args.max_prompt_tokens.split(",")]:
-        fmt = PromptFormatter(tokenizer, max_prompt_tokens=cap, max_target_tokens=128)
+        fmt = PromptLimits(cap, 128).formatter(tokenizer)
         encoded = {n: encode_tasks(fmt, {n: t}, "train", max_per_task=args.examples_per_task)
                    for n, t in tasks.items()}
         for bs in [int(x) for x in args.batch_sizes.split(",")]:

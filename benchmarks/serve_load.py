@@ -44,7 +44,7 @@ from typing import Any
 import httpx
 import torch
 
-from modlora.data import PromptFormatter, load_sni_tasks
+from modlora.data import PromptLimits, load_sni_tasks
 from modlora.library.adapters import LoraSpec, random_adapter
 from modlora.library.store import ExpertLibrary
 from modlora.models import load_base_model
@@ -58,7 +58,7 @@ LOOP = "generate loop"
 def heldout_prompts(tokenizer: Any, data: Path, count: int, max_prompt_tokens: int) -> list[str]:
     """``count`` prompts cycling over the held-out tasks (instance i of every task, then i+1, …)."""
     tasks = load_sni_tasks(data)
-    fmt = PromptFormatter(tokenizer, max_prompt_tokens=max_prompt_tokens)
+    fmt = PromptLimits(max_prompt_tokens).formatter(tokenizer)
     names = sorted(tasks)
     prompts: list[str] = []
     i = 0
@@ -83,7 +83,7 @@ def build_library(lm: Any, path: Path, experts: int) -> ExpertLibrary:
 def start_server(lib: Path, args: argparse.Namespace, port: int) -> subprocess.Popen:
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
     cmd = [sys.executable, "-m", "modlora.cli", "serve", str(lib), "--model", args.model, "--port", str(port),
-           "--threads", str(args.threads), "--top-k", str(args.top_k), "--max-batch", str(max(args.concurrency)),
+           "--threads", str(args.threads), "--route-top-k", str(args.top_k), "--max-batch", str(max(args.concurrency)),
            "--max-queue", str(4 * max(args.concurrency))]
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.monotonic() + 300

@@ -29,7 +29,7 @@ from pathlib import Path
 from modlora.build.multitrain import InstalledFactors, mean_target_losses
 from modlora.build.strategies import BuildConfig, build_semantic_library, load_tasks
 from modlora.build.training import TrainConfig
-from modlora.data import PromptFormatter, encode_tasks
+from modlora.data import PromptLimits, encode_tasks
 from modlora.io import atomic_write_bytes, atomic_write_json
 from modlora.library.adapters import adapter_merged
 from modlora.library.store import ExpertLibrary
@@ -45,8 +45,7 @@ def test_losses(lm: LoadedModel, lib: ExpertLibrary, cfg: BuildConfig, n_test: i
     names, shared = shared_part(lib, None)
     experts = names or lib.expert_names()
     modules = sorted(lib.get(experts[0]).A)
-    fmt = PromptFormatter(lm.tokenizer, max_prompt_tokens=cfg.max_prompt_tokens,
-                          max_target_tokens=cfg.max_target_tokens)
+    fmt = cfg.limits.formatter(lm.tokenizer)
     out: dict[str, float] = {}
     with adapter_merged(lm.model, shared) if shared is not None else contextlib.nullcontext():
         installed = InstalledFactors(lm.model, modules, [lib.get(n) for n in experts], cfg.lora)
@@ -112,7 +111,7 @@ def main() -> None:
                               train=TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=seed,
                                                 eval_every=args.eval_every),
                               max_examples=args.max_examples, max_val=args.max_val,
-                              max_prompt_tokens=args.max_prompt_tokens, max_target_tokens=args.max_target_tokens)
+                              limits=PromptLimits(args.max_prompt_tokens, args.max_target_tokens))
             for arm in ARMS:  # interleaved per seed
                 share = None if arm == "none" else args.share_fraction
                 t0 = time.perf_counter()

@@ -15,7 +15,8 @@ import torch
 
 from modlora.cli import quiet_libraries
 from modlora.data import default_data_dir, sni_task_files
-from modlora.study.run import StudyConfig, run_study
+from modlora.study.config import StudyConfig
+from modlora.study.run import run_study
 
 
 def main() -> None:

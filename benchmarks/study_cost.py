@@ -35,7 +35,6 @@ from modlora.build.multitrain import micro_batch_stream, pack_forwards, shared_p
 from modlora.build.training import TrainConfig
 from modlora.data import (
     EncodedExample,
-    PromptFormatter,
     default_data_dir,
     encode_tasks,
     load_sni_tasks,
@@ -43,7 +42,7 @@ from modlora.data import (
     split_instances,
 )
 from modlora.models import resolve_model_source
-from modlora.study.run import StudyConfig
+from modlora.study.config import StudyConfig
 
 
 def validations(total_steps: int) -> int:
@@ -113,7 +112,7 @@ def main() -> None:
     for task, family in json.loads(args.families.read_text()).items():
         families.setdefault(family, []).append(task)
     tokenizer = AutoTokenizer.from_pretrained(resolve_model_source(cfg.model)[0])
-    fmt = PromptFormatter(tokenizer, max_prompt_tokens=cfg.max_prompt_tokens, max_target_tokens=cfg.max_target_tokens)
+    fmt = cfg.limits.formatter(tokenizer)
     tasks = load_sni_tasks(data / "sni" / "tasks", cfg.train_tasks)
     train = {t: encode_tasks(fmt, {t: task}, "train", seed=cfg.seed) for t, task in tasks.items()}
     val = {t: encode_tasks(fmt, {t: task}, "validation", max_per_task=cfg.max_val, seed=cfg.seed)

@@ -1,7 +1,7 @@
 """Paired differences between any two rows of a study's ``results.json``, as a Markdown table.
 
 Per task, row A's mean Rouge-L (``--parts choice``: acc_norm per benchmark set) minus row B's on the same examples;
-the mean over the tasks both scored ± the standard error across tasks (:func:`modlora.study.run.paired_difference`)::
+the mean over the tasks both scored ± the standard error across tasks (:func:`modlora.study.stats.paired_difference`)::
 
     python benchmarks/study_paired.py runs/cpu-medium/results.json mbc/arrow:private/arrow random/arrow:mbc/arrow \\
         --parts heldout indist
@@ -19,7 +19,7 @@ from pathlib import Path
 
 from scipy.stats import binomtest
 
-from modlora.study.run import PAIRED_METRICS, paired_difference
+from modlora.study.stats import PAIRED_METRICS, paired_difference
 
 
 def _task_scores(results: dict, a: str, b: str, part: str) -> list[tuple[float, float, str]]:

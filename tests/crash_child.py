@@ -17,6 +17,7 @@ import modlora.io as mio
 import modlora.library.store as library
 from modlora.build.strategies import BuildConfig, build_private_library
 from modlora.build.training import TrainConfig  # noqa: E402
+from modlora.data import PromptLimits  # noqa: E402
 
 model_dir, flat, lib_dir, mode, n = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4], int(sys.argv[5])
 count = {"n": 0}
@@ -61,5 +62,5 @@ elif mode == "train":
 
 tasks = ["upper", "lower", "first", "last"]
 cfg = BuildConfig(model=model_dir, device="cpu", flat_file=flat, train=TrainConfig(steps=2, batch_size=4, lr=1e-3),
-                  max_val=4, max_prompt_tokens=64, max_target_tokens=8, experts_per_job=2)
+                  max_val=4, limits=PromptLimits(64, 8), experts_per_job=2)
 build_private_library(lib_dir, tasks, cfg, progress=False)

@@ -13,7 +13,7 @@ import sys
 
 from fsspec.implementations.local import LocalFileSystem
 
-from modlora.library.remote import pull, push
+from modlora.library.transfer import pull, push
 
 mode, source, destination, n = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
 count = {"n": 0}

@@ -23,6 +23,7 @@ from modlora.build.strategies import (
     expected_total_steps,
 )
 from modlora.build.training import TrainConfig
+from modlora.data import PromptLimits
 from modlora.errors import ModloraError
 from modlora.library.adapters import LoraSpec
 from modlora.library.store import ExpertLibrary
@@ -59,7 +60,7 @@ def _config(setup, **kw) -> BuildConfig:
     lora = LoraSpec(**{k: kw.pop(k) for k in ("rank", "alpha", "dropout") if k in kw})
     train = TrainConfig(**{"steps": 3, "batch_size": 4, "lr": 1e-3, **{k: kw.pop(k) for k in ("steps",) if k in kw}})
     base = dict(model=str(model_dir), device="cpu", flat_file=str(flat), lora=lora, train=train, max_val=4,
-                max_prompt_tokens=64, max_target_tokens=8)
+                limits=PromptLimits(64, 8))
     base.update(kw)
     return BuildConfig(**base)
 
@@ -73,6 +74,7 @@ def test_all_strategies_end_to_end(tmp_path, setup):
     private = build_private_library(tmp_path / "private", TASKS, cfg, progress=False)
     assert _content(private) == {t: [t] for t in TASKS}
     assert all(private.entry(t).metrics["steps"] == 3 for t in TASKS)
+    assert all(PromptLimits.from_record(private.entry(t).training) == cfg.limits for t in TASKS)
 
     shared = build_shared_library(tmp_path / "shared", TASKS, cfg, progress=False)
     assert _content(shared) == {"shared": TASKS} and shared.entry("shared").metrics["steps"] == 18
@@ -154,6 +156,9 @@ def test_changed_config_is_refused_or_retrained(tmp_path, setup):
     with pytest.raises(ModloraError, match=r"(?s)upper, lower.*lora.rank: 4 -> 2.*train.steps: 3 -> 4.*--retrain-changed"):
         build_private_library(tmp_path / "lib", TASKS[:2], changed, progress=False)
     assert {n: ExpertLibrary(tmp_path / "lib").entry(n).created for n in TASKS[:2]} == created  # nothing lost
+    with pytest.raises(ModloraError, match=r"(?s)max_prompt_tokens: 64 -> 32.*truncate: 'left' -> 'input'"):
+        build_private_library(tmp_path / "lib", TASKS[:2], _config(setup, limits=PromptLimits(32, 8, "input")),
+                              progress=False)
     # adding a task with the old settings is fine; retrain-changed retrains exactly the changed experts
     lib = build_private_library(tmp_path / "lib", TASKS[:3], cfg, progress=False)
     assert lib.expert_names() == sorted(TASKS[:3])
@@ -168,6 +173,14 @@ def test_changed_config_is_refused_or_retrained(tmp_path, setup):
     assert len(moved) == 1 and ExpertLibrary(moved[0]).expert_names() == sorted(TASKS[:3])
     with pytest.raises(ModloraError, match="on_config_change"):
         build_private_library(tmp_path / "lib", TASKS[:1], cfg, progress=False, on_config_change="maybe")
+
+
+def test_build_settings_keep_the_prompt_limits_under_their_record_keys():
+    """Libraries built before BuildConfig carried a PromptLimits stored these flat keys: their settings still match."""
+    settings = BuildConfig(limits=PromptLimits(64, 8, "input")).training_settings()
+    assert {k: settings[k] for k in PromptLimits.RECORD_KEYS} == PromptLimits(64, 8, "input").record()
+    assert not [k for k in settings if k.startswith("limits")]
+    assert BuildConfig().training_settings()["max_prompt_tokens"] == PromptLimits().max_prompt_tokens
 
 
 def test_bad_build_arguments(tmp_path, setup):

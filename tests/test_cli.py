@@ -3,7 +3,10 @@ instead of cutting names, and a toy method added through the registry alone."""
 
 from __future__ import annotations
 
+import argparse
 import json
+import subprocess
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -127,10 +130,10 @@ def test_train_build_and_cluster(world, tmp_path, capsys):
                  "residual", "--tasks", *TASKS] + common) == 0
     residual = ExpertLibrary(tmp_path / "sem-res")
     assert residual.load_meta("share")["mode"] == "residual" and residual.entry("cluster0").training["residual_on"]
-    assert main(["route", str(tmp_path / "sem-res"), "--prompt", "a1", "--top-k", "1", "--max-new-tokens", "2"]
+    assert main(["route", str(tmp_path / "sem-res"), "--prompt", "a1", "--route-top-k", "1", "--max-new-tokens", "2"]
                 + _m(world)) == 0
     # in-distribution routing accuracy counts only routed experts: the shared one holds every task but is not routed
-    assert main(["eval", "--suite", "indist", "--library", str(tmp_path / "sem-res"), "--router", "arrow", "--top-k",
+    assert main(["eval", "--suite", "indist", "--library", str(tmp_path / "sem-res"), "--method", "arrow", "--route-top-k",
                  "1", "--limit", "1", "--max-new-tokens", "1", "--data", str(world["data"]),
                  "--out", str(tmp_path / "sem-res-indist.json")] + _m(world)) == 0
     assert json.loads((tmp_path / "sem-res-indist.json").read_text())["routing"]["accuracy"]["overall"] == 1.0
@@ -162,8 +165,8 @@ def test_cluster_features_auto_k_and_labels(world, tmp_path, capsys, monkeypatch
 
 def test_reuse_commands(world, tmp_path, capsys):
     lib = str(world["lib"])
-    assert main(["generate", lib, "--prompt", "a1", "--max-new-tokens", "2", "--top-k", "2"] + _m(world)) == 0
-    assert main(["route", lib, "--prompt", "a1", "--max-new-tokens", "2", "--router", "centroid", "--top-k", "2",
+    assert main(["generate", lib, "--prompt", "a1", "--max-new-tokens", "2", "--route-top-k", "2"] + _m(world)) == 0
+    assert main(["route", lib, "--prompt", "a1", "--max-new-tokens", "2", "--method", "centroid", "--route-top-k", "2",
                  "--data", str(world["data"]), "--examples-per-expert", "2", "--explain"] + _m(world)) == 0
     assert "per layer" in capsys.readouterr().out
     for method in REGISTRY.names(static=True):
@@ -171,7 +174,7 @@ def test_reuse_commands(world, tmp_path, capsys):
         assert main(["merge", lib, "--method", method, "--out", str(tmp_path / method)] + extra) == 0, method
         assert (tmp_path / method / "adapter_model.safetensors").is_file()
         assert json.loads((tmp_path / method / "modlora_merge.json").read_text())["rank"] >= 1
-    assert main(["export-arrow", lib, "--prompt", "a1", "--top-k", "2", "--out", str(tmp_path / "ea")]
+    assert main(["export-arrow", lib, "--prompt", "a1", "--route-top-k", "2", "--out", str(tmp_path / "ea")]
                 + _m(world)) == 0
     assert main(["lorahub", lib, "--task", "task1_alpha", "--shots", "2", "--budget", "3", "--data",
                  str(world["data"]), "--out", str(tmp_path / "hub")] + _m(world)) == 0
@@ -187,21 +190,21 @@ def test_eval_suites_default_to_base_and_report(world, tmp_path, capsys):
                 + data + _m(world)) == 0
     assert json.loads((tmp_path / "base.json").read_text())["method"] == "base"
     lib = ["--library", str(world["lib"])]
-    assert main(["eval", "--suite", "sni", "--limit", "2", "--max-new-tokens", "2", "--top-k", "2", "--out",
+    assert main(["eval", "--suite", "sni", "--limit", "2", "--max-new-tokens", "2", "--route-top-k", "2", "--out",
                  str(tmp_path / "sni.json")] + lib + data + _m(world)) == 0
     routing = json.loads((tmp_path / "sni.json").read_text())["routing"]
     assert set(routing["expert_usage"]) == {"task9_zeta"} and routing["entropy_per_layer"]
     assert sum(routing["expert_usage"]["task9_zeta"].values()) == pytest.approx(1.0)
-    assert main(["eval", "--suite", "indist", "--limit", "2", "--max-new-tokens", "2", "--top-k", "2", "--out",
+    assert main(["eval", "--suite", "indist", "--limit", "2", "--max-new-tokens", "2", "--route-top-k", "2", "--out",
                  str(tmp_path / "in.json")] + lib + data + _m(world)) == 0
     indist = json.loads((tmp_path / "in.json").read_text())
     assert 0 <= indist["routing"]["accuracy"]["overall"] <= 1 and indist["routing"]["accuracy"]["n"] == 6
     out = capsys.readouterr().out
     assert "loss=" in out and "loss=2" not in out.replace("loss=2.", "")  # the loss is not shown ×100
-    assert main(["eval", "--suite", "code", "--tasks", "humaneval", "--max-new-tokens", "4", "--top-k", "2",
+    assert main(["eval", "--suite", "code", "--tasks", "humaneval", "--max-new-tokens", "4", "--route-top-k", "2",
                  "--out", str(tmp_path / "code.json")] + lib + data + _m(world)) == 0
     assert set(json.loads((tmp_path / "code.json").read_text())["routing"]["expert_usage"]) == {"humaneval"}
-    assert main(["eval", "--suite", "sni", "--limit", "1", "--max-new-tokens", "1", "--router", "mu", "--out",
+    assert main(["eval", "--suite", "sni", "--limit", "1", "--max-new-tokens", "1", "--method", "mu", "--out",
                  str(tmp_path / "mu.json")] + lib + data + _m(world)) == 0
     assert "routing" not in json.loads((tmp_path / "mu.json").read_text())  # a static merge routes nothing
     assert main(["report", str(tmp_path / "base.json"), str(tmp_path / "sni.json"), str(tmp_path / "in.json"),
@@ -211,11 +214,11 @@ def test_eval_suites_default_to_base_and_report(world, tmp_path, capsys):
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["eval", "--suite", "sni", "--router", "arrow"], "needs --library"),
+    (["eval", "--suite", "sni", "--method", "arrow"], "needs --library"),
     (["eval", "--suite", "sni", "--limit", "0"], "positive integer"),
-    (["eval", "--suite", "sni", "--library", "LIB", "--router", "mu", "--top-k", "2"], "does not apply"),
-    (["eval", "--suite", "sni", "--library", "LIB", "--temperature", "1e-300"], "temperature"),
-    (["eval", "--suite", "sni", "--library", "LIB", "--temperature", "abc"], "--temperature"),
+    (["eval", "--suite", "sni", "--library", "LIB", "--method", "mu", "--route-top-k", "2"], "does not apply"),
+    (["eval", "--suite", "sni", "--library", "LIB", "--route-temperature", "1e-300"], "temperature"),
+    (["eval", "--suite", "sni", "--library", "LIB", "--route-temperature", "abc"], "--route-temperature"),
     (["cluster", "LIB", "--k", "abc"], "--k"),
     (["cluster", "LIB", "--k", "1"], "an integer >= 2 or 'auto'"),
     (["cluster", "LIB", "--k", "9"], "exceeds the number of experts"),
@@ -225,7 +228,7 @@ def test_eval_suites_default_to_base_and_report(world, tmp_path, capsys):
     (["cluster", "LIB", "--k-min", "5", "--k-max", "3"], "--k-min 5 is larger than --k-max 3"),
     (["route", "LIB", "--prompt", "x", "--max-new-tokens", "0"], "--max-new-tokens"),
     (["route", "LIB", "--prompt", "", "--raw"], "--prompt is empty"),
-    (["route", "LIB", "--prompt", "x", "--router", "mu", "--explain"], "--explain needs a per-token router"),
+    (["route", "LIB", "--prompt", "x", "--method", "mu", "--explain"], "--explain needs a per-token router"),
     (["route", "LIB", "--prompt", "bad \udcff bytes"], "--prompt: not valid Unicode"),
     (["merge", "LIB", "--method", "linear", "--weights", "a,b", "--out", "X"], "--weights"),
     (["merge", "LIB", "--method", "ties", "--density", "0", "--out", "X"], "density"),
@@ -295,7 +298,7 @@ def test_a_new_method_is_one_class_and_one_registry_line(world, tmp_path):
     # the CLI offers it, with its option as a flag, on every command that takes a method
     assert main(["merge", str(world["lib"]), "--method", "half-first", "--scale", "0.25", "--out",
                  str(tmp_path / "half")], registry=registry) == 0
-    assert main(["eval", "--suite", "sni", "--library", str(world["lib"]), "--router", "half-first", "--limit", "1",
+    assert main(["eval", "--suite", "sni", "--library", str(world["lib"]), "--method", "half-first", "--limit", "1",
                  "--max-new-tokens", "1", "--data", str(world["data"])] + _m(world), registry=registry) == 0
 
 
@@ -330,7 +333,43 @@ def test_model_loading_shows_no_library_progress_bars(world, capsys):
     from transformers.utils import logging as hf_logging
 
     hf_logging.enable_progress_bar()  # as in a fresh process
-    assert main(["generate", str(world["lib"]), "--prompt", "a1", "--max-new-tokens", "1", "--top-k", "2"]
+    assert main(["generate", str(world["lib"]), "--prompt", "a1", "--max-new-tokens", "1", "--route-top-k", "2"]
                 + _m(world)) == 0
     captured = capsys.readouterr()
     assert "Loading weights" not in captured.err + captured.out
+
+
+# ---------------------------------------------------------------------------------------------------- --help
+def _commands(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    return dict(sub.choices)
+
+
+def test_every_help_fits_80_columns(monkeypatch):
+    from modlora.cli import build_parser
+
+    monkeypatch.setenv("COLUMNS", "80")
+    parser = build_parser()
+    widths = {name: max(map(len, p.format_help().splitlines())) for name, p in
+              {"modlora": parser, **_commands(parser)}.items()}
+    assert max(widths.values()) <= 80, {name: w for name, w in widths.items() if w > 80}
+
+
+HELP_IN_A_FRESH_PROCESS = """
+import argparse, contextlib, io, sys
+from modlora.cli import build_parser
+parser = build_parser()
+commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
+for argv in [["--help"], *([name, "--help"] for name in commands)]:
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.suppress(SystemExit):
+        parser.parse_args(argv)
+print(sorted({name.split(".")[0] for name in sys.modules} & {"torch", "transformers"}))
+"""
+
+
+def test_help_loads_neither_torch_nor_transformers():
+    """``modlora --help`` and every ``modlora COMMAND --help`` stay fast: building the parser (the registry's
+    methods and options included) imports neither torch nor transformers."""
+    run = subprocess.run([sys.executable, "-c", HELP_IN_A_FRESH_PROCESS], capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.strip() == "[]"

@@ -11,6 +11,7 @@ import torch
 from sklearn.metrics import adjusted_rand_score
 
 import modlora.build.clustering as clustering
+import modlora.build.clustering.similarity as similarity_module
 from modlora.build.clustering import (
     ClusteringResult,
     centre_gram,
@@ -32,6 +33,7 @@ from modlora.build.clustering import (
     sparsify_by_magnitude,
     task_embeddings,
 )
+from modlora.build.clustering.choices import CRITERION_ALGORITHM
 from modlora.data import Instance, Task
 from modlora.errors import LibraryError, ModloraError
 from modlora.library.adapters import LoraAdapter, LoraSpec
@@ -146,7 +148,7 @@ def test_auto_k_finds_planted_number_and_reports_scores(criterion: str) -> None:
     low = 1 if criterion == "eigengap" else 2  # eigengap also scores K = 1 (one connected group)
     assert sorted(result.scores_by_k) == list(range(low, 17))
     assert max(result.scores_by_k, key=result.scores_by_k.get) == 4
-    assert result.algorithm == clustering.CRITERION_ALGORITHM[criterion]
+    assert result.algorithm == CRITERION_ALGORITHM[criterion]
     if criterion in ("spectral", "silhouette"):
         assert result.silhouette == pytest.approx(result.scores_by_k[4])
     given = cluster_experts(sim, k=4, auto_k=criterion)  # a given K: the paper's k-means on the rows
@@ -325,7 +327,7 @@ def test_library_cache_is_used_and_invalidated(monkeypatch) -> None:
         raise AssertionError("SVD recomputed despite a valid cache")
 
     with monkeypatch.context() as patch:
-        patch.setattr(clustering, "_svd_embeddings", no_svd)
+        patch.setattr(similarity_module, "_svd_embeddings", no_svd)
         again = model_based_clustering(lib, k=3, features="params")
     assert again.clusters == first.clusters
     np.testing.assert_allclose(again.similarity, first.similarity)
@@ -424,7 +426,8 @@ def test_delta_cache_is_used_and_invalidated(monkeypatch) -> None:
     first = model_based_clustering(lib, k=3, features="delta")
     assert lib.saves == 6 and all(kind == "mbc-delta-v1" for _, kind in lib.artifacts)
     with monkeypatch.context() as patch:
-        patch.setattr(clustering, "delta_gram", lambda *a, **k: pytest.fail("ΔW Gram recomputed despite a cache"))
+        patch.setattr(similarity_module, "delta_gram",
+                      lambda *a, **k: pytest.fail("ΔW Gram recomputed despite a cache"))
         again = model_based_clustering(lib, k=3, features="delta", centre=False)  # centring reuses the raw Gram
     np.testing.assert_allclose(again.similarity, delta_similarity(experts, centre=False).similarity)
     lib.experts["task00"].B = {m: b * 2 for m, b in lib.experts["task00"].B.items()}

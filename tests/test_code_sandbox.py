@@ -16,8 +16,6 @@ import pytest
 from modlora.errors import SandboxUnavailableError
 from modlora.evaluation.code import (
     HUMANEVAL_STOPS,
-    Sandbox,
-    SandboxIsolationWarning,
     evaluate_code,
     extract_code,
     humaneval_program,
@@ -25,9 +23,9 @@ from modlora.evaluation.code import (
     load_mbpp,
     mbpp_program,
     mbpp_prompt,
-    run_program,
     truncate_at_stops,
 )
+from modlora.evaluation.sandbox import Sandbox, SandboxIsolationWarning, run_program
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -56,7 +56,7 @@ def test_bad_split_fractions():
 
 
 def test_chat_template_formatting_and_label_mask(char_tokenizer):
-    fmt = PromptFormatter(char_tokenizer, max_prompt_tokens=200, max_target_tokens=20)
+    fmt = PromptFormatter(char_tokenizer, PromptLimits(200, 20))
     assert fmt.use_chat_template
     text = fmt.prompt_text("Do it.", "abc")
     assert text == "<|im_start|>user\nDo it.\n\nabc<|im_end|>\n<|im_start|>assistant\n"
@@ -72,7 +72,7 @@ def test_chat_template_formatting_and_label_mask(char_tokenizer):
 
 
 def test_left_truncation_keeps_the_end(char_tokenizer):
-    fmt = PromptFormatter(char_tokenizer, max_prompt_tokens=16, max_target_tokens=3)
+    fmt = PromptFormatter(char_tokenizer, PromptLimits(16, 3))
     ids = fmt.prompt_ids("A long definition " * 5, "the input")
     assert len(ids) == 16
     assert char_tokenizer.decode(ids).endswith("<|im_start|>assistant\n")
@@ -80,7 +80,7 @@ def test_left_truncation_keeps_the_end(char_tokenizer):
 
 
 def test_input_truncation_keeps_the_definition_and_counts_the_cuts(char_tokenizer):
-    fmt = PromptFormatter(char_tokenizer, max_prompt_tokens=60, truncate="input")
+    fmt = PromptFormatter(char_tokenizer, PromptLimits(60, truncate="input"))
     full = fmt.prompt_text("Answer briefly.", "x" * 100)
     ids = fmt.prompt_ids("Answer briefly.", "x" * 100)
     text = char_tokenizer.decode(ids)
@@ -92,11 +92,11 @@ def test_input_truncation_keeps_the_definition_and_counts_the_cuts(char_tokenize
     assert fmt.cut_prompts == 1                                            # a prompt that fits is not counted
     long_definition = fmt.prompt_ids("D" * 80, "x")                        # the definition alone does not fit
     assert len(long_definition) == 60 and (fmt.cut_prompts, fmt.cut_definitions) == (2, 1)
-    left = PromptFormatter(char_tokenizer, max_prompt_tokens=60)
+    left = PromptFormatter(char_tokenizer, PromptLimits(60))
     left.prompt_ids("Answer briefly.", "x" * 100)
     assert (left.cut_prompts, left.cut_definitions) == (1, 1)              # left truncation cuts the header first
     with pytest.raises(DataError, match="truncate must be"):
-        PromptFormatter(char_tokenizer, truncate="right")  # type: ignore[arg-type]
+        PromptFormatter(char_tokenizer, PromptLimits(truncate="right"))  # type: ignore[arg-type]
 
 
 def test_prompt_limits_are_checked_once_and_round_trip_through_a_training_record(char_tokenizer):
@@ -104,7 +104,7 @@ def test_prompt_limits_are_checked_once_and_round_trip_through_a_training_record
     assert PromptLimits.from_record({"lr": 1e-3, **limits.record(), "prompts_cut": 3}) == limits
     assert PromptLimits.from_record({"max_prompt_tokens": 256}) == PromptLimits(256)  # older records: the defaults
     fmt = limits.formatter(char_tokenizer)
-    assert (fmt.max_prompt_tokens, fmt.max_target_tokens, fmt.truncate) == (64, 8, "input")
+    assert (fmt.limits.max_prompt_tokens, fmt.limits.max_target_tokens, fmt.limits.truncate) == (64, 8, "input")
     for bad, match in (({"max_prompt_tokens": 4}, "max_prompt_tokens must be an integer >= 8"),
                        ({"max_target_tokens": 0}, "max_target_tokens must be an integer >= 1"),
                        ({"max_prompt_tokens": True}, "max_prompt_tokens"), ({"truncate": "right"}, "truncate")):
@@ -196,7 +196,7 @@ def test_real_shared_sni_data(shared_data, char_tokenizer):
     tasks = load_sni_tasks(shared_data / "sni" / "tasks", ["task085_unnatural_addsub_arithmetic"])
     task = tasks["task085_unnatural_addsub_arithmetic"]
     assert len(task) == 1000 and task.definition
-    fmt = PromptFormatter(char_tokenizer, max_prompt_tokens=64, max_target_tokens=8)
+    fmt = PromptFormatter(char_tokenizer, PromptLimits(64, 8))
     train = encode_tasks(fmt, tasks, "train", max_per_task=10)
     assert len(train) == 10 and all(len(e.prompt_ids) <= 64 for e in train)
     held = load_sni_tasks(shared_data / "sni" / "heldout")

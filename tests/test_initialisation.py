@@ -24,7 +24,7 @@ from modlora.build.strategies import (
     expert_fingerprint,
 )
 from modlora.build.training import TrainConfig, target_loss
-from modlora.data import EncodedExample, collate, length_grouped_batches
+from modlora.data import EncodedExample, PromptLimits, collate, length_grouped_batches
 from modlora.errors import DataError, ModloraError
 from modlora.library.adapters import LoraSpec, adapted_modules
 from modlora.library.store import ExpertLibrary
@@ -168,7 +168,7 @@ def test_fingerprint_keeps_old_shared_libraries_valid_and_separates_inits() -> N
     assert shared != expert_fingerprint(BuildConfig(init="eva"), planned)
     assert expert_fingerprint(BuildConfig(init="eva"), planned) != expert_fingerprint(BuildConfig(init="gradient"),
                                                                                         planned)
-    assert shared != expert_fingerprint(BuildConfig(truncate="input"), planned)
+    assert shared != expert_fingerprint(BuildConfig(limits=PromptLimits(truncate="input")), planned)
     # the shared init and left truncation (what was built before either setting existed) leave the fingerprint as the
     # formula before the settings existed gave it
     doc = {k: v for k, v in BuildConfig().training_settings().items() if k not in ("init", "truncate")}

@@ -18,7 +18,7 @@ from modlora.build.multitrain import (
     train_experts,
 )
 from modlora.build.training import TrainConfig, _extract_adapter, seed_everything, train_expert
-from modlora.data import Instance, PromptFormatter, Task, encode_tasks
+from modlora.data import Instance, PromptFormatter, PromptLimits, Task, encode_tasks
 from modlora.errors import DataError
 from modlora.library.adapters import LoraAdapter, LoraSpec, adapted_modules
 
@@ -34,7 +34,7 @@ def _task(name: str, n: int = 40) -> Task:
 
 
 def _data(tok, names=("upper", "first", "rev"), steps=(3, 5, 4)) -> dict[str, ExpertData]:
-    fmt = PromptFormatter(tok, max_prompt_tokens=64, max_target_tokens=8)
+    fmt = PromptFormatter(tok, PromptLimits(64, 8))
     out = {}
     for name, s in zip(names, steps, strict=True):
         tasks = {name: _task(name)}
@@ -119,7 +119,7 @@ def test_stacked_adamw_equals_torch_adamw():
 
 def test_shared_prefix_is_exact(tiny_llama, char_tokenizer):
     """Prefix-shared loss and gradients equal the unshared computation, on a batch that mixes two experts."""
-    fmt = PromptFormatter(char_tokenizer, max_prompt_tokens=64, max_target_tokens=8)
+    fmt = PromptFormatter(char_tokenizer, PromptLimits(64, 8))
     parts = []
     for row, name in enumerate(("upper", "rev")):
         exs = encode_tasks(fmt, {name: _task(name)}, "train")[:3 + row]
@@ -163,7 +163,7 @@ def test_shared_prefix_training_matches(tiny_llama, char_tokenizer):
 def test_packing_keeps_prefix_parts_whole(char_tokenizer):
     """With shared prefixes every expert micro-batch stays one part in one forward (its prefix runs once), and a
     forward of several parts stays within the padded-token cap (prefix pass + suffix pass)."""
-    fmt = PromptFormatter(char_tokenizer, max_prompt_tokens=64, max_target_tokens=8)
+    fmt = PromptFormatter(char_tokenizer, PromptLimits(64, 8))
     parts = [(row, encode_tasks(fmt, {name: _task(name)}, "train")[:2 + row])
              for row, name in enumerate(("upper", "rev", "first", "upper"))]
     for cap in (None, 10**6, 150, 1):

@@ -13,6 +13,7 @@ from modlora.build.multitrain import IndexSelector
 from modlora.build.poly import MixtureSelector
 from modlora.build.strategies import BuildConfig, build_poly_library
 from modlora.build.training import TrainConfig
+from modlora.data import PromptLimits
 from modlora.errors import LibraryError, ModloraError, RoutingError
 from modlora.library.adapters import LoraAdapter, LoraSpec, merge_adapter
 from modlora.library.allocation import ALLOCATION_META, Allocation, mix_factors
@@ -59,8 +60,8 @@ def setup(tmp_path_factory):
 def _config(setup, **kw) -> BuildConfig:
     model_dir, flat = setup
     base = dict(model=str(model_dir), device="cpu", flat_file=str(flat), lora=LoraSpec(dropout=0.0),
-                train=TrainConfig(steps=6, batch_size=4, lr=1e-2), max_val=4, max_prompt_tokens=48,
-                max_target_tokens=6)
+                train=TrainConfig(steps=6, batch_size=4, lr=1e-2), max_val=4,
+                limits=PromptLimits(48, 6))
     base.update(kw)
     return BuildConfig(**base)
 

@@ -14,11 +14,14 @@ from pathlib import Path
 import pytest
 import torch
 
-import modlora.library.remote as remote
 from modlora.errors import LibraryError
 from modlora.library.adapters import LoraSpec, random_adapter
-from modlora.library.remote import INDEX, RemoteLibrary, open_library, pull, push, resolve_location
+from modlora.library.card import library_card
+from modlora.library.index import INDEX
+from modlora.library.location import HubRepo, RemoteLocation, resolve_location
+from modlora.library.remote import RemoteLibrary, open_library
 from modlora.library.store import ExpertLibrary
+from modlora.library.transfer import pull, push
 from modlora.models import LoadedModel, model_identity
 
 from .conftest import make_char_tokenizer, make_tiny_llama, save_tiny_model, write_sni_task
@@ -97,7 +100,7 @@ def test_remote_library_is_read_only_but_caches_derived_data(tmp_path, model):
         shared.get("nope")
     shared.save_artifact("e0", "local-proto", {"v": torch.ones(2)})  # e.g. Arrow prototypes: mirror only
     assert torch.equal(open_library(url).load_artifact("e0", "local-proto")["v"], torch.ones(2))
-    assert remote.resolve_location(url).read_bytes("artifacts/local-proto/e0.safetensors") is None
+    assert resolve_location(url).read_bytes("artifacts/local-proto/e0.safetensors") is None
 
 
 def test_arrow_routes_over_a_remote_library_like_over_the_local_one(tmp_path, model):
@@ -201,9 +204,8 @@ def test_library_card_is_a_hub_model_card(tmp_path, model):
     for name in lib.expert_names():
         assert f"| {name} | task_{name} | 2 |" in text
     assert f"open_library({url!r})" in text and "PeftModel.from_pretrained" in text
-    hub = remote.RemoteLocation("hf://org/repo@dev/libs/a", None, "", remote.HubRepo("org/repo", "model", "dev",
-                                                                                      "libs/a"))
-    text = remote.library_card(lib, hub)
+    hub = RemoteLocation("hf://org/repo@dev/libs/a", None, "", HubRepo("org/repo", "model", "dev", "libs/a"))
+    text = library_card(lib, hub)
     assert "PeftModel.from_pretrained(base, 'org/repo', subfolder='libs/a/experts/e0', revision='dev')" in text
 
 
@@ -236,7 +238,7 @@ def _observing_every_write(monkeypatch, url: str, allowed: list[set[str]]) -> li
     """Before every remote write, open the remote afresh and check it is a complete library whose experts are one
     of the ``allowed`` sets (or no library at all); returns the expert lists seen."""
     seen: list[list[str]] = []
-    real_upload, real_write = remote.RemoteLocation.upload, remote.RemoteLocation.write_bytes
+    real_upload, real_write = RemoteLocation.upload, RemoteLocation.write_bytes
     counter = {"n": 0}
 
     def observe() -> None:
@@ -259,8 +261,8 @@ def _observing_every_write(monkeypatch, url: str, allowed: list[set[str]]) -> li
         observe()
         real_write(self, rel, data)
 
-    monkeypatch.setattr(remote.RemoteLocation, "upload", upload)
-    monkeypatch.setattr(remote.RemoteLocation, "write_bytes", write_bytes)
+    monkeypatch.setattr(RemoteLocation, "upload", upload)
+    monkeypatch.setattr(RemoteLocation, "write_bytes", write_bytes)
     return seen
 
 
@@ -296,7 +298,7 @@ def test_a_reader_that_opened_before_a_push_is_told_to_reopen(tmp_path, model):
 def test_a_failed_push_resumes_without_resending(tmp_path, model, monkeypatch):
     lib = make_library(tmp_path / "lib", model)
     url = memory_url()
-    real_upload = remote.RemoteLocation.upload
+    real_upload = RemoteLocation.upload
     calls = {"n": 0}
 
     def failing_upload(self, src, rel):
@@ -305,10 +307,10 @@ def test_a_failed_push_resumes_without_resending(tmp_path, model, monkeypatch):
             raise LibraryError("connection lost")
         real_upload(self, src, rel)
 
-    monkeypatch.setattr(remote.RemoteLocation, "upload", failing_upload)
+    monkeypatch.setattr(RemoteLocation, "upload", failing_upload)
     with pytest.raises(LibraryError, match="connection lost"):
         push(lib, url)
-    monkeypatch.setattr(remote.RemoteLocation, "upload", real_upload)
+    monkeypatch.setattr(RemoteLocation, "upload", real_upload)
     with pytest.raises(LibraryError, match="no modlora library"):
         open_library(url)
     report = push(lib, url)
@@ -360,7 +362,7 @@ def test_locations_and_revisions(tmp_path):
         resolve_location("hf://org/repo@a", revision="b")
     loc = resolve_location("hf://datasets/org/repo@refs/pr/3/libs/x")
     assert loc.root == "datasets/org/repo@refs%2Fpr%2F3/libs/x"
-    assert loc.hub == remote.HubRepo("org/repo", "dataset", "refs/pr/3", "libs/x")
+    assert loc.hub == HubRepo("org/repo", "dataset", "refs/pr/3", "libs/x")
     assert resolve_location("hf://org/repo", revision="dev").root == "org/repo@dev"
     with pytest.raises(LibraryError, match="nosuchproto://x: cannot open"):
         resolve_location("nosuchproto://x")
@@ -423,9 +425,9 @@ def test_a_hub_push_commits_in_batches_with_the_manifest_last(tmp_path, model, m
     monkeypatch.setattr(FakeHubApi, "root", repo_root)
     monkeypatch.setattr(FakeHubApi, "commits", [])
     monkeypatch.setattr(huggingface_hub, "HfApi", FakeHubApi)
-    monkeypatch.setattr(remote.RemoteLocation, "pinned", lambda self: self)
-    loc = remote.RemoteLocation("hf://org/repo@dev/libs", fsspec.filesystem("memory"), f"{repo_root}/libs",
-                                remote.HubRepo("org/repo", "model", "dev", "libs"))
+    monkeypatch.setattr(RemoteLocation, "pinned", lambda self: self)
+    loc = RemoteLocation("hf://org/repo@dev/libs", fsspec.filesystem("memory"), f"{repo_root}/libs",
+                         HubRepo("org/repo", "model", "dev", "libs"))
     push(lib, loc)
     assert [len(files) for _, files in FakeHubApi.commits] == [10 + 1, 3]
     assert FakeHubApi.commits[1][1] == ["libs/README.md", "libs/files.json", "libs/library.json"]
@@ -466,10 +468,10 @@ def test_cli_push_pull_and_every_command_reading_a_library_takes_a_url(tmp_path,
     assert main(["verify", url]) == 0
     assert main(["export", url, "e1", str(tmp_path / "e1")]) == 0
     assert (tmp_path / "e1" / "adapter_model.safetensors").is_file()
-    assert main(["route", url, "--prompt", "a1", "--max-new-tokens", "2", "--top-k", "2", "--explain"] + m) == 0
+    assert main(["route", url, "--prompt", "a1", "--max-new-tokens", "2", "--route-top-k", "2", "--explain"] + m) == 0
     assert main(["merge", url, "--method", "mu", "--out", str(tmp_path / "mu")]) == 0
     assert main(["cluster", url, "--k", "2", "--out", str(tmp_path / "c.json")]) == 0
-    assert main(["eval", "--suite", "choice", "--tasks", "boolq", "--library", url, "--router", "mu", "--data",
+    assert main(["eval", "--suite", "choice", "--tasks", "boolq", "--library", url, "--method", "mu", "--data",
                  str(tmp_path / "data"), "--out", str(tmp_path / "ev.json")] + m) == 0
     assert json.loads((tmp_path / "ev.json").read_text())["config"]["library"] == url
     (tmp_path / "data" / "sni" / "tasks").mkdir(parents=True)

@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from modlora.errors import RoutingError
+from modlora.errors import OptionError, RoutingError
 from modlora.library.adapters import LoraSpec, merge_adapter, random_adapter
 from modlora.library.store import ExpertLibrary
 from modlora.models import LoadedModel, model_identity
@@ -78,9 +78,9 @@ def test_bad_options(setup):
     for method in ("phatgoose", "tp"):
         with pytest.raises(RoutingError, match="top_k=4 exceeds"):
             prepare_model(lm, lib, method, {"top_k": 4})
-    with pytest.raises(RoutingError, match="no option"):
+    with pytest.raises(OptionError, match="no option"):
         prepare_model(lm, lib, "mu", {"top_k": 2})
-    with pytest.raises(RoutingError, match="temperature"):
+    with pytest.raises(OptionError, match="temperature"):
         prepare_model(lm, lib, "arrow", {"temperature": 1e-300})
     with pytest.raises(RoutingError, match="unknown method"):
         prepare_model(lm, lib, "magic")
@@ -99,7 +99,7 @@ def test_cli_route_explain_and_merge(tmp_path, capsys):
     lib = ExpertLibrary.create(tmp_path / "lib", lm.info)
     for i in range(3):
         lib.add(f"e{i}", random_adapter(lm.model, SPEC, seed=i, std=0.2))
-    assert main(["route", str(lib.path), "--prompt", "hello", "--model", str(model_dir), "--top-k", "2",
+    assert main(["route", str(lib.path), "--prompt", "hello", "--model", str(model_dir), "--route-top-k", "2",
                  "--max-new-tokens", "3", "--explain"]) == 0
     out = capsys.readouterr().out
     assert "e0" in out and "entropy" in out.lower()
@@ -110,7 +110,7 @@ def test_cli_route_explain_and_merge(tmp_path, capsys):
         ref = peft_model(ids).logits
         rm = prepare_model(lm, lib, "mu-delta")
         torch.testing.assert_close(rm(ids).logits, ref, rtol=1e-4, atol=1e-5)
-    assert main(["route", str(lib.path), "--prompt", "x", "--model", str(model_dir), "--top-k", "9"]) == 2
+    assert main(["route", str(lib.path), "--prompt", "x", "--model", str(model_dir), "--route-top-k", "9"]) == 2
     assert "exceeds the number of experts" in capsys.readouterr().err
 
 
@@ -133,18 +133,18 @@ def test_cli_eval_suites_and_report(tmp_path, capsys):
     rows = [{"query": f"Q{i}:", "choices": [" yes", " no"], "gold": i % 2} for i in range(6)]
     (data / "eval" / "boolq.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
     common = ["--model", str(model_dir), "--library", str(lib.path), "--data", str(data)]
-    assert main(["eval", "--suite", "choice", "--tasks", "boolq", "--top-k", "2", "--out", str(tmp_path / "c.json")]
+    assert main(["eval", "--suite", "choice", "--tasks", "boolq", "--route-top-k", "2", "--out", str(tmp_path / "c.json")]
                 + common) == 0
-    assert main(["eval", "--suite", "indist", "--limit", "2", "--max-new-tokens", "3", "--top-k", "2", "--out",
+    assert main(["eval", "--suite", "indist", "--limit", "2", "--max-new-tokens", "3", "--route-top-k", "2", "--out",
                  str(tmp_path / "i.json")] + common) == 0
     res = json.loads((tmp_path / "i.json").read_text())
     assert set(res["tasks"]) == {"task1_a", "task2_b"} and "loss" in res["tasks"]["task1_a"]["metrics"]
     assert 0 <= res["routing"]["accuracy"]["overall"] <= 1
-    assert main(["eval", "--suite", "indist", "--router", "oracle", "--limit", "2", "--max-new-tokens", "2",
+    assert main(["eval", "--suite", "indist", "--method", "oracle", "--limit", "2", "--max-new-tokens", "2",
                  "--out", str(tmp_path / "o.json")] + common) == 0
     assert main(["report", str(tmp_path / "c.json"), str(tmp_path / "i.json"), "--out", str(tmp_path / "rep")]) == 0
     assert (tmp_path / "rep" / "report.md").is_file()
-    assert main(["eval", "--suite", "choice", "--router", "oracle"] + common) == 2
+    assert main(["eval", "--suite", "choice", "--method", "oracle"] + common) == 2
     assert "only applies to --suite indist" in capsys.readouterr().err
 
 
@@ -197,7 +197,7 @@ def test_experts_with_different_targets_and_ranks_in_one_routed_model():
 
 def _share_library(lm, root, mode: str) -> ExpertLibrary:
     """A ``--share`` library: ``shared`` on every task, ``cluster0`` (task1, task2) and ``cluster1`` (task3)."""
-    from modlora.library.experts import ShareInfo
+    from modlora.library.share import ShareInfo
     lib = ExpertLibrary.create(root / f"share-{mode}", lm.info)
     tasks = {"shared": ["task1_a", "task2_b", "task3_c"], "cluster0": ["task1_a", "task2_b"], "cluster1": ["task3_c"]}
     for i, (name, its) in enumerate(tasks.items()):
@@ -268,7 +268,7 @@ def test_warm_share_library_routes_over_cluster_experts(setup, tmp_path):
 
 def test_share_record_round_trips_and_bad_records_are_refused(setup, tmp_path):
     from modlora.errors import LibraryError
-    from modlora.library.experts import ShareInfo
+    from modlora.library.share import ShareInfo
     lm, plain, _ = setup
     lib = _share_library(lm, tmp_path, "residual")
     assert ShareInfo.of(ExpertLibrary(lib.path)) == ShareInfo("shared", "residual", 0.25, ("cluster0", "cluster1"))

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from modlora.data import PromptFormatter, load_sni_tasks, split_instances
+from modlora.data import PromptFormatter, PromptLimits, load_sni_tasks, split_instances
 from modlora.evaluation.indist import prompt_routing_accuracy
 from modlora.library.adapters import LoraSpec, random_adapter
 from modlora.library.store import ExpertLibrary
@@ -56,7 +56,7 @@ def test_routing_benchmark_matches_direct_computation(tmp_path: Path) -> None:
     table = out.with_suffix(".md").read_text()
     assert "| library | router | E | top-1 |" in table and "ΔW-MBC ARI" in table
 
-    fmt = PromptFormatter(lm.tokenizer, max_prompt_tokens=48)
+    fmt = PromptFormatter(lm.tokenizer, PromptLimits(48))
     prompts = [fmt.encode(task, inst) for name, task in load_sni_tasks(str(data), list(TASKS)).items()
                for inst in split_instances(task, seed=0)["test"][:3]]
     rm = prepare_model(lm, lib, "arrow", {"top_k": 2})

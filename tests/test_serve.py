@@ -27,7 +27,7 @@ from modlora.library.store import ExpertLibrary
 from modlora.models import load_base_model
 from modlora.reuse.prepare import prepare_model
 from modlora.serve import BackgroundServer, Engine, EngineOptions, ServerOptions, create_app
-from modlora.serve.engine import RoutingRequest
+from modlora.serve.requests import RoutingRequest
 from modlora.serve.server import free_port
 
 from .conftest import make_char_tokenizer, make_tiny_llama
@@ -95,6 +95,7 @@ def test_models_list(client: openai.OpenAI) -> None:
     ("lib:mu", None, "mu", {}),
     ("lib", {"router": "mu", "experts": ["e1", "e2"]}, "mu", {"experts": ("e1", "e2")}),
     ("lib", {"router": "arrow", "top_k": 1, "experts": ["e0", "e2"]}, "arrow", {"top_k": 1, "experts": ("e0", "e2")}),
+    ("lib", {"top_k": 2, "temperature": "sqrt_d"}, "arrow", {"top_k": 2, "temperature": "sqrt_d"}),
 ])
 def test_completion_matches_prepare_model(client, workdir, model, routing, method, opts) -> None:
     extra = {"routing": routing} if routing else None
@@ -219,7 +220,7 @@ def test_request_keeps_its_snapshot(workdir) -> None:
     """A request admitted before an expert is re-written keeps routing over the old version."""
     lm = load_base_model(str(workdir / "model"), device="cpu")
     engine = Engine(lm, workdir / "lib")
-    from modlora.serve.engine import SamplingParams
+    from modlora.serve.requests import SamplingParams
     events: list = []
     req = engine.submit(lm.tokenizer("Hello")["input_ids"], SamplingParams(max_tokens=2, temperature=0), "lib:expert:e1", None,
                         events.append)
@@ -430,6 +431,9 @@ def test_cli_serve_refuses_bad_options(workdir, capsys) -> None:
     assert main(["serve", str(workdir / "lib"), "--port", "70000"]) == 2
     assert "expected a port number" in capsys.readouterr().err
     assert main(["serve", str(workdir / "lib"), "--max-batch", "0"]) == 2
+    assert main(["serve", str(workdir / "lib"), "--route-top-k", "0"]) == 2          # ArrowOptions' own check
+    assert "top_k must be a positive integer" in capsys.readouterr().err
+    assert main(["serve", str(workdir / "lib"), "--route-temperature", "0"]) == 2
     assert main(["serve", str(workdir / "lib"), "--replicas", "2"]) == 2
     assert "--replicas needs --ray" in capsys.readouterr().err
     assert main(["serve", str(workdir / "model")]) == 2
@@ -440,7 +444,7 @@ def test_cli_serve_a_remote_library_from_a_verified_snapshot(workdir, monkeypatc
     """A URL is served from the local mirror, every expert downloaded and checked first (issue: URLs everywhere)."""
     import modlora.serve.server as server_mod
     from modlora.cli import main
-    from modlora.library.remote import push
+    from modlora.library.transfer import push
 
     url = "memory://serve-test/lib"
     push(workdir / "lib", url)

@@ -13,7 +13,10 @@ from sklearn.metrics import adjusted_rand_score
 from modlora.data import default_data_dir
 from modlora.errors import DataError
 from modlora.library.store import ExpertLibrary
-from modlora.study.run import StudyConfig, paired_difference, results_markdown, run_study
+from modlora.study.config import StudyConfig
+from modlora.study.report import results_markdown
+from modlora.study.run import run_study
+from modlora.study.stats import paired_difference
 
 from .conftest import save_tiny_model, write_sni_task
 
@@ -307,7 +310,7 @@ def test_prototype_overlap_script_tells_a_shared_initialisation_from_independent
 def test_plots_of_a_study_without_pairs_warn_nothing(tmp_path, recwarn):
     """A study whose rows share no tasks has no paired differences: ``paired.png`` is still written, without
     matplotlib's empty-legend warning leaking into the output."""
-    from modlora.study.run import plot_paired, plot_results
+    from modlora.study.report import plot_paired, plot_results
 
     results = {"config": {"name": "t"}, "rows": {"base": {"heldout": {}}, "private/mu": {"library": "private"}}}
     assert plot_paired(results, tmp_path / "paired.png").read_bytes()[:4] == b"\x89PNG"

@@ -1,11 +1,13 @@
-"""LoRA training on a tiny random Llama: the loss goes down, the base model is left untouched."""
+"""LoRA training on a tiny random Llama: the loss goes down, the base model is left untouched; the training record
+keeps the prompt limits."""
 
 from __future__ import annotations
 
 import torch
 
+from modlora.build.pipeline import training_record
 from modlora.build.training import TrainConfig, mean_target_loss, target_loss, train_expert
-from modlora.data import Instance, PromptFormatter, Task, collate, encode_tasks
+from modlora.data import Instance, PromptFormatter, PromptLimits, Task, collate, encode_tasks
 from modlora.library.adapters import LoraSpec
 
 
@@ -17,7 +19,7 @@ def _toy_task() -> Task:
 
 
 def test_target_loss_equals_full_logits_reference(tiny_llama, char_tokenizer):
-    fmt = PromptFormatter(char_tokenizer, max_prompt_tokens=64, max_target_tokens=8)
+    fmt = PromptFormatter(char_tokenizer, PromptLimits(64, 8))
     exs = encode_tasks(fmt, {"upper": _toy_task()}, "train", max_per_task=3)
     batch = collate(exs, pad_id=char_tokenizer.pad_token_id)
     loss_sum, n = target_loss(tiny_llama, batch)
@@ -36,7 +38,7 @@ def test_training_lowers_loss_and_restores_base(tiny_llama, char_tokenizer):
     # linear layers could lower the loss much; give the embeddings a realistic scale first.
     with torch.no_grad():
         tiny_llama.get_input_embeddings().weight.mul_(40)
-    fmt = PromptFormatter(char_tokenizer, max_prompt_tokens=64, max_target_tokens=4)
+    fmt = PromptFormatter(char_tokenizer, PromptLimits(64, 4))
     tasks = {"upper": _toy_task()}
     train = encode_tasks(fmt, tasks, "train")
     val = encode_tasks(fmt, tasks, "validation")
@@ -62,10 +64,26 @@ def test_training_lowers_loss_and_restores_base(tiny_llama, char_tokenizer):
 
 
 def test_training_is_reproducible(tiny_llama, char_tokenizer):
-    fmt = PromptFormatter(char_tokenizer, max_prompt_tokens=64, max_target_tokens=4)
+    fmt = PromptFormatter(char_tokenizer, PromptLimits(64, 4))
     train = encode_tasks(fmt, {"upper": _toy_task()}, "train", max_per_task=32)
     cfg = TrainConfig(steps=5, batch_size=8, lr=1e-3, seed=7)
     a = train_expert(tiny_llama, train, pad_id=char_tokenizer.pad_token_id, config=cfg, progress=False).adapter
     b = train_expert(tiny_llama, train, pad_id=char_tokenizer.pad_token_id, config=cfg, progress=False).adapter
     for m in a.modules:
         assert torch.equal(a.A[m], b.A[m]) and torch.equal(a.B[m], b.B[m])
+
+
+def test_training_record_round_trips_the_prompt_limits(char_tokenizer):
+    limits = PromptLimits(16, 2, "input")
+    fmt = limits.formatter(char_tokenizer)
+    encode_tasks(fmt, {"upper": _toy_task()}, "train", max_per_task=8)
+    record = training_record(TrainConfig(steps=2), fmt, max_examples=8, max_val=2, split_seed=0,
+                             extra={"stage": "private"})
+    assert PromptLimits.from_record(record) == limits
+    assert {k: record[k] for k in ("max_prompt_tokens", "max_target_tokens", "truncate")} == {
+        "max_prompt_tokens": 16, "max_target_tokens": 2, "truncate": "input"}          # the keys libraries hold
+    assert (record["prompts_cut"], record["stage"], record["steps"]) == (fmt.cut_prompts, "private", 2)
+    assert record["prompts_cut"] > 0
+    # records written before ``truncate`` (or any limit) was kept read back with PromptLimits' defaults
+    assert PromptLimits.from_record({"max_prompt_tokens": 16, "max_target_tokens": 2}) == PromptLimits(16, 2, "left")
+    assert PromptLimits.from_record({"lr": 1e-4}) == PromptLimits()

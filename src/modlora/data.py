@@ -32,12 +32,13 @@ import zlib
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
-
-import torch
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 from modlora.errors import DataError
 from modlora.io import parse_json
+
+if TYPE_CHECKING:  # torch loads with the first batch, not with the command line
+    import torch
 
 SPLITS = ("train", "validation", "test")
 DEFAULT_SPLIT_FRACTIONS = (0.8, 0.1, 0.1)
@@ -392,6 +393,8 @@ class EncodedExample:
     def labelled(self, device: torch.device | str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """``(input_ids, labels)`` (T,) each, labels ``-100`` on the prompt: the few-shot format of LoraHub and
         PhatGOOSE."""
+        import torch
+
         ids = torch.tensor(self.prompt_ids + self.target_ids, device=device)
         labels = torch.full_like(ids, -100)
         labels[len(self.prompt_ids):] = ids[len(self.prompt_ids):]
@@ -408,27 +411,28 @@ class PromptLimits:
     the build into every expert's training record and back into evaluation and the data-using routers.
 
     ``truncate``: ``"left"`` keeps a long prompt's last tokens (the task definition goes first); ``"input"`` keeps
-    the whole definition and cuts the end of the instance input instead."""
+    the whole definition and cuts the end of the instance input instead. ``MIN_PROMPT_TOKENS`` /
+    ``MIN_TARGET_TOKENS`` are the smallest caps accepted (the chat header alone takes several tokens)."""
 
     max_prompt_tokens: int = 384
     max_target_tokens: int = 128
     truncate: Truncate = "left"
 
-    RECORD_KEYS = ("max_prompt_tokens", "max_target_tokens", "truncate")
+    MIN_PROMPT_TOKENS: ClassVar[int] = 8
+    MIN_TARGET_TOKENS: ClassVar[int] = 1
+    RECORD_KEYS: ClassVar[tuple[str, ...]] = ("max_prompt_tokens", "max_target_tokens", "truncate")
 
     def __post_init__(self) -> None:
-        if (isinstance(self.max_prompt_tokens, bool) or not isinstance(self.max_prompt_tokens, int)
-                or self.max_prompt_tokens < 8):
-            raise DataError(f"max_prompt_tokens must be an integer >= 8, got {self.max_prompt_tokens!r}")
-        if (isinstance(self.max_target_tokens, bool) or not isinstance(self.max_target_tokens, int)
-                or self.max_target_tokens < 1):
-            raise DataError(f"max_target_tokens must be an integer >= 1, got {self.max_target_tokens!r}")
+        for name, least in (("max_prompt_tokens", self.MIN_PROMPT_TOKENS),
+                            ("max_target_tokens", self.MIN_TARGET_TOKENS)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < least:
+                raise DataError(f"{name} must be an integer >= {least}, got {value!r}")
         if self.truncate not in TRUNCATE_MODES:
             raise DataError(f"truncate must be one of {', '.join(TRUNCATE_MODES)}, got {self.truncate!r}")
 
     def formatter(self, tokenizer: Any) -> PromptFormatter:
-        return PromptFormatter(tokenizer, max_prompt_tokens=self.max_prompt_tokens,
-                               max_target_tokens=self.max_target_tokens, truncate=self.truncate)
+        return PromptFormatter(tokenizer, self)
 
     def record(self) -> dict[str, Any]:
         """The fields as an expert's training record holds them (the one writer of these keys)."""
@@ -448,25 +452,21 @@ class PromptLimits:
 class PromptFormatter:
     """Turns (definition, input, output) into token ids with the template described in the module docstring.
 
-    A prompt over ``max_prompt_tokens`` is cut as ``truncate`` says: ``"left"`` keeps its last tokens (the chat
-    header and the start of the task definition go first); ``"input"`` keeps the header and the whole definition and
-    cuts the end of the instance input instead (the definition is cut from the left only when it alone does not
-    fit). ``cut_prompts`` / ``cut_definitions`` count the prompts this formatter cut, and those whose definition or
-    header was cut."""
+    A prompt over ``limits.max_prompt_tokens`` is cut as ``limits.truncate`` says: ``"left"`` keeps its last tokens
+    (the chat header and the start of the task definition go first); ``"input"`` keeps the header and the whole
+    definition and cuts the end of the instance input instead (the definition is cut from the left only when it
+    alone does not fit); targets are cut to ``limits.max_target_tokens``. ``cut_prompts`` / ``cut_definitions``
+    count the prompts this formatter cut, and those whose definition or header was cut."""
 
     tokenizer: Any
-    max_prompt_tokens: int = PromptLimits.max_prompt_tokens
-    max_target_tokens: int = PromptLimits.max_target_tokens
+    limits: PromptLimits = PromptLimits()
     use_chat_template: bool | None = None
-    truncate: Truncate = PromptLimits.truncate
-    _cache: dict[str, Any] = field(default_factory=dict, repr=False)
     cut_prompts: int = field(default=0, init=False)
     cut_definitions: int = field(default=0, init=False)
 
     def __post_init__(self) -> None:
         if self.use_chat_template is None:
             self.use_chat_template = bool(getattr(self.tokenizer, "chat_template", None))
-        PromptLimits(self.max_prompt_tokens, self.max_target_tokens, self.truncate)  # validates
 
     def prompt_text(self, definition: str, text: str) -> str:
         if self.use_chat_template:
@@ -483,12 +483,12 @@ class PromptFormatter:
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
 
     def prompt_ids(self, definition: str, text: str) -> list[int]:
-        cap = self.max_prompt_tokens
+        cap = self.limits.max_prompt_tokens
         ids = self._tokens(self.prompt_text(definition, text))
         if len(ids) <= cap:
             return ids
         self.cut_prompts += 1
-        if self.truncate == "input":
+        if self.limits.truncate == "input":
             text_ids = self._tokens(text)
             keep = len(text_ids) - (len(ids) - cap)
             while keep > 0:                      # re-tokenising the cut text can merge tokens: shrink until it fits
@@ -501,7 +501,7 @@ class PromptFormatter:
 
     def target_ids(self, output: str) -> list[int]:
         ids = self.tokenizer(self.target_text(output), add_special_tokens=False)["input_ids"]
-        return ids[: self.max_target_tokens]
+        return ids[: self.limits.max_target_tokens]
 
     def encode(self, task: Task, inst: Instance) -> EncodedExample:
         return EncodedExample(task=task.name, prompt_ids=self.prompt_ids(task.definition, inst.input),
@@ -544,6 +544,8 @@ class Batch:
 
 def collate(examples: Sequence[EncodedExample], pad_id: int) -> Batch:
     """Right-pad examples into a :class:`Batch` (prompt + target per row)."""
+    import torch
+
     if not examples:
         raise DataError("cannot collate an empty batch")
     width = max(e.length for e in examples)

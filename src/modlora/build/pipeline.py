@@ -9,7 +9,7 @@ from typing import Any
 from modlora.build.initialisation import DEFAULT_INIT, InitMethod, initial_adapter
 from modlora.build.multitrain import ExpertData, MultiTrainOptions, train_experts
 from modlora.build.training import TrainConfig, TrainResult
-from modlora.data import PromptLimits, Task, encode_tasks
+from modlora.data import PromptFormatter, PromptLimits, Task, encode_tasks
 from modlora.library.adapters import LoraAdapter, LoraSpec
 from modlora.library.store import ExpertEntry, ExpertLibrary
 from modlora.models import LoadedModel
@@ -27,6 +27,18 @@ class ExpertPlan:
     """Warm start: initial factors (default: PEFT's initialisation)."""
 
 
+def training_record(config: TrainConfig, formatter: PromptFormatter, *, max_examples: int | None,
+                    max_val: int | None, split_seed: int, extra: Mapping[str, Any]) -> dict[str, Any]:
+    """An expert's training record (its manifest's ``training``; the one writer): the optimisation settings, the
+    per-task example caps, the prompt limits (:meth:`PromptLimits.record`, read back by
+    :meth:`PromptLimits.from_record`) and how many of the expert's prompts ``formatter`` cut, the split seed, whether
+    the chat template was used, then ``extra``."""
+    return {**config.to_dict(), "max_examples_per_task": max_examples, "max_val_per_task": max_val,
+            **formatter.limits.record(), "prompts_cut": formatter.cut_prompts,
+            "definitions_cut": formatter.cut_definitions, "split_seed": split_seed,
+            "chat_template": bool(formatter.use_chat_template), **extra}
+
+
 def train_task_experts(lm: LoadedModel, library: ExpertLibrary, plans: Mapping[str, ExpertPlan], *,
                        spec: LoraSpec | None = None, options: MultiTrainOptions | None = None,
                        max_val: int | None = 32, limits: PromptLimits = PromptLimits(), split_seed: int = 0,
@@ -39,15 +51,13 @@ def train_task_experts(lm: LoadedModel, library: ExpertLibrary, plans: Mapping[s
     the limits and how many of its prompts were cut (``prompts_cut``, ``definitions_cut``: train and validation)."""
     spec = spec or LoraSpec()
     library.check_base_model(lm.info)
-    chat_template = bool(limits.formatter(lm.tokenizer).use_chat_template)
     data: dict[str, ExpertData] = {}
-    cuts: dict[str, dict[str, int]] = {}
+    formatters: dict[str, PromptFormatter] = {}
     for name, p in plans.items():
-        fmt = limits.formatter(lm.tokenizer)
+        fmt = formatters[name] = limits.formatter(lm.tokenizer)
         data[name] = ExpertData(encode_tasks(fmt, p.tasks, "train", max_per_task=p.max_examples, seed=split_seed),
                                 encode_tasks(fmt, p.tasks, "validation", max_per_task=max_val, seed=split_seed),
                                 p.config, p.init)
-        cuts[name] = {"prompts_cut": fmt.cut_prompts, "definitions_cut": fmt.cut_definitions}
     for name, d in data.items():
         if d.init is None:
             d.init = initial_adapter(init, lm.model, spec, name, d.train, pad_id=lm.tokenizer.pad_token_id,
@@ -58,9 +68,8 @@ def train_task_experts(lm: LoadedModel, library: ExpertLibrary, plans: Mapping[s
         if name in keep:
             return
         plan = plans[name]
-        training = {**plan.config.to_dict(), "max_examples_per_task": plan.max_examples, "max_val_per_task": max_val,
-                    **limits.record(), **cuts[name], "split_seed": split_seed,
-                    "chat_template": chat_template, **plan.extra_training}
+        training = training_record(plan.config, formatters[name], max_examples=plan.max_examples, max_val=max_val,
+                                   split_seed=split_seed, extra=plan.extra_training)
         entries[name] = library.add(name, result.adapter, tasks=list(plan.tasks), training=training,
                                     metrics=result.metrics, base_model=lm.info, overwrite=overwrite)
 

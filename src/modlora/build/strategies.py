@@ -8,8 +8,9 @@ Budgets are per task, so the strategies can be compared at equal training comput
   tasks do not dominate.
 * **mbc**: stage 1 trains private experts for ``f·B`` steps (``stage1_fraction`` f, default 2/5 as in the reference,
   which splits 2 of 5 epochs to stage 1) or reuses an existing private library; the experts are clustered
-  (:func:`modlora.build.clustering.model_based_clustering`: flatten LoRA params, keep the largest-magnitude half, truncated
-  SVD, cosine similarity, k-means on the similarity rows; ``k="auto"`` chooses K by silhouette); stage 2 trains one
+  (:func:`modlora.build.clustering.model_based_clustering`: by default the exact cosine of their ΔW, spectral
+  partition, ``k="auto"`` by the spectral silhouette; the paper's flattened-parameter features with k-means on the
+  similarity rows are ``features="params"``); stage 2 trains one
   expert per cluster on the union of its tasks for ``(1-f)·B·|cluster|`` steps. Total: ``N·B`` — what private costs.
 * **random**: clusters of the same sizes as an MBC clustering with random members; each cluster expert gets
   ``B·|cluster|`` steps (the MBC total, stage 1 included, so compute matches private and MBC).
@@ -50,23 +51,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from modlora.build.clustering import (
-    DEFAULT_FEATURES,
-    ClusteringResult,
-    Features,
-    cluster_tasks,
-    model_based_clustering,
-    random_clustering,
-)
+from modlora.build.clustering import ClusteringResult, cluster_tasks, model_based_clustering, random_clustering
+from modlora.build.clustering.choices import DEFAULT_FEATURES, Features
 from modlora.build.executors import Job, run_jobs
 from modlora.build.initialisation import DEFAULT_INIT, InitMethod, check_init, check_init_fits
 from modlora.build.multitrain import MultiTrainOptions
-from modlora.build.pipeline import ExpertPlan, train_task_experts
+from modlora.build.pipeline import ExpertPlan, train_task_experts, training_record
 from modlora.build.training import TrainConfig
 from modlora.data import (
     PromptLimits,
     Task,
-    Truncate,
     default_sni_dir,
     encode_tasks,
     load_flat_jsonl,
@@ -75,8 +69,8 @@ from modlora.data import (
 )
 from modlora.errors import ModloraError
 from modlora.library.adapters import LoraSpec, adapter_merged
-from modlora.library.experts import DEFAULT_SHARE_MODE, SHARE_META, SHARE_MODES, ShareInfo, ShareMode
 from modlora.library.remote import open_library
+from modlora.library.share import DEFAULT_SHARE_MODE, SHARE_META, SHARE_MODES, ShareInfo, ShareMode
 from modlora.library.store import ExpertLibrary
 from modlora.models import LoadedModel, load_base_model
 
@@ -103,10 +97,8 @@ class BuildConfig:
     train: TrainConfig = field(default_factory=lambda: TrainConfig(steps=100))
     max_examples: int | None = None
     max_val: int = 32
-    max_prompt_tokens: int = PromptLimits.max_prompt_tokens
-    max_target_tokens: int = PromptLimits.max_target_tokens
-    truncate: Truncate = PromptLimits.truncate
-    """How a prompt over ``max_prompt_tokens`` is cut (:class:`modlora.data.PromptLimits`)."""
+    limits: PromptLimits = PromptLimits()
+    """The prompt and target caps and how a long prompt is cut (:class:`modlora.data.PromptLimits`)."""
     balanced: bool = False
     experts_per_job: int = 8
     shared_prefix: bool = True
@@ -116,14 +108,9 @@ class BuildConfig:
 
     def __post_init__(self) -> None:
         check_init(self.init)
-        self.limits.record()  # validates the prompt limits
         if self.experts_per_job < 1:
             raise ModloraError(f"experts_per_job must be >= 1, got {self.experts_per_job}")
         MultiTrainOptions(self.shared_prefix, self.max_tokens_per_forward)  # validates
-
-    @property
-    def limits(self) -> PromptLimits:
-        return PromptLimits(self.max_prompt_tokens, self.max_target_tokens, self.truncate)
 
     @property
     def options(self) -> MultiTrainOptions:
@@ -131,10 +118,14 @@ class BuildConfig:
 
     def training_settings(self) -> dict[str, Any]:
         """The fields that determine what the experts become (everything but :data:`EXECUTION_ONLY`), flat:
-        ``{"lora.rank": 4, "train.steps": 100, "max_val": 32, …}``."""
+        ``{"lora.rank": 4, "train.steps": 100, "max_val": 32, "max_prompt_tokens": 384, …}``: the prompt limits
+        under their training-record keys, unprefixed, as builds have always stored them."""
         flat: dict[str, Any] = {}
         for k, v in dataclasses.asdict(self).items():
             if k in EXECUTION_ONLY:
+                continue
+            if k == "limits":
+                flat |= self.limits.record()
                 continue
             for key, value in (v.items() if isinstance(v, dict) else [(None, v)]):
                 flat[f"{k}.{key}" if key else k] = list(value) if isinstance(value, tuple) else value
@@ -373,7 +364,7 @@ def build_cluster_library(path: str | Path, clustering: ClusteringResult, tasks_
     ``share_fraction`` g (sharing across clusters): first one expert ``shared`` is trained on all the tasks for
     ``g·N`` budgets, then every cluster expert trains for ``(budget_per_task - g)·|tasks|`` budgets (same total),
     starting from the shared factors (``share_mode="warm"``) or as a fresh LoRA on top of the base with
-    ``ΔW_shared`` merged into it (``"residual"``). ``meta/share.json`` (:class:`~modlora.library.experts.ShareInfo`) and
+    ``ΔW_shared`` merged into it (``"residual"``). ``meta/share.json`` (:class:`~modlora.library.share.ShareInfo`) and
     the stored build config record both; the mode is part of every cluster expert's fingerprint."""
     if share_mode not in SHARE_MODES:
         raise ModloraError(f"share_mode must be one of {', '.join(SHARE_MODES)}, got {share_mode!r}")
@@ -462,7 +453,8 @@ def build_semantic_library(path: str | Path, tasks: Sequence[str], config: Build
     """Semantic clustering: tasks clustered by the base model's embeddings of their definition + ``n_inputs``
     inputs (:func:`modlora.build.clustering.task_embeddings`, centred cosine), then one expert per cluster trained as
     MBC's stage 2 but with each task's whole budget (no stage 1): ``B·|cluster|`` steps, total ``N·B``."""
-    from modlora.build.clustering import DEFAULT_AUTO_K, cluster_experts, semantic_similarity, task_embeddings
+    from modlora.build.clustering import cluster_experts, semantic_similarity, task_embeddings
+    from modlora.build.clustering.choices import DEFAULT_AUTO_K
     names = sorted(tasks)
     k_value: int | Literal["auto"] = "auto" if k == "auto" else int(k)
     if k_value != "auto" and not 1 <= k_value <= len(names):
@@ -547,11 +539,10 @@ def train_poly_job(job: PolyJob) -> dict[str, Any]:
     shared_cost = ("train_tokens", "target_tokens", "train_seconds")
     metrics = {k: v / len(job.skills) if k in shared_cost else v for k, v in result.metrics.items()}
     for planned in job.skills:  # each skill records 1/S of the joint run's cost: sums over the library add up
-        training = {**train_config.to_dict(), "max_examples_per_task": cap, "max_val_per_task": cfg.max_val,
-                    **cfg.limits.record(), "prompts_cut": fmt.cut_prompts, "definitions_cut": fmt.cut_definitions,
-                    "split_seed": cfg.train.seed, "chat_template": bool(fmt.use_chat_template), "stage": planned.stage,
-                    "budget_scale": planned.budget_scale, "balanced": cfg.balanced, **dict(planned.extra),
-                    FINGERPRINT_KEY: expert_fingerprint(cfg, planned)}
+        extra = {"stage": planned.stage, "budget_scale": planned.budget_scale, "balanced": cfg.balanced,
+                 **dict(planned.extra), FINGERPRINT_KEY: expert_fingerprint(cfg, planned)}
+        training = training_record(train_config, fmt, max_examples=cap, max_val=cfg.max_val,
+                                   split_seed=cfg.train.seed, extra=extra)
         lib.add(planned.name, result.skills[planned.name], tasks=list(job.tasks), training=training,
                 metrics=metrics, base_model=lm.info, overwrite=True)
     lib.save_meta(ALLOCATION_META, {**result.allocation.to_dict(), "allocation_lr": job.allocation_lr})

@@ -3,7 +3,7 @@
 One module per group of commands, each with ``register(subparsers, registry)``: :mod:`.library` (tasks, show,
 verify, import, export, remove), :mod:`.build` (train, build, cluster), :mod:`.reuse` (generate, route, merge,
 export-arrow, lorahub), :mod:`.evaluate` (eval, report), :mod:`.share` (push, pull), :mod:`.serve` (serve),
-:mod:`.demo`. Commands that only read a library accept any location of :mod:`modlora.library.remote` (``hf://``, fsspec
+:mod:`.demo`. Commands that only read a library accept any location of :mod:`modlora.library.location` (``hf://``, fsspec
 URLs) through ``common.open_library``. Shared argument groups, parse-time types and the method flags generated from
 the registry are in :mod:`.common`. Options are checked before any model loads; bad input ends with ``modlora: error: …`` and exit status 2.
 """

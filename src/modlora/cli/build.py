@@ -39,8 +39,7 @@ def _build_config(args: argparse.Namespace) -> Any:
     return BuildConfig(model=args.model, device=args.device, dtype=None if args.dtype == "auto" else args.dtype,
                        data_dir=task_dir(args), flat_file=str(args.flat) if args.flat else None,
                        lora=lora_spec(args), train=train_config(args), max_examples=args.max_examples, max_val=args.max_val,
-                       max_prompt_tokens=args.max_prompt_tokens, max_target_tokens=args.max_target_tokens,
-                       truncate=args.truncate, balanced=getattr(args, "balanced", False),
+                       limits=prompt_limits(args), balanced=getattr(args, "balanced", False),
                        init=args.init,
                        **({"experts_per_job": args.experts_per_job, "shared_prefix": not args.no_shared_prefix,
                            "max_tokens_per_forward": args.max_tokens_per_forward}
@@ -82,8 +81,8 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def _print_clusters(clustering: Any, quality: Any = None) -> None:
-    """K, every candidate K's score (with --k auto), a plain no-structure verdict, the clusters (names folded, never
-    cut) and, given reference labels, ARI and purity."""
+    """K, every candidate K's score (with --k auto), a plain no-structure verdict, the clusters (names whole, never
+    split) and, given reference labels, ARI and purity."""
     from modlora.tables import TextTable
 
     silhouette = "n/a" if clustering.silhouette is None else f"{clustering.silhouette:.3f}"
@@ -103,7 +102,7 @@ def _print_clusters(clustering: Any, quality: Any = None) -> None:
     table = TextTable(title=f"{clustering.k} cluster(s) of {len(clustering.names)} experts")
     table.add_column("cluster", justify="right", no_wrap=True)
     table.add_column("size", justify="right", no_wrap=True)
-    table.add_column("experts", overflow="fold")
+    table.add_column("experts")
     for i, members in enumerate(clustering.clusters):
         table.add_row(str(i), str(len(members)), ", ".join(members))
     console.print(table)
@@ -219,7 +218,7 @@ def cmd_cluster(args: argparse.Namespace) -> int:
 
 def _labels_source(text: str) -> str:
     """``--labels``: 'sni-categories' or an existing JSON/CSV file (checked at parse time)."""
-    from modlora.build.clustering import SNI_CATEGORIES
+    from modlora.build.clustering.choices import SNI_CATEGORIES
     if text != SNI_CATEGORIES and not Path(text).is_file():
         raise argparse.ArgumentTypeError(f"expected '{SNI_CATEGORIES}' or an existing JSON/CSV file, got {text!r}")
     return text
@@ -264,7 +263,7 @@ def register(sub: Any, registry: Registry) -> None:
                    default="private",
                    help="private: one expert per task; shared: one on all tasks; mbc: model-based clustering; "
                         "random: random clusters with the sizes of --mbc-library's clusters; semantic: clusters of "
-                        "task descriptions; poly / mhr: skills with a learned task allocation (README)")
+                        "task descriptions; poly / mhr: skills with a learned task allocation (docs/methods.md)")
     p.add_argument("--tasks", nargs="*", help="task names (default: every task in the data directory)")
     p.add_argument("--num-tasks", type=positive_int, default=None, help="use the first N tasks (sorted by name)")
     _add_k_args(p, "10")
@@ -279,11 +278,11 @@ def register(sub: Any, registry: Registry) -> None:
                         "task's budget), then the cluster experts with the rest (--share-mode)")
     p.add_argument("--share-fraction", type=open_fraction, default=0.2,
                    help="--share: share of each task's budget spent on the shared expert (default 0.2)")
-    from modlora.library.experts import DEFAULT_SHARE_MODE, SHARE_MODES
+    from modlora.library.share import DEFAULT_SHARE_MODE, SHARE_MODES
     p.add_argument("--share-mode", choices=SHARE_MODES, default=None,
                    help="--share: warm = every cluster expert starts from the shared factors; residual = every "
                         "cluster expert is a fresh LoRA on top of the shared one, which reuse then applies on every "
-                        f"token (default {DEFAULT_SHARE_MODE}; README: Sharing across clusters)")
+                        f"token (default {DEFAULT_SHARE_MODE}; docs/methods.md says why)")
     p.add_argument("--skills", type=positive_int, default=4, help="poly/mhr: number of LoRA skills (default 4)")
     p.add_argument("--heads", type=positive_int, default=None,
                    help="mhr: heads the rank is split into, each allocated separately (must divide --rank; "
@@ -314,7 +313,7 @@ def register(sub: Any, registry: Registry) -> None:
     add_train_args(p)
     p.set_defaults(func=cmd_build, steps=100)
 
-    from modlora.build.clustering import ALGORITHMS, AUTO_K_CRITERIA, DEFAULT_AUTO_K, DEFAULT_FEATURES, FEATURES
+    from modlora.build.clustering.choices import ALGORITHMS, AUTO_K_CRITERIA, DEFAULT_AUTO_K, DEFAULT_FEATURES, FEATURES
     p = sub.add_parser("cluster", help="MBC clustering of an existing library",
                        description="Cluster a library's experts (spectral clustering of a similarity matrix, or "
                                    "k-means on its rows) and print the clusters, every candidate K's score with --k auto (or that the experts "
@@ -327,7 +326,7 @@ def register(sub: Any, registry: Registry) -> None:
     add_library_arg(p, help=f"the library to cluster (usually a private library): {LOCATION_HELP}; the clustering "
                     "is stored in it (for a remote library: in its local mirror)")
     p.add_argument("--features", choices=FEATURES, default=DEFAULT_FEATURES,
-                   help=f"similarity features (default {DEFAULT_FEATURES}; README: MBC says why)")
+                   help=f"similarity features (default {DEFAULT_FEATURES}; docs/clustering.md says why)")
     p.add_argument("--k", type=clusters_or_auto, default="auto",
                    help="number of clusters (>= 2, never changed) or 'auto' (default auto)")
     p.add_argument("--auto-k", choices=AUTO_K_CRITERIA, default=DEFAULT_AUTO_K,

@@ -40,9 +40,10 @@ def positive_int(text: str) -> int:
     return _number(int, text, lambda v: v >= 1, "a positive integer")
 
 
-def prompt_cap(text: str) -> int:
-    """``--max-prompt-tokens``: an integer >= 8 (the chat header alone takes several tokens)."""
-    return _number(int, text, lambda v: v >= 8, "an integer >= 8")
+def int_at_least(least: int) -> Callable[[str], int]:
+    """An argparse type for integers >= ``least`` (a bound that lives with the value it checks, e.g.
+    :attr:`modlora.data.PromptLimits.MIN_PROMPT_TOKENS`)."""
+    return lambda text: _number(int, text, lambda v: v >= least, f"an integer >= {least}")
 
 
 def nonnegative_int(text: str) -> int:
@@ -155,12 +156,14 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--max-examples", type=positive_int, default=None, help="cap on training examples per task")
     g.add_argument("--max-val", type=positive_int, default=32, help="validation examples per task (default 32)")
     from modlora.data import TRUNCATE_MODES, PromptLimits
-    g.add_argument("--max-prompt-tokens", type=prompt_cap, default=PromptLimits.max_prompt_tokens,
+    g.add_argument("--max-prompt-tokens", type=int_at_least(PromptLimits.MIN_PROMPT_TOKENS),
+                   default=PromptLimits.max_prompt_tokens,
                    help=f"prompts longer than this are cut as --truncate says (default {PromptLimits.max_prompt_tokens})")
     g.add_argument("--truncate", choices=TRUNCATE_MODES, default=PromptLimits.truncate,
                    help="how a long prompt is cut: left (keep its last tokens; the task definition goes first) or "
                         f"input (keep the definition, cut the end of the instance input); default {PromptLimits.truncate}")
-    g.add_argument("--max-target-tokens", type=positive_int, default=PromptLimits.max_target_tokens,
+    g.add_argument("--max-target-tokens", type=int_at_least(PromptLimits.MIN_TARGET_TOKENS),
+                   default=PromptLimits.max_target_tokens,
                    help=f"targets are cut to this length (default {PromptLimits.max_target_tokens})")
     g.add_argument("--seed", type=nonnegative_int, default=0,
                    help="seed for the split, sampling and initialisation (default 0)")
@@ -177,6 +180,8 @@ def lora_spec(args: argparse.Namespace) -> Any:
 
 
 def prompt_limits(args: argparse.Namespace) -> Any:
+    """The :class:`modlora.data.PromptLimits` of ``--max-prompt-tokens``, ``--max-target-tokens`` and ``--truncate``
+    (each already checked against its bound by its argparse type)."""
     from modlora.data import PromptLimits
     return PromptLimits(args.max_prompt_tokens, args.max_target_tokens, args.truncate)
 
@@ -210,7 +215,7 @@ LOCATION_HELP = ("a library directory, or a location: file://, hf://ORG/REPO[@RE
 def add_library_arg(p: argparse.ArgumentParser, *, option: bool = False, writes: bool = False,
                     help: str | None = None) -> None:
     """The library argument (positional ``library``, or ``--library`` with ``option``). A command that only reads it
-    accepts any location of :mod:`modlora.library.remote` and ``--revision``; one that ``writes`` needs a local directory."""
+    accepts any location of :mod:`modlora.library.location` and ``--revision``; one that ``writes`` needs a local directory."""
     text = help or ("library directory" if writes else LOCATION_HELP)
     if option:
         p.add_argument("--library", default=None, help=text)
@@ -225,13 +230,23 @@ def open_library(location: str | os.PathLike[str], revision: str | None = None, 
     """The library a command works on: ``open_library(location, revision=...)``. A command that changes the
     library (``writes``) is refused a remote location up front, with the way to get a local copy."""
     from modlora.library import remote
-    if writes and remote.is_url(os.fspath(location)) and not os.fspath(location).startswith("file://"):
+    from modlora.library.location import is_url
+    if writes and is_url(os.fspath(location)) and not os.fspath(location).startswith("file://"):
         raise UsageError(f"{location} is a remote library, which is read-only: `modlora pull {location} DIR` makes a "
                          "local copy to change")
     return remote.open_library(location, revision=revision)
 
 
 # ----------------------------------------------------------------------------- method flags from the registry
+#: Option fields whose flag names what they route: a bare ``--top-k`` / ``--temperature`` means sampling elsewhere.
+ROUTING_FLAGS = {"top_k": "--route-top-k", "temperature": "--route-temperature"}
+
+
+def option_flag(field_name: str) -> str:
+    """The flag of a method option field: ``drop_rate`` → ``--drop-rate``, ``top_k`` → ``--route-top-k``."""
+    return ROUTING_FLAGS.get(field_name, "--" + field_name.replace("_", "-"))
+
+
 def _option_fields(methods: Sequence[type[ReuseMethod]]) -> dict[str, list[tuple[type[ReuseMethod], Any]]]:
     out: dict[str, list[tuple[type[ReuseMethod], Any]]] = {}
     for m in methods:
@@ -249,15 +264,15 @@ def _describe_default(value: Any) -> str:
     return str(value)
 
 
-def add_method_args(p: argparse.ArgumentParser, registry: Registry, methods: Sequence[str], *, flag: str,
-                    default: str | None, help: str) -> None:
-    """``--router``/``--method`` over ``methods`` and one flag per option field of their ``Options`` (a field
-    shared by several methods is one flag; its help lists the methods and their defaults)."""
+def add_method_args(p: argparse.ArgumentParser, registry: Registry, methods: Sequence[str], *,
+                    default: str | None, help: str, required: bool = False) -> None:
+    """``--method`` over ``methods`` and one flag per option field of their ``Options`` (:func:`option_flag`; a
+    field shared by several methods is one flag; its help lists the methods and their defaults)."""
     classes = [registry.get(n) for n in methods]
     g = p.add_argument_group("method (see `modlora.reuse.methods`)")
-    g.add_argument(f"--{flag}", choices=list(methods), default=default, required=default is None and flag == "method",
-                   help=help, metavar="METHOD")
-    for name, owners in sorted(_option_fields(classes).items()):
+    g.add_argument("--method", choices=list(methods), default=default, required=required, help=help,
+                   metavar="METHOD")
+    for name, owners in sorted(_option_fields(classes).items(), key=lambda item: option_flag(item[0])):
         f0 = owners[0][1]
         cli = dict(f0.metadata.get("cli", {}))
         defaults = {m.name: _describe_default(f.default) for m, f in owners}
@@ -276,7 +291,7 @@ def add_method_args(p: argparse.ArgumentParser, registry: Registry, methods: Seq
             for key in ("choices", "nargs", "metavar"):
                 if key in cli:
                     kwargs[key] = cli[key]
-        g.add_argument(f"--{name.replace('_', '-')}", dest=name, **kwargs)
+        g.add_argument(option_flag(name), dest=name, **kwargs)
 
 
 def method_options(args: argparse.Namespace, registry: Registry, name: str, given_from: Sequence[str]
@@ -293,7 +308,7 @@ def method_options(args: argparse.Namespace, registry: Registry, name: str, give
             continue
         if field_name not in own:
             users = ", ".join(m.name for m, _ in owners)
-            raise UsageError(f"--{field_name.replace('_', '-')} does not apply to {name!r} (it is an option of: "
+            raise UsageError(f"{option_flag(field_name)} does not apply to {name!r} (it is an option of: "
                              f"{users})")
         value = getattr(args, field_name)
         values[field_name] = tuple(value) if isinstance(value, list) else value

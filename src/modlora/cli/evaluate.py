@@ -45,20 +45,20 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from modlora.evaluation.rank_classification import DEFAULT_CHOICE_TASKS
     from modlora.reuse.prepare import prepare_model
 
-    router = args.router or ("arrow" if args.library else "base")
-    method = args.registry.get(router)
+    name = args.method or ("arrow" if args.library else "base")
+    method = args.registry.get(name)
     if method.capabilities.uses_experts and args.library is None:
-        raise UsageError(f"--router {router} needs --library")
+        raise UsageError(f"--method {name} needs --library")
     if args.suite == "indist" and args.library is None:
         raise UsageError("--suite indist needs --library (its tasks' test splits are evaluated)")
     if method.capabilities.needs_task_labels and args.suite != "indist":
-        raise UsageError(f"the {router} router needs each example's task: it only applies to --suite indist")
-    opts = method_options(args, args.registry, router, args.registry.names())
+        raise UsageError(f"the {name} router needs each example's task: it only applies to --suite indist")
+    opts = method_options(args, args.registry, name, args.registry.names())
     root = data_root(args)
     lib = open_library(args.library, args.revision) if args.library else None
     lm = load_model(args)
-    rm = prepare_model(lm, lib, router, opts, registry=args.registry)
-    common = {"limit": args.limit, "seed": args.seed, "batch_size": args.batch_size, "method": router,
+    rm = prepare_model(lm, lib, name, opts, registry=args.registry)
+    common = {"limit": args.limit, "seed": args.seed, "batch_size": args.batch_size, "method": name,
               "model_name": lm.info.name}
     try:
         if args.suite == "choice":
@@ -76,10 +76,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
                                   seed=args.seed, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size)
     finally:
         rm.restore()
-    run.config.update({"router": router, "library": str(args.library) if args.library else None,
+    run.config.update({"router": name, "library": str(args.library) if args.library else None,
                        "dtype": str(next(lm.model.parameters()).dtype).removeprefix("torch."),
                        "threads": torch.get_num_threads()})
-    console.print(results_table([run], title=f"{args.suite} — {router}"))
+    console.print(results_table([run], title=f"{args.suite} — {name}"))
     if args.out:
         save_results(run, args.out)
         console.print(f"results: {args.out}")
@@ -113,7 +113,7 @@ def register(sub: Any, registry: Registry) -> None:
     p.add_argument("--out", type=Path, default=None, help="write the results JSON here")
     add_model_args(p)
     add_data_arg(p)
-    add_method_args(p, registry, registry.names(), flag="router", default=None,
+    add_method_args(p, registry, registry.names(), default=None,
                     help="how to apply --library (default: arrow with a library, else base): "
                          + ", ".join(registry.names()))
     p.set_defaults(func=cmd_eval)

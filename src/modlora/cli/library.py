@@ -9,23 +9,28 @@ from typing import Any
 
 from modlora.cli.common import UsageError, add_data_arg, add_library_arg, console, data_root, open_library
 from modlora.reuse.methods import Registry
-from modlora.tables import folding_table
+from modlora.tables import text_table
 
 
 def show_library(lib: Any) -> None:
-    """The table of a library's experts (names and tasks fold, never cut)."""
-    table = folding_table(f"{getattr(lib, 'url', lib.path)} — base {lib.base_model.name} ({len(lib)} experts)",
-                          ("expert", "tasks", "r", "mods", "params", "size", "val", "steps", "tok/s"),
-                          right=("r", "mods", "params", "size", "val", "steps", "tok/s"))
-    for name in lib.expert_names():
-        e = lib.entry(name)
+    """The table of a library's experts (names whole, never split). The tasks column is left out when every expert
+    is named after its one task (a private library), as the title then says."""
+    names = lib.expert_names()
+    entries = [lib.entry(name) for name in names]
+    own_task = all(list(e.tasks) == [name] for name, e in zip(names, entries, strict=True))
+    numbers = ("r", "mods", "params", "size", "val", "steps", "tok/s")
+    table = text_table(f"{getattr(lib, 'url', lib.path)} — base {lib.base_model.name} ({len(lib)} experts"
+                       + (", each named after its task)" if own_task and names else ")"),
+                       ("expert", *(() if own_task else ("tasks",)), *numbers), right=numbers)
+    for name, e in zip(names, entries, strict=True):
         tasks = ", ".join(e.tasks[:3]) + (f" (+{len(e.tasks) - 3})" if len(e.tasks) > 3 else "")
         m = e.metrics
         val = m.get("best_val_loss")
         tps = m.get("tokens_per_second")
-        table.add_row(name, tasks, str(e.lora.get("r")), str(e.modules), f"{e.num_parameters:,}",
-                      f"{lib.size_bytes(name) / 1024:.0f} KiB", f"{val:.3f}" if isinstance(val, float) else "-",
-                      str(m.get("steps", "-")), f"{tps:.0f}" if isinstance(tps, float) else "-")
+        table.add_row(name, *(() if own_task else (tasks,)), str(e.lora.get("r")), str(e.modules),
+                      f"{e.num_parameters:,}", f"{lib.size_bytes(name) / 1024:.0f} KiB",
+                      f"{val:.3f}" if isinstance(val, float) else "-", str(m.get("steps", "-")),
+                      f"{tps:.0f}" if isinstance(tps, float) else "-")
     console.print(table)
 
 
@@ -44,8 +49,8 @@ def cmd_tasks(args: argparse.Namespace) -> int:
     directory = root / "sni" / "tasks"
     files = sni_task_files(directory)
     index = read_index(root)
-    table = folding_table(f"{len(files)} tasks in {directory}", ("task", "category", "instances", "median input words"),
-                          right=("instances", "median input words"))
+    table = text_table(f"{len(files)} tasks in {directory}", ("task", "category", "instances", "median input words"),
+                       right=("instances", "median input words"))
     for name, path in files.items():
         if args.filter and args.filter not in name:
             continue

@@ -53,17 +53,16 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from modlora.reuse.routing import explain
 
     text = prompt_text(args)
-    method = args.registry.get(args.router)
+    method = args.registry.get(args.method)
     if args.explain and not method.capabilities.per_token:
         raise UsageError(f"--explain needs a per-token router ({', '.join(args.registry.names(per_token=True))}), "
-                         f"not {args.router}")
-    opts = method_options(args, args.registry, args.router, args.registry.names())
+                         f"not {args.method}")
+    opts = method_options(args, args.registry, args.method, args.registry.names())
     lib = open_library(args.library, args.revision) if method.capabilities.uses_experts else None
     lm = load_model(args)
-    fmt = PromptFormatter(lm.tokenizer, max_prompt_tokens=lm.model.config.max_position_embeddings)
-    prompt = text if args.raw else fmt.prompt_text(args.definition, text)
+    prompt = text if args.raw else PromptFormatter(lm.tokenizer).prompt_text(args.definition, text)
     enc = encode_prompt(lm, prompt, args.max_new_tokens)
-    rm = prepare_model(lm, lib, args.router, opts, registry=args.registry)
+    rm = prepare_model(lm, lib, args.method, opts, registry=args.registry)
     try:
         with torch.inference_mode():
             out = rm.generate(enc.input_ids, enc.attention_mask, max_new_tokens=args.max_new_tokens,
@@ -112,8 +111,7 @@ def cmd_export_arrow(args: argparse.Namespace) -> int:
         raise UsageError(f"--out {args.out} exists (use --overwrite to replace it)")
     lib = open_library(args.library, args.revision)
     lm = load_model(args)
-    prompt = PromptFormatter(lm.tokenizer, max_prompt_tokens=lm.model.config.max_position_embeddings).prompt_text(
-        args.definition, text)
+    prompt = PromptFormatter(lm.tokenizer).prompt_text(args.definition, text)
     enc = encode_prompt(lm, prompt, 0)
     rm = prepare_model(lm, lib, "arrow", opts, registry=args.registry)
     try:
@@ -134,7 +132,7 @@ def cmd_lorahub(args: argparse.Namespace) -> int:
     from modlora.evaluation.indist import recorded_limits
     from modlora.library.experts import ExpertSet
     from modlora.reuse.learned.lorahub import lorahub_search
-    from modlora.tables import folding_table
+    from modlora.tables import text_table
 
     if args.out.exists() and not args.overwrite:
         raise UsageError(f"--out {args.out} exists (use --overwrite to replace it)")
@@ -151,7 +149,7 @@ def cmd_lorahub(args: argparse.Namespace) -> int:
     atomic_write_json(Path(args.out) / "lorahub_weights.json",
                       {"task": args.task, "shots": len(examples), "loss": res.loss, "weights": res.weights})
     console.print(f"LoraHub on {len(examples)} shots of {args.task}: loss {res.loss:.4f} → {args.out}")
-    table = folding_table("largest weights", ("expert", "weight"), right=("weight",))
+    table = text_table("largest weights", ("expert", "weight"), right=("weight",))
     for name, w in sorted(res.weights.items(), key=lambda kv: -abs(kv[1]))[:10]:
         table.add_row(name, f"{w:+.3f}")
     console.print(table)
@@ -165,7 +163,7 @@ def _add_prompt_args(p: argparse.ArgumentParser) -> None:
 
 
 def register(sub: Any, registry: Registry) -> None:
-    router_help = "how to apply the library (default arrow): " + ", ".join(registry.names())
+    method_help = "how to apply the library (default arrow): " + ", ".join(registry.names())
     for cmd, text in (("generate", "generate text with a library applied (Arrow by default)"),
                       ("route", "route a prompt through a library; --explain shows which experts each token used")):
         p = sub.add_parser(cmd, help=text, description=text[0].upper() + text[1:] + ". The prompt is formatted "
@@ -177,7 +175,7 @@ def register(sub: Any, registry: Registry) -> None:
                        help="print the experts each token used and a per-layer summary (per-token routers only)")
         add_model_args(p)
         add_data_arg(p)
-        add_method_args(p, registry, registry.names(), flag="router", default="arrow", help=router_help)
+        add_method_args(p, registry, registry.names(), default="arrow", help=method_help)
         p.set_defaults(func=cmd_generate)
 
     static = registry.names(static=True)
@@ -187,7 +185,7 @@ def register(sub: Any, registry: Registry) -> None:
     add_library_arg(p)
     p.add_argument("--out", type=Path, required=True, help="output PEFT adapter directory")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
-    add_method_args(p, registry, static, flag="method", default=None,
+    add_method_args(p, registry, static, default=None, required=True,
                     help="combination method (required): " + ", ".join(static))
     p.set_defaults(func=cmd_merge)
 
@@ -199,7 +197,7 @@ def register(sub: Any, registry: Registry) -> None:
     p.add_argument("--out", type=Path, required=True, help="output PEFT adapter directory")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     add_model_args(p)
-    add_method_args(p, registry, ["arrow"], flag="router", default="arrow", help="arrow (the only choice here)")
+    add_method_args(p, registry, ["arrow"], default="arrow", help="arrow (the only choice here)")
     p.set_defaults(func=cmd_export_arrow)
 
     p = sub.add_parser("lorahub", help="few-shot LoraHub weights for a task, exported as one adapter",

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -12,10 +14,13 @@ from modlora.cli.common import (
     add_model_args,
     nonnegative_int,
     open_library,
+    option_flag,
     positive_int,
 )
-from modlora.library.remote import is_url
+from modlora.errors import ModloraError
+from modlora.library.location import is_url
 from modlora.reuse.methods import Registry
+from modlora.reuse.methods.core import ReuseMethod
 
 
 def port_number(text: str) -> int:
@@ -25,25 +30,52 @@ def port_number(text: str) -> int:
     return value
 
 
-def register(sub: Any, registry: Registry) -> None:
-    from modlora.serve.routing import served_methods
+def _option_value(method: type[ReuseMethod], field: dataclasses.Field[Any]) -> Callable[[str], Any]:
+    """An argparse type for one option field of ``method``: the field's own parser, then the method's own check."""
+    parse = field.metadata.get("cli", {}).get("type", str)
 
-    routers = list(served_methods(registry))
+    def value(text: str) -> Any:
+        try:
+            parsed = parse(text)
+            method.options_from({field.name: parsed})
+        except (ValueError, ModloraError) as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+        return parsed
+    value.__name__ = field.name
+    return value
+
+
+def add_arrow_defaults(p: argparse.ArgumentParser, registry: Registry) -> None:
+    """``--route-top-k`` and ``--route-temperature``: Arrow's options for the requests that give none, with the defaults, help
+    text and checks of the registry's Arrow options."""
+    arrow = registry.get("arrow")
+    fields = {f.name: f for f in dataclasses.fields(arrow.Options)}
+    notes = {"top_k": "; a default above the number of experts is capped, a requested top_k is refused"}
+    for name in ("top_k", "temperature"):
+        f = fields[name]
+        p.add_argument(option_flag(name), dest=name, type=_option_value(arrow, f), default=f.default,
+                       help=f"Arrow's {f.metadata['help']}, for requests that give none (default {f.default}"
+                            f"{notes.get(name, '')})")
+
+
+def register(sub: Any, registry: Registry) -> None:
+    from modlora.serve.served import served_methods
+
+    methods = list(served_methods(registry))
     p = sub.add_parser(
         "serve", help="OpenAI-compatible HTTP server that routes every token through a library",
         description="Serve LIB over an OpenAI-compatible API (/v1/models, /v1/completions, /v1/chat/completions). "
-                    "Models: LIB (the --router), LIB:<router> for each router below and LIB:expert:<name>; requests "
+                    "Models: LIB (the --method), LIB:<method> for each method below and LIB:expert:<name>; requests "
                     "may choose the router, top_k, temperature and a subset of experts with "
                     "extra_body={'routing': {...}}. Experts added to LIB while serving become available without a "
                     "restart.")
     add_library_arg(p, help="library directory, or a remote location (hf://, s3://, …: served from a verified local "
                             "snapshot; new experts there appear after a restart)")
     add_model_args(p)
-    p.add_argument("--router", choices=routers, default="arrow", metavar="METHOD",
-                   help=f"router of the model id LIB (default arrow; mu = parameter averaging, mu-delta = exact mean "
-                        f"of the experts' ΔW, base = no experts); one of: {', '.join(routers)}")
-    p.add_argument("--top-k", type=positive_int, default=4,
-                   help="Arrow top-k when a request gives none (default 4, at most the number of experts)")
+    p.add_argument("--method", choices=methods, default="arrow", metavar="METHOD",
+                   help=f"method of the model id LIB (default arrow; mu = parameter averaging, mu-delta = exact mean "
+                        f"of the experts' ΔW, base = no experts); one of: {', '.join(methods)}")
+    add_arrow_defaults(p, registry)
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=port_number, default=8000, help="port (default 8000)")
     p.add_argument("--name", default=None, help="model id of the library (default: the directory's name)")
@@ -66,7 +98,7 @@ def register(sub: Any, registry: Registry) -> None:
 def cmd_serve(args: argparse.Namespace) -> int:
     import torch
 
-    from modlora.serve.engine import EngineOptions
+    from modlora.serve.requests import EngineOptions
     from modlora.serve.server import ServeConfig, resolve_api_key, run_ray, run_server
 
     if args.replicas is not None and not args.ray:
@@ -80,7 +112,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     options = EngineOptions(max_batch=args.max_batch, max_queue=args.max_queue,
                             batch_wait_s=args.batch_wait_ms / 1000, default_max_tokens=args.default_max_tokens,
-                            default_router=args.router, default_top_k=args.top_k)
+                            default_router=args.method, default_top_k=args.top_k,
+                            default_temperature=args.temperature)
     dtype = None if args.dtype in (None, "auto") else args.dtype
     config = ServeConfig(str(Path(library.path).resolve()), model=args.model, device=args.device, dtype=dtype,
                          name=args.name, engine=options, api_key=resolve_api_key(args.api_key),

@@ -35,8 +35,8 @@ def _summary(report: Any, verb: str) -> str:
 
 
 def cmd_push(args: argparse.Namespace) -> int:
-    from modlora.library.remote import push
     from modlora.library.store import ExpertLibrary
+    from modlora.library.transfer import push
 
     lib = ExpertLibrary(args.library)
     with _progress("push") as progress:
@@ -47,8 +47,8 @@ def cmd_push(args: argparse.Namespace) -> int:
 
 
 def cmd_pull(args: argparse.Namespace) -> int:
-    from modlora.library.remote import pull
     from modlora.library.store import ExpertLibrary
+    from modlora.library.transfer import pull
 
     if args.library.exists() and not args.library.is_dir():
         raise UsageError(f"{args.library} is a file, not a library directory")

@@ -3,12 +3,13 @@
 * :mod:`.rank_classification` — ARC / BoolQ / HellaSwag / OpenBookQA / PIQA / WinoGrande (``acc``, ``acc_norm``)
   with the shared context scored once and its KV cache reused for every option;
 * :mod:`.generation` — greedy batched generation, SNI Rouge-L and exact match;
-* :mod:`.code` — HumanEval / MBPP pass@1 with a bubblewrap sandbox (subprocess fallback);
+* :mod:`.code` — HumanEval / MBPP pass@1, the programs run in :mod:`.sandbox`;
+* :mod:`.sandbox` — untrusted programs under bubblewrap isolation (subprocess fallback) and limits;
 * :mod:`.indist` — a library's own tasks on their test split: Rouge-L, exact match, target loss, routing accuracy;
 * :mod:`.results` — results JSON (``modlora-eval-v1``), typed routing telemetry, the table, seeded subsets.
 """
 
-from modlora.evaluation.code import Sandbox, SandboxResult, evaluate_code, extract_code, run_program
+from modlora.evaluation.code import evaluate_code, extract_code
 from modlora.evaluation.generation import (
     evaluate_sni,
     exact_match,
@@ -37,6 +38,7 @@ from modlora.evaluation.results import (
     save_results,
     seeded_subset,
 )
+from modlora.evaluation.sandbox import Sandbox, SandboxResult, run_program
 
 __all__ = [
     "CHOICE_TASKS", "DEFAULT_CHOICE_TASKS", "ChoiceExample", "EvalRun", "OptionScore", "RoutingAccuracy",

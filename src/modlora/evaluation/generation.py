@@ -19,7 +19,6 @@ contains one of ``stop_strings``.
 from __future__ import annotations
 
 import gzip
-import json
 import os
 import re
 import string
@@ -41,6 +40,7 @@ from modlora.evaluation.results import (
     routing_telemetry,
     seeded_subset,
 )
+from modlora.io import parse_json
 
 FormatPrompt = Callable[[str, str], str]
 
@@ -67,10 +67,10 @@ def load_sni_task(path: str | os.PathLike[str], limit: int | None = None, seed: 
     name = path.name.removesuffix(".gz").removesuffix(".json")
     try:
         raw = gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_bytes()
-        data = json.loads(raw)
+        data = parse_json(raw)
     except FileNotFoundError as exc:
         raise DataError(f"SNI task file {str(path)!r} not found") from exc
-    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as exc:
+    except (OSError, ValueError) as exc:
         raise DataError(f"SNI task file {str(path)!r} is not valid (gzipped) JSON: {exc}") from exc
     if not isinstance(data, dict):
         raise DataError(f"SNI task {name!r}: expected a JSON object")

@@ -6,7 +6,8 @@ optionally, a library-similarity JSON ``{"similarity": n×n, "names": [n], "assi
 
 * ``report.md`` — one table (methods × tasks, the main metric in percent ± standard error, and the average over
   tasks), a table of example counts and wall times, and links to the plots;
-* ``per_task.png`` — grouped bars of the main metric per task, one bar per method, with stderr error bars;
+* ``per_task.png`` — grouped bars of the main metric per task, one bar per method, with stderr error bars
+  (:func:`grouped_bars_png`, which the study's plots use too);
 * ``routing_entropy.png`` — routing entropy per layer, one line per run of a per-token router (its
   :class:`~modlora.evaluation.results.RoutingTelemetry`);
 * ``expert_usage_<method>.png`` — heatmap tasks × experts of the telemetry's share of routing mass;
@@ -18,9 +19,11 @@ the task has (or ``metric`` when given).
 
 from __future__ import annotations
 
+import io
+import math
 import os
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -118,31 +121,64 @@ def _markdown(runs: Sequence[tuple[str, EvalRun]], main: Mapping[str, str], plot
     return "\n".join(lines) + "\n"
 
 
-def _save(fig: Any, path: Path) -> None:
-    import io
-
+def _write_png(fig: Any, path: Path) -> Path:
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
-    _pyplot().close(fig)
     atomic_write_bytes(path, buf.getvalue())
+    return path
+
+
+def _save(fig: Any, path: Path) -> None:
+    _write_png(fig, path)
+    _pyplot().close(fig)
+
+
+BarSeries = tuple[str, Callable[[str], tuple[float, float] | None]]
+"""One series of :func:`grouped_bars_png`: its legend label and ``get(group)`` → ``(height, standard error)``, or
+``None`` for no bar."""
+
+
+def grouped_bars_png(groups: Sequence[str], series: Sequence[BarSeries], path: Path, *, title: str, ylabel: str,
+                     labels: Sequence[str] | None = None) -> Path:
+    """One PNG of grouped bars: at x = i, one bar per series ``(label, get)`` of height ``get(groups[i])[0]`` with a
+    ±``get(groups[i])[1]`` whisker (a NaN standard error draws none), and a line at 0. ``labels``: the x tick labels
+    (default: ``groups``). Drawn on a bare matplotlib Figure (Agg; no pyplot state)."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(max(6.0, 1.1 * len(groups) * max(1, len(series)) ** 0.5 + 2), 4.2))
+    ax = fig.add_subplot(1, 1, 1)
+    width = 0.8 / max(len(series), 1)
+    drawn = False
+    for j, (label, get) in enumerate(series):
+        bars = [(i + (j - (len(series) - 1) / 2) * width, *v) for i, group in enumerate(groups) if (v := get(group))]
+        if bars:
+            xs, ys, es = zip(*bars, strict=True)
+            ax.bar(xs, ys, width, yerr=[0.0 if math.isnan(e) else e for e in es], capsize=2, label=label)
+            drawn = True
+    ax.axhline(0.0, color="black", linewidth=0.6)
+    ax.set_xticks(range(len(groups)), list(groups if labels is None else labels), rotation=30, ha="right",
+                  fontsize=8)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    if drawn:  # an empty legend is a matplotlib warning
+        ax.legend(fontsize=8)
+    return _write_png(fig, path)
 
 
 def plot_per_task(runs: Sequence[tuple[str, EvalRun]], main: Mapping[str, str], path: Path) -> None:
     """Grouped bars: x = tasks, one bar per run, height = main metric (%), error bar = stderr."""
-    plt = _pyplot()
-    tasks = list(main)
-    width = 0.8 / max(len(runs), 1)
-    fig, ax = plt.subplots(figsize=(max(6.0, 1.1 * len(tasks) * max(1, len(runs)) ** 0.5 + 2), 4))
-    x = np.arange(len(tasks))
-    for k, (label, run) in enumerate(runs):
-        vals = [100 * run.tasks[t].metrics.get(main[t], np.nan) if t in run.tasks else np.nan for t in tasks]
-        errs = [100 * run.tasks[t].stderr.get(main[t], 0.0) if t in run.tasks else 0.0 for t in tasks]
-        ax.bar(x + (k - (len(runs) - 1) / 2) * width, vals, width, yerr=errs, capsize=2, label=label)
-    ax.set_xticks(x, [f"{t}\n({main[t]})" for t in tasks], rotation=30, ha="right", fontsize=8)
-    ax.set_ylabel("score (%)")
-    ax.set_title("Per-task scores")
-    ax.legend(fontsize=8)
-    _save(fig, path)
+
+    def score(run: EvalRun) -> Callable[[str], tuple[float, float] | None]:
+        def get(task: str) -> tuple[float, float] | None:
+            s = run.tasks.get(task)
+            if s is None or main[task] not in s.metrics:
+                return None
+            return 100 * s.metrics[main[task]], 100 * s.stderr.get(main[task], 0.0)
+
+        return get
+
+    grouped_bars_png(list(main), [(label, score(run)) for label, run in runs], path, title="Per-task scores",
+                     ylabel="score (%)", labels=[f"{t}\n({main[t]})" for t in main])
 
 
 def plot_routing_entropy(runs: Sequence[tuple[str, EvalRun]], path: Path) -> bool:

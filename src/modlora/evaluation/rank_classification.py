@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import copy
 import inspect
-import json
 import os
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -53,6 +52,7 @@ from modlora.evaluation.results import (
     routing_telemetry,
     seeded_subset,
 )
+from modlora.io import parse_json
 from modlora.progress import progress_bar
 
 # task name -> (file under eval/, continuation delimiter). The delimiter is appended to the query (multiple choice)
@@ -155,9 +155,9 @@ def load_choice_task(path: str | os.PathLike[str], delimiter: str = " ", limit: 
     examples = []
     for i in keep:
         try:
-            row = json.loads(lines[i])
-        except json.JSONDecodeError as exc:
-            raise DataError(f"{path}:{i + 1}: invalid JSON ({exc})") from exc
+            row = parse_json(lines[i])
+        except ValueError as exc:
+            raise DataError(f"{path}:{i + 1}: {exc}") from exc
         examples.append(parse_choice_row(row, delimiter, where=f"{path}:{i + 1}"))
     if not examples:
         raise DataError(f"task file {str(path)!r} has no examples")

@@ -19,7 +19,6 @@ report`` plots). This module also holds the helpers shared by the evaluators: th
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import os
 from collections.abc import Iterator, Mapping, Sequence
@@ -31,7 +30,7 @@ from typing import Any
 import numpy as np
 
 from modlora.errors import DataError, ModloraError
-from modlora.io import atomic_write_json
+from modlora.io import atomic_write_json, parse_json
 
 RESULTS_SCHEMA = "modlora-eval-v1"
 
@@ -152,10 +151,10 @@ def read_json(path: str | os.PathLike[str], what: str) -> Any:
     """Parse a JSON file; a missing or malformed file raises :class:`DataError` naming ``what`` and the path."""
     path = Path(path)
     try:
-        return json.loads(path.read_text())
+        return parse_json(path.read_bytes())
     except FileNotFoundError as exc:
         raise DataError(f"{what} {str(path)!r} not found") from exc
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+    except ValueError as exc:
         raise DataError(f"{what} {str(path)!r} is not valid JSON: {exc}") from exc
 
 
@@ -191,12 +190,12 @@ def format_metrics(scores: TaskScores, metric: str | None = None) -> str:
 def results_table(runs: Sequence[EvalRun], metric: str | None = None, title: str = "Evaluation") -> Any:
     """A rich table: one row per (method, task) with metric ± stderr, n and wall time, then the averages.
 
-    With ``metric`` only that metric is shown; otherwise every metric a task reports. Names fold, never cut."""
+    With ``metric`` only that metric is shown; otherwise every metric a task reports. Names are never split."""
     from rich.text import Text
 
-    from modlora.tables import folding_table
+    from modlora.tables import text_table
 
-    table = folding_table(title, ("method", "task", "metrics", "n", "wall s"), right=("n", "wall s"))
+    table = text_table(title, ("method", "task", "metrics", "n", "wall s"), right=("n", "wall s"))
     for run in runs:
         for task, scores in run.tasks.items():
             table.add_row(run.method, task, format_metrics(scores, metric), str(scores.n), f"{scores.wall_s:.1f}")

@@ -1,19 +1,24 @@
 """Static combinations of LoRA experts in ΔW space, exported as one PEFT-format :class:`LoraAdapter`.
 
-Every expert ``e`` contributes, per adapted module, the dense update ``ΔW_e = s_e · B_e A_e`` (out × in).
-The functions here combine those updates and return a single adapter:
+Every expert ``e`` contributes, per adapted module, the task vector ``τ_e = ΔW_e = s_e · B_e A_e`` (out × in).
+One parametrised merge, :class:`TaskArithmeticMerge` (mergekit's ``GeneralizedTaskArithmeticMerge``), combines them
+per module in three steps:
 
-* :func:`weighted_combination` — task arithmetic ``Σ_e w_e ΔW_e``, exact (rank ``Σ r_e``, no dense ``ΔW``).
-* :func:`ties_merge` — TIES (Yadav et al. 2023): trim each ``ΔW_e`` to its top-``density`` magnitudes, elect the
-  sign of every entry by the sum of the trimmed values, average the agreeing entries (disjoint mean), times ``λ``.
-* :func:`dare_merge` — DARE (Yu et al. 2024): drop each entry with probability ``p``, rescale by ``1/(1-p)``, then
-  combine by task arithmetic (``"linear"``) or TIES sign election + disjoint mean (``"ties"``).
+1. *sparsify* each ``τ_e``: ``"none"``; ``"magnitude"`` (TIES, Yadav et al. 2023: keep the top-``density``
+   magnitudes); ``"random"`` (DARE, Yu et al. 2024: drop each entry with probability ``p``, rescale by ``1/(1-p)``);
+2. *sign consensus* (optional, TIES): elect the sign ``γ`` of every entry by the sum of the sparsified values and keep
+   the entries that agree with it;
+3. the *weighted sum* ``λ · Σ_e w_e τ̂_e`` — with sign consensus of the agreeing entries, divided by how many agree
+   (disjoint mean).
 
-The exact combinations (μ, ``Σ_e w_e ΔW_e``, GenKnowSub) never form a dense ``ΔW``: they are in :mod:`modlora.reuse.lowrank`.
+The registry's ``linear``, ``ties``, ``dare-linear`` and ``dare-ties`` are four settings of it, and so are
+:func:`ties_merge` / :func:`dare_merge` (:func:`ties_delta` / :func:`dare_delta` for one module's dense tensors).
+Without sparsification, sign consensus or a rank (``linear``, :func:`weighted_combination`) the merge is exact and
+never forms a dense ``ΔW``: one rank-``Σ r_e`` adapter from :mod:`modlora.reuse.lowrank` (where μ and GenKnowSub are).
 
-The dense merges (TIES, DARE) follow ``peft.utils.merge_utils`` (``ties``, ``dare_linear``, ``dare_ties``) applied to
-the dense ``ΔW`` as in PEFT's ``add_weighted_adapter(combination_type="ties_svd" | "dare_*_svd")``: signs are elected
-on the *unweighted* trimmed tensors, per-expert weights multiply afterwards. The dense result is turned back into a
+The dense merges follow ``peft.utils.merge_utils`` (``ties``, ``dare_linear``, ``dare_ties``) applied to the dense
+``ΔW`` as in PEFT's ``add_weighted_adapter(combination_type="ties_svd" | "dare_*_svd")``: signs are elected on the
+*unweighted* sparsified tensors, per-expert weights multiply afterwards. The dense result is turned back into a
 LoRA by a truncated SVD ``ΔW ≈ (U_r S_r) V_rᵀ``: ``B = U_r S_r``, ``A = V_rᵀ``, ``alpha = r`` (PEFT's convention);
 the relative Frobenius reconstruction error ``‖ΔW − BA‖_F / ‖ΔW‖_F`` is reported per module in :class:`MergeResult`.
 
@@ -23,19 +28,20 @@ Dense merges hold ``E`` full ``out × in`` matrices of one module at a time (flo
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
 import torch
 
-from modlora.errors import AdapterError
+from modlora.errors import AdapterError, ModloraError
 from modlora.library.adapters import LoraAdapter, LoraSpec
 from modlora.library.experts import Experts, ExpertSet
 from modlora.reuse.lowrank import common_base_model, module_shapes, union_target_modules, weighted_delta_sum
 
 WeightsLike = Mapping[str, float] | Sequence[float] | None
 SignMethod = Literal["total", "frequency"]
+Sparsify = Literal["none", "magnitude", "random"]
 
 
 @dataclass
@@ -105,30 +111,21 @@ def select_experts(experts: Experts, weights: WeightsLike, default: float | None
     return es, resolve_weights(es, weights, default)
 
 
-def check_fraction(value: float, name: str, *, low_open: bool, high_open: bool) -> float:
-    """``value`` as a float in (0, 1] / [0, 1) / … as the flags say; :class:`AdapterError` naming ``name`` else."""
+def check_fraction(value: float, name: str, *, low_open: bool, high_open: bool,
+                   error: type[ModloraError] = AdapterError) -> float:
+    """``value`` as a float in (0, 1] / [0, 1) / … as the flags say; else ``error`` (a method's options pass
+    :class:`~modlora.errors.OptionError`) naming ``name``."""
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(float(value)):
-        raise AdapterError(f"{name} must be a number, got {value!r}")
+        raise error(f"{name} must be a number, got {value!r}")
     v = float(value)
     ok_low = v > 0 if low_open else v >= 0
     ok_high = v < 1 if high_open else v <= 1
     if not (ok_low and ok_high):
-        raise AdapterError(f"{name} must be in {'(' if low_open else '['}0, 1{')' if high_open else ']'}, got {value!r}")
+        raise error(f"{name} must be in {'(' if low_open else '['}0, 1{')' if high_open else ']'}, got {value!r}")
     return v
 
 
-# ------------------------------------------------------------------------------------- exact combination
-
-
-def weighted_combination(experts: Experts, weights: WeightsLike = None) -> LoraAdapter:
-    """Task arithmetic ``ΔW_m = Σ_e w_e ΔW_{e,m}``, exact, as one rank-``Σ r_e`` adapter
-    (:func:`modlora.reuse.lowrank.weighted_delta_sum`). ``weights=None`` averages; a mapping of weights selects the
-    experts it names (in all merges here), a sequence gives one weight per expert."""
-    chosen, w = select_experts(experts, weights)
-    return weighted_delta_sum(chosen, w)
-
-
-# ------------------------------------------------------------------------------------------ dense merges
+# ------------------------------------------------------------------------------- the steps of a merge
 
 
 def dense_deltas(experts: Experts, module: str, shape: tuple[int, int]) -> list[torch.Tensor]:
@@ -169,29 +166,6 @@ def sign_consensus_merge(stacked: torch.Tensor, weights: torch.Tensor, method: S
     agree = stacked.sign() == gamma
     weighted = stacked * weights.view(-1, *([1] * (stacked.dim() - 1)))
     return (weighted * agree).sum(dim=0) / agree.sum(dim=0).clamp(min=1)
-
-
-def ties_delta(deltas: Sequence[torch.Tensor], weights: Sequence[float], density: float,
-               majority_sign_method: SignMethod = "total") -> torch.Tensor:
-    """TIES on dense task tensors (each out × in); equals ``peft.utils.merge_utils.ties``."""
-    stacked = torch.stack([magnitude_trim(d, density) for d in deltas])
-    return sign_consensus_merge(stacked, torch.tensor(weights, dtype=stacked.dtype), majority_sign_method)
-
-
-def dare_delta(deltas: Sequence[torch.Tensor], weights: Sequence[float], drop_rate: float, generator: torch.Generator,
-               combine: Literal["linear", "ties"] = "linear", majority_sign_method: SignMethod = "total") -> torch.Tensor:
-    """DARE on dense task tensors: random drop + rescale each ``τ_e`` (in order), then ``Σ w_e τ̂_e`` or TIES-combine.
-
-    With ``torch.manual_seed(seed)`` before ``peft.utils.merge_utils.dare_linear/dare_ties(…, density=1-p)`` and
-    ``generator = torch.Generator().manual_seed(seed)`` here, the masks and results are identical.
-    """
-    stacked = torch.stack([random_drop(d, drop_rate, generator) for d in deltas])
-    w = torch.tensor(weights, dtype=stacked.dtype)
-    if combine == "linear":
-        return (stacked * w.view(-1, *([1] * (stacked.dim() - 1)))).sum(dim=0)
-    if combine == "ties":
-        return sign_consensus_merge(stacked, w, majority_sign_method)
-    raise AdapterError(f"DARE combine must be 'linear' or 'ties', got {combine!r}")
 
 
 def dense_to_adapter(deltas: Mapping[str, torch.Tensor], rank: int | None = None, *, dropout: float = 0.0,
@@ -247,48 +221,124 @@ def dense_to_adapter(deltas: Mapping[str, torch.Tensor], rank: int | None = None
     return MergeResult(LoraAdapter(spec, A, B, base_model_name), errors, total)
 
 
-def _dense_merge(experts: ExpertSet, combine_module: Callable[[list[torch.Tensor]], torch.Tensor], rank: int | None,
-                 metadata: dict[str, Any]) -> MergeResult:
-    shapes = module_shapes(experts)
-    merged = {m: combine_module(dense_deltas(experts, m, shape)) for m, shape in shapes.items()}
-    res = dense_to_adapter(merged, rank, target_modules=union_target_modules(experts.adapters),
-                           base_model_name=common_base_model(experts))
-    res.metadata = {**metadata, "rank": res.adapter.spec.rank, "total_relative_error": res.total_relative_error,
-                    "max_relative_error": res.max_relative_error}
-    return res
+@dataclass(frozen=True)
+class TaskArithmeticMerge:
+    """One task-arithmetic merge: per module, sparsify every ``τ_e``, optionally elect signs, weighted sum, times ``λ``.
+
+    ``sparsify``: ``"none"``; ``"magnitude"`` keeps the top-``density`` share of ``|τ_e|`` (:func:`magnitude_trim`,
+    ``density`` in (0, 1]); ``"random"`` keeps each entry with probability ``1 − drop_rate`` and rescales by
+    ``1/(1 − drop_rate)`` (:func:`random_drop`, ``drop_rate`` in [0, 1)), all masks from one generator seeded with
+    ``drop_seed``, drawn per module (sorted) and per expert (in order). ``sign_consensus``: TIES's elect + disjoint
+    mean (:func:`sign_consensus_merge` by ``majority_sign_method``) instead of the plain weighted sum. ``scale``: ``λ``.
+    ``rank``: SVD rank of the exported adapter (``None``: exact). Default weights: ``1/E`` (a mean), ``1`` with sign
+    consensus (the disjoint mean averages already).
+    """
+
+    sparsify: Sparsify = "none"
+    density: float = 1.0
+    drop_rate: float = 0.0
+    drop_seed: int = 0
+    sign_consensus: bool = False
+    majority_sign_method: SignMethod = "total"
+    scale: float = 1.0
+    rank: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.sparsify not in ("none", "magnitude", "random"):
+            raise AdapterError(f"sparsify must be 'none', 'magnitude' or 'random', got {self.sparsify!r}")
+        if self.sparsify == "magnitude":
+            check_fraction(self.density, "TIES density", low_open=True, high_open=False)
+        if self.sparsify == "random":
+            check_fraction(self.drop_rate, "DARE drop rate p", low_open=False, high_open=True)
+        if not math.isfinite(float(self.scale)):
+            raise AdapterError(f"scale λ must be finite, got {self.scale!r}")
+
+    def delta(self, deltas: Sequence[torch.Tensor], weights: Sequence[float],
+              generator: torch.Generator | None = None) -> torch.Tensor:
+        """The merged ``ΔW`` of one module from its dense task tensors (each out × in, in the experts' order) and
+        per-expert ``weights``; ``generator`` draws the ``"random"`` masks (default: one seeded with ``drop_seed``)."""
+        if self.sparsify == "magnitude":
+            stacked = torch.stack([magnitude_trim(d, self.density) for d in deltas])
+        elif self.sparsify == "random":
+            generator = torch.Generator().manual_seed(int(self.drop_seed)) if generator is None else generator
+            stacked = torch.stack([random_drop(d, self.drop_rate, generator) for d in deltas])
+        else:
+            stacked = torch.stack(list(deltas))
+        w = torch.tensor(weights, dtype=stacked.dtype)
+        if self.sign_consensus:
+            merged = sign_consensus_merge(stacked, w, self.majority_sign_method)
+        else:
+            merged = (stacked * w.view(-1, *([1] * (stacked.dim() - 1)))).sum(dim=0)
+        return float(self.scale) * merged
+
+    def merge(self, experts: Experts, weights: WeightsLike = None, *, method: str = "task-arithmetic") -> MergeResult:
+        """Merge every module of ``experts`` into one adapter; ``method`` names the merge in the metadata.
+
+        Exact (no sparsification, sign consensus or rank): ``weighted_delta_sum`` with coefficients ``λ w_e``, no
+        dense ``ΔW``. Else :meth:`delta` per module (sorted, one generator), then :func:`dense_to_adapter` at ``rank``.
+        """
+        chosen, w = select_experts(experts, weights, default=1.0 if self.sign_consensus else None)
+        metadata: dict[str, Any] = {"method": method, "experts": list(chosen.names), "weights": w}
+        if self.sparsify == "none" and not self.sign_consensus and self.rank is None:
+            return MergeResult.exact(weighted_delta_sum(chosen, [float(self.scale) * x for x in w]), metadata)
+        generator = torch.Generator().manual_seed(int(self.drop_seed))
+        merged = {m: self.delta(dense_deltas(chosen, m, shape), w, generator)
+                  for m, shape in module_shapes(chosen).items()}
+        res = dense_to_adapter(merged, self.rank, target_modules=union_target_modules(chosen.adapters),
+                               base_model_name=common_base_model(chosen))
+        settings = {k: v for k, v in asdict(self).items() if k != "rank"}
+        res.metadata = {**metadata, **settings, "rank": res.adapter.spec.rank,
+                        "total_relative_error": res.total_relative_error, "max_relative_error": res.max_relative_error}
+        return res
+
+
+# -------------------------------------------------------------------- task arithmetic, TIES, DARE: its settings
+
+
+def weighted_combination(experts: Experts, weights: WeightsLike = None) -> LoraAdapter:
+    """Task arithmetic ``ΔW_m = Σ_e w_e ΔW_{e,m}``, exact, as one rank-``Σ r_e`` adapter
+    (:func:`modlora.reuse.lowrank.weighted_delta_sum`). ``weights=None`` averages; a mapping of weights selects the
+    experts it names (in all merges here), a sequence gives one weight per expert."""
+    return TaskArithmeticMerge().merge(experts, weights).adapter
+
+
+def _dare(combine: str, **settings: Any) -> TaskArithmeticMerge:
+    """DARE: random drop + rescale, then task arithmetic (``combine="linear"``) or TIES sign consensus (``"ties"``)."""
+    if combine not in ("linear", "ties"):
+        raise AdapterError(f"DARE combine must be 'linear' or 'ties', got {combine!r}")
+    return TaskArithmeticMerge("random", sign_consensus=combine == "ties", **settings)
+
+
+def ties_delta(deltas: Sequence[torch.Tensor], weights: Sequence[float], density: float,
+               majority_sign_method: SignMethod = "total") -> torch.Tensor:
+    """TIES on dense task tensors (each out × in); equals ``peft.utils.merge_utils.ties``."""
+    return TaskArithmeticMerge("magnitude", density=density, sign_consensus=True,
+                               majority_sign_method=majority_sign_method).delta(deltas, weights)
+
+
+def dare_delta(deltas: Sequence[torch.Tensor], weights: Sequence[float], drop_rate: float, generator: torch.Generator,
+               combine: Literal["linear", "ties"] = "linear", majority_sign_method: SignMethod = "total") -> torch.Tensor:
+    """DARE on dense task tensors: random drop + rescale each ``τ_e`` (in order), then ``Σ w_e τ̂_e`` or TIES-combine.
+
+    With ``torch.manual_seed(seed)`` before ``peft.utils.merge_utils.dare_linear/dare_ties(…, density=1-p)`` and
+    ``generator = torch.Generator().manual_seed(seed)`` here, the masks and results are identical.
+    """
+    return _dare(combine, drop_rate=drop_rate, majority_sign_method=majority_sign_method).delta(deltas, weights,
+                                                                                                 generator)
 
 
 def ties_merge(experts: Experts, weights: WeightsLike = None, *, density: float = 0.2,
                scale: float = 1.0, majority_sign_method: SignMethod = "total", rank: int | None = None) -> MergeResult:
-    """TIES-merge the experts' dense ``ΔW`` per module, times ``λ = scale``, factored back to a LoRA.
-
-    ``ΔW_m = λ · ties([ΔW_{e,m}]_e, w, density)`` with PEFT's ``ties`` semantics (trim to top-``density``
-    magnitudes, elect sign on the unweighted trimmed values, weighted disjoint mean). ``weights=None`` → all 1.
-    """
-    experts, w = select_experts(experts, weights, default=1.0)
-    names = list(experts.names)
-    density = check_fraction(density, "TIES density", low_open=True, high_open=False)
-    if not math.isfinite(float(scale)):
-        raise AdapterError(f"TIES scale λ must be finite, got {scale!r}")
-    meta = {"method": "ties", "experts": names, "weights": w, "density": density, "scale": float(scale),
-            "majority_sign_method": majority_sign_method}
-    return _dense_merge(experts, lambda ds: float(scale) * ties_delta(ds, w, density, majority_sign_method), rank, meta)
+    """TIES: ``ΔW_m = λ · ties([ΔW_{e,m}]_e, w, density)`` with PEFT's ``ties`` semantics (trim to top-``density``
+    magnitudes, elect sign on the unweighted trimmed values, weighted disjoint mean). ``weights=None`` → all 1."""
+    return TaskArithmeticMerge("magnitude", density=density, sign_consensus=True, scale=scale, rank=rank,
+                               majority_sign_method=majority_sign_method).merge(experts, weights, method="ties")
 
 
 def dare_merge(experts: Experts, weights: WeightsLike = None, *, drop_rate: float = 0.5,
                combine: Literal["linear", "ties"] = "linear", seed: int = 0,
                majority_sign_method: SignMethod = "total", rank: int | None = None) -> MergeResult:
-    """DARE-merge: per module (sorted order) and expert (mapping order), drop with prob ``p``, rescale ``1/(1-p)``.
-
-    ``combine="linear"``: ``Σ_e w_e τ̂_e`` (``weights=None`` → ``1/E``, a mean); ``"ties"``: sign election + weighted
-    disjoint mean (``weights=None`` → all 1). One ``torch.Generator`` seeded with ``seed`` draws all masks.
-    """
-    if combine not in ("linear", "ties"):
-        raise AdapterError(f"DARE combine must be 'linear' or 'ties', got {combine!r}")
-    experts, w = select_experts(experts, weights, default=None if combine == "linear" else 1.0)
-    names = list(experts.names)
-    drop_rate = check_fraction(drop_rate, "DARE drop rate p", low_open=False, high_open=True)
-    gen = torch.Generator().manual_seed(int(seed))
-    meta = {"method": f"dare_{combine}", "experts": names, "weights": w, "drop_rate": drop_rate, "seed": int(seed),
-            "majority_sign_method": majority_sign_method}
-    return _dense_merge(experts, lambda ds: dare_delta(ds, w, drop_rate, gen, combine, majority_sign_method), rank, meta)
+    """DARE: drop with probability ``p``, rescale ``1/(1-p)``, then ``combine="linear"``: ``Σ_e w_e τ̂_e``
+    (``weights=None`` → ``1/E``) or ``"ties"``: sign election + weighted disjoint mean (→ all 1); masks seeded by ``seed``."""
+    settings = _dare(combine, drop_rate=drop_rate, drop_seed=seed, majority_sign_method=majority_sign_method, rank=rank)
+    return settings.merge(experts, weights, method=f"dare-{combine}")

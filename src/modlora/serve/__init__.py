@@ -1,14 +1,44 @@
 """``modlora serve``: an OpenAI-compatible HTTP server that routes every token through a live expert library.
 
-* :mod:`modlora.serve.engine` — continuous batching over one model thread, live library snapshots;
+* :mod:`modlora.serve.engine` — the loop: continuous batching over one model thread, built from
+  :mod:`~modlora.serve.requests` (request/response types), :mod:`~modlora.serve.catalogue` (model ids, admission),
+  :mod:`~modlora.serve.snapshots` (live library snapshots, the pool of expert versions),
+  :mod:`~modlora.serve.generation` (one request's decoding state), :mod:`~modlora.serve.batching` (the batch and its
+  KV cache), :mod:`~modlora.serve.sampling` (token choice, stop strings) and :mod:`~modlora.serve.telemetry`;
 * :mod:`modlora.serve.routing` — per-example routing inside a shared forward (the one link to modlora.reuse.routing);
 * :mod:`modlora.serve.app` — the FastAPI app (OpenAI schemas, SSE, errors, API key);
 * :mod:`modlora.serve.server` — uvicorn and Ray Serve runners.
 """
 
-from modlora.serve.app import ServerOptions, create_app
-from modlora.serve.engine import Engine, EngineOptions, RequestError, RoutingRequest, SamplingParams
-from modlora.serve.server import BackgroundServer, ServeConfig, build_app, run_ray, run_server
+from __future__ import annotations
 
-__all__ = ["BackgroundServer", "Engine", "EngineOptions", "RequestError", "RoutingRequest", "SamplingParams",
-           "ServeConfig", "ServerOptions", "build_app", "create_app", "run_ray", "run_server"]
+import importlib
+from typing import Any
+
+# name → the submodule that defines it; imported on first use, so importing one submodule (or the package)
+# does not load the others and their dependencies
+_LAZY = {
+    "create_app": "modlora.serve.app",
+    "ServerOptions": "modlora.serve.app",
+    "Engine": "modlora.serve.engine",
+    "EngineOptions": "modlora.serve.requests",
+    "RequestError": "modlora.serve.requests",
+    "RoutingRequest": "modlora.serve.requests",
+    "SamplingParams": "modlora.serve.requests",
+    "BackgroundServer": "modlora.serve.server",
+    "build_app": "modlora.serve.server",
+    "run_ray": "modlora.serve.server",
+    "run_server": "modlora.serve.server",
+    "ServeConfig": "modlora.serve.server",
+}
+__all__ = sorted(_LAZY)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _LAZY:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(_LAZY[name]), name)
+
+
+def __dir__() -> list[str]:
+    return __all__

@@ -13,7 +13,7 @@ import hmac
 import json
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import asdict, dataclass
 from typing import Any, Literal
 
@@ -23,14 +23,8 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from modlora.serve.engine import (
-    Engine,
-    Event,
-    RequestError,
-    RoutingRequest,
-    SamplingParams,
-    asyncio_emitter,
-)
+from modlora.serve.engine import Engine
+from modlora.serve.requests import Event, RequestError, RoutingRequest, SamplingParams
 
 COMPLETION_DEFAULT_MAX_TOKENS = 16      # OpenAI's default for /v1/completions
 
@@ -40,11 +34,12 @@ class _Strict(BaseModel):
 
 
 class RoutingParams(_Strict):
-    """``extra_body={"routing": {...}}``: router, Arrow top-k and temperature, and a subset of experts."""
+    """``extra_body={"routing": {...}}``: router, Arrow top-k and temperature (a number or 'sqrt_d'; the server's
+    defaults when absent), and a subset of experts."""
 
     router: str | None = None
     top_k: int | None = Field(default=None, strict=True)
-    temperature: float = 1.0
+    temperature: float | Literal["sqrt_d"] | None = None
     experts: list[str] | None = None
 
 
@@ -178,11 +173,9 @@ def create_app(engine: Engine, options: ServerOptions | None = None) -> FastAPI:
                 "skipped": list(snap.skipped), "stats": asdict(engine.stats)}
 
     def model_cards() -> list[dict[str, Any]]:
-        snap = engine.snapshot
         created = int(time.time())
-        ids = [engine.name] + [f"{engine.name}:{r}" for r in engine.methods] + [
-            f"{engine.name}:expert:{n}" for n in snap.names()]
-        return [{"id": i, "object": "model", "created": created, "owned_by": "modlora"} for i in ids]
+        return [{"id": i, "object": "model", "created": created, "owned_by": "modlora"}
+                for i in engine.catalogue.model_ids(engine.snapshot)]
 
     @app.get("/v1/models")
     async def list_models() -> dict[str, Any]:
@@ -305,6 +298,13 @@ def create_app(engine: Engine, options: ServerOptions | None = None) -> FastAPI:
             req.cancelled = req.cancelled or not req.finished
 
     return app
+
+
+def asyncio_emitter(loop: asyncio.AbstractEventLoop, q: asyncio.Queue[Event]) -> Callable[[Event], None]:
+    """An ``emit`` that hands events from the engine thread to an asyncio queue."""
+    def emit(event: Event) -> None:
+        loop.call_soon_threadsafe(q.put_nowait, event)
+    return emit
 
 
 def _usage(ev: Event) -> dict[str, int] | None:

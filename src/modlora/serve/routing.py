@@ -4,7 +4,8 @@ A batch may mix requests with different routings; every example ``b`` gets a :cl
 
 * **arrow** over an allowed subset ``S_b`` of experts: per token and layer ``logit_e = |x·v_e| / T_b`` for
   ``e ∈ S_b`` (``v_e`` the expert's Arrow prototype at that layer), keep the ``k_b`` largest, softmax over them —
-  exactly :class:`~modlora.reuse.routing.ArrowRouter` restricted to ``S_b``;
+  :func:`~modlora.reuse.routing.top_k_softmax` with the other experts masked, i.e.
+  :class:`~modlora.reuse.routing.ArrowRouter` restricted to ``S_b`` (``T_b = "sqrt_d"``: ``√in`` per layer);
 * **fixed** weights ``w_b`` (E,): the same weights for every token (μ = ``1/|S|`` on ``S``, one expert = one-hot,
   base = all zero), as ``RoutedModel.example_weights`` would apply.
 
@@ -13,10 +14,11 @@ dense-fold path takes (t, E) weights; an all-Arrow batch returns a :class:`TopKR
 While routing, the router accumulates per example and per group of layers the routing mass ``Σ_tokens w`` (E,),
 the entropy ``Σ_tokens −Σ_e w_e log w_e`` and the token count (for the responses' telemetry).
 
-Which methods of the registry (:mod:`modlora.reuse.methods`) a server offers, and how (:func:`served_methods`):
+Which methods of the registry (:mod:`modlora.reuse.methods`) a server offers, and how (:func:`~modlora.serve.served.served_methods`):
 
 * ``base`` (uses no experts): fixed weights 0;
-* ``arrow``: the per-row Arrow above, its ``top_k``/``temperature`` validated by the registry's ``ArrowOptions``;
+* ``arrow``: the per-row Arrow above, its ``top_k``/``temperature`` validated by the registry's ``ArrowOptions``
+  (whose field defaults are the server's defaults);
 * ``mu-delta`` (exact ΔW mean): fixed weights ``1/|S|`` — the same function as its merged adapter;
 * ``mu`` (parameter averaging, ``s·(mean B)(mean A)``): its combined adapter (rank r) becomes one extra *virtual*
   expert of the routed model, and the row puts weight 1 on it.
@@ -30,7 +32,7 @@ This module is the server's only link to :mod:`modlora.reuse.routing` and :mod:`
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping, Sequence, Sized
 from dataclasses import dataclass
 from typing import Any
 
@@ -40,10 +42,11 @@ from modlora.errors import ModloraError, RoutingError
 from modlora.library.adapters import LoraAdapter
 from modlora.library.experts import ExpertSet
 from modlora.reuse.methods import REGISTRY, Registry
-from modlora.reuse.routing import ArrowRouter, RoutedModel, TopKRouting, route
+from modlora.reuse.methods.core import check_top_k_fits
+from modlora.reuse.routing import ArrowRouter, RoutedModel, TopKRouting, route, top_k_softmax
+from modlora.reuse.routing.routers import Temperature, resolve_temperature
 
 ARROW_KIND = ArrowRouter().artifact_kind
-SERVED_KINDS = {"base": "base", "arrow": "arrow", "mu-delta": "weights", "mu": "static"}
 _LAYER_INDEX = re.compile(r"\.layers\.(\d+)\.")
 
 
@@ -54,8 +57,14 @@ class RowRouting:
     kind: str                                   # "arrow" or "fixed"
     allowed: tuple[int, ...] = ()               # arrow: global expert indices it may use
     top_k: int = 0
-    temperature: float = 1.0
+    temperature: Temperature = 1.0
     fixed: Mapping[int, float] | None = None    # fixed: global expert index -> weight (absent = 0)
+
+    @classmethod
+    def uniform(cls, experts: Sequence[int]) -> RowRouting:
+        """Fixed weights ``1/|S|`` on ``experts`` S: μ-delta; weight 1 on one expert or on a static method's
+        combined adapter; none at all for base (no experts)."""
+        return cls("fixed", fixed={i: 1.0 / len(experts) for i in experts})
 
 
 @dataclass
@@ -92,6 +101,7 @@ class BatchRouter:
         self.layer_group: dict[str, int] = {}
         self._rows: list[RowRouting] = []
         self._batch: dict[str, torch.Tensor] = {}
+        self._inv_temperatures: dict[int, torch.Tensor] = {}   # input width -> (B,) 1/T of each row
         self.telemetry: RowTelemetry | None = None
 
     def bind(self, experts: ExpertSet, layers: Mapping[str, list[int]], device: torch.device | str = "cpu") -> None:
@@ -116,29 +126,30 @@ class BatchRouter:
                 for i, w in (row.fixed or {}).items():
                     fixed[b, i] = w
         self._rows = list(rows)
-        self._batch = {
-            "arrow": torch.tensor([r.kind == "arrow" for r in rows]), "allow": allow, "fixed": fixed,
-            "inv_temp": torch.tensor([1.0 / r.temperature if r.kind == "arrow" else 1.0 for r in rows]),
-            "k": torch.tensor([r.top_k for r in rows], dtype=torch.long)}
+        self._batch = {"arrow": torch.tensor([r.kind == "arrow" for r in rows]), "allow": allow, "fixed": fixed,
+                       "k": torch.tensor([r.top_k for r in rows], dtype=torch.long)}
+        self._inv_temperatures = {}
         self.telemetry = RowTelemetry(torch.zeros(B, self.groups, E), torch.zeros(B, self.groups),
                                       torch.zeros(B, self.groups))
 
-    def _arrow(self, x: torch.Tensor, layer: str, ids: torch.Tensor, seq: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Top-k indices (t, k) into the layer's experts and their softmax weights (t, k) (0 where masked)."""
+    def _inv_temperature(self, width: int) -> torch.Tensor:
+        """``1/T_b`` (B,) of each row at a layer with ``width`` inputs (1 for rows that are not Arrow)."""
+        if width not in self._inv_temperatures:
+            self._inv_temperatures[width] = torch.tensor(
+                [1.0 / resolve_temperature(r.temperature, width) if r.kind == "arrow" else 1.0 for r in self._rows])
+        return self._inv_temperatures[width]
+
+    def _arrow(self, x: torch.Tensor, layer: str, ids: torch.Tensor, seq: int) -> TopKRouting:
+        """Each row's Arrow routing over its allowed experts of the layer: indices (t, k) and weights (t, k), with
+        weight 0 past a row's own k or where it has no allowed expert."""
         mat = self.matrices.get(layer)
         if mat is None:
             raise RoutingError(f"no Arrow prototypes for layer {layer}")
         bt = self._batch
         logits = (x.to(mat.device, torch.float32) @ mat.T).abs_()                       # (t, E_l)
-        logits = logits * bt["inv_temp"].repeat_interleave(seq).unsqueeze(1)
+        logits = logits * self._inv_temperature(mat.shape[1]).repeat_interleave(seq).unsqueeze(1)
         allow = bt["allow"].index_select(1, ids).repeat_interleave(seq, 0)                # (t, E_l)
-        logits = logits.masked_fill(~allow, float("-inf"))
-        kmax = min(int(bt["k"].max()), logits.shape[1])
-        vals, idx = torch.topk(logits, kmax, dim=1)
-        keep = torch.arange(kmax).unsqueeze(0) < bt["k"].repeat_interleave(seq).unsqueeze(1)
-        vals = vals.masked_fill(~keep, float("-inf"))
-        w = torch.softmax(vals, dim=1).nan_to_num(0.0)          # a row with no allowed expert here: all zero
-        return idx, w
+        return top_k_softmax(logits, bt["k"].repeat_interleave(seq), allow)
 
     def __call__(self, x: torch.Tensor, layer: str) -> torch.Tensor | TopKRouting:
         bt = self._batch
@@ -149,14 +160,13 @@ class BatchRouter:
         ids = self.layer_ids[layer]
         is_arrow = bt["arrow"]
         if bool(is_arrow.all()):
-            idx, w = self._arrow(x, layer, ids, seq)
-            dense = w.new_zeros(x.shape[0], ids.shape[0]).scatter_add_(1, idx, w)
-            routing: torch.Tensor | TopKRouting = TopKRouting(idx.to(x.device), w.to(x.device))
+            arrow = self._arrow(x, layer, ids, seq)
+            dense = arrow.dense(ids.shape[0])
+            routing: torch.Tensor | TopKRouting = TopKRouting(arrow.indices.to(x.device), arrow.weights.to(x.device))
         else:
             dense = bt["fixed"].index_select(1, ids).repeat_interleave(seq, 0)            # (t, E_l)
             if bool(is_arrow.any()):
-                idx, w = self._arrow(x, layer, ids, seq)
-                arrow_dense = w.new_zeros(dense.shape).scatter_add_(1, idx, w)
+                arrow_dense = self._arrow(x, layer, ids, seq).dense(ids.shape[0])
                 dense = torch.where(is_arrow.repeat_interleave(seq).unsqueeze(1), arrow_dense, dense)
             routing = dense.to(x.device)
         self._record(dense, layer, ids, B, seq)
@@ -174,40 +184,12 @@ class BatchRouter:
         tel.tokens[:, g] += seq
 
 
-@dataclass(frozen=True)
-class ServedMethod:
-    """A registry method as the server runs it: ``kind`` is ``base``, ``arrow``, ``weights`` or ``static``."""
 
-    name: str
-    kind: str
-    summary: str
-
-
-def served_methods(registry: Registry = REGISTRY) -> dict[str, ServedMethod]:
-    """The registry's methods this server can run per request (see the module docstring), in registry order."""
-    out = {}
-    for method in registry.methods:
-        kind = SERVED_KINDS.get(method.name)
-        if kind is not None:
-            out[method.name] = ServedMethod(method.name, kind, method.summary)
-    return out
-
-
-def refusal(name: str, registry: Registry = REGISTRY) -> str:
-    """Why the method ``name`` is not served (for the 400 message)."""
-    method = registry.get(name)                       # raises RoutingError for an unknown name
-    caps = method.capabilities
-    if caps.needs_data or caps.needs_task_labels:
-        return f"method {name!r} needs the experts' training data or each example's task; it is not served"
-    return f"method {name!r} gives a dense (full-rank) adapter that cannot share a routed batch; it is not served"
-
-
-def arrow_row(allowed: Sequence[int], top_k: int, temperature: float, registry: Registry = REGISTRY) -> RowRouting:
-    """An Arrow row, its options checked by the registry's Arrow options (raises :class:`RoutingError`)."""
-    registry.get("arrow").options_from({"top_k": top_k, "temperature": float(temperature)})
-    if top_k > len(allowed):
-        raise RoutingError(f"top_k={top_k} exceeds the number of experts ({len(allowed)})")
-    return RowRouting("arrow", tuple(allowed), top_k, float(temperature))
+def check_arrow(top_k: int, temperature: Temperature, experts: Sized, registry: Registry = REGISTRY) -> None:
+    """Refuse what the registry's Arrow options refuse and a ``top_k`` above the number of ``experts``
+    (:class:`RoutingError`)."""
+    registry.get("arrow").options_from({"top_k": top_k, "temperature": temperature})
+    check_top_k_fits("arrow", top_k, experts)
 
 
 def static_adapter(name: str, experts: Mapping[str, LoraAdapter], registry: Registry = REGISTRY) -> LoraAdapter:

@@ -17,7 +17,8 @@ from modlora.errors import ModloraError
 from modlora.models import DEFAULT_MODEL, load_base_model
 from modlora.reuse.methods import REGISTRY, Registry
 from modlora.serve.app import ServerOptions, create_app
-from modlora.serve.engine import Engine, EngineOptions
+from modlora.serve.engine import Engine
+from modlora.serve.requests import EngineOptions
 
 API_KEY_ENV = "MODLORA_API_KEY"
 

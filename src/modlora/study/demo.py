@@ -24,7 +24,10 @@ from rich.console import Console
 
 from modlora.io import atomic_write_json
 from modlora.models import DEFAULT_MODEL
-from modlora.study.run import PairedDifference, StudyConfig, heldout_group_tasks, paired_difference, run_study
+from modlora.reuse.methods.arrow import ArrowOptions
+from modlora.study.config import StudyConfig
+from modlora.study.run import run_study
+from modlora.study.stats import PairedDifference, heldout_group_tasks, paired_difference
 from modlora.tables import print_split_table
 
 DEMO_TASKS = (
@@ -60,10 +63,11 @@ def demo_config(model: str = DEFAULT_MODEL, tasks: Sequence[str] | None = None, 
                 ) -> StudyConfig:
     """The demo preset: 6 tasks × 12 steps (batch 8, bf16, EVA init), MBC K=3, 8 held-out tasks (4 related to the
     training tasks, 4 not) × 4 examples, 4 test examples per training task. Arrow and Arrow on centred inputs route
-    top-4 over the private experts; Arrow routes top-K over the K cluster experts (K < 4)."""
+    top-k over the private experts, k = Arrow's default (4; at most the number of tasks); Arrow routes top-K over the
+    K cluster experts (K < 4)."""
     train = list(tasks or DEMO_TASKS)
     k = 3 if len(train) > 3 else 2
-    top_k = min(4, len(train))
+    top_k = min(ArrowOptions.top_k, len(train))
     rows = [["-", "base"], ["private", "mu"], ["private", "arrow", {"top_k": top_k}],
             ["private", "arrow-centred", {"top_k": top_k}], ["private", "oracle"],
             ["mbc", "mu"], ["mbc", "arrow", {"top_k": min(top_k, k)}]]

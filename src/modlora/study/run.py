@@ -1,13 +1,14 @@
-"""The paper's experiment end to end at a configurable scale (the demo and ``benchmarks/study.py`` use it).
+"""The paper's experiment end to end at a configurable scale (the demo and ``benchmarks/study.py`` use it): what
+:class:`~modlora.study.config.StudyConfig` names is built, evaluated and reported (:mod:`modlora.study.report`).
 
 Steps, all resumable (finished experts and finished result rows are reused):
 
 1. build the libraries named in the config over the training tasks (:mod:`modlora.build.strategies`): ``private``,
    ``mbc``, ``mbc-params``, ``shared``, ``random``, ``semantic``, ``poly``, ``mhr``, ``mbc-share``, ``semantic-share``
-   (:data:`LIBRARIES`). MBC's stage 1 is a separate private library trained with ``stage1_fraction``
-   of the budget (the paper's protocol), or — with ``mbc_reuses_private``, to save time in small runs — the private
-   library itself: the clustering then sees fully trained private experts while MBC is charged only
-   ``stage1_fraction`` of their cost, which slightly favours MBC (the tables say which was used);
+   (:data:`~modlora.study.config.LIBRARIES`). MBC's stage 1 is a separate private library trained with
+   ``stage1_fraction`` of the budget (the paper's protocol), or — with ``mbc_reuses_private``, to save time in small
+   runs — the private library itself: the clustering then sees fully trained private experts while MBC is charged
+   only ``stage1_fraction`` of their cost, which slightly favours MBC (the tables say which was used);
 2. cluster plot of the private library (similarity ordered by cluster);
 3. for every row ``[library, method]`` or ``[library, method, {options}]`` (a method of the registry,
    :mod:`modlora.reuse.methods`, with its options; or ``lorahub``, the few-shot row): held-out SNI Rouge-L / exact match
@@ -15,7 +16,7 @@ Steps, all resumable (finished experts and finished result rows are reused):
    in-distribution prompts (:func:`modlora.evaluation.prompt_routing_accuracy`), inference throughput (generated +
    prompt tokens per second), and training compute of the library; the benchmarks (``choice_tasks``) on the rows
    named in ``choice_rows`` (every row when it is ``None``);
-4. a JSON with everything, a Markdown table and plots.
+4. a JSON with everything, a Markdown table and plots (:mod:`modlora.study.report`).
 
 Compute matching: every library gets ``steps_per_task`` optimizer steps per training task in total (see
 :mod:`modlora.build.strategies`); with ``mbc_reuses_private`` the MBC row reuses the private experts as its stage 1 and the
@@ -24,21 +25,17 @@ table reports MBC's training compute as stage 1 (``stage1_fraction`` of the priv
 
 from __future__ import annotations
 
-import json
-import math
 import time
-from collections.abc import Collection, Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from rich.console import Console
 
-from modlora.build.clustering import DEFAULT_FEATURES, Features, partition_quality, plot_clustering, read_label_file
-from modlora.build.initialisation import DEFAULT_INIT, InitMethod, check_init, check_init_fits
+from modlora.build.clustering import partition_quality, plot_clustering, read_label_file
 from modlora.build.strategies import (
-    BuildConfig,
     build_mbc_library,
     build_poly_library,
     build_private_library,
@@ -46,193 +43,21 @@ from modlora.build.strategies import (
     build_semantic_library,
     build_shared_library,
 )
-from modlora.build.training import TrainConfig
-from modlora.data import (
-    PromptFormatter,
-    PromptLimits,
-    Truncate,
-    default_data_dir,
-    encode_tasks,
-    load_sni_tasks,
-    split_instances,
-)
+from modlora.data import PromptFormatter, default_data_dir, encode_tasks, load_sni_tasks, split_instances
 from modlora.errors import ModloraError
 from modlora.evaluation.generation import generate_and_score
 from modlora.evaluation.indist import own_routed_expert, prompt_routing_accuracy
 from modlora.evaluation.rank_classification import evaluate_choice_tasks
-from modlora.evaluation.results import mean_and_stderr
+from modlora.evaluation.results import mean_and_stderr, read_json
 from modlora.io import atomic_write_bytes, atomic_write_json
-from modlora.library.experts import DEFAULT_SHARE_MODE, SHARE_MODES, ShareInfo, ShareMode
+from modlora.library.share import ShareInfo
 from modlora.library.store import ExpertLibrary
-from modlora.models import DEFAULT_MODEL, LoadedModel, load_base_model
+from modlora.models import LoadedModel, load_base_model
 from modlora.reuse.methods import REGISTRY
-from modlora.reuse.methods.core import MethodOptions, TrainingDataOptions
 from modlora.reuse.prepare import prepare_model
-from modlora.tables import print_split_table
-
-LORAHUB_ROW = "lorahub"  # the few-shot row: not a zero-shot reuse method, so not in the registry
-
-
-@dataclass
-class StudyConfig:
-    """Everything a study run needs; ``from_json`` reads the shipped configs in ``benchmarks/configs``."""
-
-    name: str = "study"
-    model: str = DEFAULT_MODEL
-    dtype: str | None = None
-    train_tasks: list[str] = field(default_factory=list)
-    steps_per_task: int = 40
-    batch_size: int = 8
-    lr: float = 1e-3
-    max_examples: int | None = None
-    max_prompt_tokens: int = 256
-    max_target_tokens: int = 64
-    truncate: Truncate = "left"
-    """How a prompt over ``max_prompt_tokens`` is cut, in training and evaluation (:class:`modlora.data.PromptLimits`)."""
-    max_val: int = 16
-    libraries: list[str] = field(default_factory=lambda: ["private", "mbc"])
-    k: int | str = 3
-    stage1_fraction: float = 0.4
-    mbc_reuses_private: bool = True
-    skills: int = 4
-    mhr_heads: int = 2
-    allocation_lr: float = 1e-2
-    share_fraction: float = 0.2
-    share_mode: ShareMode = DEFAULT_SHARE_MODE
-    rows: list[list[Any]] = field(default_factory=lambda: [["-", "base"], ["private", "mu"], ["private", "arrow"],
-                                                           ["private", "oracle"], ["mbc", "mu"], ["mbc", "arrow"]])
-    method_options: dict[str, dict[str, Any]] = field(default_factory=lambda: {"arrow": {"top_k": 4}})
-    heldout_tasks: list[str] | None = None
-    """Held-out tasks: SNI test tasks (``sni/heldout``) or pool tasks (``sni/tasks``) that no library trains on
-    (``None``: every SNI test task)."""
-    heldout_groups: str | None = None
-    """A label file (JSON ``{task: group}`` or CSV) grouping the held-out tasks, e.g. ``related`` / ``unrelated``
-    to the training tasks: each group gets its own paired differences (``None``: one group)."""
-    heldout_limit: int = 5
-    indist_limit: int = 5
-    max_new_tokens: int = 32
-    gen_batch_size: int = 8
-    choice_tasks: list[str] = field(default_factory=list)
-    choice_limit: int | None = None
-    choice_batch_size: int = 16
-    choice_rows: list[str] | None = None
-    """Row keys (:func:`row_key`, e.g. ``"private/arrow"``) scored on the benchmarks; ``None``: every row."""
-    examples_per_expert: int = 16
-    task_families: str | None = None
-    """A label file (JSON ``{task: family}`` or CSV ``task,family``) to score every clustered library's partition
-    of the training tasks against: adjusted Rand index and purity (``None``: the number of clusters only)."""
-    lorahub_shots: int = 5
-    lorahub_budget: int = 40
-    seed: int = 0
-    init: InitMethod = DEFAULT_INIT
-    """How every expert's A starts (:mod:`modlora.build.initialisation`; Poly/MHR skills always start from seeds)."""
-
-    @classmethod
-    def from_json(cls, path: str | Path) -> StudyConfig:
-        try:
-            raw = json.loads(Path(path).read_text())
-        except (OSError, json.JSONDecodeError) as exc:
-            raise ModloraError(f"{path}: cannot read study config ({exc})") from None
-        return cls.from_mapping(raw, path)
-
-    @classmethod
-    def from_mapping(cls, raw: Mapping[str, Any], path: str | Path) -> StudyConfig:
-        """The config of a JSON object read from ``path``: unknown settings refused, ``task_families`` taken
-        relative to the config's folder, then :meth:`validate`."""
-        unknown = sorted(set(raw) - set(cls.__dataclass_fields__))
-        if unknown:
-            raise ModloraError(f"{path}: unknown study setting(s): {', '.join(unknown)}")
-        raw = dict(raw)
-        for key in ("task_families", "heldout_groups"):
-            if raw.get(key):
-                raw[key] = str(Path(path).parent / raw[key])
-        cfg = cls(**raw)
-        cfg.validate(str(path))
-        return cfg
-
-    def validate(self, source: str = "study config") -> None:
-        """Check every row's method and options and that ``choice_rows`` names rows of the config, before any
-        model loads (ModloraError naming ``source`` and the row), and ``share_mode``."""
-        if self.share_mode not in SHARE_MODES:
-            raise ModloraError(f"{source}: share_mode must be one of {', '.join(SHARE_MODES)}, got "
-                               f"{self.share_mode!r}")
-        try:
-            self.limits.record()  # validates the prompt limits
-            check_init(self.init)
-            for name in self.libraries:
-                check_init_fits(self.init, name)
-        except ModloraError as exc:
-            raise ModloraError(f"{source}: {exc}") from None
-        for row in self.rows:
-            try:
-                self.row_options(row, Path("."))
-            except ModloraError as exc:
-                raise ModloraError(f"{source}: row {row}: {exc}") from None
-        for key in ("task_families", "heldout_groups"):
-            if getattr(self, key) is not None:
-                try:
-                    read_label_file(getattr(self, key))
-                except ModloraError as exc:
-                    raise ModloraError(f"{source}: {key}: {exc}") from None
-        trained = sorted(set(self.heldout_tasks or ()) & set(self.train_tasks))
-        if trained:
-            raise ModloraError(f"{source}: heldout_tasks {', '.join(trained)} are training tasks of the study")
-        if self.choice_rows is not None:
-            keys = {row_key(row) for row in self.rows}
-            unknown = [key for key in self.choice_rows if key not in keys]
-            if unknown:
-                raise ModloraError(f"{source}: choice_rows {', '.join(unknown)} are not rows of the study "
-                                   f"(rows: {', '.join(sorted(keys))})")
-
-    @property
-    def limits(self) -> PromptLimits:
-        return PromptLimits(self.max_prompt_tokens, self.max_target_tokens, self.truncate)
-
-    def scores_choice(self, row: Sequence[Any]) -> bool:
-        """Whether ``row`` is scored on the benchmarks (``choice_tasks`` and, if set, ``choice_rows``)."""
-        return bool(self.choice_tasks) and (self.choice_rows is None or row_key(row) in self.choice_rows)
-
-    def row_options(self, row: Sequence[Any], data_dir: Path) -> MethodOptions | None:
-        """The validated options of a ``[library, method(, {options})]`` row: the method's defaults, then
-        ``method_options[method]``, then the row's own; data-reading methods get the training-task directory and
-        ``examples_per_expert``. ``None`` for the LoraHub row."""
-        if not 2 <= len(row) <= 3 or (len(row) == 3 and not isinstance(row[2], Mapping)):
-            raise ModloraError("a row is [library, method] or [library, method, {option: value}]")
-        if row[1] == LORAHUB_ROW:
-            return None
-        method = REGISTRY.get(row[1])
-        values: dict[str, Any] = {}
-        if issubclass(method.Options, TrainingDataOptions):
-            values = {"task_dir": str(data_dir / "sni" / "tasks"), "examples_per_expert": self.examples_per_expert}
-        values |= dict(self.method_options.get(method.name, {})) | (dict(row[2]) if len(row) == 3 else {})
-        return method.options_from(values)
-
-    def build_config(self, device: str | None, data_dir: Path) -> BuildConfig:
-        return BuildConfig(model=self.model, device=device, dtype=self.dtype, data_dir=str(data_dir / "sni" / "tasks"),
-                           train=TrainConfig(steps=self.steps_per_task, batch_size=self.batch_size, lr=self.lr,
-                                             seed=self.seed),
-                           max_examples=self.max_examples, max_val=self.max_val,
-                           max_prompt_tokens=self.max_prompt_tokens, max_target_tokens=self.max_target_tokens,
-                           truncate=self.truncate,
-                           init=self.init)
-
-
-def row_key(row: Sequence[Any]) -> str:
-    """``library/method`` (``method`` alone without a library), plus ``[opt=value,…]`` for a row's own options."""
-    key = f"{row[0]}/{row[1]}" if row[0] != "-" else str(row[1])
-    return key + ("[" + ",".join(f"{k}={v}" for k, v in sorted(row[2].items())) + "]" if len(row) == 3 else "")
-
-
-MBC_FEATURES: dict[str, Features] = {"mbc": DEFAULT_FEATURES, "mbc-params": "params", "mbc-share": DEFAULT_FEATURES}
-"""The MBC library kinds and the similarity each clusters on (:mod:`modlora.build.clustering`): ``mbc`` and ``mbc-share``
-on the experts' updates ΔW (``delta``), ``mbc-params`` on the paper's flattened, sparsified parameters."""
-
-LIBRARIES = ("private", "mbc", "mbc-params", "shared", "random", "semantic", "poly", "mhr", "mbc-share",
-             "semantic-share")
-"""Library kinds a study can build: the MBC kinds of :data:`MBC_FEATURES`; ``mbc-share`` / ``semantic-share`` are
-MBC / semantic with ``--share`` (``share_fraction`` of the budget on a shared expert, ``share_mode`` warm or
-residual); ``random`` copies the cluster sizes of ``mbc``; ``poly`` / ``mhr`` have ``skills`` skills (MHR:
-``mhr_heads`` heads)."""
+from modlora.study.config import LIBRARIES, LORAHUB_ROW, MBC_FEATURES, StudyConfig, row_key
+from modlora.study.report import plot_paired, plot_results, print_study_results, results_markdown
+from modlora.study.stats import mean_of_means
 
 
 def build_libraries(cfg: StudyConfig, out: Path, device: str | None, console: Console, data_dir: Path
@@ -419,17 +244,12 @@ def _task_cell(scores: Mapping[str, list[float]]) -> dict[str, Any]:
             | {"n": len(scores["rougeL"]), "_per_example_rougeL": scores["rougeL"]})
 
 
-def _mean_of_means(cells: Sequence[tuple[float, float]]) -> dict[str, float]:
-    """Mean of ``(mean, stderr)`` cells with the standard error propagated: ``sqrt(Σ se²) / n``."""
-    return {"mean": sum(m for m, _ in cells) / len(cells),
-            "stderr": math.sqrt(sum(se * se for _, se in cells)) / len(cells)}
-
 
 def _finish_row(row: dict[str, Any], gen_tokens: int, gen_seconds: float) -> dict[str, Any]:
     """Throughput and the pooled means ± standard errors of a row's per-task scores."""
     row["tokens_per_second"] = gen_tokens / max(gen_seconds, 1e-9)
     if row["choice"]:
-        row["choice_acc_norm"] = _mean_of_means([(d["acc_norm"], d["stderr"]) for d in row["choice"].values()]) \
+        row["choice_acc_norm"] = mean_of_means([(d["acc_norm"], d["stderr"]) for d in row["choice"].values()]) \
             | {"n": len(row["choice"])}
     for part in ("heldout", "indist"):
         vals = [r for d in row[part].values() for r in d.pop("_per_example_rougeL")]
@@ -473,7 +293,7 @@ def run_study(cfg: StudyConfig, out: Path, *, device: str | None = None, data_di
         lib_name, key = row[0], row_key(row)
         path = rows_dir / (key.replace("/", "__") + ".json")
         if path.is_file():
-            results["rows"][key] = json.loads(path.read_text())
+            results["rows"][key] = read_json(path, "study row")
             console.print(f"[dim]{key}: reused {path}[/]")
             continue
         if lib_name != "-" and lib_name not in libs:
@@ -493,237 +313,3 @@ def run_study(cfg: StudyConfig, out: Path, *, device: str | None = None, data_di
     plot_paired(results, out / "paired.png")
     print_study_results(results, console)
     return results
-
-
-@dataclass(frozen=True)
-class PairedDifference:
-    """Row ``row`` minus row ``reference`` on each task both scored: Rouge-L for ``part`` ``heldout`` or ``indist``,
-    acc_norm per benchmark set for ``choice``; the mean difference ± its standard error across the ``n`` tasks
-    (sd / √n, ddof 1)."""
-
-    row: str
-    reference: str
-    part: str
-    mean: float
-    stderr: float
-    n: int
-
-    @property
-    def z(self) -> float:
-        """The difference in standard errors (NaN when the standard error is 0)."""
-        return self.mean / self.stderr if self.stderr > 0 else math.nan
-
-    def cell(self) -> str:
-        """``+3.2 ± 1.1 (+2.9 s.e.)`` in Rouge-L (or accuracy) points."""
-        z = f" ({self.z:+.1f} s.e.)" if not math.isnan(self.z) else ""
-        return f"{100 * self.mean:+.1f} ± {100 * self.stderr:.1f}{z}"
-
-
-PAIRED_METRICS = {"heldout": "rougeL", "indist": "rougeL", "choice": "acc_norm"}
-"""The per-task score :func:`paired_difference` pairs, by part of a result row."""
-
-
-def paired_difference(results: Mapping[str, Any], row: str, reference: str, part: str = "heldout",
-                      tasks: Collection[str] | None = None) -> PairedDifference | None:
-    """:class:`PairedDifference` of two result rows over the tasks both scored (and in ``tasks`` when given);
-    ``None`` with fewer than two."""
-    a = results["rows"].get(row, {}).get(part) or {}
-    b = results["rows"].get(reference, {}).get(part) or {}
-    both = set(a) & set(b)
-    common = sorted(both if tasks is None else both & set(tasks))
-    if len(common) < 2:
-        return None
-    metric = PAIRED_METRICS[part]
-    mean, stderr = mean_and_stderr([a[t][metric] - b[t][metric] for t in common])
-    return PairedDifference(row, reference, part, mean, stderr, len(common))
-
-
-PAIRED_HEADERS = ["row", "held-out − base", "held-out − μ", "in-dist − base", "benchmarks − base"]
-PARTITION_HEADERS = ["library", "K", "ARI", "purity"]
-
-
-def _row_differences(results: Mapping[str, Any], key: str) -> list[PairedDifference | None]:
-    """Row ``key``'s paired differences in the order of ``PAIRED_HEADERS[1:]``: its held-out Rouge-L minus the
-    base's and minus its library's μ, its in-distribution Rouge-L minus the base's and its benchmark acc_norm minus
-    the base's (across benchmark sets); ``None`` where a pair has nothing to compare."""
-    mu = f"{results['rows'][key].get('library')}/mu"
-    return [paired_difference(results, key, "base"),
-            paired_difference(results, key, mu) if key != mu else None,
-            paired_difference(results, key, "base", "indist"),
-            paired_difference(results, key, "base", "choice")]
-
-
-def _paired_cells(results: Mapping[str, Any]) -> list[list[str]]:
-    """Per row (but the base) with any paired difference: its :func:`_row_differences` as table cells."""
-    out = []
-    for key in results["rows"]:
-        if key != "base" and any(diffs := _row_differences(results, key)):
-            out.append([key, *(d.cell() if d else "-" for d in diffs)])
-    return out
-
-
-def heldout_group_tasks(results: Mapping[str, Any]) -> dict[str, list[str]]:
-    """``results["heldout_groups"]`` ({task: group}) inverted: the held-out tasks of each group (empty: no groups)."""
-    groups: dict[str, list[str]] = {}
-    for task, group in (results.get("heldout_groups") or {}).items():
-        groups.setdefault(group, []).append(task)
-    return groups
-
-
-def _group_cells(results: Mapping[str, Any]) -> tuple[list[str], list[list[str]]]:
-    """Headers and rows of the held-out paired differences per group of ``results["heldout_groups"]``: per row
-    with held-out scores (but the base), its difference from the base and from its library's μ in each group."""
-    groups = heldout_group_tasks(results)
-    if not groups:
-        return [], []
-    headers = ["row"] + [f"{g} ({len(t)} tasks) − {ref}" for g, t in groups.items() for ref in ("base", "μ")]
-    rows = []
-    for key, row in results["rows"].items():
-        if key == "base" or not row.get("heldout"):
-            continue
-        mu = f"{row.get('library')}/mu"
-        diffs = [paired_difference(results, key, ref, tasks=t) if ref != key else None
-                 for t in groups.values() for ref in ("base", mu)]
-        rows.append([key, *(d.cell() if d else "-" for d in diffs)])
-    return headers, rows
-
-
-def _partition_rows(results: Mapping[str, Any]) -> list[list[str]]:
-    return [[name, str(p["k"]), f"{p['ari']:.2f}" if p.get("ari") is not None else "-",
-             f"{p['purity']:.2f}" if p.get("purity") is not None else "-"]
-            for name, p in (results.get("partitions") or {}).items()]
-
-
-def _fmt(m: Any) -> str:
-    if isinstance(m, dict) and "mean" in m:
-        return f"{100 * m['mean']:.1f} ± {100 * m['stderr']:.1f}" if not math.isnan(m["stderr"]) else \
-            f"{100 * m['mean']:.1f}"
-    return "-"
-
-
-def _average(row: Mapping[str, Any]) -> dict[str, float] | None:
-    """Mean of the held-out columns (each benchmark's acc_norm and the held-out SNI Rouge-L), s.e. propagated."""
-    cells = [(d["acc_norm"], d["stderr"]) for d in row.get("choice", {}).values()]
-    if "heldout_rougeL" in row:
-        cells.append((row["heldout_rougeL"]["mean"], row["heldout_rougeL"]["stderr"]))
-    return _mean_of_means(cells) if cells else None
-
-
-def _headers(results: Mapping[str, Any]) -> list[str]:
-    choice = list(results["config"].get("choice_tasks") or [])
-    return (["row"] + choice + ["held-out SNI Rouge-L"] + (["average"] if choice else [])
-            + ["in-dist Rouge-L", "routing acc.", "train tokens", "train s", "infer tok/s"])
-
-
-def _row_cells(key: str, row: Mapping[str, Any], results: Mapping[str, Any]) -> list[str]:
-    lib = results["libraries"].get(row.get("library", "-"), {})
-    acc = row.get("routing_accuracy", {}).get("overall")
-    choice = [_fmt({"mean": row["choice"][t]["acc_norm"], "stderr": row["choice"][t]["stderr"]})
-              if t in row.get("choice", {}) else "-" for t in results["config"].get("choice_tasks") or []]
-    average = [(_fmt(_average(row)) if row.get("choice") else "-")] if choice else []
-    return [key, *choice, _fmt(row.get("heldout_rougeL")), *average, _fmt(row.get("indist_rougeL")),
-            f"{100 * acc:.0f}%" if acc is not None else "-",
-            f"{lib.get('train_tokens', 0) / 1000:.0f}k" if lib else "0",
-            f"{lib.get('train_seconds', 0):.0f}" if lib else "0",
-            f"{row.get('tokens_per_second', 0):.0f}"]
-
-
-def results_markdown(results: Mapping[str, Any]) -> str:
-    """The results table, then the paired differences across tasks and the clustered libraries' partitions."""
-    text = _markdown_table(_headers(results), [_row_cells(k, r, results) for k, r in results["rows"].items()])
-    text += ("\nBenchmarks: rank-classification accuracy with per-character length normalisation (acc_norm), in %; "
-             "Rouge-L in %; mean ± standard error over examples (the average's s.e. propagated from its columns). "
-             "Train tokens/s: the library's training compute (MBC includes its stage 1); infer tok/s: generation "
-             "throughput.\n")
-    paired = _paired_cells(results)
-    if paired:
-        text += ("\n**Paired differences** in Rouge-L points (benchmarks: acc_norm points): per task (benchmark "
-                 "set), the row's mean minus the reference row's mean on the same examples; mean ± standard error "
-                 "across tasks (in brackets: the difference in standard errors).\n\n" + _markdown_table(PAIRED_HEADERS, paired))
-    group_headers, group_rows = _group_cells(results)
-    if group_rows:
-        text += ("\n**Held-out tasks by group** (`heldout_groups`): the same paired differences of held-out Rouge-L "
-                 "within each group of tasks.\n\n" + _markdown_table(group_headers, group_rows))
-    parts = _partition_rows(results)
-    if parts:
-        text += ("\n**Clustered libraries**: K routed experts and, against the task families "
-                 f"(`{results['config'].get('task_families')}`), adjusted Rand index and purity.\n\n"
-                 + _markdown_table(PARTITION_HEADERS, parts))
-    return text
-
-
-def _markdown_table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
-    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
-    return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in rows]) + "\n"
-
-
-def _grouped_bars_png(keys: Sequence[str], series: Sequence[tuple[str, Any]], title: str, ylabel: str,
-                      path_png: Path) -> Path:
-    """One PNG of grouped bars: per key, one bar per ``(label, get)`` series, ``get(key)`` → ``(value, stderr)`` or
-    ``None``, with ±1 standard-error whiskers."""
-    import io
-
-    from matplotlib.figure import Figure  # a bare Figure renders with Agg; no pyplot, no global backend change
-
-    fig = Figure(figsize=(max(6.0, 0.9 * len(keys) + 2), 4.2))
-    ax = fig.add_subplot(1, 1, 1)
-    width = 0.8 / len(series)
-    drawn = False
-    for j, (label, get) in enumerate(series):
-        bars = [(i + (j - (len(series) - 1) / 2) * width, *v) for i, key in enumerate(keys) if (v := get(key))]
-        if bars:
-            xs, ys, es = zip(*bars, strict=True)
-            ax.bar(xs, ys, width, yerr=[0.0 if math.isnan(e) else e for e in es], capsize=2, label=label)
-            drawn = True
-    ax.axhline(0.0, color="black", linewidth=0.6)
-    ax.set_xticks(range(len(keys)))
-    ax.set_xticklabels(keys, rotation=40, ha="right", fontsize=8)
-    ax.set_ylabel(ylabel)
-    ax.set_title(title)
-    if drawn:  # an empty legend is a matplotlib warning
-        ax.legend(fontsize=8)
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=120)
-    atomic_write_bytes(path_png, buf.getvalue())
-    return path_png
-
-
-def plot_results(results: Mapping[str, Any], path_png: Path) -> Path:
-    """One PNG: per result row, bars for the held-out SNI Rouge-L, the benchmark average (acc_norm) and the
-    in-distribution Rouge-L, with ±1 standard-error whiskers (over examples)."""
-    rows = results["rows"]
-
-    def score(field: str) -> Any:
-        return lambda key: (100 * m["mean"], 100 * m["stderr"]) if (m := rows[key].get(field)) else None
-
-    series = [("held-out SNI Rouge-L", score("heldout_rougeL")), ("benchmarks acc_norm (avg)", score("choice_acc_norm")),
-              ("in-dist Rouge-L", score("indist_rougeL"))]
-    return _grouped_bars_png(list(rows), series, f"{results['config'].get('name', 'study')}: mean ± s.e.", "%",
-                             path_png)
-
-
-def plot_paired(results: Mapping[str, Any], path_png: Path) -> Path:
-    """One PNG: per result row but the base, the Rouge-L paired differences of :func:`results_markdown` (held-out
-    − base and − the library's μ, in-distribution − base), ±1 standard error across tasks."""
-    keys = [key for key in results["rows"] if key != "base"]
-    diffs = {key: _row_differences(results, key) for key in keys}
-
-    def column(j: int) -> Any:
-        return lambda key: (100 * d.mean, 100 * d.stderr) if (d := diffs[key][j]) else None
-
-    series = [(PAIRED_HEADERS[1 + j], column(j)) for j in range(3)]  # the Rouge-L columns; benchmarks differ in unit
-    return _grouped_bars_png(keys, series, f"{results['config'].get('name', 'study')}: paired differences across "
-                             "tasks, mean ± s.e.", "Rouge-L points", path_png)
-
-
-def print_study_results(results: Mapping[str, Any], console: Console) -> None:
-    """The tables of :func:`results_markdown`, each split into column groups that fit the terminal."""
-    for title, headers, rows in (
-            ("results (%, mean ± s.e.)", _headers(results), [_row_cells(k, r, results) for k, r in results["rows"].items()]),
-            ("paired differences across tasks (Rouge-L / acc_norm points, mean ± s.e.)", PAIRED_HEADERS,
-             _paired_cells(results)),
-            ("held-out paired differences by group of tasks", *_group_cells(results)),
-            ("clustered libraries vs the task families", PARTITION_HEADERS, _partition_rows(results))):
-        if rows:
-            print_split_table(console, title, headers, rows, right=headers[1:])

@@ -24,7 +24,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save
 
 from modlora.errors import DataError, RoutingError
-from modlora.io import atomic_directory, atomic_write_bytes
+from modlora.io import atomic_directory, atomic_write_bytes, parse_json
 
 TP_WEIGHTS = "task_predictor.safetensors"
 TP_CONFIG = "task_predictor.json"
@@ -184,10 +184,10 @@ class TaskPredictor:
         path = Path(path)
         cfg_path, w_path = path / TP_CONFIG, path / TP_WEIGHTS
         try:
-            config = json.loads(cfg_path.read_text())
+            config = parse_json(cfg_path.read_bytes())
         except FileNotFoundError:
             raise RoutingError(f"task predictor: missing {cfg_path}") from None
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        except ValueError as exc:
             raise RoutingError(f"task predictor: {cfg_path} is not valid JSON ({exc})") from None
         if not isinstance(config, dict) or config.get("format") != TP_FORMAT:
             raise RoutingError(f"task predictor: {cfg_path}: field 'format' must be {TP_FORMAT!r}")

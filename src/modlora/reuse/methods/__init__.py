@@ -1,6 +1,6 @@
 """The registry of reuse and merge methods: one class per method, one line per method in :data:`REGISTRY`.
 
-The CLI (``--router``, ``modlora merge --method`` and the flags of every option), the study rows and every
+The CLI (``--method`` and the flags of every option), the study rows and every
 capability check read from here. To add a method: write one module with a :class:`~modlora.reuse.methods.core.ReuseMethod`
 subclass (its ``Options`` dataclass gives the CLI flags) and add it to the tuple below — or, without touching
 modlora, pass ``REGISTRY.with_method(MyMethod)`` to :func:`modlora.reuse.prepare.prepare_model` / :func:`modlora.cli.main`.
@@ -13,7 +13,7 @@ modlora, pass ``REGISTRY.with_method(MyMethod)`` to :func:`modlora.reuse.prepare
 ``mu``             μ: uniform parameter averaging (mean A, mean B; the paper's μ), merged into the weights
 ``mu-delta``       μ: uniform ΔW averaging, exact (mean of B·A, rank Σr)
 ``linear``         task arithmetic Σ w_e ΔW_e, exact
-``ties``           TIES merging of the dense ΔW's (SVD back to a LoRA)
+``ties``           TIES: magnitude trim + sign election of the dense ΔW's (SVD back to a LoRA)
 ``dare-linear``    DARE drop-and-rescale + task arithmetic; ``dare-ties``: + TIES sign election
 ``centroid``       per-token routing by similarity to each expert's mean layer inputs (training data)
 ``phatgoose``      per-token top-k routing by gates trained on each expert's data (training data)
@@ -21,6 +21,10 @@ modlora, pass ``REGISTRY.with_method(MyMethod)`` to :func:`modlora.reuse.prepare
 ``oracle``         each example routed to its own task's expert (in-distribution only)
 ``allocation``     Poly/MHR: each example uses its task's learned mixture of the skills (in-distribution only)
 ================== =================================================================================================
+
+``linear``, ``ties``, ``dare-linear`` and ``dare-ties`` are one parametrised merge
+(:class:`~modlora.reuse.methods.linear.TaskArithmetic` over :class:`~modlora.reuse.merging.TaskArithmeticMerge`):
+sparsify each ΔW_e (none / magnitude / random), elect signs or not, weighted sum.
 """
 
 from __future__ import annotations

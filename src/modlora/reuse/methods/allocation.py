@@ -11,19 +11,24 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-
-import torch
+from typing import TYPE_CHECKING
 
 from modlora.errors import RoutingError
-from modlora.library.allocation import ALLOCATION_META, Allocation
-from modlora.library.experts import ExpertSet
-from modlora.models import LoadedModel
-from modlora.reuse.apply import ReuseModel
 from modlora.reuse.methods.core import Capabilities, MethodOptions, ReuseMethod, option
+
+if TYPE_CHECKING:
+    import torch
+
+    from modlora.library.allocation import Allocation
+    from modlora.library.experts import ExpertSet
+    from modlora.models import LoadedModel
+    from modlora.reuse.apply import ReuseModel
 
 
 def library_allocation(experts: ExpertSet) -> Allocation:
     """The allocation stored with the experts' library (``meta/poly_allocation.json``)."""
+    from modlora.library.allocation import ALLOCATION_META, Allocation
+
     source = experts.source
     stored = source.load_meta(ALLOCATION_META) if source is not None and hasattr(source, "load_meta") else None
     if stored is None:
@@ -45,6 +50,10 @@ class AllocationMethod(ReuseMethod):
     Options = AllocationOptions
 
     def prepare(self, lm: LoadedModel, experts: ExpertSet | None) -> ReuseModel:
+        import torch
+
+        from modlora.library.experts import ExpertSet
+        from modlora.reuse.apply import ReuseModel
         from modlora.reuse.routing import route
 
         opts = self.options

@@ -8,12 +8,10 @@ output ``W x + Σ_e w_e s_e B_e A_e x``. See :class:`modlora.reuse.routing.Arrow
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from modlora.activations import input_group, input_moments
-from modlora.errors import RoutingError
-from modlora.library.experts import ExpertSet
-from modlora.models import LoadedModel
+from modlora.errors import OptionError
+from modlora.reuse.arrow_defaults import ARROW_RIDGE, ARROW_TEMPERATURE, ARROW_TOP_K
 from modlora.reuse.methods.core import (
     Capabilities,
     RoutedLayerOptions,
@@ -25,14 +23,20 @@ from modlora.reuse.methods.core import (
     option,
     parse_temperature,
 )
-from modlora.reuse.routing import ArrowRouter, compute_centroids
-from modlora.reuse.routing.routers import check_ridge
+
+if TYPE_CHECKING:
+    from modlora.library.experts import ExpertSet
+    from modlora.models import LoadedModel
+    from modlora.reuse.routing import ArrowRouter
 
 
 @dataclass(frozen=True)
 class ArrowOptions(RoutedLayerOptions):
-    top_k: int = option(4, "experts per token (exact; must not exceed the number of experts)", type=int)
-    temperature: float | str = option(1.0, "logit temperature T: a number or 'sqrt_d'", type=parse_temperature)
+    """Arrow's options; their field defaults are the ones every Arrow caller reads (the server and its CLI too)."""
+
+    top_k: int = option(ARROW_TOP_K, "experts per token (exact; must not exceed the number of experts)", type=int)
+    temperature: float | str = option(ARROW_TEMPERATURE, "logit temperature T: a number or 'sqrt_d'",
+                                      type=parse_temperature)
     tie_qkv: bool = option(False, "one prototype for q,k,v of a block (they read the same input)")
     normalize_inputs: bool = option(False, "L2-normalise x before |x·v|")
     remove_common: int = option(0, "per layer, project the c directions all experts' prototypes share most (top-c "
@@ -41,7 +45,7 @@ class ArrowOptions(RoutedLayerOptions):
     def __post_init__(self) -> None:
         check_positive_int(self.top_k, "top_k")
         if isinstance(self.remove_common, bool) or not isinstance(self.remove_common, int) or self.remove_common < 0:
-            raise RoutingError(f"remove_common must be a non-negative integer, got {self.remove_common!r}")
+            raise OptionError(f"remove_common must be a non-negative integer, got {self.remove_common!r}")
         check_temperature(self.temperature)
 
 
@@ -52,6 +56,8 @@ class Arrow(RoutedMethod):
     capabilities = Capabilities(per_token=True)
 
     def router(self, lm: LoadedModel, experts: ExpertSet) -> ArrowRouter:
+        from modlora.reuse.routing import ArrowRouter
+
         o = self.options
         assert isinstance(o, ArrowOptions)
         return ArrowRouter(top_k=o.top_k, temperature=o.temperature, normalize_inputs=o.normalize_inputs,
@@ -82,6 +88,8 @@ class ArrowCentred(Arrow):
     capabilities = Capabilities(per_token=True, needs_data=True)
 
     def input_statistics(self, lm: LoadedModel, experts: ExpertSet) -> dict[str, Any]:
+        from modlora.reuse.routing import compute_centroids
+
         o = self.options
         assert isinstance(o, ArrowCentredOptions)
         layers = experts.modules()
@@ -92,9 +100,11 @@ class ArrowCentred(Arrow):
 
 @dataclass(frozen=True)
 class ArrowWhitenedOptions(ArrowCentredOptions):
-    ridge: float = option(0.01, "ridge ε: whiten by Σ + ε·tr(Σ)/d·I", type=float)
+    ridge: float = option(ARROW_RIDGE, "ridge ε: whiten by Σ + ε·tr(Σ)/d·I", type=float)
 
     def __post_init__(self) -> None:
+        from modlora.reuse.routing.routers import check_ridge
+
         ArrowCentredOptions.__post_init__(self)
         check_ridge(self.ridge)
 
@@ -111,6 +121,8 @@ class ArrowWhitened(ArrowCentred):
     Options = ArrowWhitenedOptions
 
     def input_statistics(self, lm: LoadedModel, experts: ExpertSet) -> dict[str, Any]:
+        from modlora.activations import input_group, input_moments
+
         o = self.options
         assert isinstance(o, ArrowWhitenedOptions)
         layers = experts.modules()

@@ -6,9 +6,8 @@ library). Per token: ``logit_e = x·c_e / T`` (T = √in by default), softmax ov
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-from modlora.library.experts import ExpertSet
-from modlora.models import LoadedModel
 from modlora.reuse.methods.core import (
     Capabilities,
     RoutedLayerOptions,
@@ -20,7 +19,11 @@ from modlora.reuse.methods.core import (
     option,
     parse_temperature,
 )
-from modlora.reuse.routing import CentroidRouter, compute_centroids
+
+if TYPE_CHECKING:
+    from modlora.library.experts import ExpertSet
+    from modlora.models import LoadedModel
+    from modlora.reuse.routing import CentroidRouter
 
 
 @dataclass(frozen=True)
@@ -43,6 +46,8 @@ class Centroid(RoutedMethod):
     capabilities = Capabilities(per_token=True, needs_data=True)
 
     def router(self, lm: LoadedModel, experts: ExpertSet) -> CentroidRouter:
+        from modlora.reuse.routing import CentroidRouter, compute_centroids
+
         o = self.options
         assert isinstance(o, CentroidOptions)
         batches = example_batches(lm, experts, o, with_labels=False)

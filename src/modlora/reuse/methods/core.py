@@ -3,10 +3,11 @@
 A method is one small class (a subclass of :class:`StaticMethod` or :class:`RoutedMethod`, or of
 :class:`ReuseMethod` directly) with
 
-* ``name`` — what users type (``--router NAME``, ``--method NAME``, a study row);
+* ``name`` — what users type (``--method NAME``, a study row);
 * ``summary`` — one line for ``--help`` and the README;
 * ``Options`` — a frozen dataclass whose fields are made with :func:`option`; the CLI builds its flags from them
-  (``top_k`` → ``--top-k``) and ``__post_init__`` validates, so bad values are refused at parse time;
+  (``drop_rate`` → ``--drop-rate``; the routing ``top_k`` → ``--route-top-k``) and ``__post_init__``
+  validates, so bad values are refused at parse time;
 * ``capabilities`` — :class:`Capabilities`: what callers may do with it;
 * ``prepare(lm, experts)`` → :class:`~modlora.reuse.apply.ReuseModel`; static methods also ``combine(experts)`` →
   :class:`~modlora.reuse.merging.MergeResult` (one exportable adapter).
@@ -17,16 +18,17 @@ Methods are listed in one :class:`~modlora.reuse.methods.Registry`; nothing else
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sized
 from dataclasses import MISSING, dataclass, field, fields
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
-from modlora.errors import ModloraError, RoutingError
-from modlora.library.adapters import merge_adapter
-from modlora.library.experts import ExpertSet
-from modlora.models import LoadedModel
-from modlora.reuse.apply import ExampleRouter, ReuseModel
-from modlora.reuse.merging import MergeResult
+from modlora.errors import ModloraError, OptionError, RoutingError
+
+if TYPE_CHECKING:
+    from modlora.library.experts import ExpertSet
+    from modlora.models import LoadedModel
+    from modlora.reuse.apply import ExampleRouter, ReuseModel
+    from modlora.reuse.merging import MergeResult
 
 
 def option(default: Any, help: str, **cli: Any) -> Any:
@@ -39,12 +41,13 @@ def option(default: Any, help: str, **cli: Any) -> Any:
 
 def check_positive_int(value: Any, what: str) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise RoutingError(f"{what} must be a positive integer, got {value!r}")
+        raise OptionError(f"{what} must be a positive integer, got {value!r}")
     return value
 
 
-def check_top_k_fits(method: str, top_k: int, experts: ExpertSet) -> None:
-    """Refuse a ``top_k`` larger than the number of experts (a requested value is honoured or refused)."""
+def check_top_k_fits(method: str, top_k: int, experts: Sized) -> None:
+    """Refuse a ``top_k`` larger than the number of ``experts`` (an ExpertSet, or the server's allowed subset): a
+    requested value is honoured or refused."""
     if top_k > len(experts):
         raise RoutingError(f"{method} top_k={top_k} exceeds the number of experts ({len(experts)})")
 
@@ -59,7 +62,7 @@ def check_temperature(value: Any, what: str = "temperature") -> float | str:
     try:
         return resolve_temperature(value, 1)
     except RoutingError as exc:
-        raise RoutingError(f"{what}: {exc}") from None
+        raise OptionError(f"{what}: {exc}") from None
 
 
 def parse_temperature(text: str) -> float | str:
@@ -68,7 +71,7 @@ def parse_temperature(text: str) -> float | str:
         return text
     try:
         return check_temperature(float(text))
-    except (ValueError, RoutingError):
+    except (ValueError, OptionError):
         raise ValueError(f"expected a finite number >= 1e-6 or 'sqrt_d', got {text!r}") from None
 
 
@@ -146,21 +149,21 @@ class ReuseMethod:
     def __init__(self, options: MethodOptions | None = None) -> None:
         options = self.Options() if options is None else options
         if not isinstance(options, self.Options):
-            raise RoutingError(f"method {self.name!r} takes {self.Options.__name__}, got {type(options).__name__}")
+            raise OptionError(f"method {self.name!r} takes {self.Options.__name__}, got {type(options).__name__}")
         self.options = options
 
     @classmethod
     def options_from(cls, values: Mapping[str, Any]) -> MethodOptions:
-        """``Options(**values)``; an unknown name or a bad value raises :class:`RoutingError` naming it."""
+        """``Options(**values)``; an unknown name or a bad value raises :class:`OptionError` naming it."""
         names = {f.name for f in fields(cls.Options)}
         unknown = sorted(set(values) - names)
         if unknown:
-            raise RoutingError(f"method {cls.name!r} has no option(s) {', '.join(unknown)}; its options: "
+            raise OptionError(f"method {cls.name!r} has no option(s) {', '.join(unknown)}; its options: "
                                f"{', '.join(sorted(names))}")
         try:
             return cls.Options(**values)
         except ModloraError as exc:
-            raise RoutingError(f"{cls.name}: {exc}") from None
+            raise OptionError(f"{cls.name}: {exc}") from None
 
     @classmethod
     def option_defaults(cls) -> dict[str, Any]:
@@ -179,6 +182,9 @@ class StaticMethod(ReuseMethod):
         raise NotImplementedError
 
     def prepare(self, lm: LoadedModel, experts: ExpertSet) -> ReuseModel:
+        from modlora.library.adapters import merge_adapter
+        from modlora.reuse.apply import ReuseModel
+
         adapter = self.combine(experts).adapter
         merge_adapter(lm.model, adapter)
         return ReuseModel(self.name, lm.model, merged=adapter)
@@ -198,6 +204,8 @@ class RoutedMethod(ReuseMethod):
         return None
 
     def prepare(self, lm: LoadedModel, experts: ExpertSet) -> ReuseModel:
+        from modlora.library.experts import ExpertSet
+        from modlora.reuse.apply import ReuseModel
         from modlora.reuse.routing import route
 
         opts = self.options

@@ -3,10 +3,13 @@
 
 from __future__ import annotations
 
-from modlora.library.experts import ExpertSet
-from modlora.reuse.lowrank import parameter_average
-from modlora.reuse.merging import MergeResult
+from typing import TYPE_CHECKING
+
 from modlora.reuse.methods.core import StaticMethod
+
+if TYPE_CHECKING:
+    from modlora.library.experts import ExpertSet
+    from modlora.reuse.merging import MergeResult
 
 
 class Mu(StaticMethod):
@@ -14,4 +17,7 @@ class Mu(StaticMethod):
     summary = "μ: uniform parameter averaging (mean A, mean B; the paper's μ)"
 
     def combine(self, experts: ExpertSet) -> MergeResult:
+        from modlora.reuse.lowrank import parameter_average
+        from modlora.reuse.merging import MergeResult
+
         return MergeResult.exact(parameter_average(experts), {"method": self.name, "experts": list(experts.names)})

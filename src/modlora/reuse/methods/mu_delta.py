@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
-from modlora.library.experts import ExpertSet
-from modlora.reuse.lowrank import weighted_delta_sum
-from modlora.reuse.merging import MergeResult
+from typing import TYPE_CHECKING
+
 from modlora.reuse.methods.core import StaticMethod
+
+if TYPE_CHECKING:
+    from modlora.library.experts import ExpertSet
+    from modlora.reuse.merging import MergeResult
 
 
 class MuDelta(StaticMethod):
@@ -13,4 +16,7 @@ class MuDelta(StaticMethod):
     summary = "μ: uniform ΔW averaging, exact (mean of B·A, rank Σr)"
 
     def combine(self, experts: ExpertSet) -> MergeResult:
+        from modlora.reuse.lowrank import weighted_delta_sum
+        from modlora.reuse.merging import MergeResult
+
         return MergeResult.exact(weighted_delta_sum(experts), {"method": self.name, "experts": list(experts.names)})

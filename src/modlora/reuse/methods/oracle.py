@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-
-import torch
+from typing import TYPE_CHECKING
 
 from modlora.errors import RoutingError
-from modlora.library.experts import ExpertSet
-from modlora.models import LoadedModel
-from modlora.reuse.apply import ExampleRouter
 from modlora.reuse.methods.core import Capabilities, RoutedMethod
-from modlora.reuse.routing import oracle_weights
+
+if TYPE_CHECKING:
+    import torch
+
+    from modlora.library.experts import ExpertSet
+    from modlora.models import LoadedModel
+    from modlora.reuse.apply import ExampleRouter
 
 
 class Oracle(RoutedMethod):
@@ -23,6 +25,8 @@ class Oracle(RoutedMethod):
         return "uniform"  # replaced by the per-example weights on every call
 
     def example_router(self, lm: LoadedModel, experts: ExpertSet) -> ExampleRouter:
+        from modlora.reuse.routing import oracle_weights
+
         tasks_of = {n: experts.tasks_of(n) for n in experts.names}
 
         def weights(input_ids: torch.Tensor, attention_mask: torch.Tensor | None, tasks: Sequence[str] | None,

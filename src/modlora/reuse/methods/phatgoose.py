@@ -4,12 +4,8 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-
-from modlora.library.experts import ExpertSet
-from modlora.models import LoadedModel
 from modlora.reuse.methods.core import (
     Capabilities,
     RoutedLayerOptions,
@@ -20,6 +16,10 @@ from modlora.reuse.methods.core import (
     example_batches,
     option,
 )
+
+if TYPE_CHECKING:
+    from modlora.library.experts import ExpertSet
+    from modlora.models import LoadedModel
 
 
 @dataclass(frozen=True)
@@ -40,6 +40,8 @@ class Phatgoose(RoutedMethod):
     capabilities = Capabilities(per_token=True, needs_data=True)
 
     def router(self, lm: LoadedModel, experts: ExpertSet) -> Any:
+        import torch
+
         from modlora.reuse.learned.gates import PhatgooseRouter, phatgoose_gates_for_experts, stack_gates
 
         o = self.options

@@ -5,12 +5,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-import torch
-
-from modlora.library.experts import ExpertSet
-from modlora.models import LoadedModel
-from modlora.reuse.apply import ExampleRouter
 from modlora.reuse.methods.core import (
     Capabilities,
     RoutedLayerOptions,
@@ -21,6 +17,13 @@ from modlora.reuse.methods.core import (
     example_batches,
     option,
 )
+
+if TYPE_CHECKING:
+    import torch
+
+    from modlora.library.experts import ExpertSet
+    from modlora.models import LoadedModel
+    from modlora.reuse.apply import ExampleRouter
 
 
 @dataclass(frozen=True)

@@ -48,10 +48,11 @@ from modlora.reuse.routing.routers import (
     UniformRouter,
     compute_centroids,
     oracle_weights,
+    top_k_softmax,
 )
 
 __all__ = [
     "ArrowRouter", "CentroidRouter", "LayerRouter", "RoutedLoraLinear", "RoutedModel",
     "RoutingRecorder", "RoutingState", "TopKRouting", "UniformRouter", "compute_centroids", "explain",
-    "explain_routing", "export_prompt_adapter", "oracle_weights", "route",
+    "explain_routing", "export_prompt_adapter", "oracle_weights", "route", "top_k_softmax",
 ]

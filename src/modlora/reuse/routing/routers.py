@@ -18,6 +18,7 @@ import torch
 from modlora.activations import QKV, input_group, qkv_group
 from modlora.errors import RoutingError
 from modlora.library.experts import ExpertSet
+from modlora.reuse.arrow_defaults import ARROW_RIDGE, ARROW_TEMPERATURE, ARROW_TOP_K
 from modlora.reuse.lowrank import block_factors, top_right_singular_vectors
 from modlora.reuse.routing.layer import TopKRouting
 
@@ -40,6 +41,28 @@ def resolve_temperature(value: Temperature, dim: int) -> float:
                            "(a smaller one overflows float32 routing logits)")
     return float(value)
 
+
+def top_k_softmax(logits: torch.Tensor, k: int | torch.Tensor, allowed: torch.Tensor | None = None) -> TopKRouting:
+    """Arrow's routing step on logits (…, E), ``logit_e = |x·v_e| / T`` (the caller scales by 1/T): keep the ``k``
+    largest of each row, ``w = softmax`` over the kept ones, every other expert weight 0. Returns
+    ``TopKRouting(indices (…, k'), weights (…, k'))`` with ``k' = min(k, E)``.
+
+    ``k``: one number, or one per row (…,): then ``k' = min(max k, E)`` and a row's columns past its own k get
+    weight 0. ``allowed`` (…, E) bool: each row routes over its allowed experts only (the others' logits are −∞
+    before the top-k); a row with no allowed expert gets all-zero weights."""
+    if allowed is not None:
+        logits = logits.masked_fill(~allowed, float("-inf"))
+    if isinstance(k, int):
+        vals, idx = torch.topk(logits, min(k, logits.shape[-1]), dim=-1)
+    else:
+        width = min(int(k.max()), logits.shape[-1])
+        vals, idx = torch.topk(logits, width, dim=-1)
+        kept = torch.arange(width, device=vals.device) < k.to(vals.device).unsqueeze(-1)
+        vals = vals.masked_fill(~kept, float("-inf"))
+    weights = torch.softmax(vals, dim=-1)
+    if allowed is not None:
+        weights = weights.nan_to_num(0.0)
+    return TopKRouting(idx, weights)
 
 
 def check_ridge(ridge: float) -> float:
@@ -116,7 +139,7 @@ class ArrowRouter:
     :func:`~modlora.reuse.lowrank.top_right_singular_vectors`), unit norm (or scaled by σ₁ with ``normalize_prototypes=False``). With
     ``tie_qkv`` the q/k/v layers of one attention block share the top right singular vector of the row-stacked
     ``[ΔW_q; ΔW_k; ΔW_v]`` (they read the same input). Per token: ``logit_e = |x·v_e| / T`` (x optionally unit
-    normalised), keep the ``top_k`` largest, softmax over them (others get weight 0).
+    normalised), keep the ``top_k`` largest, softmax over them (others get weight 0): :func:`top_k_softmax`.
 
     Whitened (``input_covariance`` Σ per input group, with ``input_mean`` μ): with ``R = (Σ + ε·tr(Σ)/d·I)^½``, the
     prototype is the top right singular vector ṽ of ``ΔW_e R`` (the expert's map on whitened inputs
@@ -129,10 +152,10 @@ class ArrowRouter:
     experts come from a library.
     """
 
-    def __init__(self, top_k: int = 4, temperature: Temperature = 1.0, *, normalize_inputs: bool = False,
-                 normalize_prototypes: bool = True, tie_qkv: bool = False, cache: bool = True,
-                 remove_common: int = 0, input_mean: Mapping[str, torch.Tensor] | None = None,
-                 input_covariance: Mapping[str, torch.Tensor] | None = None, ridge: float = 0.01) -> None:
+    def __init__(self, top_k: int = ARROW_TOP_K, temperature: Temperature = ARROW_TEMPERATURE, *,
+                 normalize_inputs: bool = False, normalize_prototypes: bool = True, tie_qkv: bool = False,
+                 cache: bool = True, remove_common: int = 0, input_mean: Mapping[str, torch.Tensor] | None = None,
+                 input_covariance: Mapping[str, torch.Tensor] | None = None, ridge: float = ARROW_RIDGE) -> None:
         if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
             raise RoutingError(f"arrow top_k must be a positive integer, got {top_k!r}")
         if isinstance(remove_common, bool) or not isinstance(remove_common, int) or remove_common < 0:
@@ -300,24 +323,20 @@ class ArrowRouter:
         return xf
 
     def _route_group(self, x: torch.Tensor, group: _RoutingGroup) -> list[TopKRouting]:
-        """Top-k routing of every block of ``group``: logits ``|x·[P/T]ᵀ|`` (t, Σ E) from one matmul, top-k, and a
-        softmax over the k kept logits only."""
+        """Top-k routing of every block of ``group``: logits ``|x·[P/T]ᵀ|`` (t, Σ E) from one matmul, then
+        :func:`top_k_softmax` per block (one call over the (t, blocks, E) view when the blocks are equal)."""
         xf = self._prepared(x.to(group.matrix.device, torch.float32), group.members[0])   # members share x
         logits = (xf @ group.matrix.T).abs_()                                   # (t, Σ E)
         t, nb = logits.shape[0], len(group.sizes)
-        if nb == 1:
-            vals, idx = torch.topk(logits, min(self.top_k, logits.shape[1]), dim=-1)
-            return [TopKRouting(idx.to(x.device), torch.softmax(vals, dim=-1).to(x.device))]
-        if group.uniform:
-            k = min(self.top_k, group.sizes[0])
-            vals, idx = torch.topk(logits.view(t, nb, group.sizes[0]), k, dim=-1)             # (t, nb, k)
-            w = torch.softmax(vals, dim=-1).transpose(0, 1).contiguous().to(x.device)        # (nb, t, k)
-            idx = idx.transpose(0, 1).contiguous().to(x.device)
+        if group.uniform and nb > 1:
+            r = top_k_softmax(logits.view(t, nb, group.sizes[0]), self.top_k)               # (t, nb, k)
+            w = r.weights.transpose(0, 1).contiguous().to(x.device)                          # (nb, t, k)
+            idx = r.indices.transpose(0, 1).contiguous().to(x.device)
             return [TopKRouting(idx[b], w[b]) for b in range(nb)]
         out = []
         for part in logits.split(group.sizes, dim=1):
-            vals, idx = torch.topk(part, min(self.top_k, part.shape[1]), dim=-1)
-            out.append(TopKRouting(idx.to(x.device), torch.softmax(vals, dim=-1).to(x.device)))
+            r = top_k_softmax(part, self.top_k)
+            out.append(TopKRouting(r.indices.to(x.device), r.weights.to(x.device)))
         return out
 
     def __call__(self, x: torch.Tensor, layer: str) -> TopKRouting:

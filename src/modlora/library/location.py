@@ -1,0 +1,256 @@
+"""Where a library lives, and the filesystem operations a shared library needs there.
+
+A location (:func:`~modlora.library.remote.open_library`, :func:`~modlora.library.transfer.push`,
+:func:`~modlora.library.transfer.pull`) is
+
+* a local path or ``file://PATH``: opened as the library itself (``ExpertLibrary(PATH)``, writable);
+* ``hf://[datasets/]ORG/REPO[@REVISION][/PATH]``: a Hub repository through ``huggingface_hub.HfFileSystem``; a
+  revision is a branch, tag or commit, and a push to a revision commits to that branch (created if missing);
+* any other fsspec URL: ``memory://``, ``s3://``, ``gs://``, ``az://``, ... (its fsspec back-end must be installed).
+  These have no revisions: ``revision`` is refused for them.
+
+:func:`resolve_location` parses one into a :class:`RemoteLocation` (its fsspec filesystem, root path and Hub
+repository); :func:`mirror_dir` is where a remote library is mirrored locally.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote
+
+from modlora.errors import LibraryError
+from modlora.io import atomic_write_bytes
+from modlora.models import cache_root
+
+MIRRORS_DIR = "libraries"
+_HF_PROTOCOL = "hf://"
+_HF_TYPE_PREFIX = {"model": "", "dataset": "datasets/", "space": "spaces/"}
+
+
+def is_url(location: str | os.PathLike[str]) -> bool:
+    """True for ``scheme://...`` and fsspec chained URLs (``a::b://...``); False for plain paths."""
+    return isinstance(location, str) and ("://" in location or "::" in location)
+
+
+@dataclass(frozen=True)
+class HubRepo:
+    """The Hub repository of an ``hf://`` location."""
+
+    repo_id: str
+    repo_type: str
+    revision: str | None
+    path_in_repo: str
+
+
+@dataclass
+class RemoteLocation:
+    """A library's place in an fsspec filesystem: ``fs``, the root path in it, and its Hub repository if any."""
+
+    url: str
+    fs: Any
+    root: str
+    hub: HubRepo | None = None
+
+    def path(self, rel: str) -> str:
+        return f"{self.root}/{rel}" if self.root else rel
+
+    @property
+    def is_local(self) -> bool:
+        from fsspec.implementations.local import LocalFileSystem
+        return isinstance(self.fs, LocalFileSystem)
+
+    def _failure(self, action: str, rel: str, exc: Exception) -> LibraryError:
+        detail = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        return LibraryError(f"{self.url}: cannot {action} {rel}: {type(exc).__name__}"
+                            + (f": {detail}" if detail else ""))
+
+    def read_bytes(self, rel: str) -> bytes | None:
+        """The file's bytes, or None when it does not exist; any other failure (network, permissions) raises a
+        LibraryError naming the URL."""
+        try:
+            return bytes(self.fs.cat_file(self.path(rel)))
+        except FileNotFoundError:
+            return None
+        except Exception as exc:  # noqa: BLE001 - any back-end's failure becomes one clear error
+            raise self._failure("read", rel, exc) from None
+
+    def download(self, rel: str, dest: Path) -> None:
+        try:
+            self.fs.get_file(self.path(rel), str(dest))
+        except FileNotFoundError:
+            raise LibraryError(f"{self.url}: file {rel} is missing") from None
+        except Exception as exc:  # noqa: BLE001
+            raise self._failure("download", rel, exc) from None
+
+    def upload(self, src: Path, rel: str) -> None:
+        try:
+            if self.is_local:
+                self.fs.makedirs(self.fs._parent(self.path(rel)), exist_ok=True)
+            self.fs.put_file(str(src), self.path(rel))
+        except Exception as exc:  # noqa: BLE001
+            raise self._failure("upload", rel, exc) from None
+
+    def write_bytes(self, rel: str, data: bytes) -> None:
+        """Write a whole small file; atomically (temporary file + rename) on a local filesystem, where a reader could
+        otherwise see it half written (object stores and Hub commits replace a file as a whole)."""
+        try:
+            if self.is_local:
+                atomic_write_bytes(self.path(rel), data)
+            else:
+                self.fs.pipe_file(self.path(rel), data)
+        except Exception as exc:  # noqa: BLE001
+            raise self._failure("write", rel, exc) from None
+
+    def remove(self, rel: str) -> None:
+        try:
+            self.fs.rm_file(self.path(rel))
+        except FileNotFoundError:
+            pass
+        except Exception as exc:  # noqa: BLE001
+            raise self._failure("delete", rel, exc) from None
+
+    def size(self, rel: str) -> int:
+        try:
+            return int(self.fs.info(self.path(rel))["size"])
+        except FileNotFoundError:
+            raise LibraryError(f"{self.url}: file {rel} is missing") from None
+        except Exception as exc:  # noqa: BLE001
+            raise self._failure("stat", rel, exc) from None
+
+    def send(self, uploads: Iterable[tuple[Path, str]] = (), writes: Iterable[tuple[str, bytes]] = (), *,
+             message: str = "modlora push") -> None:
+        """Upload local files, then write small files, in this order; on the Hub as one commit (atomic, and one
+        commit rather than one per file)."""
+        uploads, writes = list(uploads), list(writes)
+        if self.hub is None:
+            for src, rel in uploads:
+                self.upload(src, rel)
+            for rel, data in writes:
+                self.write_bytes(rel, data)
+            return
+        from huggingface_hub import CommitOperationAdd
+        self._hub_commit([CommitOperationAdd(path_in_repo=self._in_repo(rel), path_or_fileobj=str(src))
+                          for src, rel in uploads]
+                         + [CommitOperationAdd(path_in_repo=self._in_repo(rel), path_or_fileobj=data)
+                            for rel, data in writes], message)
+
+    def delete(self, rels: Iterable[str], *, message: str = "modlora push: delete files") -> None:
+        """Delete files (missing ones are skipped); on the Hub as one commit."""
+        rels = list(rels)
+        if self.hub is None:
+            for rel in rels:
+                self.remove(rel)
+            return
+        if rels:
+            from huggingface_hub import CommitOperationDelete
+            existing = [rel for rel in rels if self.exists(rel)]
+            if existing:
+                self._hub_commit([CommitOperationDelete(path_in_repo=self._in_repo(rel)) for rel in existing],
+                                 message)
+
+    def exists(self, rel: str) -> bool:
+        try:
+            return bool(self.fs.exists(self.path(rel)))
+        except Exception as exc:  # noqa: BLE001
+            raise self._failure("stat", rel, exc) from None
+
+    def _in_repo(self, rel: str) -> str:
+        assert self.hub is not None
+        return f"{self.hub.path_in_repo}/{rel}" if self.hub.path_in_repo else rel
+
+    def _hub_commit(self, operations: list[Any], message: str) -> None:
+        assert self.hub is not None
+        from huggingface_hub import HfApi
+        try:
+            HfApi().create_commit(self.hub.repo_id, operations=operations, commit_message=message,
+                                  repo_type=self.hub.repo_type, revision=self.hub.revision)
+        except Exception as exc:  # noqa: BLE001
+            raise self._failure("commit to", f"{len(operations)} file(s) ({message})", exc) from None
+        self.fs.invalidate_cache()
+
+    def pinned(self) -> RemoteLocation:
+        """On the Hub, this location at the commit its revision points to now, so that every later read sees one
+        snapshot even while a push commits to the branch; elsewhere the location itself."""
+        if self.hub is None:
+            return self
+        from huggingface_hub import HfApi
+        from huggingface_hub.errors import RepositoryNotFoundError, RevisionNotFoundError
+        try:
+            sha = HfApi().repo_info(self.hub.repo_id, repo_type=self.hub.repo_type, revision=self.hub.revision).sha
+        except RevisionNotFoundError:
+            raise LibraryError(f"{self.url}: no revision {self.hub.revision!r} in {self.hub.repo_id}") from None
+        except RepositoryNotFoundError:
+            raise LibraryError(f"{self.url}: no such repository (or no access to it)") from None
+        except Exception as exc:  # noqa: BLE001
+            raise self._failure("resolve", f"revision {self.hub.revision or 'main'}", exc) from None
+        sub = f"/{self.hub.path_in_repo}" if self.hub.path_in_repo else ""
+        return RemoteLocation(self.url, self.fs, f"{_HF_TYPE_PREFIX[self.hub.repo_type]}{self.hub.repo_id}@{sha}{sub}",
+                              self.hub)
+
+    def prepare_for_writing(self) -> None:
+        """On the Hub, create the repository and the revision's branch when missing; elsewhere nothing to do."""
+        if self.hub is None:
+            return
+        from huggingface_hub import HfApi
+        api = HfApi()
+        try:
+            api.create_repo(self.hub.repo_id, repo_type=self.hub.repo_type, exist_ok=True)
+            if self.hub.revision is not None:
+                api.create_branch(self.hub.repo_id, repo_type=self.hub.repo_type, branch=self.hub.revision,
+                                  exist_ok=True)
+        except Exception as exc:  # noqa: BLE001
+            raise LibraryError(f"{self.url}: cannot create the repository or branch: {type(exc).__name__}: "
+                               f"{str(exc).strip().splitlines()[0] if str(exc).strip() else ''}") from None
+        self.fs.invalidate_cache()
+
+
+def resolve_location(url: str | os.PathLike[str] | RemoteLocation, revision: str | None = None) -> RemoteLocation:
+    """Parse a location (see the module docstring) into its fsspec filesystem and root path."""
+    if isinstance(url, RemoteLocation):
+        if revision is not None:
+            raise LibraryError(f"{url.url}: give the revision in the location itself")
+        return url
+    url = os.fspath(url)
+    if url.startswith(_HF_PROTOCOL):
+        return _hub_location(url, revision)
+    if revision is not None:
+        raise LibraryError(f"{url}: a revision applies to hf:// locations (Hub branches, tags, commits); this "
+                           "location has none")
+    import fsspec
+    try:
+        fs, root = fsspec.core.url_to_fs(url)
+    except (ImportError, ValueError) as exc:
+        raise LibraryError(f"{url}: cannot open this location: {exc}") from None
+    return RemoteLocation(url, fs, str(root).rstrip("/") or "/")
+
+
+def _hub_location(url: str, revision: str | None) -> RemoteLocation:
+    from huggingface_hub import HfFileSystem, parse_hf_uri
+    from huggingface_hub.errors import HfUriError
+    try:
+        parsed = parse_hf_uri(url)
+    except HfUriError as exc:
+        raise LibraryError(f"{url}: not a valid hf:// location ({exc})") from None
+    if parsed.type not in _HF_TYPE_PREFIX:
+        raise LibraryError(f"{url}: libraries live in model, dataset or space repositories, not a {parsed.type}")
+    if revision is not None and parsed.revision is not None and revision != parsed.revision:
+        raise LibraryError(f"{url}: the URL names revision {parsed.revision!r} but --revision is {revision!r}")
+    revision = revision if revision is not None else parsed.revision
+    repo = _HF_TYPE_PREFIX[parsed.type] + parsed.id
+    sub = f"/{parsed.path_in_repo.strip('/')}" if parsed.path_in_repo.strip("/") else ""
+    root = repo + (f"@{quote(revision, safe='')}" if revision else "") + sub
+    shown = _HF_PROTOCOL + repo + (f"@{revision}" if revision else "") + sub
+    fs = HfFileSystem(skip_instance_cache=True)
+    return RemoteLocation(shown, fs, root, HubRepo(parsed.id, parsed.type, revision, parsed.path_in_repo.strip("/")))
+
+
+def mirror_dir(location: RemoteLocation) -> Path:
+    """The local mirror of a remote library: ``$MODLORA_CACHE/libraries/<name>-<sha256(url)[:16]>``."""
+    tail = re.sub(r"[^A-Za-z0-9_.-]+", "-", location.url.rstrip("/").rsplit("/", 1)[-1]).strip("-.") or "library"
+    return cache_root() / MIRRORS_DIR / f"{tail[:48]}-{hashlib.sha256(location.url.encode()).hexdigest()[:16]}"

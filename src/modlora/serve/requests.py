@@ -1,0 +1,93 @@
+"""What goes into the engine and what comes out: a request's routing and sampling, the events it receives, the
+errors it may get, and the engine's options and counters."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from modlora.errors import ModloraError
+from modlora.serve.telemetry import RoutingTelemetry
+
+
+class RequestError(ModloraError):
+    """A request the server refuses; ``status`` is the HTTP status, ``code`` the OpenAI-style error code."""
+
+    def __init__(self, message: str, status: int = 400, code: str = "invalid_request_error",
+                 param: str | None = None) -> None:
+        super().__init__(message)
+        self.status, self.code, self.param = status, code, param
+
+
+@dataclass(frozen=True)
+class RoutingRequest:
+    """How a request wants to be routed: ``router`` (arrow, mu-delta, base, or ``expert`` with ``expert``),
+    Arrow's ``top_k`` and ``temperature``, and an optional subset of ``experts``."""
+
+    router: str | None = None               # None: the model id's router (or the server's default)
+    expert: str | None = None
+    top_k: int | None = None                # None: the server's default, at most the number of experts
+    temperature: float | str | None = None  # None: the server's default; a number or 'sqrt_d'
+    experts: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """Decoding: ``max_tokens`` new tokens, ``temperature`` (0 = greedy), nucleus ``top_p``, ``stop`` strings and an
+    optional ``seed`` for the request's own random generator."""
+
+    max_tokens: int
+    temperature: float = 1.0
+    top_p: float = 1.0
+    stop: tuple[str, ...] = ()
+    seed: int | None = None
+
+
+@dataclass
+class Usage:
+    prompt_tokens: int
+    completion_tokens: int
+
+    @property
+    def total_tokens(self) -> int:
+        return self.prompt_tokens + self.completion_tokens
+
+
+@dataclass
+class Event:
+    """What the engine sends to a request's consumer: a text ``delta``; or the end (``finish_reason``, usage and
+    telemetry); or an ``error``."""
+
+    delta: str = ""
+    finish_reason: str | None = None
+    usage: Usage | None = None
+    routing: RoutingTelemetry | None = None
+    error: RequestError | None = None
+
+
+@dataclass
+class EngineStats:
+    """Counters of the decode loop: batched decoding ``steps``, ``rows`` decoded over them and the largest batch."""
+
+    steps: int = 0
+    rows: int = 0
+    max_batch: int = 0
+    prefills: int = 0
+
+
+@dataclass(frozen=True)
+class EngineOptions:
+    """``max_batch`` rows decode together; ``max_queue`` requests may wait (more → 429); the first request after an
+    idle spell waits ``batch_wait_s`` for others; ``default_max_tokens`` when a request gives none; telemetry over
+    ``layer_groups`` depth groups and the ``telemetry_top`` largest experts. ``default_top_k`` and
+    ``default_temperature``: Arrow's when a request gives none (None: the registry's Arrow option defaults)."""
+
+    max_batch: int = 16
+    max_queue: int = 64
+    batch_wait_s: float = 0.005
+    default_max_tokens: int = 256
+    layer_groups: int = 3
+    telemetry_top: int = 3
+    default_router: str = "arrow"
+    default_top_k: int | None = None
+    default_temperature: float | str | None = None
+    poll_s: float = 0.05
