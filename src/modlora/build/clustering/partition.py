@@ -122,7 +122,7 @@ class ClusteringResult:
         try:
             raw = parse_json(text)
         except ValueError as exc:
-            raise LibraryError(f"{source}: {exc}") from None
+            raise LibraryError(f"{source}: not valid JSON: {exc}") from None
         if not isinstance(raw, dict):
             raise LibraryError(f"{source}: must hold a JSON object")
         return cls.from_dict(raw, source=source)

@@ -67,7 +67,7 @@ def read_label_file(path: str | os.PathLike[str]) -> dict[str, str]:
         try:
             raw = parse_json(text)
         except ValueError as exc:
-            raise DataError(f"{path}: {exc}") from None
+            raise DataError(f"{path}: not valid JSON: {exc}") from None
         if not isinstance(raw, dict) or not all(isinstance(v, (str, int)) for v in raw.values()):
             raise DataError(f"{path}: must hold a JSON object mapping expert/task name to a label")
         return {str(k): str(v) for k, v in raw.items()}
