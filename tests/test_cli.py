@@ -304,7 +304,7 @@ def test_a_new_method_is_one_class_and_one_registry_line(world, tmp_path):
 
 def test_demo_end_to_end_on_a_tiny_model(world, tmp_path, shared_data, capsys):
     """``modlora demo`` with its data flags on the real task files (the embedded model runs in ``make demo``)."""
-    from modlora.study.demo import DEMO_TASKS
+    from modlora.study.main_job import DEMO_TASKS
 
     argv = ["demo", "--out", str(tmp_path / "demo"), "--data", str(shared_data), "--steps", "1", "--tasks",
             *DEMO_TASKS[:4]] + _m(world)

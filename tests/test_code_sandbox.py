@@ -315,3 +315,37 @@ def test_evaluate_code_end_to_end(tiny_llama, char_tokenizer, tmp_path):
     assert run.tasks["humaneval"].metrics["pass@1"] == 0.0  # 4 random characters never solve it
     assert sum(run.tasks["mbpp"].extra["status_counts"].values()) == 2
     assert run.config["isolation"] in ("bwrap", "subprocess")
+
+
+# ------------------------------------------------------------------------------------------------------- sessions
+
+def test_session_exchanges_json_lines(sandbox):
+    echo = ("import json, sys\nfor line in sys.stdin:\n    message = json.loads(line)\n"
+            "    print(json.dumps({'echo': message}), flush=True)\n    print('log', file=sys.stderr)\n")
+    with sandbox.session(echo) as session:
+        for message in ({"a": [1, 2.5, None]}, {"b": "é\n"}):
+            assert session.send(message) and session.receive() == {"echo": message}
+        result = session.finish()
+    assert result.status == "passed" and result.returncode == 0 and result.stdout == "" and "log" in result.stderr
+    assert not result.reached_end and result.isolation == sandbox.isolation
+    assert not session.send({"late": True}) and session.receive() is None and session.problem
+
+
+@pytest.mark.parametrize("program,problem", [
+    ("print('[1, 2]')", "not a JSON object"), ("print('{bad')", "not JSON"), ("print('1' * 5000)", "not a JSON object"),
+    ("import sys\nsys.stdout.write('x' * 100000)\nsys.stdout.flush()\nimport time\ntime.sleep(60)\n", "over 4096 bytes"),
+    ("import time\ntime.sleep(60)\n", "within the time limit"), ("print('{\"half\": ', end='')", "closed its output"),
+])
+def test_session_refuses_anything_but_json_object_lines(program, problem):
+    box = _quiet_sandbox(timeout_s=2.0, memory_mb=512, max_output_bytes=4096)
+    with box.session(program) as session:
+        assert session.receive() is None and problem in session.problem, session.problem
+        assert session.receive() is None and not session.send({"x": 1})  # the channel stays closed
+
+
+def test_session_send_gives_up_on_a_program_that_does_not_read():
+    box = _quiet_sandbox(timeout_s=2.0, memory_mb=512)
+    with box.session("import time\ntime.sleep(60)\n") as session:
+        assert not session.send({"blob": "x" * 1_000_000}) and "did not read" in session.problem
+    with box.session("pass") as session:
+        assert not session.send({"blob": "x" * 1_000_000}) and "stopped reading" in session.problem

@@ -16,7 +16,7 @@ from modlora.build.training import TrainConfig
 from modlora.data import PromptLimits
 from modlora.errors import LibraryError, ModloraError, RoutingError
 from modlora.library.adapters import LoraAdapter, LoraSpec, merge_adapter
-from modlora.library.allocation import ALLOCATION_META, Allocation, mix_factors
+from modlora.library.skill_allocation import ALLOCATION_META, Allocation, mix_factors
 from modlora.library.store import ExpertLibrary
 from modlora.models import load_base_model
 from modlora.reuse.prepare import prepare_model

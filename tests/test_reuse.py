@@ -197,7 +197,7 @@ def test_experts_with_different_targets_and_ranks_in_one_routed_model():
 
 def _share_library(lm, root, mode: str) -> ExpertLibrary:
     """A ``--share`` library: ``shared`` on every task, ``cluster0`` (task1, task2) and ``cluster1`` (task3)."""
-    from modlora.library.share import ShareInfo
+    from modlora.library.shared_expert import ShareInfo
     lib = ExpertLibrary.create(root / f"share-{mode}", lm.info)
     tasks = {"shared": ["task1_a", "task2_b", "task3_c"], "cluster0": ["task1_a", "task2_b"], "cluster1": ["task3_c"]}
     for i, (name, its) in enumerate(tasks.items()):
@@ -268,7 +268,7 @@ def test_warm_share_library_routes_over_cluster_experts(setup, tmp_path):
 
 def test_share_record_round_trips_and_bad_records_are_refused(setup, tmp_path):
     from modlora.errors import LibraryError
-    from modlora.library.share import ShareInfo
+    from modlora.library.shared_expert import ShareInfo
     lm, plain, _ = setup
     lib = _share_library(lm, tmp_path, "residual")
     assert ShareInfo.of(ExpertLibrary(lib.path)) == ShareInfo("shared", "residual", 0.25, ("cluster0", "cluster1"))

@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 from safetensors.torch import save_file
 
 from modlora.errors import AdapterError, LibraryError, ModloraError
+from modlora.evaluation.code import decode_plain
 from modlora.io import sha256_file
 from modlora.library.adapters import LoraAdapter, LoraSpec, load_adapter
 from modlora.library.store import ExpertLibrary
@@ -223,3 +224,33 @@ def test_fuzz_adapter_config(template, tmp_path, data):
         load_adapter(lib_dir / "experts" / "e1")
     except AdapterError:
         pass
+
+
+PLAIN_TAGS = ["tuple", "set", "frozenset", "dict", "complex", "list", ""]
+TAGGED_JSON = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=6),
+    lambda c: st.lists(c, max_size=3) | st.dictionaries(st.sampled_from(PLAIN_TAGS), c, min_size=1, max_size=2),
+    max_leaves=12)
+BUILTIN_VALUES = (type(None), bool, int, float, complex, str, list, tuple, set, frozenset, dict)
+
+
+def _builtin_only(value) -> bool:
+    if type(value) not in BUILTIN_VALUES:
+        return False
+    if isinstance(value, dict):
+        return all(_builtin_only(k) and _builtin_only(v) for k, v in value.items())
+    if isinstance(value, list | tuple | set | frozenset):
+        return all(_builtin_only(v) for v in value)
+    return True
+
+
+@settings(max_examples=400, deadline=None, derandomize=True)
+@given(data=TAGGED_JSON)
+def test_fuzz_graded_programs_answers(data):
+    """A graded program's answer is hostile JSON: decoding it either refuses it (ValueError) or builds builtin values
+    only, which no ``__eq__`` of the program's can reach."""
+    try:
+        value = decode_plain(data)
+    except ValueError:
+        return
+    assert _builtin_only(value)

@@ -50,7 +50,7 @@ from modlora.build.training import TrainConfig, seed_everything
 from modlora.data import EncodedExample
 from modlora.errors import DataError, ModloraError
 from modlora.library.adapters import LoraAdapter, LoraSpec, adapted_modules
-from modlora.library.allocation import Allocation, mix_factors
+from modlora.library.skill_allocation import Allocation, mix_factors
 from modlora.progress import progress_bar
 
 DEFAULT_ALLOCATION_LR = 1e-2

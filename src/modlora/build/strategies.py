@@ -70,7 +70,7 @@ from modlora.data import (
 from modlora.errors import ModloraError
 from modlora.library.adapters import LoraSpec, adapter_merged
 from modlora.library.remote import open_library
-from modlora.library.share import DEFAULT_SHARE_MODE, SHARE_META, SHARE_MODES, ShareInfo, ShareMode
+from modlora.library.shared_expert import DEFAULT_SHARE_MODE, SHARE_META, SHARE_MODES, ShareInfo, ShareMode
 from modlora.library.store import ExpertLibrary
 from modlora.models import LoadedModel, load_base_model
 
@@ -364,7 +364,7 @@ def build_cluster_library(path: str | Path, clustering: ClusteringResult, tasks_
     ``share_fraction`` g (sharing across clusters): first one expert ``shared`` is trained on all the tasks for
     ``g·N`` budgets, then every cluster expert trains for ``(budget_per_task - g)·|tasks|`` budgets (same total),
     starting from the shared factors (``share_mode="warm"``) or as a fresh LoRA on top of the base with
-    ``ΔW_shared`` merged into it (``"residual"``). ``meta/share.json`` (:class:`~modlora.library.share.ShareInfo`) and
+    ``ΔW_shared`` merged into it (``"residual"``). ``meta/share.json`` (:class:`~modlora.library.shared_expert.ShareInfo`) and
     the stored build config record both; the mode is part of every cluster expert's fingerprint."""
     if share_mode not in SHARE_MODES:
         raise ModloraError(f"share_mode must be one of {', '.join(SHARE_MODES)}, got {share_mode!r}")
@@ -521,7 +521,7 @@ def train_poly_job(job: PolyJob) -> dict[str, Any]:
     """Job body: train skills + allocation jointly (:func:`modlora.build.poly.train_poly`), store every skill, then the
     allocation (``meta/poly_allocation.json``, written last: its presence marks a finished build)."""
     from modlora.build.poly import PolyOptions, train_poly
-    from modlora.library.allocation import ALLOCATION_META
+    from modlora.library.skill_allocation import ALLOCATION_META
     lib = ExpertLibrary(job.library)
     cfg = job.config
     lm = _process_model(cfg.model, cfg.device, cfg.dtype)
@@ -558,7 +558,7 @@ def build_poly_library(path: str | Path, tasks: Sequence[str], config: BuildConf
     experts ``skill{s}``, the allocation as ``meta/poly_allocation.json``. A finished build (every skill and the
     allocation stored, same fingerprints) is skipped; an unfinished one is trained again from the start."""
     from modlora.build.poly import DEFAULT_ALLOCATION_LR, PolyOptions
-    from modlora.library.allocation import ALLOCATION_META
+    from modlora.library.skill_allocation import ALLOCATION_META
     options = PolyOptions(skills, heads, allocation_lr if allocation_lr is not None else DEFAULT_ALLOCATION_LR)
     options.check_rank(config.lora.rank)
     check_init_fits(config.init, "poly" if heads == 1 else "mhr")

@@ -278,7 +278,7 @@ def register(sub: Any, registry: Registry) -> None:
                         "task's budget), then the cluster experts with the rest (--share-mode)")
     p.add_argument("--share-fraction", type=open_fraction, default=0.2,
                    help="--share: share of each task's budget spent on the shared expert (default 0.2)")
-    from modlora.library.share import DEFAULT_SHARE_MODE, SHARE_MODES
+    from modlora.library.shared_expert import DEFAULT_SHARE_MODE, SHARE_MODES
     p.add_argument("--share-mode", choices=SHARE_MODES, default=None,
                    help="--share: warm = every cluster expert starts from the shared factors; residual = every "
                         "cluster expert is a fresh LoRA on top of the shared one, which reuse then applies on every "

@@ -11,7 +11,7 @@ from modlora.reuse.methods import Registry
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from modlora.study.demo import run_demo
+    from modlora.study.main_job import run_demo
     return run_demo(out_dir=args.out, model=args.model, data=data_root(args), tasks=args.tasks, steps=args.steps,
                     device=args.device)
 

@@ -89,6 +89,9 @@ def register(sub: Any, registry: Registry) -> None:
                    help="after an idle spell, wait this long for more requests before the first forward (default 5)")
     p.add_argument("--default-max-tokens", type=positive_int, default=256,
                    help="new tokens of a chat request that sets no max_tokens (default 256; completions: 16)")
+    p.add_argument("--max-body-bytes", type=positive_int, default=1024 * 1024, metavar="N",
+                   help="largest request body in bytes; a larger one is refused with HTTP 413 while it is being read, "
+                        "never held whole (default 1048576 = 1 MiB)")
     p.add_argument("--ray", action="store_true", help="run under Ray Serve (a local Ray instance)")
     p.add_argument("--replicas", type=positive_int, default=None,
                    help="Ray Serve replicas, each with its own model (needs --ray; default 1)")
@@ -117,7 +120,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     dtype = None if args.dtype in (None, "auto") else args.dtype
     config = ServeConfig(str(Path(library.path).resolve()), model=args.model, device=args.device, dtype=dtype,
                          name=args.name, engine=options, api_key=resolve_api_key(args.api_key),
-                         registry=args.registry)
+                         max_body_bytes=args.max_body_bytes, registry=args.registry)
     if args.ray:
         print(f"modlora serve: starting {args.replicas or 1} Ray Serve replica(s) on http://{args.host}:{args.port}/v1",
               flush=True)

@@ -1,8 +1,10 @@
 """A sandbox for untrusted Python programs (generated code): bubblewrap namespaces where available, else a plain
 subprocess under the same time, memory and output limits (with a :class:`SandboxIsolationWarning`).
 
-A run passes iff the program exits with status 0 *and* prints a per-run random token appended after its last line;
-see :class:`Sandbox` for what is isolated on each path. Used by :mod:`modlora.evaluation.code` (HumanEval / MBPP).
+A run (:meth:`Sandbox.run`) passes iff the program exits with status 0 *and* prints a per-run random token appended
+after its last line; see :class:`Sandbox` for what is isolated on each path. A session (:meth:`Sandbox.session`)
+instead exchanges JSON lines with a running program, so that the evaluator can judge what the program says rather
+than how it ends: :mod:`modlora.evaluation.code` grades HumanEval / MBPP programs this way.
 """
 
 from __future__ import annotations
@@ -20,13 +22,14 @@ import sys
 import tempfile
 import time
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
 from modlora.errors import DataError, SandboxUnavailableError
+from modlora.io import parse_json
 
 _SOCKET_SHIM = '''"""modlora sandbox: best-effort network block (installed as sitecustomize)."""
 import socket as _socket
@@ -54,7 +57,9 @@ _socket.getaddrinfo = _blocked
 SANDBOX_UID = 65534  # "nobody": the uid (and gid) programs run as, inside the sandbox and, when we are root, outside
 _SANDBOX_DIR = "/tmp"  # the private tmpfs inside the bwrap sandbox: working directory, HOME and TMPDIR
 _FALLBACK_GAPS = ("the file system (a program can read and write whatever the evaluator's user can: the project, "
-                  "home and /tmp), host Unix sockets, the evaluator and other processes (a program can signal them), "
+                  "home and /tmp), host Unix sockets, the evaluator and other processes (a program can signal them, "
+                  "and read or alter those of the same user, the code-grading judge and its expected values "
+                  "included), "
                   "the process count (no RLIMIT_NPROC: fork bombs are unbounded) and the process tree (a child that "
                   "calls setsid survives the run until RLIMIT_CPU ends it)")
 
@@ -70,7 +75,8 @@ class SandboxResult:
     ``status`` is "passed" (exit status 0 *and* the end-of-program token printed after the last statement),
     "failed", "timeout", "memory" or "error" (the sandbox did not start). ``returncode``: the exit status, a death
     by signal as ``-signal`` (bwrap's ``128 + signal`` converted). ``isolation``: "bwrap" or "subprocess".
-    ``reached_end``: the token was seen, i.e. the program ran to its last statement.
+    ``reached_end``: the token was seen, i.e. the program ran to its last statement (always False for a session,
+    which has no token).
     """
 
     status: str
@@ -128,7 +134,8 @@ class Sandbox:
     ``RLIMIT_FSIZE`` = ``max_file_bytes`` (stdout and stderr are files, read back capped at ``max_output_bytes``),
     no core dumps; a wall-clock timeout. A run passes only if it exits with status 0 *and* prints a per-run
     random token appended after the program's last line, so ``sys.exit(0)`` or ``os._exit(0)`` before the tests
-    is a failure (a program written to find the token in its own source could still forge it).
+    is a failure (a program written to find the token in its own source could still forge it, which is why code
+    grading uses sessions instead: :func:`modlora.evaluation.code.grade_program`).
 
     ``use_bwrap``: None probes once per instance (the answer is kept in ``isolation``); False takes the
     subprocess path; True refuses to build the sandbox when bwrap is unusable.
@@ -178,7 +185,7 @@ class Sandbox:
             return f"{self.bwrap!r} not found on PATH"
         if os.geteuid() == 0 and shutil.which("setpriv") is None:
             return "running as root needs 'setpriv' (util-linux) to drop to an unprivileged uid, and it is missing"
-        probe = self._run_bwrap(*_with_end_marker("import sys\n"))
+        probe = self._run(*_with_end_marker("import sys\n"), bwrap=True)
         if probe.passed:
             return ""
         hint = " (bubblewrap >= 0.8 is needed)" if "Unknown option" in probe.stderr else ""
@@ -220,17 +227,19 @@ class Sandbox:
                  "--clear-groups", "--"]
         return outer + inner
 
-    def _run_bwrap(self, program: str, token: str) -> SandboxResult:
-        with tempfile.TemporaryFile() as src, tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
-            src.write(program.encode("utf-8", errors="surrogatepass"))
-            src.flush()
-            src.seek(0)
-            info_pipe = os.pipe()
-            cmd = self._bwrap_argv(src.fileno(), info_pipe[1])
-            return self._execute(cmd, None, None, out, err, token, (src.fileno(), info_pipe[1]), info_pipe)
-
-    # ------------------------------------------------------------------------------------------------ subprocess
-    def _run_subprocess(self, program: str, token: str) -> SandboxResult:
+    @contextlib.contextmanager
+    def _launch(self, program: str, bwrap: bool) -> Iterator[_Launch]:
+        """How to start ``program`` under bwrap or as a plain subprocess; what it needs exists until the block ends."""
+        encoded = program.encode("utf-8", errors="surrogatepass")
+        if bwrap:
+            with tempfile.TemporaryFile() as src:
+                src.write(encoded)
+                src.flush()
+                src.seek(0)
+                info_pipe = os.pipe()
+                yield _Launch(self._bwrap_argv(src.fileno(), info_pipe[1]), None, None,
+                              (src.fileno(), info_pipe[1]), info_pipe)
+            return
         workdir = Path(tempfile.mkdtemp(prefix="modlora-sandbox-"))
         try:
             shim = workdir / "_shim"
@@ -238,15 +247,14 @@ class Sandbox:
             (shim / "sitecustomize.py").write_text(_SOCKET_SHIM)
             run_dir = workdir / "run"
             run_dir.mkdir()
-            (run_dir / "program.py").write_bytes(program.encode("utf-8", errors="surrogatepass"))
+            (run_dir / "program.py").write_bytes(encoded)
             env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": str(run_dir), "PYTHONPATH": str(shim),
                    "PYTHONDONTWRITEBYTECODE": "1", "PYTHONHASHSEED": "0", "PYTHONIOENCODING": "utf-8",
                    "LANG": "C.UTF-8", "OMP_NUM_THREADS": "1", "TMPDIR": str(run_dir)}
             cmd = [self.python, "-s", "-B", "program.py"]
             if self.use_netns:
                 cmd = ["unshare", "-rn", *cmd]
-            with open(workdir / "stdout", "w+b") as out, open(workdir / "stderr", "w+b") as err:
-                return self._execute(cmd, run_dir, env, out, err, token, (), None)
+            yield _Launch(cmd, run_dir, env, (), None)
         finally:
             shutil.rmtree(workdir, ignore_errors=True)
 
@@ -267,31 +275,59 @@ class Sandbox:
     def run(self, source: str) -> SandboxResult:
         """Run ``source`` as ``__main__``; passed iff it runs to its last line and exits 0 within the limits."""
         program, token = _with_end_marker(source)
-        if self.isolation == "bwrap":
-            return self._run_bwrap(program, token)
-        return self._run_subprocess(program, token)
+        return self._run(program, token, self.isolation == "bwrap")
 
-    def _execute(self, cmd: list[str], cwd: Path | None, env: dict[str, str] | None, out: IO[bytes],
-                 err: IO[bytes], token: str, pass_fds: tuple[int, ...],
-                 info_pipe: tuple[int, int] | None) -> SandboxResult:
-        """Run ``cmd`` under the rlimits with a wall-clock timeout.
+    def _run(self, program: str, token: str, bwrap: bool) -> SandboxResult:
+        isolation = "bwrap" if bwrap else "subprocess"
+        with self._launch(program, bwrap) as launch, tempfile.TemporaryFile() as out, \
+                tempfile.TemporaryFile() as err:
+            try:
+                running = self._start(launch, subprocess.DEVNULL, out, err)
+            except OSError as exc:
+                return SandboxResult("error", None, "", f"could not start the sandbox: {exc}", 0.0, isolation, False)
+            code, timed_out, wall = self._stop(running, wait=True)
+            stdout, reached_end = _read_stdout(out, token, self.max_output_bytes)
+            stderr = _read_capped(err, self.max_output_bytes)
+        status = _status(code, timed_out, wall >= self.timeout_s, stderr, reached_end)
+        return SandboxResult(status, code, stdout, stderr, wall, isolation, reached_end)
 
-        ``info_pipe`` (bwrap only; closed here): the pipe of bwrap's ``--info-fd``, whose JSON gives the host pid of
-        the sandbox's init. On timeout that init is SIGKILLed first (the kernel then kills its whole pid namespace
-        and bwrap exits), then the session of ``cmd``.
+    @contextlib.contextmanager
+    def session(self, source: str) -> Iterator[SandboxSession]:
+        """Start ``source`` as a program that exchanges JSON lines with the evaluator over its stdin and stdout (see
+        :class:`SandboxSession`), under the same isolation and limits as :meth:`run`; killed when the block ends.
+
+        Raises :class:`SandboxUnavailableError` if the sandbox cannot start.
         """
-        isolation = "subprocess" if info_pipe is None else "bwrap"
+        bwrap = self.isolation == "bwrap"
+        with self._launch(source, bwrap) as launch, tempfile.TemporaryFile() as err:
+            try:
+                running = self._start(launch, subprocess.PIPE, subprocess.PIPE, err)
+            except OSError as exc:
+                raise SandboxUnavailableError(f"could not start the sandbox: {exc}") from exc
+            session = SandboxSession(self, running, err)
+            try:
+                yield session
+            finally:
+                session.finish(wait=False)
+
+    def _start(self, launch: _Launch, stdin: int | IO[bytes], stdout: int | IO[bytes],
+               stderr: IO[bytes]) -> _Running:
+        """Start ``launch`` under the rlimits in its own session; raises OSError if it cannot start.
+
+        ``launch.info_pipe`` (bwrap only; closed here): the pipe of bwrap's ``--info-fd``, whose JSON gives the host
+        pid of the sandbox's init, which :meth:`_stop` kills first.
+        """
         t0 = time.perf_counter()
-        timed_out = False
+        info_pipe = launch.info_pipe
         try:
-            proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdin=subprocess.DEVNULL, stdout=out, stderr=err,
-                                    start_new_session=True, preexec_fn=self._limits(), close_fds=True,
-                                    pass_fds=pass_fds)
-        except OSError as exc:
+            proc = subprocess.Popen(launch.cmd, cwd=launch.cwd, env=launch.env, stdin=stdin, stdout=stdout,
+                                    stderr=stderr, bufsize=0, start_new_session=True, preexec_fn=self._limits(),
+                                    close_fds=True, pass_fds=launch.pass_fds)
+        except OSError:
             if info_pipe is not None:
                 os.close(info_pipe[0])
                 os.close(info_pipe[1])
-            return SandboxResult("error", None, "", f"could not start the sandbox: {exc}", 0.0, isolation, False)
+            raise
         sandbox_init = None
         if info_pipe is not None:
             os.close(info_pipe[1])  # our write end: the read end sees EOF once bwrap is done with it
@@ -299,34 +335,32 @@ class Sandbox:
                 sandbox_init = _read_child_pid(info_pipe[0], t0 + self.timeout_s)
             finally:
                 os.close(info_pipe[0])
+        return _Running(proc, sandbox_init, t0, "subprocess" if info_pipe is None else "bwrap")
+
+    def _stop(self, running: _Running, wait: bool) -> tuple[int, bool, float]:
+        """``(exit status, timed out, wall seconds)`` of a started program, after letting it run until its time limit
+        (``wait``) or not at all. What is left is killed: the sandbox's init first (the kernel then kills its whole
+        pid namespace and bwrap exits), then the session of the command."""
+        proc = running.proc
+        timed_out = False
         try:
-            proc.wait(timeout=max(0.0, t0 + self.timeout_s - time.perf_counter()))
+            if wait:
+                proc.wait(timeout=max(0.0, running.t0 + self.timeout_s - time.perf_counter()))
         except subprocess.TimeoutExpired:
             timed_out = True
         finally:
-            if sandbox_init is not None and proc.poll() is None:
+            if running.sandbox_init is not None and proc.poll() is None:
                 with contextlib.suppress(ProcessLookupError, PermissionError):
-                    os.kill(sandbox_init, signal.SIGKILL)
+                    os.kill(running.sandbox_init, signal.SIGKILL)
                 with contextlib.suppress(subprocess.TimeoutExpired):
                     proc.wait(timeout=5)
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
-        wall = time.perf_counter() - t0
         code = proc.returncode
-        if isolation == "bwrap" and code > 128:
+        if running.isolation == "bwrap" and code > 128:
             code = -(code - 128)
-        stdout, reached_end = _read_stdout(out, token, self.max_output_bytes)
-        stderr = _read_capped(err, self.max_output_bytes)
-        if timed_out or code in (-signal.SIGXCPU, -signal.SIGKILL) and wall >= self.timeout_s:
-            status = "timeout"
-        elif code == 0 and reached_end:
-            status = "passed"
-        elif "MemoryError" in stderr or code == -signal.SIGSEGV and "Cannot allocate memory" in stderr:
-            status = "memory"
-        else:
-            status = "failed"
-        return SandboxResult(status, code, stdout, stderr, wall, isolation, reached_end)
+        return code, timed_out, time.perf_counter() - running.t0
 
     def run_many(self, sources: Sequence[str], workers: int = 2) -> list[SandboxResult]:
         """Run several programs, ``workers`` at a time, results in input order."""
@@ -334,6 +368,133 @@ class Sandbox:
             return [self.run(s) for s in sources]
         with ThreadPoolExecutor(max_workers=workers) as pool:
             return list(pool.map(self.run, sources))
+
+
+@dataclass(frozen=True)
+class _Launch:
+    """A command that runs a program in the sandbox: what :meth:`Sandbox._start` passes to ``Popen``."""
+
+    cmd: list[str]
+    cwd: Path | None
+    env: dict[str, str] | None
+    pass_fds: tuple[int, ...]
+    info_pipe: tuple[int, int] | None
+
+
+@dataclass(frozen=True)
+class _Running:
+    proc: subprocess.Popen[bytes]
+    sandbox_init: int | None
+    t0: float
+    isolation: str
+
+
+def _status(code: int, timed_out: bool, at_time_limit: bool, stderr: str, ran_to_end: bool) -> str:
+    """A finished program's :attr:`SandboxResult.status`."""
+    if timed_out or code in (-signal.SIGXCPU, -signal.SIGKILL) and at_time_limit:
+        return "timeout"
+    if code == 0 and ran_to_end:
+        return "passed"
+    if "MemoryError" in stderr or code == -signal.SIGSEGV and "Cannot allocate memory" in stderr:
+        return "memory"
+    return "failed"
+
+
+class SandboxSession:
+    """A program running in the sandbox that exchanges JSON objects with the evaluator, one per line: it reads
+    them on its stdin and writes them to its stdout (what it writes to stderr is kept as in :meth:`Sandbox.run`).
+
+    Every :meth:`send` and :meth:`receive` gives up at the run's time limit. The first failure closes the channel:
+    ``problem`` says why, and every later call fails too. The program decides nothing here: its messages are all
+    the evaluator learns from it, and the evaluator judges them.
+    """
+
+    def __init__(self, sandbox: Sandbox, running: _Running, stderr: IO[bytes]) -> None:
+        self._sandbox = sandbox
+        self._running = running
+        self._stderr = stderr
+        self._deadline = running.t0 + sandbox.timeout_s
+        self._buffer = bytearray()
+        self._result: SandboxResult | None = None
+        self.problem = ""
+        os.set_blocking(self._stdin_fd, False)
+
+    @property
+    def _stdin_fd(self) -> int:
+        assert self._running.proc.stdin is not None
+        return self._running.proc.stdin.fileno()
+
+    def _fail(self, problem: str) -> None:
+        self.problem = self.problem or problem
+
+    def send(self, message: dict[str, Any]) -> bool:
+        """Write ``message`` as one line to the program's stdin; False if it cannot be (see ``problem``)."""
+        if self.problem:
+            return False
+        data = memoryview((json.dumps(message) + "\n").encode())
+        while data:
+            left = self._deadline - time.perf_counter()
+            if left <= 0 or not select.select([], [self._stdin_fd], [], left)[1]:
+                self._fail("the program did not read its input within the time limit")
+                return False
+            try:
+                written = os.write(self._stdin_fd, data)
+            except BrokenPipeError:
+                self._fail("the program stopped reading its input")
+                return False
+            data = data[written:]
+        return True
+
+    def receive(self) -> dict[str, Any] | None:
+        """The program's next message, or None (see ``problem``) if it ends its output, writes a line that is not a
+        JSON object or longer than ``max_output_bytes``, or writes nothing within the time limit."""
+        if self.problem:
+            return None
+        assert self._running.proc.stdout is not None
+        fd = self._running.proc.stdout.fileno()
+        limit = self._sandbox.max_output_bytes
+        while not self.problem and (end := self._buffer.find(b"\n")) < 0:
+            left = self._deadline - time.perf_counter()
+            if len(self._buffer) > limit:
+                self._fail(f"the program wrote a message over {limit} bytes")
+            elif left <= 0 or not select.select([fd], [], [], left)[0]:
+                self._fail("the program wrote no message within the time limit")
+            elif chunk := os.read(fd, 65536):
+                self._buffer += chunk
+            else:
+                self._fail("the program closed its output")
+        if self.problem:
+            return None
+        line = bytes(self._buffer[:end])
+        del self._buffer[:end + 1]
+        try:
+            message = parse_json(line) if len(line) <= limit else None
+        except ValueError as exc:
+            self._fail(f"the program wrote a message that is not JSON: {exc}")
+            return None
+        if not isinstance(message, dict):
+            self._fail(f"the program wrote a message that is not a JSON object of at most {limit} bytes")
+            return None
+        return message
+
+    def finish(self, wait: bool = True) -> SandboxResult:
+        """End the program (once): close its stdin, then let it exit until the time limit (``wait``) or kill it now.
+
+        A session has no end token: its status is "passed" on exit status 0, and ``stdout`` is empty (it was the
+        channel).
+        """
+        if self._result is None:
+            self._fail("the session has ended")
+            proc = self._running.proc
+            assert proc.stdin is not None and proc.stdout is not None
+            with contextlib.suppress(OSError):
+                proc.stdin.close()
+            code, timed_out, wall = self._sandbox._stop(self._running, wait)
+            proc.stdout.close()
+            stderr = _read_capped(self._stderr, self._sandbox.max_output_bytes)
+            status = _status(code, timed_out, wall >= self._sandbox.timeout_s, stderr, True)
+            self._result = SandboxResult(status, code, "", stderr, wall, self._running.isolation, False)
+        return self._result
 
 
 def _read_child_pid(fd: int, deadline: float) -> int | None:

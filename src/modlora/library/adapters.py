@@ -4,7 +4,9 @@ A LoRA expert adds, to each adapted linear layer ``y = W x`` (``W``: out × in),
 update ``ΔW = s · B A`` with ``A``: (r × in), ``B``: (out × r) and scaling ``s = alpha / r``.
 On disk an adapter is a PEFT directory: ``adapter_config.json`` + ``adapter_model.safetensors``
 whose keys are ``base_model.model.<module path>.lora_A.weight`` / ``.lora_B.weight``; such a
-directory loads with ``peft.PeftModel.from_pretrained``.
+directory loads with ``peft.PeftModel.from_pretrained``. A PEFT config is read as PEFT would apply
+it or refused naming the field (:func:`parse_adapter_config`): an rsLoRA adapter (``use_rslora``,
+``s = alpha / √r``) becomes the plain adapter with ``alpha · √r``, which computes the same ``ΔW``.
 
 In memory, :class:`LoraAdapter` maps each *module path* of the base causal LM (for example
 ``model.layers.0.self_attn.q_proj``) to its ``A`` and ``B`` factors.
@@ -13,6 +15,7 @@ In memory, :class:`LoraAdapter` maps each *module path* of the base causal LM (f
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import math
 import os
@@ -28,7 +31,7 @@ from safetensors.torch import load as load_safetensors_bytes
 from safetensors.torch import save
 
 from modlora.errors import AdapterError, ModloraError
-from modlora.io import atomic_directory, atomic_write_bytes, parse_json
+from modlora.io import atomic_directory, atomic_write_bytes, parse_json, read_regular_file
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -36,6 +39,7 @@ PEFT_PREFIX = "base_model.model."
 DEFAULT_TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj")
 MLP_TARGET_MODULES = ("gate_proj", "up_proj", "down_proj")
 MAX_RANK = 4096
+MAX_ALPHA = 1e6
 MAX_FEATURES = 1 << 20
 PEFT_KEY_RE = re.compile(r"^base_model\.model\.(?P<module>[A-Za-z0-9_.]+)\.lora_(?P<which>[AB])(?:\.[A-Za-z0-9_]+)?\.weight$")
 
@@ -52,9 +56,12 @@ class LoraSpec:
     def __post_init__(self) -> None:
         if not isinstance(self.rank, int) or isinstance(self.rank, bool) or not 1 <= self.rank <= MAX_RANK:
             raise AdapterError(f"LoRA field 'r' (rank) must be an integer in [1, {MAX_RANK}], got {self.rank!r}")
-        if not isinstance(self.alpha, (int, float)) or isinstance(self.alpha, bool) or not math.isfinite(self.alpha):
-            raise AdapterError(f"LoRA field 'lora_alpha' must be a finite number, got {self.alpha!r}")
-        if not isinstance(self.dropout, (int, float)) or not 0.0 <= float(self.dropout) < 1.0:
+        if (not isinstance(self.alpha, (int, float)) or isinstance(self.alpha, bool) or not math.isfinite(self.alpha)
+                or abs(self.alpha) > MAX_ALPHA):
+            raise AdapterError(f"LoRA field 'lora_alpha' must be a finite number of magnitude at most {MAX_ALPHA:g}, "
+                               f"got {self.alpha!r}")
+        if (not isinstance(self.dropout, (int, float)) or isinstance(self.dropout, bool)
+                or not 0.0 <= float(self.dropout) < 1.0):
             raise AdapterError(f"LoRA field 'lora_dropout' must be in [0, 1), got {self.dropout!r}")
         if not self.target_modules or not all(isinstance(t, str) and t for t in self.target_modules):
             raise AdapterError(f"LoRA field 'target_modules' must be a non-empty list of names, got {self.target_modules!r}")
@@ -214,17 +221,38 @@ def write_adapter_files(adapter: LoraAdapter, directory: Path) -> None:
 
 def _peft_lora_fields() -> set[str]:
     """The fields ``peft.LoraConfig`` defines (an adapter_config.json may hold only these)."""
-    import dataclasses
-
     from peft import LoraConfig
     return {f.name for f in dataclasses.fields(LoraConfig)}
 
 
+#: ``adapter_config.json`` fields that describe the adapter or only its training (nothing in ``ΔW`` once trained)
+_DESCRIPTIVE_FIELDS = frozenset({
+    "task_type", "peft_type", "auto_mapping", "peft_version", "base_model_name_or_path", "revision",
+    "inference_mode", "runtime_config", "megatron_core", "qalora_group_size", "loftq_config", "eva_config",
+    "corda_config", "lora_ga_config", "ensure_weight_tying"})
+#: the fields modlora applies, as PEFT does (``target_modules`` as layer names, ``use_rslora`` as ``α·√r``)
+_APPLIED_FIELDS = frozenset({"r", "lora_alpha", "lora_dropout", "target_modules", "use_rslora", "init_lora_weights"})
+#: initialisations that leave the base weights and LoRA's forward as they are (PiSSA, OLoRA, CorDA, LoftQ and LoRA-GA
+#: move part of the base weights into the adapter; MiCA is a LoRA variant): only these can be applied to the base
+_PLAIN_INITS = frozenset({"gaussian", "eva", "orthogonal"})
+#: every other field changes what the adapter computes unless it holds its "off" value: this one, or None, false,
+#: "" and an empty list or object
+_OFF_VALUES = {"bias": "none"}
+_LAYER_NAME_RE = re.compile(r"^[A-Za-z0-9_]+$")
+
+
+def _is_off(field_name: str, value: Any) -> bool:
+    if field_name in _OFF_VALUES:
+        return value == _OFF_VALUES[field_name]
+    return value is None or value is False or (isinstance(value, (str, list, dict)) and not value)
+
+
 def read_adapter_config(directory: Path, name: str) -> tuple[LoraSpec, dict[str, Any]]:
-    """Parse and validate ``adapter_config.json``; returns the spec and the raw dict."""
+    """Parse and validate ``adapter_config.json``; returns the spec and the raw dict. The file may be a symbolic
+    link (a Hugging Face cache snapshot links into its blobs) but must be a regular file."""
     path = directory / ADAPTER_CONFIG
     try:
-        data = path.read_bytes()
+        data = read_regular_file(path, follow_symlinks=True)
     except FileNotFoundError:
         raise AdapterError(f"{name}: missing {path}") from None
     except OSError as exc:
@@ -233,8 +261,12 @@ def read_adapter_config(directory: Path, name: str) -> tuple[LoraSpec, dict[str,
 
 
 def parse_adapter_config(data: bytes, path: Path, name: str) -> tuple[LoraSpec, dict[str, Any]]:
-    """Validate the bytes of ``adapter_config.json`` (read from ``path``): a LoRA ``LoraConfig`` without the
-    unsupported variants. Returns the spec and the raw dict."""
+    """Validate the bytes of ``adapter_config.json`` (read from ``path``) as PEFT would apply them: ``r``,
+    ``lora_alpha``, ``lora_dropout``, ``target_modules`` (a list of layer names; PEFT's regular-expression string
+    and path suffixes are refused) and ``use_rslora`` (scaling ``α/√r``: the spec gets ``α·√r``) are applied; fields
+    that only describe the adapter or its training are accepted; every other field must hold its "off" value, or the
+    adapter is refused naming it (DoRA, per-module ranks, layer subsets, biases, saved modules, initialisations
+    that change the base weights, other LoRA variants). Returns the spec and the raw dict."""
     try:
         raw = parse_json(data)
     except ValueError as exc:
@@ -247,33 +279,54 @@ def parse_adapter_config(data: bytes, path: Path, name: str) -> tuple[LoraSpec, 
     peft_type = raw.get("peft_type", "LORA")
     if peft_type != "LORA":
         raise AdapterError(f"{name}: {path}: field 'peft_type' is {peft_type!r}; only LORA adapters are supported")
-    for flag in ("use_dora", "fan_in_fan_out"):
-        if raw.get(flag):
-            raise AdapterError(f"{name}: {path}: field {flag!r}=true is not supported")
-    if raw.get("rank_pattern") or raw.get("alpha_pattern"):
-        raise AdapterError(f"{name}: {path}: per-module 'rank_pattern'/'alpha_pattern' are not supported")
+    for field_name, value in sorted(raw.items()):
+        if field_name not in _DESCRIPTIVE_FIELDS and field_name not in _APPLIED_FIELDS and not _is_off(field_name, value):
+            raise AdapterError(f"{name}: {path}: field {field_name!r} is {_short(value)}: modlora applies plain LoRA "
+                               "and would compute something other than PEFT; refusing the adapter")
+    init = raw.get("init_lora_weights", True)
+    if not (isinstance(init, bool) or (isinstance(init, str) and init.lower() in _PLAIN_INITS)):
+        raise AdapterError(f"{name}: {path}: field 'init_lora_weights' is {_short(init)}: that initialisation changes "
+                           "the base model's weights or LoRA's forward, so the adapter does not apply to the base as is")
+    rslora = raw.get("use_rslora", False)
+    if rslora is not None and not isinstance(rslora, bool):
+        raise AdapterError(f"{name}: {path}: field 'use_rslora' must be true or false, got {_short(rslora)}")
+    targets = raw.get("target_modules")
+    if isinstance(targets, str):
+        raise AdapterError(f"{name}: {path}: field 'target_modules' is the string {_short(targets)}, which PEFT "
+                           "matches as a regular expression against whole module paths; list the layer names instead")
+    if isinstance(targets, list) and not all(isinstance(t, str) and _LAYER_NAME_RE.match(t) for t in targets):
+        raise AdapterError(f"{name}: {path}: field 'target_modules' must list layer names such as 'q_proj' (no '.' "
+                           f"paths or patterns), got {_short(targets)}")
     base = raw.get("base_model_name_or_path")
     if base is not None and not isinstance(base, str):
         raise AdapterError(f"{name}: {path}: field 'base_model_name_or_path' must be a string, got {base!r}")
     try:
         spec = LoraSpec.from_dict(raw)
+        if rslora:   # PEFT scales by α/√r: the same ΔW as plain LoRA with α·√r
+            spec = dataclasses.replace(spec, alpha=spec.alpha * math.sqrt(spec.rank))
     except AdapterError as exc:
-        raise AdapterError(f"{name}: {path}: {exc}") from None
+        raise AdapterError(f"{name}: {path}: {exc}{' (use_rslora: α·√r)' if rslora else ''}") from None
     except (TypeError, ValueError) as exc:
         raise AdapterError(f"{name}: {path}: bad field type ({exc})") from None
     return spec, raw
 
 
+def _short(value: Any, limit: int = 60) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + "…"
+
+
 def load_adapter(directory: str | os.PathLike[str], *, name: str | None = None) -> LoraAdapter:
-    """Load a PEFT LoRA directory; every problem raises :class:`AdapterError` naming the file."""
+    """Load a PEFT LoRA directory; every problem raises :class:`AdapterError` naming the file. Its files may be
+    symbolic links (see :func:`read_adapter_config`) but must be regular files."""
     directory = Path(directory)
     name = name or directory.name
     spec, raw = read_adapter_config(directory, name)
     wpath = directory / ADAPTER_WEIGHTS
-    if not wpath.is_file():
-        raise AdapterError(f"{name}: missing {wpath}")
     try:
-        weights = wpath.read_bytes()
+        weights = read_regular_file(wpath, follow_symlinks=True)
+    except FileNotFoundError:
+        raise AdapterError(f"{name}: missing {wpath}") from None
     except OSError as exc:
         raise AdapterError(f"{name}: cannot read {wpath} ({exc.strerror or exc})") from None
     return adapter_from_weights(spec, raw, weights, wpath, name)

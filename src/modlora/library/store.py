@@ -18,11 +18,15 @@ Readers load an expert under a shared ``flock`` of the same lock file, so a read
 an expert sees either the old or the new version, never a mix or a missing file (see :meth:`ExpertLibrary.get`).
 The manifest's ``base_model`` also records the base model's linear-layer shapes, so that imports and ``verify``
 check every expert's tensors against the base without loading it.
+Every file is read through :func:`~modlora.io.read_regular_file` and the lock file opened through
+:func:`~modlora.io.open_regular_file`: a symbolic link, FIFO or device where a library file should be is refused with
+an error naming it, never followed out of the library or waited on.
 No pickle anywhere: tensors are safetensors, metadata is JSON.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import math
 import os
@@ -36,7 +40,7 @@ from typing import Any
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file
+from safetensors.torch import load as load_safetensors_bytes
 
 from modlora import __version__
 from modlora.errors import AdapterError, BaseModelMismatchError, LibraryError
@@ -46,6 +50,7 @@ from modlora.io import (
     atomic_write_json,
     file_lock,
     parse_json,
+    read_regular_file,
     sha256_file,
     shared_file_lock,
 )
@@ -76,6 +81,19 @@ KIND_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+=-]{0,127}$")
 _MANIFEST_FIELDS = {"format", "version", "modlora_version", "base_model", "description", "created", "experts"}
 _EXPERT_FIELDS = {"name": str, "tasks": list, "lora": dict, "training": dict, "metrics": dict,
                   "created": (int, float), "files": dict, "num_parameters": int, "modules": int}
+
+
+@contextlib.contextmanager
+def library_lock(root: Path, *, shared: bool = False) -> Iterator[bool]:
+    """The lock of the library at ``root``: exclusive for a writer (:func:`~modlora.io.file_lock`), shared for a
+    reader (:func:`~modlora.io.shared_file_lock`; yields False in a read-only library). A lock file that cannot be
+    used (a symbolic link, FIFO, directory) raises :class:`LibraryError` naming it."""
+    with contextlib.ExitStack() as stack:
+        try:
+            locked = stack.enter_context(shared_file_lock(root / LOCK) if shared else file_lock(root / LOCK))
+        except OSError as exc:
+            raise LibraryError(f"{root / LOCK}: cannot lock the library ({exc.strerror or exc})") from None
+        yield locked is not False
 
 
 def check_name(name: Any, what: str = "expert name") -> str:
@@ -167,7 +185,7 @@ class ExpertLibrary:
             raise LibraryError(f"{path}: directory exists and is not an empty library")
         try:
             path.mkdir(parents=True, exist_ok=True)
-            with file_lock(path / LOCK):
+            with library_lock(path):
                 if not (path / MANIFEST).exists():
                     atomic_write_json(path / MANIFEST, {
                         "format": FORMAT, "version": FORMAT_VERSION, "modlora_version": __version__,
@@ -187,10 +205,8 @@ class ExpertLibrary:
             raise LibraryError(f"{self.path}: is a file, not a library directory")
         if not self.path.is_dir():
             raise LibraryError(f"{self.path}: library directory not found")
-        if mpath.is_symlink():
-            raise LibraryError(f"{mpath}: the manifest must not be a symbolic link")
         try:
-            raw = parse_json(mpath.read_bytes())
+            raw = parse_json(read_regular_file(mpath))
         except FileNotFoundError:
             raise LibraryError(f"{self.path}: not a modlora library (no {MANIFEST})") from None
         except IsADirectoryError:
@@ -306,13 +322,13 @@ class ExpertLibrary:
         reloads the manifest when it is older than the files."""
         problem = ""
         for attempt in range(attempts):
-            with shared_file_lock(self.path / LOCK) as locked:
+            with library_lock(self.path, shared=True) as locked:
                 entry = self.entry(name)
                 data: dict[str, bytes] = {}
                 for fname, digest in entry.files.items():
                     path = self._safe_file(name, fname)
                     try:
-                        data[fname] = path.read_bytes()
+                        data[fname] = read_regular_file(path)
                     except FileNotFoundError:
                         problem = f"missing file {path}"
                         break
@@ -361,7 +377,7 @@ class ExpertLibrary:
         """Store ``info.linear_shapes`` in a library that lacks them (only for the same base model)."""
         if self.base_model.linear_shapes or not info.linear_shapes or not self.base_model.same_weights(info):
             return
-        with file_lock(self.path / LOCK):
+        with library_lock(self.path):
             self.reload()
             if self.base_model.linear_shapes:
                 return
@@ -382,24 +398,22 @@ class ExpertLibrary:
         return [p for p in adapter_problems(adapter, known) if "does not exist" not in p and "no tensors" not in p]
 
     def _stored_shapes(self, exclude: str) -> dict[str, tuple[int, int]]:
-        """(out, in) of every module some stored expert (other than ``exclude``) adapts, from the file headers;
+        """(out, in) of every module some stored expert (other than ``exclude``) adapts, from its weights file;
         unreadable files are skipped (verify reports them)."""
-        from safetensors import safe_open
         out: dict[str, tuple[int, int]] = {}
         for other in self.expert_names():
             if other == exclude:
                 continue
             try:
-                with safe_open(str(self._safe_file(other, ADAPTER_WEIGHTS)), framework="pt") as fh:
-                    for key in fh.keys():   # noqa: SIM118 - safe_open handles are not iterable
-                        mt = PEFT_KEY_RE.match(key)
-                        shape = fh.get_slice(key).get_shape()
-                        if mt is None or len(shape) != 2:
-                            continue
-                        out_f, in_f = out.get(mt["module"], (0, 0))
-                        out[mt["module"]] = (shape[0], in_f) if mt["which"] == "B" else (out_f, shape[1])
-            except (SafetensorError, OSError, LibraryError):
+                tensors = load_safetensors_bytes(read_regular_file(self._safe_file(other, ADAPTER_WEIGHTS)))
+            except (SafetensorError, OSError, ValueError, LibraryError):
                 continue
+            for key, tensor in tensors.items():
+                mt = PEFT_KEY_RE.match(key)
+                if mt is None or tensor.ndim != 2:
+                    continue
+                out_f, in_f = out.get(mt["module"], (0, 0))
+                out[mt["module"]] = (tensor.shape[0], in_f) if mt["which"] == "B" else (out_f, tensor.shape[1])
         return {m: s for m, s in out.items() if 0 not in s}
 
     # -- writes -------------------------------------------------------------------------------------------------
@@ -417,7 +431,7 @@ class ExpertLibrary:
             raise LibraryError(f"expert {name!r} does not fit this library's base model {self.base_model.name!r}: "
                                + "; ".join(problems))
         target = self.expert_dir(name)
-        with file_lock(self.path / LOCK):
+        with library_lock(self.path):
             self.reload()
             if name in self._manifest["entries"] and not overwrite:
                 raise LibraryError(f"{self.path}: expert {name!r} already exists (remove it first or pass overwrite)")
@@ -438,7 +452,10 @@ class ExpertLibrary:
                        overwrite: bool = False, force_base: bool = False) -> ExpertEntry:
         """Import an existing PEFT LoRA adapter directory as an expert.
 
-        Every module's tensors are checked against the base model's linear shapes (see :meth:`add`). An adapter
+        The config is read as PEFT applies it or refused naming the field
+        (:func:`~modlora.library.adapters.parse_adapter_config`; an rsLoRA adapter is stored as the plain adapter with
+        ``lora_alpha·√r``, the same ``ΔW``), ``r`` must not exceed any adapted layer's width, and every module's
+        tensors are checked against the base model's linear shapes (see :meth:`add`). An adapter
         whose ``base_model_name_or_path`` names another model is refused with :class:`BaseModelMismatchError` unless
         ``force_base`` (names match when equal after dropping the hub organisation / directory part, case and a
         trailing quantisation tag such as ``-Q4_1``); the stored copy then names this library's base and
@@ -447,6 +464,11 @@ class ExpertLibrary:
             adapter = load_adapter(directory, name=f"adapter {directory}")
         except AdapterError as exc:
             raise LibraryError(str(exc)) from None
+        for m in adapter.modules:
+            width = min(adapter.A[m].shape[1], adapter.B[m].shape[0])
+            if adapter.spec.rank > width:
+                raise LibraryError(f"{Path(directory) / ADAPTER_CONFIG}: field 'r' is {adapter.spec.rank}, more than "
+                                   f"the width of layer {m} ({adapter.B[m].shape[0]} out × {adapter.A[m].shape[1]} in)")
         training: dict[str, Any] = {"imported_from": str(directory)}
         declared = adapter.base_model_name
         if declared and not same_model_name(declared, self.base_model.name):
@@ -472,7 +494,7 @@ class ExpertLibrary:
 
     def remove(self, name: str) -> None:
         """Remove an expert: manifest entry first (atomic), then its files and artifacts."""
-        with file_lock(self.path / LOCK):
+        with library_lock(self.path):
             self.reload()
             if name not in self._manifest["entries"]:
                 raise LibraryError(f"{self.path}: no expert named {name!r}")
@@ -488,13 +510,17 @@ class ExpertLibrary:
         library): each file is checked against its entry's checksum, then the manifest is written once, under the
         lock. Entries of the same names are replaced."""
         entries = list(entries)
-        with file_lock(self.path / LOCK):
+        with library_lock(self.path):
             self.reload()
             for e in entries:
                 check_name(e.name)
                 for fname, digest in e.files.items():
                     path = self._safe_file(e.name, fname)
-                    if not path.is_file() or sha256_file(path) != digest:
+                    try:
+                        matches = sha256_file(path) == digest
+                    except OSError:
+                        matches = False
+                    if not matches:
                         raise LibraryError(f"expert {e.name!r}: {path} is missing or does not match its checksum")
             self._write_entries({**self._manifest["entries"], **{e.name: e for e in entries}})
         for e in entries:
@@ -505,7 +531,7 @@ class ExpertLibrary:
         entry). Runs under the writers' lock, so it never touches a write in progress. Returns what was removed."""
         removed: list[str] = []
         edir = self.path / EXPERTS_DIR
-        with file_lock(self.path / LOCK):
+        with library_lock(self.path):
             self.reload()
             if edir.is_dir():
                 for d in sorted(edir.iterdir()):
@@ -529,19 +555,18 @@ class ExpertLibrary:
         return self.path / ARTIFACTS_DIR / kind / f"{expert}.safetensors"
 
     def load_artifact(self, expert: str, kind: str) -> dict[str, torch.Tensor] | None:
-        """Tensors stored for ``expert`` under ``kind``, or None when absent or stale (expert re-written since)."""
+        """Tensors stored for ``expert`` under ``kind``, or None when absent, stale (expert re-written since) or not a
+        regular file (a damaged cache entry is recomputed, never trusted)."""
         path = self._artifact_path(expert, kind)
-        if not path.is_file() or expert not in self:
+        if expert not in self:
             return None
         try:
-            from safetensors import safe_open
-            with safe_open(str(path), framework="pt") as fh:
-                meta = fh.metadata() or {}
-            if meta.get("expert_sha256") != self.entry(expert).files[ADAPTER_WEIGHTS]:
-                return None
-            return load_file(str(path))
+            data = read_regular_file(path)
+            tensors = load_safetensors_bytes(data)
+            fresh = _safetensors_metadata(data).get("expert_sha256") == self.entry(expert).files[ADAPTER_WEIGHTS]
         except (SafetensorError, OSError, ValueError):
-            return None  # a damaged cache entry is recomputed, never trusted
+            return None
+        return tensors if fresh else None
 
     def save_artifact(self, expert: str, kind: str, tensors: Mapping[str, torch.Tensor]) -> None:
         """Store per-expert tensors (atomically), tied to the expert's current weights checksum."""
@@ -571,10 +596,10 @@ class ExpertLibrary:
     def load_meta(self, key: str) -> Any | None:
         check_name(key, "meta key")
         path = self.path / META_DIR / f"{key}.json"
-        if not path.is_file():
-            return None
         try:
-            return parse_json(path.read_bytes())
+            return parse_json(read_regular_file(path))
+        except FileNotFoundError:
+            return None
         except OSError as exc:
             raise LibraryError(f"{path}: cannot read ({exc.strerror or exc})") from None
         except ValueError as exc:
@@ -662,6 +687,14 @@ def same_model_name(a: str, b: str) -> bool:
             base = stripped
         return base
     return key(a) == key(b)
+
+
+def _safetensors_metadata(data: bytes) -> dict[str, Any]:
+    """The ``__metadata__`` of safetensors bytes that loaded (an 8-byte little-endian header length, then the
+    header's JSON)."""
+    header = parse_json(data[8:8 + int.from_bytes(data[:8], "little")])
+    meta = header.get("__metadata__") if isinstance(header, dict) else None
+    return meta if isinstance(meta, dict) else {}
 
 
 def _jsonable(obj: Any) -> Any:

@@ -1,7 +1,7 @@
 """A library applied to a model: :class:`ReuseModel` behaves like the HF model (``forward`` and ``generate``)
 with the library applied, plus ``restore()``; :func:`modlora.reuse.prepare.prepare_model` makes one.
 
-Libraries built with ``--share`` (:class:`~modlora.library.share.ShareInfo`, ``meta/share.json``) are applied here, for
+Libraries built with ``--share`` (:class:`~modlora.library.shared_expert.ShareInfo`, ``meta/share.json``) are applied here, for
 every method alike: the method sees only the cluster experts (the ``shared`` expert is left out of the routed or
 merged set unless named in ``experts``), and for a *residual* library the shared update is merged into the weights
 first, so it acts on every token: ``y = (W + ΔW_shared) x + Σ_e w_e(x) ΔW_e x``. A *warm-start* library needs no
@@ -20,7 +20,7 @@ import torch
 from modlora.errors import RoutingError
 from modlora.library.adapters import LoraAdapter, MergedWeights, merge_adapter
 from modlora.library.experts import Experts, ExpertSet
-from modlora.library.share import ShareInfo
+from modlora.library.shared_expert import ShareInfo
 
 if TYPE_CHECKING:
     from modlora.reuse.routing import RoutedModel

@@ -1,9 +1,15 @@
 """The OpenAI-compatible HTTP API (FastAPI): ``/v1/models``, ``/v1/completions``, ``/v1/chat/completions``.
 
-Requests are parsed by hand from the raw body (strict UTF-8, then JSON, then a pydantic model that forbids unknown
-fields) so every bad request gets an OpenAI-style ``{"error": {...}}`` with a 4xx status. Routing is chosen with the
-model id (``LIB``, ``LIB:<router>``, ``LIB:expert:<name>``) and an optional ``routing`` object (the ``openai`` client's
-``extra_body={"routing": {...}}``); every response carries a ``routing`` object with the telemetry.
+Requests are parsed by hand from the raw body so every bad request gets an OpenAI-style ``{"error": {...}}`` with a
+4xx status and no request can take the server down: the body is read as it arrives and refused (413) past
+``ServerOptions.max_body_bytes``; then strict UTF-8; then pydantic's JSON parser (Rust: bounded nesting, no lone
+surrogates, no NaN/Infinity) straight into strict models that forbid unknown fields, coerce no types (``"5"`` or
+``true`` is not an integer) and bound every number. Sampling is exact or refused: temperature 0 is greedy, a smaller
+positive one than ``MIN_SAMPLING_TEMPERATURE`` is refused, and a ``top_p`` at most 1/vocabulary (whose nucleus is the
+most likely token alone) is served greedily. A client that leaves (before its response, or mid-stream) cancels its
+request and is logged in one line. Routing is chosen with the model id (``LIB``, ``LIB:<router>``,
+``LIB:expert:<name>``) and an optional ``routing`` object (the ``openai`` client's ``extra_body={"routing": {...}}``);
+every response carries a ``routing`` object with the telemetry.
 """
 
 from __future__ import annotations
@@ -11,36 +17,70 @@ from __future__ import annotations
 import asyncio
 import hmac
 import json
+import logging
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
 from dataclasses import asdict, dataclass
-from typing import Any, Literal
+from typing import Annotated, Any, Literal, TypeVar
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic_core import PydanticCustomError
+from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from modlora.serve.engine import Engine
-from modlora.serve.requests import Event, RequestError, RoutingRequest, SamplingParams
+from modlora.serve.requests import (
+    MAX_SEED,
+    MIN_SAMPLING_TEMPERATURE,
+    Event,
+    RequestError,
+    RoutingRequest,
+    SamplingParams,
+)
 
 COMPLETION_DEFAULT_MAX_TOKENS = 16      # OpenAI's default for /v1/completions
+DEFAULT_MAX_BODY_BYTES = 1024 * 1024
+MAX_TOKEN_COUNT = 2**31 - 1             # bounds max_tokens before the context check
+CLIENT_CLOSED_REQUEST = 499             # nginx's status for a request whose client left (nobody receives it)
+
+log = logging.getLogger("modlora.serve")
+Schema = TypeVar("Schema", bound=BaseModel)
+T = TypeVar("T")
+# a list's first bad item is its only error: a 1 MiB body may hold 500,000 bad items, and building one error each
+# would hold the event loop for seconds
+Items = Annotated[list[T], Field(fail_fast=True)]
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    """A request object: strict types, finite numbers, no unknown fields."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_unknown_field(cls, data: Any) -> Any:
+        """Refuse the first unknown field alone (``extra="forbid"`` builds one error per unknown field, and a 1 MiB
+        body may hold 100,000)."""
+        if isinstance(data, dict):
+            unknown = next((key for key in data if key not in cls.model_fields), None)
+            if unknown is not None:
+                raise PydanticCustomError("extra_forbidden", "unknown or unsupported field", {"field": unknown})
+        return data
 
 
 class RoutingParams(_Strict):
     """``extra_body={"routing": {...}}``: router, Arrow top-k and temperature (a number or 'sqrt_d'; the server's
-    defaults when absent), and a subset of experts."""
+    defaults when absent, checked by the registry's Arrow options), and a subset of experts."""
 
     router: str | None = None
-    top_k: int | None = Field(default=None, strict=True)
+    top_k: int | None = None
     temperature: float | Literal["sqrt_d"] | None = None
-    experts: list[str] | None = None
+    experts: Items[str] | None = None
 
 
 class StreamOptions(_Strict):
@@ -49,11 +89,11 @@ class StreamOptions(_Strict):
 
 class _Common(_Strict):
     model: str
-    max_tokens: int | None = Field(default=None, ge=1)
+    max_tokens: int | None = Field(default=None, ge=1, le=MAX_TOKEN_COUNT)
     temperature: float = Field(default=1.0, ge=0.0, le=2.0)
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
-    stop: str | list[str] | None = None
-    seed: int | None = None
+    stop: str | Items[str] | None = None
+    seed: int | None = Field(default=None, ge=0, le=MAX_SEED)
     stream: bool = False
     stream_options: StreamOptions | None = None
     n: Literal[1] = 1
@@ -63,9 +103,17 @@ class _Common(_Strict):
     logprobs: None = None
     routing: RoutingParams | None = None
 
+    @field_validator("temperature")
+    @classmethod
+    def _exact_temperature(cls, value: float) -> float:
+        if 0 < value < MIN_SAMPLING_TEMPERATURE:
+            raise ValueError(f"must be 0 (greedy) or at least {MIN_SAMPLING_TEMPERATURE:g} (a smaller one overflows "
+                             "float32 logits)")
+        return value
+
 
 class CompletionRequest(_Common):
-    prompt: str | list[str]
+    prompt: str | Items[str]
     echo: Literal[False] = False
 
 
@@ -76,20 +124,22 @@ class TextPart(_Strict):
 
 class ChatMessage(_Strict):
     role: Literal["system", "user", "assistant", "developer"]
-    content: str | list[TextPart]
+    content: str | Items[TextPart]
     name: str | None = None
 
 
 class ChatRequest(_Common):
-    messages: list[ChatMessage] = Field(min_length=1)
-    max_completion_tokens: int | None = Field(default=None, ge=1)
+    messages: Items[ChatMessage] = Field(min_length=1)
+    max_completion_tokens: int | None = Field(default=None, ge=1, le=MAX_TOKEN_COUNT)
 
 
 @dataclass(frozen=True)
 class ServerOptions:
-    """HTTP-level options: an optional API key (Bearer token), compared in constant time."""
+    """HTTP-level options: an optional API key (Bearer token), compared in constant time, and the largest request
+    body read (``modlora serve --max-body-bytes``)."""
 
     api_key: str | None = None
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
 
 
 def error_response(status: int, message: str, code: str = "invalid_request_error", param: str | None = None,
@@ -101,33 +151,62 @@ def error_response(status: int, message: str, code: str = "invalid_request_error
                         status_code=status)
 
 
+def _json_message(reason: str) -> str:
+    """A one-line message for a body pydantic's JSON parser refused (``reason``: its error and position)."""
+    if "recursion limit" in reason:
+        return f"the request body is nested too deeply ({reason})"
+    if "number out of range" in reason:
+        return f"a number in the request body is out of range ({reason})"
+    if "surrogate" in reason or "hex escape" in reason:   # jiter's words for a lone \ud800-\udfff escape
+        return f"the request body is not valid Unicode: a lone surrogate escape ({reason})"
+    return f"the request body is not valid JSON: {reason}"
+
+
 def _validation_message(exc: ValidationError | RequestValidationError) -> tuple[str, str | None]:
     errs = exc.errors()
     first = errs[0] if errs else {}
-    loc = ".".join(str(p) for p in first.get("loc", ()) if p != "body")
+    kind = first.get("type")
+    field = [first["ctx"]["field"]] if kind == "extra_forbidden" and "field" in first.get("ctx", {}) else []
+    loc = ".".join(str(p) for p in [*first.get("loc", ()), *field] if p != "body")
     msg = first.get("msg", "invalid request")
-    if first.get("type") == "extra_forbidden":
+    if kind == "json_invalid":
+        return _json_message(str(first.get("ctx", {}).get("error", msg))), None
+    if kind == "model_type" and not loc:
+        return "the request body must be a JSON object", None
+    if kind == "extra_forbidden":
         msg = "unknown or unsupported field"
-    elif first.get("type") == "literal_error":
+    elif kind == "literal_error":
         msg = f"unsupported value ({msg.lower()})"
+    elif kind == "value_error":
+        msg = msg.removeprefix("Value error, ")
     return (f"{loc}: {msg}" if loc else msg), (loc or None)
 
 
-async def _parse(request: Request, schema: type[BaseModel]) -> Any:
-    raw = await request.body()
+async def read_body(request: Request, limit: int) -> bytes:
+    """The request body, read as it arrives: refused (413) as soon as it exceeds ``limit`` bytes (at once when its
+    Content-Length says so), so an oversized body never sits in memory."""
+    too_large = RequestError(f"the request body exceeds {limit} bytes (modlora serve --max-body-bytes)", status=413,
+                             code="request_too_large")
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and (len(declared) > len(str(limit)) or int(declared) > limit):
+        raise too_large
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > limit:
+            raise too_large
+    return bytes(body)
+
+
+def parse_request(raw: bytes, schema: type[Schema]) -> Schema:
+    """``raw`` as a ``schema`` request: strict UTF-8, then pydantic's JSON parser and strict validation; a
+    :class:`RequestError` (400) naming the field for anything else."""
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise RequestError(f"the request body is not valid UTF-8 (byte {exc.start})") from None
     try:
-        data = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise RequestError(f"the request body is not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}"
-                           ) from None
-    if not isinstance(data, dict):
-        raise RequestError("the request body must be a JSON object")
-    try:
-        return schema.model_validate(data)
+        return schema.model_validate_json(text)
     except ValidationError as exc:
         message, param = _validation_message(exc)
         raise RequestError(message, param=param) from None
@@ -151,6 +230,11 @@ def create_app(engine: Engine, options: ServerOptions | None = None) -> FastAPI:
     async def _validation_error(_request: Request, exc: RequestValidationError) -> JSONResponse:
         message, param = _validation_message(exc)
         return error_response(400, message, param=param)
+
+    @app.exception_handler(ClientDisconnect)
+    async def _client_left(request: Request, _exc: ClientDisconnect) -> Response:
+        log.warning("client disconnected while sending its request (%s %s)", request.method, request.url.path)
+        return Response(status_code=CLIENT_CLOSED_REQUEST)
 
     @app.exception_handler(Exception)
     async def _internal_error(_request: Request, exc: Exception) -> JSONResponse:
@@ -188,50 +272,62 @@ def create_app(engine: Engine, options: ServerOptions | None = None) -> FastAPI:
                 return card
         return error_response(404, f"the model {model_id!r} does not exist", "model_not_found", "model")
 
+    vocab_size = int(engine.model.config.vocab_size)
+
     @app.post("/v1/completions")
     async def completions(request: Request) -> Any:
-        body: CompletionRequest = await _parse(request, CompletionRequest)
+        body = parse_request(await read_body(request, options.max_body_bytes), CompletionRequest)
         prompt = body.prompt
         if isinstance(prompt, list):
             if len(prompt) != 1:
                 raise RequestError("give one prompt per request (a list of several prompts is not supported)",
                                    param="prompt")
             prompt = prompt[0]
-        ids = engine.tokenizer(prompt, add_special_tokens=True)["input_ids"]
-        return await _generate(body, ids, chat=False)
+        ids = await run_in_threadpool(lambda: engine.tokenizer(prompt, add_special_tokens=True)["input_ids"])
+        return await _generate(request, body, ids, chat=False)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> Any:
-        body: ChatRequest = await _parse(request, ChatRequest)
+        body = parse_request(await read_body(request, options.max_body_bytes), ChatRequest)
         if body.max_tokens is not None and body.max_completion_tokens is not None:
             raise RequestError("give max_tokens or max_completion_tokens, not both", param="max_tokens")
         messages = [{"role": m.role, "content": m.content if isinstance(m.content, str)
                      else "".join(p.text for p in m.content)} for m in body.messages]
         if getattr(engine.tokenizer, "chat_template", None) is None:
             raise RequestError("this base model has no chat template; use /v1/completions", param="messages")
+        ids = await run_in_threadpool(_chat_ids, messages)
+        if body.max_completion_tokens is not None:
+            body.max_tokens = body.max_completion_tokens
+        return await _generate(request, body, ids, chat=True)
+
+    def _chat_ids(messages: list[dict[str, str]]) -> list[int]:
+        """The prompt's token ids: the base model's chat template over ``messages``, then the tokenizer."""
         try:
             text = engine.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
         except Exception as exc:  # noqa: BLE001 - a template may reject a conversation in many ways
             raise RequestError(f"the chat template rejected these messages: {exc}", param="messages") from None
-        ids = engine.tokenizer(text, add_special_tokens=False)["input_ids"]
-        if body.max_completion_tokens is not None:
-            body.max_tokens = body.max_completion_tokens
-        return await _generate(body, ids, chat=True)
+        return engine.tokenizer(text, add_special_tokens=False)["input_ids"]
 
-    async def _generate(body: CompletionRequest | ChatRequest, ids: list[int], chat: bool) -> Any:
+    def _sampling(body: CompletionRequest | ChatRequest, max_tokens: int, stop: list[str]) -> SamplingParams:
+        """The request's decoding; a ``top_p`` at most 1/vocabulary keeps the most likely token alone (its mass is at
+        least 1/vocabulary), which is greedy decoding, exactly."""
+        greedy = body.top_p * vocab_size <= 1
+        return SamplingParams(max_tokens, 0.0 if greedy else body.temperature, 1.0 if greedy else body.top_p,
+                              tuple(stop), body.seed)
+
+    async def _generate(request: Request, body: CompletionRequest | ChatRequest, ids: list[int], chat: bool) -> Any:
         stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
         if len(stop) > 4 or any(not s for s in stop):
             raise RequestError("stop takes at most 4 non-empty strings", param="stop")
         r = body.routing
         plan = None if r is None else RoutingRequest(r.router, None, r.top_k, r.temperature,
-                                                     tuple(r.experts or ()))
+                                                     None if r.experts is None else tuple(r.experts))
         default_max = COMPLETION_DEFAULT_MAX_TOKENS if not chat else engine.options.default_max_tokens
         max_tokens = body.max_tokens if body.max_tokens is not None else min(
             default_max, max(1, engine.context_length - len(ids)))
-        sampling = SamplingParams(max_tokens, body.temperature, body.top_p, tuple(stop), body.seed)
         loop = asyncio.get_running_loop()
-        events: asyncio.Queue[Event] = asyncio.Queue()
-        req = engine.submit(ids, sampling, body.model, plan, asyncio_emitter(loop, events))
+        events: asyncio.Queue[Event | None] = asyncio.Queue()      # None: the client left
+        req = engine.submit(ids, _sampling(body, max_tokens, stop), body.model, plan, asyncio_emitter(loop, events))
         rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
         created = int(time.time())
         kind = "chat.completion" if chat else "text_completion"
@@ -240,9 +336,15 @@ def create_app(engine: Engine, options: ServerOptions | None = None) -> FastAPI:
             return StreamingResponse(_stream(req, events, rid, created, body.model, chat, include_usage),
                                      media_type="text/event-stream")
         parts: list[str] = []
+        watch = asyncio.ensure_future(_watch_disconnect(request, events))
         try:
             while True:
                 ev = await events.get()
+                if ev is None:
+                    req.cancelled = True
+                    log.warning("client disconnected before the response: cancelled %s after %d tokens", rid,
+                                len(parts))
+                    return Response(status_code=CLIENT_CLOSED_REQUEST)
                 if ev.error is not None:
                     raise ev.error
                 parts.append(ev.delta)
@@ -251,6 +353,8 @@ def create_app(engine: Engine, options: ServerOptions | None = None) -> FastAPI:
         except asyncio.CancelledError:
             req.cancelled = True
             raise
+        finally:
+            watch.cancel()
         text = "".join(parts)
         choice: dict[str, Any] = {"index": 0, "finish_reason": ev.finish_reason, "logprobs": None}
         if chat:
@@ -260,8 +364,10 @@ def create_app(engine: Engine, options: ServerOptions | None = None) -> FastAPI:
         return {"id": rid, "object": kind, "created": created, "model": body.model, "choices": [choice],
                 "usage": _usage(ev), "routing": ev.routing.to_json() if ev.routing else None}
 
-    async def _stream(req: Any, events: asyncio.Queue[Event], rid: str, created: int, model: str, chat: bool,
+    async def _stream(req: Any, events: asyncio.Queue[Event | None], rid: str, created: int, model: str, chat: bool,
                       include_usage: bool) -> AsyncIterator[str]:
+        """The SSE chunks of one request; if the client leaves first (the response stops iterating), the request is
+        cancelled and the disconnect logged in one line."""
         kind = "chat.completion.chunk" if chat else "text_completion"
 
         def chunk(delta: str | None, finish: str | None, first: bool = False, **extra: Any) -> str:
@@ -274,18 +380,23 @@ def create_app(engine: Engine, options: ServerOptions | None = None) -> FastAPI:
             payload = {"id": rid, "object": kind, "created": created, "model": model, "choices": [choice], **extra}
             return f"data: {json.dumps(payload)}\n\n"
 
+        sent, done = 0, False
         try:
             if chat:
                 yield chunk(None, None, first=True)
             while True:
                 ev = await events.get()
+                assert ev is not None                      # only a non-streamed response watches for disconnects
                 if ev.error is not None:
+                    done = True
                     err = {"error": {"message": str(ev.error), "type": "server_error", "code": ev.error.code}}
                     yield f"data: {json.dumps(err)}\n\n"
                     return
                 if ev.delta:
+                    sent += 1
                     yield chunk(ev.delta, None)
                 if ev.finish_reason is not None:
+                    done = True
                     routing = ev.routing.to_json() if ev.routing else None
                     yield chunk(None, ev.finish_reason, routing=routing)
                     if include_usage:
@@ -295,12 +406,21 @@ def create_app(engine: Engine, options: ServerOptions | None = None) -> FastAPI:
                     yield "data: [DONE]\n\n"
                     return
         finally:
-            req.cancelled = req.cancelled or not req.finished
+            if not done:
+                req.cancelled = True
+                log.warning("client disconnected mid-stream: cancelled %s after %d chunks", rid, sent)
 
     return app
 
 
-def asyncio_emitter(loop: asyncio.AbstractEventLoop, q: asyncio.Queue[Event]) -> Callable[[Event], None]:
+async def _watch_disconnect(request: Request, events: asyncio.Queue[Event | None]) -> None:
+    """Put None on ``events`` when the client disconnects (its body already read, ``receive`` waits for that)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+    events.put_nowait(None)
+
+
+def asyncio_emitter(loop: asyncio.AbstractEventLoop, q: asyncio.Queue[Event | None]) -> Callable[[Event], None]:
     """An ``emit`` that hands events from the engine thread to an asyncio queue."""
     def emit(event: Event) -> None:
         loop.call_soon_threadsafe(q.put_nowait, event)

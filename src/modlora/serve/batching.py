@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from transformers import DynamicCache
 
-from modlora.serve.generation import GenerationRequest
+from modlora.serve.decoding import GenerationRequest
 
 
 class Batch:

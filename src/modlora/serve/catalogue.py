@@ -13,7 +13,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from modlora.errors import ModloraError
-from modlora.library.share import ShareInfo
+from modlora.library.shared_expert import ShareInfo
 from modlora.reuse.methods import Registry
 from modlora.serve import routing as rt
 from modlora.serve.requests import EngineOptions, RequestError, RoutingRequest
@@ -62,7 +62,10 @@ class Catalogue:
             versions = {plan.expert: snapshot.version(plan.expert)}
         else:
             default = self.share.routed(snapshot.names()) if self.share else snapshot.names()
-            versions = snapshot.versions(list(plan.experts) or default)
+            if plan.experts is not None and not plan.experts:
+                raise RequestError("routing.experts must name at least one expert (leave it out for all)",
+                                   param="routing.experts")
+            versions = snapshot.versions(default if plan.experts is None else list(plan.experts))
         top_k, temperature = plan.top_k, plan.temperature
         if router == "arrow":
             if not versions:
@@ -88,7 +91,7 @@ class Catalogue:
             router = plan.router or self.default_router
         elif model.startswith(prefix + "expert:"):
             expert = model[len(prefix + "expert:"):]
-            if plan.router is not None or plan.experts or plan.top_k is not None:
+            if plan.router is not None or plan.experts is not None or plan.top_k is not None:
                 raise RequestError(f"model {model!r} fixes the expert; drop routing.router, routing.experts and "
                                    "routing.top_k", param="routing")
             snapshot.version(expert)

@@ -31,14 +31,14 @@ import torch
 from transformers import DynamicCache
 
 from modlora.errors import ModloraError
-from modlora.library.share import ShareInfo
+from modlora.library.shared_expert import ShareInfo
 from modlora.library.store import ExpertLibrary
 from modlora.models import LoadedModel
 from modlora.reuse.methods import REGISTRY, Registry
 from modlora.serve import routing as rt
 from modlora.serve.batching import Batch
 from modlora.serve.catalogue import Catalogue
-from modlora.serve.generation import GenerationRequest, eos_token_ids
+from modlora.serve.decoding import GenerationRequest, eos_token_ids
 from modlora.serve.requests import EngineOptions, EngineStats, Event, RequestError, RoutingRequest, SamplingParams
 from modlora.serve.sampling import sample_token
 from modlora.serve.served import ServedMethod

@@ -21,19 +21,25 @@ class RequestError(ModloraError):
 @dataclass(frozen=True)
 class RoutingRequest:
     """How a request wants to be routed: ``router`` (arrow, mu-delta, base, or ``expert`` with ``expert``),
-    Arrow's ``top_k`` and ``temperature``, and an optional subset of ``experts``."""
+    Arrow's ``top_k`` and ``temperature``, and an optional subset of ``experts`` (None: the library's; an empty
+    subset is refused, never read as "all")."""
 
     router: str | None = None               # None: the model id's router (or the server's default)
     expert: str | None = None
     top_k: int | None = None                # None: the server's default, at most the number of experts
     temperature: float | str | None = None  # None: the server's default; a number or 'sqrt_d'
-    experts: tuple[str, ...] = ()
+    experts: tuple[str, ...] | None = None
+
+
+MIN_SAMPLING_TEMPERATURE = 1e-6     # a smaller positive temperature overflows float32 logits / T
+MAX_SEED = 2**63 - 1                 # the request's torch.Generator takes a 64-bit seed
 
 
 @dataclass(frozen=True)
 class SamplingParams:
-    """Decoding: ``max_tokens`` new tokens, ``temperature`` (0 = greedy), nucleus ``top_p``, ``stop`` strings and an
-    optional ``seed`` for the request's own random generator."""
+    """Decoding: ``max_tokens`` new tokens, ``temperature`` (0 = greedy, else at least
+    ``MIN_SAMPLING_TEMPERATURE``), nucleus ``top_p`` in (0, 1], ``stop`` strings and an optional ``seed``
+    (0…``MAX_SEED``) for the request's own random generator."""
 
     max_tokens: int
     temperature: float = 1.0

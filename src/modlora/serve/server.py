@@ -16,7 +16,7 @@ import uvicorn
 from modlora.errors import ModloraError
 from modlora.models import DEFAULT_MODEL, load_base_model
 from modlora.reuse.methods import REGISTRY, Registry
-from modlora.serve.app import ServerOptions, create_app
+from modlora.serve.app import DEFAULT_MAX_BODY_BYTES, ServerOptions, create_app
 from modlora.serve.engine import Engine
 from modlora.serve.requests import EngineOptions
 
@@ -34,6 +34,7 @@ class ServeConfig:
     name: str | None = None
     engine: EngineOptions = EngineOptions()
     api_key: str | None = None
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
     registry: Registry = REGISTRY
 
 
@@ -41,7 +42,7 @@ def build_app(config: ServeConfig) -> Any:
     """Load the base model, open the library, start the engine and return the FastAPI app."""
     lm = load_base_model(config.model, device=config.device, dtype=config.dtype)
     engine = Engine(lm, config.library, config.engine, name=config.name, registry=config.registry).start()
-    app = create_app(engine, ServerOptions(api_key=config.api_key))
+    app = create_app(engine, ServerOptions(api_key=config.api_key, max_body_bytes=config.max_body_bytes))
     app.state.engine = engine
     return app
 

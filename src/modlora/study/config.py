@@ -17,7 +17,7 @@ from modlora.build.training import TrainConfig
 from modlora.data import PromptLimits, Truncate
 from modlora.errors import ModloraError
 from modlora.io import parse_json
-from modlora.library.share import DEFAULT_SHARE_MODE, SHARE_MODES, ShareMode
+from modlora.library.shared_expert import DEFAULT_SHARE_MODE, SHARE_MODES, ShareMode
 from modlora.models import DEFAULT_MODEL
 from modlora.reuse.methods import REGISTRY
 from modlora.reuse.methods.arrow import ArrowOptions

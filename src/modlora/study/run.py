@@ -50,7 +50,7 @@ from modlora.evaluation.indist import own_routed_expert, prompt_routing_accuracy
 from modlora.evaluation.rank_classification import evaluate_choice_tasks
 from modlora.evaluation.results import mean_and_stderr, read_json
 from modlora.io import atomic_write_bytes, atomic_write_json
-from modlora.library.share import ShareInfo
+from modlora.library.shared_expert import ShareInfo
 from modlora.library.store import ExpertLibrary
 from modlora.models import LoadedModel, load_base_model
 from modlora.reuse.methods import REGISTRY

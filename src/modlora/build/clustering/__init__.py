@@ -39,7 +39,7 @@ One module per step, each importing only the ones above it:
 * :mod:`~.auto_k` — the automatic-K criteria and their permutation nulls;
 * :mod:`~.mbc` — the whole step: :func:`similarity_of`, :func:`cluster_experts`, :func:`model_based_clustering`;
 * :mod:`~.quality` — agreement with reference labels (ARI, purity) and where the labels come from;
-* :mod:`~.plots` — the similarity heatmap ordered by cluster.
+* :mod:`~.heatmap` — the similarity heatmap ordered by cluster.
 
 This package re-exports (lazily) the functions and types the rest of modlora uses; constants and private helpers are
 imported from their module.
@@ -68,7 +68,7 @@ _LAZY = {
     "random_clusters": "modlora.build.clustering.partition",
     "spectral_labels": "modlora.build.clustering.partition",
     "spectral_rows": "modlora.build.clustering.partition",
-    "plot_clustering": "modlora.build.clustering.plots",
+    "plot_clustering": "modlora.build.clustering.heatmap",
     "cluster_quality": "modlora.build.clustering.quality",
     "ClusterQuality": "modlora.build.clustering.quality",
     "partition_quality": "modlora.build.clustering.quality",

@@ -19,15 +19,15 @@ from modlora.reuse.methods.core import Capabilities, MethodOptions, ReuseMethod,
 if TYPE_CHECKING:
     import torch
 
-    from modlora.library.allocation import Allocation
     from modlora.library.experts import ExpertSet
+    from modlora.library.skill_allocation import Allocation
     from modlora.models import LoadedModel
     from modlora.reuse.apply import ReuseModel
 
 
 def library_allocation(experts: ExpertSet) -> Allocation:
     """The allocation stored with the experts' library (``meta/poly_allocation.json``)."""
-    from modlora.library.allocation import ALLOCATION_META, Allocation
+    from modlora.library.skill_allocation import ALLOCATION_META, Allocation
 
     source = experts.source
     stored = source.load_meta(ALLOCATION_META) if source is not None and hasattr(source, "load_meta") else None
