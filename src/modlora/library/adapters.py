@@ -251,13 +251,18 @@ def read_adapter_config(directory: Path, name: str) -> tuple[LoraSpec, dict[str,
     """Parse and validate ``adapter_config.json``; returns the spec and the raw dict. The file may be a symbolic
     link (a Hugging Face cache snapshot links into its blobs) but must be a regular file."""
     path = directory / ADAPTER_CONFIG
+    return parse_adapter_config(_read_adapter_file(path, name), path, name)
+
+
+def _read_adapter_file(path: Path, name: str) -> bytes:
+    """The bytes of one adapter file (a symbolic link is followed, a Hugging Face cache snapshot links into its
+    blobs, but the file must be regular); :class:`AdapterError` naming the expert and the file otherwise."""
     try:
-        data = read_regular_file(path, follow_symlinks=True)
+        return read_regular_file(path, follow_symlinks=True)
     except FileNotFoundError:
         raise AdapterError(f"{name}: missing {path}") from None
     except OSError as exc:
         raise AdapterError(f"{name}: cannot read {path} ({exc.strerror or exc})") from None
-    return parse_adapter_config(data, path, name)
 
 
 def parse_adapter_config(data: bytes, path: Path, name: str) -> tuple[LoraSpec, dict[str, Any]]:
@@ -323,13 +328,7 @@ def load_adapter(directory: str | os.PathLike[str], *, name: str | None = None) 
     name = name or directory.name
     spec, raw = read_adapter_config(directory, name)
     wpath = directory / ADAPTER_WEIGHTS
-    try:
-        weights = read_regular_file(wpath, follow_symlinks=True)
-    except FileNotFoundError:
-        raise AdapterError(f"{name}: missing {wpath}") from None
-    except OSError as exc:
-        raise AdapterError(f"{name}: cannot read {wpath} ({exc.strerror or exc})") from None
-    return adapter_from_weights(spec, raw, weights, wpath, name)
+    return adapter_from_weights(spec, raw, _read_adapter_file(wpath, name), wpath, name)
 
 
 def adapter_from_weights(spec: LoraSpec, config: Mapping[str, Any], weights: bytes, wpath: Path, name: str

@@ -12,8 +12,7 @@
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from modlora.lazy import lazy_exports
 
 # name → the submodule that defines it; imported on first use, so importing one submodule (or the package)
 # does not load the others and their dependencies
@@ -32,13 +31,4 @@ _LAZY = {
     "ServeConfig": "modlora.serve.server",
 }
 __all__ = sorted(_LAZY)
-
-
-def __getattr__(name: str) -> Any:
-    if name not in _LAZY:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    return getattr(importlib.import_module(_LAZY[name]), name)
-
-
-def __dir__() -> list[str]:
-    return __all__
+__getattr__, __dir__ = lazy_exports(__name__, _LAZY)
