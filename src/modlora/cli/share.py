@@ -53,9 +53,12 @@ def cmd_pull(args: argparse.Namespace) -> int:
     if args.library.exists() and not args.library.is_dir():
         raise UsageError(f"{args.library} is a file, not a library directory")
     with _progress("pull") as progress:
-        report = pull(args.url, args.library, revision=args.revision, progress=progress)
+        report = pull(args.url, args.library, revision=args.revision, force=args.force, progress=progress)
     console.print(f"{_summary(report, 'received')} ← {report.source}; {args.library} has "
                   f"{len(ExpertLibrary(args.library))} experts", highlight=False)
+    if report.backup is not None:
+        console.print(f"moved {len(report.set_aside)} local item(s) aside into {report.backup}: "
+                      + ", ".join(report.set_aside), highlight=False)
     return 0
 
 
@@ -74,10 +77,15 @@ def register(sub: Any, registry: Registry) -> None:
 
     p = sub.add_parser("pull", help="copy a shared library into a local library (resumable)",
                        description="Copy the library at a location into a local library directory (created if "
-                                   "missing; experts only there are kept). Every file is checked against its sha256; "
+                                   "missing; experts only there are kept). Every file is checked against its sha256 "
+                                   "and every expert as `modlora verify` would before anything is moved into place; "
                                    "only experts not already present and identical are downloaded, and the manifest "
-                                   "is written last, so an interrupted pull resumes.")
+                                   "is written last, so an interrupted pull resumes. An expert or meta document "
+                                   "changed here since a pull wrote it is never replaced without --force.")
     p.add_argument("url", help=f"where from: {LOCATIONS}")
     p.add_argument("library", type=Path, help="the local library directory to fill")
     p.add_argument("--revision", default=None, help="hf:// only: the branch, tag or commit to copy")
+    p.add_argument("--force", action="store_true",
+                   help="replace experts and meta documents changed here with the remote's, moving the local ones "
+                        "into LIB/backups/pull-<UTC time>/ (never deleted)")
     p.set_defaults(func=cmd_pull)

@@ -22,7 +22,7 @@ from pathlib import Path
 from modlora.io import parse_json, sha256_file
 from modlora.library.adapters import ADAPTER_CONFIG, ADAPTER_WEIGHTS
 from modlora.library.location import RemoteLocation
-from modlora.library.store import ARTIFACTS_DIR, EXPERTS_DIR, META_DIR
+from modlora.library.store import ARTIFACTS_DIR, EXPERTS_DIR, KIND_RE, META_DIR, NAME_RE
 
 INDEX = "files.json"
 INDEX_FORMAT = "modlora-remote-index"
@@ -76,13 +76,17 @@ def read_index(location: RemoteLocation, manifest: bytes | None) -> dict[str, Fi
 
 def _safe_relative(rel: str) -> bool:
     """A library file's relative path: ``experts/<name>/<file>``, ``artifacts/<kind>/<name>.safetensors`` or
-    ``meta/<key>.json``, with no empty, ``.`` or ``..`` segment."""
+    ``meta/<key>.json``, whose name, kind and key are ones the library itself accepts (no hidden file, no ``..``)."""
+    def ok(pattern: re.Pattern[str], name: str) -> bool:
+        return bool(pattern.match(name)) and ".." not in name
+
     parts = rel.split("/")
-    if any(p in ("", ".", "..") for p in parts):
-        return False
-    return ((len(parts) == 3 and parts[0] == EXPERTS_DIR and parts[2] in (ADAPTER_CONFIG, ADAPTER_WEIGHTS))
-            or (len(parts) == 3 and parts[0] == ARTIFACTS_DIR and parts[2].endswith(".safetensors"))
-            or (len(parts) == 2 and parts[0] == META_DIR and parts[1].endswith(".json")))
+    return ((len(parts) == 3 and parts[0] == EXPERTS_DIR and ok(NAME_RE, parts[1])
+             and parts[2] in (ADAPTER_CONFIG, ADAPTER_WEIGHTS))
+            or (len(parts) == 3 and parts[0] == ARTIFACTS_DIR and ok(KIND_RE, parts[1])
+                and parts[2].endswith(".safetensors") and ok(NAME_RE, parts[2].removesuffix(".safetensors")))
+            or (len(parts) == 2 and parts[0] == META_DIR and parts[1].endswith(".json")
+                and ok(NAME_RE, parts[1].removesuffix(".json"))))
 
 
 def expert_files(name: str) -> list[str]:

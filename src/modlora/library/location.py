@@ -9,26 +9,46 @@ A location (:func:`~modlora.library.remote.open_library`, :func:`~modlora.librar
 * any other fsspec URL: ``memory://``, ``s3://``, ``gs://``, ``az://``, ... (its fsspec back-end must be installed).
   These have no revisions: ``revision`` is refused for them.
 
+On a local filesystem every file is reached without following a symbolic link below the root (each component is
+``lstat``-ed, and what it resolves to must stay inside the root) and read through
+:func:`~modlora.io.read_regular_file` (never a FIFO or a device), so that a hostile shared directory can neither
+point a read or a write outside itself nor block a reader.
+
+:meth:`RemoteLocation.push_lock` keeps two pushes to one location apart: on a local filesystem an ``flock`` on
+``ROOT/.push.lock`` (released by the kernel when a push dies), elsewhere that file created exclusively (fsspec
+``open(..., "xb")``) with the pusher's host, process and time, deleted at the end; one older than
+:data:`STALE_LOCK_MINUTES` is reported as stale with how to clear it. (Hub repositories take no lock: each commit is
+atomic, but two pushes to one branch at once can still interleave theirs.)
+
 :func:`resolve_location` parses one into a :class:`RemoteLocation` (its fsspec filesystem, root path and Hub
 repository); :func:`mirror_dir` is where a remote library is mirrored locally.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
+import json
 import os
 import re
-from collections.abc import Iterable
+import socket
+import stat
+import time
+import uuid
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
 from modlora.errors import LibraryError
-from modlora.io import atomic_write_bytes
+from modlora.io import atomic_write_bytes, open_regular_file, parse_json, read_regular_file
 from modlora.models import cache_root
 
 MIRRORS_DIR = "libraries"
+PUSH_LOCK = ".push.lock"
+STALE_LOCK_MINUTES = 60  # a push lock older than this is reported as stale (its push was probably killed)
 _HF_PROTOCOL = "hf://"
 _HF_TYPE_PREFIX = {"model": "", "dataset": "datasets/", "space": "spaces/"}
 
@@ -74,25 +94,42 @@ class RemoteLocation:
         """The file's bytes, or None when it does not exist; any other failure (network, permissions) raises a
         LibraryError naming the URL."""
         try:
+            if self.is_local:
+                return read_regular_file(self.local_path(rel))
             return bytes(self.fs.cat_file(self.path(rel)))
         except FileNotFoundError:
             return None
+        except LibraryError:
+            raise
         except Exception as exc:  # noqa: BLE001 - any back-end's failure becomes one clear error
             raise self._failure("read", rel, exc) from None
 
+    def local_path(self, rel: str) -> str:
+        """The checked path of ``rel`` under a local root (:func:`path_inside`)."""
+        return path_inside(self.root, rel, self.url)
+
     def download(self, rel: str, dest: Path) -> None:
         try:
+            if self.is_local:   # checked first: a regular file inside the root (never a link, FIFO or device)
+                os.close(open_regular_file(self.local_path(rel)))
             self.fs.get_file(self.path(rel), str(dest))
         except FileNotFoundError:
             raise LibraryError(f"{self.url}: file {rel} is missing") from None
+        except LibraryError:
+            raise
         except Exception as exc:  # noqa: BLE001
             raise self._failure("download", rel, exc) from None
 
     def upload(self, src: Path, rel: str) -> None:
         try:
-            if self.is_local:
-                self.fs.makedirs(self.fs._parent(self.path(rel)), exist_ok=True)
+            if self.is_local:   # never written through a link: a link or special file there is refused
+                path = self.local_path(rel)
+                if os.path.lexists(path) and not stat.S_ISREG(os.lstat(path).st_mode):
+                    raise LibraryError(f"{self.url}: {path} is not a regular file; refusing to write through it")
+                self.fs.makedirs(self.fs._parent(path), exist_ok=True)
             self.fs.put_file(str(src), self.path(rel))
+        except LibraryError:
+            raise
         except Exception as exc:  # noqa: BLE001
             raise self._failure("upload", rel, exc) from None
 
@@ -101,27 +138,109 @@ class RemoteLocation:
         otherwise see it half written (object stores and Hub commits replace a file as a whole)."""
         try:
             if self.is_local:
-                atomic_write_bytes(self.path(rel), data)
+                atomic_write_bytes(self.local_path(rel), data)
             else:
                 self.fs.pipe_file(self.path(rel), data)
+        except LibraryError:
+            raise
         except Exception as exc:  # noqa: BLE001
             raise self._failure("write", rel, exc) from None
 
     def remove(self, rel: str) -> None:
         try:
-            self.fs.rm_file(self.path(rel))
+            self.fs.rm_file(self.local_path(rel) if self.is_local else self.path(rel))
         except FileNotFoundError:
             pass
+        except LibraryError:
+            raise
         except Exception as exc:  # noqa: BLE001
             raise self._failure("delete", rel, exc) from None
 
     def size(self, rel: str) -> int:
         try:
+            if self.is_local:
+                return os.lstat(self.local_path(rel)).st_size
             return int(self.fs.info(self.path(rel))["size"])
         except FileNotFoundError:
             raise LibraryError(f"{self.url}: file {rel} is missing") from None
+        except LibraryError:
+            raise
         except Exception as exc:  # noqa: BLE001
             raise self._failure("stat", rel, exc) from None
+
+    @contextlib.contextmanager
+    def push_lock(self) -> Iterator[None]:
+        """Held by a push for its whole length (see the module docstring); a second push is refused with a
+        LibraryError saying who holds the lock since when (and, for a stale one, how to clear it)."""
+        if self.hub is not None:
+            yield
+            return
+        owner = {"host": socket.gethostname(), "pid": os.getpid(), "created": time.time(), "token": uuid.uuid4().hex}
+        data = (json.dumps(owner, sort_keys=True) + "\n").encode()
+        if self.is_local:
+            with self._local_push_lock(data):
+                yield
+            return
+        try:
+            if self.fs.exists(self.path(PUSH_LOCK)):   # for back-ends whose "xb" is not exclusive
+                raise FileExistsError(PUSH_LOCK)
+            with self.fs.open(self.path(PUSH_LOCK), "xb") as fh:
+                fh.write(data)
+        except FileExistsError:
+            raise self._lock_held(self.read_bytes(PUSH_LOCK), stale_possible=True) from None
+        except Exception as exc:  # noqa: BLE001
+            raise self._failure("create the push lock", PUSH_LOCK, exc) from None
+        try:
+            yield
+        except BaseException:
+            with contextlib.suppress(LibraryError):   # the push's own error is the one to report
+                self._release_push_lock(data)
+            raise
+        self._release_push_lock(data)
+
+    @contextlib.contextmanager
+    def _local_push_lock(self, data: bytes) -> Iterator[None]:
+        """An exclusive, non-blocking ``flock`` on ``ROOT/.push.lock`` (the file is left in place: deleting a
+        locked file would let a third push lock a new one)."""
+        try:
+            os.makedirs(self.root, exist_ok=True)
+            path = self.local_path(PUSH_LOCK)
+            fd = open_regular_file(path, os.O_RDWR | os.O_CREAT)
+        except OSError as exc:
+            raise LibraryError(f"{self.url}: cannot use the push lock {self.path(PUSH_LOCK)} "
+                               f"({exc.strerror or exc})") from None
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise self._lock_held(os.pread(fd, 4096, 0), stale_possible=False) from None
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, data, 0)
+            yield
+        finally:
+            os.close(fd)   # releases the lock
+
+    def _lock_held(self, data: bytes | None, *, stale_possible: bool) -> LibraryError:
+        """The error for a push that finds another one's lock (``data``: the lock file's contents)."""
+        try:
+            owner = parse_json(data or b"")
+            who = f"{owner['host']} (process {owner['pid']})"
+            minutes = (time.time() - float(owner["created"])) / 60
+        except (ValueError, TypeError, KeyError):
+            who, minutes = "an unknown pusher", float("inf")
+        since = f"for {minutes:.0f} min" if minutes != float("inf") else "since an unknown time"
+        where = f"{self.url.rstrip('/')}/{PUSH_LOCK}"
+        if stale_possible and minutes > STALE_LOCK_MINUTES:
+            return LibraryError(f"{self.url}: another push's lock {where}, held by {who} {since}, looks stale (a push "
+                                f"killed before it finished); if no push to this location is running, delete {where} "
+                                "and push again")
+        return LibraryError(f"{self.url}: another push to this location is in progress ({who}, {since}); push again "
+                            "when it has finished" + (f" (if none is running, delete {where})" if stale_possible else ""))
+
+    def _release_push_lock(self, data: bytes) -> None:
+        """Delete the push lock if it is still this push's."""
+        if self.read_bytes(PUSH_LOCK) == data:
+            self.remove(PUSH_LOCK)
 
     def send(self, uploads: Iterable[tuple[Path, str]] = (), writes: Iterable[tuple[str, bytes]] = (), *,
              message: str = "modlora push") -> None:
@@ -208,6 +327,28 @@ class RemoteLocation:
             raise LibraryError(f"{self.url}: cannot create the repository or branch: {type(exc).__name__}: "
                                f"{str(exc).strip().splitlines()[0] if str(exc).strip() else ''}") from None
         self.fs.invalidate_cache()
+
+
+def path_inside(root: str | os.PathLike[str], rel: str, where: str | None = None) -> str:
+    """``root/rel`` on the local filesystem, checked: no component below ``root`` is a symbolic link, and the path
+    resolves inside ``root`` (components that do not exist yet are fine); else a LibraryError (naming ``where``, the
+    location, when given)."""
+    prefix = f"{where}: " if where else ""
+    real_root = os.path.realpath(root)
+    current = os.fspath(root)
+    for part in rel.split("/"):
+        current = os.path.join(current, part)
+        try:
+            mode = os.lstat(current).st_mode
+        except FileNotFoundError:
+            break
+        except OSError as exc:
+            raise LibraryError(f"{prefix}cannot stat {current} ({exc.strerror or exc})") from None
+        if stat.S_ISLNK(mode):
+            raise LibraryError(f"{prefix}{current} is a symbolic link; refusing to follow it")
+    if os.path.commonpath([real_root, os.path.realpath(current)]) != real_root:
+        raise LibraryError(f"{prefix}{rel} resolves outside {root}")
+    return os.path.join(os.fspath(root), rel)
 
 
 def resolve_location(url: str | os.PathLike[str] | RemoteLocation, revision: str | None = None) -> RemoteLocation:

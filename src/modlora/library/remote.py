@@ -19,20 +19,20 @@ from typing import Any
 import torch
 
 from modlora.errors import LibraryError
-from modlora.io import atomic_directory, atomic_write_bytes, file_lock, sha256_file
+from modlora.io import atomic_directory, atomic_write_bytes, read_regular_file, sha256_file
 from modlora.library.adapters import LoraAdapter
 from modlora.library.index import INDEX, FileRecord, expert_files, file_matches, read_index, sha256_bytes
 from modlora.library.location import RemoteLocation, is_url, mirror_dir, resolve_location
 from modlora.library.store import (
     ARTIFACTS_DIR,
     EXPERTS_DIR,
-    LOCK,
     MANIFEST,
     META_DIR,
     ExpertEntry,
     ExpertLibrary,
     VerifyProblem,
     check_name,
+    library_lock,
 )
 
 
@@ -74,9 +74,13 @@ class RemoteLibrary(ExpertLibrary):
             raise LibraryError(f"{self.url}: no modlora library here (no {MANIFEST})")
         index = read_index(self.location, manifest)
         mirror.mkdir(parents=True, exist_ok=True)
-        with file_lock(mirror / LOCK):
+        with library_lock(mirror):
             mpath = mirror / MANIFEST
-            if not mpath.is_file() or mpath.read_bytes() != manifest:
+            try:
+                current = read_regular_file(mpath)
+            except OSError:
+                current = None   # absent, or not a regular file: replaced below
+            if current != manifest:
                 atomic_write_bytes(mpath, manifest)
         return manifest, index
 
@@ -84,7 +88,7 @@ class RemoteLibrary(ExpertLibrary):
         """Drop mirrored experts the remote no longer has (and leftovers of interrupted downloads)."""
         edir = self.path / EXPERTS_DIR
         if edir.is_dir():
-            with file_lock(self.path / LOCK):
+            with library_lock(self.path):
                 for d in edir.iterdir():
                     if d.name not in self:
                         shutil.rmtree(d, ignore_errors=True) if d.is_dir() else d.unlink(missing_ok=True)
@@ -166,7 +170,7 @@ class RemoteLibrary(ExpertLibrary):
 
         if present():
             return
-        with file_lock(self.path / LOCK):
+        with library_lock(self.path):
             if not present():
                 self.download_expert(name, target)
 
@@ -185,7 +189,7 @@ class RemoteLibrary(ExpertLibrary):
         rel = path.relative_to(self.path).as_posix()
         if rel not in self.index:
             return None
-        with file_lock(self.path / LOCK):
+        with library_lock(self.path):
             self.download_file(rel, path, f"expert {expert!r} artifact {kind!r}")
         return super().load_artifact(expert, kind)
 
@@ -194,7 +198,7 @@ class RemoteLibrary(ExpertLibrary):
         rel = f"{META_DIR}/{check_name(key, 'meta key')}.json"
         record = self.index.get(rel)
         if record is not None and not file_matches(self.path / rel, record.sha256):
-            with file_lock(self.path / LOCK):
+            with library_lock(self.path):
                 self.download_file(rel, self.path / rel, f"meta {key!r}")
         return super().load_meta(key)
 
@@ -218,7 +222,7 @@ class RemoteLibrary(ExpertLibrary):
         for rel in sorted(self.index):
             if rel.startswith((f"{ARTIFACTS_DIR}/", f"{META_DIR}/")):
                 try:
-                    with file_lock(self.path / LOCK):
+                    with library_lock(self.path):
                         self.download_file(rel, self.path / rel, rel)
                 except LibraryError as exc:
                     problems.append(VerifyProblem(rel, str(exc)))
