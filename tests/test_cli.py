@@ -243,6 +243,10 @@ def test_eval_suites_default_to_base_and_report(world, tmp_path, capsys):
     (["build", "OUT", "--max-prompt-tokens", "4"], "--max-prompt-tokens: expected an integer >= 8"),
     (["train", "OUT", "task1_alpha", "--truncate", "right"], "--truncate"),
     (["build", "OUT", "--strategy", "mhr", "--init", "eva"], "Poly/MHR skills start from seeds"),
+    (["build", "OUT", "--device", "quantum:7"], "argument --device: expected cpu, cuda, cuda:N, mps, xpu or xpu:N"),
+    (["train", "OUT", "task1_alpha", "--device", "cuda:99"], "device 'cuda:99': "),
+    (["eval", "--suite", "sni", "--library", "LIB", "--device", "xpu:7"], "device 'xpu:7': "),
+    (["generate", "LIB", "--prompt", "x", "--model", "/proc/1/no-model"], "argument --model: /proc/1/no-model"),
 ])
 def test_bad_options_refused_before_loading(world, tmp_path, capsys, monkeypatch, argv, message):
     def no_model(*_a, **_k):

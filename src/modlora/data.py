@@ -20,6 +20,10 @@ Splits
 ------
 Each task's instances are split 80/10/10 (configurable) by sorting on ``sha256(f"{seed}:{id}")``, so the split of an
 instance depends only on its id and the seed, not on file order or on the other instances.
+
+Every file is opened by :func:`modlora.io.open_regular_file` (symbolic links followed: data often lives in caches of
+links): a FIFO, device or directory where a task file should be is refused with :class:`DataError` naming it, never
+waited on.
 """
 
 from __future__ import annotations
@@ -35,7 +39,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 from modlora.errors import DataError
-from modlora.io import parse_json
+from modlora.io import open_regular_file, parse_json, read_regular_file
 
 if TYPE_CHECKING:  # torch loads with the first batch, not with the command line
     import torch
@@ -144,15 +148,18 @@ def default_sni_dir(path: str | os.PathLike[str] | None = None) -> Path:
     return default_data_dir(path) / "sni" / "tasks"
 
 
+def _cannot_read(path: Path, exc: BaseException) -> DataError:
+    reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
+    return DataError(f"{path}: cannot read file ({reason})")
+
+
 def _read_json_file(path: Path) -> Any:
     try:
+        raw = read_regular_file(path, follow_symlinks=True)
         if path.suffix == ".gz":
-            with gzip.open(path, "rb") as fh:
-                raw = fh.read()
-        else:
-            raw = path.read_bytes()
+            raw = gzip.decompress(raw)
     except (OSError, EOFError, zlib.error) as exc:   # gzip.BadGzipFile is an OSError; a bad deflate stream zlib.error
-        raise DataError(f"{path}: cannot read file ({exc})") from None
+        raise _cannot_read(path, exc) from None
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
@@ -309,10 +316,11 @@ def read_flat_jsonl(path: str | os.PathLike[str], *, strict: bool = False) -> Ta
 
     def records() -> Iterator[tuple[str, Any]]:
         try:
-            fh = gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb")
+            raw = os.fdopen(open_regular_file(path, follow_symlinks=True), "rb")
         except OSError as exc:
             raise DataError(f"{path}: cannot open ({exc.strerror or exc})") from None
-        with fh:
+        fh = gzip.GzipFile(fileobj=raw, mode="rb") if path.suffix == ".gz" else raw
+        with raw, fh:
             lineno = 0
             while True:
                 try:
@@ -591,7 +599,7 @@ def padding_fraction(batches: Sequence[Sequence[EncodedExample]]) -> float:
 def read_index(data_dir: str | os.PathLike[str]) -> dict[str, dict[str, Any]]:
     """The ``sni/index.json`` entries by task name, or {} when absent."""
     path = Path(data_dir) / "sni" / "index.json"
-    if not path.is_file():
+    if not os.path.lexists(path):
         return {}
     raw = _read_json_file(path)
     out: dict[str, dict[str, Any]] = {}

@@ -22,13 +22,14 @@ import hashlib
 import importlib.util
 import json
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from modlora.errors import ModelLoadError
-from modlora.io import atomic_directory, atomic_write_json, parse_json
+from modlora.io import atomic_directory, atomic_write_json, parse_json, read_regular_file
 
 if TYPE_CHECKING:  # torch and transformers load with the first model, not with the command line
     import torch
@@ -40,6 +41,9 @@ EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 EMBEDDED_NAME = "SmolLM2-135M-Instruct-Q4_1"
 INFO_FILE = "modlora_base.json"
 _SAMPLE_PER_TENSOR = 4096
+DEVICE_NAME_RE = re.compile(r"(?:cpu|mps|(?:cuda|xpu)(?::(?:0|[1-9][0-9]{0,3}))?)")
+"""The devices a model can be loaded on by name: ``cpu``, ``cuda``, ``cuda:N``, ``mps``, ``xpu``, ``xpu:N``."""
+DEVICE_NAMES = "cpu, cuda, cuda:N, mps, xpu or xpu:N"
 
 
 def cache_root() -> Path:
@@ -165,6 +169,42 @@ def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+def check_device_name(text: str) -> str:
+    """``text`` if it names a device by :data:`DEVICE_NAME_RE`'s grammar, else ``ValueError`` (no torch needed:
+    command lines check it at parse time; :func:`resolve_device` checks that this machine has it)."""
+    if not DEVICE_NAME_RE.fullmatch(text):
+        raise ValueError(f"expected {DEVICE_NAMES}, got {text!r}")
+    return text
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """The torch device of ``device`` (None: :func:`default_device`), checked to exist on this machine before
+    anything loads on it; :class:`ModelLoadError` naming the device otherwise (not a device, no CUDA / MPS / XPU,
+    an index beyond the devices present, or ``meta``, which holds no weights)."""
+    import torch
+
+    if device is None:
+        return default_device()
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        raise ModelLoadError(f"device {str(device)!r} is not a torch device (expected {DEVICE_NAMES})") from None
+    backends = {"cuda": ("CUDA", torch.cuda), "xpu": ("XPU", getattr(torch, "xpu", None)),
+                "mps": ("MPS", getattr(torch.backends, "mps", None))}
+    if dev.type == "cpu":
+        return dev
+    if dev.type not in backends:
+        raise ModelLoadError(f"device {str(device)!r}: models load on {DEVICE_NAMES}, not on {dev.type!r}")
+    label, backend = backends[dev.type]
+    if backend is None or not backend.is_available():
+        raise ModelLoadError(f"device {str(device)!r}: {label} is not available on this machine (use --device cpu)")
+    count = backend.device_count() if hasattr(backend, "device_count") else 1
+    if dev.index is not None and dev.index >= count:
+        raise ModelLoadError(f"device {str(device)!r}: this machine has {count} {label} device(s), "
+                             f"{dev.type}:0 to {dev.type}:{count - 1}")
+    return dev
+
+
 def default_dtype(device: torch.device) -> torch.dtype:
     """fp32 on CPU; bf16 on CUDA when supported."""
     import torch
@@ -219,18 +259,22 @@ def resolve_model_source(spec: str, cache: Path | None = None) -> tuple[str, str
     if path.exists():
         if not (path / "config.json").is_file():
             raise ModelLoadError(f"{path} is not an HF model directory (no config.json)")
-        info_file = path / INFO_FILE
-        if info_file.is_file():
-            return str(path), str(_read_info(info_file).get("name", path.name))
-        return str(path), path.name
+        info = _read_info(path / INFO_FILE)
+        return str(path), str(info.get("name", path.name)) if info is not None else path.name
     return spec, spec
 
 
-def _read_info(info_file: Path) -> dict[str, Any]:
-    """The JSON object of a cached model's ``modlora_base.json``; :class:`ModelLoadError` naming the file if bad."""
+def _read_info(info_file: Path) -> dict[str, Any] | None:
+    """The JSON object of a cached model's ``modlora_base.json``, None when there is none; :class:`ModelLoadError`
+    naming the file if it is bad or not a regular file (a FIFO is refused, never waited on; a symbolic link is
+    followed, as in a Hugging Face cache)."""
     try:
-        info = parse_json(info_file.read_bytes())
-    except (OSError, ValueError) as exc:
+        info = parse_json(read_regular_file(info_file, follow_symlinks=True))
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        raise ModelLoadError(f"{info_file}: cannot read it ({exc.strerror or exc})") from None
+    except ValueError as exc:
         raise ModelLoadError(f"{info_file}: {exc}") from None
     if not isinstance(info, dict):
         raise ModelLoadError(f"{info_file}: expected a JSON object")
@@ -255,11 +299,11 @@ def load_base_model(spec: str = DEFAULT_MODEL, *, device: str | torch.device | N
                     dtype: torch.dtype | str | None = None, cache: Path | None = None) -> LoadedModel:
     """Load a causal LM + tokenizer in eval mode (CPU fp32 by default; CUDA + bf16 when available).
 
-    ``dtype``: a torch dtype or its name; None or ``"auto"`` is the device default."""
-    import torch
+    ``dtype``: a torch dtype or its name; None or ``"auto"`` is the device default. The device is checked before
+    anything loads (:func:`resolve_device`)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    dev = torch.device(device) if device is not None else default_device()
+    dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
     source, name = resolve_model_source(spec, cache)
     try:
@@ -272,8 +316,12 @@ def load_base_model(spec: str = DEFAULT_MODEL, *, device: str | torch.device | N
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     info_file = Path(source) / INFO_FILE
-    if info_file.is_file():
-        info = BaseModelInfo.from_dict({k: v for k, v in _read_info(info_file).items() if k != "source"})
+    recorded = _read_info(info_file) if Path(source).is_dir() else None
+    if recorded is not None:
+        try:
+            info = BaseModelInfo.from_dict({k: v for k, v in recorded.items() if k != "source"})
+        except ValueError as exc:
+            raise ModelLoadError(f"{info_file}: {exc}") from None
     else:
         info = model_identity(model, name)
     info = BaseModelInfo(info.name, info.shapes_hash, info.weights_checksum, tokenizer_fingerprint(tokenizer),

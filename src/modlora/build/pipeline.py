@@ -10,6 +10,7 @@ from modlora.build.initialisation import DEFAULT_INIT, InitMethod, initial_adapt
 from modlora.build.multitrain import ExpertData, MultiTrainOptions, train_experts
 from modlora.build.training import TrainConfig, TrainResult
 from modlora.data import PromptFormatter, PromptLimits, Task, encode_tasks
+from modlora.errors import LibraryError
 from modlora.library.adapters import LoraAdapter, LoraSpec
 from modlora.library.store import ExpertEntry, ExpertLibrary
 from modlora.models import LoadedModel
@@ -39,13 +40,24 @@ def training_record(config: TrainConfig, formatter: PromptFormatter, *, max_exam
             "chat_template": bool(formatter.use_chat_template), **extra}
 
 
+def store_expert(library: ExpertLibrary, name: str, adapter: LoraAdapter, **fields: Any) -> ExpertEntry:
+    """``library.add(name, adapter, **fields)``; a write the system refuses (a full disk, a file-size limit) raises
+    :class:`LibraryError` saying why: the atomic write left the library as it was, every expert stored before kept."""
+    try:
+        return library.add(name, adapter, **fields)
+    except OSError as exc:
+        raise LibraryError(f"{library.path}: cannot store expert {name!r} ({exc.strerror or exc}); the library is as "
+                           "it was, with every expert stored before") from exc
+
+
 def train_task_experts(lm: LoadedModel, library: ExpertLibrary, plans: Mapping[str, ExpertPlan], *,
                        spec: LoraSpec | None = None, options: MultiTrainOptions | None = None,
                        max_val: int | None = 32, limits: PromptLimits = PromptLimits(), split_seed: int = 0,
                        overwrite: bool = False, progress: bool = True, desc: str = "train", keep: Collection[str] = (), init: InitMethod = DEFAULT_INIT
                        ) -> dict[str, ExpertEntry]:
     """Train every planned expert together (:func:`modlora.build.multitrain.train_experts`) on the train split of its
-    tasks, validated on their validation split; each expert is added to ``library`` as soon as its budget ends,
+    tasks, validated on their validation split; each expert is added to ``library`` as soon as its budget ends (by
+    :func:`store_expert`),
     except those named in ``keep`` (trained only as companions: already stored). Experts without a planned ``init``
     start as ``init`` says (:mod:`modlora.build.initialisation`). Prompts are cut as ``limits`` says; each expert records
     the limits and how many of its prompts were cut (``prompts_cut``, ``definitions_cut``: train and validation)."""
@@ -70,8 +82,8 @@ def train_task_experts(lm: LoadedModel, library: ExpertLibrary, plans: Mapping[s
         plan = plans[name]
         training = training_record(plan.config, formatters[name], max_examples=plan.max_examples, max_val=max_val,
                                    split_seed=split_seed, extra=plan.extra_training)
-        entries[name] = library.add(name, result.adapter, tasks=list(plan.tasks), training=training,
-                                    metrics=result.metrics, base_model=lm.info, overwrite=overwrite)
+        entries[name] = store_expert(library, name, result.adapter, tasks=list(plan.tasks), training=training,
+                                     metrics=result.metrics, base_model=lm.info, overwrite=overwrite)
 
     train_experts(lm.model, data, pad_id=lm.tokenizer.pad_token_id, spec=spec, options=options,
                   base_model_name=lm.info.name, progress=progress, desc=desc, on_finished=store)

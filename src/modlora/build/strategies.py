@@ -31,6 +31,10 @@ interrupted build resumes where it stopped and loses at most the unfinished expe
 mid-write leaves no partial expert (atomic library writes), and :meth:`ExpertLibrary.clean_incomplete` removes the
 leftovers of the interrupted write.
 
+One build at a time writes into a library (:class:`BuildLock`): a second build into the same directory, from
+another process, is refused at once with :class:`~modlora.errors.LibraryError` (it does not wait), before it loads a
+model or touches the library.
+
 Each expert records the fingerprint of what determines its training (:func:`expert_fingerprint`: the build config
 less execution-only fields, its tasks and budget), and the library stores the build config (``meta/build_config``).
 Re-running a build with other settings on an existing library is refused with the differences listed, unless
@@ -40,11 +44,15 @@ Re-running a build with other settings on an existing library is refused with th
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import errno
+import fcntl
 import functools
 import hashlib
 import json
 import math
+import os
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -56,7 +64,7 @@ from modlora.build.clustering.choices import DEFAULT_FEATURES, Features
 from modlora.build.executors import Job, run_jobs
 from modlora.build.initialisation import DEFAULT_INIT, InitMethod, check_init, check_init_fits
 from modlora.build.multitrain import MultiTrainOptions
-from modlora.build.pipeline import ExpertPlan, train_task_experts, training_record
+from modlora.build.pipeline import ExpertPlan, store_expert, train_task_experts, training_record
 from modlora.build.training import TrainConfig
 from modlora.data import (
     PromptLimits,
@@ -67,7 +75,7 @@ from modlora.data import (
     load_sni_tasks,
     split_instances,
 )
-from modlora.errors import ModloraError
+from modlora.errors import LibraryError, ModloraError
 from modlora.library.adapters import LoraSpec, adapter_merged
 from modlora.library.remote import open_library
 from modlora.library.shared_expert import DEFAULT_SHARE_MODE, SHARE_META, SHARE_MODES, ShareInfo, ShareMode
@@ -268,6 +276,60 @@ def _base_info(config: BuildConfig):
     return _process_model(config.model, config.device, config.dtype).info
 
 
+class BuildLock:
+    """The library directory at ``path`` held by one build: an exclusive ``flock`` on the directory itself, taken
+    without waiting, so a second build into it (another process) is refused with :class:`LibraryError` while this one
+    runs. The kernel releases it when the build ends or its process dies (a killed build leaves nothing to clean up).
+    Writers of single experts serialise on the library's own lock file (:func:`modlora.library.store.library_lock`),
+    which this one leaves alone. The directory is created when missing and removed again if the build leaves it
+    empty (it failed before creating the library)."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self._fd: int | None = None
+        self._created = False
+
+    def __enter__(self) -> BuildLock:
+        self._created = not os.path.lexists(self.path)
+        self._fd = self._hold()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+        if self._created:
+            with contextlib.suppress(OSError):
+                self.path.rmdir()    # only an empty directory goes
+
+    def _hold(self) -> int:
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+            fd = os.open(self.path, os.O_RDONLY | os.O_DIRECTORY)
+        except FileExistsError:
+            raise LibraryError(f"{self.path}: exists and is not a directory, so it cannot hold a library") from None
+        except OSError as exc:
+            raise LibraryError(f"{self.path}: cannot build a library here ({exc.strerror or exc})") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            os.close(fd)
+            if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
+                raise LibraryError(f"{self.path}: another build is writing into this library; wait for it to end "
+                                   "(it resumes from what is stored), or build into another directory") from None
+            raise LibraryError(f"{self.path}: cannot lock the library for this build ({exc.strerror or exc})") from None
+        return fd
+
+    def move_aside(self, to: Path) -> None:
+        """Rename the held library to ``to`` (``new-library``) and hold the fresh directory at :attr:`path`."""
+        self.path.rename(to)
+        if self._fd is not None:
+            os.close(self._fd)
+        self._fd = None
+        self._created = True
+        self._fd = self._hold()
+
+
 def _open(path: str | Path, config: BuildConfig) -> ExpertLibrary:
     lib = ExpertLibrary.open_or_create(path, _base_info(config))
     lib.clean_incomplete()
@@ -278,9 +340,10 @@ def _settings_diff(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
     return [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
 
 
-def _reconcile(path: str | Path, config: BuildConfig, planned: Sequence[PlannedExpert],
+def _reconcile(lock: BuildLock, config: BuildConfig, planned: Sequence[PlannedExpert],
                on_config_change: OnConfigChange, strategy_settings: Mapping[str, Any] | None = None) -> ExpertLibrary:
-    """Open (or create) the library and make sure that the experts it holds were trained as ``config`` plans.
+    """Open (or create) the library ``lock`` holds and make sure that the experts it holds were trained as ``config``
+    plans.
 
     Experts whose recorded fingerprint differs are refused (:class:`ModloraError` listing the differences),
     retrained (``"retrain-changed"``) or the whole library is moved aside (``"new-library"``).
@@ -290,14 +353,14 @@ def _reconcile(path: str | Path, config: BuildConfig, planned: Sequence[PlannedE
     if on_config_change not in ("refuse", "retrain-changed", "new-library"):
         raise ModloraError(f"on_config_change must be 'refuse', 'retrain-changed' or 'new-library', "
                            f"got {on_config_change!r}")
-    lib = _open(path, config)
+    lib = _open(lock.path, config)
     changed = [e.name for e in planned if e.name in lib
                and lib.entry(e.name).training.get(FINGERPRINT_KEY) != expert_fingerprint(config, e)]
     if changed:
         if on_config_change == "new-library":
             moved = lib.path.with_name(f"{lib.path.name}.replaced-{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}")
-            lib.path.rename(moved)
-            lib = _open(path, config)
+            lock.move_aside(moved)
+            lib = _open(lock.path, config)
         elif on_config_change == "retrain-changed":
             for name in changed:
                 lib.remove(name)
@@ -339,8 +402,9 @@ def build_private_library(path: str | Path, tasks: Sequence[str], config: BuildC
                           progress: bool = True, on_config_change: OnConfigChange = "refuse") -> ExpertLibrary:
     """One expert per task (name = task name)."""
     planned = [PlannedExpert(t, (t,), budget_scale, stage) for t in tasks]
-    lib = _reconcile(path, config, planned, on_config_change)
-    _run(lib, planned, config, executor, ray_address, f"{stage} experts", progress)
+    with BuildLock(path) as lock:
+        lib = _reconcile(lock, config, planned, on_config_change)
+        _run(lib, planned, config, executor, ray_address, f"{stage} experts", progress)
     return lib
 
 
@@ -349,8 +413,9 @@ def build_shared_library(path: str | Path, tasks: Sequence[str], config: BuildCo
                          on_config_change: OnConfigChange = "refuse") -> ExpertLibrary:
     """One expert on the union of all tasks, with N per-task budgets."""
     planned = [PlannedExpert(name, tuple(tasks), float(len(tasks)), "shared")]
-    lib = _reconcile(path, config, planned, on_config_change)
-    _run(lib, planned, config, executor, ray_address, "shared expert", progress)
+    with BuildLock(path) as lock:
+        lib = _reconcile(lock, config, planned, on_config_change)
+        _run(lib, planned, config, executor, ray_address, "shared expert", progress)
     return lib
 
 
@@ -358,8 +423,11 @@ def build_cluster_library(path: str | Path, clustering: ClusteringResult, tasks_
                           config: BuildConfig, *, budget_per_task: float, stage: str, executor: str = "local",
                           ray_address: str | None = None, progress: bool = True,
                           on_config_change: OnConfigChange = "refuse", share_fraction: float | None = None,
-                          share_mode: ShareMode = DEFAULT_SHARE_MODE) -> ExpertLibrary:
+                          share_mode: ShareMode = DEFAULT_SHARE_MODE, lock: BuildLock | None = None
+                          ) -> ExpertLibrary:
     """One expert per cluster (``cluster{i}``) on the union of its tasks, ``budget_per_task·|tasks|`` budgets.
+    ``lock``: the caller's :class:`BuildLock` of ``path`` when it holds it already (MBC, semantic and random builds
+    hold it from their start); None takes it here.
 
     ``share_fraction`` g (sharing across clusters): first one expert ``shared`` is trained on all the tasks for
     ``g·N`` budgets, then every cluster expert trains for ``(budget_per_task - g)·|tasks|`` budgets (same total),
@@ -387,13 +455,15 @@ def build_cluster_library(path: str | Path, clustering: ClusteringResult, tasks_
         settings = {"share.mode": share_mode, "share.fraction": share_fraction}
     planned = [PlannedExpert(f"cluster{i}", tuple(cluster), per_task * len(cluster), stage, init_from=init_from,
                              residual_on=residual_on, extra=extra) for i, cluster in enumerate(clusters)]
-    lib = _reconcile(path, config, shared + planned, on_config_change, settings)
-    lib.save_meta(CLUSTERING_META, clustering.to_dict())
-    if shared:
-        lib.save_meta(SHARE_META, ShareInfo(SHARED_EXPERT, share_mode, share_fraction,
-                                            tuple(e.name for e in planned)).to_dict())
-        _run(lib, shared, config, executor, ray_address, "shared expert", progress)
-    _run(lib, planned, config, executor, ray_address, f"{stage} experts", progress)
+    with contextlib.ExitStack() as stack:
+        held = lock if lock is not None else stack.enter_context(BuildLock(path))
+        lib = _reconcile(held, config, shared + planned, on_config_change, settings)
+        lib.save_meta(CLUSTERING_META, clustering.to_dict())
+        if shared:
+            lib.save_meta(SHARE_META, ShareInfo(SHARED_EXPERT, share_mode, share_fraction,
+                                                tuple(e.name for e in planned)).to_dict())
+            _run(lib, shared, config, executor, ray_address, "shared expert", progress)
+        _run(lib, planned, config, executor, ray_address, f"{stage} experts", progress)
     return lib
 
 
@@ -418,30 +488,31 @@ def build_mbc_library(path: str | Path, tasks: Sequence[str], config: BuildConfi
     if not 0.0 < stage1_fraction < 1.0:
         raise ModloraError(f"stage1_fraction must be in (0, 1), got {stage1_fraction}")
     path = Path(path)
-    if private_library is None:
-        private_library = path.parent / f"{path.name}-stage1"
-        stage1 = build_private_library(private_library, tasks, config, budget_scale=stage1_fraction,
-                                       executor=executor, ray_address=ray_address, stage="mbc-stage1",
-                                       progress=progress, on_config_change=on_config_change)
-    else:
-        stage1 = open_library(private_library)  # a local path or any location (hf://, s3://, ...)
-        stage1.check_base_model(_base_info(config))
-        missing = [t for t in tasks if t not in stage1.task_to_expert()]
-        if missing:
-            raise ModloraError(f"{private_library}: no private expert for task(s) {', '.join(missing[:5])}")
-    names = [stage1.task_to_expert()[t] for t in tasks]
-    k_value: int | Literal["auto"] = "auto" if k == "auto" else int(k)
-    if k_value != "auto" and not 1 <= k_value <= len(names):
-        raise ModloraError(f"k={k_value} clusters needs at least that many experts (have {len(names)})")
-    clustering = model_based_clustering(stage1.experts(names), k_value, features=features, sparsity=sparsity,
-                                        n_components=n_components, k_range=k_range, seed=config.train.seed,
-                                        cache=stage1)
-    _refuse_no_structure(clustering, path, f"the stage-1 private experts (kept in {private_library})")
-    tasks_of = {n: stage1.tasks(n) for n in names}
-    lib = build_cluster_library(path, clustering, tasks_of, config, budget_per_task=1.0 - stage1_fraction,
-                                stage="mbc-stage2", executor=executor, ray_address=ray_address, progress=progress,
-                                on_config_change=on_config_change, share_fraction=share_fraction,
-                                share_mode=share_mode)
+    with BuildLock(path) as lock:
+        if private_library is None:
+            private_library = path.parent / f"{path.name}-stage1"
+            stage1 = build_private_library(private_library, tasks, config, budget_scale=stage1_fraction,
+                                           executor=executor, ray_address=ray_address, stage="mbc-stage1",
+                                           progress=progress, on_config_change=on_config_change)
+        else:
+            stage1 = open_library(private_library)  # a local path or any location (hf://, s3://, ...)
+            stage1.check_base_model(_base_info(config))
+            missing = [t for t in tasks if t not in stage1.task_to_expert()]
+            if missing:
+                raise ModloraError(f"{private_library}: no private expert for task(s) {', '.join(missing[:5])}")
+        names = [stage1.task_to_expert()[t] for t in tasks]
+        k_value: int | Literal["auto"] = "auto" if k == "auto" else int(k)
+        if k_value != "auto" and not 1 <= k_value <= len(names):
+            raise ModloraError(f"k={k_value} clusters needs at least that many experts (have {len(names)})")
+        clustering = model_based_clustering(stage1.experts(names), k_value, features=features, sparsity=sparsity,
+                                            n_components=n_components, k_range=k_range, seed=config.train.seed,
+                                            cache=stage1)
+        _refuse_no_structure(clustering, path, f"the stage-1 private experts (kept in {private_library})")
+        tasks_of = {n: stage1.tasks(n) for n in names}
+        lib = build_cluster_library(path, clustering, tasks_of, config, budget_per_task=1.0 - stage1_fraction,
+                                    stage="mbc-stage2", executor=executor, ray_address=ray_address, progress=progress,
+                                    on_config_change=on_config_change, share_fraction=share_fraction,
+                                    share_mode=share_mode, lock=lock)
     return lib, clustering
 
 
@@ -459,16 +530,17 @@ def build_semantic_library(path: str | Path, tasks: Sequence[str], config: Build
     k_value: int | Literal["auto"] = "auto" if k == "auto" else int(k)
     if k_value != "auto" and not 1 <= k_value <= len(names):
         raise ModloraError(f"k={k_value} clusters needs at least that many tasks (have {len(names)})")
-    lm = _process_model(config.model, config.device, config.dtype)
-    embeddings = task_embeddings(lm, load_tasks(config, names), n_inputs=n_inputs, progress=progress)
-    clustering = cluster_experts(semantic_similarity(embeddings), k_value, k_range=k_range, seed=config.train.seed,
-                                 auto_k=auto_k or DEFAULT_AUTO_K)  # type: ignore[arg-type]
-    clustering = dataclasses.replace(clustering, method="semantic")
-    _refuse_no_structure(clustering, path, "the tasks' embeddings")
-    lib = build_cluster_library(path, clustering, {t: [t] for t in names}, config, budget_per_task=1.0,
-                                stage="semantic", executor=executor, ray_address=ray_address, progress=progress,
-                                on_config_change=on_config_change, share_fraction=share_fraction,
-                                share_mode=share_mode)
+    with BuildLock(path) as lock:
+        lm = _process_model(config.model, config.device, config.dtype)
+        embeddings = task_embeddings(lm, load_tasks(config, names), n_inputs=n_inputs, progress=progress)
+        clustering = cluster_experts(semantic_similarity(embeddings), k_value, k_range=k_range,
+                                     seed=config.train.seed, auto_k=auto_k or DEFAULT_AUTO_K)  # type: ignore[arg-type]
+        clustering = dataclasses.replace(clustering, method="semantic")
+        _refuse_no_structure(clustering, path, "the tasks' embeddings")
+        lib = build_cluster_library(path, clustering, {t: [t] for t in names}, config, budget_per_task=1.0,
+                                    stage="semantic", executor=executor, ray_address=ray_address, progress=progress,
+                                    on_config_change=on_config_change, share_fraction=share_fraction,
+                                    share_mode=share_mode, lock=lock)
     return lib, clustering
 
 
@@ -488,7 +560,7 @@ def build_random_library(path: str | Path, mbc_library: str | Path, config: Buil
         tasks_of = {n: s1.tasks(n) for n in s1.expert_names()}
     lib = build_cluster_library(path, rnd, tasks_of, config, budget_per_task=1.0, stage="random",
                                 executor=executor, ray_address=ray_address, progress=progress,
-                                on_config_change=on_config_change)
+                                on_config_change=on_config_change)   # takes the lock of ``path``
     return lib, rnd
 
 
@@ -543,8 +615,8 @@ def train_poly_job(job: PolyJob) -> dict[str, Any]:
                  **dict(planned.extra), FINGERPRINT_KEY: expert_fingerprint(cfg, planned)}
         training = training_record(train_config, fmt, max_examples=cap, max_val=cfg.max_val,
                                    split_seed=cfg.train.seed, extra=extra)
-        lib.add(planned.name, result.skills[planned.name], tasks=list(job.tasks), training=training,
-                metrics=metrics, base_model=lm.info, overwrite=True)
+        store_expert(lib, planned.name, result.skills[planned.name], tasks=list(job.tasks), training=training,
+                     metrics=metrics, base_model=lm.info, overwrite=True)
     lib.save_meta(ALLOCATION_META, {**result.allocation.to_dict(), "allocation_lr": job.allocation_lr})
     return {"skills": [e.name for e in job.skills], "metrics": result.metrics}
 
@@ -569,15 +641,17 @@ def build_poly_library(path: str | Path, tasks: Sequence[str], config: BuildConf
     extra = (("skills", options.skills), ("heads", options.heads), ("allocation_lr", options.allocation_lr))
     planned = tuple(PlannedExpert(f"skill{s}", names, float(len(names)), stage, extra=extra)
                     for s in range(options.skills))
-    lib = _reconcile(path, config, planned, on_config_change)
-    stored = lib.load_meta(ALLOCATION_META)
-    done = (all(e.name in lib for e in planned) and isinstance(stored, dict) and stored.get("tasks") == list(names)
-            and stored.get("skills") == [e.name for e in planned] and stored.get("heads") == heads)
-    if not done:
-        job = PolyJob(name=f"{stage} [{options.skills} skills × {heads} head(s)]", library=str(lib.path), tasks=names,
-                      skills=planned, heads=heads, allocation_lr=options.allocation_lr, config=config,
-                      show_progress=progress and executor == "local")
-        run_jobs([job], train_poly_job, executor, ray_address=ray_address, desc=f"{stage} skills",  # type: ignore
-                 progress=progress)
-        lib.reload()
+    with BuildLock(path) as lock:
+        lib = _reconcile(lock, config, planned, on_config_change)
+        stored = lib.load_meta(ALLOCATION_META)
+        done = (all(e.name in lib for e in planned) and isinstance(stored, dict)
+                and stored.get("tasks") == list(names) and stored.get("skills") == [e.name for e in planned]
+                and stored.get("heads") == heads)
+        if not done:
+            job = PolyJob(name=f"{stage} [{options.skills} skills × {heads} head(s)]", library=str(lib.path),
+                          tasks=names, skills=planned, heads=heads, allocation_lr=options.allocation_lr,
+                          config=config, show_progress=progress and executor == "local")
+            run_jobs([job], train_poly_job, executor, ray_address=ray_address, desc=f"{stage} skills",  # type: ignore
+                     progress=progress)
+            lib.reload()
     return lib

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 from typing import Any
 
 from modlora.cli.common import (
@@ -14,16 +13,21 @@ from modlora.cli.common import (
     add_model_args,
     add_task_source_args,
     add_train_args,
+    check_device,
     check_task_names,
     clusters_or_auto,
     console,
     data_root,
     fraction,
+    input_directory,
+    input_file,
     k_or_auto,
     load_model,
     lora_spec,
     open_fraction,
     open_library,
+    output_directory,
+    output_file,
     positive_float,
     positive_int,
     prompt_limits,
@@ -33,9 +37,15 @@ from modlora.cli.common import (
 from modlora.cli.library import show_library
 from modlora.reuse.methods import Registry
 
+#: what ``build`` adds to "interrupted" (Ctrl-C): nothing stored is lost
+RESUME_HINT = "every expert already stored is kept: run the same command again to train the rest"
+
 
 def _build_config(args: argparse.Namespace) -> Any:
+    """The :class:`~modlora.build.strategies.BuildConfig` of the options, ``--device`` checked against this machine
+    first (before any data is read or model loaded)."""
     from modlora.build.strategies import BuildConfig
+    check_device(args)
     return BuildConfig(model=args.model, device=args.device, dtype=None if args.dtype == "auto" else args.dtype,
                        data_dir=task_dir(args), flat_file=str(args.flat) if args.flat else None,
                        lora=lora_spec(args), train=train_config(args), max_examples=args.max_examples, max_val=args.max_val,
@@ -60,16 +70,19 @@ def _known_tasks(args: argparse.Namespace, config: Any) -> list[str]:
 def cmd_train(args: argparse.Namespace) -> int:
     from modlora.build.pipeline import train_task_expert
     from modlora.build.strategies import load_tasks
-    from modlora.library.store import ExpertLibrary
+    from modlora.errors import LibraryError
+    from modlora.library.store import ExpertLibrary, check_name
 
     config = _build_config(args)
     check_task_names(args.tasks, _known_tasks(args, config), str(args.flat or config.data_dir))
-    if args.library.exists() and not args.library.is_dir():
-        raise UsageError(f"library path {args.library} is a file, not a directory")
+    name = args.name or (args.tasks[0] if len(args.tasks) == 1 else "+".join(t.split("_")[0] for t in args.tasks))
+    try:
+        check_name(name)
+    except LibraryError as exc:
+        raise UsageError(f"--name: {exc}" if args.name else str(exc)) from None
     tasks = load_tasks(config, args.tasks)
     lm = load_model(args)
     lib = ExpertLibrary.open_or_create(args.library, lm.info)
-    name = args.name or (args.tasks[0] if len(args.tasks) == 1 else "+".join(t.split("_")[0] for t in args.tasks))
     if name in lib and not args.overwrite:
         raise UsageError(f"expert {name!r} already exists in {args.library} (use --overwrite)")
     entry = train_task_expert(lm, lib, name, tasks, spec=lora_spec(args), config=train_config(args),
@@ -219,8 +232,12 @@ def cmd_cluster(args: argparse.Namespace) -> int:
 def _labels_source(text: str) -> str:
     """``--labels``: 'sni-categories' or an existing JSON/CSV file (checked at parse time)."""
     from modlora.build.clustering.choices import SNI_CATEGORIES
-    if text != SNI_CATEGORIES and not Path(text).is_file():
-        raise argparse.ArgumentTypeError(f"expected '{SNI_CATEGORIES}' or an existing JSON/CSV file, got {text!r}")
+    if text != SNI_CATEGORIES:
+        try:
+            input_file(text)
+        except argparse.ArgumentTypeError as exc:
+            raise argparse.ArgumentTypeError(f"expected '{SNI_CATEGORIES}' or an existing JSON/CSV file ({exc})"
+                                             ) from None
     return text
 
 
@@ -236,7 +253,7 @@ def register(sub: Any, registry: Registry) -> None:
     p = sub.add_parser("train", help="train one LoRA expert on named tasks into a library",
                        description="Train one LoRA expert on one or several tasks and add it to a library "
                                    "(created if missing).")
-    p.add_argument("library", type=Path, help="library directory (created if missing)")
+    p.add_argument("library", type=output_directory, help="library directory (created if missing)")
     p.add_argument("tasks", nargs="+", help="task names (SNI file names without .json[.gz], or flat task_name)")
     p.add_argument("--name", help="expert name (default: the task name, or joined task ids)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing expert of that name")
@@ -258,7 +275,8 @@ def register(sub: Any, registry: Registry) -> None:
                                    "budget ends; finished experts are skipped, so an interrupted build resumes. A "
                                    "re-run with other training settings on an existing library is refused "
                                    "(see --retrain-changed and --new-library).")
-    p.add_argument("library", type=Path, help="output library directory")
+    p.add_argument("library", type=output_directory,
+                   help="output library directory (one build at a time: a second build into it is refused)")
     p.add_argument("--strategy", choices=["private", "shared", "mbc", "random", "semantic", "poly", "mhr"],
                    default="private",
                    help="private: one expert per task; shared: one on all tasks; mbc: model-based clustering; "
@@ -272,7 +290,8 @@ def register(sub: Any, registry: Registry) -> None:
     p.add_argument("--private-library", default=None,
                    help="MBC: reuse this private library as stage 1 instead of training one (a directory or any "
                         "library location: hf://, s3://, ...)")
-    p.add_argument("--mbc-library", type=Path, default=None, help="random: the MBC library whose sizes to copy")
+    p.add_argument("--mbc-library", type=input_directory, default=None,
+                   help="random: the MBC library whose sizes to copy")
     p.add_argument("--share", action="store_true",
                    help="mbc/semantic: first train one expert 'shared' on all tasks (--share-fraction of each "
                         "task's budget), then the cluster experts with the rest (--share-mode)")
@@ -311,7 +330,7 @@ def register(sub: Any, registry: Registry) -> None:
     add_model_args(p)
     add_task_source_args(p)
     add_train_args(p)
-    p.set_defaults(func=cmd_build, steps=100)
+    p.set_defaults(func=cmd_build, steps=100, on_interrupt=RESUME_HINT)
 
     from modlora.build.clustering.choices import ALGORITHMS, AUTO_K_CRITERIA, DEFAULT_AUTO_K, DEFAULT_FEATURES, FEATURES
     p = sub.add_parser("cluster", help="MBC clustering of an existing library",
@@ -349,8 +368,8 @@ def register(sub: Any, registry: Registry) -> None:
     p.add_argument("--n-components", type=positive_int, default=64,
                    help="params: truncated-SVD components (default 64)")
     p.add_argument("--seed", type=int, default=0, help="k-means / SVD seed (default 0)")
-    p.add_argument("--out", type=Path, default=None, help="also write the clustering JSON here")
-    p.add_argument("--plot", type=Path, default=None,
+    p.add_argument("--out", type=output_file, default=None, help="also write the clustering JSON here")
+    p.add_argument("--plot", type=output_file, default=None,
                    help="write a PNG: similarity heatmap ordered by cluster + cluster sizes")
     add_data_arg(p)
     add_model_args(p)

@@ -1,5 +1,6 @@
-"""What every command shares: the console, argparse types that refuse bad values at parse time, the model, data
-and training argument groups, and the method flags generated from the registry's ``Options`` dataclasses."""
+"""What every command shares: the console, argparse types that refuse bad values at parse time (numbers, devices,
+paths to read and paths to write), the model, data and training argument groups, and the method flags generated from
+the registry's ``Options`` dataclasses."""
 
 from __future__ import annotations
 
@@ -7,14 +8,15 @@ import argparse
 import dataclasses
 import difflib
 import os
+import stat
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from rich.console import Console
 
 from modlora.errors import ModloraError
-from modlora.models import DEFAULT_MODEL
+from modlora.models import DEFAULT_MODEL, check_device_name
 from modlora.reuse.methods import Registry
 from modlora.reuse.methods.core import MethodOptions, ReuseMethod, TrainingDataOptions
 
@@ -23,6 +25,14 @@ console = Console(soft_wrap=True)
 
 class UsageError(ModloraError):
     """A command-line option that does not fit the command (reported like an argparse error, exit status 2)."""
+
+
+class CommandLineParser(argparse.ArgumentParser):
+    """argparse whose usage errors are one line naming the option at fault (``modlora build: error: argument
+    --device: ...``), exit status 2; the usage itself is what ``--help`` shows."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")
 
 
 # ------------------------------------------------------------------------------------------- parse-time types
@@ -80,6 +90,115 @@ def name_list(text: str) -> tuple[str, ...]:
     return names
 
 
+def device_name(text: str) -> str:
+    """``--device``: a device by name (:data:`modlora.models.DEVICE_NAME_RE`); whether this machine has it is checked
+    by :func:`check_device` before the model loads (torch is not imported while parsing)."""
+    try:
+        return check_device_name(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def check_device(args: argparse.Namespace) -> None:
+    """Refuse a ``--device`` this machine does not have (no CUDA, an index beyond its GPUs) before anything loads."""
+    if getattr(args, "device", None) is not None:
+        from modlora.models import resolve_device
+        resolve_device(args.device)
+
+
+_KINDS = ((stat.S_ISDIR, "a directory"), (stat.S_ISREG, "a file"), (stat.S_ISFIFO, "a FIFO"),
+          (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"))
+
+
+def _kind(path: Path) -> str | None:
+    """What is at ``path`` (links followed): 'a directory', 'a file', 'a FIFO', ...; None when nothing is."""
+    try:
+        mode = path.stat().st_mode
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        raise argparse.ArgumentTypeError(f"{path}: {exc.strerror or exc}") from None
+    return next((what for is_kind, what in _KINDS if is_kind(mode)), "a special file")
+
+
+def input_file(text: str) -> Path:
+    """A path to read: an existing regular file (a directory, FIFO or device is refused here, never waited on)."""
+    path = Path(text)
+    kind = _kind(path)
+    if kind is None:
+        raise argparse.ArgumentTypeError(f"{text}: no such file")
+    if kind != "a file":
+        raise argparse.ArgumentTypeError(f"{text} is {kind}, not a regular file")
+    return path
+
+
+def input_directory(text: str) -> Path:
+    """A directory to read: it must exist and be a directory."""
+    path = Path(text)
+    kind = _kind(path)
+    if kind != "a directory":
+        raise argparse.ArgumentTypeError(f"{text}: no such directory" if kind is None
+                                         else f"{text} is {kind}, not a directory")
+    return path
+
+
+def _creatable(path: Path, text: str) -> None:
+    """``path`` can be created: its nearest existing folder is a directory this process may write into."""
+    folder = path.absolute().parent
+    while not os.path.lexists(folder):
+        folder = folder.parent
+    if not folder.is_dir():
+        raise argparse.ArgumentTypeError(f"cannot create {text}: {folder} is not a directory")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise argparse.ArgumentTypeError(f"cannot create {text}: {folder} is not writable")
+
+
+def output_file(text: str) -> Path:
+    """A file to write: absent (and creatable) or a regular file; a directory, FIFO or device there is refused."""
+    path = Path(text)
+    kind = _kind(path)
+    if kind is not None and kind != "a file":
+        raise argparse.ArgumentTypeError(f"{text} is {kind}, not a file to write")
+    _creatable(path, text)
+    return path
+
+
+def output_directory(text: str) -> Path:
+    """A directory to write into: absent (and creatable) or a directory; a file or FIFO there is refused."""
+    path = Path(text)
+    kind = _kind(path)
+    if kind is not None and kind != "a directory":
+        raise argparse.ArgumentTypeError(f"{text} is {kind}, not a directory")
+    _creatable(path, text)
+    return path
+
+
+def directory_name(text: str) -> str:
+    """One directory name (``--sni-split heldout``): no path separator, not ``.`` or ``..``."""
+    if not text or "/" in text or os.sep in text or text in (".", "..") or "\0" in text:
+        raise argparse.ArgumentTypeError(f"expected one directory name (no '/', not '.' or '..'), got {text!r}")
+    return text
+
+
+def model_spec(text: str) -> str:
+    """``--model``: the embedded default, an HF id, or a local path (absolute, ``./``, ``../``, ``~``, or anything that
+    exists), which must be a ``.gguf`` file or a directory holding ``config.json``."""
+    path = Path(text).expanduser()
+    if not (text.startswith(("/", "./", "../", "~")) or text in (".", "..") or os.path.lexists(path)):
+        return text   # an HF id (ORG/NAME) or the embedded default
+    kind = _kind(path)
+    if kind is None:
+        raise argparse.ArgumentTypeError(f"{text}: no such file or directory (an HF id has the form ORG/NAME)")
+    if path.suffix == ".gguf":
+        if kind != "a file":
+            raise argparse.ArgumentTypeError(f"{text} is {kind}, not a GGUF file")
+    elif kind != "a directory":
+        raise argparse.ArgumentTypeError(f"{text} is {kind}, not a .gguf file or an HF model directory")
+    elif _kind(path / "config.json") != "a file":
+        raise argparse.ArgumentTypeError(f"{text} is not an HF model directory (no config.json file)")
+    return text
+
+
 def _wrap(fn: Callable[[str], Any]) -> Callable[[str], Any]:
     """An Options field's parser as an argparse type (its ValueError becomes a usage error)."""
     def parse(text: str) -> Any:
@@ -94,10 +213,11 @@ def _wrap(fn: Callable[[str], Any]) -> Callable[[str], Any]:
 # ------------------------------------------------------------------------------------------------- model args
 def add_model_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("base model")
-    g.add_argument("--model", default=DEFAULT_MODEL,
+    g.add_argument("--model", type=model_spec, default=DEFAULT_MODEL,
                    help=f"base model: {DEFAULT_MODEL!r} (embedded default), an HF id, a local HF directory or a "
                         ".gguf file")
-    g.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    g.add_argument("--device", type=device_name, default=None,
+                   help="cpu, cuda, cuda:N, mps, xpu or xpu:N (default: cuda if available, else cpu)")
     g.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto",
                    help="weights dtype (default auto: float32 on CPU, bfloat16 on CUDA); bfloat16 is about 2x "
                         "faster on CPUs with AVX512-BF16/AMX")
@@ -105,10 +225,11 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
 
 
 def load_model(args: argparse.Namespace) -> Any:
-    """The base model of ``--model/--device/--dtype``, after applying ``--threads``."""
+    """The base model of ``--model/--device/--dtype``, after applying ``--threads`` (the device checked first)."""
     import torch
 
     from modlora.models import load_base_model
+    check_device(args)
     if args.threads:
         torch.set_num_threads(args.threads)
     return load_base_model(args.model, device=args.device, dtype=args.dtype)
@@ -116,7 +237,7 @@ def load_model(args: argparse.Namespace) -> Any:
 
 # -------------------------------------------------------------------------------------------------- data args
 def add_data_arg(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--data", type=Path, default=None,
+    p.add_argument("--data", type=input_directory, default=None,
                    help="data root holding sni/tasks, sni/heldout and eval/ (default $MODLORA_DATA or "
                         "../shared/data)")
 
@@ -133,7 +254,7 @@ def data_root(args: argparse.Namespace) -> Path:
 
 def add_task_source_args(p: argparse.ArgumentParser) -> None:
     add_data_arg(p)
-    p.add_argument("--flat", type=Path, default=None,
+    p.add_argument("--flat", type=input_file, default=None,
                    help="read tasks from a flat JSONL file {task_name, source, target} instead of SNI files")
 
 

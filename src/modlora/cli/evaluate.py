@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 from typing import Any
 
 from modlora.cli.common import (
@@ -15,9 +14,13 @@ from modlora.cli.common import (
     add_model_args,
     console,
     data_root,
+    directory_name,
+    input_file,
     load_model,
     method_options,
     open_library,
+    output_directory,
+    output_file,
     positive_int,
 )
 from modlora.reuse.methods import Registry
@@ -55,6 +58,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
         raise UsageError(f"the {name} router needs each example's task: it only applies to --suite indist")
     opts = method_options(args, args.registry, name, args.registry.names())
     root = data_root(args)
+    if args.suite == "sni" and not (root / "sni" / args.sni_split).is_dir():
+        raise UsageError(f"--sni-split {args.sni_split}: no directory {root / 'sni' / args.sni_split}")
     lib = open_library(args.library, args.revision) if args.library else None
     lm = load_model(args)
     rm = prepare_model(lm, lib, name, opts, registry=args.registry)
@@ -109,8 +114,9 @@ def register(sub: Any, registry: Registry) -> None:
     p.add_argument("--max-new-tokens", type=positive_int, default=128,
                    help="generation length for sni/code/indist (128)")
     p.add_argument("--seed", type=int, default=0, help="seed of the subset (default 0)")
-    p.add_argument("--sni-split", default="heldout", help="SNI directory under <data>/sni for --suite sni")
-    p.add_argument("--out", type=Path, default=None, help="write the results JSON here")
+    p.add_argument("--sni-split", type=directory_name, default="heldout",
+                   help="SNI directory under <data>/sni for --suite sni")
+    p.add_argument("--out", type=output_file, default=None, help="write the results JSON here")
     add_model_args(p)
     add_data_arg(p)
     add_method_args(p, registry, registry.names(), default=None,
@@ -122,9 +128,9 @@ def register(sub: Any, registry: Registry) -> None:
                        description="Compare results JSON files (methods × tasks) in a Markdown table and PNG plots: "
                                    "per-task bars, routing entropy per layer, expert usage, and the library's "
                                    "similarity matrix with clusters (--similarity).")
-    p.add_argument("results", nargs="+", type=Path, help="results JSON files from `modlora eval`")
-    p.add_argument("--out", type=Path, required=True, help="output directory")
-    p.add_argument("--similarity", type=Path, default=None,
+    p.add_argument("results", nargs="+", type=input_file, help="results JSON files from `modlora eval`")
+    p.add_argument("--out", type=output_directory, required=True, help="output directory")
+    p.add_argument("--similarity", type=input_file, default=None,
                    help="a clustering JSON (library meta/clustering.json) for the similarity plot")
     p.add_argument("--metric", default=None, help="metric to compare (default: each suite's main metric)")
     p.set_defaults(func=cmd_report)

@@ -18,6 +18,7 @@ from modlora.cli.common import (
     load_model,
     method_options,
     open_library,
+    output_directory,
     positive_int,
 )
 from modlora.io import atomic_write_json
@@ -183,7 +184,7 @@ def register(sub: Any, registry: Registry) -> None:
                        description="Combine experts into one PEFT adapter with a static method of the registry: "
                                    + "; ".join(f"{n}: {registry.get(n).summary}" for n in static) + ".")
     add_library_arg(p)
-    p.add_argument("--out", type=Path, required=True, help="output PEFT adapter directory")
+    p.add_argument("--out", type=output_directory, required=True, help="output PEFT adapter directory")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     add_method_args(p, registry, static, default=None, required=True,
                     help="combination method (required): " + ", ".join(static))
@@ -194,7 +195,7 @@ def register(sub: Any, registry: Registry) -> None:
                                    "and export their weighted ΔW average as one static PEFT adapter (vLLM/PEFT).")
     _add_prompt_args(p)
     p.add_argument("--top-experts", type=positive_int, default=2, help="experts kept per layer (default 2)")
-    p.add_argument("--out", type=Path, required=True, help="output PEFT adapter directory")
+    p.add_argument("--out", type=output_directory, required=True, help="output PEFT adapter directory")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     add_model_args(p)
     add_method_args(p, registry, ["arrow"], default="arrow", help="arrow (the only choice here)")
@@ -210,7 +211,7 @@ def register(sub: Any, registry: Registry) -> None:
     p.add_argument("--l1", type=float, default=0.05, help="L1 penalty on the weights (default 0.05)")
     p.add_argument("--seed", type=int, default=0, help="search seed")
     p.add_argument("--experts", nargs="*", help="experts to combine (default: all)")
-    p.add_argument("--out", type=Path, required=True, help="output PEFT adapter directory")
+    p.add_argument("--out", type=output_directory, required=True, help="output PEFT adapter directory")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     add_model_args(p)
     add_data_arg(p)

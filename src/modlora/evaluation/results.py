@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 
 from modlora.errors import DataError, ModloraError
-from modlora.io import atomic_write_json, parse_json
+from modlora.io import atomic_write_json, parse_json, read_regular_file
 
 RESULTS_SCHEMA = "modlora-eval-v1"
 
@@ -148,12 +148,15 @@ def save_results(run: EvalRun, path: str | os.PathLike[str]) -> Path:
 
 
 def read_json(path: str | os.PathLike[str], what: str) -> Any:
-    """Parse a JSON file; a missing or malformed file raises :class:`DataError` naming ``what`` and the path."""
+    """Parse a JSON file; a missing, malformed or unreadable one (a directory, a FIFO, a device: refused at once, never
+    waited on; a symbolic link is followed) raises :class:`DataError` naming ``what`` and the path."""
     path = Path(path)
     try:
-        return parse_json(path.read_bytes())
+        return parse_json(read_regular_file(path, follow_symlinks=True))
     except FileNotFoundError as exc:
         raise DataError(f"{what} {str(path)!r} not found") from exc
+    except OSError as exc:
+        raise DataError(f"{what} {str(path)!r}: cannot read it ({exc.strerror or exc})") from exc
     except ValueError as exc:
         raise DataError(f"{what} {str(path)!r} is not valid JSON: {exc}") from exc
 

@@ -21,10 +21,10 @@ from pathlib import Path
 import numpy as np
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save
+from safetensors.torch import load, save
 
 from modlora.errors import DataError, RoutingError
-from modlora.io import atomic_directory, atomic_write_bytes, parse_json
+from modlora.io import atomic_directory, atomic_write_bytes, parse_json, read_regular_file
 
 TP_WEIGHTS = "task_predictor.safetensors"
 TP_CONFIG = "task_predictor.json"
@@ -180,13 +180,16 @@ class TaskPredictor:
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> TaskPredictor:
-        """Read a directory written by :meth:`save`; every problem raises :class:`RoutingError` naming the file."""
+        """Read a directory written by :meth:`save`; every problem raises :class:`RoutingError` naming the file (a
+        FIFO, device or directory in a file's place is refused at once, never waited on; links are followed)."""
         path = Path(path)
         cfg_path, w_path = path / TP_CONFIG, path / TP_WEIGHTS
         try:
-            config = parse_json(cfg_path.read_bytes())
+            config = parse_json(read_regular_file(cfg_path, follow_symlinks=True))
         except FileNotFoundError:
             raise RoutingError(f"task predictor: missing {cfg_path}") from None
+        except OSError as exc:
+            raise RoutingError(f"task predictor: cannot read {cfg_path} ({exc.strerror or exc})") from None
         except ValueError as exc:
             raise RoutingError(f"task predictor: {cfg_path} is not valid JSON ({exc})") from None
         if not isinstance(config, dict) or config.get("format") != TP_FORMAT:
@@ -195,10 +198,12 @@ class TaskPredictor:
         if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
             raise RoutingError(f"task predictor: {cfg_path}: field 'expert_names' must be a list of strings")
         try:
-            t = load_file(str(w_path))
+            t = load(read_regular_file(w_path, follow_symlinks=True))
         except FileNotFoundError:
             raise RoutingError(f"task predictor: missing {w_path}") from None
-        except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+        except OSError as exc:
+            raise RoutingError(f"task predictor: cannot read {w_path} ({exc.strerror or exc})") from None
+        except (SafetensorError, ValueError, RuntimeError) as exc:
             raise RoutingError(f"task predictor: cannot read {w_path}: {exc}") from None
         missing = sorted({"mean", "scale", "coef", "intercept"} - set(t))
         if missing:
