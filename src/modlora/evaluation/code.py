@@ -48,7 +48,7 @@ from modlora.errors import DataError, SandboxUnavailableError
 from modlora.evaluation.generation import greedy_generate
 from modlora.evaluation.results import EvalRun, TaskScores, recording_routing, routing_telemetry, seeded_subset
 from modlora.evaluation.sandbox import Sandbox, SandboxSession
-from modlora.io import parse_json
+from modlora.io import parse_json, read_regular_file
 
 HUMANEVAL_STOPS = ("\ndef ", "\nclass ", "\nif __name__", "\nprint(", "\n#")
 MBPP_STOPS = ("[DONE]",)
@@ -92,9 +92,11 @@ def extract_code(generation: str, stops: Iterable[str] = (), entry_point: str | 
 
 def _read_jsonl(path: Path) -> list[dict[str, Any]]:
     try:
-        lines = [line for line in path.read_text().splitlines() if line.strip()]
+        lines = [line for line in read_regular_file(path, follow_symlinks=True).decode().splitlines() if line.strip()]
     except FileNotFoundError as exc:
         raise DataError(f"code benchmark file {str(path)!r} not found") from exc
+    except OSError as exc:
+        raise DataError(f"code benchmark file {str(path)!r}: cannot read it ({exc.strerror or exc})") from exc
     rows = []
     for i, line in enumerate(lines):
         try:

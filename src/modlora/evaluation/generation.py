@@ -40,7 +40,7 @@ from modlora.evaluation.results import (
     routing_telemetry,
     seeded_subset,
 )
-from modlora.io import parse_json
+from modlora.io import parse_json, read_regular_file
 
 FormatPrompt = Callable[[str, str], str]
 
@@ -66,7 +66,8 @@ def load_sni_task(path: str | os.PathLike[str], limit: int | None = None, seed: 
     path = Path(path)
     name = path.name.removesuffix(".gz").removesuffix(".json")
     try:
-        raw = gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_bytes()
+        raw = read_regular_file(path, follow_symlinks=True)
+        raw = gzip.decompress(raw) if path.suffix == ".gz" else raw
         data = parse_json(raw)
     except FileNotFoundError as exc:
         raise DataError(f"SNI task file {str(path)!r} not found") from exc

@@ -52,7 +52,7 @@ from modlora.evaluation.results import (
     routing_telemetry,
     seeded_subset,
 )
-from modlora.io import parse_json
+from modlora.io import parse_json, read_regular_file
 from modlora.progress import progress_bar
 
 # task name -> (file under eval/, continuation delimiter). The delimiter is appended to the query (multiple choice)
@@ -148,9 +148,11 @@ def load_choice_task(path: str | os.PathLike[str], delimiter: str = " ", limit: 
     """Read a JSONL rank-classification file; with ``limit`` keep the fixed seeded subset of that size."""
     path = Path(path)
     try:
-        lines = [line for line in path.read_text().splitlines() if line.strip()]
+        lines = [line for line in read_regular_file(path, follow_symlinks=True).decode().splitlines() if line.strip()]
     except FileNotFoundError as exc:
         raise DataError(f"task file {str(path)!r} not found") from exc
+    except OSError as exc:
+        raise DataError(f"task file {str(path)!r}: cannot read it ({exc.strerror or exc})") from exc
     keep = seeded_subset(len(lines), limit, seed)
     examples = []
     for i in keep:

@@ -16,7 +16,7 @@ from modlora.build.strategies import BuildConfig
 from modlora.build.training import TrainConfig
 from modlora.data import PromptLimits, Truncate
 from modlora.errors import ModloraError
-from modlora.io import parse_json
+from modlora.io import parse_json, read_regular_file
 from modlora.library.shared_expert import DEFAULT_SHARE_MODE, SHARE_MODES, ShareMode
 from modlora.models import DEFAULT_MODEL
 from modlora.reuse.methods import REGISTRY
@@ -86,7 +86,7 @@ class StudyConfig:
     @classmethod
     def from_json(cls, path: str | Path) -> StudyConfig:
         try:
-            raw = parse_json(Path(path).read_bytes())
+            raw = parse_json(read_regular_file(path, follow_symlinks=True))
         except (OSError, ValueError) as exc:
             raise ModloraError(f"{path}: cannot read study config ({exc})") from None
         return cls.from_mapping(raw, path)

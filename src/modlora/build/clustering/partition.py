@@ -18,7 +18,7 @@ import numpy as np
 from modlora.build.clustering.choices import ALGORITHMS, Algorithm
 from modlora.build.clustering.similarity import _MIN_NORM
 from modlora.errors import LibraryError, ModloraError
-from modlora.io import parse_json
+from modlora.io import parse_json, read_regular_file
 
 CLUSTERING_JSON_VERSION = 3  # v3: "algorithm" (files without it used "kmeans")
 
@@ -116,7 +116,7 @@ class ClusteringResult:
             path = Path(text_or_path)
             source = str(path)
             try:
-                text = path.read_text()
+                text = read_regular_file(path, follow_symlinks=True).decode()
             except OSError as exc:
                 raise LibraryError(f"cannot read clustering file {path}: {exc}") from None
         try:

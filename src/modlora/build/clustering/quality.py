@@ -13,7 +13,7 @@ from pathlib import Path
 from modlora.build.clustering.choices import SNI_CATEGORIES
 from modlora.build.clustering.partition import ClusteringResult
 from modlora.errors import DataError
-from modlora.io import parse_json
+from modlora.io import parse_json, read_regular_file
 
 
 @dataclass
@@ -60,7 +60,7 @@ def read_label_file(path: str | os.PathLike[str]) -> dict[str, str]:
     header row whose first cell is ``name``, ``expert`` or ``task`` is skipped)."""
     path = Path(path)
     try:
-        text = path.read_text()
+        text = read_regular_file(path, follow_symlinks=True).decode()
     except OSError as exc:
         raise DataError(f"cannot read label file {path}: {exc}") from None
     if path.suffix.lower() == ".json":
