@@ -153,24 +153,24 @@ def _creatable(path: Path, text: str) -> None:
         raise argparse.ArgumentTypeError(f"cannot create {text}: {folder} is not writable")
 
 
-def output_file(text: str) -> Path:
-    """A file to write: absent (and creatable) or a regular file; a directory, FIFO or device there is refused."""
+def _output(text: str, want: str, refusal: str) -> Path:
+    """A path to write: absent (and creatable) or already ``want`` ('a file', 'a directory'); anything else refused."""
     path = Path(text)
     kind = _kind(path)
-    if kind is not None and kind != "a file":
-        raise argparse.ArgumentTypeError(f"{text} is {kind}, not a file to write")
+    if kind is not None and kind != want:
+        raise argparse.ArgumentTypeError(f"{text} is {kind}, {refusal}")
     _creatable(path, text)
     return path
+
+
+def output_file(text: str) -> Path:
+    """A file to write: absent (and creatable) or a regular file; a directory, FIFO or device there is refused."""
+    return _output(text, "a file", "not a file to write")
 
 
 def output_directory(text: str) -> Path:
     """A directory to write into: absent (and creatable) or a directory; a file or FIFO there is refused."""
-    path = Path(text)
-    kind = _kind(path)
-    if kind is not None and kind != "a directory":
-        raise argparse.ArgumentTypeError(f"{text} is {kind}, not a directory")
-    _creatable(path, text)
-    return path
+    return _output(text, "a directory", "not a directory")
 
 
 def directory_name(text: str) -> str:
