@@ -3,6 +3,7 @@ checked downloads, incremental and interrupted transfers, tampered files, the li
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import signal
@@ -10,6 +11,7 @@ import subprocess
 import sys
 import uuid
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -391,9 +393,14 @@ class FakeHubApi:
 
     commits: list[tuple[str, list[str]]] = []
     root = ""
+    head = "0" * 40
+    after_commit = None   # called after each commit (a test's stand-in for another pusher)
 
     def __init__(self, *args, **kwargs):
         pass
+
+    def repo_info(self, repo_id, repo_type=None, revision=None):
+        return SimpleNamespace(sha=FakeHubApi.head)
 
     def create_repo(self, repo_id, repo_type=None, exist_ok=False):
         pass
@@ -401,9 +408,13 @@ class FakeHubApi:
     def create_branch(self, repo_id, repo_type=None, branch=None, exist_ok=False):
         pass
 
-    def create_commit(self, repo_id, operations, commit_message, repo_type=None, revision=None):
+    def create_commit(self, repo_id, operations, commit_message, repo_type=None, revision=None, parent_commit=None):
         import fsspec
         from huggingface_hub import CommitOperationAdd
+        if parent_commit is not None and parent_commit != FakeHubApi.head:
+            error = RuntimeError("412 Client Error: Precondition Failed")
+            error.response = SimpleNamespace(status_code=412)
+            raise error
         fs = fsspec.filesystem("memory")
         for op in operations:
             path = f"{self.root}/{op.path_in_repo}"
@@ -413,6 +424,10 @@ class FakeHubApi:
             else:
                 fs.rm_file(path)
         FakeHubApi.commits.append((commit_message, [op.path_in_repo for op in operations]))
+        oid = FakeHubApi.head = hashlib.sha1(f"{FakeHubApi.head}{commit_message}".encode()).hexdigest()
+        if FakeHubApi.after_commit is not None:
+            FakeHubApi.after_commit()
+        return SimpleNamespace(oid=oid)
 
 
 def test_a_hub_push_commits_in_batches_with_the_manifest_last(tmp_path, model, monkeypatch):
@@ -444,6 +459,43 @@ def test_a_hub_push_commits_in_batches_with_the_manifest_last(tmp_path, model, m
                                          "libs/experts/e0/adapter_config.json",
                                          "libs/experts/e0/adapter_model.safetensors"]
     assert_same_experts(RemoteLibrary(loc), lib)
+
+
+def test_a_hub_push_overtaken_by_another_stops_with_a_clear_error_and_leaves_a_whole_library(tmp_path, model,
+                                                                                              monkeypatch):
+    """Hub pushes take no lock file: each commit names the head it follows (``parent_commit``), so a push that
+    another push overtook is refused by the Hub (412) at its next commit; the remote stays a whole library."""
+    import fsspec
+    import huggingface_hub
+    repo_root = f"/hub/{uuid.uuid4().hex}"
+    monkeypatch.setattr(FakeHubApi, "root", repo_root)
+    monkeypatch.setattr(FakeHubApi, "commits", [])
+    monkeypatch.setattr(huggingface_hub, "HfApi", FakeHubApi)
+    monkeypatch.setattr(RemoteLocation, "pinned", lambda self: self)
+    loc = RemoteLocation("hf://org/repo/libs", fsspec.filesystem("memory"), f"{repo_root}/libs",
+                         HubRepo("org/repo", "model", None, "libs"))
+    first = make_library(tmp_path / "first", model)
+    push(first, loc)
+    second = make_library(tmp_path / "second", model, names=("e0", "e9"))
+    second.add("e0", random_adapter(model, SPEC, seed=11), tasks=["t0"], overwrite=True)
+
+    def other_pusher():   # another push's commit lands right after this push's first one
+        FakeHubApi.after_commit = None
+        FakeHubApi.head = "f" * 40
+
+    monkeypatch.setattr(FakeHubApi, "after_commit", staticmethod(other_pusher))
+    before = len(FakeHubApi.commits)
+    with pytest.raises(LibraryError, match="^hf://org/repo/libs: another push committed to main during this one"):
+        push(second, loc)
+    assert len(FakeHubApi.commits) == before + 1   # its first commit landed; nothing after the other's
+    remote = RemoteLibrary(loc)   # a whole library: the first, less the expert the stopped push withdrew
+    assert remote.expert_names() == ["e1", "e2"]
+    for name in remote.expert_names():
+        got, want = remote.get(name), first.get(name)
+        assert all(torch.equal(got.A[m], want.A[m]) for m in want.modules)
+    FakeHubApi.after_commit = None
+    push(second, loc)   # once the other is done, the push goes through
+    assert_same_experts(RemoteLibrary(loc), second)
 
 
 def test_cli_push_pull_and_every_command_reading_a_library_takes_a_url(tmp_path, capsys):

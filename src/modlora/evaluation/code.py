@@ -496,6 +496,41 @@ def _chat_wrap(tokenizer: Any, text: str) -> str:
                                          add_generation_prompt=True)
 
 
+def generate_code(model: torch.nn.Module, tokenizer: Any, bench: str, root: Path, *, limit: int | None = None,
+                  seed: int = 0, batch_size: int = 8, max_new_tokens: int = 384, chat: bool = False,
+                  mbpp_shots: int = 3) -> tuple[list[dict[str, Any]], list[str]]:
+    """The problems of ``bench`` (``humaneval`` or ``mbpp``, from ``root``) and the model's greedy generations."""
+    if bench == "humaneval":
+        problems = load_humaneval(root / "humaneval.jsonl", limit, seed)
+        prompts = [p["prompt"].rstrip() for p in problems]  # as bigcode-evaluation-harness: no trailing "\n"
+        if chat:
+            prompts = [_chat_wrap(tokenizer, f"Complete the following Python function.\n```python\n{p}```")
+                       for p in prompts]
+        stops: tuple[str, ...] = () if chat else HUMANEVAL_STOPS
+    elif bench == "mbpp":
+        problems, shots = load_mbpp(root / "mbpp.jsonl", limit, seed)
+        prompts = [mbpp_prompt(p, shots[:mbpp_shots]) for p in problems]
+        if chat:
+            prompts = [_chat_wrap(tokenizer, p.removesuffix("[BEGIN]\n")) for p in prompts]
+        stops = () if chat else MBPP_STOPS
+    else:
+        raise DataError(f"unknown code benchmark {bench!r}; known: humaneval, mbpp")
+    gens = greedy_generate(model, tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size,
+                           stop_strings=stops, max_prompt_tokens=None)
+    return problems, gens
+
+
+def code_items(bench: str, problems: Sequence[dict[str, Any]], gens: Sequence[str],
+               chat: bool = False) -> list[tuple[CodeTests, str]]:
+    """What :func:`grade_many` grades for each generation: the benchmark's tests and the candidate's source."""
+    if bench == "humaneval":
+        codes = [extract_code(g, HUMANEVAL_STOPS, p["entry_point"]) if chat
+                 else truncate_at_stops(g, HUMANEVAL_STOPS) for p, g in zip(problems, gens, strict=True)]
+        return [(humaneval_tests(p), humaneval_candidate(p, code, chat, prompt_stripped=True))
+                for p, code in zip(problems, codes, strict=True)]
+    return [(mbpp_tests(p), extract_code(g, MBPP_STOPS)) for p, g in zip(problems, gens, strict=True)]
+
+
 def evaluate_code(model: torch.nn.Module, tokenizer: Any, benchmarks: Iterable[str] = ("humaneval", "mbpp"), *,
                   data_dir: str | os.PathLike[str] | None = None, limit: int | None = None, seed: int = 0,
                   batch_size: int = 8, max_new_tokens: int = 384, chat: bool = False, mbpp_shots: int = 3,
@@ -520,31 +555,11 @@ def evaluate_code(model: torch.nn.Module, tokenizer: Any, benchmarks: Iterable[s
     run.routing = routing_telemetry(model)
     for bench in benchmarks:
         t_task = time.perf_counter()
-        if bench == "humaneval":
-            problems = load_humaneval(root / "humaneval.jsonl", limit, seed)
-            prompts = [p["prompt"].rstrip() for p in problems]  # as bigcode-evaluation-harness: no trailing "\n"
-            if chat:
-                prompts = [_chat_wrap(tokenizer, f"Complete the following Python function.\n```python\n{p}```")
-                           for p in prompts]
-            stops: tuple[str, ...] = () if chat else HUMANEVAL_STOPS
-        elif bench == "mbpp":
-            problems, shots = load_mbpp(root / "mbpp.jsonl", limit, seed)
-            prompts = [mbpp_prompt(p, shots[:mbpp_shots]) for p in problems]
-            if chat:
-                prompts = [_chat_wrap(tokenizer, p.removesuffix("[BEGIN]\n")) for p in prompts]
-            stops = () if chat else MBPP_STOPS
-        else:
-            raise DataError(f"unknown code benchmark {bench!r}; known: humaneval, mbpp")
         with recording_routing(model, run.routing, bench):
-            gens = greedy_generate(model, tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size,
-                                   stop_strings=stops, max_prompt_tokens=None)
-        if bench == "humaneval":
-            codes = [extract_code(g, HUMANEVAL_STOPS, p["entry_point"]) if chat
-                     else truncate_at_stops(g, HUMANEVAL_STOPS) for p, g in zip(problems, gens, strict=True)]
-            items = [(humaneval_tests(p), humaneval_candidate(p, code, chat, prompt_stripped=True))
-                     for p, code in zip(problems, codes, strict=True)]
-        else:
-            items = [(mbpp_tests(p), extract_code(g, MBPP_STOPS)) for p, g in zip(problems, gens, strict=True)]
+            problems, gens = generate_code(model, tokenizer, bench, root, limit=limit, seed=seed,
+                                           batch_size=batch_size, max_new_tokens=max_new_tokens, chat=chat,
+                                           mbpp_shots=mbpp_shots)
+        items = code_items(bench, problems, gens, chat)
         results = grade_many(sandbox, items, workers=workers)
         counts: dict[str, int] = {}
         for r in results:

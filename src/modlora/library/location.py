@@ -17,8 +17,11 @@ point a read or a write outside itself nor block a reader.
 :meth:`RemoteLocation.push_lock` keeps two pushes to one location apart: on a local filesystem an ``flock`` on
 ``ROOT/.push.lock`` (released by the kernel when a push dies), elsewhere that file created exclusively (fsspec
 ``open(..., "xb")``) with the pusher's host, process and time, deleted at the end; one older than
-:data:`STALE_LOCK_MINUTES` is reported as stale with how to clear it. (Hub repositories take no lock: each commit is
-atomic, but two pushes to one branch at once can still interleave theirs.)
+:data:`STALE_LOCK_MINUTES` is reported as stale with how to clear it. A Hub repository has no file a lock could live
+in; there a push reads the branch's head when it starts and makes each commit with ``parent_commit`` = the head it
+last saw or made, so the Hub refuses the commit of a push that another push overtook (HTTP 412): of two pushes at
+once, one ends with a clear error and nothing of the two is interleaved. Each commit being atomic, a pull during a
+push sees a whole library (the manifest is committed last).
 
 :func:`resolve_location` parses one into a :class:`RemoteLocation` (its fsspec filesystem, root path and Hub
 repository); :func:`mirror_dir` is where a remote library is mirrored locally.
@@ -37,7 +40,7 @@ import stat
 import time
 import uuid
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
@@ -76,6 +79,7 @@ class RemoteLocation:
     fs: Any
     root: str
     hub: HubRepo | None = None
+    hub_head: str | None = field(default=None, compare=False)   # during a Hub push: the head its next commit follows
 
     def path(self, rel: str) -> str:
         return f"{self.root}/{rel}" if self.root else rel
@@ -173,7 +177,11 @@ class RemoteLocation:
         """Held by a push for its whole length (see the module docstring); a second push is refused with a
         LibraryError saying who holds the lock since when (and, for a stale one, how to clear it)."""
         if self.hub is not None:
-            yield
+            self.hub_head = self.head_commit()
+            try:
+                yield
+            finally:
+                self.hub_head = None
             return
         owner = {"host": socket.gethostname(), "pid": os.getpid(), "created": time.time(), "token": uuid.uuid4().hex}
         data = (json.dumps(owner, sort_keys=True) + "\n").encode()
@@ -287,10 +295,17 @@ class RemoteLocation:
         assert self.hub is not None
         from huggingface_hub import HfApi
         try:
-            HfApi().create_commit(self.hub.repo_id, operations=operations, commit_message=message,
-                                  repo_type=self.hub.repo_type, revision=self.hub.revision)
+            info = HfApi().create_commit(self.hub.repo_id, operations=operations, commit_message=message,
+                                         repo_type=self.hub.repo_type, revision=self.hub.revision,
+                                         parent_commit=self.hub_head)
         except Exception as exc:  # noqa: BLE001
+            if self.hub_head is not None and getattr(getattr(exc, "response", None), "status_code", None) == 412:
+                raise LibraryError(f"{self.url}: another push committed to {self.hub.revision or 'main'} during this "
+                                   f"one (its head is no longer {self.hub_head[:12]}); this push stopped before "
+                                   f"'{message}'. Run it again when the other has finished") from None
             raise self._failure("commit to", f"{len(operations)} file(s) ({message})", exc) from None
+        if self.hub_head is not None:
+            self.hub_head = info.oid
         self.fs.invalidate_cache()
 
     def pinned(self) -> RemoteLocation:
@@ -298,19 +313,25 @@ class RemoteLocation:
         snapshot even while a push commits to the branch; elsewhere the location itself."""
         if self.hub is None:
             return self
+        sha = self.head_commit()
+        sub = f"/{self.hub.path_in_repo}" if self.hub.path_in_repo else ""
+        return RemoteLocation(self.url, self.fs, f"{_HF_TYPE_PREFIX[self.hub.repo_type]}{self.hub.repo_id}@{sha}{sub}",
+                              self.hub)
+
+    def head_commit(self) -> str:
+        """The commit a Hub location's revision (branch, tag or commit; default main) points to now."""
+        assert self.hub is not None
         from huggingface_hub import HfApi
         from huggingface_hub.errors import RepositoryNotFoundError, RevisionNotFoundError
         try:
-            sha = HfApi().repo_info(self.hub.repo_id, repo_type=self.hub.repo_type, revision=self.hub.revision).sha
+            return str(HfApi().repo_info(self.hub.repo_id, repo_type=self.hub.repo_type,
+                                         revision=self.hub.revision).sha)
         except RevisionNotFoundError:
             raise LibraryError(f"{self.url}: no revision {self.hub.revision!r} in {self.hub.repo_id}") from None
         except RepositoryNotFoundError:
             raise LibraryError(f"{self.url}: no such repository (or no access to it)") from None
         except Exception as exc:  # noqa: BLE001
             raise self._failure("resolve", f"revision {self.hub.revision or 'main'}", exc) from None
-        sub = f"/{self.hub.path_in_repo}" if self.hub.path_in_repo else ""
-        return RemoteLocation(self.url, self.fs, f"{_HF_TYPE_PREFIX[self.hub.repo_type]}{self.hub.repo_id}@{sha}{sub}",
-                              self.hub)
 
     def prepare_for_writing(self) -> None:
         """On the Hub, create the repository and the revision's branch when missing; elsewhere nothing to do."""
