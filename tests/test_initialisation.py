@@ -170,9 +170,11 @@ def test_fingerprint_keeps_old_shared_libraries_valid_and_separates_inits() -> N
                                                                                         planned)
     assert shared != expert_fingerprint(BuildConfig(limits=PromptLimits(truncate="input")), planned)
     # the shared init and left truncation (what was built before either setting existed) leave the fingerprint as the
-    # formula before the settings existed gave it
-    doc = {k: v for k, v in BuildConfig().training_settings().items() if k not in ("init", "truncate")}
-    doc |= {"tasks": ["t"], "budget_scale": 1.0}
+    # formula before the settings existed gave it; so do the default targets (then Llama's q,k,v,o names, now the
+    # architecture's attention projections) and fan_in_fan_out (then absent)
+    doc = {k: v for k, v in BuildConfig().training_settings().items()
+           if k not in ("init", "truncate", "lora.fan_in_fan_out")}
+    doc |= {"tasks": ["t"], "budget_scale": 1.0, "lora.target_modules": ["k_proj", "o_proj", "q_proj", "v_proj"]}
     assert shared == hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()[:16]
 
 

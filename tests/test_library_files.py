@@ -253,7 +253,7 @@ def test_rslora_adapter_applies_as_peft_computes_it(tmp_path, rank, alpha):
 
 
 REFUSED = [
-    ("use_dora", True), ("fan_in_fan_out", True), ("rank_pattern", {"q_proj": 4}), ("alpha_pattern", {"q_proj": 8}),
+    ("use_dora", True), ("fan_in_fan_out", "yes"), ("rank_pattern", {"q_proj": 4}), ("alpha_pattern", {"q_proj": 8}),
     ("layers_to_transform", [0]), ("layers_to_transform", 0), ("layers_pattern", "layers"),
     ("modules_to_save", ["lm_head"]), ("bias", "all"), ("bias", "lora_only"), ("lora_bias", True),
     ("target_modules", ".*\\.(q_proj|v_proj)"), ("target_modules", "all-linear"),

@@ -373,14 +373,17 @@ def test_locations_and_revisions(tmp_path):
 
 
 def test_hf_without_network_names_the_url(tmp_path, model, monkeypatch):
-    """HF_HUB_OFFLINE=1 (read by huggingface_hub at import, so set on its constants here): every operation fails at
-    once with a LibraryError naming the URL, never a traceback from the HTTP client."""
+    """HF_HUB_OFFLINE=1 (read by huggingface_hub at import, so set on its constants here) with no cached snapshot of
+    the repository: every operation fails at once with a LibraryError naming the URL, never a traceback from the
+    HTTP client (a cached snapshot is read instead: tests/test_architectures.py)."""
     import huggingface_hub.constants
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hf-cache"))
     url = "hf://some-org/some-library@dev"
-    with pytest.raises(LibraryError, match=f"^{url}: cannot resolve revision dev: OfflineModeIsEnabled"):
+    no_snapshot = f"^{url}: HF_HUB_OFFLINE is set and the Hugging Face cache holds no snapshot of some-org/some-library"
+    with pytest.raises(LibraryError, match=no_snapshot):
         open_library(url)
-    with pytest.raises(LibraryError, match=f"^{url}: cannot resolve revision dev"):
+    with pytest.raises(LibraryError, match=no_snapshot):
         pull(url, tmp_path / "copy")
     lib = make_library(tmp_path / "lib", model, names=("e0",))
     with pytest.raises(LibraryError, match=f"^{url}: cannot create the repository or branch"):

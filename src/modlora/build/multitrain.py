@@ -44,7 +44,7 @@ import torch
 from modlora.build.training import TrainConfig, TrainResult, seed_everything
 from modlora.data import EncodedExample, collate, length_grouped_batches
 from modlora.errors import DataError
-from modlora.library.adapters import LoraAdapter, LoraSpec, adapted_modules
+from modlora.library.adapters import LoraAdapter, LoraSpec, adapted_modules, resolve_spec
 from modlora.progress import progress_bar
 
 
@@ -463,7 +463,7 @@ class MultiTrainer:
                  base_model_name: str | None = None, desc: str = "train",
                  on_finished: FinishedCallback | None = None) -> None:
         self.model, self.pad_id, self.desc = model, pad_id, desc
-        self.spec = spec or LoraSpec()
+        self.spec = resolve_spec(model, spec or LoraSpec())   # targets checked against the model before any step
         self.options = options or MultiTrainOptions()
         self.base_name, self.on_finished = base_model_name, on_finished
         if not experts:
@@ -476,8 +476,6 @@ class MultiTrainer:
             raise DataError(f"{desc}: experts trained together must share weight_decay (got {sorted(decays)})")
         self.weight_decay = decays.pop()
         self.modules = adapted_modules(model, self.spec.target_modules)
-        if not self.modules:
-            raise DataError(f"{desc}: the model has no linear layer named {', '.join(self.spec.target_modules)}")
         self.experts = experts
         self.states: list[_ExpertState] = []
         for row, (name, data) in enumerate(experts.items()):

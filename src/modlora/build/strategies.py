@@ -177,9 +177,12 @@ class ExpertsJob(Job):
 def expert_fingerprint(config: BuildConfig, expert: PlannedExpert) -> str:
     """sha256 of what determines an expert's training: the config's training settings, its tasks and budget."""
     doc = {**config.training_settings(), "tasks": list(expert.tasks), "budget_scale": expert.budget_scale}
-    for key, old in (("init", "shared"), ("truncate", "left")):
+    for key, old in (("init", "shared"), ("truncate", "left"), ("lora.fan_in_fan_out", False)):
         if doc[key] == old:
             del doc[key]  # experts built before the setting existed were built this way: their fingerprints stay valid
+    if doc["lora.target_modules"] == ["attention"]:
+        # the default before targets were resolved per architecture, on the Llama-style bases it could train
+        doc["lora.target_modules"] = ["k_proj", "o_proj", "q_proj", "v_proj"]
     if expert.init_from is not None:
         doc["init_from"] = expert.init_from
     if expert.residual_on is not None:

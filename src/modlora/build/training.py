@@ -32,7 +32,7 @@ from transformers import get_linear_schedule_with_warmup
 
 from modlora.data import Batch, EncodedExample, collate, length_grouped_batches
 from modlora.errors import DataError
-from modlora.library.adapters import LoraAdapter, LoraSpec
+from modlora.library.adapters import LoraAdapter, LoraSpec, resolve_spec
 from modlora.progress import progress_bar
 
 _LORA_PARAM = ".lora_{}.default.weight"
@@ -131,7 +131,7 @@ def train_expert(model: torch.nn.Module, train_examples: Sequence[EncodedExample
 
     The base ``model`` is left exactly as it was (PEFT layers are unloaded, ``requires_grad`` flags restored).
     """
-    spec = spec or LoraSpec()
+    spec = resolve_spec(model, spec or LoraSpec())   # targets checked against the model before training
     config = config or TrainConfig()
     if not train_examples:
         raise DataError(f"{desc}: no training examples")

@@ -16,7 +16,7 @@ from typing import Any, NoReturn
 from rich.console import Console
 
 from modlora.errors import ModloraError
-from modlora.models import DEFAULT_MODEL, check_device_name
+from modlora.models import ATTENTION, DEFAULT_MODEL, TARGET_KEYWORDS, check_device_name
 from modlora.reuse.methods import Registry
 from modlora.reuse.methods.core import MethodOptions, ReuseMethod, TrainingDataOptions
 
@@ -87,6 +87,16 @@ def name_list(text: str) -> tuple[str, ...]:
     names = tuple(t.strip() for t in text.split(","))
     if not names or not all(names):
         raise argparse.ArgumentTypeError(f"expected comma-separated names, got {text!r}")
+    return names
+
+
+def target_list(text: str) -> tuple[str, ...]:
+    """``--targets``: ``attention``, ``all-linear`` or comma-separated layer names (checked against the model once
+    it loads, :func:`modlora.models.target_layers`)."""
+    names = name_list(text)
+    if len(names) > 1 and set(names) & set(TARGET_KEYWORDS):
+        raise argparse.ArgumentTypeError(f"{' and '.join(TARGET_KEYWORDS)} stand alone, not in a list of layer "
+                                         f"names; got {text!r}")
     return names
 
 
@@ -263,9 +273,11 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--rank", type=positive_int, default=4, help="LoRA rank r (default 4)")
     g.add_argument("--alpha", type=positive_float, default=16.0, help="LoRA alpha; scaling = alpha/r (default 16)")
     g.add_argument("--dropout", type=fraction, default=0.05, help="LoRA dropout (default 0.05)")
-    g.add_argument("--targets", type=name_list, default=("q_proj", "k_proj", "v_proj", "o_proj"),
-                   help="comma-separated linear-layer names to adapt (default attention q,k,v,o; add "
-                        "gate_proj,up_proj,down_proj for the MLP)")
+    g.add_argument("--targets", type=target_list, default=(ATTENTION,),
+                   help="which linear layers LoRA adapts: 'attention' (default: the architecture's attention "
+                        "projections, e.g. q_proj,k_proj,v_proj,o_proj for Llama, q_proj,k_proj,v_proj,dense for "
+                        "Phi-2, qkv_proj,o_proj for Phi-3), 'all-linear' (every linear layer but the output layer), "
+                        "or comma-separated layer names; checked against the model before training")
     g.add_argument("--lr", type=positive_float, default=1e-4, help="AdamW learning rate (default 1e-4)")
     g.add_argument("--steps", type=positive_int, default=None, help="optimizer steps (overrides --epochs)")
     g.add_argument("--epochs", type=positive_float, default=1.0, help="epochs over the training split (default 1)")

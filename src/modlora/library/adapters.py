@@ -10,6 +10,14 @@ it or refused naming the field (:func:`parse_adapter_config`): an rsLoRA adapter
 
 In memory, :class:`LoraAdapter` maps each *module path* of the base causal LM (for example
 ``model.layers.0.self_attn.q_proj``) to its ``A`` and ``B`` factors.
+
+Which layers a new adapter covers is a request resolved against the model (:func:`resolve_spec`, through
+:func:`modlora.models.target_layers`): ``attention`` (the default: the architecture's attention projections),
+``all-linear``, or layer names. A fused projection (Phi-3's ``qkv_proj`` and ``gate_up_proj``, GPT-NeoX's
+``query_key_value``, GPT-2's ``c_attn``) is one linear layer and gets one LoRA, as in PEFT. A GPT-2 ``Conv1D`` layer
+is loaded as a linear layer (:func:`modlora.models.linear_from_conv1d`), so ``A`` (r, in) and ``B`` (out, r) have
+PEFT's shapes for it and ``ΔW`` is merged as for any linear layer; the spec records ``fan_in_fan_out`` so the
+written config tells PEFT the checkpoint's layout.
 """
 
 from __future__ import annotations
@@ -30,14 +38,15 @@ from safetensors import SafetensorError
 from safetensors.torch import load as load_safetensors_bytes
 from safetensors.torch import save
 
-from modlora.errors import AdapterError, ModloraError
+from modlora.errors import AdapterError, ModelLoadError, ModloraError
 from modlora.io import atomic_directory, atomic_write_bytes, parse_json, read_regular_file
+from modlora.models import ALL_LINEAR, ATTENTION, TARGET_KEYWORDS, hub_id, target_layers
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 PEFT_PREFIX = "base_model.model."
-DEFAULT_TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj")
-MLP_TARGET_MODULES = ("gate_proj", "up_proj", "down_proj")
+DEFAULT_TARGET_MODULES = (ATTENTION,)
+"""The default request: the architecture's attention projections (:func:`modlora.models.target_layers`)."""
 MAX_RANK = 4096
 MAX_ALPHA = 1e6
 MAX_FEATURES = 1 << 20
@@ -46,12 +55,18 @@ PEFT_KEY_RE = re.compile(r"^base_model\.model\.(?P<module>[A-Za-z0-9_.]+)\.lora_
 
 @dataclass(frozen=True)
 class LoraSpec:
-    """Hyper-parameters of a LoRA adapter (the paper's defaults: r=4, alpha=16, dropout=0.05)."""
+    """Hyper-parameters of a LoRA adapter (the paper's defaults: r=4, alpha=16, dropout=0.05).
+
+    ``target_modules``: layer names, or a request still to be resolved against a model (``("attention",)``, the
+    default, or ``("all-linear",)``; :func:`resolve_spec`). ``fan_in_fan_out``: the adapted layers are ``Conv1D``
+    layers in the checkpoint (GPT-2); it changes nothing in modlora's arithmetic (those layers are loaded as linear
+    layers) and is written to the PEFT config."""
 
     rank: int = 4
     alpha: float = 16.0
     dropout: float = 0.05
     target_modules: tuple[str, ...] = DEFAULT_TARGET_MODULES
+    fan_in_fan_out: bool = False
 
     def __post_init__(self) -> None:
         if not isinstance(self.rank, int) or isinstance(self.rank, bool) or not 1 <= self.rank <= MAX_RANK:
@@ -65,7 +80,17 @@ class LoraSpec:
             raise AdapterError(f"LoRA field 'lora_dropout' must be in [0, 1), got {self.dropout!r}")
         if not self.target_modules or not all(isinstance(t, str) and t for t in self.target_modules):
             raise AdapterError(f"LoRA field 'target_modules' must be a non-empty list of names, got {self.target_modules!r}")
+        if len(self.target_modules) > 1 and set(self.target_modules) & set(TARGET_KEYWORDS):
+            raise AdapterError(f"LoRA field 'target_modules': {ATTENTION!r} and {ALL_LINEAR!r} stand alone, got "
+                               f"{list(self.target_modules)!r}")
+        if not isinstance(self.fan_in_fan_out, bool):
+            raise AdapterError(f"LoRA field 'fan_in_fan_out' must be true or false, got {self.fan_in_fan_out!r}")
         object.__setattr__(self, "target_modules", tuple(sorted(set(self.target_modules))))  # canonical order
+
+    @property
+    def resolved(self) -> bool:
+        """Whether ``target_modules`` names layers (not a request such as ``attention`` still to resolve)."""
+        return not set(self.target_modules) & set(TARGET_KEYWORDS)
 
     @property
     def scaling(self) -> float:
@@ -73,8 +98,9 @@ class LoraSpec:
         return float(self.alpha) / self.rank
 
     def to_dict(self) -> dict[str, Any]:
+        """PEFT's field names; ``fan_in_fan_out`` only when true (records written before it stay the same)."""
         return {"r": self.rank, "lora_alpha": self.alpha, "lora_dropout": self.dropout,
-                "target_modules": list(self.target_modules)}
+                "target_modules": list(self.target_modules)} | ({"fan_in_fan_out": True} if self.fan_in_fan_out else {})
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> LoraSpec:
@@ -84,14 +110,16 @@ class LoraSpec:
         if not isinstance(tm, (list, tuple)):
             raise AdapterError(f"LoRA field 'target_modules' must be a list of names, got {tm!r}")
         return cls(rank=d.get("r", 4), alpha=d.get("lora_alpha", 16.0),
-                   dropout=d.get("lora_dropout", 0.0), target_modules=tuple(tm))
+                   dropout=d.get("lora_dropout", 0.0), target_modules=tuple(tm),
+                   fan_in_fan_out=d.get("fan_in_fan_out") or False)
 
 
 @dataclass
 class LoraAdapter:
     """The factors of one LoRA expert, keyed by module path in the base model.
 
-    ``A[m]``: (r, in_features), ``B[m]``: (out_features, r); ``ΔW[m] = spec.scaling · B[m] @ A[m]``.
+    ``A[m]``: (r, in_features), ``B[m]``: (out_features, r); ``ΔW[m] = spec.scaling · B[m] @ A[m]``. A spec whose
+    targets are still a request (``attention``, ``all-linear``) is given the layer names of the factors.
     """
 
     spec: LoraSpec
@@ -101,6 +129,8 @@ class LoraAdapter:
     extra_config: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        if not self.spec.resolved and self.A:   # a request (``attention``): the factors say which layers it became
+            self.spec = dataclasses.replace(self.spec, target_modules=tuple({m.rsplit(".", 1)[-1] for m in self.A}))
         self.validate()
 
     @property
@@ -155,17 +185,19 @@ class LoraAdapter:
         return out
 
     def peft_config(self) -> dict[str, Any]:
-        """An ``adapter_config.json`` dict that ``peft.LoraConfig`` accepts."""
+        """An ``adapter_config.json`` dict that ``peft.LoraConfig`` accepts; ``base_model_name_or_path`` is the
+        base's Hub id where it has one (:func:`modlora.models.hub_id`: the default model's GGUF names its origin
+        ``HuggingFaceTB/SmolLM2-135M-Instruct``), so ``AutoPeftModelForCausalLM`` finds the base."""
         cfg = {
             "peft_type": "LORA",
             "task_type": "CAUSAL_LM",
-            "base_model_name_or_path": self.base_model_name,
+            "base_model_name_or_path": hub_id(self.base_model_name) or self.base_model_name,
             "r": self.spec.rank,
             "lora_alpha": self.spec.alpha,
             "lora_dropout": self.spec.dropout,
             "target_modules": sorted(self.spec.target_modules),
             "bias": "none",
-            "fan_in_fan_out": False,
+            "fan_in_fan_out": self.spec.fan_in_fan_out,
             "inference_mode": True,
             "init_lora_weights": True,
             "use_rslora": False,
@@ -230,8 +262,10 @@ _DESCRIPTIVE_FIELDS = frozenset({
     "task_type", "peft_type", "auto_mapping", "peft_version", "base_model_name_or_path", "revision",
     "inference_mode", "runtime_config", "megatron_core", "qalora_group_size", "loftq_config", "eva_config",
     "corda_config", "lora_ga_config", "ensure_weight_tying"})
-#: the fields modlora applies, as PEFT does (``target_modules`` as layer names, ``use_rslora`` as ``α·√r``)
-_APPLIED_FIELDS = frozenset({"r", "lora_alpha", "lora_dropout", "target_modules", "use_rslora", "init_lora_weights"})
+#: the fields modlora applies, as PEFT does (``target_modules`` as layer names, ``use_rslora`` as ``α·√r``,
+#: ``fan_in_fan_out`` as the layout of the checkpoint's layers, which PEFT sets from the layer type in any case)
+_APPLIED_FIELDS = frozenset({"r", "lora_alpha", "lora_dropout", "target_modules", "use_rslora", "init_lora_weights",
+                             "fan_in_fan_out"})
 #: initialisations that leave the base weights and LoRA's forward as they are (PiSSA, OLoRA, CorDA, LoftQ and LoRA-GA
 #: move part of the base weights into the adapter; MiCA is a LoRA variant): only these can be applied to the base
 _PLAIN_INITS = frozenset({"gaussian", "eva", "orthogonal"})
@@ -295,11 +329,15 @@ def parse_adapter_config(data: bytes, path: Path, name: str) -> tuple[LoraSpec, 
     rslora = raw.get("use_rslora", False)
     if rslora is not None and not isinstance(rslora, bool):
         raise AdapterError(f"{name}: {path}: field 'use_rslora' must be true or false, got {_short(rslora)}")
+    fan_in_fan_out = raw.get("fan_in_fan_out", False)
+    if fan_in_fan_out is not None and not isinstance(fan_in_fan_out, bool):
+        raise AdapterError(f"{name}: {path}: field 'fan_in_fan_out' must be true or false, got {_short(fan_in_fan_out)}")
     targets = raw.get("target_modules")
     if isinstance(targets, str):
         raise AdapterError(f"{name}: {path}: field 'target_modules' is the string {_short(targets)}, which PEFT "
                            "matches as a regular expression against whole module paths; list the layer names instead")
-    if isinstance(targets, list) and not all(isinstance(t, str) and _LAYER_NAME_RE.match(t) for t in targets):
+    if isinstance(targets, list) and not all(isinstance(t, str) and _LAYER_NAME_RE.match(t) and t != ATTENTION
+                                             for t in targets):
         raise AdapterError(f"{name}: {path}: field 'target_modules' must list layer names such as 'q_proj' (no '.' "
                            f"paths or patterns), got {_short(targets)}")
     base = raw.get("base_model_name_or_path")
@@ -393,9 +431,24 @@ def adapter_problems(adapter: LoraAdapter, base_shapes: Mapping[str, tuple[int, 
 
 
 def adapted_modules(model: torch.nn.Module, target_modules: Iterable[str]) -> list[str]:
-    """Module paths of the ``nn.Linear`` layers whose last name component is in ``target_modules``."""
-    targets = set(target_modules)
-    return [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and n.rsplit(".", 1)[-1] in targets]
+    """Module paths of the linear layers a ``target_modules`` request adapts in ``model`` (layer names, matched by
+    the last component of the path, or ``attention`` / ``all-linear``; :func:`modlora.models.target_layers`);
+    :class:`AdapterError` listing the model's linear layers when a name matches none."""
+    try:
+        return list(target_layers(model, tuple(target_modules)).modules)
+    except ModelLoadError as exc:
+        raise AdapterError(str(exc)) from None
+
+
+def resolve_spec(model: torch.nn.Module, spec: LoraSpec) -> LoraSpec:
+    """``spec`` with ``target_modules`` resolved against ``model`` to the layer names it adapts there and
+    ``fan_in_fan_out`` set from those layers (:func:`modlora.models.target_layers`); :class:`AdapterError` listing
+    the model's linear layers when the request names a layer the model does not have. Call it before training."""
+    try:
+        layers = target_layers(model, spec.target_modules)
+    except ModelLoadError as exc:
+        raise AdapterError(str(exc)) from None
+    return dataclasses.replace(spec, target_modules=layers.names, fan_in_fan_out=layers.fan_in_fan_out)
 
 
 @torch.no_grad()
@@ -464,6 +517,7 @@ def adapter_merged(model: torch.nn.Module, adapter: LoraAdapter, *, name: str = 
 def random_adapter(model: torch.nn.Module, spec: LoraSpec, *, seed: int = 0, std: float = 0.02,
                    base_model_name: str | None = None) -> LoraAdapter:
     """An adapter with Gaussian A and B for every targeted linear layer (tests and benchmarks)."""
+    spec = resolve_spec(model, spec)
     g = torch.Generator().manual_seed(seed)
     A, B = {}, {}
     for name in adapted_modules(model, spec.target_modules):

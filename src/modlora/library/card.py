@@ -6,21 +6,40 @@ modlora and each expert with PEFT.
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 
 from modlora.library.location import RemoteLocation
 from modlora.library.store import ExpertLibrary
-from modlora.models import EMBEDDED_NAME
+from modlora.models import EMBEDDED_HUB_ID, hub_id
 
 CARD = "README.md"
-_HUB_ID_RE = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
-_HUB_ID_OF_NAME = {EMBEDDED_NAME: "HuggingFaceTB/SmolLM2-135M-Instruct"}  # the GGUF the embedded model comes from
+SNI_TASK_RE = re.compile(r"^task\d+_\w+$")
+SNI_DATASET = "Muennighoff/natural-instructions"
+"""The Hub copy of Super-NaturalInstructions (upstream allenai/natural-instructions, an Apache-2.0 collection)."""
+BASE_LICENSES = {EMBEDDED_HUB_ID: "apache-2.0"}
+"""Licences of base models modlora knows without asking the Hub (others: ``other``, with a note)."""
 
 
-def hub_base_model(name: str) -> str | None:
-    """The Hub id of a base model name, when there is one (an ``org/name`` id, or the embedded model's origin)."""
-    if name in _HUB_ID_OF_NAME:
-        return _HUB_ID_OF_NAME[name]
-    return name if _HUB_ID_RE.match(name) else None
+@dataclass(frozen=True)
+class CardLicense:
+    """The card's ``license`` and, when it is ``other``, the note that says what to check."""
+
+    license: str
+    note: str = ""
+
+
+def card_license(base_hub_id: str | None, tasks: set[str]) -> CardLicense:
+    """``apache-2.0`` when the base model's licence is known to be Apache-2.0 and every task is a
+    Super-NaturalInstructions task (an Apache-2.0 collection); otherwise ``other``, with a note naming what decides."""
+    base = BASE_LICENSES.get(base_hub_id or "")
+    sni = bool(tasks) and all(SNI_TASK_RE.match(t) for t in tasks)
+    if base == "apache-2.0" and sni:
+        return CardLicense("apache-2.0")
+    why = [f"the base model {base_hub_id or 'used'}'s licence" + (f" ({base})" if base else "")]
+    why.append("the Super-NaturalInstructions task licences (Apache-2.0 collection; each task records its instance "
+               "licence)" if sni else "the licences of the training data")
+    return CardLicense("other", "The licence of these adapters follows " + " and ".join(why) + ": check them before "
+                       "use.")
 
 
 def _cell(text: str) -> str:
@@ -28,12 +47,18 @@ def _cell(text: str) -> str:
 
 
 def library_card(lib: ExpertLibrary, location: RemoteLocation) -> str:
-    """The library's README.md: Hub metadata (``library_name: modlora``, ``base_model``, tags), the experts with
-    their tasks, sizes and metrics, and how to load the library (modlora) and each expert (PEFT)."""
+    """The library's README.md: Hub metadata (``library_name: modlora``, ``base_model`` (the Hub id,
+    :func:`modlora.models.hub_id`), ``license`` (:func:`card_license`), ``pipeline_tag: text-generation``,
+    ``datasets``, tags), the base's quantisation when it was a GGUF, the experts with their tasks, sizes and metrics,
+    and how to load the library (modlora) and each expert (PEFT)."""
     from huggingface_hub import ModelCardData
     base = lib.base_model
-    base_id = hub_base_model(base.name)
-    data = ModelCardData(library_name="modlora", base_model=base_id,
+    base_id = hub_id(base.name)
+    tasks = {t for name in lib.expert_names() for t in lib.entry(name).tasks}
+    licence = card_license(base_id, tasks)
+    data = ModelCardData(library_name="modlora", base_model=base_id, license=licence.license,
+                         pipeline_tag="text-generation",
+                         datasets=[SNI_DATASET] if tasks and all(SNI_TASK_RE.match(t) for t in tasks) else None,
                          tags=["modlora", "lora", "peft", "expert-library", "arrow-routing"])
     hub = location.hub
     title = hub.repo_id.split("/")[-1] if hub else location.url.rstrip("/").rsplit("/", 1)[-1]
@@ -41,9 +66,15 @@ def library_card(lib: ExpertLibrary, location: RemoteLocation) -> str:
              f"# {title}: a modlora library of {len(lib)} LoRA experts", "",
              f"A library of LoRA experts built with [modlora](https://pypi.org/project/modlora/) for the base model "
              f"`{base.name}`" + (f" ([{base_id}](https://huggingface.co/{base_id}))" if base_id else "") + ".",
-             "Route over it zero-shot with Arrow, merge it, or load any expert on its own as a PEFT adapter.", "",
-             "| expert | tasks | rank | parameters | size | validation loss | steps |",
-             "|---|---|---:|---:|---:|---:|---:|"]
+             "Route over it zero-shot with Arrow, merge it, or load any expert on its own as a PEFT adapter.", ""]
+    if base.quantisation:
+        lines += [f"The experts were trained on the {base.quantisation} GGUF of the base, dequantised (weights "
+                  f"fingerprint `{base.weights_checksum}`, shapes `{base.shapes_hash}`); applied to the "
+                  "unquantised base they differ by the quantisation error only.", ""]
+    if licence.note:
+        lines += [f"**Licence:** {licence.note}", ""]
+    lines += ["| expert | tasks | rank | parameters | size | validation loss | steps |",
+              "|---|---|---:|---:|---:|---:|---:|"]
     for name in lib.expert_names():
         e = lib.entry(name)
         val = e.metrics.get("best_val_loss")

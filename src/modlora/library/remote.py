@@ -7,6 +7,9 @@ A :class:`RemoteLibrary` is an ``ExpertLibrary`` over a local mirror
 are checked against the manifest's SHA-256 and only then renamed into the mirror; a mismatch raises a
 ``LibraryError`` naming the URL, the expert and the file. Derived data computed on a remote library (Arrow
 prototypes, a clustering) is written to the mirror only, so routing a remote library caches its prototypes locally.
+
+In Hugging Face offline mode (``HF_HUB_OFFLINE=1``) an ``hf://`` library is read from the snapshot of its repository
+in the Hugging Face cache, as ``huggingface_hub`` reads models then, and a warning says so (:func:`offline_snapshot`).
 """
 
 from __future__ import annotations
@@ -38,7 +41,8 @@ from modlora.library.store import (
 
 def open_library(location: str | os.PathLike[str], *, revision: str | None = None) -> ExpertLibrary:
     """A library from a local path, a ``file://`` URL (both writable), or any remote location (read-only
-    :class:`RemoteLibrary`)."""
+    :class:`RemoteLibrary`). An ``hf://`` location in Hugging Face offline mode (``HF_HUB_OFFLINE=1``) is read from
+    the cached snapshot of its repository and revision (:func:`offline_snapshot`), with a warning saying so."""
     if not is_url(location):
         if revision is not None:
             raise LibraryError(f"{location}: a revision applies to hf:// locations, not to a local library")
@@ -46,7 +50,42 @@ def open_library(location: str | os.PathLike[str], *, revision: str | None = Non
     loc = resolve_location(location, revision)
     if loc.is_local:
         return ExpertLibrary(loc.root)
+    if loc.hub is not None and hub_offline():
+        return RemoteLibrary(offline_snapshot(loc))
     return RemoteLibrary(loc)
+
+
+def hub_offline() -> bool:
+    """Whether ``huggingface_hub`` is in offline mode (``HF_HUB_OFFLINE=1``)."""
+    from huggingface_hub import constants
+    return bool(constants.HF_HUB_OFFLINE)
+
+
+def offline_snapshot(location: RemoteLocation) -> RemoteLocation:
+    """The ``hf://`` ``location`` read from the Hugging Face cache's snapshot of its repository at its revision
+    (default ``main``; what ``hf download`` or ``snapshot_download`` left there), as a location over that folder
+    named by the same URL (so the same local mirror); a :class:`UserWarning` says which snapshot is used. Every file
+    is still checked against the snapshot's manifest. :class:`LibraryError` when the cache holds no snapshot."""
+    import warnings
+
+    from fsspec.implementations.dirfs import DirFileSystem
+    from fsspec.implementations.local import LocalFileSystem
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    hub = location.hub
+    assert hub is not None
+    try:
+        folder = Path(snapshot_download(hub.repo_id, repo_type=hub.repo_type, revision=hub.revision,
+                                        local_files_only=True))
+    except LocalEntryNotFoundError:
+        raise LibraryError(f"{location.url}: HF_HUB_OFFLINE is set and the Hugging Face cache holds no snapshot of "
+                           f"{hub.repo_id} at {hub.revision or 'main'}: download it first (`hf download "
+                           f"{hub.repo_id}`) or unset HF_HUB_OFFLINE") from None
+    root = folder / hub.path_in_repo if hub.path_in_repo else folder
+    warnings.warn(f"{location.url}: HF_HUB_OFFLINE is set: reading the cached snapshot {root} (commit "
+                  f"{folder.name})", UserWarning, stacklevel=3)
+    return RemoteLocation(location.url, DirFileSystem(path=str(root), fs=LocalFileSystem()), "")
 
 
 class RemoteLibrary(ExpertLibrary):

@@ -56,7 +56,7 @@ from modlora.library.adapters import ADAPTER_CONFIG, ADAPTER_WEIGHTS
 from modlora.library.card import CARD, library_card
 from modlora.library.index import INDEX, FileRecord, expert_files, file_matches, index_bytes, read_index
 from modlora.library.location import RemoteLocation, path_inside, resolve_location
-from modlora.library.remote import RemoteLibrary
+from modlora.library.remote import RemoteLibrary, hub_offline, offline_snapshot
 from modlora.library.store import (
     ARTIFACTS_DIR,
     EXPERTS_DIR,
@@ -250,11 +250,12 @@ def _send(lib: ExpertLibrary, loc: RemoteLocation, manifest: bytes, local: dict[
 def pull(url: str | os.PathLike[str] | RemoteLocation, library_path: str | os.PathLike[str], *, revision: str | None = None,
          force: bool = False, progress: Progress | None = None) -> TransferReport:
     """Copy the library at ``url`` into the local library ``library_path`` (created if absent), resumably and
-    checked (see the module docstring); ``force`` moves local changes aside instead of refusing them."""
+    checked (see the module docstring); ``force`` moves local changes aside instead of refusing them. An ``hf://``
+    ``url`` in offline mode is read from the Hugging Face cache's snapshot (:func:`~.remote.offline_snapshot`)."""
     loc = resolve_location(url, revision)
     dest = Path(library_path)
     _refuse_overlap(dest, loc, "the destination library")
-    remote = RemoteLibrary(loc)
+    remote = RemoteLibrary(offline_snapshot(loc) if loc.hub is not None and hub_offline() else loc)
     local = _destination(dest, remote)
     if local is not None:
         with library_lock(dest):

@@ -60,8 +60,14 @@ def union_target_modules(adapters: Sequence[LoraAdapter]) -> tuple[str, ...]:
     return tuple(sorted({t for ad in adapters for t in ad.spec.target_modules}))
 
 
+def any_fan_in_fan_out(adapters: Sequence[LoraAdapter]) -> bool:
+    """Whether some adapter's layers are ``Conv1D`` in the checkpoint (``fan_in_fan_out``): a merge of them says so
+    in its PEFT config too (the factors are the same either way, see :mod:`modlora.library.adapters`)."""
+    return any(ad.spec.fan_in_fan_out for ad in adapters)
+
+
 def stack_factors(parts: Mapping[str, Sequence[FactorPair]], *, target_modules: Sequence[str],
-                  base_model_name: str | None, dropout: float = 0.0) -> LoraAdapter:
+                  base_model_name: str | None, dropout: float = 0.0, fan_in_fan_out: bool = False) -> LoraAdapter:
     """One scaling-1 adapter with ``B_m A_m = Σ_i B_i A_i`` for the pairs ``parts[m]`` (see module docstring)."""
     if not parts or any(not pl for pl in parts.values()):
         raise AdapterError("no factors to stack")
@@ -74,7 +80,8 @@ def stack_factors(parts: Mapping[str, Sequence[FactorPair]], *, target_modules: 
         pad = rank - a.shape[0]
         A[m] = torch.cat([a, a.new_zeros(pad, a.shape[1])], 0) if pad else a
         B[m] = torch.cat([b, b.new_zeros(b.shape[0], pad)], 1) if pad else b
-    spec = LoraSpec(rank=rank, alpha=float(rank), dropout=dropout, target_modules=tuple(target_modules))
+    spec = LoraSpec(rank=rank, alpha=float(rank), dropout=dropout, target_modules=tuple(target_modules),
+                    fan_in_fan_out=fan_in_fan_out)
     return LoraAdapter(spec, A, B, base_model_name)
 
 
@@ -90,7 +97,7 @@ def weighted_delta_sum(experts: Experts, coefficients: Sequence[float] | None = 
         for m in ad.modules:
             parts[m].append((ad.A[m], (c * ad.spec.scaling) * ad.B[m].float()))
     return stack_factors(parts, target_modules=union_target_modules(es.adapters),
-                         base_model_name=common_base_model(es))
+                         base_model_name=common_base_model(es), fan_in_fan_out=any_fan_in_fan_out(es.adapters))
 
 
 def parameter_average(experts: Experts) -> LoraAdapter:
@@ -110,7 +117,8 @@ def parameter_average(experts: Experts) -> LoraAdapter:
         A[m] = torch.stack([es.adapters[i].A[m].float() for i in idx]).mean(0)
         B[m] = torch.stack([es.adapters[i].B[m].float() for i in idx]).mean(0)
     s0 = es.adapters[0].spec
-    spec = LoraSpec(rank=s0.rank, alpha=s0.alpha, dropout=s0.dropout, target_modules=union_target_modules(es.adapters))
+    spec = LoraSpec(rank=s0.rank, alpha=s0.alpha, dropout=s0.dropout, target_modules=union_target_modules(es.adapters),
+                    fan_in_fan_out=any_fan_in_fan_out(es.adapters))
     return LoraAdapter(spec, A, B, common_base_model(es))
 
 
@@ -141,7 +149,8 @@ def genknowsub(experts: Experts, general: Experts, space: Literal["factors", "de
         for name, a in es.items():
             terms = ExpertSet((name, *gs.names), (a, *gs.adapters))
             merged = weighted_delta_sum(terms, [1.0] + [-1.0 / g] * g)
-            out[name] = LoraAdapter(LoraSpec(merged.spec.rank, merged.spec.alpha, 0.0, a.spec.target_modules),
+            out[name] = LoraAdapter(LoraSpec(merged.spec.rank, merged.spec.alpha, 0.0, a.spec.target_modules,
+                                             a.spec.fan_in_fan_out),
                                     merged.A, merged.B, a.base_model_name, dict(a.extra_config))
     else:
         raise AdapterError(f"GenKnowSub space must be 'factors' or 'delta', got {space!r}")

@@ -37,7 +37,13 @@ import torch
 from modlora.errors import AdapterError, ModloraError
 from modlora.library.adapters import LoraAdapter, LoraSpec
 from modlora.library.experts import Experts, ExpertSet
-from modlora.reuse.lowrank import common_base_model, module_shapes, union_target_modules, weighted_delta_sum
+from modlora.reuse.lowrank import (
+    any_fan_in_fan_out,
+    common_base_model,
+    module_shapes,
+    union_target_modules,
+    weighted_delta_sum,
+)
 
 WeightsLike = Mapping[str, float] | Sequence[float] | None
 SignMethod = Literal["total", "frequency"]
@@ -170,7 +176,7 @@ def sign_consensus_merge(stacked: torch.Tensor, weights: torch.Tensor, method: S
 
 def dense_to_adapter(deltas: Mapping[str, torch.Tensor], rank: int | None = None, *, dropout: float = 0.0,
                      target_modules: Sequence[str] | None = None, base_model_name: str | None = None,
-                     rtol: float | None = None) -> MergeResult:
+                     rtol: float | None = None, fan_in_fan_out: bool = False) -> MergeResult:
     """Factor dense updates ``ΔW_m`` (out × in) as a LoRA by truncated SVD: ``B_m = U_r S_r``, ``A_m = V_rᵀ``, ``s = 1``.
 
     ``rank=None`` keeps the exact (numerical) rank: ``R = max_m #{σ_i > rtol · σ_max}``, capped at ``min(out, in)``
@@ -216,7 +222,8 @@ def dense_to_adapter(deltas: Mapping[str, torch.Tensor], rank: int | None = None
         sq_err += err * err
         sq_norm += norm * norm
     targets = tuple(target_modules) if target_modules else tuple(sorted({m.rsplit(".", 1)[-1] for m in deltas}))
-    spec = LoraSpec(rank=big_r, alpha=float(big_r), dropout=dropout, target_modules=targets)
+    spec = LoraSpec(rank=big_r, alpha=float(big_r), dropout=dropout, target_modules=targets,
+                    fan_in_fan_out=fan_in_fan_out)
     total = math.sqrt(sq_err) / math.sqrt(sq_norm) if sq_norm > 0 else 0.0
     return MergeResult(LoraAdapter(spec, A, B, base_model_name), errors, total)
 
@@ -285,7 +292,8 @@ class TaskArithmeticMerge:
         merged = {m: self.delta(dense_deltas(chosen, m, shape), w, generator)
                   for m, shape in module_shapes(chosen).items()}
         res = dense_to_adapter(merged, self.rank, target_modules=union_target_modules(chosen.adapters),
-                               base_model_name=common_base_model(chosen))
+                               base_model_name=common_base_model(chosen),
+                               fan_in_fan_out=any_fan_in_fan_out(chosen.adapters))
         settings = {k: v for k, v in asdict(self).items() if k != "rank"}
         res.metadata = {**metadata, **settings, "rank": res.adapter.spec.rank,
                         "total_relative_error": res.total_relative_error, "max_relative_error": res.max_relative_error}

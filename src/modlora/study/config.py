@@ -17,6 +17,7 @@ from modlora.build.training import TrainConfig
 from modlora.data import PromptLimits, Truncate
 from modlora.errors import ModloraError
 from modlora.io import parse_json, read_regular_file
+from modlora.library.adapters import DEFAULT_TARGET_MODULES, LoraSpec
 from modlora.library.shared_expert import DEFAULT_SHARE_MODE, SHARE_MODES, ShareMode
 from modlora.models import DEFAULT_MODEL
 from modlora.reuse.methods import REGISTRY
@@ -82,6 +83,12 @@ class StudyConfig:
     seed: int = 0
     init: InitMethod = DEFAULT_INIT
     """How every expert's A starts (:mod:`modlora.build.initialisation`; Poly/MHR skills always start from seeds)."""
+    lora_rank: int = 4
+    lora_alpha: float = 16.0
+    lora_dropout: float = 0.05
+    targets: list[str] = field(default_factory=lambda: list(DEFAULT_TARGET_MODULES))
+    """The layers LoRA adapts: ``["attention"]`` (the architecture's attention projections), ``["all-linear"]`` or
+    layer names (:func:`modlora.models.target_layers`); with ``lora_*`` the experts' :class:`LoraSpec`."""
 
     @classmethod
     def from_json(cls, path: str | Path) -> StudyConfig:
@@ -113,6 +120,7 @@ class StudyConfig:
             raise ModloraError(f"{source}: share_mode must be one of {', '.join(SHARE_MODES)}, got "
                                f"{self.share_mode!r}")
         try:
+            self.lora.to_dict()  # validates the LoRA settings
             self.limits.record()  # validates the prompt limits
             check_init(self.init)
             for name in self.libraries:
@@ -141,6 +149,13 @@ class StudyConfig:
                                    f"(rows: {', '.join(sorted(keys))})")
 
     @property
+    def lora(self) -> LoraSpec:
+        if not isinstance(self.targets, list):
+            raise ModloraError(f"targets must be a list of layer names, ['attention'] or ['all-linear'], got "
+                               f"{self.targets!r}")
+        return LoraSpec(self.lora_rank, self.lora_alpha, self.lora_dropout, tuple(self.targets))
+
+    @property
     def limits(self) -> PromptLimits:
         return PromptLimits(self.max_prompt_tokens, self.max_target_tokens, self.truncate)
 
@@ -165,7 +180,7 @@ class StudyConfig:
 
     def build_config(self, device: str | None, data_dir: Path) -> BuildConfig:
         return BuildConfig(model=self.model, device=device, dtype=self.dtype, data_dir=str(data_dir / "sni" / "tasks"),
-                           train=TrainConfig(steps=self.steps_per_task, batch_size=self.batch_size, lr=self.lr,
+                           lora=self.lora, train=TrainConfig(steps=self.steps_per_task, batch_size=self.batch_size, lr=self.lr,
                                              seed=self.seed),
                            max_examples=self.max_examples, max_val=self.max_val, limits=self.limits, init=self.init)
 
