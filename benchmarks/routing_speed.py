@@ -120,13 +120,15 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def timed_call(fn: Callable[[], Any], device: torch.device) -> float:
+def timed_call(fn: Callable[[], Any], device: torch.device) -> tuple[float, float]:
+    """Wall-clock and process CPU seconds of one call. On a shared CPU the CPU time is the steadier of the two: it
+    leaves out the time the process waited for a core (it still pays for caches shared with other jobs)."""
     sync(device)
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     with torch.inference_mode():
         fn()
     sync(device)
-    return time.perf_counter() - t0
+    return time.perf_counter() - t0, time.process_time() - c0
 
 
 def release_free_memory() -> None:
@@ -147,11 +149,12 @@ def peak_of(fn: Callable[[], Any], device: torch.device) -> float:
 
 
 def interleaved(fns: dict[str, Callable[[], Any]], repeats: dict[str, int], device: torch.device
-                ) -> dict[str, list[float]]:
-    """One warm-up call each, then rounds of one call per method (a method drops out after its ``repeats``)."""
+                ) -> dict[str, list[tuple[float, float]]]:
+    """One warm-up call each, then rounds of one call per method (a method drops out after its ``repeats``);
+    (wall, CPU) seconds per call."""
     for fn in fns.values():
         timed_call(fn, device)
-    times: dict[str, list[float]] = {name: [] for name in fns}
+    times: dict[str, list[tuple[float, float]]] = {name: [] for name in fns}
     for i in range(max(repeats.values())):
         for name, fn in fns.items():
             if i < repeats[name]:
@@ -262,16 +265,20 @@ def run_depth(base: torch.nn.Module, all_experts: dict[str, LoraAdapter], e_valu
         del routed, peft_model, fns, tied
         gc.collect()
         load_after = os.getloadavg()
-        for name, ts in times.items():
+        for name, pairs in times.items():
+            ts, cpu = [w for w, _ in pairs], [c for _, c in pairs]
             med, best = statistics.median(ts), min(ts)
             row = {"method": name, "experts": e, "layers": layers, "depth": label, "tokens": tokens,
                    "calls": len(ts), "median_ms": med * 1e3, "min_ms": best * 1e3,
+                   "cpu_median_ms": statistics.median(cpu) * 1e3, "cpu_min_ms": min(cpu) * 1e3,
                    "tokens_per_s_median": tokens / med, "tokens_per_s_best": tokens / best,
                    "peak_extra_mib": peaks[name], "setup_s": setup.get(name), "loadavg_before": load_before[0],
-                   "loadavg_after": load_after[0], "times_ms": [t * 1e3 for t in ts]}
+                   "loadavg_after": load_after[0], "times_ms": [t * 1e3 for t in ts],
+                   "cpu_times_ms": [c * 1e3 for c in cpu]}
             rows.append(row)
             print(f"[{layers} layers] {name:>22} E={e:<4} {row['tokens_per_s_median']:9.1f} tok/s (median; best "
                   f"{row['tokens_per_s_best']:.1f})  {row['median_ms']:8.1f} ms  min {row['min_ms']:8.1f} ms  "
+                  f"cpu {row['cpu_median_ms']:8.1f} ms  "
                   f"peak {peaks[name]:7.1f} MiB  load {load_before[0]:.1f}->{load_after[0]:.1f}", flush=True)
     return rows
 
@@ -289,11 +296,13 @@ def summarise(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         ours, floor = by[(depth, AUTO, e)], by[(depth, MERGED, e)]
         entry: dict[str, Any] = {"depth": depth, "layers": ours["layers"], "experts": e,
                                  "vs_merged_time_ratio_median": ours["median_ms"] / floor["median_ms"],
-                                 "vs_merged_time_ratio_min": ours["min_ms"] / floor["min_ms"]}
+                                 "vs_merged_time_ratio_min": ours["min_ms"] / floor["min_ms"],
+                                 "vs_merged_cpu_ratio_median": ours["cpu_median_ms"] / floor["cpu_median_ms"]}
         if (depth, TIED, e) in by:
             tied = by[(depth, TIED, e)]
             entry["tied_vs_merged_time_ratio_median"] = tied["median_ms"] / floor["median_ms"]
             entry["tied_vs_merged_time_ratio_min"] = tied["min_ms"] / floor["min_ms"]
+            entry["tied_vs_merged_cpu_ratio_median"] = tied["cpu_median_ms"] / floor["cpu_median_ms"]
             if (depth, PEFT, e) in by:
                 entry["tied_speedup_vs_peft_median"] = tied["tokens_per_s_median"] / by[(depth, PEFT, e)][
                     "tokens_per_s_median"]
@@ -378,32 +387,35 @@ def main(argv: list[str] | None = None) -> None:
     out.with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": rows, "summary": summary}, indent=2) + "\n")
     lines = [f"# Routing speed ({meta['model']}, {meta['device']}, {args.dtype}, batch {args.batch} × seq {args.seq},"
              f" top-k {args.top_k}, rank {args.rank}, {meta['threads']} threads)", "",
-             "Methods interleaved call by call; median and min over the timed calls; load = 1-min load average "
+             "Methods interleaved call by call; median and min over the timed calls (wall clock), and the median "
+             "process CPU time per call (steadier on a shared machine); load = 1-min load average "
              "before → after each E. PEFT's `create_arrow_model` loads adapters one by one at a cost ~E²·layers (its "
              "setup column); `--peft-cache` keeps a built PEFT model so that the E = 256 build is paid once. Rows "
              "with `layers` < full depth (`--shallow-experts`) time the decoder stack only (no lm_head) of the first "
              "layers, and the full-depth estimate scales each method's extra time over merged by the depth ratio.", "",
-             "| layers | method | E | tokens/s (median) | ms / forward (median) | ms (min) | calls | "
-             "peak extra RSS MiB | setup s | load |", "|---:|---|---:|---:|---:|---:|---:|---:|---:|---|"]
+             "| layers | method | E | tokens/s (median) | ms / forward (median) | ms (min) | CPU ms (median) | calls "
+             "| peak extra RSS MiB | setup s | load |", "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
     for r in rows:
         setup_s = f"{r['setup_s']:.1f}" if r["setup_s"] is not None else ""
         lines.append(f"| {r['layers']} | {r['method']} | {r['experts']} | {r['tokens_per_s_median']:.1f} | "
-                     f"{r['median_ms']:.1f} | {r['min_ms']:.1f} | {r['calls']} | {r['peak_extra_mib']:.1f} | "
+                     f"{r['median_ms']:.1f} | {r['min_ms']:.1f} | {r['cpu_median_ms']:.1f} | {r['calls']} | "
+                     f"{r['peak_extra_mib']:.1f} | "
                      f"{setup_s} | {r['loadavg_before']:.1f}→{r['loadavg_after']:.1f} |")
-    lines += ["", "| layers | E | modlora time / merged time (median; min) | modlora throughput / PEFT throughput "
-              "(median; min) | full-depth estimate: modlora / merged, speed-up vs PEFT | tied q/k/v: time / merged "
-              "(median; min), speed-up vs PEFT |", "|---:|---:|---:|---:|---|---|"]
+    lines += ["", "| layers | E | modlora time / merged time (median; min) | CPU time / merged (median) | modlora "
+              "throughput / PEFT throughput (median; min) | full-depth estimate: modlora / merged, speed-up vs PEFT | "
+              "tied q/k/v: time / merged (median; min; CPU), speed-up vs PEFT |", "|---:|---:|---:|---:|---:|---|---|"]
     for s in summary:
         sp = (f"{s['speedup_vs_peft_median']:.2f}× ; {s['speedup_vs_peft_min']:.2f}×"
               if "speedup_vs_peft_median" in s else "n/a")
         est = s.get("full_depth_estimate")
         est_s = f"{est['vs_merged_time_ratio']:.2f} , {est['speedup_vs_peft']:.2f}×" if est else ""
-        tied_s = (f"{s['tied_vs_merged_time_ratio_median']:.2f} ; {s['tied_vs_merged_time_ratio_min']:.2f}"
-                  if "tied_vs_merged_time_ratio_median" in s else "")
+        tied_s = (f"{s['tied_vs_merged_time_ratio_median']:.2f} ; {s['tied_vs_merged_time_ratio_min']:.2f} ; "
+                  f"{s['tied_vs_merged_cpu_ratio_median']:.2f}" if "tied_vs_merged_time_ratio_median" in s else "")
         if "tied_speedup_vs_peft_median" in s:
             tied_s += f" , {s['tied_speedup_vs_peft_median']:.2f}×"
         lines.append(f"| {s['layers']}{' (decoder only)' if s['depth'] == 'shallow' else ''} | {s['experts']} | "
-                     f"{s['vs_merged_time_ratio_median']:.2f} ; {s['vs_merged_time_ratio_min']:.2f} | {sp} | {est_s} | "
+                     f"{s['vs_merged_time_ratio_median']:.2f} ; {s['vs_merged_time_ratio_min']:.2f} | "
+                     f"{s['vs_merged_cpu_ratio_median']:.2f} | {sp} | {est_s} | "
                      f"{tied_s} |")
     out.with_suffix(".md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))

