@@ -355,3 +355,22 @@ def test_phi2_recipe_has_the_papers_settings_and_runs_on_a_tiny_random_phi(tmp_p
         spec = lib.get(name).spec
         assert (spec.rank, spec.alpha, spec.dropout, spec.target_modules) == (4, 16.0, 0.05,
                                                                              ("dense", "k_proj", "q_proj", "v_proj"))
+
+
+@pytest.mark.parametrize("command", ["train", "build"])
+def test_cli_refuses_bad_targets_in_one_line_and_creates_no_library(command, tmp_path, capsys) -> None:
+    from modlora.cli import main
+    model_dir = save_tiny("phi", tmp_path / "phi")
+    data = tmp_path / "data"
+    (data / "sni" / "tasks").mkdir(parents=True)
+    write_sni_task(data / "sni" / "tasks", "task001_alpha", "a", n=24)
+    lib = tmp_path / "lib"
+    args = ([command, str(lib), "task001_alpha"] if command == "train"
+            else [command, str(lib), "--strategy", "private", "--tasks", "task001_alpha"])
+    capsys.readouterr()   # the model's saving above
+    code = main(args + ["--model", str(model_dir), "--data", str(data), "--steps", "2",
+                        "--targets", "o_proj", "--device", "cpu"])
+    err = capsys.readouterr().err
+    assert code != 0 and "o_proj: the model (phi) has no linear layer of that name" in err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert not lib.exists()

@@ -76,7 +76,7 @@ from modlora.data import (
     split_instances,
 )
 from modlora.errors import LibraryError, ModloraError
-from modlora.library.adapters import LoraSpec, adapter_merged
+from modlora.library.adapters import LoraSpec, adapter_merged, resolve_spec
 from modlora.library.remote import open_library
 from modlora.library.shared_expert import DEFAULT_SHARE_MODE, SHARE_META, SHARE_MODES, ShareInfo, ShareMode
 from modlora.library.store import ExpertLibrary
@@ -334,7 +334,9 @@ class BuildLock:
 
 
 def _open(path: str | Path, config: BuildConfig) -> ExpertLibrary:
-    lib = ExpertLibrary.open_or_create(path, _base_info(config))
+    lm = _process_model(config.model, config.device, config.dtype)
+    resolve_spec(lm.model, config.lora)   # targets the model lacks are refused before the library is created
+    lib = ExpertLibrary.open_or_create(path, lm.info)
     lib.clean_incomplete()
     return lib
 
