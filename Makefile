@@ -3,6 +3,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
+BROWSER := $(VENV)/.browser
 
 .PHONY: demo test lint bench clean
 
@@ -19,10 +20,18 @@ $(STAMP): pyproject.toml
 		|| echo "bubblewrap not installed: the code sandbox falls back to a plain subprocess (see README)"
 	touch $(STAMP)
 
+# Debian's chromium + chromedriver run the routing page's browser tests (tests/test_page_browser.py); only `make test`
+# needs them
+$(BROWSER): $(STAMP)
+	command -v chromium >/dev/null && command -v chromedriver >/dev/null \
+		|| (apt-get update -qq && apt-get install -y -qq chromium chromium-driver) \
+		|| echo "chromium not installed: the routing page's browser tests will be skipped"
+	touch $(BROWSER)
+
 demo: $(STAMP)
 	$(VENV)/bin/modlora demo
 
-test: $(STAMP)
+test: $(BROWSER)
 	$(VENV)/bin/ruff check src tests benchmarks
 	$(VENV)/bin/pytest -q
 

@@ -285,7 +285,8 @@ def _post(url: str, content: bytes, path: str = "/completions", headers: dict | 
     (b'{"model": "lib", "prompt": "x", "temperature": 3}', 400, "temperature"),
     (b'{"model": "lib", "prompt": "x", "top_p": 0}', 400, "top_p"),
     (b'{"model": "lib", "prompt": "x", "max_tokens": 0}', 400, "max_tokens"),
-    (b'{"model": "lib", "prompt": "x", "n": 2}', 400, "n: unsupported"),
+    (b'{"model": "lib", "prompt": "x", "n": 0}', 400, "n: Input should be greater than or equal to 1"),
+    (b'{"model": "lib", "prompt": "x", "n": 9}', 400, "n: at most 8 choices"),
     (b'{"model": "lib", "prompt": "x", "stop": ["a","b","c","d","e"]}', 400, "stop"),
     (b'{"model": "lib", "prompt": "x", "bogus": 1}', 400, "bogus: unknown"),
     (b'{"model": "lib", "prompt": ["a", "b"]}', 400, "one prompt"),
@@ -436,6 +437,12 @@ def test_cli_serve_refuses_bad_options(workdir, capsys) -> None:
     assert main(["serve", str(workdir / "lib"), "--route-temperature", "0"]) == 2
     assert main(["serve", str(workdir / "lib"), "--replicas", "2"]) == 2
     assert "--replicas needs --ray" in capsys.readouterr().err
+    assert main(["serve", str(workdir / "lib"), "--ray-log-level", "INFO"]) == 2
+    assert "--ray-log-level needs --ray" in capsys.readouterr().err
+    assert main(["serve", str(workdir / "lib"), "--prefill-tokens", "0"]) == 2
+    assert main(["serve", str(workdir / "lib"), "--prefix-cache-tokens", "-1"]) == 2
+    assert main(["serve", str(workdir / "lib"), "--prefix-block", "0"]) == 2
+    capsys.readouterr()
     assert main(["serve", str(workdir / "model")]) == 2
     assert "not a modlora library" in capsys.readouterr().err
 

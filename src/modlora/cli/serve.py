@@ -92,7 +92,20 @@ def register(sub: Any, registry: Registry) -> None:
     p.add_argument("--max-body-bytes", type=positive_int, default=1024 * 1024, metavar="N",
                    help="largest request body in bytes; a larger one is refused with HTTP 413 while it is being read, "
                         "never held whole (default 1048576 = 1 MiB)")
+    p.add_argument("--allow-adapter-loading", action="store_true",
+                   help="let POST /v1/load_lora_adapter and /v1/unload_lora_adapter import a PEFT adapter directory "
+                        "on this machine into LIB (modlora import's checks) or remove an expert (default: off, 403)")
+    p.add_argument("--prefill-tokens", type=positive_int, default=256, metavar="N",
+                   help="most prompt tokens one step reads (several prompts packed together; a longer prompt is read "
+                        "over several steps between decoding steps, so it never stalls the batch; default 256)")
+    p.add_argument("--prefix-cache-tokens", type=nonnegative_int, default=8192, metavar="N",
+                   help="prompt tokens whose keys/values are kept for prompts that start alike (a task's definition, "
+                        "a system prompt); 0 turns the prefix cache off (default 8192)")
+    p.add_argument("--prefix-block", type=positive_int, default=16, metavar="N",
+                   help="prefix-cache block: prompts share whole blocks of this many tokens (default 16)")
     p.add_argument("--ray", action="store_true", help="run under Ray Serve (a local Ray instance)")
+    p.add_argument("--ray-log-level", choices=("WARNING", "INFO", "DEBUG"), default="WARNING",
+                   help="Ray Serve's log level; INFO adds a line per request (default WARNING; needs --ray)")
     p.add_argument("--replicas", type=positive_int, default=None,
                    help="Ray Serve replicas, each with its own model (needs --ray; default 1)")
     p.set_defaults(func=cmd_serve)
@@ -106,6 +119,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     if args.replicas is not None and not args.ray:
         raise UsageError("--replicas needs --ray")
+    if args.ray_log_level != "WARNING" and not args.ray:
+        raise UsageError("--ray-log-level needs --ray")
+    if args.allow_adapter_loading and is_url(args.library) and not args.library.startswith("file://"):
+        raise UsageError("--allow-adapter-loading needs a local library (a remote one is served from a read-only "
+                         "snapshot)")
     library = open_library(args.library, args.revision)
     if is_url(args.library) and not args.library.startswith("file://"):
         for name in library.expert_names():  # download and verify every expert into the local mirror, once
@@ -116,15 +134,17 @@ def cmd_serve(args: argparse.Namespace) -> int:
     options = EngineOptions(max_batch=args.max_batch, max_queue=args.max_queue,
                             batch_wait_s=args.batch_wait_ms / 1000, default_max_tokens=args.default_max_tokens,
                             default_router=args.method, default_top_k=args.top_k,
-                            default_temperature=args.temperature)
+                            default_temperature=args.temperature, prefill_tokens=args.prefill_tokens,
+                            prefix_cache_tokens=args.prefix_cache_tokens, prefix_block=args.prefix_block)
     dtype = None if args.dtype in (None, "auto") else args.dtype
     config = ServeConfig(str(Path(library.path).resolve()), model=args.model, device=args.device, dtype=dtype,
                          name=args.name, engine=options, api_key=resolve_api_key(args.api_key),
-                         max_body_bytes=args.max_body_bytes, registry=args.registry)
+                         max_body_bytes=args.max_body_bytes, registry=args.registry,
+                         adapter_loading=args.allow_adapter_loading)
     if args.ray:
         print(f"modlora serve: starting {args.replicas or 1} Ray Serve replica(s) on http://{args.host}:{args.port}/v1",
               flush=True)
-        run_ray(config, args.host, args.port, args.replicas or 1)
+        run_ray(config, args.host, args.port, args.replicas or 1, log_level=args.ray_log_level)
     else:
         run_server(config, args.host, args.port,
                    announce=lambda line: print(f"modlora serve: {line} (Ctrl-C stops)", flush=True))

@@ -3,10 +3,11 @@
 * :mod:`modlora.serve.engine` — the loop: continuous batching over one model thread, built from
   :mod:`~modlora.serve.requests` (request/response types), :mod:`~modlora.serve.catalogue` (model ids, admission),
   :mod:`~modlora.serve.snapshots` (live library snapshots, the pool of expert versions),
-  :mod:`~modlora.serve.decoding` (one request's decoding state), :mod:`~modlora.serve.batching` (the batch and its
-  KV cache), :mod:`~modlora.serve.sampling` (token choice, stop strings) and :mod:`~modlora.serve.telemetry`;
+  :mod:`~modlora.serve.decoding` (one request's decoding state), :mod:`~modlora.serve.batching` (the batch, its
+  slot KV cache and the prefix cache), :mod:`~modlora.serve.sampling` (token choice, stop strings) and :mod:`~modlora.serve.telemetry`;
 * :mod:`modlora.serve.routing` — per-example routing inside a shared forward (the one link to modlora.reuse.routing);
-* :mod:`modlora.serve.app` — the FastAPI app (OpenAI schemas, SSE, errors, API key);
+* :mod:`modlora.serve.app` — the FastAPI app (OpenAI schemas, SSE, errors, API key, /metrics, adapter loading);
+* :mod:`modlora.serve.page` — the routing page at ``/`` (``static/``: plain HTML/JS/CSS);
 * :mod:`modlora.serve.server` — uvicorn and Ray Serve runners.
 """
 

@@ -1,97 +1,333 @@
-"""The requests that decode together and their KV cache.
+"""The KV caches of the engine: the decoding rows' slots, the prompts being read, and the prefix cache.
 
-The members' KV caches are kept left-padded in one ``DynamicCache`` (B, heads, L, d) with an attention mask (B, L)
-that hides the padding; every row gets its own position ids (its real length), so a row's result equals running it
-alone (up to float rounding). A new row is prefilled alone and joins by left-padding the batch's caches or its own
-to the longer length; finished or cancelled rows leave by ``index_select`` on the batch axis, after which the
-columns that are padding in every row are trimmed from the left.
+Layout: one tensor holds every layer's keys and values, ``(layers, 2, …, kv_heads, length, head_dim)``.
+
+* :class:`SlotCache` — the decoding rows. Row ``b`` owns slot ``b`` of a preallocated tensor
+  ``(layers, 2, slots, kv_heads, capacity, head_dim)`` and its tokens sit at positions ``0 … len_b − 1`` (right
+  padding). A decoding step writes each row's new key/value at its own position ``len_b`` (one indexed write per
+  layer), and attention reads the view ``[:B, :, :max len + 1]`` with a mask that hides each row's tail: no row is
+  ever copied to take a step. A row joins by copying its prompt's keys/values into the next free slot; a row that
+  leaves is replaced by the last row (one row copied). The tensor only grows (doubling slots or capacity, so each
+  token is moved O(1) times on average) and is released when the batch empties.
+* :class:`PromptRead` — a prompt being read (prefilled) in chunks: its keys/values ``(layers, 2, kv_heads,
+  prompt_length, head_dim)``. Chunks of several prompts are read in one forward, packed into one sequence
+  (``(1, T)``, each token at its own position, a block-diagonal causal mask), so prompts of any lengths share a
+  forward without padding; a prompt longer than the step's token budget is read over several steps while the
+  decoding rows go on.
+* :class:`PrefixCache` — blocks of ``block`` prompt tokens already read, keyed by the routing they were read with
+  and their whole prefix, with their keys/values and their routing telemetry, evicted least recently used past a
+  token budget: a prompt that shares its first blocks with an earlier one (a task's definition, a system prompt)
+  reads only the rest.
+
+The cache object the model sees is :class:`StepCache` (a transformers :class:`~transformers.Cache`): the model's
+attention layers call its ``update`` with the step's new keys/values, and it writes them into the slots or the
+prompts and returns what the step attends to. Masks are 4-D booleans (``True`` = attend), built here; positions are
+given explicitly. Only models whose layers all attend to the whole context are supported (no sliding windows).
 """
 
 from __future__ import annotations
 
 import inspect
+from collections import OrderedDict
+from collections.abc import Hashable, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from transformers import DynamicCache
+from transformers import Cache
 
+from modlora.errors import ModloraError
 from modlora.serve.decoding import GenerationRequest
+from modlora.serve.telemetry import RoutingTally
+
+MASK_KINDS = {"sdpa": "bool", "eager": "additive"}      # attention implementations and the 4-D masks they take
 
 
-class Batch:
-    """The rows decoding together (``rows``), their left-padded ``cache`` and attention ``mask`` (B, L), and how
-    ``model``'s forward takes them."""
+@dataclass(frozen=True)
+class KVShape:
+    """The model's cache geometry and forward: ``layers``, ``heads`` (key/value heads), ``head_dim``, ``dtype``,
+    ``device``, the 4-D mask its attention takes (``mask_kind``: bool, True = attend; or additive float), the name
+    of its forward's cache argument and whether it takes ``logits_to_keep``."""
 
-    def __init__(self, model: torch.nn.Module) -> None:
-        self.config = model.config
-        params = inspect.signature(model.forward).parameters     # transformers 5 renamed past_key_values
-        self._cache_arg = "cache" if "cache" in params else "past_key_values"
-        self._keep_last = {"logits_to_keep": 1} if "logits_to_keep" in params else {}
-        self.rows: list[GenerationRequest] = []
-        self.cache: DynamicCache | None = None
-        self.mask: torch.Tensor | None = None
+    layers: int
+    heads: int
+    head_dim: int
+    dtype: torch.dtype
+    device: torch.device
+    mask_kind: str = "bool"
+    cache_arg: str = "cache"
+    keeps_logits: bool = True
 
-    def prefill_inputs(self, req: GenerationRequest, device: torch.device) -> dict[str, Any]:
-        """Forward arguments that read ``req``'s prompt alone (last-position logits only, where the model can)."""
-        ids = torch.tensor([req.prompt_ids], device=device)
-        return {"input_ids": ids, "attention_mask": torch.ones_like(ids), **self._keep_last}
+    @classmethod
+    def of(cls, model: torch.nn.Module) -> KVShape:
+        """The geometry of ``model``; a :class:`ModloraError` for a model with sliding-window layers or an
+        attention implementation other than SDPA or eager."""
+        cfg = model.config
+        kinds = set(getattr(cfg, "layer_types", None) or ["full_attention"])
+        if kinds != {"full_attention"}:
+            raise ModloraError(f"the serving engine needs a model whose layers all attend to the whole context; "
+                               f"this one has {sorted(kinds)}")
+        attention = getattr(cfg, "_attn_implementation", None) or "eager"
+        if attention not in MASK_KINDS:
+            raise ModloraError(f"the serving engine runs models with {' or '.join(MASK_KINDS)} attention; this one "
+                               f"uses {attention!r} (load it with attn_implementation='sdpa')")
+        heads = int(getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads)
+        head_dim = int(getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads)
+        params = inspect.signature(model.forward).parameters        # transformers 5 renamed past_key_values
+        p = next(model.parameters())
+        return cls(int(cfg.num_hidden_layers), heads, head_dim, p.dtype, p.device, MASK_KINDS[attention],
+                   "cache" if "cache" in params else "past_key_values", "logits_to_keep" in params)
 
-    def decode_inputs(self, device: torch.device) -> dict[str, Any]:
-        """Forward arguments of one decoding step: each row's last token at its own position, over the cache."""
-        ids = torch.tensor([[r.generated[-1]] for r in self.rows], device=device)
-        mask = torch.cat([self.mask, self.mask.new_ones(len(self.rows), 1)], dim=1)
-        positions = mask.sum(1, keepdim=True) - 1
-        return {"input_ids": ids, "attention_mask": mask, "position_ids": positions, self._cache_arg: self.cache}
+    def mask(self, attend: torch.Tensor) -> torch.Tensor:
+        """A boolean (B, 1, q, k) mask (True = attend) as the model's attention takes it."""
+        if self.mask_kind == "bool":
+            return attend
+        return torch.zeros(attend.shape, dtype=self.dtype, device=attend.device).masked_fill_(
+            ~attend, torch.finfo(self.dtype).min)
 
-    def advance(self, cache: DynamicCache, mask: torch.Tensor) -> None:
-        """The cache and mask after a decoding step (``mask``: its ``attention_mask``)."""
-        self.cache, self.mask = cache, mask
+    def empty(self, *middle: int) -> torch.Tensor:
+        """A zeroed ``(layers, 2, *middle, head_dim)`` tensor (zeros: masked positions must hold finite values)."""
+        return torch.zeros(self.layers, 2, *middle, self.head_dim, dtype=self.dtype, device=self.device)
 
-    def join(self, req: GenerationRequest, cache: DynamicCache, mask: torch.Tensor) -> None:
-        """Add a prefilled row: left-pad the batch's caches or the new row's cache to the longer length and stack."""
-        if self.cache is None or not self.rows:
-            self.cache, self.mask, self.rows = cache, mask, [req]
+
+@dataclass(eq=False)
+class PromptRead:
+    """A prompt being read: its request, keys/values ``kv`` (layers, 2, heads, prompt length, head_dim), how many
+    tokens are in it (``done``; the first ``reused`` came from the prefix cache), its prefix-cache ``key`` (None:
+    not cached) and the routing tally of each of its blocks (own experts), for the prefix cache."""
+
+    req: GenerationRequest
+    kv: torch.Tensor
+    done: int = 0
+    reused: int = 0
+    key: Hashable | None = None
+    blocks: list[RoutingTally | None] = field(default_factory=list)
+
+    @property
+    def length(self) -> int:
+        return len(self.req.prompt_ids)
+
+
+@dataclass(frozen=True)
+class Piece:
+    """The part of a prompt one packed forward reads: tokens ``start … start + count − 1`` of ``read``."""
+
+    read: PromptRead
+    start: int
+    count: int
+
+    @property
+    def end(self) -> int:
+        return self.start + self.count
+
+
+class StepCache(Cache):
+    """What the model's attention layers write to and read from in one forward: either the decoding rows' slots
+    (:meth:`SlotCache.decode_inputs`) or the packed pieces of prompts (:func:`packed_inputs`).
+
+    A forward of one row needs no mask of ours: its queries start at ``offset`` over keys ``0 … offset + q − 1``,
+    which transformers' own causal mask expresses (and skips where it can: SDPA's causal kernel, or no mask for one
+    query, with grouped key/value heads read in place)."""
+
+    def __init__(self, slots: SlotCache | None = None, pieces: Sequence[Piece] = (), offset: int = 0) -> None:
+        super().__init__(layers=[])
+        self.slots = slots
+        self.pieces = list(pieces)
+        self.offset = offset
+
+    def get_query_offset(self, layer_idx: int = 0) -> int:
+        return self.offset
+
+    def get_mask_sizes(self, query_length: int, layer_idx: int) -> tuple[int, int]:
+        return self.offset + query_length, 0
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args: Any,
+               **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.slots is not None:
+            return self.slots.write(layer_idx, key_states, value_states)
+        keys, values, offset = [], [], 0
+        for p in self.pieces:                          # (1, H, T, d): each piece's tokens in order
+            kv = p.read.kv[layer_idx]
+            kv[0, :, p.start:p.end] = key_states[0, :, offset:offset + p.count]
+            kv[1, :, p.start:p.end] = value_states[0, :, offset:offset + p.count]
+            keys.append(kv[0, :, :p.end])
+            values.append(kv[1, :, :p.end])
+            offset += p.count
+        return torch.cat(keys, dim=1).unsqueeze(0), torch.cat(values, dim=1).unsqueeze(0)
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:    # positions are always given explicitly
+        raise NotImplementedError("the serving engine gives position ids explicitly")
+
+
+class SlotCache:
+    """The decoding rows' keys/values (see the module docstring): ``lengths[b]`` tokens of row ``b`` in slot b."""
+
+    def __init__(self, shape: KVShape) -> None:
+        self.shape = shape
+        self.data: torch.Tensor | None = None          # (layers, 2, slots, heads, capacity, head_dim)
+        self.lengths: list[int] = []
+        self._step: tuple[torch.Tensor, int] | None = None    # (write index (B, heads, 1, head_dim), kv length)
+
+    def _reserve(self, rows: int, length: int) -> None:
+        """Room for ``rows`` slots of ``length`` positions (grown by doubling; existing rows kept)."""
+        s = self.shape
+        have_rows, have_len = (0, 0) if self.data is None else (self.data.shape[2], self.data.shape[4])
+        if rows <= have_rows and length <= have_len:
             return
-        width = max(self.mask.shape[1], mask.shape[1])
-        layers = []
-        for old, new in zip(self.cache.layers, cache.layers, strict=True):
-            layers.append((torch.cat([_left_pad(old.keys, width), _left_pad(new.keys, width)]),
-                           torch.cat([_left_pad(old.values, width), _left_pad(new.values, width)])))
-        self.cache = DynamicCache(layers, config=self.config)
-        self.mask = torch.cat([_left_pad(self.mask, width, dim=1), _left_pad(mask, width, dim=1)])
-        self.rows.append(req)
+        new_rows = max(rows, 2 * have_rows if rows > have_rows else have_rows, 1)
+        new_len = max(length, 2 * have_len if length > have_len else have_len, 16)
+        data = s.empty(new_rows, s.heads, new_len)
+        if self.data is not None and self.lengths:
+            used = max(self.lengths)
+            data[:, :, :len(self.lengths), :, :used] = self.data[:, :, :len(self.lengths), :, :used]
+        self.data = data
 
-    def leave(self) -> list[GenerationRequest]:
-        """Drop the finished or cancelled rows (and the all-padding columns they leave on the left); those rows."""
-        ended = [r.cancelled or r.finished for r in self.rows]      # read once: cancelled is set from other threads
-        if not any(ended):
+    def join(self, kv: torch.Tensor, length: int) -> None:
+        """Add a row whose keys/values are ``kv[..., :length, :]`` (layers, 2, heads, ≥ length, head_dim)."""
+        b = len(self.lengths)
+        self._reserve(b + 1, length + 1)
+        assert self.data is not None
+        self.data[:, :, b, :, :length] = kv[:, :, :, :length]
+        self.lengths.append(length)
+
+    def keep(self, keep: Sequence[bool]) -> list[int]:
+        """Keep the rows marked True: each hole below the new row count is filled with the last kept row (one row
+        copied). Returns the new order: ``order[i]`` is the old index of new row ``i``."""
+        order = list(range(len(keep)))
+        kept = [b for b in order if keep[b]]
+        n = len(kept)
+        if n == 0:
+            self.data, self.lengths = None, []
             return []
-        keep = [b for b, gone in enumerate(ended) if not gone]
-        left = [r for r, gone in zip(self.rows, ended, strict=True) if gone]
-        self.rows = [self.rows[b] for b in keep]
-        if not keep:
-            self.cache, self.mask = None, None
-            return left
-        index = torch.tensor(keep, device=self.mask.device)
-        mask = self.mask.index_select(0, index)
-        first = int((mask.cumsum(1) == 0).sum(1).min())           # leading columns that are padding in every row
-        layers = [(lay.keys.index_select(0, index)[:, :, first:], lay.values.index_select(0, index)[:, :, first:])
-                  for lay in self.cache.layers]
-        self.cache = DynamicCache(layers, config=self.config)
-        self.mask = mask[:, first:]
-        return left
+        tail = [b for b in kept if b >= n]                       # kept rows that must move down
+        holes = [b for b in range(n) if not keep[b]]
+        assert self.data is not None
+        for hole, src in zip(holes, tail, strict=True):
+            length = self.lengths[src]
+            self.data[:, :, hole, :, :length] = self.data[:, :, src, :, :length]
+            self.lengths[hole] = length
+            order[hole] = src
+        self.lengths = self.lengths[:n]
+        return order[:n]
 
-    def clear(self) -> list[GenerationRequest]:
-        """Empty the batch (after a failed step); the rows it held."""
-        rows, self.rows, self.cache, self.mask = self.rows, [], None, None
-        return rows
+    def decode_inputs(self, tokens: Sequence[int]) -> dict[str, Any]:
+        """Forward arguments of one decoding step: row ``b`` reads ``tokens[b]`` at position ``lengths[b]``."""
+        device = self.shape.device
+        n = len(self.lengths)
+        self._reserve(n, max(self.lengths) + 1)
+        positions = torch.tensor(self.lengths, device=device)
+        width = int(max(self.lengths)) + 1
+        mask = torch.arange(width, device=device).unsqueeze(0) <= positions.unsqueeze(1)          # (B, L)
+        index = positions.view(n, 1, 1, 1).expand(n, self.shape.heads, 1, self.shape.head_dim)
+        self._step = (index, width)
+        return {"input_ids": torch.tensor(tokens, device=device).unsqueeze(1),
+                "position_ids": positions.unsqueeze(1), self.shape.cache_arg: StepCache(slots=self, offset=width - 1),
+                "attention_mask": None if n == 1 else self.shape.mask(mask[:, None, None, :])}
+
+    def write(self, layer: int, keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write one decoding step's keys/values (B, H, 1, d) at each row's position; the (B, H, L, d) views the
+        step attends to."""
+        assert self.data is not None and self._step is not None
+        index, width = self._step
+        n = index.shape[0]
+        k, v = self.data[layer, 0, :n], self.data[layer, 1, :n]
+        k.scatter_(2, index, keys.to(k.dtype))            # row b's key at its own position lengths[b]
+        v.scatter_(2, index, values.to(v.dtype))
+        return k[:, :, :width], v[:, :, :width]
+
+    def advance(self) -> None:
+        """After a decoding step: each row is one token longer."""
+        self.lengths = [n + 1 for n in self.lengths]
+        self._step = None
 
 
-def _left_pad(t: torch.Tensor, width: int, dim: int = 2) -> torch.Tensor:
-    """Zero-pad ``t`` on the left of ``dim`` to ``width``."""
-    pad = width - t.shape[dim]
-    if pad == 0:
-        return t
-    shape = list(t.shape)
-    shape[dim] = pad
-    return torch.cat([t.new_zeros(shape), t], dim=dim)
+def packed_inputs(pieces: Sequence[Piece], shape: KVShape) -> dict[str, Any]:
+    """Forward arguments that read ``pieces`` packed into one sequence: ids and positions (1, T), a block-diagonal
+    causal mask (1, 1, T, S) over the pieces' keys (each piece's prompt up to its end, in order)."""
+    ids: list[int] = []
+    positions: list[int] = []
+    query_piece: list[int] = []
+    key_piece: list[int] = []
+    key_pos: list[int] = []
+    for i, p in enumerate(pieces):
+        ids += p.read.req.prompt_ids[p.start:p.end]
+        positions += range(p.start, p.end)
+        query_piece += [i] * p.count
+        key_piece += [i] * p.end
+        key_pos += range(p.end)
+    device = shape.device
+    qpos = torch.tensor(positions, device=device)
+    out = {"input_ids": torch.tensor([ids], device=device), "position_ids": qpos.unsqueeze(0),
+           shape.cache_arg: StepCache(pieces=pieces, offset=pieces[0].start), "attention_mask": None}
+    if len(pieces) > 1:
+        qp, kp = torch.tensor(query_piece, device=device), torch.tensor(key_piece, device=device)
+        kpos = torch.tensor(key_pos, device=device)
+        out["attention_mask"] = shape.mask(((qp[:, None] == kp[None, :]) & (kpos[None, :] <= qpos[:, None]))
+                                           [None, None])
+    return out
+
+
+@dataclass(eq=False)
+class _Block:
+    kv: torch.Tensor                 # (layers, 2, heads, block, head_dim)
+    tally: RoutingTally | None       # the routing telemetry of its tokens (own experts), None without routing
+    serial: int                      # unique for the cache's life: its children's parent
+
+
+class PrefixCache:
+    """Prompt blocks already read (see the module docstring). A block is found by ``(parent, tokens)``: ``parent``
+    is the routing key for a prompt's first block, else the previous block's entry — so a hit is an exact match of
+    the routing and of every token before it. ``capacity`` tokens at most (0: off), least recently used first out."""
+
+    def __init__(self, capacity: int, block: int) -> None:
+        if block < 1:
+            raise ModloraError(f"the prefix cache's block must be at least 1 token, got {block}")
+        self.capacity = capacity
+        self.block = block
+        self._blocks: OrderedDict[tuple[Any, tuple[int, ...]], _Block] = OrderedDict()
+        self._serial = 0
+        self.hits = 0          # prompt tokens found
+        self.lookups = 0       # prompt tokens looked up
+
+    def __len__(self) -> int:
+        return len(self._blocks)
+
+    def lookup(self, key: Hashable, tokens: Sequence[int]) -> list[_Block]:
+        """The cached blocks that start ``tokens`` (at most ``len(tokens) − 1`` tokens: the last prompt token is
+        always read, for its logits), each marked recently used."""
+        found: list[_Block] = []
+        self.lookups += len(tokens)
+        if self.capacity <= 0:
+            return found
+        parent: Any = ("root", key)
+        bs = self.block
+        for j in range((len(tokens) - 1) // bs):
+            entry_key = (parent, tuple(tokens[j * bs:(j + 1) * bs]))
+            block = self._blocks.get(entry_key)
+            if block is None:
+                break
+            self._blocks.move_to_end(entry_key)
+            found.append(block)
+            parent = block.serial
+        self.hits += len(found) * bs
+        return found
+
+    def insert(self, key: Hashable, tokens: Sequence[int], kv: torch.Tensor,
+               tallies: Sequence[RoutingTally | None]) -> None:
+        """Cache the full blocks of a prompt read with routing ``key``: ``kv`` (layers, 2, heads, ≥ len, head_dim),
+        ``tallies[j]`` the routing telemetry of block j."""
+        if self.capacity <= 0:
+            return
+        parent: Any = ("root", key)
+        bs = self.block
+        for j in range(min(len(tokens) // bs, len(tallies))):
+            entry_key = (parent, tuple(tokens[j * bs:(j + 1) * bs]))
+            block = self._blocks.get(entry_key)
+            if block is None:
+                self._serial += 1
+                block = _Block(kv[:, :, :, j * bs:(j + 1) * bs].clone(), tallies[j], self._serial)
+                self._blocks[entry_key] = block
+            self._blocks.move_to_end(entry_key)
+            parent = block.serial
+        while len(self._blocks) * bs > self.capacity:
+            self._blocks.popitem(last=False)

@@ -82,7 +82,7 @@ class Catalogue:
             raise RequestError(f"library {self.name!r} has no experts for {router!r}", param="model")
         if router == "base":
             versions = {}
-        return router, RoutingRequest(router, plan.expert, top_k, temperature, plan.experts), versions
+        return router, RoutingRequest(router, plan.expert, top_k, temperature, plan.experts, plan.per_token), versions
 
     def _router(self, model: str, plan: RoutingRequest, snapshot: Snapshot) -> tuple[str, RoutingRequest]:
         """The router a model id + routing names, and the plan (``LIB:expert:<name>`` fixes the expert)."""
@@ -95,7 +95,7 @@ class Catalogue:
                 raise RequestError(f"model {model!r} fixes the expert; drop routing.router, routing.experts and "
                                    "routing.top_k", param="routing")
             snapshot.version(expert)
-            return "expert", RoutingRequest(expert=expert)
+            return "expert", RoutingRequest(expert=expert, per_token=plan.per_token)
         elif model.startswith(prefix) and model[len(prefix):] in self.registry.names():
             router = model[len(prefix):]
             if plan.router is not None and plan.router != router:

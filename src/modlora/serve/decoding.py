@@ -3,17 +3,19 @@ decoding state — how each sampled token extends its text and which events that
 
 from __future__ import annotations
 
+import math
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
-from modlora.serve.requests import Event, RoutingRequest, SamplingParams, Usage
+from modlora.serve.requests import Event, RequestError, RoutingRequest, SamplingParams, TokenLogprob, Usage
 from modlora.serve.routing import RowRouting
-from modlora.serve.sampling import sendable_end, stop_position
+from modlora.serve.sampling import RowSampler, TokenChoice, sendable_end, stop_position
 from modlora.serve.snapshots import ExpertVersion, Snapshot
-from modlora.serve.telemetry import RoutingTally, RoutingTelemetry
+from modlora.serve.telemetry import RoutingTally, RoutingTelemetry, TokenRoutingLog, token_pieces
 
 
 @dataclass
@@ -38,46 +40,86 @@ class GenerationRequest:
     text: str = ""
     sent: int = 0
     tally: RoutingTally | None = None       # routing sums over the steps, over ``versions``
+    token_log: TokenRoutingLog | None = None   # routing.per_token: each token's sums
+    sampler: RowSampler = field(init=False)  # penalties' counts, grammar matcher (modlora.serve.sampling)
+    logprobs: list[TokenLogprob] = field(default_factory=list)   # of tokens not yet sent (sampling.logprobs)
+    reported: int = 0                        # tokens sampled that an event has counted
+    admitted_at: float = field(default_factory=time.monotonic)
+    first_token_at: float | None = None
+    stop_cut: bool = False                   # the text ends where a stop string began
+
+    def __post_init__(self) -> None:
+        self.sampler = RowSampler(self.sampling, self.generator, self.prompt_ids)
 
     def keys(self) -> list[str]:
         """The pool keys this request uses: its expert versions and its static method's adapter."""
         return [v.key for v in self.versions.values()] + ([self.virtual] if self.virtual else [])
 
-    def add_token(self, token: int, tokenizer: Any, eos_ids: set[int]) -> tuple[str, str] | None:
-        """Take one sampled token: send the text that may be sent; ``(finish reason, final text)`` when the
-        request ends here (an end-of-sequence token, a stop string or ``max_tokens``), else None."""
+    def add_token(self, choice: TokenChoice, tokenizer: Any, eos_ids: set[int]) -> tuple[str, str] | None:
+        """Take one chosen token (:func:`~modlora.serve.sampling.choose_tokens`): send the text that may be sent;
+        ``(finish reason, final text)`` when the request ends here (an end-of-sequence token, one of its
+        ``stop_token_ids``, a stop string or ``max_tokens``), else None. A choice with an ``error`` ends the
+        request with that error."""
+        if choice.error is not None:
+            self.finished = True
+            self.emit(Event(error=RequestError(f"decoding failed: {choice.error}", status=500, code="server_error")))
+            return None
+        token = choice.token
         self.sampled += 1
-        if token in eos_ids:
+        if self.first_token_at is None:
+            self.first_token_at = time.monotonic()
+        if token in eos_ids or token in self.sampling.stop_token_ids:
             return "stop", self.text
+        if choice.logprob is not None:
+            self.logprobs.append(TokenLogprob(token, choice.logprob, choice.top, len(self.text)))
         self.generated.append(token)
         text = tokenizer.decode(self.generated, skip_special_tokens=True)
         at = stop_position(text, self.text, self.sampling.stop)
         if at is not None:
+            self.stop_cut = True
             return "stop", text[:at]
         self.text = text
         if len(self.generated) >= self.sampling.max_tokens:
             return "length", text
         end = sendable_end(text, self.sent, self.sampling.stop)
         if end > self.sent:
-            self.emit(Event(delta=text[self.sent:end]))
+            self._send(text[self.sent:end], end)
             self.sent = end
         return None
 
-    def finish(self, reason: str, text: str, routing: RoutingTelemetry) -> None:
-        """Send the rest of ``text`` and the final event (reason, usage, routing telemetry)."""
-        if len(text) > self.sent:
-            self.emit(Event(delta=text[self.sent:]))
-        self.finished = True
-        self.emit(Event(finish_reason=reason, usage=Usage(len(self.prompt_ids), self.sampled), routing=routing))
+    def _send(self, delta: str, end: float) -> None:
+        """A text event up to ``end``, with the logprobs of the tokens whose text starts before it."""
+        ready = [lp for lp in self.logprobs if lp.offset < end]
+        self.logprobs = self.logprobs[len(ready):]
+        self.emit(Event(delta=delta, logprobs=tuple(ready), sampled=self.sampled - self.reported))
+        self.reported = self.sampled
 
-    def telemetry(self, top: int, num_layers: int) -> RoutingTelemetry:
-        """What the routing did for this request (see :mod:`modlora.serve.telemetry`)."""
+    def finish(self, reason: str, text: str, routing: RoutingTelemetry) -> None:
+        """Send the rest of ``text`` and the final event (reason, usage, routing telemetry). The logprobs of
+        tokens that start inside the stop string that ended it are dropped."""
+        end = len(text) if self.stop_cut else math.inf
+        if len(text) > self.sent or any(lp.offset < end for lp in self.logprobs):
+            self._send(text[self.sent:], end)
+        self.finished = True
+        self.emit(Event(finish_reason=reason, usage=Usage(len(self.prompt_ids), self.sampled), routing=routing,
+                        sampled=self.sampled - self.reported, first_token_at=self.first_token_at))
+        self.reported = self.sampled
+
+    def telemetry(self, top: int, num_layers: int, tokenizer: Any = None) -> RoutingTelemetry:
+        """What the routing did for this request (see :mod:`modlora.serve.telemetry`); with ``routing.per_token``
+        also each token's (its text piece from ``tokenizer``)."""
         names = list(self.versions)
         if self.virtual is not None:
             return RoutingTelemetry(self.router_name, self.snapshot.generation, [], [], 0.0, merged=names)
         if self.tally is None or not names:
-            return RoutingTelemetry(self.router_name, self.snapshot.generation, [], [], 0.0)
-        return self.tally.summary(self.router_name, self.snapshot.generation, names, top, num_layers)
+            return RoutingTelemetry(self.router_name, self.snapshot.generation, [], [], 0.0,
+                                    tokens=[] if self.plan.per_token else None)
+        summary = self.tally.summary(self.router_name, self.snapshot.generation, names, top, num_layers)
+        if self.plan.per_token and tokenizer is not None:
+            log = self.token_log or TokenRoutingLog()
+            summary.tokens = log.to_json(names, top, num_layers, token_pieces(tokenizer, self.prompt_ids
+                                                                              + self.generated), len(self.prompt_ids))
+        return summary
 
 
 def eos_token_ids(tokenizer: Any, model: torch.nn.Module) -> set[int]:

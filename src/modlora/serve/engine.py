@@ -1,17 +1,21 @@
 """The serving engine: one background thread owns the model and runs continuous batching over a live library.
 
-Loop (one iteration = one decoding step):
+Loop (one iteration = one step):
 
 1. **Library**: if ``library.json`` changed, the pool re-reads it and publishes a new snapshot
    (:mod:`~modlora.serve.snapshots`). Each request is bound to the snapshot current when it was admitted, by expert
    versions; the routed model holds the union of the versions in use and is re-routed between steps when that
    union changes.
-2. **Join**: waiting requests (a bounded queue; the first one after an idle period waits up to ``batch_wait_s``
-   for company) are prefilled one by one, sample their first token and join the batch
-   (:mod:`~modlora.serve.batching`).
-3. **Decode**: one forward pass for the whole batch, each example routed its own way inside it
-   (:mod:`~modlora.serve.routing`); each row samples its next token (:mod:`~modlora.serve.sampling`).
-4. **Leave**: finished or cancelled rows are dropped from the batch and unpin their expert versions.
+2. **Admit**: waiting requests (a bounded queue; the first one after an idle period waits up to ``batch_wait_s``
+   for company) start reading their prompt: the blocks the prefix cache holds for the same routing are copied in
+   (with their routing telemetry), the rest is read later (:mod:`~modlora.serve.batching`).
+3. **Decode**: one forward pass for every decoding row, each routed its own way inside it
+   (:mod:`~modlora.serve.routing`), over the rows' KV slots; each row chooses its next token
+   (:mod:`~modlora.serve.sampling`, one call for the step).
+4. **Read**: one forward reads up to ``prefill_tokens`` prompt tokens, chunks of several prompts packed together,
+   so a long prompt never stalls the decoding rows; a prompt read to its end chooses its first token, puts its
+   blocks in the prefix cache and joins the decoding rows.
+5. **Leave**: finished or cancelled rows leave (a cancelled prompt stops being read) and unpin their versions.
 
 What a request may ask for is resolved by :mod:`~modlora.serve.catalogue`; the request and response types are in
 :mod:`~modlora.serve.requests`, the routing telemetry in :mod:`~modlora.serve.telemetry`.
@@ -23,27 +27,26 @@ import logging
 import os
 import queue
 import threading
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Hashable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import DynamicCache
 
-from modlora.errors import ModloraError
+from modlora.errors import ModloraError, OptionError
 from modlora.library.shared_expert import ShareInfo
 from modlora.library.store import ExpertLibrary
 from modlora.models import LoadedModel
 from modlora.reuse.methods import REGISTRY, Registry
 from modlora.serve import routing as rt
-from modlora.serve.batching import Batch
+from modlora.serve.batching import KVShape, Piece, PrefixCache, PromptRead, SlotCache, packed_inputs
 from modlora.serve.catalogue import Catalogue
 from modlora.serve.decoding import GenerationRequest, eos_token_ids
 from modlora.serve.requests import EngineOptions, EngineStats, Event, RequestError, RoutingRequest, SamplingParams
-from modlora.serve.sampling import sample_token
+from modlora.serve.sampling import TokenChoice, choose_tokens
 from modlora.serve.served import ServedMethod
 from modlora.serve.snapshots import ExpertPool, ExpertVersion, Snapshot
-from modlora.serve.telemetry import RoutingTally
+from modlora.serve.telemetry import RoutingTally, TokenRoutingLog
 
 log = logging.getLogger("modlora.serve")
 
@@ -74,7 +77,14 @@ class Engine:
         self._router: rt.BatchRouter | None = None
         self._routed_keys: tuple[str, ...] = ()
         self._key_index: dict[str, int] = {}
-        self._batch = Batch(self.model)
+        if self.options.prefill_tokens < 1:
+            raise OptionError(f"prefill_tokens must be at least 1, got {self.options.prefill_tokens}")
+        if self.options.prefix_cache_tokens < 0:
+            raise OptionError(f"prefix_cache_tokens must be >= 0, got {self.options.prefix_cache_tokens}")
+        self._slots = SlotCache(KVShape.of(self.model))
+        self.rows: list[GenerationRequest] = []      # decoding, row b in slot b of ``_slots``
+        self._reading: list[PromptRead] = []          # prompts being read, first come first read
+        self._prefix = PrefixCache(self.options.prefix_cache_tokens, self.options.prefix_block)
         self._stop = threading.Event()
         self.stats = EngineStats()
         self._thread: threading.Thread | None = None
@@ -119,7 +129,11 @@ class Engine:
 
     def busy(self) -> bool:
         """True while a request waits or decodes."""
-        return bool(self._num_waiting or self._batch.rows)
+        return bool(self._num_waiting or self.rows or self._reading)
+
+    def load(self) -> tuple[int, int]:
+        """(requests waiting for a batch slot, requests decoding now): the server's metrics."""
+        return self._num_waiting, len(self.rows) + len(self._reading)
 
     # ----------------------------------------------------------------------------------------- library
     def _refresh(self, force: bool = False) -> None:
@@ -139,6 +153,8 @@ class Engine:
             self._routed = rt.attach(self.model, keys, [self._pool.adapters[k] for k in keys], self._router)
         self._routed_keys = keys
         self._key_index = {k: i for i, k in enumerate(keys)}
+        for req in [*self.rows, *(r.req for r in self._reading)]:    # global indices moved with the key set
+            req.routing = self._row_routing(req)
 
     # ----------------------------------------------------------------------------------------- admission
     def resolve(self, model: str, plan: RoutingRequest | None
@@ -194,14 +210,21 @@ class Engine:
                 log.exception("engine step failed")
                 err = RequestError(f"internal error while generating: {type(exc).__name__}", status=500,
                                    code="server_error")
-                for req in self._batch.clear():
+                for req in self._clear():
                     req.emit(Event(error=err))
                     self._release(req)
+
+    def _clear(self) -> list[GenerationRequest]:
+        """Empty the batch and the prompts being read (after a failed step); their requests."""
+        out = [*self.rows, *(r.req for r in self._reading)]
+        self.rows, self._reading = [], []
+        self._slots.keep([False] * len(self._slots.lengths))
+        return out
 
     def _take_waiting(self, limit: int) -> list[GenerationRequest]:
         out: list[GenerationRequest] = []
         with self._wake:
-            if not self._batch.rows and self._num_waiting == 0:
+            if not self.rows and not self._reading and self._num_waiting == 0:
                 self._wake.wait(timeout=self.options.poll_s)
                 if self._num_waiting == 0:
                     return out
@@ -214,7 +237,7 @@ class Engine:
 
     def _step(self) -> None:
         self._refresh()
-        joining = self._take_waiting(self.options.max_batch - len(self._batch.rows))
+        joining = self._take_waiting(self.options.max_batch - len(self.rows) - len(self._reading))
         self._prune_and_route()
         for req in joining:
             if req.cancelled:
@@ -222,18 +245,18 @@ class Engine:
                 continue
             try:
                 req.routing = self._row_routing(req)
-                self._prefill(req)
+                self._reading.append(self._start_reading(req))
             except Exception as exc:  # noqa: BLE001 - this request fails alone; the batch goes on
-                log.exception("prefill failed")
-                if req not in self._batch.rows:
-                    req.emit(Event(error=RequestError(f"internal error while reading the prompt: "
-                                                      f"{type(exc).__name__}", status=500, code="server_error")))
-                    self._release(req)
-                else:
-                    raise
+                log.exception("admission failed")
+                req.emit(Event(error=RequestError(f"internal error while reading the prompt: "
+                                                  f"{type(exc).__name__}", status=500, code="server_error")))
+                self._release(req)
         self._leave()
-        if self._batch.rows:
+        if self.rows:
             self._decode()
+            self._leave()
+        if self._reading:
+            self._read()
             self._leave()
 
     def _row_routing(self, req: GenerationRequest) -> rt.RowRouting:
@@ -247,42 +270,183 @@ class Engine:
             return rt.RowRouting("arrow", tuple(ids), plan.top_k, plan.temperature)
         return rt.RowRouting.uniform(ids)
 
-    def _forward(self, rows: Sequence[GenerationRequest], **kwargs: Any) -> tuple[torch.Tensor, DynamicCache]:
-        """One forward of ``rows`` routed each their own way: last-position logits (B, V) and the updated cache."""
-        if self._router is not None and self._routed is not None:
-            self._router.set_rows([r.routing for r in rows])
-        out = self.model(**kwargs, use_cache=True)
-        if self._router is not None and self._router.telemetry is not None and self._routed is not None:
-            tel = self._router.telemetry
-            for b, req in enumerate(rows):
-                own = [self._key_index[v.key] for v in req.versions.values()]
-                req.tally = RoutingTally.add(req.tally, tel.mass[b], own, tel.entropy[b], tel.tokens[b])
-        cache = out.get("cache", None) or out.get("past_key_values", None)
-        return out.logits[:, -1], cache
+    def _prefix_key(self, req: GenerationRequest) -> Hashable:
+        """What a prompt's keys/values and telemetry depend on besides its tokens: the row's routing and the
+        request's own expert versions (the telemetry's columns), by version keys (global indices move when the
+        routed key set changes)."""
+        routing = req.routing
+        assert routing is not None
+        keys = self._routed_keys
+        own = tuple(v.key for v in req.versions.values())
+        if routing.kind == "arrow":
+            return ("arrow", tuple(keys[i] for i in routing.allowed), routing.top_k, str(routing.temperature), own)
+        return ("fixed", tuple(sorted((keys[i], w) for i, w in (routing.fixed or {}).items())), own)
 
-    def _prefill(self, req: GenerationRequest) -> None:
-        self.stats.prefills += 1
-        inputs = self._batch.prefill_inputs(req, self.device)
-        logits, cache = self._forward([req], **inputs)
-        self._add_token(req, logits[0])
-        self._batch.join(req, cache, inputs["attention_mask"])
+    def _start_reading(self, req: GenerationRequest) -> PromptRead:
+        """A prompt about to be read, with the blocks the prefix cache holds for it copied in (and their routing
+        telemetry added to the request's). A request that wants per-token telemetry reads its whole prompt."""
+        kv = self._slots.shape.empty(self._slots.shape.heads, len(req.prompt_ids))
+        read = PromptRead(req, kv, key=self._prefix_key(req))
+        self.stats.prompt_tokens += len(req.prompt_ids)
+        if req.plan.per_token:
+            return read
+        blocks = self._prefix.lookup(read.key, req.prompt_ids)
+        if blocks:
+            n = len(blocks) * self._prefix.block
+            kv[:, :, :, :n] = torch.cat([b.kv for b in blocks], dim=3)
+            for b in blocks:
+                if b.tally is not None:
+                    req.tally = _merged(req.tally, b.tally)
+            read.done = read.reused = n
+            read.blocks = [b.tally for b in blocks]
+            self.stats.reused_tokens += n
+        return read
+
+    def _own_columns(self, req: GenerationRequest) -> list[int]:
+        return [self._key_index[v.key] for v in req.versions.values()]
 
     def _decode(self) -> None:
-        rows = self._batch.rows
+        """One decoding step of every row: each reads its last token at its own position over its slot."""
+        rows = self.rows
         self.stats.steps += 1
         self.stats.rows += len(rows)
         self.stats.max_batch = max(self.stats.max_batch, len(rows))
-        inputs = self._batch.decode_inputs(self.device)
-        logits, cache = self._forward(rows, **inputs)
-        self._batch.advance(cache, inputs["attention_mask"])
-        for b, req in enumerate(rows):
-            self._add_token(req, logits[b])
+        inputs = self._slots.decode_inputs([r.generated[-1] for r in rows])
+        positions = list(self._slots.lengths)
+        routed = self._route(rows)
+        logits = self._logits(inputs, [0] * len(rows))
+        self._slots.advance()
+        tel = self._telemetry(routed)
+        if tel is not None:
+            for b, req in enumerate(rows):
+                own = self._own_columns(req)
+                req.tally = RoutingTally.add(req.tally, tel.mass[b], own, tel.entropy[b], tel.tokens[b])
+                self._log_tokens(req, tel, b, b + 1, positions[b], tel.tokens[b], own)
+        self._add_tokens(rows, logits)
+
+    def _read(self) -> None:
+        """Read up to ``prefill_tokens`` prompt tokens, the oldest prompts first, packed into one forward; prompts
+        read to their end choose their first token and join the decoding rows."""
+        budget, pieces = self.options.prefill_tokens, []
+        for read in self._reading:
+            count = min(read.length - read.done, budget)
+            if count <= 0:
+                break
+            pieces.append(Piece(read, read.done, count))
+            budget -= count
+        self.stats.prefills += 1
+        # telemetry segments: one per (piece, prompt block), so each block's routing sums can go to the prefix cache
+        bs = self._prefix.block
+        token_rows, segments, seg_of = [], [], []
+        for i, p in enumerate(pieces):
+            for pos in range(p.start, p.end):
+                if not seg_of or seg_of[-1] != (i, pos // bs):
+                    seg_of.append((i, pos // bs))
+                token_rows.append(i)
+                segments.append(len(seg_of) - 1)
+        finished = [i for i, p in enumerate(pieces) if p.end == p.read.length]
+        last = [sum(q.count for q in pieces[:i + 1]) - 1 for i in finished]
+        inputs = packed_inputs(pieces, self._slots.shape)
+        routed = self._route([p.read.req for p in pieces], token_rows, segments)
+        logits = self._logits(inputs, last)
+        tel = self._telemetry(routed)
+        if tel is not None:
+            self._tally_pieces(pieces, seg_of, tel)
+        for p in pieces:
+            p.read.done = p.end
+        done = [pieces[i].read for i in finished]
+        for read in done:
+            if read.key is not None:
+                self._prefix.insert(read.key, read.req.prompt_ids, read.kv,
+                                    read.blocks + [None] * (read.length // bs - len(read.blocks)))
+        self._reading = [r for r in self._reading if r not in done]
+        if done:
+            self._add_tokens([r.req for r in done], logits)
+        for read in done:
+            self._slots.join(read.kv, read.length)
+            self.rows.append(read.req)
+
+    def _tally_pieces(self, pieces: Sequence[Piece], seg_of: list[tuple[int, int]], tel: rt.RowTelemetry) -> None:
+        """A packed read's routing sums: segment ``s`` is piece ``seg_of[s][0]``'s tokens in prompt block
+        ``seg_of[s][1]``; each goes to its request's tally and to its block's (for the prefix cache)."""
+        offset = 0
+        for i, p in enumerate(pieces):
+            req, own = p.read.req, self._own_columns(p.read.req)
+            segs = [s for s, (row, _) in enumerate(seg_of) if row == i]
+            for s in segs:
+                part = RoutingTally.add(None, tel.mass[s], own, tel.entropy[s], tel.tokens[s])
+                j = seg_of[s][1]
+                p.read.blocks += [None] * (j + 1 - len(p.read.blocks))
+                p.read.blocks[j] = _merged(p.read.blocks[j], part)
+                req.tally = _merged(req.tally, part)
+            self._log_tokens(req, tel, offset, offset + p.count, p.start, tel.tokens[segs].sum(0), own)
+            offset += p.count
+
+    def _logits(self, inputs: dict[str, Any], positions: list[int]) -> torch.Tensor:
+        """Run the model on ``inputs`` (a decoding step: one position per row; a packed read: one row); the logits
+        at ``positions`` of each row (decoding: (B, V)) or of the packed row (reading: (len(positions), V))."""
+        if not positions:
+            positions = [0]                                  # nothing to choose: the smallest lm_head product
+        index = torch.tensor(positions, device=self.device)
+        if self._slots.shape.keeps_logits:
+            if inputs["input_ids"].shape[1] == 1:
+                return self.model(**inputs, use_cache=True, logits_to_keep=1).logits[:, -1]
+            return self.model(**inputs, use_cache=True, logits_to_keep=index).logits[0]
+        logits = self.model(**inputs, use_cache=True).logits
+        return logits[:, -1] if inputs["input_ids"].shape[1] == 1 else logits[0].index_select(0, index)
+
+    def _route(self, rows: Sequence[GenerationRequest], token_rows: list[int] | None = None,
+               segments: list[int] | None = None) -> bool:
+        """Set each row's routing for the next forward (``token_rows``, ``segments``: see
+        :meth:`~modlora.serve.routing.BatchRouter.set_rows`); False when the model is not routed (no experts)."""
+        if self._router is None or self._routed is None:
+            return False
+        self._router.set_rows([r.routing for r in rows], token_rows, segments,
+                              per_token=any(r.plan.per_token for r in rows))
+        return True
+
+    def _telemetry(self, routed: bool) -> rt.RowTelemetry | None:
+        """The last forward's routing sums, on the CPU (None when it was not routed)."""
+        if not routed or self._router is None or self._router.telemetry is None:
+            return None
+        return self._router.telemetry.cpu()
+
+    @staticmethod
+    def _log_tokens(req: GenerationRequest, tel: rt.RowTelemetry, lo: int, hi: int, start: int,
+                    calls: torch.Tensor, own: list[int]) -> None:
+        """``routing.per_token``: the request's tokens ``lo … hi − 1`` of the forward, at positions from
+        ``start``."""
+        if not req.plan.per_token or tel.token_mass is None or tel.token_entropy is None:
+            return
+        req.token_log = req.token_log or TokenRoutingLog()
+        req.token_log.add(torch.ones(start + hi - lo), tel.token_mass[lo:hi], own, tel.token_entropy[lo:hi], calls)
 
     def _leave(self) -> None:
-        for req in self._batch.leave():
-            self._release(req)
+        """Drop finished or cancelled rows and prompts (``cancelled`` is set from other threads: read once)."""
+        gone = [r.cancelled or r.finished for r in self.rows]
+        if any(gone):
+            left = [r for r, g in zip(self.rows, gone, strict=True) if g]
+            order = self._slots.keep([not g for g in gone])
+            self.rows = [self.rows[b] for b in order]
+            for req in left:
+                self._release(req)
+        stopped = [r for r in self._reading if r.req.cancelled or r.req.finished]
+        if stopped:
+            self._reading = [r for r in self._reading if r not in stopped]
+            for read in stopped:
+                self._release(read.req)
 
-    def _add_token(self, req: GenerationRequest, logits: torch.Tensor) -> None:
-        end = req.add_token(sample_token(logits, req.sampling, req.generator), self.tokenizer, self.eos_ids)
+    def _add_tokens(self, rows: Sequence[GenerationRequest], logits: torch.Tensor) -> None:
+        """Each row's next token from the step's ``logits`` (B, V): one call into sampling for the whole step."""
+        for req, choice in zip(rows, choose_tokens(logits, [r.sampler for r in rows]), strict=True):
+            self._add_token(req, choice)
+
+    def _add_token(self, req: GenerationRequest, choice: TokenChoice) -> None:
+        end = req.add_token(choice, self.tokenizer, self.eos_ids)
         if end is not None:
-            req.finish(*end, routing=req.telemetry(self.options.telemetry_top, self.num_layers))
+            req.finish(*end, routing=req.telemetry(self.options.telemetry_top, self.num_layers, self.tokenizer))
+
+
+def _merged(tally: RoutingTally | None, part: RoutingTally) -> RoutingTally:
+    """``tally`` plus ``part`` (same columns): ``tally`` updated in place, or a copy of ``part`` when None."""
+    return RoutingTally.add(tally, part.mass, list(range(part.mass.shape[1])), part.entropy, part.tokens)

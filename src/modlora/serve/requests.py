@@ -4,9 +4,13 @@ errors it may get, and the engine's options and counters."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from modlora.errors import ModloraError
 from modlora.serve.telemetry import RoutingTelemetry
+
+if TYPE_CHECKING:
+    from modlora.serve.sampling import GrammarConstraint
 
 
 class RequestError(ModloraError):
@@ -22,13 +26,14 @@ class RequestError(ModloraError):
 class RoutingRequest:
     """How a request wants to be routed: ``router`` (arrow, mu-delta, base, or ``expert`` with ``expert``),
     Arrow's ``top_k`` and ``temperature``, and an optional subset of ``experts`` (None: the library's; an empty
-    subset is refused, never read as "all")."""
+    subset is refused, never read as "all"); ``per_token``: the telemetry also gives every token's routing."""
 
     router: str | None = None               # None: the model id's router (or the server's default)
     expert: str | None = None
     top_k: int | None = None                # None: the server's default, at most the number of experts
     temperature: float | str | None = None  # None: the server's default; a number or 'sqrt_d'
     experts: tuple[str, ...] | None = None
+    per_token: bool = False
 
 
 MIN_SAMPLING_TEMPERATURE = 1e-6     # a smaller positive temperature overflows float32 logits / T
@@ -37,15 +42,28 @@ MAX_SEED = 2**63 - 1                 # the request's torch.Generator takes a 64-
 
 @dataclass(frozen=True)
 class SamplingParams:
-    """Decoding: ``max_tokens`` new tokens, ``temperature`` (0 = greedy, else at least
-    ``MIN_SAMPLING_TEMPERATURE``), nucleus ``top_p`` in (0, 1], ``stop`` strings and an optional ``seed``
-    (0…``MAX_SEED``) for the request's own random generator."""
+    """Decoding (applied in the order :mod:`modlora.serve.sampling` gives): ``max_tokens`` new tokens,
+    ``temperature`` (0 = greedy, else at least ``MIN_SAMPLING_TEMPERATURE``), nucleus ``top_p`` in (0, 1], ``stop``
+    strings and an optional ``seed`` (0…``MAX_SEED``) for the request's own random generator; ``top_k`` (0: no
+    limit), ``min_p`` in [0, 1], ``repetition_penalty`` (1: none), ``presence_penalty`` and ``frequency_penalty``,
+    ``logit_bias`` ``(token, bias)`` pairs, ``stop_token_ids`` that end the output (not part of its text),
+    ``logprobs`` (None: none; k: the chosen token's log-probability and the k most likely) and a grammar
+    ``constraint`` (``response_format``)."""
 
     max_tokens: int
     temperature: float = 1.0
     top_p: float = 1.0
     stop: tuple[str, ...] = ()
     seed: int | None = None
+    top_k: int = 0
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logit_bias: tuple[tuple[int, float], ...] = ()
+    stop_token_ids: tuple[int, ...] = ()
+    logprobs: int | None = None
+    constraint: GrammarConstraint | None = None
 
 
 @dataclass
@@ -58,26 +76,46 @@ class Usage:
         return self.prompt_tokens + self.completion_tokens
 
 
+@dataclass(frozen=True)
+class TokenLogprob:
+    """A generated token with its log-probability under the model's raw distribution, the ``top`` ``(token,
+    logprob)`` pairs (most likely first) and ``offset``, where its text starts in the output."""
+
+    token: int
+    logprob: float
+    top: tuple[tuple[int, float], ...]
+    offset: int
+
+
 @dataclass
 class Event:
-    """What the engine sends to a request's consumer: a text ``delta``; or the end (``finish_reason``, usage and
-    telemetry); or an ``error``."""
+    """What the engine sends to a request's consumer: a text ``delta`` (with the ``logprobs`` of the tokens whose
+    text it brings, when asked); or the end (``finish_reason``, usage, telemetry and ``first_token_at``, the
+    ``time.monotonic()`` of its first token); or an ``error``. ``sampled``: tokens sampled since the previous
+    event."""
 
     delta: str = ""
     finish_reason: str | None = None
     usage: Usage | None = None
     routing: RoutingTelemetry | None = None
     error: RequestError | None = None
+    logprobs: tuple[TokenLogprob, ...] = ()
+    sampled: int = 0
+    first_token_at: float | None = None
 
 
 @dataclass
 class EngineStats:
-    """Counters of the decode loop: batched decoding ``steps``, ``rows`` decoded over them and the largest batch."""
+    """Counters of the decode loop: batched decoding ``steps``, ``rows`` decoded over them and the largest batch;
+    ``prefills`` forwards that read prompts (packed chunks), ``prompt_tokens`` admitted and ``reused_tokens`` of
+    them found in the prefix cache."""
 
     steps: int = 0
     rows: int = 0
     max_batch: int = 0
     prefills: int = 0
+    prompt_tokens: int = 0
+    reused_tokens: int = 0
 
 
 @dataclass(frozen=True)
@@ -85,7 +123,10 @@ class EngineOptions:
     """``max_batch`` rows decode together; ``max_queue`` requests may wait (more → 429); the first request after an
     idle spell waits ``batch_wait_s`` for others; ``default_max_tokens`` when a request gives none; telemetry over
     ``layer_groups`` depth groups and the ``telemetry_top`` largest experts. ``default_top_k`` and
-    ``default_temperature``: Arrow's when a request gives none (None: the registry's Arrow option defaults)."""
+    ``default_temperature``: Arrow's when a request gives none (None: the registry's Arrow option defaults).
+    ``prefill_tokens``: the most prompt tokens one step reads (several prompts' chunks packed together; a longer
+    prompt is read over several steps between decoding steps); ``prefix_cache_tokens``: prompt tokens kept in the
+    prefix cache (0: off), in blocks of ``prefix_block`` tokens."""
 
     max_batch: int = 16
     max_queue: int = 64
@@ -97,3 +138,6 @@ class EngineOptions:
     default_top_k: int | None = None
     default_temperature: float | str | None = None
     poll_s: float = 0.05
+    prefill_tokens: int = 256
+    prefix_cache_tokens: int = 8192
+    prefix_block: int = 16

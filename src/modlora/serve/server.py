@@ -35,6 +35,7 @@ class ServeConfig:
     engine: EngineOptions = EngineOptions()
     api_key: str | None = None
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
+    adapter_loading: bool = False
     registry: Registry = REGISTRY
 
 
@@ -42,7 +43,8 @@ def build_app(config: ServeConfig) -> Any:
     """Load the base model, open the library, start the engine and return the FastAPI app."""
     lm = load_base_model(config.model, device=config.device, dtype=config.dtype)
     engine = Engine(lm, config.library, config.engine, name=config.name, registry=config.registry).start()
-    app = create_app(engine, ServerOptions(api_key=config.api_key, max_body_bytes=config.max_body_bytes))
+    app = create_app(engine, ServerOptions(api_key=config.api_key, max_body_bytes=config.max_body_bytes,
+                                                   adapter_loading=config.adapter_loading))
     app.state.engine = engine
     return app
 
@@ -100,14 +102,26 @@ def run_server(config: ServeConfig, host: str = "127.0.0.1", port: int = 8000,
         app.state.engine.stop()
 
 
-def ray_deployment(config: ServeConfig, replicas: int) -> Any:
-    """A Ray Serve application: ``replicas`` copies of the app, each with its own engine."""
+RAY_QUIET = "WARNING"      # Ray Serve's log level unless asked: no INFO line per request
+
+
+def ray_logging(level: str = RAY_QUIET) -> dict[str, Any]:
+    """Ray Serve's logging config at ``level`` (its access log, one INFO line per request, only at INFO or
+    DEBUG)."""
+    return {"log_level": level, "enable_access_log": level in ("INFO", "DEBUG")}
+
+
+def ray_deployment(config: ServeConfig, replicas: int, log_level: str = RAY_QUIET) -> Any:
+    """A Ray Serve application: ``replicas`` copies of the app, each with its own engine. A replica takes at most
+    ``--max-batch`` requests at a time (``max_ongoing_requests``; Ray's default is 5), so Ray routes the rest to
+    another replica or queues them; its logs are at ``log_level``."""
     from ray import serve
 
     if replicas < 1:
         raise ModloraError(f"--replicas must be >= 1, got {replicas}")
 
-    @serve.deployment(num_replicas=replicas, ray_actor_options={"num_cpus": 0})
+    @serve.deployment(num_replicas=replicas, ray_actor_options={"num_cpus": 0},
+                      max_ongoing_requests=config.engine.max_batch, logging_config=ray_logging(log_level))
     @serve.ingress(lambda: build_app(config))
     class ModloraServe:
         pass
@@ -115,11 +129,14 @@ def ray_deployment(config: ServeConfig, replicas: int) -> Any:
     return ModloraServe.bind()
 
 
-def run_ray(config: ServeConfig, host: str = "127.0.0.1", port: int = 8000, replicas: int = 1) -> None:
-    """Start (or join) a local Ray instance and serve with Ray Serve until interrupted."""
+def run_ray(config: ServeConfig, host: str = "127.0.0.1", port: int = 8000, replicas: int = 1,
+            log_level: str = RAY_QUIET) -> None:
+    """Start (or join) a local Ray instance and serve with Ray Serve until interrupted (Ray's controller, proxy
+    and replicas log at ``log_level``)."""
     import ray
     from ray import serve
 
-    ray.init(ignore_reinit_error=True, include_dashboard=False)
-    serve.start(http_options={"host": host, "port": port})
-    serve.run(ray_deployment(config, replicas), name="modlora", route_prefix="/", blocking=True)
+    ray.init(ignore_reinit_error=True, include_dashboard=False, logging_level=log_level)
+    serve.start(http_options={"host": host, "port": port}, logging_config=ray_logging(log_level))
+    serve.run(ray_deployment(config, replicas, log_level), name="modlora", route_prefix="/", blocking=True,
+              logging_config=ray_logging(log_level))
