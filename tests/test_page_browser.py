@@ -230,6 +230,11 @@ def test_page_colours_every_token_as_the_api_routes_it(server, browser, workdir)
     shown = "".join(s.get_attribute("textContent") for s in spans[len(PROMPT):]) + "".join(
         t.get_attribute("textContent") for t in tail)
     assert shown == api["choices"][0]["text"]
+    # coloured as the stream went: the prompt with the first chunk, generated token k with chunk k + 1 (when it was
+    # fed back), all before the final chunk (the summary), which brought no colour of its own
+    chunks = [int(s.get_attribute("data-chunk")) for s in spans]
+    final = int(columns[0].get_attribute("data-chunks"))
+    assert chunks == [1] * len(PROMPT) + list(range(2, MAX_TOKENS + 1)) and final == MAX_TOKENS + 1
     swatches = {e.get_attribute("data-expert"): _background(browser, e.find_element(By.CSS_SELECTOR, ".swatch"))
                 for e in browser.find_elements(By.CSS_SELECTOR, "#legend .legend-item[data-expert]")}
     for span, t in zip(spans, tokens, strict=True):

@@ -197,6 +197,44 @@ def test_streaming_n_choices_with_logprobs(client) -> None:
     assert chunks[-1].usage.completion_tokens == 12
 
 
+def _sse(url: str, body: dict) -> list[dict]:
+    """The JSON payloads of a streamed response."""
+    with httpx.stream("POST", url, json=body, timeout=60) as r:
+        assert r.status_code == 200, r.read()
+        lines = [line.removeprefix("data: ") for line in r.iter_lines() if line.startswith("data: ")]
+    assert lines[-1] == "[DONE]"
+    return [json.loads(line) for line in lines[:-1]]
+
+
+def test_streamed_per_token_routing_arrives_with_the_tokens(served) -> None:
+    """``routing.per_token`` streamed: the first chunk carries the prompt's routing, each later chunk the routing of
+    the generated token fed back before it; their concatenation is the non-streamed response's ``tokens``, and the
+    last chunk's summary is the non-streamed one."""
+    body = {"model": "lib", "prompt": "Once upon", "max_tokens": 8, "temperature": 0, "routing": {"per_token": True}}
+    whole = httpx.post(served.url + "/completions", json=body, timeout=60).json()
+    chunks = _sse(served.url + "/completions", {**body, "stream": True})
+    *parts, last = chunks
+    assert last["choices"][0]["finish_reason"] == "length" and last["routing"] == whole["routing"]
+    assert all(c["choices"][0]["finish_reason"] is None and c["routing"]["tokens"] for c in parts)
+    streamed = [t for c in parts for t in c["routing"]["tokens"]]
+    assert streamed == whole["routing"]["tokens"]
+    prompt = whole["usage"]["prompt_tokens"]
+    assert [t["position"] for t in parts[0]["routing"]["tokens"]] == list(range(prompt))       # with the 1st token
+    assert [[t["position"] for t in c["routing"]["tokens"]] for c in parts[1:]] == [[prompt + k] for k in range(7)]
+    assert "".join(c["choices"][0]["text"] for c in parts) == whole["choices"][0]["text"]
+    plain = _sse(served.url + "/completions", {**body, "stream": True, "routing": {"per_token": False}})
+    assert all("routing" not in c for c in plain[:-1]) and "tokens" not in plain[-1]["routing"]
+    # chat, two choices interleaved: each choice's chunks carry its own tokens
+    chat = {"model": "lib", "messages": [{"role": "user", "content": "hey"}], "max_tokens": 5, "temperature": 0,
+            "n": 2, "routing": {"per_token": True}}
+    whole = httpx.post(served.url + "/chat/completions", json=chat, timeout=60).json()
+    chunks = _sse(served.url + "/chat/completions", {**chat, "stream": True})
+    for choice in whole["choices"]:
+        mine = [c for c in chunks if c["choices"][0]["index"] == choice["index"]]
+        assert [t for c in mine[:-1] for t in c.get("routing", {}).get("tokens", [])] == choice["routing"]["tokens"]
+        assert mine[-1]["routing"]["tokens"] == choice["routing"]["tokens"]
+
+
 def test_echo(client) -> None:
     r = client.completions.create(model="lib:base", prompt="Hello", max_tokens=5, temperature=0, echo=True)
     plain = client.completions.create(model="lib:base", prompt="Hello", max_tokens=5, temperature=0)

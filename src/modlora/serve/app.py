@@ -639,8 +639,10 @@ def create_app(engine: Engine, options: ServerOptions | None = None) -> FastAPI:
 
     async def _stream(reqs: list[GenerationRequest], events: asyncio.Queue[tuple[int, Event] | None], reply: _Reply,
                       include_usage: bool) -> AsyncIterator[str]:
-        """The SSE chunks of one request (its choices interleaved, each with its index); if the client leaves first
-        (the response stops iterating), the request is cancelled and the disconnect logged in one line."""
+        """The SSE chunks of one request (its choices interleaved, each with its index; with ``routing.per_token``
+        a chunk before the last carries ``routing.tokens``, the entries of the tokens read since the previous one);
+        if the client leaves first (the response stops iterating), the request is cancelled and the disconnect
+        logged in one line."""
         sent, ends = 0, [None] * reply.n
         wants_logprobs = reqs[0].sampling.logprobs is not None
         finished: list[Event] = []
@@ -662,9 +664,10 @@ def create_app(engine: Engine, options: ServerOptions | None = None) -> FastAPI:
                     err = {"error": {"message": str(ev.error), "type": "server_error", "code": ev.error.code}}
                     yield f"data: {json.dumps(err)}\n\n"
                     return
-                if ev.delta or ev.logprobs:
+                if ev.delta or ev.logprobs or ev.token_routing:
                     sent += 1
-                    yield reply.chunk(i, ev.delta, None, list(ev.logprobs) if wants_logprobs else None)
+                    routed = {"routing": {"tokens": list(ev.token_routing)}} if ev.token_routing else {}
+                    yield reply.chunk(i, ev.delta, None, list(ev.logprobs) if wants_logprobs else None, **routed)
                 if ev.finish_reason is not None:
                     ends[i] = ev
                     finished.append(ev)

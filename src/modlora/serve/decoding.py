@@ -15,7 +15,7 @@ from modlora.serve.requests import Event, RequestError, RoutingRequest, Sampling
 from modlora.serve.routing import RowRouting
 from modlora.serve.sampling import RowSampler, TokenChoice, sendable_end, stop_position
 from modlora.serve.snapshots import ExpertVersion, Snapshot
-from modlora.serve.telemetry import RoutingTally, RoutingTelemetry, TokenRoutingLog, token_pieces
+from modlora.serve.telemetry import RoutingTally, RoutingTelemetry, TokenRoutingLog
 
 
 @dataclass
@@ -41,6 +41,8 @@ class GenerationRequest:
     sent: int = 0
     tally: RoutingTally | None = None       # routing sums over the steps, over ``versions``
     token_log: TokenRoutingLog | None = None   # routing.per_token: each token's sums
+    token_routing: list[dict[str, Any]] = field(default_factory=list)   # … and their entries, as they are read
+    routing_sent: int = 0                    # entries of token_routing that an event has carried
     sampler: RowSampler = field(init=False)  # penalties' counts, grammar matcher (modlora.serve.sampling)
     logprobs: list[TokenLogprob] = field(default_factory=list)   # of tokens not yet sent (sampling.logprobs)
     reported: int = 0                        # tokens sampled that an event has counted
@@ -82,23 +84,38 @@ class GenerationRequest:
         if len(self.generated) >= self.sampling.max_tokens:
             return "length", text
         end = sendable_end(text, self.sent, self.sampling.stop)
-        if end > self.sent:
-            self._send(text[self.sent:end], end)
+        if end > self.sent or self.routing_sent < len(self.token_routing):
+            self._send(text[self.sent:end], end)      # text held back: an event for the tokens' routing alone
             self.sent = end
         return None
 
+    def log_routing(self, top: int, num_layers: int, tokenizer: Any) -> None:
+        """``routing.per_token``: the entries of the tokens :attr:`token_log` gained since the last call (the
+        next event carries them)."""
+        names = list(self.versions)
+        if self.token_log is None or not names or self.virtual is not None:
+            return
+        self.token_routing += self.token_log.to_json(names, top, num_layers, tokenizer,
+                                                     self.prompt_ids + self.generated, len(self.prompt_ids),
+                                                     start=len(self.token_routing))
+
     def _send(self, delta: str, end: float) -> None:
-        """A text event up to ``end``, with the logprobs of the tokens whose text starts before it."""
+        """A text event up to ``end``, with the logprobs of the tokens whose text starts before it and the routing
+        entries not sent yet."""
         ready = [lp for lp in self.logprobs if lp.offset < end]
         self.logprobs = self.logprobs[len(ready):]
-        self.emit(Event(delta=delta, logprobs=tuple(ready), sampled=self.sampled - self.reported))
+        routing = tuple(self.token_routing[self.routing_sent:])
+        self.routing_sent = len(self.token_routing)
+        self.emit(Event(delta=delta, logprobs=tuple(ready), sampled=self.sampled - self.reported,
+                        token_routing=routing))
         self.reported = self.sampled
 
     def finish(self, reason: str, text: str, routing: RoutingTelemetry) -> None:
         """Send the rest of ``text`` and the final event (reason, usage, routing telemetry). The logprobs of
         tokens that start inside the stop string that ended it are dropped."""
         end = len(text) if self.stop_cut else math.inf
-        if len(text) > self.sent or any(lp.offset < end for lp in self.logprobs):
+        if (len(text) > self.sent or any(lp.offset < end for lp in self.logprobs)
+                or self.routing_sent < len(self.token_routing)):
             self._send(text[self.sent:], end)
         self.finished = True
         self.emit(Event(finish_reason=reason, usage=Usage(len(self.prompt_ids), self.sampled), routing=routing,
@@ -107,7 +124,7 @@ class GenerationRequest:
 
     def telemetry(self, top: int, num_layers: int, tokenizer: Any = None) -> RoutingTelemetry:
         """What the routing did for this request (see :mod:`modlora.serve.telemetry`); with ``routing.per_token``
-        also each token's (its text piece from ``tokenizer``)."""
+        (and a ``tokenizer``) also each token's: the entries :meth:`log_routing` made."""
         names = list(self.versions)
         if self.virtual is not None:
             return RoutingTelemetry(self.router_name, self.snapshot.generation, [], [], 0.0, merged=names)
@@ -116,9 +133,8 @@ class GenerationRequest:
                                     tokens=[] if self.plan.per_token else None)
         summary = self.tally.summary(self.router_name, self.snapshot.generation, names, top, num_layers)
         if self.plan.per_token and tokenizer is not None:
-            log = self.token_log or TokenRoutingLog()
-            summary.tokens = log.to_json(names, top, num_layers, token_pieces(tokenizer, self.prompt_ids
-                                                                              + self.generated), len(self.prompt_ids))
+            self.log_routing(top, num_layers, tokenizer)
+            summary.tokens = list(self.token_routing)
         return summary
 
 

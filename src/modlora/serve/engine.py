@@ -411,15 +411,15 @@ class Engine:
             return None
         return self._router.telemetry.cpu()
 
-    @staticmethod
-    def _log_tokens(req: GenerationRequest, tel: rt.RowTelemetry, lo: int, hi: int, start: int,
+    def _log_tokens(self, req: GenerationRequest, tel: rt.RowTelemetry, lo: int, hi: int, start: int,
                     calls: torch.Tensor, own: list[int]) -> None:
         """``routing.per_token``: the request's tokens ``lo … hi − 1`` of the forward, at positions from
-        ``start``."""
+        ``start``, logged and made into entries for the request's next event."""
         if not req.plan.per_token or tel.token_mass is None or tel.token_entropy is None:
             return
         req.token_log = req.token_log or TokenRoutingLog()
         req.token_log.add(torch.ones(start + hi - lo), tel.token_mass[lo:hi], own, tel.token_entropy[lo:hi], calls)
+        req.log_routing(self.options.telemetry_top, self.num_layers, self.tokenizer)
 
     def _leave(self) -> None:
         """Drop finished or cancelled rows and prompts (``cancelled`` is set from other threads: read once)."""

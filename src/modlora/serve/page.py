@@ -3,10 +3,11 @@
 Plain HTML/JS/CSS shipped in this package (``serve/static/``; no build step, nothing fetched from elsewhere).
 The page reads the server's own API: ``GET /v1/library`` (below: the experts with their tasks, rank, size and
 validation loss, the shared expert of a ``--share`` library, the routers served), ``POST /v1/completions`` with
-``routing.per_token`` (each token's top experts per group of layers and its entropy), and ``/metrics`` when the
-server has it. It inserts every text as text (``textContent``, never HTML) and is served with a strict
-Content-Security-Policy (its own scripts, styles and API only); its API calls send the API key the user types,
-so a server with ``--api-key`` refuses them without it, as it refuses any client.
+``routing.per_token`` (each token's top experts per group of layers and its entropy, streamed as the model reads
+the tokens: the page colours them as they arrive), and ``/metrics`` when the server has it. It inserts every text
+as text (``textContent``, never HTML) and is served with a strict Content-Security-Policy (its own scripts, styles
+and API only); its API calls send the API key the user types, so a server with ``--api-key`` refuses them without
+it, as it refuses any client.
 """
 
 from __future__ import annotations

@@ -4,7 +4,7 @@ errors it may get, and the engine's options and counters."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from modlora.errors import ModloraError
 from modlora.serve.telemetry import RoutingTelemetry
@@ -92,7 +92,8 @@ class Event:
     """What the engine sends to a request's consumer: a text ``delta`` (with the ``logprobs`` of the tokens whose
     text it brings, when asked); or the end (``finish_reason``, usage, telemetry and ``first_token_at``, the
     ``time.monotonic()`` of its first token); or an ``error``. ``sampled``: tokens sampled since the previous
-    event."""
+    event; ``token_routing`` (``routing.per_token``): the entries of the tokens read since the previous event
+    (:meth:`~modlora.serve.telemetry.TokenRoutingLog.to_json`)."""
 
     delta: str = ""
     finish_reason: str | None = None
@@ -102,6 +103,7 @@ class Event:
     logprobs: tuple[TokenLogprob, ...] = ()
     sampled: int = 0
     first_token_at: float | None = None
+    token_routing: tuple[dict[str, Any], ...] = ()
 
 
 @dataclass

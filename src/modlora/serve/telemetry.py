@@ -130,14 +130,24 @@ class TokenRoutingLog:
         self.entropy.append(entropy[real])
         self.layers = calls / seq
 
-    def to_json(self, names: list[str], top: int, num_layers: int, pieces: list[str], prompt_tokens: int
-                ) -> list[dict[str, Any]]:
-        """One entry per token read: position, ``source`` (prompt or completion), ``text`` (its piece of
-        ``pieces``), the ``top`` experts by mean weight per routed layer and the mean entropy (nats), overall and
-        per depth group of ``num_layers`` blocks (the request summary's shape, for one token)."""
-        if not self.positions or self.layers is None:
+    def to_json(self, names: list[str], top: int, num_layers: int, tokenizer: Any, ids: list[int],
+                prompt_tokens: int, start: int = 0) -> list[dict[str, Any]]:
+        """One entry per token read from the ``start``-th on: position, ``source`` (prompt or completion), ``text``
+        (its piece of ``ids``, :func:`token_pieces`), the ``top`` experts by mean weight per routed layer and the
+        mean entropy (nats), overall and per depth group of ``num_layers`` blocks (the request summary's shape, for
+        one token). An entry depends on its token alone (and the routed layers per group, the same at every
+        forward), so the entries made as the tokens are read equal those made at the end."""
+        if len(self.positions) <= start or self.layers is None:
             return []
-        mass, entropy = torch.cat(self.mass), torch.cat(self.entropy)              # (n, G, E), (n, G)
+        first, rows = len(self.mass), len(self.positions)      # the first forward holding token ``start``, and the
+        while rows > start:                                      # tokens before that forward
+            first -= 1
+            rows -= self.mass[first].shape[0]
+        skip = start - rows
+        mass = torch.cat(self.mass[first:])[skip:]                                   # (n, G, E)
+        entropy = torch.cat(self.entropy[first:])[skip:]                             # (n, G)
+        positions = self.positions[start:]
+        pieces = token_pieces(tokenizer, ids, positions)
         layers = self.layers.clamp_min(1)
         per_group = mass / layers[None, :, None]
         overall = mass.sum(1) / self.layers.sum().clamp_min(1)                      # (n, E)
@@ -153,19 +163,19 @@ class TokenRoutingLog:
         def ranked(vals: list[float], idx: list[int]) -> list[dict[str, Any]]:
             return [{"expert": names[i], "mass": round(v, 6)} for v, i in zip(vals, idx, strict=True) if v > 0]
 
-        return [{"position": p, "source": "prompt" if p < prompt_tokens else "completion", "text": pieces[p],
+        return [{"position": p, "source": "prompt" if p < prompt_tokens else "completion", "text": pieces[t],
                  "top_experts": ranked(o_vals[t], o_idx[t]), "entropy": round(o_ent[t], 6),
                  "layer_groups": [{"layers": labels[g], "top_experts": ranked(g_vals[t][g], g_idx[t][g]),
                                    "entropy": round(g_ent[t][g], 6)} for g in used]}
-                for t, p in enumerate(self.positions)]
+                for t, p in enumerate(positions)]
 
 
-def token_pieces(tokenizer: Any, ids: list[int], window: int = 8) -> list[str]:
-    """The text each token of ``ids`` adds (special tokens kept): the decoded tail after its ``window``
-    predecessors. A token that ends inside a multi-byte character adds nothing; the token that completes it
-    carries the character."""
+def token_pieces(tokenizer: Any, ids: list[int], positions: list[int] | None = None, window: int = 8) -> list[str]:
+    """The text each token of ``ids`` at ``positions`` (default: all) adds (special tokens kept): the decoded tail
+    after its ``window`` predecessors. A token that ends inside a multi-byte character adds nothing; the token that
+    completes it carries the character."""
     pieces = []
-    for i in range(len(ids)):
+    for i in range(len(ids)) if positions is None else positions:
         ctx = ids[max(0, i - window):i]
         before = tokenizer.decode(ctx, skip_special_tokens=False).rstrip("\ufffd")
         after = tokenizer.decode([*ctx, ids[i]], skip_special_tokens=False).rstrip("\ufffd")

@@ -166,12 +166,10 @@ function requestBody(model, prompt, maxTokens, topK) {
 }
 
 async function runColumn(column, model, prompt, maxTokens, topK) {
-  const out = column.querySelector(".tokens");
   const summary = column.querySelector(".summary");
-  const live = el("span", null, "streaming");
-  out.replaceChildren(el("span", prompt), live);
-  let text = "";
+  startColumn(column, prompt);
   let final = null;
+  let chunks = 0;
   try {
     const resp = await fetch("/v1/completions", { method: "POST", headers: headers(true),
       body: JSON.stringify(requestBody(model, prompt, maxTokens, topK)) });
@@ -180,64 +178,109 @@ async function runColumn(column, model, prompt, maxTokens, topK) {
       if (chunk.error) throw new Error(chunk.error.message);
       const choice = chunk.choices && chunk.choices[0];
       if (!choice) continue;
-      if (choice.text) { text += choice.text; live.textContent = text; }
-      if (choice.finish_reason) final = { reason: choice.finish_reason, routing: chunk.routing };
+      chunks += 1;
+      if (choice.finish_reason) { final = { reason: choice.finish_reason, routing: chunk.routing }; continue; }
+      // a chunk before the last: its text, and the routing of the tokens read since the previous chunk
+      addText(column, choice.text || "");
+      if (chunk.routing && chunk.routing.tokens) colourTokens(column, chunk.routing.tokens, chunks);
     }
   } catch (exc) {
     summary.replaceChildren(el("span", String(exc.message || exc), "error"));
     return;
   }
   if (!final) { summary.replaceChildren(el("span", "the stream ended without a result", "error")); return; }
-  renderCompletion(column, prompt, text, final.routing);
+  column.dataset.chunks = String(chunks);
+  finishColumn(column, final.routing, chunks);
   const ms = Number(column.dataset.renderMs).toFixed(1);
   const top = (final.routing && final.routing.top_experts || []).map((e) => `${e.expert} ${e.mass.toFixed(2)}`).join(", ");
-  summary.textContent = `finish: ${final.reason}; ${(final.routing && final.routing.tokens || []).length} tokens routed; ` +
+  summary.textContent = `finish: ${final.reason}; ${column.tokens.length} tokens routed; ` +
     `overall: ${top || "-"}; entropy ${final.routing ? final.routing.entropy.toFixed(3) : "-"}; colours in ${ms} ms`;
+}
+
+// One column's output while its completion streams: the tokens coloured so far (column.tokens[i]: position,
+// source, text, top_experts, entropy, layer_groups; span i carries data-i, and data-chunk, the number of the SSE
+// chunk that brought its routing), then the prompt and completion text not routed yet, uncoloured. A generated
+// token is routed when it is fed back to the model, so its routing comes with the next chunk; the last generated
+// token is never fed back and stays uncoloured.
+function startColumn(column, prompt) {
+  const view = { prompt, text: "", promptRouted: "", completed: "", completionStarted: false, renderMs: 0,
+    routed: el("span"), promptTail: el("span", prompt, "streaming"), tail: el("span", null, "streaming") };
+  column.view = view;
+  column.tokens = [];
+  column.counts = new Map();                                // top expert (or TIE) -> tokens it won, for the legend
+  column.querySelector(".note").textContent = "";
+  column.querySelector(".tokens").replaceChildren(view.routed, view.promptTail, view.tail);
+}
+
+function addText(column, text) {
+  if (!text) return;
+  column.view.text += text;
+  updateTails(column.view);
+}
+
+// The text not routed yet: what follows the routed tokens' pieces (none when the pieces are not its beginning,
+// e.g. a prompt read with a begin-of-sequence token).
+function updateTails(view) {
+  const rest = (all, routed) => (all.startsWith(routed) ? all.slice(routed.length) : "");
+  const anyPrompt = view.promptRouted !== "" || view.completionStarted;
+  view.promptTail.textContent = anyPrompt ? rest(view.prompt, view.promptRouted) : view.prompt;
+  view.tail.textContent = rest(view.text, view.completed);
+  view.tail.classList.toggle("completion-start", !view.completionStarted && view.tail.textContent !== "");
+}
+
+function colourTokens(column, tokens, chunk) {
+  const start = performance.now();
+  const view = column.view;
+  const frag = document.createDocumentFragment();
+  for (const t of tokens) {
+    const span = el("span", t.text, "tok");
+    span.dataset.i = String(column.tokens.length);
+    span.dataset.chunk = String(chunk);
+    column.tokens.push(t);
+    const top = topExpert(t);
+    span.dataset.expert = top || "";
+    if (top === TIE) span.classList.add("tie");
+    else span.style.background = top ? colourOf(top) : "var(--unrouted)";
+    if (top) column.counts.set(top, (column.counts.get(top) || 0) + 1);
+    if (t.source === "completion") {
+      view.completed += t.text;
+      if (!view.completionStarted) { span.classList.add("completion-start"); view.completionStarted = true; }
+    } else {
+      view.promptRouted += t.text;
+    }
+    frag.append(span);
+  }
+  view.routed.append(frag);
+  updateTails(view);
+  void view.routed.offsetHeight;                          // include the layout in the measured time
+  view.renderMs += performance.now() - start;
   renderLegend();
 }
 
-// Colour the prompt and completion of one column from its per-token telemetry (tokens[i]: position, source, text,
-// top_experts, entropy, layer_groups). The last generated token was never fed back, so it has no routing.
-function renderCompletion(column, prompt, text, routing) {
-  const start = performance.now();
-  const out = column.querySelector(".tokens");
+// The end of a column's stream: the final chunk's summary (routing.tokens: every token's routing again) colours
+// whatever the chunks before did not bring; the text never routed is marked as such.
+function finishColumn(column, routing, chunk) {
+  const view = column.view;
   const tokens = (routing && routing.tokens) || [];
-  column.tokens = tokens;
-  const frag = document.createDocumentFragment();
-  if (!tokens.length) {
-    const why = routing && routing.merged_experts
+  if (tokens.length > column.tokens.length) colourTokens(column, tokens.slice(column.tokens.length), chunk);
+  if (!column.tokens.length) {
+    column.querySelector(".note").textContent = routing && routing.merged_experts
       ? `${routing.router} merges ${routing.merged_experts.length} experts into one adapter: no per-token routing`
       : "no routing (no experts applied)";
-    frag.append(el("span", prompt), el("span", text, "completion-start"));
-    column.querySelector(".note").textContent = why;
-  } else {
-    column.querySelector(".note").textContent = "";
-    let completed = "";
-    let first = true;
-    tokens.forEach((t, i) => {
-      const span = el("span", t.text, "tok");
-      span.dataset.i = String(i);
-      const top = topExpert(t);
-      span.dataset.expert = top || "";
-      if (top === TIE) span.classList.add("tie");
-      else span.style.background = top ? colourOf(top) : "var(--unrouted)";
-      if (t.source === "completion") {
-        completed += t.text;
-        if (first) { span.classList.add("completion-start"); first = false; }
-      }
-      frag.append(span);
-    });
-    const rest = text.startsWith(completed) ? text.slice(completed.length) : "";
-    if (rest) {
-      const tail = el("span", rest, "unrouted");
-      tail.dataset.unrouted = "1";
-      if (first) tail.classList.add("completion-start");
-      frag.append(tail);
-    }
   }
-  out.replaceChildren(frag);
-  void out.offsetHeight;                                   // include the layout in the measured time
-  column.dataset.renderMs = String(performance.now() - start);
+  for (const tail of [view.promptTail, view.tail]) {
+    tail.classList.remove("streaming");
+    if (column.tokens.length && tail.textContent) { tail.classList.add("unrouted"); tail.dataset.unrouted = "1"; }
+  }
+  column.dataset.renderMs = String(view.renderMs);
+  renderLegend();
+}
+
+// Colour one column at once from a whole response's per-token telemetry (used by benchmarks/page_render.py).
+function renderCompletion(column, prompt, text, routing) {
+  startColumn(column, prompt);
+  addText(column, text);
+  finishColumn(column, routing, 0);
 }
 
 // The expert with the largest routing mass of a token; TIE when the two largest are equal (e.g. μ-delta's uniform
@@ -252,10 +295,7 @@ function topExpert(token) {
 function renderLegend() {
   const counts = new Map();
   for (const column of document.querySelectorAll(".column")) {
-    for (const t of column.tokens || []) {
-      const top = topExpert(t);
-      if (top) counts.set(top, (counts.get(top) || 0) + 1);
-    }
+    for (const [top, n] of column.counts || []) counts.set(top, (counts.get(top) || 0) + n);
   }
   const frag = document.createDocumentFragment();
   for (const [name, n] of [...counts.entries()].sort((a, b) => b[1] - a[1])) {
