@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -42,6 +44,35 @@ def make_tiny_llama(vocab_size: int = 100, seed: int = 0, hidden: int = 32, laye
     model = LlamaForCausalLM(cfg)
     model.eval()
     return model
+
+
+def save_sharp_tiny_model(directory: Path) -> Path:
+    """:func:`save_tiny_model` with the 2-D weights scaled ×8, so that greedy text varies from token to token (the
+    served-model tests compare texts)."""
+    model = make_tiny_llama()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.ndim == 2:
+                p.mul_(8.0)
+    model.save_pretrained(directory)
+    make_char_tokenizer().save_pretrained(directory)
+    return directory
+
+
+@contextlib.contextmanager
+def served_engine(model_dir: Path, library: Path, **options: object) -> Iterator[object]:
+    """A :class:`~modlora.serve.BackgroundServer` over an engine on ``model_dir`` and ``library`` (``options``:
+    :class:`~modlora.serve.EngineOptions` fields); ``srv.engine`` is the engine. Stopped on exit."""
+    from modlora.models import load_base_model
+    from modlora.serve import BackgroundServer, Engine, EngineOptions, create_app
+
+    engine = Engine(load_base_model(str(model_dir), device="cpu"), library, EngineOptions(**options)).start()
+    try:
+        with BackgroundServer(create_app(engine)) as srv:
+            srv.engine = engine
+            yield srv
+    finally:
+        engine.stop()
 
 
 def save_tiny_model(directory: Path) -> Path:

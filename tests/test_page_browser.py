@@ -16,14 +16,13 @@ from pathlib import Path
 
 import httpx
 import pytest
-import torch
 
 from modlora.library.adapters import LoraSpec, random_adapter
 from modlora.library.store import ExpertLibrary
 from modlora.models import load_base_model
 from modlora.serve import BackgroundServer, Engine, EngineOptions, ServerOptions, create_app
 
-from .conftest import make_char_tokenizer, make_tiny_llama
+from .conftest import save_sharp_tiny_model
 
 SPEC = LoraSpec(rank=4, alpha=16, dropout=0.0, target_modules=("q_proj", "v_proj", "gate_proj"))
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
@@ -52,13 +51,7 @@ needs_browser = pytest.mark.skipif(_missing_browser() is not None, reason=str(_m
 def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A saved tiny model (weights scaled up so greedy text varies) and a library of 3 random experts."""
     root = tmp_path_factory.mktemp("page")
-    model = make_tiny_llama()
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.ndim == 2:
-                p.mul_(8.0)
-    model.save_pretrained(root / "model")
-    make_char_tokenizer().save_pretrained(root / "model")
+    save_sharp_tiny_model(root / "model")
     lm = load_base_model(str(root / "model"), device="cpu")
     lib = ExpertLibrary.create(root / "lib", lm.info)
     for i, task in enumerate(["summarise", "translate", "arithmetic"]):

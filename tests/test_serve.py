@@ -30,7 +30,7 @@ from modlora.serve import BackgroundServer, Engine, EngineOptions, ServerOptions
 from modlora.serve.requests import RoutingRequest
 from modlora.serve.server import free_port
 
-from .conftest import make_char_tokenizer, make_tiny_llama
+from .conftest import save_sharp_tiny_model, served_engine
 
 SPEC = LoraSpec(rank=4, alpha=16, dropout=0.0, target_modules=("q_proj", "v_proj", "gate_proj"))
 PROMPTS = ["Hello", "The cat sat", "abc 123", "Once upon", "Zebra!", "query: x", "2+2=", "ok"]
@@ -40,14 +40,7 @@ PROMPTS = ["Hello", "The cat sat", "abc 123", "Once upon", "Zebra!", "query: x",
 def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A saved tiny model (``model/``) and a library of 3 random experts (``lib/``)."""
     root = tmp_path_factory.mktemp("serve")
-    model = make_tiny_llama()
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.ndim == 2:
-                p.mul_(8.0)
-    tok = make_char_tokenizer()
-    model.save_pretrained(root / "model")
-    tok.save_pretrained(root / "model")
+    save_sharp_tiny_model(root / "model")
     lm = load_base_model(str(root / "model"), device="cpu")
     lib = ExpertLibrary.create(root / "lib", lm.info)
     for i in range(3):
@@ -57,12 +50,8 @@ def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def server(workdir: Path):
-    lm = load_base_model(str(workdir / "model"), device="cpu")
-    engine = Engine(lm, workdir / "lib", EngineOptions(max_batch=8, batch_wait_s=0.05)).start()
-    with BackgroundServer(create_app(engine)) as srv:
-        srv.engine = engine
+    with served_engine(workdir / "model", workdir / "lib", max_batch=8, batch_wait_s=0.05) as srv:
         yield srv
-    engine.stop()
 
 
 @pytest.fixture(scope="module")

@@ -26,7 +26,7 @@ from modlora.serve import BackgroundServer, Engine, EngineOptions, ServerOptions
 from modlora.serve.requests import SamplingParams
 from modlora.serve.sampling import RowSampler, choose_tokens
 
-from .conftest import make_tiny_llama
+from .conftest import make_tiny_llama, served_engine
 from .test_serve import SPEC, workdir  # noqa: F401 - the saved tiny model and library (a pytest fixture)
 from .test_serve_hostile import Records
 
@@ -35,12 +35,8 @@ VOCAB = 100
 
 @pytest.fixture(scope="module")
 def served(workdir):  # noqa: F811 - the imported fixture
-    lm = load_base_model(str(workdir / "model"), device="cpu")
-    engine = Engine(lm, workdir / "lib", EngineOptions(max_batch=8, batch_wait_s=0.01)).start()
-    with BackgroundServer(create_app(engine)) as srv:
-        srv.engine = engine
+    with served_engine(workdir / "model", workdir / "lib", max_batch=8, batch_wait_s=0.01) as srv:
         yield srv
-    engine.stop()
 
 
 @pytest.fixture(scope="module")

@@ -24,7 +24,7 @@ from modlora.serve.batching import KVShape, PrefixCache, SlotCache
 from modlora.serve.requests import Event, RoutingRequest, SamplingParams
 from modlora.serve.routing import BatchRouter, RowRouting
 
-from .conftest import make_char_tokenizer, make_tiny_llama
+from .conftest import make_tiny_llama, save_sharp_tiny_model
 from .test_architectures import save_tiny
 
 SPEC = LoraSpec(rank=4, alpha=16, dropout=0.0, target_modules=("q_proj", "v_proj", "gate_proj"))
@@ -36,13 +36,7 @@ PROMPTS = [SHARED + "Input: cat", SHARED + "Input: a much longer question about 
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("engine")
-    model = make_tiny_llama()
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.ndim == 2:
-                p.mul_(8.0)
-    model.save_pretrained(root / "model")
-    make_char_tokenizer().save_pretrained(root / "model")
+    save_sharp_tiny_model(root / "model")
     lm = load_base_model(str(root / "model"), device="cpu")
     lib = ExpertLibrary.create(root / "lib", lm.info)
     for i in range(3):

@@ -19,10 +19,10 @@ from typing import Any
 import httpx
 import pytest
 
-from modlora.models import load_base_model
-from modlora.serve import BackgroundServer, Engine, EngineOptions, ServerOptions, create_app
+from modlora.serve import BackgroundServer, ServerOptions, create_app
 from modlora.serve.requests import RequestError
 
+from .conftest import served_engine
 from .test_serve import workdir  # noqa: F401 - the saved tiny model and library (a pytest fixture)
 
 NORMAL = {"model": "lib", "prompt": "Hello", "max_tokens": 6, "temperature": 0}
@@ -69,12 +69,8 @@ class Records(logging.Handler):
 
 @pytest.fixture(scope="module")
 def served(workdir):  # noqa: F811 - the imported fixture
-    lm = load_base_model(str(workdir / "model"), device="cpu")
-    engine = Engine(lm, workdir / "lib", EngineOptions(max_batch=8, batch_wait_s=0.01)).start()
-    with BackgroundServer(create_app(engine)) as srv:
-        srv.engine = engine
+    with served_engine(workdir / "model", workdir / "lib", max_batch=8, batch_wait_s=0.01) as srv:
         yield srv
-    engine.stop()
 
 
 @pytest.fixture(scope="module")
