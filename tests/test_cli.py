@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from modlora.build.strategies import BuildLock
 from modlora.cli import main
 from modlora.library.adapters import LoraSpec, random_adapter
 from modlora.library.experts import ExpertSet
@@ -85,6 +86,12 @@ def test_train_build_and_cluster(world, tmp_path, capsys):
     common = _m(world) + ["--data", str(world["data"]), "--steps", "1", "--batch-size", "2", "--max-val", "2",
                           "--max-prompt-tokens", "32", "--max-target-tokens", "4"]
     assert main(["train", str(tmp_path / "one"), "task1_alpha"] + common) == 0
+    capsys.readouterr()
+    with BuildLock(tmp_path / "one"):   # a build is filling the library: a train into it is refused, nothing changes
+        before = (tmp_path / "one" / "library.json").read_bytes()
+        assert main(["train", str(tmp_path / "one"), "task2_beta"] + common) == 2
+        assert (tmp_path / "one" / "library.json").read_bytes() == before
+    assert "another build is writing into this library" in capsys.readouterr().err
     for init in ("eva", "gradient"):
         assert main(["train", str(tmp_path / init), "task1_alpha", "--init", init] + common) == 0
     cut = [("12" if common[i - 1] == "--max-prompt-tokens" else a) for i, a in enumerate(common)]

@@ -69,7 +69,7 @@ def _known_tasks(args: argparse.Namespace, config: Any) -> list[str]:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from modlora.build.pipeline import train_task_expert
-    from modlora.build.strategies import load_tasks
+    from modlora.build.strategies import BuildLock, load_tasks
     from modlora.errors import LibraryError
     from modlora.library.adapters import resolve_spec
     from modlora.library.store import ExpertLibrary, check_name
@@ -84,12 +84,13 @@ def cmd_train(args: argparse.Namespace) -> int:
     tasks = load_tasks(config, args.tasks)
     lm = load_model(args)
     spec = resolve_spec(lm.model, lora_spec(args))   # targets the model lacks: refused before the library is created
-    lib = ExpertLibrary.open_or_create(args.library, lm.info)
-    if name in lib and not args.overwrite:
-        raise UsageError(f"expert {name!r} already exists in {args.library} (use --overwrite)")
-    entry = train_task_expert(lm, lib, name, tasks, spec=spec, config=train_config(args),
-                              max_examples=args.max_examples, max_val=args.max_val,
-                              limits=prompt_limits(args), overwrite=args.overwrite, init=args.init)
+    with BuildLock(args.library):   # a build filling this library refuses this one (and the reverse)
+        lib = ExpertLibrary.open_or_create(args.library, lm.info)
+        if name in lib and not args.overwrite:
+            raise UsageError(f"expert {name!r} already exists in {args.library} (use --overwrite)")
+        entry = train_task_expert(lm, lib, name, tasks, spec=spec, config=train_config(args),
+                                  max_examples=args.max_examples, max_val=args.max_val,
+                                  limits=prompt_limits(args), overwrite=args.overwrite, init=args.init)
     console.print(f"[green]trained expert[/] {entry.name}: val loss {entry.metrics['best_val_loss']:.4f}, "
                   f"{entry.metrics['tokens_per_second']:.0f} tokens/s → {lib.expert_dir(entry.name)}")
     return 0
