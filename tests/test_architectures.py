@@ -29,7 +29,7 @@ from transformers import AutoModelForCausalLM
 from modlora.build.pipeline import ExpertPlan, train_task_experts
 from modlora.build.training import TrainConfig
 from modlora.data import PromptLimits, load_sni_tasks
-from modlora.errors import AdapterError
+from modlora.errors import AdapterError, ModelLoadError
 from modlora.library.adapters import LoraAdapter, LoraSpec, resolve_spec
 from modlora.library.store import ExpertLibrary
 from modlora.models import load_base_model
@@ -374,3 +374,17 @@ def test_cli_refuses_bad_targets_in_one_line_and_creates_no_library(command, tmp
     assert code != 0 and "o_proj: the model (phi) has no linear layer of that name" in err
     assert "Traceback" not in err and len(err.strip().splitlines()) == 1
     assert not lib.exists()
+
+
+def test_a_target_keyword_in_a_list_of_names_is_refused_everywhere(tiny_llama, capsys) -> None:
+    """``attention`` / ``all-linear`` stand alone: the CLI at parse time, a LoraSpec and target_layers refuse a list
+    mixing them with layer names, with the same reason (models.target_request_problem)."""
+    from modlora.cli import main
+    from modlora.models import target_layers
+    reason = "'attention' and 'all-linear' stand alone, not in a list of layer names; got ['attention', 'q_proj']"
+    assert main(["train", "LIB", "t", "--targets", "attention,q_proj"]) == 2
+    assert reason in capsys.readouterr().err
+    with pytest.raises(AdapterError, match=re.escape(f"LoRA field 'target_modules': {reason}")):
+        LoraSpec(target_modules=("attention", "q_proj"))
+    with pytest.raises(ModelLoadError, match=re.escape(f"LoRA targets: {reason}")):
+        target_layers(tiny_llama, ("attention", "q_proj"))

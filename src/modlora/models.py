@@ -196,6 +196,14 @@ def _leaf(path: str) -> str:
     return path.rsplit(".", 1)[-1]
 
 
+def target_request_problem(requested: Sequence[str]) -> str | None:
+    """Why ``requested`` is not a valid target request (a keyword in a list of names), or None: the one statement of
+    the rule that ``--targets``, :class:`~modlora.library.adapters.LoraSpec` and :func:`target_layers` enforce."""
+    if len(requested) > 1 and set(requested) & set(TARGET_KEYWORDS):
+        return f"{ATTENTION!r} and {ALL_LINEAR!r} stand alone, not in a list of layer names; got {list(requested)!r}"
+    return None
+
+
 def target_layers(model: torch.nn.Module, requested: Sequence[str]) -> TargetLayers:
     """Resolve a ``target_modules`` request against ``model`` (the one place targets are resolved):
 
@@ -217,9 +225,8 @@ def target_layers(model: torch.nn.Module, requested: Sequence[str]) -> TargetLay
     available = ", ".join(sorted({_leaf(n) for n in linears})) or "none"
     if not requested or any(not isinstance(t, str) or not t for t in requested):
         raise ModelLoadError(f"LoRA targets must be layer names, {ATTENTION!r} or {ALL_LINEAR!r}; got {requested!r}")
-    if any(t in TARGET_KEYWORDS for t in requested) and len(requested) > 1:
-        raise ModelLoadError(f"LoRA targets {list(requested)}: {ATTENTION!r} and {ALL_LINEAR!r} stand alone, "
-                             "not in a list of layer names")
+    if problem := target_request_problem(requested):
+        raise ModelLoadError(f"LoRA targets: {problem}")
     if requested == (ATTENTION,):
         def in_attention(path: str) -> bool:
             parts = path.split(".")

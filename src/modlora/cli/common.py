@@ -16,7 +16,7 @@ from typing import Any, NoReturn
 from rich.console import Console
 
 from modlora.errors import ModloraError
-from modlora.models import ATTENTION, DEFAULT_MODEL, TARGET_KEYWORDS, check_device_name
+from modlora.models import ATTENTION, DEFAULT_MODEL, check_device_name, target_request_problem
 from modlora.reuse.methods import Registry
 from modlora.reuse.methods.core import MethodOptions, ReuseMethod, TrainingDataOptions
 
@@ -94,9 +94,8 @@ def target_list(text: str) -> tuple[str, ...]:
     """``--targets``: ``attention``, ``all-linear`` or comma-separated layer names (checked against the model once
     it loads, :func:`modlora.models.target_layers`)."""
     names = name_list(text)
-    if len(names) > 1 and set(names) & set(TARGET_KEYWORDS):
-        raise argparse.ArgumentTypeError(f"{' and '.join(TARGET_KEYWORDS)} stand alone, not in a list of layer "
-                                         f"names; got {text!r}")
+    if problem := target_request_problem(names):
+        raise argparse.ArgumentTypeError(problem)
     return names
 
 

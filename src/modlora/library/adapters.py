@@ -40,7 +40,7 @@ from safetensors.torch import save
 
 from modlora.errors import AdapterError, ModelLoadError, ModloraError
 from modlora.io import atomic_directory, atomic_write_bytes, parse_json, read_regular_file
-from modlora.models import ALL_LINEAR, ATTENTION, TARGET_KEYWORDS, hub_id, target_layers
+from modlora.models import ATTENTION, TARGET_KEYWORDS, hub_id, target_layers, target_request_problem
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -80,9 +80,8 @@ class LoraSpec:
             raise AdapterError(f"LoRA field 'lora_dropout' must be in [0, 1), got {self.dropout!r}")
         if not self.target_modules or not all(isinstance(t, str) and t for t in self.target_modules):
             raise AdapterError(f"LoRA field 'target_modules' must be a non-empty list of names, got {self.target_modules!r}")
-        if len(self.target_modules) > 1 and set(self.target_modules) & set(TARGET_KEYWORDS):
-            raise AdapterError(f"LoRA field 'target_modules': {ATTENTION!r} and {ALL_LINEAR!r} stand alone, got "
-                               f"{list(self.target_modules)!r}")
+        if problem := target_request_problem(self.target_modules):
+            raise AdapterError(f"LoRA field 'target_modules': {problem}")
         if not isinstance(self.fan_in_fan_out, bool):
             raise AdapterError(f"LoRA field 'fan_in_fan_out' must be true or false, got {self.fan_in_fan_out!r}")
         object.__setattr__(self, "target_modules", tuple(sorted(set(self.target_modules))))  # canonical order
