@@ -75,6 +75,44 @@ def test_completion_logprobs_equal_log_softmax_of_the_model(client, base) -> Non
         ids.append(chosen)
 
 
+def test_echo_with_logprobs_scores_the_prompt(client, base) -> None:
+    """``echo`` + ``logprobs`` (and ``max_tokens`` 0, as lm-evaluation-harness scores a continuation): the legacy
+    lists start with the prompt's tokens, the first without a log-probability, each next one with ``log_softmax``
+    of the model's logits before it; streamed, the echo chunk carries them; with new tokens, theirs follow."""
+    prompt = "The cat sat on the mat"
+    ids = base.tokenizer(prompt)["input_ids"]
+    with torch.no_grad():
+        ref = torch.log_softmax(base.model(torch.tensor([ids])).logits[0].float(), -1)
+    texts = [base.tokenizer.decode([t]) for t in ids]
+    r = client.completions.create(model="lib:base", prompt=prompt, max_tokens=0, echo=True, logprobs=2)
+    choice = r.choices[0]
+    lp = choice.logprobs
+    assert choice.text == prompt and choice.finish_reason == "length" and r.usage.completion_tokens == 0
+    assert lp.tokens == texts and lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
+    assert lp.text_offset == [len("".join(texts[:j])) for j in range(len(ids))]
+    for j in range(1, len(ids)):
+        assert lp.token_logprobs[j] == pytest.approx(float(ref[j - 1, ids[j]]), abs=1e-4)
+        top = torch.topk(ref[j - 1], 2)
+        want = {base.tokenizer.decode([t]): v for t, v in zip(top.indices.tolist(), top.values.tolist(), strict=True)}
+        want[texts[j]] = float(ref[j - 1, ids[j]])
+        assert lp.top_logprobs[j].keys() == want.keys()
+        assert all(lp.top_logprobs[j][k] == pytest.approx(v, abs=1e-4) for k, v in want.items())
+    more = client.completions.create(model="lib:base", prompt=prompt, max_tokens=3, echo=True, logprobs=2,
+                                     temperature=0)
+    plain = client.completions.create(model="lib:base", prompt=prompt, max_tokens=3, logprobs=2, temperature=0)
+    mlp = more.choices[0].logprobs
+    assert more.choices[0].text == prompt + plain.choices[0].text
+    assert mlp.tokens == lp.tokens + plain.choices[0].logprobs.tokens
+    assert mlp.token_logprobs[1:] == pytest.approx(lp.token_logprobs[1:] + plain.choices[0].logprobs.token_logprobs,
+                                                   abs=1e-5)
+    assert mlp.text_offset[len(ids):] == [len(prompt) + o for o in plain.choices[0].logprobs.text_offset]
+    chunks = list(client.completions.create(model="lib:base", prompt=prompt, max_tokens=3, echo=True, logprobs=2,
+                                            temperature=0, stream=True))
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == more.choices[0].text
+    streamed = [t for c in chunks if c.choices and c.choices[0].logprobs for t in c.choices[0].logprobs.tokens]
+    assert streamed == mlp.tokens and chunks[0].choices[0].text == prompt
+
+
 def test_chat_logprobs_in_openai_shape(client, base) -> None:
     messages = [{"role": "user", "content": "hi"}]
     r = client.chat.completions.create(model="lib:base", messages=messages, max_tokens=4, temperature=0,
@@ -365,7 +403,9 @@ REFUSED = [  # (path, body fields, the field the 400 names, a needle)
     ("/v1/completions", {"stop_token_ids": [True]}, "stop_token_ids.0", "integer"),
     ("/v1/completions", {"logprobs": 21}, "logprobs", "less than or equal to 20"),
     ("/v1/completions", {"logprobs": True}, "logprobs", "integer"),
-    ("/v1/completions", {"echo": True, "logprobs": 1}, "echo", "not supported"),
+    ("/v1/completions", {"max_tokens": 0}, "max_tokens", "needs echo: true"),
+    ("/v1/completions", {"max_tokens": -1, "echo": True}, "max_tokens", "greater than or equal to 0"),
+    ("/v1/chat/completions", {"max_tokens": 0}, "max_tokens", "greater than or equal to 1"),
     ("/v1/completions", {"best_of": 2}, "best_of", "unknown"),
     ("/v1/completions", {"response_format": {"type": "xml"}}, "response_format.type", "unsupported value"),
     ("/v1/completions", {"response_format": {"type": "json_schema"}}, "response_format", "json_schema is given"),

@@ -103,6 +103,48 @@ def test_packed_chunked_reading_with_prefix_cache_matches_generate(workdir, pref
     assert engine.stats.prefills >= 2
 
 
+@pytest.mark.parametrize("prefill_tokens", [5, 256])
+def test_prompt_logprobs_equal_the_routed_models_log_softmax(workdir, prefill_tokens) -> None:
+    """``prompt_logprobs``: each prompt token's log-probability (and the top 3) under Arrow routing equals
+    ``log_softmax`` of one full forward of the routed model, whether the prompt is read whole or in 5-token chunks
+    packed with other prompts (and after a prefix-cache warm-up, which such a request does not use); ``max_tokens``
+    0 ends after the prompt with nothing sampled."""
+    lm = load_base_model(str(workdir / "model"), device="cpu")
+    opts = EngineOptions(max_batch=4, batch_wait_s=0.05, prefill_tokens=prefill_tokens, prefix_block=4)
+    engine = Engine(lm, workdir / "lib", opts).start()
+    prompts = [SHARED + "Input: cat", SHARED + "Input: a much longer question about dogs?"]
+    plan = RoutingRequest(top_k=2)
+    try:
+        _run(engine, [SHARED + "Input: warm"], 2, plan)
+        jobs = []
+        for p, max_tokens in zip(prompts, (0, 3), strict=True):
+            c = Collector()
+            params = SamplingParams(max_tokens=max_tokens, temperature=0, prompt_logprobs=3)
+            jobs.append((engine.submit(engine.tokenizer(p)["input_ids"], params, "lib", plan, c), c))
+        ends = [c.wait() for _, c in jobs]
+    finally:
+        engine.stop()
+    ref_lm = load_base_model(str(workdir / "model"), device="cpu")
+    reuse = prepare_model(ref_lm, ExpertLibrary(workdir / "lib"), "arrow", {"top_k": 2})
+    for (req, c), end, max_tokens in zip(jobs, ends, (0, 3), strict=True):
+        assert end.error is None and (max_tokens > 0 or end.finish_reason == "length")
+        assert len(req.generated) <= max_tokens and end.usage.completion_tokens == len(req.generated)
+        scored = [e.prompt_logprobs for e in c.events if e.prompt_logprobs is not None]
+        assert len(scored) == 1
+        ids = req.prompt_ids
+        with torch.no_grad():
+            ref = torch.log_softmax(reuse(torch.tensor([ids])).logits[0].float(), -1)
+        entries = scored[0]
+        assert [e.token for e in entries] == ids[1:] and [e.offset for e in entries] == list(range(1, len(ids)))
+        for e in entries:
+            row = ref[e.offset - 1]
+            assert e.logprob == pytest.approx(float(row[e.token]), abs=1e-4)
+            top = torch.topk(row, 3)
+            assert [t for t, _ in e.top] == top.indices.tolist()
+            assert [v for _, v in e.top] == pytest.approx(top.values.tolist(), abs=1e-4)
+    assert len(jobs[0][0].generated) == 0 and jobs[0][1].events[-1].usage.completion_tokens == 0
+
+
 def test_prefix_cache_keeps_routing_telemetry(workdir) -> None:
     """A request whose prompt comes partly from the prefix cache reports the same routing telemetry as one that
     read its whole prompt (the cached blocks carry their routing sums)."""

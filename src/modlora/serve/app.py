@@ -1,5 +1,6 @@
 """The OpenAI-compatible HTTP API (FastAPI): ``/v1/models``, ``/v1/completions``, ``/v1/chat/completions`` (with
-``n``, ``logprobs``, ``echo``, the penalties, ``logit_bias``, ``stop_token_ids`` and ``response_format``: see
+``n``, ``logprobs``, ``echo`` (with ``logprobs``: the prompt's too; ``max_tokens`` 0 scores the prompt alone, as
+lm-evaluation-harness asks), the penalties, ``logit_bias``, ``stop_token_ids`` and ``response_format``: see
 :mod:`modlora.serve.sampling`), ``/metrics`` (Prometheus), ``/tokenize``, ``/detokenize``, ``/version`` and vLLM's
 ``/v1/load_lora_adapter`` / ``/v1/unload_lora_adapter`` (``modlora import`` / ``remove`` over HTTP, when allowed).
 
@@ -163,6 +164,7 @@ class CompletionRequest(_Common):
     prompt: str | Items[str]
     echo: bool = False
     logprobs: int | None = Field(default=None, ge=0, le=MAX_LOGPROBS)
+    max_tokens: int | None = Field(default=None, ge=0, le=MAX_TOKEN_COUNT)   # 0: score the echoed prompt only
 
 
 class TextPart(_Strict):
@@ -484,11 +486,12 @@ def create_app(engine: Engine, options: ServerOptions | None = None) -> FastAPI:
                 raise RequestError("give one prompt per request (a list of several prompts is not supported)",
                                    param="prompt")
             prompt = prompt[0]
-        if body.echo and body.logprobs is not None:
-            raise RequestError("echo: echo with logprobs (the prompt's log-probabilities) is not supported; ask for "
-                               "one of them", param="echo")
+        if body.max_tokens == 0 and not body.echo:
+            raise RequestError("max_tokens: 0 (read the prompt, sample nothing) needs echo: true; otherwise give at "
+                               "least 1", param="max_tokens")
         ids = await run_in_threadpool(lambda: engine.tokenizer(prompt, add_special_tokens=True)["input_ids"])
-        return await _generate(request, body, ids, False, body.logprobs, prompt if body.echo else "")
+        return await _generate(request, body, ids, False, body.logprobs, prompt if body.echo else "",
+                               body.logprobs if body.echo else None)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> Any:
@@ -515,7 +518,8 @@ def create_app(engine: Engine, options: ServerOptions | None = None) -> FastAPI:
         return engine.tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"]
 
     def _sampling(body: CompletionRequest | ChatRequest, max_tokens: int, stop: list[str], seed: int | None,
-                  logprobs: int | None, constraint: GrammarConstraint | None) -> SamplingParams:
+                  logprobs: int | None, prompt_logprobs: int | None, constraint: GrammarConstraint | None
+                  ) -> SamplingParams:
         """The request's decoding; a ``top_p`` at most 1/vocabulary keeps the most likely token alone (its mass is at
         least 1/vocabulary), which is greedy decoding, exactly."""
         greedy = body.top_p * vocab_size <= 1
@@ -524,7 +528,7 @@ def create_app(engine: Engine, options: ServerOptions | None = None) -> FastAPI:
             top_k=max(body.top_k, 0), min_p=body.min_p, repetition_penalty=body.repetition_penalty,
             presence_penalty=body.presence_penalty, frequency_penalty=body.frequency_penalty,
             logit_bias=_logit_bias(body.logit_bias), stop_token_ids=_token_ids(body.stop_token_ids, "stop_token_ids"),
-            logprobs=logprobs, constraint=constraint)
+            logprobs=logprobs, prompt_logprobs=prompt_logprobs, constraint=constraint)
 
     def _token_ids(ids: list[int] | None, param: str) -> tuple[int, ...]:
         """``ids`` checked against the vocabulary (a 400 naming the first one outside it)."""
@@ -552,7 +556,7 @@ def create_app(engine: Engine, options: ServerOptions | None = None) -> FastAPI:
         return await run_in_threadpool(grammars.json, fmt.json_schema.schema_, "response_format.json_schema.schema")
 
     async def _generate(request: Request, body: CompletionRequest | ChatRequest, ids: list[int], chat: bool,
-                        logprobs: int | None, echo: str = "") -> Any:
+                        logprobs: int | None, echo: str = "", prompt_logprobs: int | None = None) -> Any:
         arrived = time.monotonic()
         stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
         if len(stop) > 4 or any(not s for s in stop):
@@ -573,20 +577,21 @@ def create_app(engine: Engine, options: ServerOptions | None = None) -> FastAPI:
         try:
             for i in range(body.n):       # choice i draws with seed + i: choice 0 is the n=1 answer
                 seed = None if body.seed is None else body.seed + i
-                reqs.append(engine.submit(ids, _sampling(body, max_tokens, stop, seed, logprobs, constraint),
-                                          body.model, plan, asyncio_emitter(loop, events, i)))
+                sampling = _sampling(body, max_tokens, stop, seed, logprobs, prompt_logprobs, constraint)
+                reqs.append(engine.submit(ids, sampling, body.model, plan, asyncio_emitter(loop, events, i)))
         except RequestError:
             for req in reqs:
                 req.cancelled = True
             raise
         metrics.admitted(len(ids))
         reply = _Reply(("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24], int(time.time()), body.model, chat,
-                       echo, len(ids), arrived, body.n, _token_text)
+                       echo, ids, arrived, body.n, _token_text)
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
             return StreamingResponse(_stream(reqs, events, reply, include_usage), media_type="text/event-stream")
         texts = [echo] * body.n
         tokens: list[list[TokenLogprob]] = [[] for _ in reqs]
+        prompts: list[tuple[TokenLogprob, ...] | None] = [None] * body.n
         ends: list[Event | None] = [None] * body.n
         watch = asyncio.ensure_future(_watch_disconnect(request, events))
         try:
@@ -607,6 +612,8 @@ def create_app(engine: Engine, options: ServerOptions | None = None) -> FastAPI:
                     raise ev.error
                 texts[i] += ev.delta
                 tokens[i] += ev.logprobs
+                if ev.prompt_logprobs is not None:
+                    prompts[i] = ev.prompt_logprobs
                 if ev.finish_reason is not None:
                     ends[i] = ev
         except asyncio.CancelledError:
@@ -616,7 +623,7 @@ def create_app(engine: Engine, options: ServerOptions | None = None) -> FastAPI:
         finally:
             watch.cancel()
         finished = [e for e in ends if e is not None]
-        choices = [reply.choice(i, texts[i], ends[i], tokens[i] if logprobs is not None else None)
+        choices = [reply.choice(i, texts[i], ends[i], tokens[i] if logprobs is not None else None, prompts[i])
                    for i in range(body.n)]
         return {"id": reply.rid, "object": reply.kind, "created": reply.created, "model": body.model,
                 "choices": choices, "usage": reply.usage(finished), "routing": _routing(finished[0])}
@@ -645,12 +652,13 @@ def create_app(engine: Engine, options: ServerOptions | None = None) -> FastAPI:
         logged in one line."""
         sent, ends = 0, [None] * reply.n
         wants_logprobs = reqs[0].sampling.logprobs is not None
+        scores_prompt = reqs[0].sampling.prompt_logprobs is not None      # the echo waits for its logprobs
         finished: list[Event] = []
         try:
             for i in range(reply.n):
                 if reply.chat:
                     yield reply.chunk(i, None, None, None, first=True)
-                elif reply.echo:
+                elif reply.echo and not scores_prompt:
                     yield reply.chunk(i, reply.echo, None, None)
             while len(finished) < reply.n:
                 item = await events.get()
@@ -664,6 +672,8 @@ def create_app(engine: Engine, options: ServerOptions | None = None) -> FastAPI:
                     err = {"error": {"message": str(ev.error), "type": "server_error", "code": ev.error.code}}
                     yield f"data: {json.dumps(err)}\n\n"
                     return
+                if ev.prompt_logprobs is not None:
+                    yield reply.chunk(i, reply.echo, None, [], prompt=ev.prompt_logprobs)
                 if ev.delta or ev.logprobs or ev.token_routing:
                     sent += 1
                     routed = {"routing": {"tokens": list(ev.token_routing)}} if ev.token_routing else {}
@@ -692,15 +702,15 @@ def create_app(engine: Engine, options: ServerOptions | None = None) -> FastAPI:
 @dataclass
 class _Reply:
     """How one request's response is written (OpenAI's shapes): its id, model, whether it is a chat, the ``echo``d
-    prompt, ``n`` choices, and ``token_text`` (a token id's text, for logprobs); ``arrived``: when the request
-    came (``time.monotonic()``, for the metrics)."""
+    prompt, the prompt's token ids, ``n`` choices, and ``token_text`` (a token id's text, for logprobs); ``arrived``:
+    when the request came (``time.monotonic()``, for the metrics)."""
 
     rid: str
     created: int
     model: str
     chat: bool
     echo: str
-    prompt_tokens: int
+    prompt_ids: list[int]
     arrived: float
     n: int
     token_text: Callable[[int], str]
@@ -709,8 +719,11 @@ class _Reply:
     def kind(self) -> str:
         return "chat.completion" if self.chat else "text_completion"
 
-    def logprobs(self, tokens: list[TokenLogprob] | None) -> dict[str, Any] | None:
-        """OpenAI's logprobs object: chat ``{"content": [...]}``, completions the legacy four lists."""
+    def logprobs(self, tokens: list[TokenLogprob] | None, prompt: tuple[TokenLogprob, ...] | None = None
+                 ) -> dict[str, Any] | None:
+        """OpenAI's logprobs object: chat ``{"content": [...]}``, completions the legacy four lists, which start
+        with the echoed prompt's tokens when ``prompt`` (prompt tokens 1 … L − 1) is given: the first has no
+        log-probability (``None``), and their text offsets add up their tokens' texts."""
         if tokens is None:
             return None
         text = self.token_text
@@ -720,13 +733,24 @@ class _Reply:
                 return {"token": s, "logprob": lp, "bytes": list(s.encode())}
             return {"content": [{**entry(t.token, t.logprob), "top_logprobs": [entry(i, v) for i, v in t.top]}
                                 for t in tokens], "refusal": None}
-        return {"tokens": [text(t.token) for t in tokens], "token_logprobs": [t.logprob for t in tokens],
-                "top_logprobs": [{**{text(i): v for i, v in t.top}, text(t.token): t.logprob} for t in tokens],
-                "text_offset": [len(self.echo) + t.offset for t in tokens]}
+        out: dict[str, Any] = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+        if prompt is not None:
+            texts = [text(t) for t in self.prompt_ids]
+            out["tokens"] += texts
+            out["token_logprobs"] += [None, *(t.logprob for t in prompt)]
+            out["top_logprobs"] += [None, *({**{text(i): v for i, v in t.top}, texts[t.offset]: t.logprob}
+                                            for t in prompt)]
+            out["text_offset"] += [sum(map(len, texts[:j])) for j in range(len(texts))]
+        out["tokens"] += [text(t.token) for t in tokens]
+        out["token_logprobs"] += [t.logprob for t in tokens]
+        out["top_logprobs"] += [{**{text(i): v for i, v in t.top}, text(t.token): t.logprob} for t in tokens]
+        out["text_offset"] += [len(self.echo) + t.offset for t in tokens]
+        return out
 
-    def choice(self, i: int, text: str, end: Event | None, tokens: list[TokenLogprob] | None) -> dict[str, Any]:
+    def choice(self, i: int, text: str, end: Event | None, tokens: list[TokenLogprob] | None,
+               prompt: tuple[TokenLogprob, ...] | None = None) -> dict[str, Any]:
         out: dict[str, Any] = {"index": i, "finish_reason": end.finish_reason if end else None,
-                               "logprobs": self.logprobs(tokens)}
+                               "logprobs": self.logprobs(tokens, prompt)}
         if self.chat:
             out["message"] = {"role": "assistant", "content": text}
         else:
@@ -736,13 +760,14 @@ class _Reply:
         return out
 
     def chunk(self, i: int, delta: str | None, finish: str | None, tokens: list[TokenLogprob] | None,
-              first: bool = False, **extra: Any) -> str:
+              first: bool = False, prompt: tuple[TokenLogprob, ...] | None = None, **extra: Any) -> str:
         if self.chat:
             d: dict[str, Any] = {"role": "assistant", "content": ""} if first else (
                 {} if delta is None else {"content": delta})
             choice = {"index": i, "delta": d, "finish_reason": finish, "logprobs": self.logprobs(tokens)}
         else:
-            choice = {"index": i, "text": delta or "", "finish_reason": finish, "logprobs": self.logprobs(tokens)}
+            choice = {"index": i, "text": delta or "", "finish_reason": finish,
+                      "logprobs": self.logprobs(tokens, prompt)}
         payload = {"id": self.rid, "object": self.kind + (".chunk" if self.chat else ""),
                    "created": self.created, "model": self.model, "choices": [choice], **extra}
         return f"data: {json.dumps(payload)}\n\n"
@@ -752,8 +777,8 @@ class _Reply:
         if any(e.usage is None for e in ends):
             return None
         completion = sum(e.usage.completion_tokens for e in ends if e.usage is not None)
-        return {"prompt_tokens": self.prompt_tokens, "completion_tokens": completion,
-                "total_tokens": self.prompt_tokens + completion}
+        prompt = len(self.prompt_ids)
+        return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
 
 async def _watch_disconnect(request: Request, events: asyncio.Queue[tuple[int, Event] | None]) -> None:

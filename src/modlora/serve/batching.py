@@ -38,6 +38,7 @@ from transformers import Cache
 
 from modlora.errors import ModloraError
 from modlora.serve.decoding import GenerationRequest
+from modlora.serve.requests import TokenLogprob
 from modlora.serve.telemetry import RoutingTally
 
 MASK_KINDS = {"sdpa": "bool", "eager": "additive"}      # attention implementations and the 4-D masks they take
@@ -94,7 +95,8 @@ class KVShape:
 class PromptRead:
     """A prompt being read: its request, keys/values ``kv`` (layers, 2, heads, prompt length, head_dim), how many
     tokens are in it (``done``; the first ``reused`` came from the prefix cache), its prefix-cache ``key`` (None:
-    not cached) and the routing tally of each of its blocks (own experts), for the prefix cache."""
+    not cached), the routing tally of each of its blocks (own experts), for the prefix cache, and the prompt
+    tokens' log-probabilities read so far (``SamplingParams.prompt_logprobs``)."""
 
     req: GenerationRequest
     kv: torch.Tensor
@@ -102,6 +104,7 @@ class PromptRead:
     reused: int = 0
     key: Hashable | None = None
     blocks: list[RoutingTally | None] = field(default_factory=list)
+    logprobs: list[TokenLogprob] = field(default_factory=list)
 
     @property
     def length(self) -> int:

@@ -43,7 +43,7 @@ from modlora.serve.batching import KVShape, Piece, PrefixCache, PromptRead, Slot
 from modlora.serve.catalogue import Catalogue
 from modlora.serve.decoding import GenerationRequest, eos_token_ids
 from modlora.serve.requests import EngineOptions, EngineStats, Event, RequestError, RoutingRequest, SamplingParams
-from modlora.serve.sampling import TokenChoice, choose_tokens
+from modlora.serve.sampling import TokenChoice, choose_tokens, prompt_logprobs
 from modlora.serve.served import ServedMethod
 from modlora.serve.snapshots import ExpertPool, ExpertVersion, Snapshot
 from modlora.serve.telemetry import RoutingTally, TokenRoutingLog
@@ -284,11 +284,12 @@ class Engine:
 
     def _start_reading(self, req: GenerationRequest) -> PromptRead:
         """A prompt about to be read, with the blocks the prefix cache holds for it copied in (and their routing
-        telemetry added to the request's). A request that wants per-token telemetry reads its whole prompt."""
+        telemetry added to the request's). A request that wants per-token telemetry or its prompt's log-probabilities
+        reads its whole prompt."""
         kv = self._slots.shape.empty(self._slots.shape.heads, len(req.prompt_ids))
         read = PromptRead(req, kv, key=self._prefix_key(req))
         self.stats.prompt_tokens += len(req.prompt_ids)
-        if req.plan.per_token:
+        if req.plan.per_token or req.sampling.prompt_logprobs is not None:
             return read
         blocks = self._prefix.lookup(read.key, req.prompt_ids)
         if blocks:
@@ -344,25 +345,54 @@ class Engine:
                     seg_of.append((i, pos // bs))
                 token_rows.append(i)
                 segments.append(len(seg_of) - 1)
-        finished = [i for i, p in enumerate(pieces) if p.end == p.read.length]
-        last = [sum(q.count for q in pieces[:i + 1]) - 1 for i in finished]
+        # the packed positions whose logits are kept: every position of a prompt that wants its log-probabilities,
+        # and the last position of each prompt read to its end (its first token)
+        keep: list[int] = []
+        first_token_rows: dict[int, int] = {}          # piece → its row of the kept logits
+        offset = 0
+        for i, p in enumerate(pieces):
+            if p.read.req.sampling.prompt_logprobs is not None:
+                keep += range(offset, offset + p.count)
+            elif p.end == p.read.length:
+                keep.append(offset + p.count - 1)
+            if p.end == p.read.length:
+                first_token_rows[i] = len(keep) - 1
+            offset += p.count
         inputs = packed_inputs(pieces, self._slots.shape)
         routed = self._route([p.read.req for p in pieces], token_rows, segments)
-        logits = self._logits(inputs, last)
+        logits = self._logits(inputs, keep)
         tel = self._telemetry(routed)
         if tel is not None:
             self._tally_pieces(pieces, seg_of, tel)
+        row = 0
         for p in pieces:
             p.read.done = p.end
-        done = [pieces[i].read for i in finished]
+            k = p.read.req.sampling.prompt_logprobs
+            if k is not None:         # row j predicts prompt token start + j + 1 (the last row: the first new token)
+                targets = p.read.req.prompt_ids[p.start + 1:p.end + 1]
+                p.read.logprobs += prompt_logprobs(logits[row:row + len(targets)], targets, k, p.start + 1)
+                row += p.count
+            elif p.end == p.read.length:
+                row += 1
+        done = [pieces[i].read for i in first_token_rows]
         for read in done:
             if read.key is not None:
                 self._prefix.insert(read.key, read.req.prompt_ids, read.kv,
                                     read.blocks + [None] * (read.length // bs - len(read.blocks)))
+            if read.req.sampling.prompt_logprobs is not None:
+                read.req.emit(Event(prompt_logprobs=tuple(read.logprobs)))
         self._reading = [r for r in self._reading if r not in done]
-        if done:
-            self._add_tokens([r.req for r in done], logits)
-        for read in done:
+        scored = [r for r in done if r.req.sampling.max_tokens == 0]       # the prompt only: nothing to sample
+        for read in scored:
+            read.req.finish("length", "", routing=read.req.telemetry(self.options.telemetry_top, self.num_layers,
+                                                                     self.tokenizer))
+            self._release(read.req)
+        sampling = [i for i in first_token_rows if pieces[i].read not in scored]
+        if sampling:
+            self._add_tokens([pieces[i].read.req for i in sampling],
+                             logits[torch.tensor([first_token_rows[i] for i in sampling], device=logits.device)])
+        for i in sampling:
+            read = pieces[i].read
             self._slots.join(read.kv, read.length)
             self.rows.append(read.req)
 

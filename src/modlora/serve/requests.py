@@ -47,8 +47,10 @@ class SamplingParams:
     strings and an optional ``seed`` (0…``MAX_SEED``) for the request's own random generator; ``top_k`` (0: no
     limit), ``min_p`` in [0, 1], ``repetition_penalty`` (1: none), ``presence_penalty`` and ``frequency_penalty``,
     ``logit_bias`` ``(token, bias)`` pairs, ``stop_token_ids`` that end the output (not part of its text),
-    ``logprobs`` (None: none; k: the chosen token's log-probability and the k most likely) and a grammar
-    ``constraint`` (``response_format``)."""
+    ``logprobs`` (None: none; k: the chosen token's log-probability and the k most likely), ``prompt_logprobs``
+    (None: none; k: each prompt token's log-probability after the tokens before it, and the k most likely there;
+    the first token has none) and a grammar ``constraint`` (``response_format``). ``max_tokens`` 0 reads the prompt
+    and samples nothing (to score it with ``prompt_logprobs``)."""
 
     max_tokens: int
     temperature: float = 1.0
@@ -63,6 +65,7 @@ class SamplingParams:
     logit_bias: tuple[tuple[int, float], ...] = ()
     stop_token_ids: tuple[int, ...] = ()
     logprobs: int | None = None
+    prompt_logprobs: int | None = None
     constraint: GrammarConstraint | None = None
 
 
@@ -79,7 +82,8 @@ class Usage:
 @dataclass(frozen=True)
 class TokenLogprob:
     """A generated token with its log-probability under the model's raw distribution, the ``top`` ``(token,
-    logprob)`` pairs (most likely first) and ``offset``, where its text starts in the output."""
+    logprob)`` pairs (most likely first) and ``offset``, where its text starts in the output (a prompt token's:
+    its position in the prompt)."""
 
     token: int
     logprob: float
@@ -93,7 +97,8 @@ class Event:
     text it brings, when asked); or the end (``finish_reason``, usage, telemetry and ``first_token_at``, the
     ``time.monotonic()`` of its first token); or an ``error``. ``sampled``: tokens sampled since the previous
     event; ``token_routing`` (``routing.per_token``): the entries of the tokens read since the previous event
-    (:meth:`~modlora.serve.telemetry.TokenRoutingLog.to_json`)."""
+    (:meth:`~modlora.serve.telemetry.TokenRoutingLog.to_json`); ``prompt_logprobs`` (``SamplingParams.prompt_logprobs``,
+    once, when the prompt has been read): prompt tokens 1 … L − 1 (L: the prompt's length)."""
 
     delta: str = ""
     finish_reason: str | None = None
@@ -104,6 +109,7 @@ class Event:
     sampled: int = 0
     first_token_at: float | None = None
     token_routing: tuple[dict[str, Any], ...] = ()
+    prompt_logprobs: tuple[TokenLogprob, ...] | None = None
 
 
 @dataclass

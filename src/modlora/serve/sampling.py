@@ -28,7 +28,7 @@ from typing import Any
 
 import torch
 
-from modlora.serve.requests import RequestError, SamplingParams
+from modlora.serve.requests import RequestError, SamplingParams, TokenLogprob
 
 
 @dataclass(frozen=True)
@@ -140,12 +140,26 @@ def choose_tokens(logits: torch.Tensor, rows: Sequence[RowSampler]) -> list[Toke
         choice = TokenChoice(token)
         k = row.params.logprobs
         if k is not None and raw is not None:
-            top = torch.topk(raw[b], k) if k else None
-            choice = TokenChoice(token, float(raw[b, token]), () if top is None else tuple(
-                zip(top.indices.tolist(), top.values.tolist(), strict=True)))
+            choice = TokenChoice(token, *ranked(raw[b], token, k))
         row.accept(token)
         out.append(choice)
     return out
+
+
+def ranked(logprobs: torch.Tensor, token: int, k: int) -> tuple[float, tuple[tuple[int, float], ...]]:
+    """``token``'s entry of ``logprobs`` (V,) and the ``k`` largest entries as ``(token, logprob)`` pairs, largest
+    first."""
+    if not k:
+        return float(logprobs[token]), ()
+    top = torch.topk(logprobs, k)
+    return float(logprobs[token]), tuple(zip(top.indices.tolist(), top.values.tolist(), strict=True))
+
+
+def prompt_logprobs(logits: torch.Tensor, targets: Sequence[int], k: int, start: int) -> list[TokenLogprob]:
+    """The log-probability of each prompt token under the logits (n, V) of the positions before it: row i predicts
+    ``targets[i]``, the prompt's token at position ``start + i``; with the ``k`` most likely there."""
+    raw = torch.log_softmax(logits.float(), dim=-1)
+    return [TokenLogprob(token, *ranked(raw[i], token, k), offset=start + i) for i, token in enumerate(targets)]
 
 
 def _allowed(matcher: Any, vocab: int) -> torch.Tensor:
