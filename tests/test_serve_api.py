@@ -113,6 +113,29 @@ def test_echo_with_logprobs_scores_the_prompt(client, base) -> None:
     assert streamed == mlp.tokens and chunks[0].choices[0].text == prompt
 
 
+def test_loglikelihood_as_lm_evaluation_harness_asks(served, base) -> None:
+    """lm-evaluation-harness's ``local-completions`` loglikelihood request (token-id prompt, ``echo``, ``logprobs``
+    1, ``max_tokens`` 1) and its parser: ``sum(token_logprobs[ctxlen:-1])`` is the continuation's log-likelihood
+    given the context, as one full forward gives it, and its greedy flag says whether each token was the argmax."""
+    context = base.tokenizer("Question: is the sky blue? Answer:")["input_ids"]
+    continuation = base.tokenizer(" yes it is", add_special_tokens=False)["input_ids"]
+    ids = context + continuation
+    body = {"model": "lib:base", "prompt": [ids], "temperature": 0, "max_tokens": 1, "logprobs": 1, "seed": 1234,
+            "echo": True}
+    r = httpx.post(served.url + "/completions", json=body, timeout=60)
+    assert r.status_code == 200, r.text
+    lp = r.json()["choices"][0]["logprobs"]
+    assert len(lp["token_logprobs"]) == len(ids) + 1
+    with torch.no_grad():
+        ref = torch.log_softmax(base.model(torch.tensor([ids])).logits[0].float(), -1)
+    want = sum(float(ref[j - 1, ids[j]]) for j in range(len(context), len(ids)))
+    assert sum(lp["token_logprobs"][len(context):-1]) == pytest.approx(want, abs=1e-3)
+    greedy = all(t == max(top.values()) for t, top in zip(lp["token_logprobs"][len(context):-1],
+                                                           lp["top_logprobs"][len(context):-1], strict=True))
+    assert greedy == all(int(ref[j - 1].argmax()) == ids[j] for j in range(len(context), len(ids)))
+    assert r.json()["choices"][0]["text"].startswith(base.tokenizer.decode(ids))
+
+
 def test_chat_logprobs_in_openai_shape(client, base) -> None:
     messages = [{"role": "user", "content": "hi"}]
     r = client.chat.completions.create(model="lib:base", messages=messages, max_tokens=4, temperature=0,
@@ -407,6 +430,9 @@ REFUSED = [  # (path, body fields, the field the 400 names, a needle)
     ("/v1/completions", {"max_tokens": -1, "echo": True}, "max_tokens", "greater than or equal to 0"),
     ("/v1/chat/completions", {"max_tokens": 0}, "max_tokens", "greater than or equal to 1"),
     ("/v1/completions", {"best_of": 2}, "best_of", "unknown"),
+    ("/v1/completions", {"prompt": [5, 100]}, "prompt", "prompt.1: 100 is not a token id"),
+    ("/v1/completions", {"prompt": [[5], [6]]}, "prompt", "one prompt per request"),
+    ("/v1/completions", {"prompt": []}, "prompt", "the prompt is empty"),
     ("/v1/completions", {"response_format": {"type": "xml"}}, "response_format.type", "unsupported value"),
     ("/v1/completions", {"response_format": {"type": "json_schema"}}, "response_format", "json_schema is given"),
     ("/v1/completions", {"response_format": {"type": "json_schema", "json_schema": {"name": "x"}}},

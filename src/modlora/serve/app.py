@@ -161,7 +161,7 @@ class _Common(_Strict):
 
 
 class CompletionRequest(_Common):
-    prompt: str | Items[str]
+    prompt: str | Items[str] | Items[int] | Items[Items[int]]     # text or token ids; one prompt per request
     echo: bool = False
     logprobs: int | None = Field(default=None, ge=0, le=MAX_LOGPROBS)
     max_tokens: int | None = Field(default=None, ge=0, le=MAX_TOKEN_COUNT)   # 0: score the echoed prompt only
@@ -481,7 +481,7 @@ def create_app(engine: Engine, options: ServerOptions | None = None) -> FastAPI:
     async def completions(request: Request) -> Any:
         body = parse_request(await read_body(request, options.max_body_bytes), CompletionRequest)
         prompt = body.prompt
-        if isinstance(prompt, list):
+        if isinstance(prompt, list) and prompt and not isinstance(prompt[0], int):
             if len(prompt) != 1:
                 raise RequestError("give one prompt per request (a list of several prompts is not supported)",
                                    param="prompt")
@@ -489,8 +489,13 @@ def create_app(engine: Engine, options: ServerOptions | None = None) -> FastAPI:
         if body.max_tokens == 0 and not body.echo:
             raise RequestError("max_tokens: 0 (read the prompt, sample nothing) needs echo: true; otherwise give at "
                                "least 1", param="max_tokens")
-        ids = await run_in_threadpool(lambda: engine.tokenizer(prompt, add_special_tokens=True)["input_ids"])
-        return await _generate(request, body, ids, False, body.logprobs, prompt if body.echo else "",
+        if isinstance(prompt, str):
+            text = prompt
+            ids = await run_in_threadpool(lambda: engine.tokenizer(text, add_special_tokens=True)["input_ids"])
+        else:                                  # token ids, read as given (no special tokens added)
+            ids = list(_token_ids(prompt, "prompt"))
+            text = await run_in_threadpool(engine.tokenizer.decode, ids) if body.echo else ""
+        return await _generate(request, body, ids, False, body.logprobs, text if body.echo else "",
                                body.logprobs if body.echo else None)
 
     @app.post("/v1/chat/completions")
