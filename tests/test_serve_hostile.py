@@ -148,7 +148,7 @@ def test_hostile_request_is_refused_and_the_next_one_served(served, expected, pa
 
 @pytest.mark.parametrize(("schema", "body"), [
     ("ChatRequest", b'{"model": "lib", "messages": [' + b",".join([b"1"] * 300_000) + b"]}"),
-    ("CompletionRequest", b'{"model": "lib", "prompt": [' + b",".join([b"1"] * 300_000) + b"]}"),
+    ("CompletionRequest", b'{"model": "lib", "prompt": [' + b",".join([b"true"] * 200_000) + b"]}"),
     ("CompletionRequest", b'{"model": "lib", "prompt": "x", "stop": [' + b",".join([b"{}"] * 300_000) + b"]}"),
     ("CompletionRequest", b"{" + b",".join(b'"%x": 1' % i for i in range(100_000)) + b"}"),
     ("CompletionRequest", b'{"model": "lib", "prompt": "x", "routing": {'
@@ -162,10 +162,17 @@ def test_a_body_of_bad_items_is_refused_at_its_first(served, expected, schema, b
     from modlora.serve import app
     with pytest.raises(ValidationError) as caught:
         getattr(app, schema).model_validate_json(body)
-    assert caught.value.error_count() <= 2                   # str | list: one per member of the union
+    assert caught.value.error_count() <= 4                   # one per member of the union (prompt: 4)
     path = "/chat/completions" if schema == "ChatRequest" else "/completions"
     r = _post(served.url, body, path)
     assert r.status_code == 400 and len(r.json()["error"]["message"]) < 200
+    _answers_normally(served.url, expected)
+
+
+def test_a_prompt_of_300_000_token_ids_is_refused_with_400(served, expected) -> None:
+    body = b'{"model": "lib", "prompt": [' + b",".join([b"1"] * 300_000) + b"]}"
+    r = _post(served.url, body)
+    assert r.status_code == 400 and "context" in r.json()["error"]["message"], r.text
     _answers_normally(served.url, expected)
 
 
