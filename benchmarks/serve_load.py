@@ -127,7 +127,8 @@ def start_server(lib: Path, args: argparse.Namespace, port: int) -> tuple[subpro
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
     cmd = ["nice", "-n", str(args.nice), sys.executable, "-m", "modlora.cli", "serve", str(lib), "--model",
            args.model, "--port", str(port), "--threads", str(args.threads), "--route-top-k", str(args.top_k),
-           "--max-batch", str(max(args.concurrency)), "--max-queue", str(4 * max(args.concurrency))]
+           "--max-batch", str(max(args.concurrency)), "--max-queue", str(4 * max(args.concurrency)),
+           "--prefill-tokens", str(args.prefill_tokens)]
     t0 = time.monotonic()
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = t0 + 300
@@ -302,6 +303,7 @@ def main() -> None:
     ap.add_argument("--experts", type=int, default=4)
     ap.add_argument("--top-k", type=int, default=2)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--prefill-tokens", type=int, default=256, help="the server's --prefill-tokens (default 256)")
     ap.add_argument("--nice", type=int, default=0, help="niceness of the server subprocess (run the script under "
                                                         "the same `nice`)")
     ap.add_argument("--data", type=Path, default=ROOT.parent / "shared" / "data" / "sni" / "heldout")

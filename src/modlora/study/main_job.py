@@ -6,10 +6,10 @@ and train the cluster experts, compute Arrow prototypes, then evaluate base vs �
 inputs (and the oracle in distribution) on the training tasks' test split, with routing accuracy, and on eight
 held-out tasks: four related to the training tasks, four not. It ends with a table a newcomer can read: how often
 each router sends a prompt to its own expert (against chance) and each paired difference with what it decides.
-Re-running reuses what exists (libraries and finished result rows), so an interrupted demo resumes. Cost, measured
-2026-12-07 with ``modlora demo --threads 1`` beside other jobs: 764 s of process CPU time (541 s training the
-private and MBC experts, EVA included; 220 s evaluating the seven rows); on 2 idle cores (``modlora demo``, the
-model cached) 476 s of wall time, within the 10-minute target.
+Re-running reuses what exists (libraries and finished result rows), so an interrupted demo resumes. Budget: 16
+steps × batch 8 per expert, the largest measured to fit the 10-minute target with room to spare: on 2 idle cores
+(``modlora demo --steps N``, the model cached, 2026-12-07) 453 s of wall time at 16 steps and 561 s at 24 (39 s
+short of the target, less than the first run's model conversion and the spread between runs).
 """
 
 from __future__ import annotations
@@ -54,6 +54,8 @@ DEMO_HELDOUT_GROUPS = {
     "task1157_bard_analogical_reasoning_rooms_for_containers": "unrelated",
     "task670_ambigqa_question_generation": "unrelated",
 }
+DEMO_STEPS = 16
+"""Training steps per expert (batch 8): the largest budget measured to fit the demo in 10 minutes on 2 idle cores."""
 DEMO_INIT = "eva"
 """The demo's initialisation of A: EVA, the one that lets Arrow route (docs/study.md, "Where Arrow starts to
 route")."""
@@ -61,7 +63,7 @@ route")."""
 
 def demo_config(model: str = DEFAULT_MODEL, tasks: Sequence[str] | None = None, steps: int | None = None
                 ) -> StudyConfig:
-    """The demo preset: 6 tasks × 12 steps (batch 8, bf16, EVA init), MBC K=3, 8 held-out tasks (4 related to the
+    """The demo preset: 6 tasks × 16 steps (batch 8, bf16, EVA init), MBC K=3, 8 held-out tasks (4 related to the
     training tasks, 4 not) × 4 examples, 4 test examples per training task. Arrow and Arrow on centred inputs route
     top-k over the private experts, k = Arrow's default (4; at most the number of tasks); Arrow routes top-K over the
     K cluster experts (K < 4)."""
@@ -71,7 +73,7 @@ def demo_config(model: str = DEFAULT_MODEL, tasks: Sequence[str] | None = None, 
     rows = [["-", "base"], ["private", "mu"], ["private", "arrow", {"top_k": top_k}],
             ["private", "arrow-centred", {"top_k": top_k}], ["private", "oracle"],
             ["mbc", "mu"], ["mbc", "arrow", {"top_k": min(top_k, k)}]]
-    return StudyConfig(name="demo", model=model, dtype="bfloat16", train_tasks=train, steps_per_task=steps or 12,
+    return StudyConfig(name="demo", model=model, dtype="bfloat16", train_tasks=train, steps_per_task=steps or DEMO_STEPS,
                        batch_size=8, lr=1e-3, max_prompt_tokens=256, max_target_tokens=48, max_val=6,
                        libraries=["private", "mbc"], k=k, rows=rows, heldout_tasks=list(DEMO_HELDOUT_GROUPS),
                        heldout_limit=4, indist_limit=4, max_new_tokens=20, examples_per_expert=8, init=DEMO_INIT)
