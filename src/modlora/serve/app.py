@@ -26,6 +26,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Callable
 from dataclasses import asdict, dataclass
+from itertools import accumulate
 from typing import Annotated, Any, Literal, TypeVar
 
 from fastapi import FastAPI, Request
@@ -492,11 +493,11 @@ def create_app(engine: Engine, options: ServerOptions | None = None) -> FastAPI:
         if isinstance(prompt, str):
             text = prompt
             ids = await run_in_threadpool(lambda: engine.tokenizer(text, add_special_tokens=True)["input_ids"])
+            echo = prompt if body.echo else ""
         else:                                  # token ids, read as given (no special tokens added)
             ids = list(_token_ids(prompt, "prompt"))
-            text = await run_in_threadpool(engine.tokenizer.decode, ids) if body.echo else ""
-        return await _generate(request, body, ids, False, body.logprobs, text if body.echo else "",
-                               body.logprobs if body.echo else None)
+            echo = await run_in_threadpool(engine.tokenizer.decode, ids) if body.echo else ""
+        return await _generate(request, body, ids, False, body.logprobs, echo, body.logprobs if body.echo else None)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> Any:
@@ -738,17 +739,19 @@ class _Reply:
                 return {"token": s, "logprob": lp, "bytes": list(s.encode())}
             return {"content": [{**entry(t.token, t.logprob), "top_logprobs": [entry(i, v) for i, v in t.top]}
                                 for t in tokens], "refusal": None}
+        def top(t: TokenLogprob) -> dict[str, float]:
+            return {**{text(i): v for i, v in t.top}, text(t.token): t.logprob}
+
         out: dict[str, Any] = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
         if prompt is not None:
             texts = [text(t) for t in self.prompt_ids]
             out["tokens"] += texts
             out["token_logprobs"] += [None, *(t.logprob for t in prompt)]
-            out["top_logprobs"] += [None, *({**{text(i): v for i, v in t.top}, texts[t.offset]: t.logprob}
-                                            for t in prompt)]
-            out["text_offset"] += [sum(map(len, texts[:j])) for j in range(len(texts))]
+            out["top_logprobs"] += [None, *map(top, prompt)]
+            out["text_offset"] += list(accumulate(map(len, texts[:-1]), initial=0))
         out["tokens"] += [text(t.token) for t in tokens]
         out["token_logprobs"] += [t.logprob for t in tokens]
-        out["top_logprobs"] += [{**{text(i): v for i, v in t.top}, text(t.token): t.logprob} for t in tokens]
+        out["top_logprobs"] += list(map(top, tokens))
         out["text_offset"] += [len(self.echo) + t.offset for t in tokens]
         return out
 

@@ -348,10 +348,12 @@ class Engine:
         # the packed positions whose logits are kept: every position of a prompt that wants its log-probabilities,
         # and the last position of each prompt read to its end (its first token)
         keep: list[int] = []
-        first_token_rows: dict[int, int] = {}          # piece → its row of the kept logits
+        scored_rows: dict[int, int] = {}               # piece → the row of its first position in the kept logits
+        first_token_rows: dict[int, int] = {}          # piece → the row of its last position (the first new token)
         offset = 0
         for i, p in enumerate(pieces):
             if p.read.req.sampling.prompt_logprobs is not None:
+                scored_rows[i] = len(keep)
                 keep += range(offset, offset + p.count)
             elif p.end == p.read.length:
                 keep.append(offset + p.count - 1)
@@ -364,16 +366,12 @@ class Engine:
         tel = self._telemetry(routed)
         if tel is not None:
             self._tally_pieces(pieces, seg_of, tel)
-        row = 0
-        for p in pieces:
+        for i, p in enumerate(pieces):
             p.read.done = p.end
-            k = p.read.req.sampling.prompt_logprobs
-            if k is not None:         # row j predicts prompt token start + j + 1 (the last row: the first new token)
-                targets = p.read.req.prompt_ids[p.start + 1:p.end + 1]
-                p.read.logprobs += prompt_logprobs(logits[row:row + len(targets)], targets, k, p.start + 1)
-                row += p.count
-            elif p.end == p.read.length:
-                row += 1
+            if i in scored_rows:      # row j predicts prompt token start + j + 1 (the last row: the first new token)
+                targets, row = p.read.req.prompt_ids[p.start + 1:p.end + 1], scored_rows[i]
+                p.read.logprobs += prompt_logprobs(logits[row:row + len(targets)], targets,
+                                                   p.read.req.sampling.prompt_logprobs, p.start + 1)
         done = [pieces[i].read for i in first_token_rows]
         for read in done:
             if read.key is not None:
@@ -384,8 +382,7 @@ class Engine:
         self._reading = [r for r in self._reading if r not in done]
         scored = [r for r in done if r.req.sampling.max_tokens == 0]       # the prompt only: nothing to sample
         for read in scored:
-            read.req.finish("length", "", routing=read.req.telemetry(self.options.telemetry_top, self.num_layers,
-                                                                     self.tokenizer))
+            self._finish(read.req, "length", "")
             self._release(read.req)
         sampling = [i for i in first_token_rows if pieces[i].read not in scored]
         if sampling:
@@ -474,7 +471,11 @@ class Engine:
     def _add_token(self, req: GenerationRequest, choice: TokenChoice) -> None:
         end = req.add_token(choice, self.tokenizer, self.eos_ids)
         if end is not None:
-            req.finish(*end, routing=req.telemetry(self.options.telemetry_top, self.num_layers, self.tokenizer))
+            self._finish(req, *end)
+
+    def _finish(self, req: GenerationRequest, reason: str, text: str) -> None:
+        """End ``req`` with ``reason`` and its final ``text``, and its routing telemetry."""
+        req.finish(reason, text, routing=req.telemetry(self.options.telemetry_top, self.num_layers, self.tokenizer))
 
 
 def _merged(tally: RoutingTally | None, part: RoutingTally) -> RoutingTally:
