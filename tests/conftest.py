@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+from modlora.library.adapters import LoraSpec
 
 SHARED_DATA = Path(os.environ.get("MODLORA_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
 
@@ -46,17 +48,42 @@ def make_tiny_llama(vocab_size: int = 100, seed: int = 0, hidden: int = 32, laye
     return model
 
 
-def save_sharp_tiny_model(directory: Path) -> Path:
-    """:func:`save_tiny_model` with the 2-D weights scaled ×8, so that greedy text varies from token to token (the
-    served-model tests compare texts)."""
-    model = make_tiny_llama()
+def save_scaled(model: torch.nn.Module, directory: Path, factor: float) -> Path:
+    """``model`` with its 2-D weights scaled by ``factor``, saved with the character tokenizer as an HF directory."""
     with torch.no_grad():
         for p in model.parameters():
             if p.ndim == 2:
-                p.mul_(8.0)
+                p.mul_(factor)
     model.save_pretrained(directory)
     make_char_tokenizer().save_pretrained(directory)
     return directory
+
+
+def save_sharp_tiny_model(directory: Path) -> Path:
+    """:func:`save_tiny_model` with the 2-D weights scaled ×8, so that greedy text varies from token to token (the
+    served-model tests compare texts)."""
+    return save_scaled(make_tiny_llama(), directory, 8.0)
+
+
+SERVED_SPEC = LoraSpec(rank=4, alpha=16, dropout=0.0, target_modules=("q_proj", "v_proj", "gate_proj"))
+"""The served-model tests' experts: rank 4 on q_proj, v_proj and gate_proj."""
+
+
+def save_served_library(root: Path, tasks: tuple[str, ...] = ("task0", "task1", "task2"),
+                        metrics: Callable[[int], dict[str, float]] | None = None) -> Path:
+    """``root/model`` (:func:`save_sharp_tiny_model`) and ``root/lib``: expert ``e{i}`` on ``tasks[i]``, random rank-4
+    factors (seed i, std 0.4) of :data:`SERVED_SPEC`, with ``metrics(i)`` if given. Returns ``root``."""
+    from modlora.library.adapters import random_adapter
+    from modlora.library.store import ExpertLibrary
+    from modlora.models import load_base_model
+
+    save_sharp_tiny_model(root / "model")
+    lm = load_base_model(str(root / "model"), device="cpu")
+    lib = ExpertLibrary.create(root / "lib", lm.info)
+    for i, task in enumerate(tasks):
+        lib.add(f"e{i}", random_adapter(lm.model, SERVED_SPEC, seed=i, std=0.4), tasks=[task],
+                metrics=metrics(i) if metrics else None)
+    return root
 
 
 @contextlib.contextmanager

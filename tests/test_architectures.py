@@ -37,7 +37,7 @@ from modlora.reuse.merging import ties_merge
 from modlora.reuse.prepare import prepare_model
 from modlora.reuse.routing import route
 
-from .conftest import make_char_tokenizer, write_sni_task
+from .conftest import save_scaled, write_sni_task
 
 VOCAB = 100
 _COMMON = {"vocab_size": VOCAB, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
@@ -71,14 +71,7 @@ def save_tiny(kind: str, directory: Path) -> Path:
     """A tiny random model of ``kind`` with the character tokenizer, saved as an HF directory (what ``--model``
     takes). Weights are scaled up so that adapters and routing change the logits visibly."""
     torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(ARCHITECTURES[kind][0])
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.ndim == 2:
-                p.mul_(4.0)
-    model.save_pretrained(directory)
-    make_char_tokenizer().save_pretrained(directory)
-    return directory
+    return save_scaled(AutoModelForCausalLM.from_config(ARCHITECTURES[kind][0]), directory, 4.0)
 
 
 def _logits(model: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:

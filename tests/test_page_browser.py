@@ -17,14 +17,13 @@ from pathlib import Path
 import httpx
 import pytest
 
-from modlora.library.adapters import LoraSpec, random_adapter
+from modlora.library.adapters import random_adapter
 from modlora.library.store import ExpertLibrary
 from modlora.models import load_base_model
 from modlora.serve import BackgroundServer, Engine, EngineOptions, ServerOptions, create_app
 
-from .conftest import save_sharp_tiny_model
+from .conftest import SERVED_SPEC, save_served_library
 
-SPEC = LoraSpec(rank=4, alpha=16, dropout=0.0, target_modules=("q_proj", "v_proj", "gate_proj"))
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 CHROMEDRIVER = shutil.which("chromedriver") or "/usr/bin/chromedriver"
 API_KEY = "page-test-key"
@@ -50,14 +49,8 @@ needs_browser = pytest.mark.skipif(_missing_browser() is not None, reason=str(_m
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A saved tiny model (weights scaled up so greedy text varies) and a library of 3 random experts."""
-    root = tmp_path_factory.mktemp("page")
-    save_sharp_tiny_model(root / "model")
-    lm = load_base_model(str(root / "model"), device="cpu")
-    lib = ExpertLibrary.create(root / "lib", lm.info)
-    for i, task in enumerate(["summarise", "translate", "arithmetic"]):
-        lib.add(f"e{i}", random_adapter(lm.model, SPEC, seed=i, std=0.4), tasks=[task],
-                metrics={"best_val_loss": 1.5 + i / 7, "steps": 100})
-    return root
+    return save_served_library(tmp_path_factory.mktemp("page"), ("summarise", "translate", "arithmetic"),
+                               lambda i: {"best_val_loss": 1.5 + i / 7, "steps": 100})
 
 
 def _serve(workdir: Path, api_key: str | None = None):
@@ -253,7 +246,7 @@ def test_page_colours_every_token_as_the_api_routes_it(server, browser, workdir)
         browser.save_screenshot(shot)
     # live library: an expert added while the page is open is listed without a reload
     lm = load_base_model(str(workdir / "model"), device="cpu")
-    ExpertLibrary(workdir / "lib").add("e3", random_adapter(lm.model, SPEC, seed=3, std=0.4), tasks=["qa"])
+    ExpertLibrary(workdir / "lib").add("e3", random_adapter(lm.model, SERVED_SPEC, seed=3, std=0.4), tasks=["qa"])
     WebDriverWait(browser, 30).until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "#experts tbody tr")) == 4)
     assert "lib:expert:e3" in [o.get_attribute("value") for o in browser.find_elements(By.CSS_SELECTOR, "#router-0 option")]
 

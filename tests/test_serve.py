@@ -22,7 +22,7 @@ import openai
 import pytest
 import torch
 
-from modlora.library.adapters import LoraSpec, random_adapter
+from modlora.library.adapters import random_adapter
 from modlora.library.store import ExpertLibrary
 from modlora.models import load_base_model
 from modlora.reuse.prepare import prepare_model
@@ -30,22 +30,15 @@ from modlora.serve import BackgroundServer, Engine, EngineOptions, ServerOptions
 from modlora.serve.requests import RoutingRequest
 from modlora.serve.server import free_port
 
-from .conftest import save_sharp_tiny_model, served_engine
+from .conftest import SERVED_SPEC, save_served_library, served_engine
 
-SPEC = LoraSpec(rank=4, alpha=16, dropout=0.0, target_modules=("q_proj", "v_proj", "gate_proj"))
 PROMPTS = ["Hello", "The cat sat", "abc 123", "Once upon", "Zebra!", "query: x", "2+2=", "ok"]
 
 
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A saved tiny model (``model/``) and a library of 3 random experts (``lib/``)."""
-    root = tmp_path_factory.mktemp("serve")
-    save_sharp_tiny_model(root / "model")
-    lm = load_base_model(str(root / "model"), device="cpu")
-    lib = ExpertLibrary.create(root / "lib", lm.info)
-    for i in range(3):
-        lib.add(f"e{i}", random_adapter(lm.model, SPEC, seed=i, std=0.4), tasks=[f"task{i}"])
-    return root
+    return save_served_library(tmp_path_factory.mktemp("serve"))
 
 
 @pytest.fixture(scope="module")
@@ -185,7 +178,7 @@ def test_hot_add_and_remove_expert(client, server, workdir) -> None:
     gen = client.completions.create(model="lib:base", prompt="x", max_tokens=1).model_extra["routing"][
         "library_generation"]
     lm = load_base_model(str(workdir / "model"), device="cpu")
-    lib.add("e3", random_adapter(lm.model, SPEC, seed=3, std=0.4), tasks=["task3"])
+    lib.add("e3", random_adapter(lm.model, SERVED_SPEC, seed=3, std=0.4), tasks=["task3"])
     deadline = time.monotonic() + 30
     while "lib:expert:e3" not in [m.id for m in client.models.list()]:
         assert time.monotonic() < deadline, "the new expert never appeared"
@@ -215,7 +208,7 @@ def test_request_keeps_its_snapshot(workdir) -> None:
                         events.append)
     old_key = req.versions["e1"].key
     lib = ExpertLibrary(workdir / "lib")
-    lib.add("e1", random_adapter(lm.model, SPEC, seed=99, std=0.4), tasks=["task1"], overwrite=True)
+    lib.add("e1", random_adapter(lm.model, SERVED_SPEC, seed=99, std=0.4), tasks=["task1"], overwrite=True)
     try:
         engine._refresh()
         assert engine.snapshot.version("e1").key != old_key
@@ -231,7 +224,7 @@ def test_request_keeps_its_snapshot(workdir) -> None:
         assert old_key not in engine._routed_keys                        # released once the request left
     finally:
         engine.stop()
-        lib.add("e1", random_adapter(lm.model, SPEC, seed=1, std=0.4), tasks=["task1"], overwrite=True)
+        lib.add("e1", random_adapter(lm.model, SERVED_SPEC, seed=1, std=0.4), tasks=["task1"], overwrite=True)
 
 
 def test_corrupt_expert_is_never_served(workdir, tmp_path) -> None:

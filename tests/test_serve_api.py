@@ -26,8 +26,8 @@ from modlora.serve import BackgroundServer, Engine, EngineOptions, ServerOptions
 from modlora.serve.requests import SamplingParams
 from modlora.serve.sampling import RowSampler, choose_tokens
 
-from .conftest import make_tiny_llama, served_engine
-from .test_serve import SPEC, workdir  # noqa: F401 - the saved tiny model and library (a pytest fixture)
+from .conftest import SERVED_SPEC, make_tiny_llama, served_engine
+from .test_serve import workdir  # noqa: F401 - the saved tiny model and library (a pytest fixture)
 from .test_serve_hostile import Records
 
 VOCAB = 100
@@ -367,7 +367,7 @@ def test_load_and_unload_lora_adapter(workdir, tmp_path) -> None:  # noqa: F811
     library.export("e1", tmp_path / "peft_e1")
     lm = load_base_model(str(workdir / "model"), device="cpu")
     wrong = make_tiny_llama(hidden=48)                                  # another width: modlora import refuses it
-    library_of_other = random_adapter(wrong, SPEC, seed=3, std=0.4)
+    library_of_other = random_adapter(wrong, SERVED_SPEC, seed=3, std=0.4)
     from modlora.library.adapters import write_adapter_files
     (tmp_path / "wrong").mkdir()
     write_adapter_files(library_of_other, tmp_path / "wrong")

@@ -24,10 +24,9 @@ from modlora.serve.batching import KVShape, PrefixCache, SlotCache
 from modlora.serve.requests import Event, RoutingRequest, SamplingParams
 from modlora.serve.routing import BatchRouter, RowRouting
 
-from .conftest import make_tiny_llama, save_sharp_tiny_model
+from .conftest import make_tiny_llama, save_served_library
 from .test_architectures import save_tiny
 
-SPEC = LoraSpec(rank=4, alpha=16, dropout=0.0, target_modules=("q_proj", "v_proj", "gate_proj"))
 SHARED = "Definition: answer the question in one word. "
 PROMPTS = [SHARED + "Input: cat", SHARED + "Input: a much longer question about dogs?", "short",
            SHARED + "Input: cat and mouse", "Zebra! " * 6, SHARED + "Input: x"]
@@ -35,13 +34,7 @@ PROMPTS = [SHARED + "Input: cat", SHARED + "Input: a much longer question about 
 
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("engine")
-    save_sharp_tiny_model(root / "model")
-    lm = load_base_model(str(root / "model"), device="cpu")
-    lib = ExpertLibrary.create(root / "lib", lm.info)
-    for i in range(3):
-        lib.add(f"e{i}", random_adapter(lm.model, SPEC, seed=i, std=0.4), tasks=[f"task{i}"])
-    return root
+    return save_served_library(tmp_path_factory.mktemp("engine"))
 
 
 def _reference(workdir: Path, prompt: str, max_tokens: int, method: str = "arrow", **opts) -> list[int]:
