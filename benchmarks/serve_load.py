@@ -40,6 +40,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -99,6 +100,17 @@ class PromptSource:
             self.pool = [[fmt.prompt_text("", t) for t in texts]]
             self.max_tokens = args.short_max_tokens
         self.used = [0] * len(self.pool)
+
+    def check_enough(self, counts: Sequence[int]) -> None:
+        """Refuse, before any arm runs, a plan of ``take(n)`` calls (``counts``) that would run out of prompts."""
+        used = [0] * len(self.pool)
+        for n in counts:
+            for j in range(n):
+                used[j % len(self.pool)] += 1
+        short = [t for t, u in enumerate(used) if u > len(self.pool[t])]
+        if short:
+            raise SystemExit(f"{self.name}: {sum(counts)} prompts needed, but task {short[0]} has only "
+                             f"{len(self.pool[short[0]])}; use fewer --requests, --rounds or --concurrency")
 
     def take(self, count: int) -> list[str]:
         out = []
@@ -315,6 +327,9 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     lm = load_base_model(args.model, device="cpu")
     sources = {w: PromptSource(w, lm.tokenizer, args) for w in workloads}
+    plan = [args.check] + args.rounds * [max(args.requests, c) for c in [1, *args.concurrency]]   # loop, then arms
+    for src in sources.values():
+        src.check_enough(plan)
     load_start = os.getloadavg()
     with tempfile.TemporaryDirectory() as tmp:
         lib_dir = Path(tmp) / "lib"

@@ -77,7 +77,8 @@ def _run(engine: Engine, prompts: list[str], max_tokens: int, plan: RoutingReque
 @pytest.mark.parametrize("prefill_tokens", [7, 256])
 def test_packed_chunked_reading_with_prefix_cache_matches_generate(workdir, prefill_tokens) -> None:
     """Prompts read in small packed chunks (7 tokens a step: several prompts per forward, long prompts over several
-    steps between decoding steps) and with prefix-cache hits give the greedy tokens of one-at-a-time ``generate``."""
+    steps, in the same forwards as the decoding rows' next tokens) and with prefix-cache hits give the greedy tokens
+    of one-at-a-time ``generate``."""
     lm = load_base_model(str(workdir / "model"), device="cpu")
     opts = EngineOptions(max_batch=4, batch_wait_s=0.05, prefill_tokens=prefill_tokens, prefix_block=4)
     engine = Engine(lm, workdir / "lib", opts).start()
@@ -94,6 +95,8 @@ def test_packed_chunked_reading_with_prefix_cache_matches_generate(workdir, pref
         assert g == [t for t in e if t != 2][:len(g)] and len(g) == len([t for t in e if t != 2])
     assert engine.stats.reused_tokens > len(SHARED) and engine.stats.max_batch == 4
     assert engine.stats.prefills >= 2
+    if prefill_tokens == 7:
+        assert engine.stats.shared_steps > 0
 
 
 @pytest.mark.parametrize("prefill_tokens", [5, 256])
@@ -265,13 +268,13 @@ def test_a_client_that_leaves_cancels_its_request(workdir, stream) -> None:
 
     lm = load_base_model(str(workdir / "model"), device="cpu")
     engine = Engine(lm, workdir / "lib", EngineOptions(batch_wait_s=0.0)).start()
-    decode = engine._decode
+    step = engine._forward
 
-    def slow_decode() -> None:                     # 20 ms a step: 100 tokens take 2 s
+    def slow_step() -> None:                       # 20 ms a step: 100 tokens take 2 s
         time.sleep(0.02)
-        decode()
+        step()
 
-    engine._decode = slow_decode                   # type: ignore[method-assign]
+    engine._forward = slow_step                    # type: ignore[method-assign]
     try:
         with BackgroundServer(create_app(engine)) as srv:
             body = {"model": "lib", "prompt": "Hello", "max_tokens": 100, "temperature": 0, "stream": stream}
@@ -307,7 +310,8 @@ def test_ray_replicas_take_a_whole_batch_and_log_quietly() -> None:
 
 @pytest.mark.parametrize("kind", ["gpt2", "phi3", "gemma", "llama-eager"])
 def test_other_architectures_batch_and_read_packed(kind, tmp_path) -> None:
-    """Rows of different lengths decode together and prompts are read packed on other architectures too (GPT-2's
+    """Rows of different lengths decode together and prompts are read packed, in the same forwards as the decoding
+    rows, on other architectures too (GPT-2's
     learned positions and ``past_key_values`` argument, Phi-3's fused qkv, Gemma's head_dim, eager attention's
     additive masks): the greedy tokens of one-at-a-time ``generate``."""
     lm = load_base_model(str(save_tiny(kind.split("-")[0], tmp_path / "model")), device="cpu")
@@ -331,4 +335,5 @@ def test_other_architectures_batch_and_read_packed(kind, tmp_path) -> None:
         got = [g for g, _ in _run(engine, prompts, 8, RoutingRequest(top_k=1))]
     finally:
         engine.stop()
-    assert got == want and engine.stats.max_batch > 1
+    assert got == want and engine.stats.max_batch > 1 and engine.stats.shared_steps > 0
+    assert lm.model.config._attn_implementation == ("eager" if kind.endswith("eager") else "sdpa")   # given back

@@ -19,22 +19,31 @@ Layout: one tensor holds every layer's keys and values, ``(layers, 2, …, kv_he
   token budget: a prompt that shares its first blocks with an earlier one (a task's definition, a system prompt)
   reads only the rest.
 
-The cache object the model sees is :class:`StepCache` (a transformers :class:`~transformers.Cache`): the model's
-attention layers call its ``update`` with the step's new keys/values, and it writes them into the slots or the
-prompts and returns what the step attends to. Masks are 4-D booleans (``True`` = attend), built here; positions are
-given explicitly. Only models whose layers all attend to the whole context are supported (no sliding windows).
+One forward serves a whole engine step: the pieces of prompts being read, packed into one sequence, then one token
+per decoding row, ``(1, T + B)`` (each token at its own position). The cache object the model sees is
+:class:`StepCache` (a transformers :class:`~transformers.Cache`): the model's attention layers call its ``update``
+with the step's new keys/values, and it writes them into the prompts and the slots. The model's attention function
+is :func:`step_attention` (installed by :func:`install_step_attention`, which wraps the model's own SDPA or eager
+function): it attends the first ``T`` queries to the pieces' keys under a block-diagonal causal mask and the last
+``B`` queries, as a batch of B rows of one query, to their own slots, so the decoding rows and the prompts share
+the model's weight reads without attending across each other. Masks are 4-D (bool, True = attend, or additive),
+built here; positions are given explicitly. Only models whose layers all attend to the whole context are supported
+(no sliding windows).
 """
 
 from __future__ import annotations
 
+import functools
 import inspect
+import sys
 from collections import OrderedDict
 from collections.abc import Hashable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from transformers import Cache
+from transformers import AttentionInterface, Cache, PreTrainedModel
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from modlora.errors import ModloraError
 from modlora.serve.decoding import GenerationRequest
@@ -125,31 +134,31 @@ class Piece:
 
 
 class StepCache(Cache):
-    """What the model's attention layers write to and read from in one forward: either the decoding rows' slots
-    (:meth:`SlotCache.decode_inputs`) or the packed pieces of prompts (:func:`packed_inputs`).
+    """One engine step's keys/values: the ``pieces`` of prompts being read (the forward's first ``T`` tokens,
+    packed) and, when ``slots`` is given, one token per decoding row (the last ``B`` tokens; ``rows_mask`` the
+    (B, 1, 1, L) mask of their attention over their slots, None for one row). ``update`` writes both and returns
+    the pieces' keys/values (1, H, S, d), each piece's prompt up to its end in order (the rows' (B, H, L, d) when
+    there is no piece); the rows' are kept in ``rows_kv`` for :func:`step_attention`."""
 
-    A forward of one row needs no mask of ours: its queries start at ``offset`` over keys ``0 … offset + q − 1``,
-    which transformers' own causal mask expresses (and skips where it can: SDPA's causal kernel, or no mask for one
-    query, with grouped key/value heads read in place)."""
-
-    def __init__(self, slots: SlotCache | None = None, pieces: Sequence[Piece] = (), offset: int = 0) -> None:
+    def __init__(self, pieces: Sequence[Piece] = (), slots: SlotCache | None = None,
+                 rows_mask: torch.Tensor | None = None) -> None:
         super().__init__(layers=[])
-        self.slots = slots
         self.pieces = list(pieces)
-        self.offset = offset
-
-    def get_query_offset(self, layer_idx: int = 0) -> int:
-        return self.offset
-
-    def get_mask_sizes(self, query_length: int, layer_idx: int) -> tuple[int, int]:
-        return self.offset + query_length, 0
+        self.prompt_tokens = sum(p.count for p in self.pieces)
+        self.slots = slots
+        self.rows_mask = rows_mask
+        self.rows_kv: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args: Any,
                **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.slots is not None:
-            return self.slots.write(layer_idx, key_states, value_states)
+        t = self.prompt_tokens
+        if self.slots is not None:                 # (1, H, T + B, d) → the rows' (B, H, 1, d)
+            self.rows_kv = self.slots.write(layer_idx, key_states[0, :, t:].transpose(0, 1).unsqueeze(2),
+                                            value_states[0, :, t:].transpose(0, 1).unsqueeze(2))
+            if not self.pieces:
+                return self.rows_kv
         keys, values, offset = [], [], 0
-        for p in self.pieces:                          # (1, H, T, d): each piece's tokens in order
+        for p in self.pieces:                      # (1, H, T, d): each piece's tokens in order
             kv = p.read.kv[layer_idx]
             kv[0, :, p.start:p.end] = key_states[0, :, offset:offset + p.count]
             kv[1, :, p.start:p.end] = value_states[0, :, offset:offset + p.count]
@@ -160,6 +169,54 @@ class StepCache(Cache):
 
     def get_seq_length(self, layer_idx: int = 0) -> int:    # positions are always given explicitly
         raise NotImplementedError("the serving engine gives position ids explicitly")
+
+
+def step_attention(attend: Any, module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor,
+                   value: torch.Tensor, attention_mask: torch.Tensor | None, *,
+                   modlora_step: StepCache | None = None, **kwargs: Any) -> tuple[torch.Tensor, None]:
+    """The model's attention ``attend`` (its SDPA or eager function) over an engine step (``modlora_step``, passed
+    as a forward argument): queries (1, Hq, T + B, d); the first T, piece by piece, attend to their piece's part of
+    ``key``/``value`` (the pieces' keys in order) under its block of ``attention_mask``; the last B — one per
+    decoding row, as a (B, Hq, 1, d) batch — to their slots. Output (1, T + B, Hq, d). Without a step (any other
+    forward of the model): ``attend`` itself."""
+    if modlora_step is None:
+        return attend(module, query, key, value, attention_mask, **kwargs)
+    t, parts = modlora_step.prompt_tokens, []
+    q0 = k0 = 0
+    for p in modlora_step.pieces:        # one call per piece: no work on the block-diagonal mask's zero blocks
+        assert attention_mask is not None
+        parts.append(attend(module, query[:, :, q0:q0 + p.count], key[:, :, k0:k0 + p.end],
+                            value[:, :, k0:k0 + p.end], attention_mask[:, :, q0:q0 + p.count, k0:k0 + p.end],
+                            **kwargs)[0])
+        q0, k0 = q0 + p.count, k0 + p.end
+    if modlora_step.rows_kv is not None:
+        rows_key, rows_value = modlora_step.rows_kv
+        rows_query = query[0, :, t:].transpose(0, 1).unsqueeze(2)
+        parts.append(attend(module, rows_query, rows_key, rows_value, modlora_step.rows_mask, **kwargs)[0]
+                     .transpose(0, 1))
+    return torch.cat(parts, dim=1), None
+
+
+def install_step_attention(model: PreTrainedModel) -> str:
+    """Make ``model`` attend with :func:`step_attention` around its own SDPA or eager function (registered with
+    transformers' ``AttentionInterface`` under a name per wrapped function); every forward without an engine step
+    computes exactly what it did. Returns the implementation to give back to ``set_attn_implementation``."""
+    base = model.config._attn_implementation
+    if base == "sdpa":
+        attend = sdpa_attention_forward
+    else:
+        attention = next((m for m in model.modules() if hasattr(m, "layer_idx") and "Attention" in type(m).__name__),
+                         None)
+        attend = getattr(sys.modules[type(attention).__module__], "eager_attention_forward", None) \
+            if attention is not None else None
+        if attend is None:
+            raise ModloraError(f"the serving engine cannot find the eager attention function of "
+                               f"{type(model).__name__}; load the model with attn_implementation='sdpa'")
+    name = f"modlora_step:{attend.__module__}"
+    if name not in AttentionInterface._global_mapping:
+        AttentionInterface.register(name, functools.partial(step_attention, attend))
+    model.set_attn_implementation(name)
+    return base
 
 
 class SlotCache:
@@ -213,19 +270,19 @@ class SlotCache:
         self.lengths = self.lengths[:n]
         return order[:n]
 
-    def decode_inputs(self, tokens: Sequence[int]) -> dict[str, Any]:
-        """Forward arguments of one decoding step: row ``b`` reads ``tokens[b]`` at position ``lengths[b]``."""
-        device = self.shape.device
+    def begin_step(self) -> torch.Tensor | None:
+        """Ready a decoding step (row ``b`` reads its next token at position ``lengths[b]``, written there by
+        :meth:`write`); the (B, 1, 1, L) mask that hides each row's tail, None for one row."""
         n = len(self.lengths)
         self._reserve(n, max(self.lengths) + 1)
-        positions = torch.tensor(self.lengths, device=device)
+        positions = torch.tensor(self.lengths, device=self.shape.device)
         width = int(max(self.lengths)) + 1
-        mask = torch.arange(width, device=device).unsqueeze(0) <= positions.unsqueeze(1)          # (B, L)
         index = positions.view(n, 1, 1, 1).expand(n, self.shape.heads, 1, self.shape.head_dim)
         self._step = (index, width)
-        return {"input_ids": torch.tensor(tokens, device=device).unsqueeze(1),
-                "position_ids": positions.unsqueeze(1), self.shape.cache_arg: StepCache(slots=self, offset=width - 1),
-                "attention_mask": None if n == 1 else self.shape.mask(mask[:, None, None, :])}
+        if n == 1:
+            return None
+        attend = torch.arange(width, device=self.shape.device).unsqueeze(0) <= positions.unsqueeze(1)       # (B, L)
+        return self.shape.mask(attend[:, None, None, :])
 
     def write(self, layer: int, keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Write one decoding step's keys/values (B, H, 1, d) at each row's position; the (B, H, L, d) views the
@@ -244,9 +301,12 @@ class SlotCache:
         self._step = None
 
 
-def packed_inputs(pieces: Sequence[Piece], shape: KVShape) -> dict[str, Any]:
-    """Forward arguments that read ``pieces`` packed into one sequence: ids and positions (1, T), a block-diagonal
-    causal mask (1, 1, T, S) over the pieces' keys (each piece's prompt up to its end, in order)."""
+def step_inputs(pieces: Sequence[Piece], slots: SlotCache | None, tokens: Sequence[int],
+                shape: KVShape) -> dict[str, Any]:
+    """Forward arguments of one engine step: the ``pieces`` packed into one sequence, then ``tokens[b]`` for each
+    decoding row of ``slots`` (None: no rows) at its position ``lengths[b]``: ids and positions (1, T + B); the
+    pieces' block-diagonal causal mask (1, 1, T, S) over their keys (each piece's prompt up to its end, in order);
+    the step itself as ``modlora_step`` for :func:`step_attention`."""
     ids: list[int] = []
     positions: list[int] = []
     query_piece: list[int] = []
@@ -258,16 +318,22 @@ def packed_inputs(pieces: Sequence[Piece], shape: KVShape) -> dict[str, Any]:
         query_piece += [i] * p.count
         key_piece += [i] * p.end
         key_pos += range(p.end)
+    rows_mask = None
+    if slots is not None:
+        rows_mask = slots.begin_step()
+        ids += tokens
+        positions += slots.lengths
     device = shape.device
-    qpos = torch.tensor(positions, device=device)
-    out = {"input_ids": torch.tensor([ids], device=device), "position_ids": qpos.unsqueeze(0),
-           shape.cache_arg: StepCache(pieces=pieces, offset=pieces[0].start), "attention_mask": None}
-    if len(pieces) > 1:
-        qp, kp = torch.tensor(query_piece, device=device), torch.tensor(key_piece, device=device)
-        kpos = torch.tensor(key_pos, device=device)
-        out["attention_mask"] = shape.mask(((qp[:, None] == kp[None, :]) & (kpos[None, :] <= qpos[:, None]))
-                                           [None, None])
-    return out
+    step = StepCache(pieces, slots, rows_mask)
+    mask = None
+    if pieces:
+        t = step.prompt_tokens
+        qpos, qp = torch.tensor(positions[:t], device=device), torch.tensor(query_piece, device=device)
+        kp, kpos = torch.tensor(key_piece, device=device), torch.tensor(key_pos, device=device)
+        mask = shape.mask(((qp[:, None] == kp[None, :]) & (kpos[None, :] <= qpos[:, None]))[None, None])
+    return {"input_ids": torch.tensor([ids], device=device),
+            "position_ids": torch.tensor([positions], device=device), shape.cache_arg: step,
+            "attention_mask": mask, "modlora_step": step}
 
 
 @dataclass(eq=False)

@@ -39,7 +39,15 @@ from modlora.library.store import ExpertLibrary
 from modlora.models import LoadedModel
 from modlora.reuse.methods import REGISTRY, Registry
 from modlora.serve import routing as rt
-from modlora.serve.batching import KVShape, Piece, PrefixCache, PromptRead, SlotCache, packed_inputs
+from modlora.serve.batching import (
+    KVShape,
+    Piece,
+    PrefixCache,
+    PromptRead,
+    SlotCache,
+    install_step_attention,
+    step_inputs,
+)
 from modlora.serve.catalogue import Catalogue
 from modlora.serve.decoding import GenerationRequest, eos_token_ids
 from modlora.serve.requests import EngineOptions, EngineStats, Event, RequestError, RoutingRequest, SamplingParams
@@ -98,6 +106,7 @@ class Engine:
         # a warm --share library routes over its cluster experts by default, as prepare_model
         self.catalogue = Catalogue.of(self.name, self.options, registry, share)
         self._refresh(force=True)
+        self._attention = install_step_attention(self.model)      # the model's own, given back by stop()
 
     @property
     def snapshot(self) -> Snapshot:
@@ -126,6 +135,7 @@ class Engine:
         if self._routed is not None:
             rt.detach(self._routed)
             self._routed = None
+        self.model.set_attn_implementation(self._attention)
 
     def busy(self) -> bool:
         """True while a request waits or decodes."""
@@ -252,11 +262,8 @@ class Engine:
                                                   f"{type(exc).__name__}", status=500, code="server_error")))
                 self._release(req)
         self._leave()
-        if self.rows:
-            self._decode()
-            self._leave()
-        if self._reading:
-            self._read()
+        if self.rows or self._reading:
+            self._forward()
             self._leave()
 
     def _row_routing(self, req: GenerationRequest) -> rt.RowRouting:
@@ -306,28 +313,8 @@ class Engine:
     def _own_columns(self, req: GenerationRequest) -> list[int]:
         return [self._key_index[v.key] for v in req.versions.values()]
 
-    def _decode(self) -> None:
-        """One decoding step of every row: each reads its last token at its own position over its slot."""
-        rows = self.rows
-        self.stats.steps += 1
-        self.stats.rows += len(rows)
-        self.stats.max_batch = max(self.stats.max_batch, len(rows))
-        inputs = self._slots.decode_inputs([r.generated[-1] for r in rows])
-        positions = list(self._slots.lengths)
-        routed = self._route(rows)
-        logits = self._logits(inputs, [0] * len(rows))
-        self._slots.advance()
-        tel = self._telemetry(routed)
-        if tel is not None:
-            for b, req in enumerate(rows):
-                own = self._own_columns(req)
-                req.tally = RoutingTally.add(req.tally, tel.mass[b], own, tel.entropy[b], tel.tokens[b])
-                self._log_tokens(req, tel, b, b + 1, positions[b], tel.tokens[b], own)
-        self._add_tokens(rows, logits)
-
-    def _read(self) -> None:
-        """Read up to ``prefill_tokens`` prompt tokens, the oldest prompts first, packed into one forward; prompts
-        read to their end choose their first token and join the decoding rows."""
+    def _pieces(self) -> list[Piece]:
+        """What this step reads: up to ``prefill_tokens`` prompt tokens, the oldest prompts first."""
         budget, pieces = self.options.prefill_tokens, []
         for read in self._reading:
             count = min(read.length - read.done, budget)
@@ -335,8 +322,22 @@ class Engine:
                 break
             pieces.append(Piece(read, read.done, count))
             budget -= count
-        self.stats.prefills += 1
-        # telemetry segments: one per (piece, prompt block), so each block's routing sums can go to the prefix cache
+        return pieces
+
+    def _forward(self) -> None:
+        """One engine step in one forward: the pieces of prompts this step reads, packed, then the next token of
+        every decoding row (each at its own position over its slot). Prompts read to their end choose their first
+        token and join the decoding rows."""
+        rows, pieces = list(self.rows), self._pieces()
+        if rows:
+            self.stats.steps += 1
+            self.stats.rows += len(rows)
+            self.stats.max_batch = max(self.stats.max_batch, len(rows))
+        if pieces:
+            self.stats.prefills += 1
+            self.stats.shared_steps += bool(rows)
+        # telemetry segments: one per (piece, prompt block), so each block's routing sums can go to the prefix
+        # cache, then one per decoding row
         bs = self._prefix.block
         token_rows, segments, seg_of = [], [], []
         for i, p in enumerate(pieces):
@@ -345,8 +346,11 @@ class Engine:
                     seg_of.append((i, pos // bs))
                 token_rows.append(i)
                 segments.append(len(seg_of) - 1)
-        # the packed positions whose logits are kept: every position of a prompt that wants its log-probabilities,
-        # and the last position of each prompt read to its end (its first token)
+        t = len(token_rows)
+        token_rows += range(len(pieces), len(pieces) + len(rows))
+        segments += range(len(seg_of), len(seg_of) + len(rows))
+        # the positions whose logits are kept: every position of a prompt that wants its log-probabilities, the
+        # last position of each prompt read to its end (its first token), then every decoding row's
         keep: list[int] = []
         scored_rows: dict[int, int] = {}               # piece → the row of its first position in the kept logits
         first_token_rows: dict[int, int] = {}          # piece → the row of its last position (the first new token)
@@ -360,12 +364,33 @@ class Engine:
             if p.end == p.read.length:
                 first_token_rows[i] = len(keep) - 1
             offset += p.count
-        inputs = packed_inputs(pieces, self._slots.shape)
-        routed = self._route([p.read.req for p in pieces], token_rows, segments)
+        read_logits = len(keep)
+        keep += range(t, t + len(rows))
+        positions = list(self._slots.lengths)
+        inputs = step_inputs(pieces, self._slots if rows else None, [r.generated[-1] for r in rows],
+                             self._slots.shape)
+        routed = self._route([p.read.req for p in pieces] + rows, token_rows, segments)
         logits = self._logits(inputs, keep)
+        if rows:
+            self._slots.advance()
         tel = self._telemetry(routed)
         if tel is not None:
             self._tally_pieces(pieces, seg_of, tel)
+            for b, req in enumerate(rows):
+                own, s = self._own_columns(req), len(seg_of) + b
+                req.tally = RoutingTally.add(req.tally, tel.mass[s], own, tel.entropy[s], tel.tokens[s])
+                self._log_tokens(req, tel, t + b, t + b + 1, positions[b], tel.tokens[s], own)
+        if rows:
+            self._add_tokens(rows, logits[read_logits:])
+        if pieces:
+            self._end_reading(pieces, logits[:read_logits], scored_rows, first_token_rows)
+
+    def _end_reading(self, pieces: Sequence[Piece], logits: torch.Tensor, scored_rows: dict[int, int],
+                     first_token_rows: dict[int, int]) -> None:
+        """After a step read ``pieces`` (``logits``: the rows kept for them): log-probabilities of the prompts
+        that asked, the prefix cache, and each prompt read to its end chooses its first token and joins the
+        decoding rows (or ends, when it asked for its prompt only)."""
+        bs = self._prefix.block
         for i, p in enumerate(pieces):
             p.read.done = p.end
             if i in scored_rows:      # row j predicts prompt token start + j + 1 (the last row: the first new token)
@@ -410,17 +435,13 @@ class Engine:
             offset += p.count
 
     def _logits(self, inputs: dict[str, Any], positions: list[int]) -> torch.Tensor:
-        """Run the model on ``inputs`` (a decoding step: one position per row; a packed read: one row); the logits
-        at ``positions`` of each row (decoding: (B, V)) or of the packed row (reading: (len(positions), V))."""
+        """Run the model on a step's ``inputs`` (one packed row); the logits at ``positions`` (len(positions), V)."""
         if not positions:
             positions = [0]                                  # nothing to choose: the smallest lm_head product
         index = torch.tensor(positions, device=self.device)
         if self._slots.shape.keeps_logits:
-            if inputs["input_ids"].shape[1] == 1:
-                return self.model(**inputs, use_cache=True, logits_to_keep=1).logits[:, -1]
             return self.model(**inputs, use_cache=True, logits_to_keep=index).logits[0]
-        logits = self.model(**inputs, use_cache=True).logits
-        return logits[:, -1] if inputs["input_ids"].shape[1] == 1 else logits[0].index_select(0, index)
+        return self.model(**inputs, use_cache=True).logits[0].index_select(0, index)
 
     def _route(self, rows: Sequence[GenerationRequest], token_rows: list[int] | None = None,
                segments: list[int] | None = None) -> bool:

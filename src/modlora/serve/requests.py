@@ -115,13 +115,15 @@ class Event:
 @dataclass
 class EngineStats:
     """Counters of the decode loop: batched decoding ``steps``, ``rows`` decoded over them and the largest batch;
-    ``prefills`` forwards that read prompts (packed chunks), ``prompt_tokens`` admitted and ``reused_tokens`` of
-    them found in the prefix cache."""
+    ``prefills`` forwards that read prompts (packed chunks), ``shared_steps`` decoding steps that were one of them
+    (the rows' tokens rode in the same forward), ``prompt_tokens`` admitted and ``reused_tokens`` of them found in
+    the prefix cache."""
 
     steps: int = 0
     rows: int = 0
     max_batch: int = 0
     prefills: int = 0
+    shared_steps: int = 0
     prompt_tokens: int = 0
     reused_tokens: int = 0
 
