@@ -43,7 +43,6 @@ from typing import Any
 
 import torch
 from transformers import AttentionInterface, Cache, PreTrainedModel
-from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from modlora.errors import ModloraError
 from modlora.serve.decoding import GenerationRequest
@@ -183,8 +182,8 @@ def step_attention(attend: Any, module: torch.nn.Module, query: torch.Tensor, ke
         return attend(module, query, key, value, attention_mask, **kwargs)
     t, parts = modlora_step.prompt_tokens, []
     q0 = k0 = 0
+    assert attention_mask is not None or not modlora_step.pieces
     for p in modlora_step.pieces:        # one call per piece: no work on the block-diagonal mask's zero blocks
-        assert attention_mask is not None
         parts.append(attend(module, query[:, :, q0:q0 + p.count], key[:, :, k0:k0 + p.end],
                             value[:, :, k0:k0 + p.end], attention_mask[:, :, q0:q0 + p.count, k0:k0 + p.end],
                             **kwargs)[0])
@@ -202,8 +201,9 @@ def install_step_attention(model: PreTrainedModel) -> str:
     transformers' ``AttentionInterface`` under a name per wrapped function); every forward without an engine step
     computes exactly what it did. Returns the implementation to give back to ``set_attn_implementation``."""
     base = model.config._attn_implementation
+    functions = AttentionInterface()
     if base == "sdpa":
-        attend = sdpa_attention_forward
+        attend = functions["sdpa"]
     else:
         attention = next((m for m in model.modules() if hasattr(m, "layer_idx") and "Attention" in type(m).__name__),
                          None)
@@ -213,7 +213,7 @@ def install_step_attention(model: PreTrainedModel) -> str:
             raise ModloraError(f"the serving engine cannot find the eager attention function of "
                                f"{type(model).__name__}; load the model with attn_implementation='sdpa'")
     name = f"modlora_step:{attend.__module__}"
-    if name not in AttentionInterface._global_mapping:
+    if name not in functions:
         AttentionInterface.register(name, functools.partial(step_attention, attend))
     model.set_attn_implementation(name)
     return base
