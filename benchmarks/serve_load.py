@@ -102,15 +102,12 @@ class PromptSource:
         self.used = [0] * len(self.pool)
 
     def check_enough(self, counts: Sequence[int]) -> None:
-        """Refuse, before any arm runs, a plan of ``take(n)`` calls (``counts``) that would run out of prompts."""
-        used = [0] * len(self.pool)
+        """Refuse, before any arm runs, a plan of ``take(n)`` calls (``counts``) that would run out of prompts: a dry
+        run of :meth:`take` (which exits naming the task), the prompts then given back."""
+        used = list(self.used)
         for n in counts:
-            for j in range(n):
-                used[j % len(self.pool)] += 1
-        short = [t for t, u in enumerate(used) if u > len(self.pool[t])]
-        if short:
-            raise SystemExit(f"{self.name}: {sum(counts)} prompts needed, but task {short[0]} has only "
-                             f"{len(self.pool[short[0]])}; use fewer --requests, --rounds or --concurrency")
+            self.take(n)
+        self.used = used
 
     def take(self, count: int) -> list[str]:
         out = []

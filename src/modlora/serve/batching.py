@@ -11,8 +11,8 @@ Layout: one tensor holds every layer's keys and values, ``(layers, 2, …, kv_he
   token is moved O(1) times on average) and is released when the batch empties.
 * :class:`PromptRead` — a prompt being read (prefilled) in chunks: its keys/values ``(layers, 2, kv_heads,
   prompt_length, head_dim)``. Chunks of several prompts are read in one forward, packed into one sequence
-  (``(1, T)``, each token at its own position, a block-diagonal causal mask), so prompts of any lengths share a
-  forward without padding; a prompt longer than the step's token budget is read over several steps while the
+  (``(1, T)``, each token at its own position, each piece attending causally to its own prompt), so prompts of
+  any lengths share a forward without padding; a prompt longer than the step's token budget is read over several steps while the
   decoding rows go on.
 * :class:`PrefixCache` — blocks of ``block`` prompt tokens already read, keyed by the routing they were read with
   and their whole prefix, with their keys/values and their routing telemetry, evicted least recently used past a
@@ -24,8 +24,8 @@ per decoding row, ``(1, T + B)`` (each token at its own position). The cache obj
 :class:`StepCache` (a transformers :class:`~transformers.Cache`): the model's attention layers call its ``update``
 with the step's new keys/values, and it writes them into the prompts and the slots. The model's attention function
 is :func:`step_attention` (installed by :func:`install_step_attention`, which wraps the model's own SDPA or eager
-function): it attends the first ``T`` queries to the pieces' keys under a block-diagonal causal mask and the last
-``B`` queries, as a batch of B rows of one query, to their own slots, so the decoding rows and the prompts share
+function): it attends each piece's queries to its own prompt's keys under a causal mask and the last ``B``
+queries, as a batch of B rows of one query, to their own slots, so the decoding rows and the prompts share
 the model's weight reads without attending across each other. Masks are 4-D (bool, True = attend, or additive),
 built here; positions are given explicitly. Only models whose layers all attend to the whole context are supported
 (no sliding windows).
@@ -134,15 +134,17 @@ class Piece:
 
 class StepCache(Cache):
     """One engine step's keys/values: the ``pieces`` of prompts being read (the forward's first ``T`` tokens,
-    packed) and, when ``slots`` is given, one token per decoding row (the last ``B`` tokens; ``rows_mask`` the
-    (B, 1, 1, L) mask of their attention over their slots, None for one row). ``update`` writes both and returns
-    the pieces' keys/values (1, H, S, d), each piece's prompt up to its end in order (the rows' (B, H, L, d) when
-    there is no piece); the rows' are kept in ``rows_kv`` for :func:`step_attention`."""
+    packed; ``piece_masks[i]`` the (1, 1, count, end) causal mask of piece i's queries over its prompt's keys) and,
+    when ``slots`` is given, one token per decoding row (the last ``B`` tokens; ``rows_mask`` the (B, 1, 1, L) mask
+    of their attention over their slots, None for one row). ``update`` writes both and returns the pieces'
+    keys/values (1, H, S, d), each piece's prompt up to its end in order (the rows' (B, H, L, d) when there is no
+    piece); the rows' are kept in ``rows_kv`` for :func:`step_attention`."""
 
-    def __init__(self, pieces: Sequence[Piece] = (), slots: SlotCache | None = None,
-                 rows_mask: torch.Tensor | None = None) -> None:
+    def __init__(self, pieces: Sequence[Piece] = (), piece_masks: Sequence[torch.Tensor] = (),
+                 slots: SlotCache | None = None, rows_mask: torch.Tensor | None = None) -> None:
         super().__init__(layers=[])
         self.pieces = list(pieces)
+        self.piece_masks = list(piece_masks)
         self.prompt_tokens = sum(p.count for p in self.pieces)
         self.slots = slots
         self.rows_mask = rows_mask
@@ -175,18 +177,16 @@ def step_attention(attend: Any, module: torch.nn.Module, query: torch.Tensor, ke
                    modlora_step: StepCache | None = None, **kwargs: Any) -> tuple[torch.Tensor, None]:
     """The model's attention ``attend`` (its SDPA or eager function) over an engine step (``modlora_step``, passed
     as a forward argument): queries (1, Hq, T + B, d); the first T, piece by piece, attend to their piece's part of
-    ``key``/``value`` (the pieces' keys in order) under its block of ``attention_mask``; the last B — one per
-    decoding row, as a (B, Hq, 1, d) batch — to their slots. Output (1, T + B, Hq, d). Without a step (any other
-    forward of the model): ``attend`` itself."""
+    ``key``/``value`` (the pieces' keys in order) under the piece's causal mask; the last B — one per decoding row,
+    as a (B, Hq, 1, d) batch — to their slots. Output (1, T + B, Hq, d). Without a step (any other forward of the
+    model): ``attend`` itself."""
     if modlora_step is None:
         return attend(module, query, key, value, attention_mask, **kwargs)
     t, parts = modlora_step.prompt_tokens, []
     q0 = k0 = 0
-    assert attention_mask is not None or not modlora_step.pieces
-    for p in modlora_step.pieces:        # one call per piece: no work on the block-diagonal mask's zero blocks
+    for p, mask in zip(modlora_step.pieces, modlora_step.piece_masks, strict=True):   # one call per piece
         parts.append(attend(module, query[:, :, q0:q0 + p.count], key[:, :, k0:k0 + p.end],
-                            value[:, :, k0:k0 + p.end], attention_mask[:, :, q0:q0 + p.count, k0:k0 + p.end],
-                            **kwargs)[0])
+                            value[:, :, k0:k0 + p.end], mask, **kwargs)[0])
         q0, k0 = q0 + p.count, k0 + p.end
     if modlora_step.rows_kv is not None:
         rows_key, rows_value = modlora_step.rows_kv
@@ -304,36 +304,27 @@ class SlotCache:
 def step_inputs(pieces: Sequence[Piece], slots: SlotCache | None, tokens: Sequence[int],
                 shape: KVShape) -> dict[str, Any]:
     """Forward arguments of one engine step: the ``pieces`` packed into one sequence, then ``tokens[b]`` for each
-    decoding row of ``slots`` (None: no rows) at its position ``lengths[b]``: ids and positions (1, T + B); the
-    pieces' block-diagonal causal mask (1, 1, T, S) over their keys (each piece's prompt up to its end, in order);
-    the step itself as ``modlora_step`` for :func:`step_attention`."""
+    decoding row of ``slots`` (None: no rows) at its position ``lengths[b]``: ids and positions (1, T + B); the step
+    itself as ``modlora_step`` for :func:`step_attention`, with each piece's causal mask (its queries at positions
+    start … end − 1 over its prompt's keys 0 … end − 1)."""
     ids: list[int] = []
     positions: list[int] = []
-    query_piece: list[int] = []
-    key_piece: list[int] = []
-    key_pos: list[int] = []
-    for i, p in enumerate(pieces):
+    device = shape.device
+    piece_masks = []
+    for p in pieces:
         ids += p.read.req.prompt_ids[p.start:p.end]
         positions += range(p.start, p.end)
-        query_piece += [i] * p.count
-        key_piece += [i] * p.end
-        key_pos += range(p.end)
+        qpos = torch.arange(p.start, p.end, device=device)
+        piece_masks.append(shape.mask((torch.arange(p.end, device=device)[None, :] <= qpos[:, None])[None, None]))
     rows_mask = None
     if slots is not None:
         rows_mask = slots.begin_step()
         ids += tokens
         positions += slots.lengths
-    device = shape.device
-    step = StepCache(pieces, slots, rows_mask)
-    mask = None
-    if pieces:
-        t = step.prompt_tokens
-        qpos, qp = torch.tensor(positions[:t], device=device), torch.tensor(query_piece, device=device)
-        kp, kpos = torch.tensor(key_piece, device=device), torch.tensor(key_pos, device=device)
-        mask = shape.mask(((qp[:, None] == kp[None, :]) & (kpos[None, :] <= qpos[:, None]))[None, None])
+    step = StepCache(pieces, piece_masks, slots, rows_mask)
     return {"input_ids": torch.tensor([ids], device=device),
             "position_ids": torch.tensor([positions], device=device), shape.cache_arg: step,
-            "attention_mask": mask, "modlora_step": step}
+            "attention_mask": None, "modlora_step": step}
 
 
 @dataclass(eq=False)
