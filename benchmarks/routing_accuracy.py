@@ -110,6 +110,15 @@ def markdown(scores: list[RouterScore], ari: dict[str, float], meta: dict[str, A
     return "\n".join(lines) + "\n"
 
 
+def library_budget(library: ExpertLibrary) -> dict[str, Any]:
+    """The training budget of a library's experts (its first expert's record: optimizer steps and batch size, ``None``
+    where an expert records none, e.g. an imported one) and its initialisation (build config; ``shared`` when the
+    build recorded none). Kept in the results so that a budget curve can be drawn after the library is gone."""
+    training = library.entry(library.expert_names()[0]).training
+    return {"steps": training.get("steps"), "batch_size": training.get("batch_size"),
+            "init": (library.load_meta("build_config") or {}).get("init", "shared")}
+
+
 def delta_mbc_ari(library: ExpertLibrary, families: dict[str, str]) -> tuple[float, list[list[str]]]:
     """ARI of ΔW-MBC (k-means on the rows of the ΔW cosine, K = the number of families) against ``families``, and
     the clusters (expert names)."""
@@ -159,6 +168,7 @@ def main() -> None:
     ari: dict[str, float] = {}
     cuts: dict[str, list[int]] = {}
     caps: dict[str, dict[str, Any]] = {}
+    budgets: dict[str, dict[str, Any]] = {}
     clusters: dict[str, list[list[str]]] = {}
     for path, library in libraries.items():
         limits = dataclasses.replace(recorded_limits(library), **{k: v for k, v in (("max_prompt_tokens", args.max_prompt_tokens),
@@ -173,6 +183,7 @@ def main() -> None:
             prompts += [fmt.encode(task, inst) for inst in test[: args.per_task]]
         cuts[path] = [fmt.cut_prompts, fmt.cut_definitions, len(prompts)]
         caps[path] = limits.record()
+        budgets[path] = library_budget(library)
         print(f"{path}: {len(prompts)} prompts, {fmt.cut_prompts} over the cap of {limits.max_prompt_tokens} "
               f"({fmt.cut_definitions} with the definition cut; truncate {limits.truncate})", flush=True)
         for spec, method, options in routers:
@@ -193,6 +204,7 @@ def main() -> None:
             print(f"{path}: ΔW-MBC ARI {ari[path]:.2f}, clusters {clusters[path]}", flush=True)
     meta = {"command": "python benchmarks/routing_accuracy.py " + " ".join(sys.argv[1:]),
             "prompts_per_task": args.per_task, "prompt_limits": caps, "cut_prompts_definitions_total": cuts,
+            "budgets": budgets,
             "load_before": load_before, "load_after": " ".join(f"{x:.2f}" for x in os.getloadavg())}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.with_suffix(".json").write_text(json.dumps(
