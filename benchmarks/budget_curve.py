@@ -185,9 +185,11 @@ def plot(points: list[CurvePoint], indist: list[IndistPoint], path_png: Path) ->
         for p in indist:
             for method, (mean, se) in p.rouge.items():
                 lines.setdefault((p.budget.init, method, p.experts), []).append((p.budget.steps, mean, se))
-        for (init, method, experts), pts in sorted(lines.items()):
-            right.errorbar([s for s, _, _ in pts], [100 * m for _, m, _ in pts], yerr=[100 * e for _, _, e in pts],
-                           marker="o", capsize=3, label=f"{method}, {init} init, E={experts}")
+        for i, ((init, method, experts), pts) in enumerate(sorted(lines.items())):
+            shift = 1.04 ** (i - (len(lines) - 1) / 2)      # side by side, so that the error bars stay apart
+            right.errorbar([s * shift for s, _, _ in pts], [100 * m for _, m, _ in pts],
+                           yerr=[100 * e for _, _, e in pts], marker="o", capsize=3,
+                           label=f"{method}, {init} init, E={experts}")
         right.set_ylabel("in-distribution Rouge-L (± s.e. across tasks)")
         right.set_title("In-distribution Rouge-L against the training budget", fontsize=10)
         right.legend(fontsize=7, loc="lower right")
