@@ -17,6 +17,7 @@ across tasks and the paired differences Arrow − μ and Arrow − oracle across
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from dataclasses import dataclass
@@ -106,6 +107,8 @@ def read_routing(paths: list[Path], given: dict[str, Any]) -> tuple[list[CurvePo
             points.append(CurvePoint(score["library"], budget_of(score["library"], recorded, given), score["router"],
                                      acc["experts"], acc["overall"], acc["top2"], acc["own_mass"], 1 / acc["experts"],
                                      result.get("ari", {}).get(score["library"])))
+    ari = {p.library: p.ari for p in points if p.ari is not None}    # a library's ARI from any file that has it
+    points = [dataclasses.replace(p, ari=ari.get(p.library)) for p in points]
     points.sort(key=lambda p: (p.budget.init, p.router, p.experts, p.budget.steps))
     return points, recorded
 
