@@ -206,6 +206,7 @@ def test_eval_suites_default_to_base_and_report(world, tmp_path, capsys):
                  str(tmp_path / "in.json")] + lib + data + _m(world)) == 0
     indist = json.loads((tmp_path / "in.json").read_text())
     assert 0 <= indist["routing"]["accuracy"]["overall"] <= 1 and indist["routing"]["accuracy"]["n"] == 6
+    assert indist["config"]["method_options"]["top_k"] == 2   # the method's options are in the results
     out = capsys.readouterr().out
     assert "loss=" in out and "loss=2" not in out.replace("loss=2.", "")  # the loss is not shown ×100
     assert main(["eval", "--suite", "code", "--tasks", "humaneval", "--max-new-tokens", "4", "--route-top-k", "2",

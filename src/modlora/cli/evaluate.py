@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 from typing import Any
 
 from modlora.cli.common import (
@@ -81,7 +82,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
                                   seed=args.seed, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size)
     finally:
         rm.restore()
-    run.config.update({"router": name, "library": str(args.library) if args.library else None,
+    run.config.update({"router": name, "method_options": dataclasses.asdict(opts),
+                       "library": str(args.library) if args.library else None,
                        "dtype": str(next(lm.model.parameters()).dtype).removeprefix("torch."),
                        "threads": torch.get_num_threads()})
     console.print(results_table([run], title=f"{args.suite} — {name}"))
