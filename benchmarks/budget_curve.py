@@ -96,27 +96,28 @@ def parse_budget(text: str) -> tuple[str, dict[str, Any]]:
     return library, {"steps": int(steps), "batch_size": int(batch), "init": init}
 
 
-def read_routing(paths: list[Path], given: dict[str, Any]) -> tuple[list[CurvePoint], dict[str, Any]]:
-    """Routing points of every file, and every library budget the files record."""
+def read_routing(paths: list[Path], given: dict[str, Any]) -> list[CurvePoint]:
+    """Routing points of every file, each with its library's budget (looked up once per library)."""
     results = [json.loads(path.read_text()) for path in paths]
     recorded = {lib: info for r in results for lib, info in r.get("meta", {}).get("budgets", {}).items()}
+    budgets = {lib: budget_of(lib, recorded, given) for lib in {s["library"] for r in results for s in r["scores"]}}
     points = []
     for result in results:
         for score in result["scores"]:
             acc = score["accuracy"]
-            points.append(CurvePoint(score["library"], budget_of(score["library"], recorded, given), score["router"],
+            points.append(CurvePoint(score["library"], budgets[score["library"]], score["router"],
                                      acc["experts"], acc["overall"], acc["top2"], acc["own_mass"], 1 / acc["experts"],
                                      result.get("ari", {}).get(score["library"])))
     ari = {p.library: p.ari for p in points if p.ari is not None}    # a library's ARI from any file that has it
     points = [dataclasses.replace(p, ari=ari.get(p.library)) for p in points]
     points.sort(key=lambda p: (p.budget.init, p.router, p.experts, p.budget.steps))
-    return points, recorded
+    return points
 
 
-def read_indist(paths: list[Path], recorded: dict[str, Any], given: dict[str, Any],
-                experts_of: dict[str, int]) -> list[IndistPoint]:
+def read_indist(paths: list[Path], routed: dict[str, CurvePoint]) -> list[IndistPoint]:
     """Group ``modlora eval --suite indist`` results by library; per library, each method's mean Rouge-L ± s.e. across
-    tasks and the paired differences of :data:`PAIRS`. ``experts_of``: E per library, from the routing results."""
+    tasks and the paired differences of :data:`PAIRS`. ``routed``: a routing point of each library, for its budget
+    and E (a library without routing results is refused)."""
     by_library: dict[str, dict[str, EvalRun]] = {}
     for path in paths:
         run = load_results(path)
@@ -125,6 +126,9 @@ def read_indist(paths: list[Path], recorded: dict[str, Any], given: dict[str, An
             raise SystemExit(f"budget_curve: {path}: not a library's in-distribution result (no 'library' in its "
                              "config)")
         method = str(run.config.get("router") or run.method)
+        if library not in routed:
+            raise SystemExit(f"budget_curve: {path}: in-distribution results of {library}, which has no routing "
+                             "results")
         if method in by_library.setdefault(library, {}):
             raise SystemExit(f"budget_curve: {path}: a second result for {library} × {method}")
         by_library[library][method] = run
@@ -134,9 +138,7 @@ def read_indist(paths: list[Path], recorded: dict[str, Any], given: dict[str, An
         rouge = {m: mean_and_stderr([s.metrics["rougeL"] for s in run.tasks.values()]) for m, run in runs.items()}
         paired = [d for a, b in PAIRS if a in runs and b in runs
                   if (d := paired_difference({"rows": rows}, a, b, part="indist")) is not None]
-        if library not in experts_of:
-            raise SystemExit(f"budget_curve: {library}: in-distribution results without routing results for it")
-        points.append(IndistPoint(library, budget_of(library, recorded, given), experts_of[library], rouge, paired))
+        points.append(IndistPoint(library, routed[library].budget, routed[library].experts, rouge, paired))
     return sorted(points, key=lambda p: (p.budget.init, p.experts, p.budget.steps))
 
 
@@ -217,8 +219,8 @@ def main() -> None:
     ap.add_argument("--out", type=Path, required=True, help="writes OUT.png and OUT.md")
     args = ap.parse_args()
     given = dict(args.budget)
-    points, recorded = read_routing(args.results, given)
-    indist = read_indist(args.indist, recorded, given, {p.library: p.experts for p in points})
+    points = read_routing(args.results, given)
+    indist = read_indist(args.indist, {p.library: p for p in points})
     args.out.parent.mkdir(parents=True, exist_ok=True)
     plot(points, indist, args.out.with_suffix(".png"))
     command = "python benchmarks/budget_curve.py " + " ".join(sys.argv[1:])
